@@ -1,0 +1,71 @@
+"""Pure-PyTorch reference implementations: the truth the kernels are tested against.
+
+Every function here works on any device and dtype and is differentiable by
+autograd.  Shapes use the PyTorch/PEFT convention: ``weight`` is ``[out, in]``,
+``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                    scale: float = 1.0, bias: Optional[Tensor] = None) -> Tensor:
+    """``y = x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T (+ bias)``; x ``[..., in]``."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scale * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_A), lora_B)
+
+
+def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                              seg_offsets: Sequence[int], scales: Sequence[float],
+                              bias: Optional[Tensor] = None) -> Tensor:
+    """Many LoRA projections of the same input, concatenated along the output.
+
+    ``weight`` ``[N, in]`` holds the L layers' weights stacked by rows; layer l owns
+    output rows ``seg_offsets[l]:seg_offsets[l+1]``, A rows ``l*r:(l+1)*r`` of
+    ``lora_A`` ``[L*r, in]`` and rows ``seg_offsets[l]:seg_offsets[l+1]`` of
+    ``lora_B`` ``[N, r]``. Returns ``[..., N]``.
+    """
+    L = len(seg_offsets) - 1
+    r = lora_A.shape[0] // L
+    y = torch.nn.functional.linear(x, weight, bias)
+    xa = torch.nn.functional.linear(x, lora_A)
+    parts = []
+    for l in range(L):
+        n0, n1 = seg_offsets[l], seg_offsets[l + 1]
+        parts.append(scales[l] * torch.nn.functional.linear(xa[..., l * r:(l + 1) * r], lora_B[n0:n1]))
+    return y + torch.cat(parts, dim=-1)
+
+
+def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0) -> Tensor:
+    """``sum((past * (scale * lora_B @ lora_A)) ** 2)`` as a 0-dim float32 tensor.
+
+    Computed in float32 (float64 if the inputs are float64), like the kernels."""
+    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    m = scale * (lora_B.to(acc) @ lora_A.to(acc))
+    return (past.to(acc) * m).square().sum().to(acc)
+
+
+def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor],
+                               lora_Bs: Sequence[Tensor], scales: Sequence[float]) -> Tensor:
+    """Sum of :func:`forgetting_penalty` over layers."""
+    total = None
+    for p, a, b, s in zip(pasts, lora_As, lora_Bs, scales):
+        v = forgetting_penalty(p, a, b, s)
+        total = v if total is None else total + v
+    return total
+
+
+def forgetting_penalty_grads(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0):
+    """Closed-form ``(loss, dL/dA, dL/dB)`` in float32: with ``M = s*B@A`` and
+    ``G = 2 * past**2 * M``: ``dA = s * B.T @ G``, ``dB = s * G @ A.T``."""
+    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    p, a, b = past.to(acc), lora_A.to(acc), lora_B.to(acc)
+    m = scale * (b @ a)
+    p2 = p.square()
+    loss = (p2 * m.square()).sum()
+    g = 2.0 * p2 * m
+    return loss, scale * (b.T @ g), scale * (g @ a.T)
