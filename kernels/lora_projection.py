@@ -1,0 +1,677 @@
+"""Segmented LoRA-augmented projection: Triton kernels and launchers.
+
+What it computes (layout and contract: ``docs/ARCHITECTURE.md``)
+-----------------------------------------------------------------
+L layers that read the same input ``x`` ``[M, K]`` have their frozen (folded)
+weights stacked by rows into ``weight`` ``[N, K]``; layer ``l`` owns output
+columns ``o_l:o_{l+1}`` (``seg_offsets``), rows ``l*r:(l+1)*r`` of
+``lora_A`` ``[L*r, K]`` and rows ``o_l:o_{l+1}`` of ``lora_B`` ``[N, r]``::
+
+    xa                 = x @ lora_A.T                                [M, L*r]  fp32
+    y[:, o_l:o_{l+1}]  = x @ weight[o_l:o_{l+1}].T + bias[o_l:o_{l+1}]
+                         + s_l * xa[:, l*r:(l+1)*r] @ lora_B[o_l:o_{l+1}].T
+
+One segment is a plain LoRA linear, two are the K and V projections of one
+attention layer (one read of ``x``, one launch), 32 are every cross-attention
+K/V of a Stable Diffusion UNet.  Backward (``dy = grad_y``)::
+
+    g_l                = s_l * dy[:, o_l:o_{l+1}] @ lora_B[o_l:o_{l+1}]   [M, r]   fp32
+    dx                 = dy @ weight + concat_l(g_l) @ lora_A             [M, K]
+    dA[l*r:(l+1)*r]    = g_l.T @ x                                        [r, K]
+    dB[o_l:o_{l+1}]    = s_l * dy[:, o_l:o_{l+1}].T @ xa_l                [n_l, r]
+
+Neither ``B @ A`` nor any ``[M, N]`` intermediate other than ``y`` itself is
+ever materialised.
+
+Kernels
+-------
+- ``_seg_lora_fwd_kernel``: one pass over K accumulates ``x @ W^T`` and
+  ``x @ A_l^T`` from the same loaded ``x`` tile; the epilogue adds
+  ``s_l * xa_l @ B_l^T`` and the bias.  Output tiles never straddle segments:
+  a host-built tile table (tile -> segment, n_start, n_end, first-of-segment),
+  cached on the device per (device, seg_offsets, BLOCK_N), drives the grid
+  ``(M tiles, total N tiles)``.  ``xa`` is stored by the first N tile of each
+  segment only.
+- ``_seg_lora_bwd_g_kernel``: ``g_l`` per (M tile, segment), reduction over
+  the segment's columns.
+- ``_seg_lora_bwd_db_kernel``: ``dB`` per N tile (same tile table), reduction
+  over M.
+- ``_seg_lora_bwd_dx_kernel``: ``dx = [dy, g] @ [W; A]``, one GEMM whose
+  reduction runs over the N columns of ``dy`` then the L*r columns of ``g``.
+- ``_seg_lora_bwd_da_kernel``: ``dA = g^T @ x``, reduction over M.
+- ``_split_sum_kernel``: the reduction kernels above can split their
+  reduction axis over a third grid axis when their output grid is too small
+  to fill the GPU (e.g. ``dx`` for the whole UNet: 154 x 768 output, 25k long
+  reduction); each split writes an fp32 partial into a workspace and this
+  kernel sums the partials in a fixed order (deterministic, no atomics).
+
+Precision
+---------
+Inputs fp32/fp16/bf16 (all one dtype), fp32 accumulation everywhere.  On a
+GPU the big products (``x @ W^T``, ``x @ A^T``, ``dy @ B``, ``dy @ W``) use
+``tl.dot`` on the input dtype with fp32 accumulators; products with an fp32
+operand (``xa``, ``g``) upcast the other side and run ``tl.dot`` in fp32.
+``tl.dot`` on fp32 operands uses TF32 tensor cores on the GPU (Triton's
+default ``input_precision``), so fp32 inputs get TF32 products (10-bit
+mantissa), like ``torch.backends.cuda.matmul.allow_tf32 = True``.  Under the
+Triton interpreter (``TRITON_INTERPRET=1``, read at launch time) every loaded
+tile is upcast to fp32 (the interpreter computes bf16 on raw bits), fp32 dots
+are exact, and bf16 stores are rounded to nearest-even by hand (the
+interpreter's cast truncates).
+
+Outputs: ``y`` and ``dx`` in ``x.dtype``, ``xa`` fp32, ``dA``/``dB`` in the
+dtype of ``lora_A``/``lora_B``; all freshly allocated with ``torch.empty``
+(set ``CLORA_FAST_POISON=1`` to fill them with NaN before the kernels run, so
+an unwritten entry shows up in tests).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["segmented_lora_forward", "segmented_lora_backward"]
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load(ptrs, mask, INTERPRET: tl.constexpr):
+    """Masked load (0 outside); upcast to fp32 under the interpreter (bf16 is broken there)."""
+    t = tl.load(ptrs, mask=mask, other=0.0)
+    if INTERPRET:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _cast_out(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """fp32 -> ``dtype``; under the interpreter bf16 is rounded to nearest-even first
+    (its fp32->bf16 cast truncates)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seg_lora_fwd_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, tile_ptr, scale_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Fused segmented LoRA forward, one ``[BLOCK_M, BLOCK_N]`` tile of ``y`` per program.
+
+    Grid ``(cdiv(M, BLOCK_M), T)``; ``tile_ptr`` is int32 ``[T, 4]`` rows
+    ``(segment l, n_start, n_end, first)`` with ``n_end - n_start <= BLOCK_N`` and
+    every tile inside one segment.  Shapes: x ``[M, K]``, w ``[N, K]``, a ``[L*R, K]``,
+    b ``[N, R]``, bias ``[N]``, scale fp32 ``[L]``; outputs y ``[M, N]``, xa fp32
+    ``[M, L*R]``.  Math, with ``n`` in ``[n_start, n_end)``::
+
+        acc   = sum_k x[m, k] * w[n, k]                      (fp32)
+        acc_a = sum_k x[m, k] * a[l*R + j, k],  j < R         (fp32, same x tile)
+        y[m, n]        = acc + s_l * sum_j acc_a[m, j] * b[n, j] + bias[n]
+        xa[m, l*R + j] = acc_a[m, j]                          (only if first)
+
+    ``R_PAD`` = the rank padded to a power of two >= 16 (masked).
+    """
+    pid_m = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    seg = tl.load(tile_ptr + pid_t * 4)
+    n_start = tl.load(tile_ptr + pid_t * 4 + 1)
+    n_end = tl.load(tile_ptr + pid_t * 4 + 2)
+    first = tl.load(tile_ptr + pid_t * 4 + 3)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < n_end
+    mask_r = offs_r < R
+    rows_a = seg * R + offs_r
+
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = a_ptr + rows_a[None, :].to(tl.int64) * stride_ar + offs_k[:, None] * stride_ak
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_a = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        xt = _load(x_ptrs, mask_m[:, None] & mask_k[None, :], INTERPRET)       # [BM, BK]
+        wt = _load(w_ptrs, mask_k[:, None] & mask_n[None, :], INTERPRET)       # [BK, BN]
+        at = _load(a_ptrs, mask_k[:, None] & mask_r[None, :], INTERPRET)       # [BK, R_PAD]
+        acc = tl.dot(xt, wt, acc)
+        acc_a = tl.dot(xt, at, acc_a)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+        a_ptrs += BLOCK_K * stride_ak
+
+    scale = tl.load(scale_ptr + seg)
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+    bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+    acc = tl.dot(acc_a * scale, bt, acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += bias[None, :]
+
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, _cast_out(acc, y_ptr.dtype.element_ty, INTERPRET),
+             mask=mask_m[:, None] & mask_n[None, :])
+    xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + rows_a[None, :] * stride_xar
+    tl.store(xa_ptrs, acc_a, mask=mask_m[:, None] & mask_r[None, :] & (first != 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _seg_lora_bwd_g_kernel(
+    dy_ptr, b_ptr, g_ptr, off_ptr, scale_ptr,
+    M, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_gm, stride_gr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``g[:, l*R:(l+1)*R] = s_l * dy[:, o_l:o_{l+1}] @ b[o_l:o_{l+1}]`` (fp32).
+
+    Grid ``(cdiv(M, BLOCK_M), L)``; ``off_ptr`` int32 ``[L+1]`` segment offsets.
+    Shapes: dy ``[M, N]``, b ``[N, R]``, g fp32 ``[M, L*R]``.  Each program reduces over
+    its segment's columns in ``BLOCK_N`` steps.
+    """
+    pid_m = tl.program_id(0)
+    seg = tl.program_id(1)
+    n0 = tl.load(off_ptr + seg)
+    n1 = tl.load(off_ptr + seg + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for n in range(n0, n1, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n1
+        dyt = _load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn,
+                    mask_m[:, None] & mask_n[None, :], INTERPRET)                       # [BM, BN]
+        bt = _load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
+                   mask_n[:, None] & mask_r[None, :], INTERPRET)                         # [BN, R_PAD]
+        acc = tl.dot(dyt, bt, acc)
+    acc = acc * tl.load(scale_ptr + seg)
+    g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + (seg * R + offs_r)[None, :] * stride_gr
+    tl.store(g_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _seg_lora_bwd_db_kernel(
+    dy_ptr, xa_ptr, out_ptr, tile_ptr, scale_ptr,
+    M, R, m_chunk,
+    stride_dym, stride_dyn, stride_xam, stride_xar, stride_os, stride_on, stride_or,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``dB[n_start:n_end] = s_l * dy[:, n_start:n_end].T @ xa[:, l*R:(l+1)*R]`` per N tile.
+
+    Grid ``(T, S)``: tile table as in the forward; split ``s`` reduces rows
+    ``[s*m_chunk, min(M, (s+1)*m_chunk))`` and writes ``out[s]`` (``stride_os``; with
+    ``S == 1`` ``out`` is dB itself, else an fp32 workspace ``[S, N, R]``).
+    Shapes: dy ``[M, N]``, xa fp32 ``[M, L*R]``, dB ``[N, R]``.
+    """
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    seg = tl.load(tile_ptr + pid_t * 4)
+    n_start = tl.load(tile_ptr + pid_t * 4 + 1)
+    n_end = tl.load(tile_ptr + pid_t * 4 + 2)
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_n = offs_n < n_end
+    mask_r = offs_r < R
+    cols_xa = seg * R + offs_r
+    m_lo = pid_s * m_chunk
+    m_hi = tl.minimum(M, m_lo + m_chunk)
+    acc = tl.zeros((BLOCK_N, R_PAD), dtype=tl.float32)
+    for m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_hi
+        dyt = tl.load(dy_ptr + offs_m[None, :].to(tl.int64) * stride_dym + offs_n[:, None] * stride_dyn,
+                      mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)   # [BN, BM]
+        xat = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + cols_xa[None, :] * stride_xar,
+                      mask=mask_m[:, None] & mask_r[None, :], other=0.0)                 # [BM, R_PAD]
+        acc = tl.dot(dyt, xat, acc)
+    acc = acc * tl.load(scale_ptr + seg)
+    o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_n[:, None].to(tl.int64) * stride_on
+              + offs_r[None, :] * stride_or)
+    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=mask_n[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _seg_lora_bwd_dx_kernel(
+    dy_ptr, w_ptr, g_ptr, a_ptr, out_ptr,
+    M, N, K, LR, n_chunk, j_chunk,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gj, stride_aj, stride_ak,
+    stride_os, stride_om, stride_ok,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """``dx = dy @ w + g @ a``: one GEMM over the concatenated reduction axis ``[N | L*R]``.
+
+    Grid ``(cdiv(M, BLOCK_M), cdiv(K, BLOCK_K), S)``; split ``s`` reduces columns
+    ``[s*n_chunk, (s+1)*n_chunk)`` of dy/rows of w and ``[s*j_chunk, (s+1)*j_chunk)`` of
+    g/rows of a, and writes ``out[s]`` (dx itself when S == 1, else an fp32 workspace
+    ``[S, M, K]``).  Shapes: dy ``[M, N]``, w ``[N, K]``, g fp32 ``[M, LR]``, a ``[LR, K]``.
+    """
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+
+    n_lo = pid_s * n_chunk
+    n_hi = tl.minimum(N, n_lo + n_chunk)
+    for n in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        dyt = _load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :] * stride_dyn,
+                    mask_m[:, None] & mask_n[None, :], INTERPRET)                        # [BM, BN]
+        wt = _load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk,
+                   mask_n[:, None] & mask_k[None, :], INTERPRET)                          # [BN, BK]
+        acc = tl.dot(dyt, wt, acc)
+
+    j_lo = pid_s * j_chunk
+    j_hi = tl.minimum(LR, j_lo + j_chunk)
+    for j in range(j_lo, j_hi, BLOCK_J):
+        offs_j = j + tl.arange(0, BLOCK_J)
+        mask_j = offs_j < j_hi
+        gt = tl.load(g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + offs_j[None, :] * stride_gj,
+                     mask=mask_m[:, None] & mask_j[None, :], other=0.0)                  # [BM, BJ] fp32
+        at = tl.load(a_ptr + offs_j[:, None].to(tl.int64) * stride_aj + offs_k[None, :] * stride_ak,
+                     mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(tl.float32)    # [BJ, BK]
+        acc = tl.dot(gt, at, acc)
+
+    o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
+              + offs_k[None, :] * stride_ok)
+    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _seg_lora_bwd_da_kernel(
+    g_ptr, x_ptr, out_ptr,
+    M, K, LR, m_chunk,
+    stride_gm, stride_gj, stride_xm, stride_xk, stride_os, stride_oj, stride_ok,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """``dA = g.T @ x``: ``[LR, K]``, reduction over M (fp32 g, x upcast to fp32).
+
+    Grid ``(cdiv(LR, BLOCK_J), cdiv(K, BLOCK_K), S)``; split ``s`` reduces rows
+    ``[s*m_chunk, (s+1)*m_chunk)`` and writes ``out[s]`` (dA itself when S == 1, else an
+    fp32 workspace ``[S, LR, K]``).  Shapes: g fp32 ``[M, LR]``, x ``[M, K]``.
+    """
+    pid_j = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_j = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_j = offs_j < LR
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_J, BLOCK_K), dtype=tl.float32)
+    m_lo = pid_s * m_chunk
+    m_hi = tl.minimum(M, m_lo + m_chunk)
+    for m in range(m_lo, m_hi, BLOCK_M):
+        offs_m = m + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_hi
+        gt = tl.load(g_ptr + offs_m[None, :].to(tl.int64) * stride_gm + offs_j[:, None] * stride_gj,
+                     mask=mask_j[:, None] & mask_m[None, :], other=0.0)                   # [BJ, BM] fp32
+        xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
+                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)     # [BM, BK]
+        acc = tl.dot(gt, xt, acc)
+    o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_j[:, None].to(tl.int64) * stride_oj
+              + offs_k[None, :] * stride_ok)
+    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+             mask=mask_j[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _split_sum_kernel(ws_ptr, out_ptr, S, P, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
+    """``out[i] = sum_{s < S} ws[s, i]`` for ``i < P`` (fixed order, deterministic).
+
+    ws fp32 contiguous ``[S, P]``, out contiguous ``[P]`` (any float dtype).  Grid ``cdiv(P, BLOCK)``.
+    """
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(ws_ptr + s * P + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: flags, tables, heuristics
+# ----------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """``torch.empty``; filled with NaN when ``CLORA_FAST_POISON=1`` (tests catch unwritten entries)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get("CLORA_FAST_POISON", "0") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+_CONST_CACHE: dict = {}
+_CONST_CACHE_MAX = 512
+
+
+def _device_const(key, build, device: torch.device) -> torch.Tensor:
+    """A small constant device tensor built once per (device, key)."""
+    full = (device.type, device.index, key)
+    t = _CONST_CACHE.get(full)
+    if t is None:
+        if len(_CONST_CACHE) >= _CONST_CACHE_MAX:
+            _CONST_CACHE.clear()
+        t = build().to(device)
+        _CONST_CACHE[full] = t
+    return t
+
+
+def build_tile_table(seg_offsets: Sequence[int], block_n: int) -> torch.Tensor:
+    """Host tile table: int32 ``[T, 4]`` rows ``(segment, n_start, n_end, first)``.
+
+    Each segment ``[o_l, o_{l+1})`` is cut into ``cdiv(o_{l+1} - o_l, block_n)`` tiles of at
+    most ``block_n`` columns; ``first`` is 1 for the first tile of each segment.
+    """
+    rows = []
+    for l in range(len(seg_offsets) - 1):
+        n0, n1 = int(seg_offsets[l]), int(seg_offsets[l + 1])
+        for t, start in enumerate(range(n0, n1, block_n)):
+            rows.append((l, start, min(start + block_n, n1), 1 if t == 0 else 0))
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 4)
+
+
+def _tile_table(seg_offsets: Tuple[int, ...], block_n: int, device) -> torch.Tensor:
+    return _device_const(("tiles", seg_offsets, block_n),
+                         lambda: build_tile_table(seg_offsets, block_n), device)
+
+
+def _offsets_tensor(seg_offsets: Tuple[int, ...], device) -> torch.Tensor:
+    return _device_const(("offsets", seg_offsets),
+                         lambda: torch.tensor(seg_offsets, dtype=torch.int32), device)
+
+
+def _scales_tensor(scales: Tuple[float, ...], device) -> torch.Tensor:
+    return _device_const(("scales", scales),
+                         lambda: torch.tensor(scales, dtype=torch.float32), device)
+
+
+def _pow2_clamp(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def _rank_pad(r: int) -> int:
+    """Rank padded to a power of two >= 16 (tl.dot needs every dim >= 16)."""
+    return max(16, triton.next_power_of_2(r))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _split_heuristic(programs: int, red_len: int, red_block: int, device: torch.device) -> int:
+    """How many splits of a reduction axis (1 = none).
+
+    On a GPU, split when the output grid has fewer programs than ~2 waves of SMs, keeping at
+    least 4 blocks of reduction per split.  Under the interpreter: never (it only adds programs).
+    Tests monkeypatch this function to exercise the split path.
+    """
+    if _interpreting() or device.type != "cuda":
+        return 1
+    target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    if programs >= target:
+        return 1
+    max_split = max(1, red_len // (4 * red_block))
+    return max(1, min(triton.cdiv(target, max(programs, 1)), max_split, 64))
+
+
+def _split_chunks(red_len: int, splits: int, block: int) -> Tuple[int, int]:
+    """Chunk (a multiple of ``block``) and the actual number of splits covering ``red_len``."""
+    splits = max(1, min(splits, triton.cdiv(max(red_len, 1), block)))
+    chunk = triton.cdiv(triton.cdiv(max(red_len, 1), splits), block) * block
+    return chunk, triton.cdiv(max(red_len, 1), chunk)
+
+
+def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, interpret: bool) -> dict:
+    """Single block config for the forward (no autotune: it needs a GPU)."""
+    if interpret:
+        # The interpreter pays per program and per load: as few, as large blocks as possible.
+        return dict(BLOCK_M=_pow2_clamp(M, 16, 128), BLOCK_N=_pow2_clamp(max(seg_sizes), 16, 128),
+                    BLOCK_K=_pow2_clamp(K, 16, 128), num_warps=4, num_stages=1)
+    block_m = 64 if (M <= 64 or r_pad > 64) else 128
+    block_n = 128 if max(seg_sizes) > 64 else 64
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=num_warps, num_stages=3)
+
+
+def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad: int,
+                interpret: bool) -> dict:
+    """Block sizes of the backward kernels (one config each, chosen by size)."""
+    if interpret:
+        big = 128
+        return dict(
+            g=dict(BLOCK_M=_pow2_clamp(M, 16, big), BLOCK_N=_pow2_clamp(max(seg_sizes), 16, big),
+                   num_warps=4, num_stages=1),
+            db=dict(BLOCK_N=_pow2_clamp(max(seg_sizes), 16, big), BLOCK_M=_pow2_clamp(M, 16, big),
+                    num_warps=4, num_stages=1),
+            dx=dict(BLOCK_M=_pow2_clamp(M, 16, big), BLOCK_K=_pow2_clamp(K, 16, big),
+                    BLOCK_N=_pow2_clamp(N, 16, big), BLOCK_J=_pow2_clamp(LR, 16, big),
+                    num_warps=4, num_stages=1),
+            da=dict(BLOCK_J=_pow2_clamp(LR, 16, big), BLOCK_K=_pow2_clamp(K, 16, big),
+                    BLOCK_M=_pow2_clamp(M, 16, big), num_warps=4, num_stages=1),
+        )
+    small_r = r_pad <= 64
+    return dict(
+        g=dict(BLOCK_M=64 if small_r else 32, BLOCK_N=128 if small_r else 64, num_warps=4, num_stages=3),
+        db=dict(BLOCK_N=128 if max(seg_sizes) > 64 else 64, BLOCK_M=64 if small_r else 32,
+                num_warps=4, num_stages=3),
+        dx=dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_K=128, BLOCK_N=64,
+                BLOCK_J=_pow2_clamp(LR, 16, 64), num_warps=8 if M > 64 else 4, num_stages=3),
+        da=dict(BLOCK_J=_pow2_clamp(LR, 16, 64), BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+    )
+
+
+def _check_common(x, weight, lora_A, lora_B, seg_offsets, scales):
+    seg_offsets = tuple(int(o) for o in seg_offsets)
+    scales = tuple(float(s) for s in scales)
+    L = len(seg_offsets) - 1
+    assert x.dim() == 2, f"x must be 2-D [M, K], got {tuple(x.shape)}"
+    M, K = x.shape
+    assert weight.dim() == 2 and weight.shape[1] == K, \
+        f"weight must be [N, {K}], got {tuple(weight.shape)} (x {tuple(x.shape)})"
+    N = weight.shape[0]
+    assert L >= 1 and seg_offsets[0] == 0 and seg_offsets[-1] == N and all(
+        a < b for a, b in zip(seg_offsets, seg_offsets[1:])), \
+        f"seg_offsets must be 0 = o_0 < ... < o_L = N = {N}, got {seg_offsets}"
+    assert len(scales) == L, f"scales must have L = {L} entries, got {len(scales)}"
+    assert lora_A.dim() == 2 and lora_A.shape[1] == K and lora_A.shape[0] % L == 0 and lora_A.shape[0] >= L, \
+        f"lora_A must be [L*r, {K}] with L = {L}, got {tuple(lora_A.shape)}"
+    r = lora_A.shape[0] // L
+    assert tuple(lora_B.shape) == (N, r), f"lora_B must be [{N}, {r}], got {tuple(lora_B.shape)}"
+    assert r <= 128, f"rank {r} > 128 is not supported by the Triton kernels"
+    assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), f"unsupported dtype {x.dtype}"
+    assert weight.dtype == lora_A.dtype == lora_B.dtype == x.dtype, (
+        f"x, weight, lora_A, lora_B must share one dtype, got {x.dtype}, {weight.dtype}, "
+        f"{lora_A.dtype}, {lora_B.dtype}")
+    dev = x.device
+    assert weight.device == dev and lora_A.device == dev and lora_B.device == dev, \
+        "x, weight, lora_A, lora_B must be on one device"
+    return seg_offsets, scales, L, M, K, N, r
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def segmented_lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                           lora_B: torch.Tensor, seg_offsets: Sequence[int], scales: Sequence[float],
+                           bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Segmented LoRA projection forward in one launch.
+
+    x ``[M, K]`` (any strides, M may be 0), weight ``[N, K]``, lora_A ``[L*r, K]``,
+    lora_B ``[N, r]``, bias ``[N]`` or None, all one dtype; ``seg_offsets`` L+1 ints
+    ``0 = o_0 < ... < o_L = N``; ``scales`` L floats.  Returns ``y`` ``[M, N]`` (x.dtype,
+    contiguous) and ``xa = x @ lora_A.T`` ``[M, L*r]`` fp32 (saved for backward).
+    """
+    seg_offsets, scales, L, M, K, N, r = _check_common(x, weight, lora_A, lora_B, seg_offsets, scales)
+    if bias is not None:
+        assert tuple(bias.shape) == (N,) and bias.dtype == x.dtype and bias.device == x.device, \
+            f"bias must be [{N}] {x.dtype}, got {tuple(bias.shape)} {bias.dtype}"
+    dev = x.device
+    y = _empty((M, N), x.dtype, dev)
+    xa = _empty((M, L * r), torch.float32, dev)
+    if M == 0:
+        return y, xa
+    interpret = _interpreting()
+    r_pad = _rank_pad(r)
+    seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
+    cfg = _fwd_config(M, K, seg_sizes, r_pad, interpret)
+    tiles = _tile_table(seg_offsets, cfg["BLOCK_N"], dev)
+    scale_t = _scales_tensor(scales, dev)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), tiles.shape[0])
+    _seg_lora_fwd_kernel[grid](
+        x, weight, lora_A, lora_B, bias if bias is not None else y, y, xa, tiles, scale_t,
+        M, K, r,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
+        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad, INTERPRET=interpret,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return y, xa
+
+
+def _finish_split(ws: torch.Tensor, out: torch.Tensor, interpret: bool) -> None:
+    """Sum fp32 partials ``ws`` ``[S, *out.shape]`` into contiguous ``out``."""
+    P = out.numel()
+    block = 1024 if interpret else 512
+    _split_sum_kernel[(triton.cdiv(P, block),)](ws, out, ws.shape[0], P, BLOCK=block,
+                                                INTERPRET=interpret, num_warps=4)
+
+
+def segmented_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            lora_A: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor,
+                            seg_offsets: Sequence[int], scales: Sequence[float],
+                            need_dx: bool = True, need_dA: bool = True, need_dB: bool = True):
+    """Backward of :func:`segmented_lora_forward`: ``(dx | None, dA | None, dB | None)``.
+
+    grad_y ``[M, N]`` and x ``[M, K]`` any strides; xa ``[M, L*r]`` fp32 from the forward.
+    ``dx`` ``[M, K]`` in x.dtype, ``dA`` ``[L*r, K]`` in lora_A.dtype, ``dB`` ``[N, r]`` in
+    lora_B.dtype (contiguous).  Launches: g (if dx or dA), dx, dA, dB (each only if
+    needed; plus a split-sum per split reduction on big GPUs).  With M == 0 nothing is
+    launched: dx is empty and dA, dB are zeros.
+    """
+    seg_offsets, scales, L, M, K, N, r = _check_common(x, weight, lora_A, lora_B, seg_offsets, scales)
+    assert tuple(grad_y.shape) == (M, N), f"grad_y must be [{M}, {N}], got {tuple(grad_y.shape)}"
+    assert grad_y.dtype == x.dtype and grad_y.device == x.device, \
+        f"grad_y must be {x.dtype} on {x.device}, got {grad_y.dtype} on {grad_y.device}"
+    LR = L * r
+    assert tuple(xa.shape) == (M, LR) and xa.dtype == torch.float32 and xa.device == x.device, \
+        f"xa must be fp32 [{M}, {LR}], got {xa.dtype} {tuple(xa.shape)}"
+    dev = x.device
+    dx = _empty((M, K), x.dtype, dev) if need_dx else None
+    if M == 0:
+        dA = torch.zeros((LR, K), dtype=lora_A.dtype, device=dev) if need_dA else None
+        dB = torch.zeros((N, r), dtype=lora_B.dtype, device=dev) if need_dB else None
+        return dx, dA, dB
+    dA = _empty((LR, K), lora_A.dtype, dev) if need_dA else None
+    dB = _empty((N, r), lora_B.dtype, dev) if need_dB else None
+    if not (need_dx or need_dA or need_dB):
+        return dx, dA, dB
+
+    interpret = _interpreting()
+    r_pad = _rank_pad(r)
+    seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
+    cfg = _bwd_config(M, K, N, LR, seg_sizes, r_pad, interpret)
+    scale_t = _scales_tensor(scales, dev)
+
+    g = None
+    if need_dx or need_dA:
+        c = cfg["g"]
+        g = _empty((M, LR), torch.float32, dev)
+        offs_t = _offsets_tensor(seg_offsets, dev)
+        _seg_lora_bwd_g_kernel[(triton.cdiv(M, c["BLOCK_M"]), L)](
+            grad_y, lora_B, g, offs_t, scale_t, M, r,
+            grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), g.stride(0), g.stride(1),
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
+
+    if need_dx:
+        c = cfg["dx"]
+        programs = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"])
+        splits = _split_heuristic(programs, N, c["BLOCK_N"], dev)
+        n_chunk, splits = _split_chunks(N, splits, c["BLOCK_N"])
+        j_chunk = triton.cdiv(triton.cdiv(LR, splits), c["BLOCK_J"]) * c["BLOCK_J"]
+        out = dx if splits == 1 else _empty((splits, M, K), torch.float32, dev)
+        os_ = 0 if splits == 1 else out.stride(0)
+        om, ok = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
+        _seg_lora_bwd_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]), splits)](
+            grad_y, weight, g, lora_A, out, M, N, K, LR, n_chunk, j_chunk,
+            grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
+            g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1), os_, om, ok,
+            BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"], BLOCK_J=c["BLOCK_J"],
+            INTERPRET=interpret, num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
+        if splits > 1:
+            _finish_split(out, dx, interpret)
+
+    if need_dA:
+        c = cfg["da"]
+        programs = triton.cdiv(LR, c["BLOCK_J"]) * triton.cdiv(K, c["BLOCK_K"])
+        splits = _split_heuristic(programs, M, c["BLOCK_M"], dev)
+        m_chunk, splits = _split_chunks(M, splits, c["BLOCK_M"])
+        out = dA if splits == 1 else _empty((splits, LR, K), torch.float32, dev)
+        os_ = 0 if splits == 1 else out.stride(0)
+        oj, ok = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
+        _seg_lora_bwd_da_kernel[(triton.cdiv(LR, c["BLOCK_J"]), triton.cdiv(K, c["BLOCK_K"]), splits)](
+            g, x, out, M, K, LR, m_chunk,
+            g.stride(0), g.stride(1), x.stride(0), x.stride(1), os_, oj, ok,
+            BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=interpret,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
+        if splits > 1:
+            _finish_split(out, dA, interpret)
+
+    if need_dB:
+        c = cfg["db"]
+        tiles = _tile_table(seg_offsets, c["BLOCK_N"], dev)
+        splits = _split_heuristic(tiles.shape[0], M, c["BLOCK_M"], dev)
+        m_chunk, splits = _split_chunks(M, splits, c["BLOCK_M"])
+        out = dB if splits == 1 else _empty((splits, N, r), torch.float32, dev)
+        os_ = 0 if splits == 1 else out.stride(0)
+        on, or_ = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
+        _seg_lora_bwd_db_kernel[(tiles.shape[0], splits)](
+            grad_y, xa, out, tiles, scale_t, M, r, m_chunk,
+            grad_y.stride(0), grad_y.stride(1), xa.stride(0), xa.stride(1), os_, on, or_,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret,
+            num_warps=c["num_warps"], num_stages=c["num_stages"],
+        )
+        if splits > 1:
+            _finish_split(out, dB, interpret)
+
+    return dx, dA, dB
