@@ -1,2 +1,69 @@
-"""clora_fast: fused kernels for C-LoRA continual customization."""
+"""clora_fast: fused Triton/CUDA kernels for C-LoRA continual customization.
+
+    import clora_fast
+    cl = clora_fast.patch(pipe_or_vit)        # diffusers pipeline / UNet, transformers ViT, timm ViT
+    cl.begin_concept("<c1>"); loss = task_loss + cl.penalty(); ...; cl.end_concept()
+    clora_fast.unpatch(pipe_or_vit)
+
+Low-level fused operations live in :mod:`clora_fast.ops`.
+"""
+from __future__ import annotations
+
+from . import ops
+
 __version__ = "0.1.0"
+__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "__version__"]
+
+
+def available_backends() -> list:
+    """Backends usable in this process, e.g. ``["reference", "triton"]``.
+
+    ``triton`` is listed when Triton imports and either a CUDA device is present or the
+    Triton interpreter is on (``TRITON_INTERPRET=1``); ``cuda`` when the csrc extension
+    is built and a CUDA device is present.
+    """
+    import torch
+
+    from ._validate import interpreting, triton_available
+    out = ["reference"]
+    if triton_available() and (torch.cuda.is_available() or interpreting()):
+        out.append("triton")
+    try:
+        from . import _cuda
+        if _cuda.is_available():
+            out.append("cuda")
+    except ImportError:
+        pass
+    return out
+
+
+def _integration_for(obj):
+    from .integrations import diffusers as _diffusers
+    if _diffusers.can_patch(obj):
+        return _diffusers
+    from .integrations import vit as _vit
+    if _vit.can_patch(obj):
+        return _vit
+    raise TypeError(
+        f"clora_fast.patch does not know how to adapt a {type(obj).__module__}.{type(obj).__name__}: "
+        "expected a diffusers pipeline with a .unet, a UNet2DConditionModel, a transformers ViT "
+        "(ViTModel / ViTForImageClassification) or a timm VisionTransformer")
+
+
+def patch(obj, **kwargs):
+    """Add C-LoRA to a diffusers pipeline/UNet (cross-attention K/V) or a ViT (K/V of every block).
+
+    Returns the :class:`clora_fast.controller.CLoRAController`. Keyword arguments
+    (``rank``, ``alpha``, ``penalty_weight``, ``backend``, ...) go to the integration.
+    """
+    return _integration_for(obj).patch(obj, **kwargs)
+
+
+def unpatch(obj) -> None:
+    """Remove C-LoRA from ``obj``; the model is exactly as before :func:`patch`."""
+    return _integration_for(obj).unpatch(obj)
+
+
+def load(obj, path, **kwargs):
+    """Patch ``obj`` and load a concept bank saved with ``controller.save(path)``."""
+    return _integration_for(obj).load(obj, path, **kwargs)

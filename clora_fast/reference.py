@@ -69,3 +69,70 @@ def forgetting_penalty_grads(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     loss = (p2 * m.square()).sum()
     g = 2.0 * p2 * m
     return loss, scale * (b.T @ g), scale * (g @ a.T)
+
+
+# ---------------------------------------------------------------------------
+# The launcher contract of docs/ARCHITECTURE.md, in plain PyTorch.  ``ops.py``
+# wraps every backend's launchers in the same custom ops / autograd, so the
+# "reference" backend goes through exactly the code path the kernels do.
+# ---------------------------------------------------------------------------
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def segmented_lora_forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias=None):
+    """Launcher contract: ``(y, xa)`` with ``xa = x @ lora_A.T`` in fp32 (fp64 for fp64 input)."""
+    L = len(seg_offsets) - 1
+    r = lora_A.shape[0] // L
+    acc = _acc_dtype(x)
+    y = torch.nn.functional.linear(x, weight, bias)
+    xa = torch.nn.functional.linear(x.to(acc), lora_A.to(acc))
+    if x.shape[0] == 0:
+        return y, xa
+    parts = []
+    for l in range(L):
+        n0, n1 = seg_offsets[l], seg_offsets[l + 1]
+        parts.append(scales[l] * (xa[:, l * r:(l + 1) * r] @ lora_B[n0:n1].to(acc).T))
+    y = (y.to(acc) + torch.cat(parts, dim=1)).to(x.dtype)
+    return y, xa
+
+
+def segmented_lora_backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales,
+                            need_dx=True, need_dA=True, need_dB=True):
+    """Launcher contract: ``(dx, dA, dB)`` (see docs/ARCHITECTURE.md), fp32 accumulation."""
+    L = len(seg_offsets) - 1
+    r = lora_A.shape[0] // L
+    acc = _acc_dtype(x)
+    gy = grad_y.to(acc)
+    g = torch.empty(x.shape[0], L * r, dtype=acc, device=x.device)
+    dB = torch.empty(lora_B.shape, dtype=acc, device=x.device) if need_dB else None
+    for l in range(L):
+        n0, n1 = seg_offsets[l], seg_offsets[l + 1]
+        g[:, l * r:(l + 1) * r] = scales[l] * (gy[:, n0:n1] @ lora_B[n0:n1].to(acc))
+        if need_dB:
+            dB[n0:n1] = scales[l] * (gy[:, n0:n1].T @ xa[:, l * r:(l + 1) * r].to(acc))
+    dx = dA = None
+    if need_dx:
+        dx = (gy @ weight.to(acc) + g @ lora_A.to(acc)).to(x.dtype)
+    if need_dA:
+        dA = (g.T @ x.to(acc)).to(lora_A.dtype)
+    if need_dB:
+        dB = dB.to(lora_B.dtype)
+    return dx, dA, dB
+
+
+def forgetting_penalty_forward(past, lora_A, lora_B, scale):
+    """Launcher contract: ``(loss, dA, dB)`` in fp32 (fp64 for fp64 input)."""
+    return forgetting_penalty_grads(past, lora_A, lora_B, scale)
+
+
+def grouped_forgetting_penalty_forward(pasts, lora_As, lora_Bs, scales):
+    """Launcher contract: ``(loss, [dA_l], [dB_l])``."""
+    loss, dAs, dBs = None, [], []
+    for p, a, b, s in zip(pasts, lora_As, lora_Bs, scales):
+        l_, da, db = forgetting_penalty_grads(p, a, b, s)
+        loss = l_ if loss is None else loss + l_
+        dAs.append(da)
+        dBs.append(db)
+    return loss, dAs, dBs

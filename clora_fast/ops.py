@@ -1,0 +1,396 @@
+"""Public operations of clora_fast.
+
+Layering (the flash-attention pattern): a backend's *launchers* (plain tensors in
+and out: ``clora_fast.reference``, ``clora_fast.kernels.*``, ``clora_fast._cuda``)
+-> torch *custom ops* (``clora_fast::segmented_lora``, ``..._backward``,
+``clora_fast::forgetting_penalty``, ``clora_fast::grouped_forgetting_penalty``)
+with fake (meta) implementations and registered autograd, so that
+``torch.compile(fullgraph=True)`` traces through them -> the public functions
+below, which validate inputs, apply autocast and pick the backend.
+
+Every backend goes through the same custom ops and autograd formulas, so the
+``reference`` backend is the kernels' code path with PyTorch launchers.
+
+Math (shapes in the PyTorch/PEFT convention, ``weight [out, in]``,
+``lora_A [r, in]``, ``lora_B [out, r]``):
+
+- ``lora_projection``: ``y = x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T (+ bias)``
+- ``segmented_lora_projection``: L projections of one input with weights stacked by
+  rows, ``y[:, o_l:o_{l+1}] = x @ W_l.T + s_l (x @ A_l.T) @ B_l.T``
+- ``forgetting_penalty``: ``sum((past * (scale * lora_B @ lora_A)) ** 2)``, its
+  gradients computed in the forward pass, scaled by ``grad_output`` in backward.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import reference as _reference
+from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_device, check_same_dtype,
+                        check_scale, check_tensor, resolve_backend)
+
+__all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
+           "grouped_forgetting_penalty"]
+
+
+# ---------------------------------------------------------------------------
+# Backend launchers
+# ---------------------------------------------------------------------------
+
+def _projection_launchers(backend: str):
+    if backend == "reference":
+        return _reference
+    if backend == "triton":
+        return importlib.import_module("clora_fast.kernels.lora_projection")
+    if backend == "cuda":
+        return importlib.import_module("clora_fast._cuda")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def _penalty_launchers(backend: str):
+    if backend == "reference":
+        return _reference
+    if backend == "triton":
+        return importlib.import_module("clora_fast.kernels.forgetting_penalty")
+    if backend == "cuda":
+        return importlib.import_module("clora_fast._cuda")
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# ---------------------------------------------------------------------------
+# Custom ops: segmented LoRA projection
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("clora_fast::segmented_lora", mutates_args=())
+def _segmented_lora_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
+                       seg_offsets: List[int], scales: List[float], backend: str) -> Tuple[Tensor, Tensor]:
+    launch = _projection_launchers(backend)
+    y, xa = launch.segmented_lora_forward(x, weight, lora_A, lora_B, tuple(seg_offsets), tuple(scales), bias)
+    return y, xa
+
+
+@_segmented_lora_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, seg_offsets, scales, backend):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (x.new_empty((x.shape[0], weight.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=acc))
+
+
+@torch.library.custom_op("clora_fast::segmented_lora_backward", mutates_args=())
+def _segmented_lora_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                                xa: Tensor, seg_offsets: List[int], scales: List[float], backend: str,
+                                need_dx: bool, need_dA: bool, need_dB: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    launch = _projection_launchers(backend)
+    dx, dA, dB = launch.segmented_lora_backward(grad_y.contiguous(), x, weight, lora_A, lora_B, xa,
+                                                tuple(seg_offsets), tuple(scales),
+                                                need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+    # custom ops cannot return None: unneeded gradients come back as empty tensors
+    empty = x.new_empty((0,))
+    return (dx if dx is not None else empty, dA if dA is not None else empty, dB if dB is not None else empty)
+
+
+@_segmented_lora_backward_op.register_fake
+def _(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, backend, need_dx, need_dA, need_dB):
+    empty = x.new_empty((0,))
+    return (x.new_empty(x.shape) if need_dx else empty,
+            lora_A.new_empty(lora_A.shape) if need_dA else empty,
+            lora_B.new_empty(lora_B.shape) if need_dB else empty)
+
+
+def _segmented_setup_context(ctx, inputs, output):
+    x, weight, lora_A, lora_B, bias, seg_offsets, scales, backend = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1])
+    ctx.seg_offsets, ctx.scales, ctx.backend = seg_offsets, scales, backend
+    ctx.has_bias = bias is not None
+
+
+def _segmented_backward(ctx, grad_y, grad_xa):
+    x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+    need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+    dx = dA = dB = dW = dbias = None
+    if need_x or need_a or need_b:
+        dx, dA, dB = _segmented_lora_backward_op(grad_y, x, weight, lora_A, lora_B, xa, ctx.seg_offsets,
+                                                 ctx.scales, ctx.backend, need_x, need_a, need_b)
+        dx = dx if need_x else None
+        dA = dA if need_a else None
+        dB = dB if need_b else None
+    if need_w:  # a trainable base weight: never drop its gradient silently
+        dW = (grad_y.t().to(torch.float32) @ x.to(torch.float32)).to(weight.dtype) \
+            if weight.dtype != torch.float64 else grad_y.t() @ x
+    if need_bias:
+        dbias = grad_y.sum(0, dtype=torch.float32 if grad_y.dtype != torch.float64 else torch.float64)
+        dbias = dbias.to(grad_y.dtype)
+    return dx, dW, dA, dB, dbias, None, None, None
+
+
+_segmented_lora_op.register_autograd(_segmented_backward, setup_context=_segmented_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Custom ops: forgetting penalty (gradients computed in the forward pass)
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("clora_fast::forgetting_penalty", mutates_args=())
+def _penalty_op(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, backend: str
+                ) -> Tuple[Tensor, Tensor, Tensor]:
+    loss, dA, dB = _penalty_launchers(backend).forgetting_penalty_forward(past, lora_A, lora_B, scale)
+    return loss, dA, dB
+
+
+@_penalty_op.register_fake
+def _(past, lora_A, lora_B, scale, backend):
+    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    return (past.new_empty((), dtype=acc), lora_A.new_empty(lora_A.shape, dtype=acc),
+            lora_B.new_empty(lora_B.shape, dtype=acc))
+
+
+def _penalty_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+    ctx.dtypes = (inputs[1].dtype, inputs[2].dtype)
+
+
+def _penalty_backward(ctx, grad_loss, _grad_dA, _grad_dB):
+    dA, dB = ctx.saved_tensors
+    return (None, (grad_loss * dA).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None,
+            (grad_loss * dB).to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None, None, None)
+
+
+_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+
+
+@torch.library.custom_op("clora_fast::grouped_forgetting_penalty", mutates_args=())
+def _grouped_penalty_op(pasts: List[Tensor], lora_As: List[Tensor], lora_Bs: List[Tensor], scales: List[float],
+                        backend: str) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
+    loss, dAs, dBs = _penalty_launchers(backend).grouped_forgetting_penalty_forward(
+        list(pasts), list(lora_As), list(lora_Bs), tuple(scales))
+    return loss, list(dAs), list(dBs)
+
+
+@_grouped_penalty_op.register_fake
+def _(pasts, lora_As, lora_Bs, scales, backend):
+    acc = torch.float64 if pasts[0].dtype == torch.float64 else torch.float32
+    return (pasts[0].new_empty((), dtype=acc), [a.new_empty(a.shape, dtype=acc) for a in lora_As],
+            [b.new_empty(b.shape, dtype=acc) for b in lora_Bs])
+
+
+def _grouped_penalty_setup_context(ctx, inputs, output):
+    _, dAs, dBs = output
+    ctx.n = len(dAs)
+    ctx.save_for_backward(*dAs, *dBs)
+    ctx.dtypes = ([a.dtype for a in inputs[1]], [b.dtype for b in inputs[2]])
+
+
+def _grouped_penalty_backward(ctx, grad_loss, _grad_dAs, _grad_dBs):
+    saved = ctx.saved_tensors
+    dAs = [(grad_loss * g).to(dt) for g, dt in zip(saved[:ctx.n], ctx.dtypes[0])]
+    dBs = [(grad_loss * g).to(dt) for g, dt in zip(saved[ctx.n:], ctx.dtypes[1])]
+    return [None] * ctx.n, dAs, dBs, None, None
+
+
+_grouped_penalty_op.register_autograd(_grouped_penalty_backward, setup_context=_grouped_penalty_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------
+
+def _autocast(device: torch.device, *tensors):
+    """Apply torch.autocast's rule for linear layers: cast float inputs to the autocast dtype."""
+    dev = device.type
+    if dev not in ("cuda", "cpu"):
+        return tensors
+    if hasattr(torch, "get_autocast_dtype"):
+        if not torch.is_autocast_enabled(dev):
+            return tensors
+        dt = torch.get_autocast_dtype(dev)
+    else:  # pragma: no cover - torch < 2.4
+        if not (torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()):
+            return tensors
+        dt = torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                              seg_offsets: Sequence[int], scales: Union[float, Sequence[float]], *,
+                              bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """L LoRA projections of the same input in one launch.
+
+    ``weight [N, in]`` stacks the layers' (folded) weights by rows; layer ``l`` owns
+    output columns ``seg_offsets[l]:seg_offsets[l+1]``, rows ``l*r:(l+1)*r`` of
+    ``lora_A [L*r, in]`` and the same rows of ``lora_B [N, r]`` as ``weight``.
+    Returns ``[..., N]``; split it with views per segment.
+    """
+    check_tensor("x", x)
+    check_tensor("weight", weight, ndim=2)
+    check_tensor("lora_A", lora_A, ndim=2)
+    check_tensor("lora_B", lora_B, ndim=2)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension [..., in], got a 0-dim tensor")
+    offsets = [int(o) for o in seg_offsets]
+    L = len(offsets) - 1
+    if L < 1 or offsets[0] != 0 or offsets[-1] != weight.shape[0] or any(
+            b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={weight.shape[0]}, "
+                         f"got {offsets}")
+    if isinstance(scales, (int, float, Tensor)):
+        scales = [scales] * L
+    scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
+    if len(scales) != L:
+        raise ValueError(f"scales has {len(scales)} entries but seg_offsets defines {L} segments")
+    if lora_A.shape[0] % L != 0 or lora_A.shape[0] == 0:
+        raise ValueError(f"lora_A must have shape [L*r, in] = [{L}*r, in] for {L} segments, "
+                         f"got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0] // L
+    check_lora_shapes(x.shape[-1], weight, lora_A[:r], lora_B, bias)
+    check_same_device([("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)])
+    backend = resolve_backend(backend, x.device)
+    x, weight, lora_A, lora_B, bias = _autocast(x.device, x, weight, lora_A, lora_B, bias)
+    check_same_dtype([("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)])
+    check_dtype_for_backend("x", x, backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
+    return y.reshape(*lead, weight.shape[0])
+
+
+def lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float = 1.0,
+                    bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """``y = x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T (+ bias)``.
+
+    x ``[..., in]``, weight ``[out, in]`` (frozen; the past adapters already folded in),
+    lora_A ``[r, in]``, lora_B ``[out, r]``, bias ``[out]``. Returns ``[..., out]``.
+    Gradients flow to x, lora_A, lora_B, bias (and weight if it requires grad).
+    """
+    check_tensor("weight", weight, ndim=2)
+    return segmented_lora_projection(x, weight, lora_A, lora_B, (0, weight.shape[0]), [scale],
+                                     bias=bias, backend=backend)
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
+def _adjacent_rows(a: Tensor, b: Tensor) -> bool:
+    """True when ``b`` directly follows ``a`` in memory, so ``cat([a, b])`` is a free view."""
+    return (a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] and a.dtype == b.dtype
+            and a.device == b.device and a.is_contiguous() and b.is_contiguous()
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
+
+
+def _pair(name: str, v) -> tuple:
+    if not isinstance(v, (tuple, list)) or len(v) != 2:
+        raise TypeError(f"{name} must be a pair (k, v), got {type(v).__name__}"
+                        + (f" of length {len(v)}" if isinstance(v, (tuple, list)) else ""))
+    return tuple(v)
+
+
+def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1.0, biases=None,
+                       backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """K and V of one attention layer from one read of ``x``, in one launch.
+
+    ``weights = (w_k [out_k, in], w_v [out_v, in])``, ``lora_As = (a_k [r, in], a_v [r, in])``,
+    ``lora_Bs = (b_k [out_k, r], b_v [out_v, r])``, optional ``biases = (b_k, b_v)``.
+    When ``w_v`` directly follows ``w_k`` in memory (e.g. timm's fused qkv rows)
+    the stacked weight is a view; otherwise it is concatenated per call.
+    """
+    w_k, w_v = _pair("weights", weights)
+    a_k, a_v = _pair("lora_As", lora_As)
+    b_k, b_v = _pair("lora_Bs", lora_Bs)
+    for name, t in (("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
+                    ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v)):
+        check_tensor(name, t, ndim=2)
+    check_tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least 1 dimension [..., in], got a 0-dim tensor")
+    if a_k.shape[0] != a_v.shape[0]:
+        raise ValueError(f"lora_As[0] and lora_As[1] must have the same rank, got {tuple(a_k.shape)} and "
+                         f"{tuple(a_v.shape)}")
+    check_lora_shapes(x.shape[-1], w_k, a_k, b_k, None, "[0] (K)")
+    check_lora_shapes(x.shape[-1], w_v, a_v, b_v, None, "[1] (V)")
+    bias = None
+    if biases is not None:
+        bk, bv = _pair("biases", biases)
+        check_tensor("biases[0]", bk, ndim=1)
+        check_tensor("biases[1]", bv, ndim=1)
+        if bk.shape[0] != w_k.shape[0] or bv.shape[0] != w_v.shape[0]:
+            raise ValueError(f"biases must have shapes [{w_k.shape[0]}] and [{w_v.shape[0]}], got "
+                             f"{tuple(bk.shape)} and {tuple(bv.shape)}")
+        bias = torch.cat([bk, bv])
+    if (not _compiling() and not (w_k.requires_grad or w_v.requires_grad) and _adjacent_rows(w_k, w_v)):
+        weight = w_k.as_strided((w_k.shape[0] + w_v.shape[0], w_k.shape[1]), w_k.stride())
+    else:
+        weight = torch.cat([w_k, w_v])
+    y = segmented_lora_projection(x, weight, torch.cat([a_k, a_v]), torch.cat([b_k, b_v]),
+                                  (0, w_k.shape[0], weight.shape[0]), [scale, scale], bias=bias, backend=backend)
+    return y[..., :w_k.shape[0]], y[..., w_k.shape[0]:]
+
+
+def _check_penalty_args(past, lora_A, lora_B, suffix=""):
+    check_tensor(f"past{suffix}", past, ndim=2)
+    check_tensor(f"lora_A{suffix}", lora_A, ndim=2)
+    check_tensor(f"lora_B{suffix}", lora_B, ndim=2)
+    out_f, in_f = past.shape
+    r = lora_A.shape[0]
+    if r < 1:
+        raise ValueError(f"lora_A{suffix} has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1")
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A{suffix} must have shape [r, in] = [r, {in_f}] to match past{suffix} "
+                         f"{tuple(past.shape)}, got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B{suffix} must have shape [out, r] = [{out_f}, {r}] to match past{suffix} "
+                         f"{tuple(past.shape)} and lora_A{suffix} {tuple(lora_A.shape)}, got {tuple(lora_B.shape)}")
+    check_same_device([(f"past{suffix}", past), (f"lora_A{suffix}", lora_A), (f"lora_B{suffix}", lora_B)])
+    check_same_dtype([(f"lora_A{suffix}", lora_A), (f"lora_B{suffix}", lora_B)])
+
+
+def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float = 1.0,
+                       backend: str = "auto") -> Tensor:
+    """``sum((past * (scale * lora_B @ lora_A)) ** 2)`` as a 0-dim float32 tensor.
+
+    past ``[out, in]`` (frozen: no gradient), lora_A ``[r, in]``, lora_B ``[out, r]``.
+    ``past`` may have another dtype than the factors (e.g. fp32 past, bf16 factors).
+    """
+    _check_penalty_args(past, lora_A, lora_B)
+    scale = check_scale("scale", scale)
+    backend = resolve_backend(backend, past.device)
+    for n, t in (("past", past), ("lora_A", lora_A)):
+        check_dtype_for_backend(n, t, backend)
+    loss, _, _ = _penalty_op(past, lora_A, lora_B, scale, backend)
+    return loss
+
+
+def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], *,
+                               scales: Union[float, Sequence[float]] = 1.0, backend: str = "auto") -> Tensor:
+    """Sum of :func:`forgetting_penalty` over many layers of different shapes, in one launch."""
+    for name, seq in (("pasts", pasts), ("lora_As", lora_As), ("lora_Bs", lora_Bs)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple of tensors, got {type(seq).__name__}")
+    n = len(pasts)
+    if n == 0:
+        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
+    if len(lora_As) != n or len(lora_Bs) != n:
+        raise ValueError(f"pasts, lora_As and lora_Bs must have the same length, got {n}, {len(lora_As)}, "
+                         f"{len(lora_Bs)}")
+    if isinstance(scales, (int, float, Tensor)):
+        scales = [scales] * n
+    if len(scales) != n:
+        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
+    scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
+    for i in range(n):
+        _check_penalty_args(pasts[i], lora_As[i], lora_Bs[i], f"s[{i}]")
+    check_same_device([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
+    check_same_dtype([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
+    check_same_dtype([(f"lora_As[{i}]", a) for i, a in enumerate(lora_As)])
+    backend = resolve_backend(backend, pasts[0].device)
+    check_dtype_for_backend("pasts[0]", pasts[0], backend)
+    check_dtype_for_backend("lora_As[0]", lora_As[0], backend)
+    loss, _, _ = _grouped_penalty_op(list(pasts), list(lora_As), list(lora_Bs), scales, backend)
+    return loss
