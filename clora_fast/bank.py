@@ -1,0 +1,383 @@
+"""The concept bank on disk: one folder per bank.
+
+Layout::
+
+    <bank>/manifest.json                      format, config, identity, concepts, file checksums
+    <bank>/past-<sha12>.safetensors           the folded past P per site (float32)
+    <bank>/concept-<idx>-<sha12>.safetensors  per concept: "<site>.lora_A", "<site>.lora_B",
+                                              and "extra.<key>" tensors of the integration (tokens)
+
+Only safetensors and JSON are ever read (no pickle). Data file names carry a prefix of
+their content's sha256, so a new save never overwrites a file the previous manifest
+references: every file is written to a temporary file, fsynced and ``os.replace``d into
+place, the manifest last; files of the previous save that the new manifest no longer
+references are deleted only after the new manifest is in place. A crash at any point
+leaves a complete bank (the old or the new one).
+
+Loading reads the manifest, checks every file's size and sha256, parses the tensors,
+checks shapes, the base model identity (site names and shapes, a hash of the adapted
+base weights' bytes) and the rank, and only then changes the controller.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+FORMAT = "clora_fast.bank"
+VERSION = 1
+MANIFEST = "manifest.json"
+_DATA_RE = re.compile(r"^(past|concept-\d+)-[0-9a-f]{12}\.safetensors$")
+_MAX_MANIFEST_BYTES = 64 << 20
+
+
+class BankError(ValueError):
+    """A concept bank that cannot be loaded (corrupt, tampered, incompatible)."""
+
+
+# ---------------------------------------------------------------------------- identity
+def _weight_bytes(t: Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def model_identity(named_weights: List[Tuple[str, Tensor]]) -> Dict[str, Any]:
+    """Identity of a base model as the bank sees it: the adapted sites' names and shapes
+    (``structure``), a sha256 over their exact bytes (``weights_sha256``, with ``dtype``) and
+    a small dtype-independent fingerprint (a few float64 samples and the norm per site) to
+    recognise the same weights cast to another dtype."""
+    hs = hashlib.sha256()
+    hw = hashlib.sha256()
+    fingerprint = []
+    dtypes = set()
+    for name, w in named_weights:
+        hs.update(f"{name}:{tuple(w.shape)};".encode())
+        hw.update(name.encode())
+        hw.update(str(w.dtype).encode())
+        hw.update(_weight_bytes(w))
+        dtypes.add(str(w.dtype).replace("torch.", ""))
+        flat = w.detach().reshape(-1)
+        n = flat.numel()
+        idx = torch.linspace(0, n - 1, steps=min(8, n)).long().to(flat.device)
+        fingerprint.append([float(v) for v in flat[idx].double().cpu()] + [float(flat.double().norm().cpu())])
+    return {"structure": hs.hexdigest(), "weights_sha256": hw.hexdigest(), "dtype": sorted(dtypes),
+            "fingerprint": fingerprint}
+
+
+def check_identity(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Raise :class:`BankError` unless ``stored`` (from a bank) is the same base model as ``current``."""
+    if not isinstance(stored, dict) or "structure" not in stored:
+        raise BankError("bank manifest has no valid 'identity' section")
+    if stored["structure"] != current["structure"]:
+        raise BankError("the bank was made for another base model: its adapted projections (names/shapes) "
+                        "differ from this model's")
+    if stored.get("adapter") is not None and current.get("adapter") is not None \
+            and stored.get("dtype") == current.get("dtype") and stored["adapter"] != current["adapter"]:
+        raise BankError("the bank was made for another base model (the integration's model hash differs)")
+    if stored.get("weights_sha256") == current["weights_sha256"]:
+        return
+    if stored.get("dtype") == current["dtype"]:
+        raise BankError("the bank was made for another base model: the adapted base weights differ "
+                        f"(sha256 {str(stored.get('weights_sha256'))[:12]}... in the bank, "
+                        f"{current['weights_sha256'][:12]}... here)")
+    # same structure, other dtype: compare the fingerprint with a dtype-sized tolerance
+    fs, fc = stored.get("fingerprint"), current["fingerprint"]
+    if not isinstance(fs, list) or len(fs) != len(fc):
+        raise BankError("bank manifest identity fingerprint is malformed")
+    for a_site, b_site in zip(fs, fc):
+        if len(a_site) != len(b_site):
+            raise BankError("bank manifest identity fingerprint is malformed")
+        for a, b in zip(a_site, b_site):
+            if abs(a - b) > 1e-2 * max(abs(a), abs(b)) + 1e-3:
+                raise BankError(
+                    f"the bank was made for another base model: the adapted base weights differ "
+                    f"(bank dtype {stored.get('dtype')}, model dtype {current['dtype']}, values disagree)")
+
+
+# ---------------------------------------------------------------------------- atomic I/O
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, os.replace."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _serialize(tensors: Dict[str, Tensor]) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()},
+                metadata={"format": "pt"})  # one key: safetensors orders metadata randomly
+
+
+def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]]) -> Dict[str, str]:
+    """Write a bank folder. ``files`` maps a stem ("past", "concept-3") to its tensors; the
+    manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> file name."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
+    if path.is_dir():
+        entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+        if entries and MANIFEST not in entries:
+            raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not empty and is "
+                                  f"not a clora_fast bank (no {MANIFEST})")
+    path.mkdir(parents=True, exist_ok=True)
+    table = {}
+    for stem, tensors in files.items():
+        data = _serialize(tensors)
+        digest = _sha256(data)
+        name = f"{stem}-{digest[:12]}.safetensors"
+        target = path / name
+        if not (target.exists() and target.stat().st_size == len(data) and _sha256(target.read_bytes()) == digest):
+            atomic_write_bytes(target, data)
+        table[stem] = {"name": name, "sha256": digest, "bytes": len(data)}
+    manifest = dict(manifest)
+    manifest["files"] = table
+    atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    keep = {v["name"] for v in table.values()}
+    for p in path.iterdir():
+        if _DATA_RE.match(p.name) and p.name not in keep:
+            try:
+                p.unlink()
+            except OSError:
+                pass
+    return {k: v["name"] for k, v in table.items()}
+
+
+def read_manifest(path) -> Dict[str, Any]:
+    """Read and sanity-check ``manifest.json`` of the bank folder ``path``."""
+    path = Path(path)
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise BankError(f"no concept bank at {str(path)!r}: not a folder")
+    if not mf.is_file():
+        raise BankError(f"no concept bank at {str(path)!r}: {MANIFEST} is missing")
+    raw = mf.read_bytes()
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise BankError(f"{mf}: manifest is implausibly large ({len(raw)} bytes)")
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BankError(f"{mf}: not valid JSON (truncated or modified?): {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BankError(f"{mf}: not a clora_fast concept bank (format {m.get('format') if isinstance(m, dict) else None!r})")
+    if m.get("version") != VERSION:
+        raise BankError(f"{mf}: bank format version {m.get('version')!r} is not supported (this clora_fast reads "
+                        f"version {VERSION})")
+    for key, typ in (("rank", int), ("alpha", (int, float)), ("penalty_weight", (int, float)), ("sites", list),
+                     ("concepts", list), ("files", dict), ("identity", dict), ("next_idx", int),
+                     ("retired", list)):
+        if not isinstance(m.get(key), typ) or isinstance(m.get(key), bool):
+            raise BankError(f"{mf}: field {key!r} is missing or malformed (got {m.get(key)!r:.80})")
+    if m["rank"] < 1:
+        raise BankError(f"{mf}: rank must be >= 1, got {m['rank']}")
+    return m
+
+
+def read_files(path, manifest: Dict[str, Any]) -> Dict[str, Dict[str, Tensor]]:
+    """Read every data file of the manifest, verifying size and sha256, into CPU tensors."""
+    from safetensors.torch import load
+    path = Path(path)
+    out = {}
+    for stem, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) \
+                or not _DATA_RE.match(entry["name"]) or not isinstance(entry.get("sha256"), str):
+            raise BankError(f"{path / MANIFEST}: file entry {stem!r} is malformed")
+        f = path / entry["name"]
+        if not f.is_file():
+            raise BankError(f"bank file {str(f)!r} is missing")
+        data = f.read_bytes()
+        if len(data) != entry.get("bytes"):
+            raise BankError(f"bank file {str(f)!r} has {len(data)} bytes, the manifest says {entry.get('bytes')} "
+                            f"(truncated or modified)")
+        if _sha256(data) != entry["sha256"]:
+            raise BankError(f"bank file {str(f)!r}: sha256 checksum mismatch (the file was modified or corrupted)")
+        try:
+            out[stem] = load(data)
+        except Exception as e:  # safetensors raises its own error types
+            raise BankError(f"bank file {str(f)!r} is not a valid safetensors file: {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- controller <-> bank
+def _site_table(ctrl) -> List[Dict[str, Any]]:
+    return [{"name": s.name, "out": s.out_features, "in": s.in_features, "group": s.group} for s in ctrl.sites]
+
+
+def save_controller(ctrl, path) -> None:
+    """Write ``ctrl``'s full state as a bank folder (see the module docstring)."""
+    files: Dict[str, Dict[str, Tensor]] = {}
+    past = {}
+    for i, s in enumerate(ctrl.sites):
+        if ctrl._past[i] is not None:
+            past[s.name] = ctrl._past[i].float()
+    if past:
+        files["past"] = past
+    extra_state = getattr(ctrl.adapter, "extra_state", None)
+    concepts = []
+    entries = [(c.idx, c.name, c.scale, c.lora_A, c.lora_B, False) for c in ctrl.concepts]
+    if ctrl._active is not None:
+        idx, name = ctrl._active
+        As, Bs = [], []
+        for i in range(ctrl.num_sites):
+            A, B = ctrl.current_factors(i)
+            As.append(A.detach().float())
+            Bs.append(B.detach().float())
+        entries.append((idx, name, ctrl.scale, As, Bs, True))
+    for idx, name, scale, As, Bs, active in entries:
+        t = {}
+        for i, s in enumerate(ctrl.sites):
+            t[f"{s.name}.lora_A"] = As[i]
+            t[f"{s.name}.lora_B"] = Bs[i]
+        if extra_state is not None:
+            for k, v in extra_state(idx).items():
+                t[f"extra.{k}"] = v.detach().float()
+        stem = f"concept-{idx}"
+        files[stem] = t
+        concepts.append({"idx": idx, "name": name, "scale": scale, "active": active, "file": stem})
+    from . import __version__
+    extra_meta = getattr(ctrl.adapter, "extra_meta", None)
+    manifest = {
+        "format": FORMAT, "version": VERSION, "producer": f"clora_fast {__version__}",
+        "rank": ctrl.rank, "alpha": ctrl.alpha, "penalty_weight": ctrl.penalty_weight,
+        "sites": _site_table(ctrl), "identity": ctrl._identity(),
+        "concepts": concepts, "past": "past" if past else None,
+        "retired": list(ctrl._retired), "next_idx": ctrl._next_idx,
+        "adapter": extra_meta() if extra_meta is not None else None,
+    }
+    write_bank(path, manifest, files)
+
+
+def _expect(cond: bool, msg: str) -> None:
+    if not cond:
+        raise BankError(msg)
+
+
+def load_into_controller(ctrl, path) -> None:
+    """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
+    from .controller import Concept
+    m = read_manifest(path)
+    where = str(path)
+    if m["rank"] != ctrl.rank:
+        raise BankError(f"rank mismatch: the bank at {where!r} has rank {m['rank']} but the controller has rank "
+                        f"{ctrl.rank}; patch with rank={m['rank']} (or use clora_fast.load, which reads it)")
+    if abs(float(m["alpha"]) - ctrl.alpha) > 1e-12 * max(1.0, ctrl.alpha):
+        raise BankError(f"alpha mismatch: the bank has alpha {m['alpha']} but the controller has {ctrl.alpha}")
+    mine = _site_table(ctrl)
+    theirs = m["sites"]
+    if [(d.get("name"), d.get("out"), d.get("in")) for d in theirs if isinstance(d, dict)] != \
+            [(d["name"], d["out"], d["in"]) for d in mine]:
+        raise BankError(f"the bank at {where!r} was made for another base model: its {len(theirs)} adapted "
+                        f"projections do not match this model's {len(mine)} (names/shapes)")
+    check_identity(m["identity"], ctrl._identity())
+    data = read_files(path, m)
+    r = ctrl.rank
+    # the past
+    pasts: List[Optional[Tensor]] = [None] * ctrl.num_sites
+    if m.get("past") is not None:
+        _expect(m["past"] in data, f"{where}: the manifest names a past file that is not listed")
+        tp = data[m["past"]]
+        _expect(set(tp) == {s.name for s in ctrl.sites}, f"{where}: the past file does not hold every site")
+        for i, s in enumerate(ctrl.sites):
+            t = tp[s.name]
+            _expect(tuple(t.shape) == (s.out_features, s.in_features) and t.dtype == torch.float32,
+                    f"{where}: past of {s.name!r} has shape {tuple(t.shape)} {t.dtype}, expected "
+                    f"{(s.out_features, s.in_features)} float32")
+            _expect(bool(torch.isfinite(t).all()), f"{where}: past of {s.name!r} is not finite")
+            pasts[i] = t
+    # concepts
+    concepts: List[Concept] = []
+    active = None
+    active_factors = None
+    extras: Dict[int, Dict[str, Tensor]] = {}
+    seen = set()
+    for j, c in enumerate(m["concepts"]):
+        _expect(isinstance(c, dict) and isinstance(c.get("idx"), int) and isinstance(c.get("name"), str)
+                and isinstance(c.get("scale"), (int, float)) and isinstance(c.get("active"), bool)
+                and c.get("file") in data, f"{where}: concept entry {j} is malformed")
+        _expect(c["idx"] not in seen and c["idx"] < m["next_idx"], f"{where}: concept index {c['idx']} repeated or "
+                                                                   f"out of range")
+        seen.add(c["idx"])
+        t = data[c["file"]]
+        As, Bs = [], []
+        for s in ctrl.sites:
+            a, b = t.get(f"{s.name}.lora_A"), t.get(f"{s.name}.lora_B")
+            _expect(a is not None and b is not None, f"{where}: concept {c['idx']} lacks factors of {s.name!r}")
+            _expect(tuple(a.shape) == (r, s.in_features) and tuple(b.shape) == (s.out_features, r),
+                    f"rank/shape mismatch in {where}: concept {c['idx']} factors of {s.name!r} have shapes "
+                    f"{tuple(a.shape)}, {tuple(b.shape)}; expected [{r}, {s.in_features}], [{s.out_features}, {r}]")
+            _expect(bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
+                    f"{where}: concept {c['idx']} factors of {s.name!r} are not finite")
+            As.append(a.float())
+            Bs.append(b.float())
+        extras[c["idx"]] = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
+        if c["active"]:
+            _expect(active is None and j == len(m["concepts"]) - 1, f"{where}: more than one active concept")
+            active = (c["idx"], c["name"])
+            active_factors = (As, Bs)
+        else:
+            concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs))
+    retired = m["retired"]
+    _expect(all(isinstance(x, dict) and isinstance(x.get("idx"), int) and isinstance(x.get("name"), str)
+                for x in retired), f"{where}: retired list is malformed")
+    # the stored past must be the fold of the stored factors
+    refold = ctrl._refold(concepts)
+    for i, s in enumerate(ctrl.sites):
+        a, b = pasts[i], refold[i]
+        if a is None or b is None:
+            _expect(a is None and b is None, f"{where}: the folded past does not match the concepts' factors")
+            continue
+        tol = 1e-5 * float(b.abs().max()) + 1e-7
+        _expect(float((a - b).abs().max()) <= tol,
+                f"{where}: the folded past of {s.name!r} does not match the fold of the concepts' factors")
+    # the integration's extra state (tokens): verify before changing anything
+    check = getattr(ctrl.adapter, "check_extra_state", None)
+    if check is not None:
+        check(m.get("adapter"), extras)
+    dev = ctrl._device()
+    pasts = [None if p is None else p.to(dev) for p in pasts]
+    for c in concepts:
+        c.lora_A = [a.to(dev) for a in c.lora_A]
+        c.lora_B = [b.to(dev) for b in c.lora_B]
+    if active_factors is not None:
+        active_factors = ([a.to(dev) for a in active_factors[0]], [b.to(dev) for b in active_factors[1]])
+    ctrl._set_state(pasts, concepts, [dict(x) for x in retired], m["next_idx"], active, active_factors)
+    load = getattr(ctrl.adapter, "load_extra_state", None)
+    if load is not None:
+        load(m.get("adapter"), extras)

@@ -1,0 +1,708 @@
+"""The C-LoRA controller: concepts, fold, forgetting penalty, merge, save/load.
+
+It knows no framework. An integration (``clora_fast.integrations.*``) builds a list
+of :class:`Site` (one per adapted projection), creates a :class:`CLoRAController`
+over them and routes the model's projections through :meth:`CLoRAController.project`
+(one site), :meth:`CLoRAController.project_pair` (K and V of one layer in one launch)
+or :meth:`CLoRAController.project_group` (every site of a group, one launch).
+
+Math (docs: /work/shared/DESIGN.md section 1), per site with frozen base weight ``W0``:
+
+    W_t = W0 + P_t + s * B_t @ A_t          P_{t+1} = P_t + s * B_t @ A_t      s = alpha / rank
+
+* ``A`` ``[r, in]`` is Kaiming-uniform initialised like PEFT (``a=sqrt(5)``), ``B``
+  ``[out, r]`` is zero, so a fresh concept changes nothing.
+* ``P`` (the folded past) is kept in **float32** whatever the model dtype: it is a sum
+  of many small updates, fp32 keeps the fold exact enough that removing a concept
+  (refolding the others from their stored factors, in order) gives the same bits as
+  having folded only those. Folding is done in fp32. The frozen folded weight
+  ``Wf = W0 + P`` is materialised in the weight's dtype (``(W0.float() + P).to(dtype)``),
+  separately: ``W0`` is never written, except by :meth:`merge`, which keeps an exact copy
+  and :meth:`unmerge` restores it bit for bit.
+* Penalty ``penalty_weight * sum_sites || P ⊙ (s B A) ||_F^2``, exactly 0 while P = 0.
+
+Adapter protocol (every hook optional except ``uninstall`` which the integration calls):
+``on_begin_concept(name, idx)``, ``on_end_concept(idx)``, ``on_remove_concept(idx)``,
+``on_state_change()``, ``trainable_parameters()``, ``identity()`` (str),
+``extra_state(idx) -> dict[str, Tensor]`` (per concept tensors saved in the bank, e.g. a
+token embedding), ``extra_meta() -> dict`` (JSON), ``check_extra_state(meta, per_concept)``
+(raise if the bank's extra state cannot be loaded; must not change anything) and
+``load_extra_state(meta, per_concept)``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+
+logger = logging.getLogger("clora_fast")
+
+#: Provisional default of the forgetting-penalty weight (lambda). The penalty is tiny in
+#: absolute terms: after training a concept, entries of P and of M = s*B@A are ~1e-3..1e-2,
+#: so P^2*M^2 is ~1e-12..1e-8 per element; SD 1.x has ~2e7 adapted elements (32 projections),
+#: giving an unweighted sum of ~2e-5..2e-1 at full overlap. Per element the penalty acts as a
+#: weight decay on M of strength 2*lambda*P^2 (~1e-5..1e-4 * lambda). With lambda = 1e3 the
+#: weighted penalty is comparable to a diffusion loss (~0.1) when the new update overlaps the
+#: past strongly and negligible when it does not. A real-data sweep may change this constant.
+DEFAULT_PENALTY_WEIGHT = 1e3
+
+_BACKENDS = ("auto", "reference", "triton", "cuda")
+
+
+@dataclass
+class Site:
+    """One adapted projection ``y = x @ weight.T + bias``."""
+    name: str                       # stable unique key (module path)
+    weight: Tensor                  # frozen base weight W0 [out, in]; never written (except merge)
+    bias: Optional[Tensor] = None   # base bias [out] or None
+    group: Optional[str] = None     # sites of one group see the same input: one grouped launch
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+
+@dataclass
+class Concept:
+    """A finished concept: its factors per site (detached, float32) and metadata."""
+    idx: int
+    name: str
+    scale: float
+    lora_A: List[Tensor]            # per site [r, in]
+    lora_B: List[Tensor]            # per site [out, r]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+
+class _Bundle:
+    """Sites computed together: a group, or one ungrouped site. Owns the flat A/B of the
+    current concept (per-site A/B are row views) and the concatenated folded weight."""
+
+    def __init__(self, key: str, site_ids: List[int], sites: List[Site]):
+        self.key = key
+        self.site_ids = site_ids
+        outs = [sites[i].out_features for i in site_ids]
+        self.offsets = tuple([0] + list(_cumsum(outs)))
+        self.n_out = self.offsets[-1]
+        self.in_features = sites[site_ids[0]].in_features
+        self.pos = {sid: p for p, sid in enumerate(site_ids)}
+        self.has_bias = any(sites[i].bias is not None for i in site_ids)
+        self.wcat: Optional[Tensor] = None     # [N, in] folded weights (weight dtype)
+        self.bcat: Optional[Tensor] = None     # [N] biases (zeros where a site has none)
+        self.wcat_key = None
+
+
+def _cumsum(xs):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
+
+
+def _fmt(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _tensor_key(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+class CLoRAController(nn.Module):
+    """Continual LoRA over a fixed set of projections (:class:`Site`).
+
+    ``rank`` r, ``alpha`` (default r, so s = alpha/r = 1), ``penalty_weight`` (lambda,
+    default :data:`DEFAULT_PENALTY_WEIGHT`), ``backend`` for :mod:`clora_fast.ops`
+    ("auto", "reference", "triton", "cuda"), ``adapter`` the integration object.
+    The current concept's factors are float32 parameters (``param_dtype``), cast to the
+    compute dtype at use (autocast or the input's dtype).
+    """
+
+    def __init__(self, sites: Sequence[Site], *, rank: int = 16, alpha: Optional[float] = None,
+                 penalty_weight: float = DEFAULT_PENALTY_WEIGHT, backend: str = "auto", adapter=None,
+                 param_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        sites = list(sites) if not isinstance(sites, Site) else [sites]
+        if not sites:
+            raise ValueError("sites is empty: the controller needs at least one projection to adapt")
+        names = set()
+        for i, s in enumerate(sites):
+            if not isinstance(s, Site):
+                raise TypeError(f"sites[{i}] must be a clora_fast.controller.Site, got {type(s).__name__}")
+            if not isinstance(s.name, str) or not s.name:
+                raise ValueError(f"sites[{i}].name must be a non-empty str, got {s.name!r}")
+            if s.name in names:
+                raise ValueError(f"duplicate site name {s.name!r}")
+            names.add(s.name)
+            if not isinstance(s.weight, Tensor) or s.weight.dim() != 2 or not s.weight.is_floating_point():
+                got = _fmt(s.weight) if isinstance(s.weight, Tensor) else type(s.weight).__name__
+                raise ValueError(f"site {s.name!r}: weight must be a 2-D floating tensor [out, in], got {got}")
+            if s.bias is not None and (not isinstance(s.bias, Tensor) or tuple(s.bias.shape) != (s.out_features,)):
+                got = _fmt(s.bias) if isinstance(s.bias, Tensor) else type(s.bias).__name__
+                raise ValueError(f"site {s.name!r}: bias must be None or a tensor of shape [{s.out_features}], "
+                                 f"got {got}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        for s in sites:
+            if rank > min(s.out_features, s.in_features):
+                raise ValueError(f"rank={rank} exceeds min(out, in) = {min(s.out_features, s.in_features)} of site "
+                                 f"{s.name!r} (weight {tuple(s.weight.shape)})")
+        if alpha is None:
+            alpha = float(rank)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number or None (= rank), got {alpha!r}")
+        if (isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float))
+                or not math.isfinite(penalty_weight) or penalty_weight < 0):
+            raise ValueError(f"penalty_weight must be a finite number >= 0, got {penalty_weight!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if param_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype!r}")
+
+        self.sites: List[Site] = sites
+        self._index = {s.name: i for i, s in enumerate(sites)}
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        self.penalty_weight = float(penalty_weight)
+        self.backend = backend
+        self.adapter = adapter
+        self.param_dtype = param_dtype
+
+        # bundles: one per group (in order of first appearance), one per ungrouped site
+        groups: Dict[str, List[int]] = {}
+        bundle_keys: List[str] = []
+        self._site_bundle: List[Tuple[int, int]] = [None] * len(sites)  # site -> (bundle, position)
+        for i, s in enumerate(sites):
+            key = f"group:{s.group}" if s.group is not None else f"site:{s.name}"
+            if key not in groups:
+                groups[key] = []
+                bundle_keys.append(key)
+            groups[key].append(i)
+        self._bundles: List[_Bundle] = []
+        self._group_bundle: Dict[str, int] = {}
+        for b, key in enumerate(bundle_keys):
+            ids = groups[key]
+            first = sites[ids[0]]
+            for i in ids[1:]:
+                s = sites[i]
+                if s.in_features != first.in_features or s.weight.dtype != first.weight.dtype \
+                        or s.weight.device != first.weight.device:
+                    raise ValueError(
+                        f"sites of group {first.group!r} must share in_features, dtype and device: "
+                        f"{first.name!r} has weight {_fmt(first.weight)} but {s.name!r} has {_fmt(s.weight)}")
+            bundle = _Bundle(key, ids, sites)
+            self._bundles.append(bundle)
+            if first.group is not None:
+                self._group_bundle[first.group] = b
+            for i in ids:
+                self._site_bundle[i] = (b, bundle.pos[i])
+
+        # state
+        self._past: List[Optional[Tensor]] = [None] * len(sites)   # fp32 P per site (None = 0)
+        self.concepts: List[Concept] = []
+        self._retired: List[Dict[str, Any]] = []   # removed concepts: {"idx", "name"}
+        self._next_idx = 0
+        self._active: Optional[Tuple[int, str]] = None
+        self.lora_A = nn.ParameterList()   # one flat [L*r, in] per bundle while a concept is active
+        self.lora_B = nn.ParameterList()   # one flat [N, r] per bundle
+        self._merged_backup: Optional[List[Tensor]] = None
+        self._version = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    @property
+    def site_names(self) -> List[str]:
+        return [s.name for s in self.sites]
+
+    @property
+    def groups(self) -> List[str]:
+        return list(self._group_bundle)
+
+    @property
+    def active_concept(self) -> Optional[int]:
+        """Index of the concept being learned, or None."""
+        return None if self._active is None else self._active[0]
+
+    @property
+    def active_name(self) -> Optional[str]:
+        return None if self._active is None else self._active[1]
+
+    @property
+    def merged(self) -> bool:
+        return self._merged_backup is not None
+
+    @property
+    def has_past(self) -> bool:
+        return any(p is not None for p in self._past)
+
+    @property
+    def pristine(self) -> bool:
+        """True when every projection computes exactly ``x @ W0.T + bias`` through the base
+        weight (no concept active and nothing folded, or everything merged into W0)."""
+        return self._active is None and (self.merged or not self.has_past)
+
+    def state_key(self):
+        """Changes whenever what :meth:`project` computes may change (for caches)."""
+        pv = tuple(p._version for p in self.lora_A) + tuple(p._version for p in self.lora_B)
+        return (self._version, pv)
+
+    def site_index(self, site: Union[int, str]) -> int:
+        if isinstance(site, str):
+            if site not in self._index:
+                raise KeyError(f"unknown site {site!r}; known sites: {self.site_names[:4]}"
+                               f"{' ...' if self.num_sites > 4 else ''}")
+            return self._index[site]
+        if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < self.num_sites:
+            raise IndexError(f"site index must be an int in [0, {self.num_sites}), got {site!r}")
+        return site
+
+    def past(self, site: Union[int, str]) -> Tensor:
+        """The folded past P of ``site`` (float32, zeros when nothing is folded)."""
+        i = self.site_index(site)
+        p = self._past[i]
+        if p is None:
+            w = self.sites[i].weight
+            return torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        return p
+
+    def folded_weight(self, site: Union[int, str]) -> Tensor:
+        """``Wf = W0 + P`` of ``site`` in the weight's dtype (W0 itself when P = 0)."""
+        i = self.site_index(site)
+        if self._past[i] is None and not self.merged:
+            return self.sites[i].weight.detach()
+        b, pos = self._site_bundle[i]
+        bundle = self._bundles[b]
+        wcat, _ = self._bundle_weights(bundle)
+        return wcat[bundle.offsets[pos]:bundle.offsets[pos + 1]]
+
+    def current_factors(self, site: Union[int, str]) -> Tuple[Tensor, Tensor]:
+        """(A [r, in], B [out, r]) of the active concept at ``site`` (views of the parameters)."""
+        if self._active is None:
+            raise RuntimeError("no concept is active: call begin_concept() first")
+        i = self.site_index(site)
+        b, pos = self._site_bundle[i]
+        bundle = self._bundles[b]
+        r = self.rank
+        A = self.lora_A[b][pos * r:(pos + 1) * r]
+        B = self.lora_B[b][bundle.offsets[pos]:bundle.offsets[pos + 1]]
+        return A, B
+
+    def concept(self, idx: int) -> Concept:
+        for c in self.concepts:
+            if c.idx == idx:
+                return c
+        if self._active is not None and self._active[0] == idx:
+            raise KeyError(f"concept {idx} is still being learned (call end_concept() first)")
+        if any(r["idx"] == idx for r in self._retired):
+            raise KeyError(f"concept {idx} was removed")
+        raise KeyError(f"no concept with index {idx}; known: {[c.idx for c in self.concepts]}")
+
+    # ------------------------------------------------------------------ device / weights
+    def _device(self) -> torch.device:
+        return self.sites[0].weight.device
+
+    def _sync_device(self) -> None:
+        """Follow the base weights when the model was moved after patching."""
+        for i, s in enumerate(self.sites):
+            p = self._past[i]
+            if p is not None and p.device != s.weight.device:
+                self._past[i] = p.to(s.weight.device)
+        for b, bundle in enumerate(self._bundles):
+            dev = self.sites[bundle.site_ids[0]].weight.device
+            if len(self.lora_A) > b and self.lora_A[b].device != dev:
+                with torch.no_grad():
+                    self.lora_A[b].data = self.lora_A[b].data.to(dev)
+                    self.lora_B[b].data = self.lora_B[b].data.to(dev)
+            for c in self.concepts:
+                for i in bundle.site_ids:
+                    if c.lora_A[i].device != dev:
+                        c.lora_A[i] = c.lora_A[i].to(dev)
+                        c.lora_B[i] = c.lora_B[i].to(dev)
+
+    def _base_weight(self, i: int) -> Tensor:
+        """W0 of site i (the merge backup while merged)."""
+        if self._merged_backup is not None:
+            return self._merged_backup[i]
+        return self.sites[i].weight.detach()
+
+    def _folded(self, i: int) -> Tensor:
+        w0 = self._base_weight(i)
+        p = self._past[i]
+        if p is None:
+            return w0
+        return (w0.float() + p.to(w0.device)).to(w0.dtype)
+
+    def _bundle_weights(self, bundle: _Bundle) -> Tuple[Tensor, Optional[Tensor]]:
+        """Concatenated folded weights and biases of a bundle, rebuilt when P or W0 changed."""
+        key = (self._version, tuple(_tensor_key(self.sites[i].weight) for i in bundle.site_ids),
+               tuple(_tensor_key(self.sites[i].bias) for i in bundle.site_ids))
+        if bundle.wcat is None or bundle.wcat_key != key:
+            with torch.no_grad():
+                ws = [self._folded(i) for i in bundle.site_ids]
+                bundle.wcat = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
+                if bundle.has_bias:
+                    w0 = ws[0]
+                    bundle.bcat = torch.cat([
+                        self.sites[i].bias.detach() if self.sites[i].bias is not None
+                        else torch.zeros(self.sites[i].out_features, dtype=w0.dtype, device=w0.device)
+                        for i in bundle.site_ids])
+                else:
+                    bundle.bcat = None
+            bundle.wcat_key = key
+        return bundle.wcat, bundle.bcat
+
+    def _compute_dtype(self, x: Tensor) -> torch.dtype:
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return x.dtype
+
+    def _check_input(self, x, in_features: int, what: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != in_features:
+            raise ValueError(f"{what}: x must have shape [..., {in_features}], got {_fmt(x)}")
+
+    # ------------------------------------------------------------------ projections
+    def project(self, site: Union[int, str], x: Tensor) -> Tensor:
+        """``y = x @ Wf.T + s*(x @ A.T) @ B.T + bias`` for one site (dense when no concept is
+        active; exactly the base ``F.linear(x, W0, bias)`` while :attr:`pristine`)."""
+        i = self.site_index(site)
+        s = self.sites[i]
+        self._check_input(x, s.in_features, f"project({s.name!r})")
+        if self.pristine:
+            return nn.functional.linear(x, s.weight, s.bias)
+        self._sync_device()
+        wf = self.folded_weight(i)
+        bias = None if s.bias is None else s.bias.detach()
+        if self._active is None:
+            return nn.functional.linear(x, wf, bias)
+        A, B = self.current_factors(i)
+        dt = self._compute_dtype(x)
+        return ops.lora_projection(x, wf, A.to(dt), B.to(dt), scale=self.scale, bias=bias,
+                                   backend=self.backend)
+
+    def project_pair(self, site_k: Union[int, str], site_v: Union[int, str], x: Tensor) -> Tuple[Tensor, Tensor]:
+        """K and V of one attention layer (two sites of the same input) in one launch."""
+        ik, iv = self.site_index(site_k), self.site_index(site_v)
+        sk, sv = self.sites[ik], self.sites[iv]
+        if sk.in_features != sv.in_features:
+            raise ValueError(f"project_pair: sites {sk.name!r} and {sv.name!r} have different in_features "
+                             f"({sk.in_features} vs {sv.in_features})")
+        self._check_input(x, sk.in_features, f"project_pair({sk.name!r}, {sv.name!r})")
+        if self._active is None:
+            return self.project(ik, x), self.project(iv, x)
+        self._sync_device()
+        ak, bk = self.current_factors(ik)
+        av, bv = self.current_factors(iv)
+        dt = self._compute_dtype(x)
+        biases = None
+        if sk.bias is not None or sv.bias is not None:
+            wd = self.folded_weight(ik).dtype
+            biases = tuple(s.bias.detach() if s.bias is not None
+                           else torch.zeros(s.out_features, dtype=wd, device=x.device) for s in (sk, sv))
+        return ops.lora_kv_projection(x, (self.folded_weight(ik), self.folded_weight(iv)),
+                                      (ak.to(dt), av.to(dt)), (bk.to(dt), bv.to(dt)), scale=self.scale,
+                                      biases=biases, backend=self.backend)
+
+    def group_sites(self, group: str) -> List[str]:
+        """Names of the sites of ``group``, in the order :meth:`project_group` returns them."""
+        if group not in self._group_bundle:
+            raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
+        return [self.sites[i].name for i in self._bundles[self._group_bundle[group]].site_ids]
+
+    def project_group(self, group: str, x: Tensor) -> List[Tensor]:
+        """Every site of ``group`` applied to the same ``x`` in one (segmented) launch.
+        Returns one output per site (views into one ``[..., N]`` tensor), in group order."""
+        if group not in self._group_bundle:
+            raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
+        bundle = self._bundles[self._group_bundle[group]]
+        self._check_input(x, bundle.in_features, f"project_group({group!r})")
+        if self.pristine:
+            return [nn.functional.linear(x, self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
+        self._sync_device()
+        wcat, bcat = self._bundle_weights(bundle)
+        if self._active is None:
+            y = nn.functional.linear(x, wcat, bcat)
+        else:
+            b = self._group_bundle[group]
+            dt = self._compute_dtype(x)
+            y = ops.segmented_lora_projection(x, wcat, self.lora_A[b].to(dt), self.lora_B[b].to(dt),
+                                              bundle.offsets, self.scale, bias=bcat, backend=self.backend)
+        o = bundle.offsets
+        return [y[..., o[p]:o[p + 1]] for p in range(len(bundle.site_ids))]
+
+    # ------------------------------------------------------------------ concepts
+    def _bump(self) -> None:
+        self._version += 1
+        hook = getattr(self.adapter, "on_state_change", None)
+        if hook is not None:
+            hook()
+
+    def _all_names(self) -> set:
+        names = {c.name for c in self.concepts} | {r["name"] for r in self._retired}
+        if self._active is not None:
+            names.add(self._active[1])
+        return names
+
+    def begin_concept(self, name: Optional[str] = None) -> int:
+        """Start learning a new concept: fresh trainable A (Kaiming-uniform), B (zeros) at
+        every site. Returns the concept's index (stable; used by :meth:`remove_concept`).
+        Default name ``"<c{idx+1}>"``; integrations may add it as a personalized token."""
+        if self._active is not None:
+            raise RuntimeError(f"concept {self._active[0]} ({self._active[1]!r}) is still active: "
+                               f"call end_concept() before begin_concept()")
+        if self.merged:
+            raise RuntimeError("the controller is merged: call unmerge() before begin_concept()")
+        idx = self._next_idx
+        if name is None:
+            name = f"<c{idx + 1}>"
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty str or None, got {name!r}")
+        if name in self._all_names():
+            raise ValueError(f"a concept named {name!r} already exists (or existed and was removed); "
+                             f"concept names are unique")
+        self._sync_device()
+        As, Bs = [], []
+        for bundle in self._bundles:
+            dev = self.sites[bundle.site_ids[0]].weight.device
+            A = torch.empty(len(bundle.site_ids) * self.rank, bundle.in_features, dtype=self.param_dtype, device=dev)
+            for p in range(len(bundle.site_ids)):
+                nn.init.kaiming_uniform_(A[p * self.rank:(p + 1) * self.rank], a=math.sqrt(5))
+            B = torch.zeros(bundle.n_out, self.rank, dtype=self.param_dtype, device=dev)
+            As.append(nn.Parameter(A))
+            Bs.append(nn.Parameter(B))
+        self.lora_A = nn.ParameterList(As)
+        self.lora_B = nn.ParameterList(Bs)
+        self._active = (idx, name)
+        self._next_idx += 1
+        hook = getattr(self.adapter, "on_begin_concept", None)
+        if hook is not None:
+            try:
+                hook(name, idx)
+            except BaseException:
+                self._active = None
+                self._next_idx -= 1
+                self.lora_A = nn.ParameterList()
+                self.lora_B = nn.ParameterList()
+                raise
+        self._bump()
+        logger.debug("begin_concept %d (%s)", idx, name)
+        return idx
+
+    def trainable_parameters(self) -> List[Tensor]:
+        """The active concept's A and B (flat per group) and whatever the adapter trains for it
+        (e.g. its token embedding row). Empty when no concept is active."""
+        if self._active is None:
+            return []
+        params = list(self.lora_A) + list(self.lora_B)
+        hook = getattr(self.adapter, "trainable_parameters", None)
+        if hook is not None:
+            params += list(hook())
+        return params
+
+    def _fold_into(self, pasts: List[Optional[Tensor]], A: List[Tensor], B: List[Tensor], scale: float) -> None:
+        for i in range(self.num_sites):
+            upd = scale * (B[i].detach().float() @ A[i].detach().float())
+            pasts[i] = upd if pasts[i] is None else pasts[i] + upd
+
+    def _refold(self, concepts: List[Concept]) -> List[Optional[Tensor]]:
+        pasts: List[Optional[Tensor]] = [None] * self.num_sites
+        for c in concepts:
+            self._fold_into(pasts, c.lora_A, c.lora_B, c.scale)
+        return pasts
+
+    def end_concept(self) -> int:
+        """Fold ``s*B@A`` of the active concept into P (fp32), freeze it and push its factors
+        on the stack. Returns its index."""
+        if self._active is None:
+            raise RuntimeError("no concept is active: call begin_concept() first")
+        idx, name = self._active
+        As, Bs = [], []
+        for i in range(self.num_sites):
+            A, B = self.current_factors(i)
+            As.append(A.detach().float().clone())
+            Bs.append(B.detach().float().clone())
+        if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in zip(As, Bs)):
+            raise FloatingPointError(f"concept {idx} ({name!r}) has non-finite LoRA factors (NaN/inf); "
+                                     f"refusing to fold it into the past")
+        self._fold_into(self._past, As, Bs, self.scale)
+        self.concepts.append(Concept(idx, name, self.scale, As, Bs))
+        self._active = None
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        hook = getattr(self.adapter, "on_end_concept", None)
+        if hook is not None:
+            hook(idx)
+        self._bump()
+        logger.debug("end_concept %d (%s)", idx, name)
+        return idx
+
+    def remove_concept(self, idx: int) -> None:
+        """Forget a finished concept: P is refolded from the remaining concepts (in order)."""
+        if self.merged:
+            raise RuntimeError("the controller is merged: call unmerge() before remove_concept()")
+        c = self.concept(idx)
+        remaining = [k for k in self.concepts if k.idx != idx]
+        self._past = self._refold(remaining)
+        self.concepts = remaining
+        self._retired.append({"idx": c.idx, "name": c.name})
+        hook = getattr(self.adapter, "on_remove_concept", None)
+        if hook is not None:
+            hook(idx)
+        self._bump()
+        logger.debug("remove_concept %d (%s)", idx, c.name)
+
+    # ------------------------------------------------------------------ penalty
+    def penalty(self) -> Tensor:
+        """``penalty_weight * sum_sites ||P ⊙ (s B A)||_F^2`` in one grouped launch (0-dim fp32).
+        Exactly 0 (a constant) when no concept is active or nothing is folded yet."""
+        dev = self._device()
+        if self._active is None or not self.has_past or self.penalty_weight == 0.0:
+            return torch.zeros((), dtype=torch.float32, device=dev)
+        self._sync_device()
+        pasts, As, Bs = [], [], []
+        for i in range(self.num_sites):
+            if self._past[i] is None:
+                continue
+            A, B = self.current_factors(i)
+            pasts.append(self._past[i])
+            As.append(A)
+            Bs.append(B)
+        loss = ops.grouped_forgetting_penalty(pasts, As, Bs, scales=self.scale, backend=self.backend)
+        return self.penalty_weight * loss
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        """Write ``W0 + P`` into the base weights (zero-overhead inference); an exact copy of W0
+        is kept and :meth:`unmerge` restores it bit for bit."""
+        if self._active is not None:
+            raise RuntimeError(f"concept {self._active[0]} is still active: call end_concept() before merge()")
+        if self.merged:
+            raise RuntimeError("already merged")
+        self._sync_device()
+        backup = [s.weight.detach().clone() for s in self.sites]
+        with torch.no_grad():
+            folded = [(b.float() + p).to(b.dtype) if p is not None else None for b, p in zip(backup, self._past)]
+            self._merged_backup = backup
+            for s, f in zip(self.sites, folded):
+                if f is not None:
+                    s.weight.copy_(f)
+        self._bump()
+
+    def unmerge(self) -> None:
+        """Restore the exact base weights saved by :meth:`merge`."""
+        if not self.merged:
+            raise RuntimeError("not merged")
+        with torch.no_grad():
+            for s, b in zip(self.sites, self._merged_backup):
+                s.weight.copy_(b)
+        self._merged_backup = None
+        self._bump()
+
+    # ------------------------------------------------------------------ export
+    def export_factors(self, which: Union[int, str] = "merged") -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Plain LoRA factors with the scale baked into B (so ``delta W = B @ A``, alpha = rank):
+        ``which`` = a concept index (that concept's ``s*B_t@A_t``) or ``"merged"`` (all finished
+        concepts, ``P = [s B_1 .. s B_T] @ [A_1; ..; A_T]``, rank T*r). ``{site_name: (A, B)}``."""
+        if which == "merged":
+            cs = list(self.concepts)
+            if not cs:
+                raise ValueError("export_factors('merged'): no finished concept to export")
+        else:
+            cs = [self.concept(which)]
+        out = {}
+        for i, s in enumerate(self.sites):
+            A = torch.cat([c.lora_A[i] for c in cs], 0)
+            B = torch.cat([c.scale * c.lora_B[i] for c in cs], 1)
+            out[s.name] = (A.contiguous(), B.contiguous())
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def _identity(self) -> Dict[str, Any]:
+        from .bank import model_identity
+        ident = model_identity([(s.name, self._base_weight(i)) for i, s in enumerate(self.sites)])
+        hook = getattr(self.adapter, "identity", None)
+        if hook is not None:
+            ident["adapter"] = hook() if self._merged_backup is None else self._adapter_identity_unmerged()
+        return ident
+
+    def _adapter_identity_unmerged(self):
+        # the adapter hashes the live weights: compute it on W0 by briefly unmerging
+        merged = self._merged_backup
+        with torch.no_grad():
+            folded = [s.weight.detach().clone() for s in self.sites]
+            for s, b in zip(self.sites, merged):
+                s.weight.copy_(b)
+            try:
+                return self.adapter.identity()
+            finally:
+                for s, f in zip(self.sites, folded):
+                    s.weight.copy_(f)
+
+    def save(self, path) -> None:
+        """Write the concept bank (folder): manifest.json + safetensors files, atomically, each
+        with a sha256 checksum. Includes the active concept (resumable)."""
+        from .bank import save_controller
+        save_controller(self, path)
+
+    def load_bank(self, path) -> None:
+        """Replace this controller's concepts with those of the bank at ``path``. Everything is
+        verified first (checksums, base model identity, rank, sites, extra state): on any error
+        nothing changes."""
+        from .bank import load_into_controller
+        load_into_controller(self, path)
+
+    @classmethod
+    def load_state(cls, path, sites: Sequence[Site], *, adapter=None, backend: str = "auto",
+                   **kwargs) -> "CLoRAController":
+        """A new controller over ``sites`` with rank/alpha/penalty weight from the bank at
+        ``path`` and its concepts loaded (see :meth:`load_bank`)."""
+        from .bank import read_manifest
+        m = read_manifest(path)
+        kw = dict(rank=m["rank"], alpha=m["alpha"], penalty_weight=m["penalty_weight"], backend=backend,
+                  adapter=adapter)
+        kw.update(kwargs)
+        ctrl = cls(sites, **kw)
+        ctrl.load_bank(path)
+        return ctrl
+
+    def _set_state(self, pasts, concepts, retired, next_idx, active, active_factors) -> None:
+        """Install verified state (used by the bank loader)."""
+        if self.merged:
+            self.unmerge()
+        self._past = pasts
+        self.concepts = concepts
+        self._retired = retired
+        self._next_idx = next_idx
+        if active is None:
+            self._active = None
+            self.lora_A = nn.ParameterList()
+            self.lora_B = nn.ParameterList()
+        else:
+            self._active = active
+            As, Bs = active_factors
+            self.lora_A = nn.ParameterList(
+                [nn.Parameter(torch.cat([As[i] for i in b.site_ids], 0).to(self.param_dtype)) for b in self._bundles])
+            self.lora_B = nn.ParameterList(
+                [nn.Parameter(torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype)) for b in self._bundles])
+        self._bump()
+
+    def extra_repr(self) -> str:
+        return (f"sites={self.num_sites}, rank={self.rank}, alpha={self.alpha}, penalty_weight={self.penalty_weight}, "
+                f"backend={self.backend!r}, concepts={[c.idx for c in self.concepts]}, active={self.active_concept}, "
+                f"merged={self.merged}")
