@@ -1,0 +1,284 @@
+"""Tests of the Triton segmented LoRA projection (kernels/lora_projection.py).
+
+On CPU the kernels run in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on CUDA natively.  Every output is compared with a float64
+reference; the tolerance follows the flash-attention idiom: the kernel's error
+against float64 must be at most twice the error of the same op computed by plain
+PyTorch in the input dtype (plus a small floor).  Outputs are poisoned with NaN
+before the kernels write (CLORA_FAST_POISON=1), so an unwritten entry fails.
+"""
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clora_fast import reference
+from clora_fast.kernels import lora_projection as lp
+from clora_fast.kernels.lora_projection import segmented_lora_backward, segmented_lora_forward
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# floor added to 2 * (torch error), relative to the largest reference magnitude
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setenv("CLORA_FAST_POISON", "1")
+
+
+@contextlib.contextmanager
+def _torch_like_kernel(device):
+    """On CUDA the kernels' fp32 dots use TF32: compare against torch with TF32 allowed."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _make(M, K, offs, r, dtype, device, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, L = offs[-1], len(offs) - 1
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g) / K ** 0.5
+    a = torch.randn(L * r, K, generator=g) / K ** 0.5
+    b = torch.randn(N, r, generator=g) / r ** 0.5
+    bs = torch.randn(N, generator=g) if bias else None
+    gy = torch.randn(M, N, generator=g)
+    cast = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+    return cast(x), cast(w), cast(a), cast(b), cast(bs), cast(gy)
+
+
+def _ref(x, w, a, b, bs, gy, offs, scales, dtype, device):
+    """(y, xa, dx, dA, dB) computed by torch autograd in ``dtype`` (xa in fp32 as the contract says)."""
+    with _torch_like_kernel(device):
+        ts = [t.detach().to(dtype).requires_grad_() for t in (x, w, a, b)]
+        bb = None if bs is None else bs.detach().to(dtype)
+        y = reference.segmented_lora_projection(*ts, offs, scales, bias=bb)
+        y.backward(gy.to(dtype))
+        xa_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        xa = x.to(xa_dtype) @ a.to(xa_dtype).T
+    return y.detach(), xa, ts[0].grad, ts[2].grad, ts[3].grad
+
+
+MAX_ERR = {}  # (dtype, output) -> largest kernel-vs-float64 error seen (for the report)
+
+
+def _assert_close(name, got, ref64, lowp, dtype):
+    assert torch.isfinite(got).all(), f"{name}: non-finite (unwritten?) entries"
+    err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
+    err_t = (lowp.double() - ref64).abs().max().item() if got.numel() else 0.0
+    mag = ref64.abs().max().item() if got.numel() else 0.0
+    tol = 2 * err_t + FLOOR[dtype] * max(1.0, mag)
+    key = (str(dtype), name)
+    MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
+    assert err <= tol, f"{name} {dtype}: kernel err {err:.3e} > tol {tol:.3e} (torch err {err_t:.3e}, |ref| {mag:.3e})"
+
+
+def _check_all(M, K, offs, r, dtype, device, scales, bias=True, seed=0, x_transform=None):
+    x, w, a, b, bs, gy = _make(M, K, offs, r, dtype, device, bias=bias, seed=seed)
+    if x_transform is not None:
+        x = x_transform(x)
+    y, xa = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
+    assert y.shape == (M, offs[-1]) and y.dtype == dtype and y.is_contiguous()
+    assert xa.shape == (M, (len(offs) - 1) * r) and xa.dtype == torch.float32
+    dx, dA, dB = segmented_lora_backward(gy, x, w, a, b, xa, offs, scales)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    assert dA.shape == a.shape and dA.dtype == dtype
+    assert dB.shape == b.shape and dB.dtype == dtype
+
+    ref64 = _ref(x, w, a, b, bs, gy, offs, scales, torch.float64, device)
+    lowp = _ref(x, w, a, b, bs, gy, offs, scales, dtype, device)
+    for name, got, r64, lo in zip(("y", "xa", "dx", "dA", "dB"), (y, xa, dx, dA, dB), ref64, lowp):
+        _assert_close(name, got, r64, lo, dtype)
+    return y, xa, dx, dA, dB
+
+
+# (M, K, seg_offsets, rank, scales, bias)
+CASES = [
+    pytest.param(5, 33, (0, 77), 1, (0.75,), True, id="1seg-r1"),
+    pytest.param(5, 33, (0, 40, 77), 4, (0.5, 2.0), False, id="kv-r4"),
+    pytest.param(5, 33, (0, 20, 51, 77), 16, (1.0, -0.5, 3.0), True, id="3seg-r16"),
+    pytest.param(5, 33, (0, 40, 77), 65, (0.25, 1.5), True, id="kv-r65"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("M,K,offs,r,scales,bias", CASES)
+def test_forward_backward_vs_float64(device, dtype, M, K, offs, r, scales, bias):
+    _check_all(M, K, offs, r, dtype, device, scales, bias=bias)
+
+
+def test_rank_128_and_multi_tile_segments(device):
+    """Largest supported rank; segments wider than BLOCK_N (several tiles, xa written once)."""
+    _check_all(3, 20, (0, 150, 170), 128, torch.float32, device, (1.0, 0.5))
+
+
+def test_multiple_m_k_tiles_and_forced_split(device, monkeypatch):
+    """M, K, N larger than one block and the split-reduction path (workspace + split sum)."""
+    offs, scales = (0, 200, 300), (0.5, 1.25)
+    base = _check_all(150, 200, offs, 8, torch.float32, device, scales, seed=3)
+    calls = []
+
+    def forced(programs, red_len, red_block, dev):
+        calls.append(red_len)
+        return 3
+
+    monkeypatch.setattr(lp, "_split_heuristic", forced)
+    split = _check_all(150, 200, offs, 8, torch.float32, device, scales, seed=3)
+    assert len(calls) == 3  # dx, dA and dB asked for a split
+    for name, u, v in zip(("dx", "dA", "dB"), base[2:], split[2:]):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_non_contiguous_inputs(device, layout):
+    M, K, offs, r, scales = 6, 24, (0, 30, 50), 4, (1.0, 0.5)
+    if layout == "strided":
+        tf = (lambda x: torch.stack([x, x], dim=2).reshape(x.shape[0], -1)[:, ::2])  # strides (2K, 2)
+    else:
+        tf = (lambda x: x.t().contiguous().t())             # strides (1, M)
+    x0 = _make(M, K, offs, r, torch.float32, device)[0]
+    assert not tf(x0).is_contiguous()
+    torch.testing.assert_close(tf(x0), x0, rtol=0, atol=0)
+    _check_all(M, K, offs, r, torch.float32, device, scales, x_transform=tf)
+
+
+def test_non_contiguous_grad_and_params(device):
+    M, K, offs, r, scales = 4, 24, (0, 30, 50), 4, (1.0, -2.0)
+    x, w, a, b, bs, gy = _make(M, K, offs, r, torch.float32, device)
+    w_nc = torch.stack([w, w], dim=2).reshape(w.shape[0], -1)[:, ::2]
+    a_nc = a.t().contiguous().t()
+    gy_nc = gy.t().contiguous().t()
+    y, xa = segmented_lora_forward(x, w_nc, a_nc, b, offs, scales, bias=bs)
+    y0, xa0 = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
+    torch.testing.assert_close(y, y0)
+    torch.testing.assert_close(xa, xa0)
+    got = segmented_lora_backward(gy_nc, x, w_nc, a_nc, b, xa, offs, scales)
+    exp = segmented_lora_backward(gy, x, w, a, b, xa0, offs, scales)
+    for u, v in zip(got, exp):
+        torch.testing.assert_close(u, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_m_zero(device, dtype):
+    offs, r, K = (0, 7, 12), 3, 9
+    x, w, a, b, bs, gy = _make(0, K, offs, r, dtype, device)
+    y, xa = segmented_lora_forward(x, w, a, b, offs, (1.0, 2.0), bias=bs)
+    assert y.shape == (0, 12) and y.dtype == dtype and xa.shape == (0, 6) and xa.dtype == torch.float32
+    dx, dA, dB = segmented_lora_backward(gy, x, w, a, b, xa, offs, (1.0, 2.0))
+    assert dx.shape == (0, K) and dx.dtype == dtype
+    assert dA.shape == a.shape and dA.dtype == dtype and not dA.any()
+    assert dB.shape == b.shape and dB.dtype == dtype and not dB.any()
+
+
+def test_bias_on_off(device):
+    M, K, offs, r, scales = 5, 16, (0, 20, 33), 2, (1.0, 1.0)
+    x, w, a, b, bs, _ = _make(M, K, offs, r, torch.float32, device)
+    y1, xa1 = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
+    y0, xa0 = segmented_lora_forward(x, w, a, b, offs, scales)
+    torch.testing.assert_close(y1 - y0, bs.expand(M, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xa1, xa0, rtol=0, atol=0)
+    assert (y1 - y0).abs().min() > 0 or bs.abs().min() == 0
+
+
+@pytest.mark.parametrize("need", [(True, False, False), (False, True, False), (False, False, True),
+                                  (True, False, True), (False, False, False)],
+                         ids=lambda n: "".join("1" if v else "0" for v in n))
+def test_need_flags(device, need):
+    M, K, offs, r, scales = 5, 20, (0, 24, 40), 4, (0.5, 2.0)
+    x, w, a, b, bs, gy = _make(M, K, offs, r, torch.float32, device)
+    _, xa = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
+    full = segmented_lora_backward(gy, x, w, a, b, xa, offs, scales)
+    part = segmented_lora_backward(gy, x, w, a, b, xa, offs, scales,
+                                   need_dx=need[0], need_dA=need[1], need_dB=need[2])
+    for flag, f, p in zip(need, full, part):
+        if flag:
+            torch.testing.assert_close(p, f, rtol=0, atol=0)
+        else:
+            assert p is None
+
+
+def test_tile_table_and_cache(device):
+    t = lp.build_tile_table((0, 5, 300, 301), 128)
+    assert t.dtype == torch.int32
+    assert t.tolist() == [[0, 0, 5, 1], [1, 5, 133, 1], [1, 133, 261, 0], [1, 261, 300, 0], [2, 300, 301, 1]]
+    c1 = lp._tile_table((0, 5, 300, 301), 128, device)
+    assert c1 is lp._tile_table((0, 5, 300, 301), 128, device)
+    assert c1.device.type == device.type and torch.equal(c1.cpu(), t)
+    c2 = lp._tile_table((0, 5, 300, 301), 64, device)
+    assert c2 is not c1 and c2.shape[0] == 1 + 5 + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_outputs_round_to_nearest(device, dtype):
+    """y and dx are the fp32 accumulators rounded to nearest (not truncated: the interpreter's
+    own fp32->bf16 cast truncates, the kernels round by hand there)."""
+    M, K, offs, r, scales = 8, 48, (0, 40, 96), 4, (1.0, 0.5)
+    x, w, a, b, bs, gy = _make(M, K, offs, r, dtype, device)
+    y, xa = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
+    dx, _, _ = segmented_lora_backward(gy, x, w, a, b, xa, offs, scales, need_dA=False, need_dB=False)
+    ref = _ref(x, w, a, b, bs, gy, offs, scales, torch.float64, device)
+    for name, got, r64 in (("y", y, ref[0]), ("dx", dx, ref[2])):
+        same = (got == r64.to(dtype)).double().mean().item()
+        assert same >= 0.9, f"{name}: only {same:.2f} of entries equal round-to-nearest of the exact value"
+
+
+def test_poison_fills_nan(device):
+    assert torch.isnan(lp._empty((3, 4), torch.bfloat16, device)).all()
+
+
+def test_launcher_asserts_name_shapes(device):
+    x, w, a, b, bs, gy = _make(3, 8, (0, 5, 10), 2, torch.float32, device)
+    with pytest.raises(AssertionError, match=r"lora_B must be \[10, 2\]"):
+        segmented_lora_forward(x, w, a, b[:, :1], (0, 5, 10), (1.0, 1.0))
+    with pytest.raises(AssertionError, match="seg_offsets"):
+        segmented_lora_forward(x, w, a, b, (0, 5, 9), (1.0, 1.0))
+    with pytest.raises(AssertionError, match="one dtype"):
+        segmented_lora_forward(x, w.half(), a, b, (0, 5, 10), (1.0, 1.0))
+    with pytest.raises(AssertionError, match="grad_y"):
+        segmented_lora_backward(gy[:, :4], x, w, a, b, torch.zeros(3, 4, device=device), (0, 5, 10), (1.0, 1.0))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(M=st.integers(1, 20), K=st.integers(1, 40), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       r=st.integers(1, 20), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 1000))
+def test_property_random_shapes(M, K, sizes, r, bias, dtype, seed):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    offs = [0]
+    for s in sizes:
+        offs.append(offs[-1] + s)
+    scales = tuple(0.5 + 0.25 * i for i in range(len(sizes)))
+    _check_all(M, K, tuple(offs), r, dtype, device, scales, bias=bias, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: realistic shapes (block configs, split reductions and TF32/bf16 dots of the GPU path)
+# ---------------------------------------------------------------------------------------------
+SD15_KV = [320] * 10 + [640] * 10 + [1280] * 12  # 16 attn2 layers x (K, V) of SD 1.5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_gpu_whole_unet_kv(dtype):
+    device = torch.device("cuda")
+    offs = [0]
+    for s in SD15_KV:
+        offs.append(offs[-1] + s)
+    scales = tuple(1.0 for _ in SD15_KV)
+    _check_all(154, 768, tuple(offs), 16, dtype, device, scales, bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("r", [4, 128])
+def test_gpu_vit_kv_large_m(dtype, r):
+    device = torch.device("cuda")
+    _check_all(8 * 197, 768, (0, 768, 1536), r, dtype, device, (0.5, 0.5), bias=True)
