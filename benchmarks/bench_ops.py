@@ -1,0 +1,640 @@
+#!/usr/bin/env python
+"""Op-level throughput: LoRA K/V projection (fwd, fwd+bwd) and the forgetting penalty (fwd+grad).
+
+Compared, on the same tensors:
+  dense            the frozen projection alone (two F.linear for K and V): the floor
+  clora[triton]    clora_fast.ops with backend="triton"   (GPU only)
+  clora[cuda]      clora_fast.ops with backend="cuda"     (GPU, when the extension is built)
+  clora[reference] clora_fast.ops with backend="reference" (the ops' code path with PyTorch launchers;
+                   clora_fast.reference if ops is missing)
+  eager            plain PyTorch autograd of the formula with P folded (clora_fast.reference functions):
+                   F.linear chain for the projection, ((P * s*B@A)**2).sum() for the penalty
+  peft             peft LoRA layers injected into the same nn.Linear, A/B copied in
+  naive            naive C-LoRA: W0 + s*sum_t B_t@A_t (T stored past pairs) + s*B@A materialised every
+                   call, then F.linear; penalty re-sums the past every call
+
+Sections:
+  kv_layer     one attention layer's K and V (SD-1.5 attn2: 77 tokens x batch, 768 -> 320/640/1280;
+               ViT-B/16: 197 tokens x batch, 768 -> 768)
+  unet_kv_all  all 32 SD-1.5 cross-attention K/V projections of one UNet forward: the grouped launch
+               (segmented_lora_projection) against 32 separate ones, PEFT, naive and dense
+  penalty      forgetting penalty fwd+grad, single layers and grouped over all SD / ViT-B projections
+
+Run: python benchmarks/bench_ops.py [--quick|--cpu] [--out DIR] [--plot] [--gpu-budget S]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+
+PROJ_METHODS = ["dense", "clora[triton]", "clora[cuda]", "clora[reference]", "eager", "peft", "naive"]
+ALL_METHODS = ["dense", "dense_cat", "grouped[triton]", "grouped[cuda]", "grouped[reference]",
+               "separate[triton]", "separate[cuda]", "peft", "naive"]
+PEN_METHODS = ["clora[triton]", "clora[cuda]", "clora[reference]", "eager", "naive"]
+GPEN_METHODS = ["grouped[triton]", "grouped[cuda]", "grouped[reference]", "separate[triton]", "separate[cuda]",
+                "eager", "naive"]
+
+
+# ---------------------------------------------------------------- profiles
+def profile_settings(profile: str, sd_cfg: dict) -> dict:
+    sd_outs = sorted({o for _, o, _ in C.sd_kv_shapes_from_config(sd_cfg)})
+    k_in = sd_cfg["cross_attention_dim"]
+    if profile == "gpu":
+        return dict(tokens=77, sd_outs=sd_outs, k_in=k_in, sd_batches=[1, 2, 8], vit_tokens=197, vit_dim=768,
+                    vit_batches=[64, 128], vit_layers=12, ranks=[16, 4, 64], dtypes=["bf16", "fp32"],
+                    modes=["fwdbwd", "fwd"], all_batches=[2, 1, 8], pen_ranks=[16, 4, 64])
+    if profile == "cpu":
+        return dict(tokens=77, sd_outs=sd_outs, k_in=k_in, sd_batches=[1, 2], vit_tokens=197, vit_dim=768,
+                    vit_batches=[2], vit_layers=12, ranks=[16, 4], dtypes=["fp32"], modes=["fwdbwd", "fwd"],
+                    all_batches=[1], pen_ranks=[16, 4])
+    return dict(tokens=8, sd_outs=sd_outs, k_in=k_in, sd_batches=[1], vit_tokens=17, vit_dim=64,
+                vit_batches=[2], vit_layers=2, ranks=[4], dtypes=["fp32"], modes=["fwdbwd", "fwd"],
+                all_batches=[1], pen_ranks=[4])
+
+
+# ------------------------------------------------------------------ helpers
+def make_factors(n_out, n_in, r, T, dtype, device, gen):
+    """Current trainable (A, B) and T past pairs stacked as (Ap [T*r, in], Bp [out, T*r]); P = s*Bp@Ap."""
+    a = (torch.randn(r, n_in, generator=gen, device="cpu") / math.sqrt(n_in)).to(device, dtype)
+    b = (torch.randn(n_out, r, generator=gen, device="cpu") * 0.02).to(device, dtype)
+    ap = (torch.randn(T * r, n_in, generator=gen, device="cpu") / math.sqrt(n_in)).to(device, dtype)
+    bp = (torch.randn(n_out, T * r, generator=gen, device="cpu") * 0.02).to(device, dtype)
+    return a.requires_grad_(), b.requires_grad_(), ap, bp
+
+
+def fold(ap, bp, s):
+    return (s * (bp.float() @ ap.float())).to(ap.dtype)
+
+
+def peft_module(weights, loras, r, scale, names):
+    """nn.Module with one nn.Linear per name (weights copied in), peft LoRA injected, A/B copied in."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, w in zip(names, weights):
+                lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                setattr(self, n, lin)
+
+    m = Holder().requires_grad_(False)
+    cfg = LoraConfig(r=r, lora_alpha=scale * r, lora_dropout=0.0, bias="none", target_modules=list(names))
+    m = inject_adapter_in_model(cfg, m)
+    params = []
+    for n, (a, b) in zip(names, loras):
+        layer = getattr(m, n)
+        la, lb = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            la.copy_(a)
+            lb.copy_(b)
+        la.requires_grad_(True)
+        lb.requires_grad_(True)
+        params += [la, lb]
+    for n, p in m.named_parameters():
+        if "lora_" not in n:
+            p.requires_grad_(False)
+    return m, params
+
+
+def run_fn(outs_fn, grads, backward: bool):
+    """fn for the timer: forward (autograd recording) and, for fwd+bwd, backward with fixed output grads."""
+    if backward:
+        def fn():
+            outs = outs_fn()
+            torch.autograd.backward(list(outs), list(grads))
+    else:
+        def fn():
+            outs_fn()
+    return fn
+
+
+def proj_cost(M, K, Ns, r, es, backward, lora=True):
+    """Minimal FLOPs and bytes of the K/V (or any multi-output) projection problem; x read once."""
+    fl = sum(2 * M * K * N + (2 * M * K * r + 2 * M * r * N if lora else 0) for N in Ns)
+    by = M * K + sum(N * K + M * N + ((r * K + N * r) if lora else 0) for N in Ns)
+    if backward:
+        fl += sum(2 * M * N * K + ((2 * M * N * r + 2 * M * r * K + 2 * r * M * K + 2 * N * M * r) if lora else 0)
+                  for N in Ns)
+        by += M * K + sum(M * N + ((r * K + N * r) if lora else 0) for N in Ns)  # dy read, dx/dA/dB written
+    return fl, by * es
+
+
+def pen_cost(layers, r, es):
+    """layers: [(out, in)]; past read once, A/B read, dA/dB written."""
+    fl = sum(6 * o * i * r + 4 * o * i for o, i in layers)
+    by = sum(o * i * es + 2 * (r * i + o * r) * es for o, i in layers)
+    return fl, by
+
+
+# -------------------------------------------------------------- the sections
+class Bench:
+    def __init__(self, args, device, profile):
+        self.args, self.device, self.profile = args, device, profile
+        self.cl = C.Clora()
+        self.timer = C.Timer(device, args.budget, args.quick)
+        self.out = C.Output(args.out, "ops", args.tag)
+        self.info = C.env_info(device)
+        self.peaks = C.measure_peaks(device, self.timer, args.quick)
+        C.print_flush("env:", self.info)
+        C.print_flush("peaks:", {k: round(v, 1) for k, v in self.peaks.items()})
+        self.sd_cfg = C.sd_config(profile)
+        self.st = profile_settings(profile, self.sd_cfg)
+        self.gen = torch.Generator().manual_seed(0)
+        self.results = []  # dicts (also written as JSON lines)
+        self.T = args.naive_T
+        self.scale = 1.0
+
+    def record(self, **kw):
+        kw.setdefault("device", str(self.device))
+        self.results.append(kw)
+        self.out.row(**kw)
+
+    def ours(self, backend):
+        return self.cl.backend_status(backend, self.device)
+
+    # .............................................................. kv_layer
+    def kv_layer_cases(self):
+        st = self.st
+        cases = []
+        for dt in st["dtypes"]:
+            for r in st["ranks"]:
+                for mode in st["modes"]:
+                    for b in st["vit_batches"]:
+                        cases.append(("vit_b16", b * st["vit_tokens"], st["vit_dim"], st["vit_dim"], b, r, dt, mode))
+                    for o in st["sd_outs"]:
+                        for b in st["sd_batches"]:
+                            cases.append((f"sd_attn2_out{o}", b * st["tokens"], st["k_in"], o, b, r, dt, mode))
+        # targets first: bf16 (or the first dtype), rank 16 (or first), fwd+bwd
+        cases.sort(key=lambda c: (c[6] != st["dtypes"][0], c[5] != st["ranks"][0], c[7] != st["modes"][0]))
+        return cases
+
+    def all_cases(self, sections):
+        """Every case of the requested sections as (priority, section, thunk), the target-bearing ones first:
+        first dtype + first rank + fwd+bwd, then fwd, then the other ranks, then the other dtypes."""
+        st = self.st
+        dt0, r0 = st["dtypes"][0], st["ranks"][0]
+        out = []
+        sec_order = {"unet_kv_all": 0, "penalty": 1, "kv_layer": 2}
+
+        def prio(sec, dt, r, mode):
+            return (dt != dt0, r != r0, mode == "fwd", sec_order[sec])
+
+        if "kv_layer" in sections:
+            for c in self.kv_layer_cases():
+                out.append((prio("kv_layer", c[6], c[5], c[7]), "kv_layer", (lambda c=c: self._kv_case(*c))))
+        if "unet_kv_all" in sections:
+            for dt in st["dtypes"]:
+                for r in st["ranks"]:
+                    for mode in st["modes"]:
+                        for batch in st["all_batches"]:
+                            out.append((prio("unet_kv_all", dt, r, mode), "unet_kv_all",
+                                        (lambda a=(dt, r, mode, batch): self._unet_case(*a))))
+        if "penalty" in sections:
+            sd = [(o, i) for _, o, i in C.sd_kv_shapes_from_config(self.sd_cfg)]
+            vit = [(st["vit_dim"], st["vit_dim"])] * (2 * st["vit_layers"])
+            groups = [(f"sd_all{len(sd)}", sd), (f"vit_all{len(vit)}", vit)]
+            singles = [(f"sd_out{o}", [(o, st["k_in"])]) for o in st["sd_outs"]] + [("vit", [vit[0]])]
+            for dt in st["dtypes"]:
+                for r in st["pen_ranks"]:
+                    for name, layers in groups:
+                        out.append((prio("penalty", dt, r, "fwdbwd"), "penalty",
+                                    (lambda a=(name, layers, r, dt, True): self._pen_case(*a))))
+                    for name, layers in singles:
+                        out.append((prio("penalty", dt, r, "fwdbwd") + (1,), "penalty",
+                                    (lambda a=(name, layers, r, dt, False): self._pen_case(*a))))
+        out.sort(key=lambda t: t[0])
+        return out
+
+    def _kv_case(self, model, M, K, N, batch, r, dt, mode):
+        dev, s, T = self.device, self.scale, self.T
+        if True:
+            dtype = C.DTYPES[dt]
+            bwd = mode == "fwdbwd"
+            x = torch.randn(M, K, generator=self.gen).to(dev, dtype).requires_grad_(bwd)
+            w = [(torch.randn(N, K, generator=self.gen) / math.sqrt(K)).to(dev, dtype) for _ in range(2)]
+            fac = [make_factors(N, K, r, T, dtype, dev, self.gen) for _ in range(2)]
+            # folded frozen weights W0 + P of K and V, adjacent rows of one buffer (as the controller keeps them)
+            wkv = torch.cat([w[i] + fold(fac[i][2], fac[i][3], s) for i in range(2)], 0)
+            wf = [wkv[:N], wkv[N:]]
+            gy = [torch.randn(M, N, generator=self.gen).to(dev, dtype) for _ in range(2)]
+            ab = [p for f in fac for p in f[:2]]
+            leaves = ([x] if bwd else []) + ab
+            fl_l, by_l = proj_cost(M, K, [N, N], r, C.ESIZE[dt], bwd)
+            fl_d, by_d = proj_cost(M, K, [N, N], r, C.ESIZE[dt], bwd, lora=False)
+
+            def mk_dense():
+                return run_fn(lambda: (F.linear(x, wf[0]), F.linear(x, wf[1])), gy, bwd), [x] if bwd else []
+
+            def mk_ours(backend):
+                def make():
+                    why = self.ours(backend)
+                    if why:
+                        raise RuntimeError(why)
+                    if self.cl.ops is not None:
+                        op = self.cl.ops.lora_kv_projection
+                        f = lambda: op(x, (wf[0], wf[1]), (fac[0][0], fac[1][0]), (fac[0][1], fac[1][1]),  # noqa
+                                       scale=s, backend=backend)
+                    else:
+                        ref = self.cl.reference.lora_projection
+                        f = lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s), ref(x, wf[1], fac[1][0], fac[1][1], s))  # noqa
+                    return run_fn(f, gy, bwd), leaves
+                return make
+
+            def mk_eager():
+                ref = self.cl.reference.lora_projection
+                return run_fn(lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s),
+                                       ref(x, wf[1], fac[1][0], fac[1][1], s)), gy, bwd), leaves
+
+            def mk_peft():
+                m, params = peft_module(w, [(fac[0][0].detach(), fac[0][1].detach()),
+                                            (fac[1][0].detach(), fac[1][1].detach())], r, s, ["to_k", "to_v"])
+                with torch.no_grad():  # base weights = the folded ones, same as the other methods
+                    m.to_k.base_layer.weight.copy_(wf[0])
+                    m.to_v.base_layer.weight.copy_(wf[1])
+                return run_fn(lambda: (m.to_k(x), m.to_v(x)), gy, bwd), ([x] if bwd else []) + params
+
+            def mk_naive():
+                def f():
+                    out = []
+                    for i in range(2):
+                        a, b, ap, bp = fac[i]
+                        wt = w[i] + s * (bp @ ap) + s * (b @ a)
+                        out.append(F.linear(x, wt))
+                    return out
+                return run_fn(f, gy, bwd), leaves
+
+            makers = {"dense": mk_dense, "clora[triton]": mk_ours("triton"), "clora[cuda]": mk_ours("cuda"),
+                      "clora[reference]": mk_ours("reference"), "eager": mk_eager, "peft": mk_peft,
+                      "naive": mk_naive}
+            case = f"kv_layer/{model}/b{batch}/{dt}/r{r}/{mode}"
+            for meth in PROJ_METHODS:
+                t, why = C.try_time(self.timer, makers[meth])
+                fl, by = (fl_d, by_d) if meth == "dense" else (fl_l, by_l)
+                rl = C.roofline(fl, by, t, self.peaks, dt)
+                self.record(section="kv_layer", case=case, model=model, batch=batch, M=M, K=K, N=N, rank=r,
+                            dtype=dt, mode=mode, method=meth, time_ms=t, status=why or "ok",
+                            naive_T=T if meth == "naive" else None, **rl)
+            C.print_flush(self.line(case))
+            del x, w, fac, wf, gy
+
+    # ........................................................... unet_kv_all
+    def _unet_case(self, dt, r, mode, batch):
+        dev, s, T, st = self.device, self.scale, self.T, self.st
+        shapes = C.sd_kv_shapes_from_config(self.sd_cfg)
+        L = len(shapes)
+        K = st["k_in"]
+        Ns = [o for _, o, _ in shapes]
+        offs = [0]
+        for n in Ns:
+            offs.append(offs[-1] + n)
+        dtype = C.DTYPES[dt]
+        bwd = mode == "fwdbwd"
+        M = batch * st["tokens"]
+        N = offs[-1]
+        x = torch.randn(M, K, generator=self.gen).to(dev, dtype).requires_grad_(bwd)
+        w = [(torch.randn(n, K, generator=self.gen) / math.sqrt(K)).to(dev, dtype) for n in Ns]
+        fac = [make_factors(n, K, r, T, dtype, dev, self.gen) for n in Ns]
+        wf = [w[i] + fold(fac[i][2], fac[i][3], s) for i in range(L)]
+        wcat = torch.cat(wf, 0)
+        acat = torch.cat([f[0].detach() for f in fac], 0).requires_grad_()
+        bcat = torch.cat([f[1].detach() for f in fac], 0).requires_grad_()
+        gy = [torch.randn(M, n, generator=self.gen).to(dev, dtype) for n in Ns]
+        gycat = torch.cat(gy, 1)
+        ab = [p for f in fac for p in f[:2]]
+        xs = [x] if bwd else []
+        fl_l, by_l = proj_cost(M, K, Ns, r, C.ESIZE[dt], bwd)
+        fl_d, by_d = proj_cost(M, K, Ns, r, C.ESIZE[dt], bwd, lora=False)
+        scales = tuple([s] * L)
+
+        def mk_dense():
+            return run_fn(lambda: [F.linear(x, wi) for wi in wf], gy, bwd), xs
+
+        def mk_dense_cat():
+            return run_fn(lambda: (F.linear(x, wcat),), (gycat,), bwd), xs
+
+        def mk_grouped(backend):
+            def make():
+                why = self.ours(backend)
+                if why:
+                    raise RuntimeError(why)
+                if self.cl.ops is not None:
+                    op = self.cl.ops.segmented_lora_projection
+                    f = lambda: (op(x, wcat, acat, bcat, tuple(offs), scales, backend=backend),)  # noqa: E731
+                else:
+                    ref = self.cl.reference.segmented_lora_projection
+                    f = lambda: (ref(x, wcat, acat, bcat, offs, scales),)  # noqa: E731
+                return run_fn(f, (gycat,), bwd), xs + [acat, bcat]
+            return make
+
+        def mk_separate(backend):
+            def make():
+                why = self.ours(backend)
+                if why:
+                    raise RuntimeError(why)
+                op = self.cl.ops.lora_projection
+                f = lambda: [op(x, wf[i], fac[i][0], fac[i][1], scale=s, backend=backend) for i in range(L)]  # noqa
+                return run_fn(f, gy, bwd), xs + ab
+            return make
+
+        def mk_peft():
+            names = [f"p{i}" for i in range(L)]
+            m, params = peft_module(wf, [(f[0].detach(), f[1].detach()) for f in fac], r, s, names)
+            mods = [getattr(m, n) for n in names]
+            return run_fn(lambda: [mod(x) for mod in mods], gy, bwd), xs + params
+
+        def mk_naive():
+            def f():
+                return [F.linear(x, w[i] + s * (fac[i][3] @ fac[i][2]) + s * (fac[i][1] @ fac[i][0]))
+                        for i in range(L)]
+            return run_fn(f, gy, bwd), xs + ab
+
+        makers = {"dense": mk_dense, "dense_cat": mk_dense_cat,
+                  "grouped[triton]": mk_grouped("triton"), "grouped[cuda]": mk_grouped("cuda"),
+                  "grouped[reference]": mk_grouped("reference"),
+                  "separate[triton]": mk_separate("triton"), "separate[cuda]": mk_separate("cuda"),
+                  "peft": mk_peft, "naive": mk_naive}
+        case = f"unet_kv_all/sd{L}/b{batch}/{dt}/r{r}/{mode}"
+        for meth in ALL_METHODS:
+            t, why = C.try_time(self.timer, makers[meth])
+            fl, by = (fl_d, by_d) if meth.startswith("dense") else (fl_l, by_l)
+            self.record(section="unet_kv_all", case=case, model=f"sd_all{L}", batch=batch, M=M, K=K, N=N,
+                        n_layers=L, rank=r, dtype=dt, mode=mode, method=meth, time_ms=t, status=why or "ok",
+                        naive_T=T if meth == "naive" else None, **C.roofline(fl, by, t, self.peaks, dt))
+        C.print_flush(self.line(case))
+
+    # ............................................................... penalty
+    def _pen_case(self, name, layers, r, dt, grouped):
+        dev, s, T = self.device, self.scale, self.T
+        dtype = C.DTYPES[dt]
+        fac = [make_factors(o, i, r, T, dtype, dev, self.gen) for o, i in layers]
+        pasts = [fold(f[2], f[3], s) for f in fac]
+        As = [f[0] for f in fac]
+        Bs = [f[1] for f in fac]
+        leaves = As + Bs
+        fl, by = pen_cost(layers, r, C.ESIZE[dt])
+        L = len(layers)
+
+        def backward_fn(loss_fn):
+            def fn():
+                loss_fn().backward()
+            return fn
+
+        def mk_ours(backend, group_call):
+            def make():
+                why = self.ours(backend)
+                if why:
+                    raise RuntimeError(why)
+                ops = self.cl.ops
+                if ops is None:  # reference module only
+                    ref = self.cl.reference
+                    if group_call:
+                        return backward_fn(lambda: ref.grouped_forgetting_penalty(pasts, As, Bs, [s] * L)), leaves
+                    return backward_fn(lambda: ref.forgetting_penalty(pasts[0], As[0], Bs[0], s)), leaves
+                if group_call:
+                    return backward_fn(lambda: ops.grouped_forgetting_penalty(pasts, As, Bs, scales=s,
+                                                                              backend=backend)), leaves
+
+                def loss():
+                    tot = ops.forgetting_penalty(pasts[0], As[0], Bs[0], scale=s, backend=backend)
+                    for i in range(1, L):
+                        tot = tot + ops.forgetting_penalty(pasts[i], As[i], Bs[i], scale=s, backend=backend)
+                    return tot
+                return backward_fn(loss), leaves
+            return make
+
+        def mk_eager():
+            ref = self.cl.reference
+
+            def loss():
+                tot = ref.forgetting_penalty(pasts[0], As[0], Bs[0], s)
+                for i in range(1, L):
+                    tot = tot + ref.forgetting_penalty(pasts[i], As[i], Bs[i], s)
+                return tot
+            return backward_fn(loss), leaves
+
+        def mk_naive():
+            def loss():
+                tot = None
+                for a, b, ap, bp in fac:
+                    p = s * (bp @ ap)  # the past sum, re-summed from the T stored pairs every step
+                    v = (p * (s * (b @ a))).pow(2).sum()
+                    tot = v if tot is None else tot + v
+                return tot
+            return backward_fn(loss), leaves
+
+        if grouped:
+            makers = {"grouped[triton]": mk_ours("triton", True), "grouped[cuda]": mk_ours("cuda", True),
+                      "grouped[reference]": mk_ours("reference", True),
+                      "separate[triton]": mk_ours("triton", False), "separate[cuda]": mk_ours("cuda", False),
+                      "eager": mk_eager, "naive": mk_naive}
+            methods = GPEN_METHODS
+        else:
+            makers = {"clora[triton]": mk_ours("triton", False), "clora[cuda]": mk_ours("cuda", False),
+                      "clora[reference]": mk_ours("reference", False), "eager": mk_eager, "naive": mk_naive}
+            methods = PEN_METHODS
+        case = f"penalty/{name}/{dt}/r{r}"
+        for meth in methods:
+            t, why = C.try_time(self.timer, makers[meth], flush=True)
+            self.record(section="penalty", case=case, model=name, n_layers=L, rank=r, dtype=dt, mode="fwdgrad",
+                        method=meth, time_ms=t, status=why or "ok", out=layers[0][0], K=layers[0][1],
+                        naive_T=T if meth == "naive" else None, **C.roofline(fl, by, t, self.peaks, dt))
+        C.print_flush(self.line(case))
+
+    # ................................................................ report
+    def rows_of(self, case):
+        return {r["method"]: r for r in self.results if r["case"] == case}
+
+    def line(self, case):
+        rows = self.rows_of(case)
+        return f"{case}: " + ", ".join(f"{m}={C.fmt_ms(r['time_ms'])}" for m, r in rows.items())
+
+    def best_ours(self, rows, prefix):
+        """Fastest of the GPU backends (triton, cuda); on CPU the reference backend stands for 'ours'."""
+        cands = [f"{prefix}[triton]", f"{prefix}[cuda]"]
+        if self.device.type != "cuda":
+            cands = [f"{prefix}[reference]"]
+        got = [(rows[m]["time_ms"], m) for m in cands if m in rows and rows[m]["time_ms"] is not None]
+        return min(got) if got else (None, None)
+
+
+def ratio(a, b):
+    return a / b if (a is not None and b is not None and b > 0) else None
+
+
+def cases_in_order(results, section):
+    seen = []
+    for r in results:
+        if r["section"] == section and r["case"] not in seen:
+            seen.append(r["case"])
+    return seen
+
+
+def report(bench: Bench, shapes) -> str:
+    dev = bench.device
+    who = "best of clora[triton]/clora[cuda]" if dev.type == "cuda" else "clora[reference] (CPU: no GPU backends)"
+    md = [f"# bench_ops ({bench.profile} profile)\n\n", C.md_env(bench.info, bench.peaks),
+          f"- 'ours' = {who}; times are medians in ms; naive C-LoRA keeps T={bench.T} past pairs.\n",
+          "- fwd = forward with autograd recording; fwdbwd = forward + backward (dx, dA, dB); roofline = "
+          "max(FLOPs/peak GEMM, bytes/copy bandwidth) / time, with the minimal FLOPs and bytes of the problem.\n"]
+    notes = {}
+
+    def cell(rows, m):
+        r = rows.get(m)
+        if r is None:
+            return "-"
+        if r["time_ms"] is None:
+            notes.setdefault(m, set()).add(r["status"])
+            return "n/a"
+        return C.fmt_ms(r["time_ms"])
+
+    # kv_layer
+    hdr = ["case"] + PROJ_METHODS + ["ours/dense", "peft/ours", "naive/ours", "ours roofline", "ours TFLOP/s"]
+    rows_md = []
+    for case in cases_in_order(bench.results, "kv_layer"):
+        rows = bench.rows_of(case)
+        t, m = bench.best_ours(rows, "clora")
+        rl = rows[m].get("roofline_frac") if m else None
+        tf = rows[m].get("tflops") if m else None
+        rows_md.append([case] + [cell(rows, k) for k in PROJ_METHODS] + [
+            C.fmt_ratio(ratio(t, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(rows["peft"]["time_ms"], t)),
+            C.fmt_ratio(ratio(rows["naive"]["time_ms"], t)),
+            f"{100 * rl:.0f}%" if rl else "n/a", f"{tf:.2f}" if tf else "n/a"])
+    md += ["\n## kv_layer: one attention layer's K and V projections\n\n", C.md_table(hdr, rows_md)]
+
+    hdr = ["case"] + ALL_METHODS + ["grouped/dense", "separate/grouped", "peft/grouped", "naive/grouped"]
+    rows_md = []
+    for case in cases_in_order(bench.results, "unet_kv_all"):
+        rows = bench.rows_of(case)
+        tg, _ = bench.best_ours(rows, "grouped")
+        ts, _ = bench.best_ours(rows, "separate")
+        rows_md.append([case] + [cell(rows, k) for k in ALL_METHODS] + [
+            C.fmt_ratio(ratio(tg, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(ts, tg)),
+            C.fmt_ratio(ratio(rows["peft"]["time_ms"], tg)), C.fmt_ratio(ratio(rows["naive"]["time_ms"], tg))])
+    md += [f"\n## unet_kv_all: all {len(shapes)} SD cross-attention K/V projections of one UNet forward\n\n",
+           C.md_table(hdr, rows_md)]
+
+    hdr = ["case", "method", "time ms", "naive/this", "eager/this", "GB/s", "TFLOP/s", "roofline"]
+    rows_md = []
+    for case in cases_in_order(bench.results, "penalty"):
+        rows = bench.rows_of(case)
+        tn = rows["naive"]["time_ms"]
+        tr = rows["eager"]["time_ms"]
+        for m, r in rows.items():
+            if r["time_ms"] is None:
+                notes.setdefault(m, set()).add(r["status"])
+            rows_md.append([case, m, cell(rows, m), C.fmt_ratio(ratio(tn, r["time_ms"])),
+                            C.fmt_ratio(ratio(tr, r["time_ms"])),
+                            f"{r['gbps']:.0f}" if r.get("gbps") else "n/a",
+                            f"{r['tflops']:.2f}" if r.get("tflops") else "n/a",
+                            f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "n/a"])
+    md += ["\n## penalty: forgetting penalty forward + gradient (grouped = all projections of the model)\n\n",
+           C.md_table(hdr, rows_md)]
+    if notes:
+        md.append("\n### n/a reasons\n\n")
+        for m, why in notes.items():
+            md.append(f"- {m}: " + "; ".join(sorted(why)) + "\n")
+    return "".join(md)
+
+
+def check_targets(bench: Bench) -> C.Targets:
+    tg = C.Targets(bench.device)
+    st = bench.st
+    dt0, r0 = st["dtypes"][0], st["ranks"][0]
+
+    def worst(section, pred, fn):
+        vals = []
+        for case in cases_in_order(bench.results, section):
+            rows = bench.rows_of(case)
+            any_row = next(iter(rows.values()))
+            if pred(any_row):
+                v = fn(rows)
+                if v is not None:
+                    vals.append((v, case))
+        return vals
+
+    base = lambda r: r["dtype"] == dt0 and r["rank"] == r0 and r["mode"] == "fwdbwd"  # noqa: E731
+    v = worst("kv_layer", lambda r: base(r) and r["model"] == "vit_b16",
+              lambda rows: ratio(bench.best_ours(rows, "clora")[0], rows["dense"]["time_ms"]))
+    tg.check("ViT-B K/V fwd+bwd <= 1.10x dense", (max(v)[0] <= 1.10) if v else None,
+             ", ".join(f"{c}: {x:.2f}x" for x, c in v) or "no data")
+    v = worst("kv_layer", lambda r: base(r) and r["model"] == "vit_b16",
+              lambda rows: ratio(rows["peft"]["time_ms"], bench.best_ours(rows, "clora")[0]))
+    tg.check("ViT-B K/V fwd+bwd >= 1.5x faster than PEFT", (min(v)[0] >= 1.5) if v else None,
+             ", ".join(f"{c}: {x:.2f}x" for x, c in v) or "no data")
+    v = worst("kv_layer", lambda r: base(r) and r["model"].startswith("sd_"),
+              lambda rows: ratio(rows["peft"]["time_ms"], bench.best_ours(rows, "clora")[0]))
+    tg.check("SD cross-attn K/V per layer fwd+bwd >= 3x faster than PEFT", (min(v)[0] >= 3.0) if v else None,
+             (f"worst {min(v)[0]:.2f}x ({min(v)[1]}), best {max(v)[0]:.2f}x" if v else "no data"))
+    v = worst("unet_kv_all", base,
+              lambda rows: ratio(bench.best_ours(rows, "separate")[0], bench.best_ours(rows, "grouped")[0]))
+    tg.check("grouped whole-UNet K/V launch faster than 32 separate", (min(v)[0] > 1.0) if v else None,
+             ", ".join(f"{c}: separate/grouped {x:.2f}x" for x, c in v) or "no data")
+    pen = [c for c in cases_in_order(bench.results, "penalty")
+           if c.startswith("penalty/sd_all") and f"/{dt0}/r{st['pen_ranks'][0]}" in c]
+    for case in pen:
+        rows = bench.rows_of(case)
+        t, m = bench.best_ours(rows, "grouped")
+        sp = ratio(rows["naive"]["time_ms"], t)
+        spr = ratio(rows["eager"]["time_ms"], t)
+        tg.check("penalty fwd+grad over all SD projections >= 10x faster than naive",
+                 (sp >= 10) if sp else None,
+                 f"{case}: {C.fmt_ratio(sp)} vs naive (T={bench.T}), {C.fmt_ratio(spr)} vs eager torch with P folded")
+        rl = rows[m].get("roofline_frac") if m else None
+        bw = rows[m].get("gbps") if m else None
+        frac = (bw / bench.peaks["copy_gbps"]) if bw else None
+        tg.check("penalty >= 70% of HBM bandwidth roofline", (frac >= 0.70) if frac else None,
+                 f"{case}: {bw:.0f} GB/s = {100 * frac:.0f}% of measured copy {bench.peaks['copy_gbps']:.0f} GB/s"
+                 f" (roofline fraction {100 * rl:.0f}%)" if frac and rl else "no data")
+    return tg
+
+
+def plot(bench: Bench, path):
+    cases = [c for c in cases_in_order(bench.results, "kv_layer") if c.endswith("fwdbwd")]
+    dt0, r0 = bench.st["dtypes"][0], bench.st["ranks"][0]
+    cases = [c for c in cases if f"/{dt0}/r{r0}/" in c]
+    series = {}
+    for i, case in enumerate(cases):
+        for m, r in bench.rows_of(case).items():
+            series.setdefault(m, []).append((i, r["time_ms"]))
+    return C.save_plot(path, f"K/V projection fwd+bwd, {dt0}, r={r0} ({bench.device})", series, "shape",
+                       xticklabels=[c.split("/", 1)[1].rsplit("/", 3)[0] for c in cases])
+
+
+def main(argv=None):
+    p = C.base_parser(__doc__.splitlines()[1], default_budget=140.0)
+    p.add_argument("--naive-T", type=int, default=10, help="past concepts kept by the naive C-LoRA baseline")
+    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty")
+    args = p.parse_args(argv)
+    device = C.pick_device(args)
+    profile = C.profile_of(args, device)
+    C.seed_all(0)
+    bench = Bench(args, device, profile)
+    sections = args.sections.split(",")
+    shapes = C.sd_kv_shapes_from_config(bench.sd_cfg)
+    # One global order, the target-bearing cases first, so that a budget cut drops the least important.
+    for _, _, thunk in bench.all_cases(sections):
+        thunk()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    tg = check_targets(bench)
+    md = report(bench, shapes) + tg.md()
+    bench.out.write_md(md)
+    bench.out.close()
+    if args.plot:
+        plot(bench, bench.out.png)
+    C.print_flush(f"wrote {bench.out.jsonl} and {bench.out.md} ({bench.timer.elapsed():.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

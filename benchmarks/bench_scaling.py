@@ -1,0 +1,217 @@
+#!/usr/bin/env python
+"""Per-step cost against the number of past concepts T: clora_fast stays flat, naive C-LoRA grows.
+
+One "step" = the adapted part of an SD-1.5 training step over all 32 cross-attention K/V projections:
+forward of every projection (input = encoder_hidden_states, 77 tokens x batch), the forgetting penalty
+summed over all projections, and the backward of both (dx, dA, dB).
+
+  clora[backend]  the past P = s * sum_t B_t@A_t is folded ONCE (outside the timed step) into the frozen
+                  weight (W0 + P) and the penalty's P buffer; per step: one segmented (grouped) projection
+                  launch + one grouped penalty launch.  Nothing in the step depends on T.
+  naive           keeps the T past factor pairs (stacked: Ap [T*r, in], Bp [out, T*r] per layer, so the
+                  re-sum is ONE matmul per layer - the generous version of a loop over t) and every step
+                  re-computes P = s*Bp@Ap, W = W0 + P + s*B@A, F.linear, and the penalty from that same P.
+
+Run: python benchmarks/bench_scaling.py [--quick|--cpu] [--out DIR] [--plot] [--gpu-budget S] [--T 1,10,100,1000]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+
+METHODS = ["clora[triton]", "clora[cuda]", "clora[reference]", "naive"]
+
+
+def settings(profile):
+    if profile == "gpu":
+        return dict(Ts=[1, 10, 100, 1000], batch=2, tokens=77, rank=16, dtype="bf16")
+    if profile == "cpu":
+        return dict(Ts=[1, 10, 100], batch=1, tokens=77, rank=16, dtype="fp32")
+    return dict(Ts=[1, 4, 16], batch=1, tokens=8, rank=4, dtype="fp32")
+
+
+class Problem:
+    """All SD K/V projections with T past concepts (factors for naive, folded buffers for clora)."""
+
+    def __init__(self, shapes, T, st, device, gen, lam=1.0, scale=1.0):
+        dtype = C.DTYPES[st["dtype"]]
+        r = st["rank"]
+        self.s = scale
+        self.lam = lam
+        self.L = len(shapes)
+        K = shapes[0][2]
+        self.Ns = [o for _, o, _ in shapes]
+        self.offs = [0]
+        for n in self.Ns:
+            self.offs.append(self.offs[-1] + n)
+        M = st["batch"] * st["tokens"]
+        cpu = dict(generator=gen)
+        self.x = torch.randn(M, K, **cpu).to(device, dtype).requires_grad_()
+        self.gy = torch.randn(M, self.offs[-1], **cpu).to(device, dtype)
+        self.w0 = [(torch.randn(n, K, **cpu) / math.sqrt(K)).to(device, dtype) for n in self.Ns]
+        # past factors, stacked per layer (fill on device in chunks to keep the CPU generator out of the way)
+        g = torch.Generator(device=device).manual_seed(1234 + T)
+        self.ap = [torch.randn(T * r, K, device=device, dtype=dtype, generator=g) / math.sqrt(K) for _ in self.Ns]
+        self.bp = [torch.randn(n, T * r, device=device, dtype=dtype, generator=g) * (0.02 / math.sqrt(T))
+                   for n in self.Ns]
+        # current concept (trainable): one flat A [L*r, K], one flat B [N, r]; per-layer views for the penalty
+        self.acat = (torch.randn(self.L * r, K, **cpu) / math.sqrt(K)).to(device, dtype).requires_grad_()
+        self.bcat = (torch.randn(self.offs[-1], r, **cpu) * 0.02).to(device, dtype).requires_grad_()
+        self.r = r
+        # clora: fold once
+        with torch.no_grad():
+            self.pcat = torch.cat([(scale * (bp.float() @ ap.float())).to(dtype) for ap, bp in zip(self.ap, self.bp)])
+            self.wcat = torch.cat(self.w0) + self.pcat
+        self.pasts = [self.pcat[self.offs[i]:self.offs[i + 1]] for i in range(self.L)]
+
+    def views(self):
+        As = [self.acat[i * self.r:(i + 1) * self.r] for i in range(self.L)]
+        Bs = [self.bcat[self.offs[i]:self.offs[i + 1]] for i in range(self.L)]
+        return As, Bs
+
+    def clora_step(self, ops, backend):
+        scales = tuple([self.s] * self.L)
+        lam = torch.tensor(self.lam, device=self.x.device)
+
+        def step():
+            As, Bs = self.views()
+            y = ops.segmented_lora_projection(self.x, self.wcat, self.acat, self.bcat, tuple(self.offs), scales,
+                                              backend=backend)
+            pen = ops.grouped_forgetting_penalty(self.pasts, As, Bs, scales=self.s, backend=backend)
+            torch.autograd.backward([y, pen], [self.gy, lam])
+        return step
+
+    def naive_step(self):
+        s = self.s
+        gys = [self.gy[:, self.offs[i]:self.offs[i + 1]] for i in range(self.L)]
+        lam = torch.tensor(self.lam, device=self.x.device)
+
+        def step():
+            As, Bs = self.views()
+            ys, pen = [], None
+            for i in range(self.L):
+                p = s * (self.bp[i] @ self.ap[i])  # re-sum the T past pairs
+                m = s * (Bs[i] @ As[i])
+                ys.append(F.linear(self.x, self.w0[i] + p + m))
+                v = (p * m).pow(2).sum()
+                pen = v if pen is None else pen + v
+            torch.autograd.backward(ys + [pen], gys + [lam])
+        return step
+
+    def leaves(self):
+        return [self.x, self.acat, self.bcat]
+
+    def factor_bytes(self):
+        return sum(t.numel() * t.element_size() for t in self.ap + self.bp)
+
+
+def main(argv=None):
+    p = C.base_parser(__doc__.splitlines()[1], default_budget=45.0)
+    p.add_argument("--T", default=None, help="comma-separated past-concept counts (default by profile)")
+    args = p.parse_args(argv)
+    device = C.pick_device(args)
+    profile = C.profile_of(args, device)
+    st = settings(profile)
+    if args.T:
+        st["Ts"] = [int(t) for t in args.T.split(",")]
+    C.seed_all(0)
+    cl = C.Clora()
+    timer = C.Timer(device, args.budget, args.quick)
+    out = C.Output(args.out, "scaling", args.tag)
+    info = C.env_info(device)
+    C.print_flush("env:", info)
+    shapes = C.sd_kv_shapes_from_config(C.sd_config(profile))
+    gen = torch.Generator().manual_seed(0)
+    res = {}  # (T, method) -> ms
+
+    def run_T(T, methods, tag=""):
+        try:
+            prob = Problem(shapes, T, st, device, gen)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            for m in methods:
+                out.row(T=T, method=m, time_ms=None, status="n/a (out of memory building the problem)")
+            return
+        for m in methods:
+            if m == "naive":
+                make = lambda: (prob.naive_step(), prob.leaves())  # noqa: E731
+            else:
+                backend = m[m.index("[") + 1:-1]
+
+                def make(backend=backend):
+                    why = cl.backend_status(backend, device)
+                    if why:
+                        raise RuntimeError(why)
+                    if cl.ops is None:
+                        raise RuntimeError(cl.reason_ops)
+                    return prob.clora_step(cl.ops, backend), prob.leaves()
+            t, why = C.try_time(timer, make, rep_ms=150)
+            res[(T, m + tag)] = t
+            out.row(section="scaling", T=T, method=m, repeat=bool(tag), time_ms=t, status=why or "ok",
+                    n_layers=len(shapes), rank=st["rank"], dtype=st["dtype"], batch=st["batch"],
+                    tokens=st["tokens"], naive_factor_bytes=prob.factor_bytes(), device=str(device))
+        C.print_flush(f"T={T}{tag}: " + ", ".join(f"{m}={C.fmt_ms(res.get((T, m + tag)))}" for m in methods))
+        del prob
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for T in st["Ts"]:
+        run_T(T, METHODS)
+    T0 = st["Ts"][0]
+    run_T(T0, METHODS[:-1], tag=" (repeat)")  # the same case twice: the spread is the noise floor
+
+    # ours = fastest GPU backend (on CPU: reference)
+    cands = ["clora[triton]", "clora[cuda]"] if device.type == "cuda" else ["clora[reference]"]
+
+    def ours(T, tag=""):
+        got = [(res.get((T, m + tag)), m) for m in cands if res.get((T, m + tag)) is not None]
+        return min(got) if got else (None, None)
+
+    hdr = ["T"] + METHODS + ["ours/ours(T=%d)" % T0, "naive/naive(T=%d)" % T0, "naive/ours"]
+    rows = []
+    t_base, m_base = ours(T0)
+    n_base = res.get((T0, "naive"))
+    for T in st["Ts"]:
+        t, _ = ours(T)
+        rows.append([T] + [C.fmt_ms(res.get((T, m))) for m in METHODS] + [
+            C.fmt_ratio(t / t_base if t and t_base else None),
+            C.fmt_ratio(res[(T, "naive")] / n_base if res.get((T, "naive")) and n_base else None),
+            C.fmt_ratio(res[(T, "naive")] / t if res.get((T, "naive")) and t else None)])
+    t_rep, _ = ours(T0, " (repeat)")
+    spread = abs(t_rep - t_base) / t_base if t_rep and t_base else None
+    md = [f"# bench_scaling ({profile} profile)\n\n", C.md_env(info, {}),
+          f"- step = fwd + penalty + bwd over {len(shapes)} SD cross-attention K/V projections, "
+          f"rank {st['rank']}, {st['dtype']}, {st['batch']} x {st['tokens']} tokens; median ms per step.\n",
+          f"- 'ours' = {'fastest of clora[triton]/clora[cuda]' if device.type == 'cuda' else 'clora[reference]'}; "
+          f"repeat of T={T0}: {C.fmt_ms(t_rep)} ms (spread {100 * spread:.1f}%)\n" if spread is not None else
+          "- 'ours' unavailable in this run\n",
+          "\n", C.md_table(hdr, rows)]
+    tg = C.Targets(device)
+    Tmax = st["Ts"][-1]
+    t_max, _ = ours(Tmax)
+    ratio = t_max / t_base if t_max and t_base else None
+    tg.check(f"step time at T={Tmax} within 5% of T={T0}", (ratio <= 1.05) if ratio else None,
+             f"ours {C.fmt_ms(t_base)} -> {C.fmt_ms(t_max)} ms ({C.fmt_ratio(ratio)}; repeat spread "
+             f"{'n/a' if spread is None else f'{100 * spread:.1f}%'}); naive {C.fmt_ms(n_base)} -> "
+             f"{C.fmt_ms(res.get((Tmax, 'naive')))} ms" if ratio else "no data")
+    md.append(tg.md())
+    out.write_md("".join(md))
+    out.close()
+    if args.plot:
+        series = {m: [(T, res.get((T, m))) for T in st["Ts"]] for m in METHODS}
+        C.save_plot(out.png, f"per-step time vs past concepts T ({device}, {st['dtype']}, r={st['rank']})", series,
+                    "past concepts T", logx=True)
+    C.print_flush(f"wrote {out.jsonl} and {out.md} ({timer.elapsed():.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
