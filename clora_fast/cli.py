@@ -1,0 +1,643 @@
+"""``clora-fast``: command-line training and sampling with C-LoRA.
+
+Subcommands::
+
+    clora-fast train --model builtin --concepts DIR [DIR ...] --out BANK [options]
+    clora-fast sample --bank BANK [--model builtin] --prompt "a photo of <digit3>" --out img.png
+    clora-fast train-vit ...        (the ViT classifier trainer, clora_fast.vit_train)
+
+``train`` learns the concept folders one after another (continual
+customization): for each folder a new token ``<name>`` (the folder's name,
+lower-cased) and new LoRA factors on every cross-attention K/V projection are
+trained with the standard diffusion loss (VAE encode -> add noise -> UNet
+predicts the noise -> MSE) plus the C-LoRA forgetting penalty; then the
+concept is folded and the bank is saved, atomically, before the next concept
+starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
+are skipped (their factors are never retrained or rewritten) and training
+restarts at the first unfinished concept.  After each concept a sample grid of
+every concept learned so far is written to ``<out>_samples/``.
+
+Runs under ``accelerate`` (device and mixed precision come from the
+``Accelerator``): ``accelerate launch -m clora_fast.cli train ...`` works, as
+does ``python -m clora_fast.cli train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+#: Test / fault-injection hook: called as ``hook(concept_position, step)`` after
+#: every optimizer step (concept_position counts from 0 in --concepts order).
+#: A test sets it to a function that raises to simulate a crash mid-concept.
+#: The environment variable CLORA_FAST_CRASH_AT="<concept_position>:<step>" does
+#: the same for subprocess runs.
+STEP_HOOK: Optional[Callable[[int, int], None]] = None
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``clora-fast: error: ...``, exit status 2."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the CLORA_FAST_CRASH_AT fault injection (tests only)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _api():
+    """(patch, load, unpatch) of the diffusers integration."""
+    import clora_fast
+
+    if all(hasattr(clora_fast, n) for n in ("patch", "load", "unpatch")):
+        return clora_fast.patch, clora_fast.load, clora_fast.unpatch
+    from clora_fast.integrations import diffusers as integ
+
+    return integ.patch, integ.load, integ.unpatch
+
+
+def concept_token(folder: str) -> str:
+    """The personalized token of a concept folder: ``<name>``, name lower-cased."""
+    name = Path(folder).name
+    clean = re.sub(r"[^a-z0-9_\-]+", "_", name.lower()).strip("_")
+    if not clean:
+        raise CLIError(f"concept folder {folder!r}: cannot derive a token from its name {name!r}")
+    return f"<{clean}>"
+
+
+def list_images(folder: str) -> List[Path]:
+    p = Path(folder)
+    if not p.exists():
+        raise CLIError(f"concept folder {folder!r} does not exist")
+    if not p.is_dir():
+        raise CLIError(f"concept path {folder!r} is not a folder")
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise CLIError(
+            f"concept folder {folder!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def load_images(files: Sequence[Path], resolution: int):
+    """Images -> float tensor [N, 3, res, res] in [-1, 1] (center crop, bicubic resize)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    out = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.BICUBIC)
+                arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        except (OSError, ValueError) as e:
+            raise CLIError(f"cannot read image {str(f)!r}: {e}") from None
+        out.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def parse_prompts_file(path: str) -> Dict[str, str]:
+    """--prompts FILE: JSON object {dirname: prompt} or lines ``dirname: prompt``.
+
+    Every prompt must contain ``{token}`` (replaced by the concept's token).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"--prompts file {path!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    prompts: Dict[str, str] = {}
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--prompts file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+        ):
+            raise CLIError(f"--prompts file {path!r} must hold a JSON object of strings {{dirname: prompt}}")
+        prompts = dict(data)
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if ":" not in line:
+                raise CLIError(f"--prompts file {path!r} line {n}: expected 'dirname: prompt', got {line!r}")
+            k, v = line.split(":", 1)
+            k, v = k.strip(), v.strip()
+            if not k or not v:
+                raise CLIError(f"--prompts file {path!r} line {n}: empty dirname or prompt in {line!r}")
+            if k in prompts:
+                raise CLIError(f"--prompts file {path!r} line {n}: {k!r} given twice")
+            prompts[k] = v
+    for k, v in prompts.items():
+        if "{token}" not in v:
+            raise CLIError(f"--prompts file {path!r}: the prompt for {k!r} does not contain '{{token}}': {v!r}")
+        try:
+            v.format(token="<x>")
+        except (KeyError, IndexError, ValueError) as e:
+            raise CLIError(f"--prompts file {path!r}: bad prompt template for {k!r}: {v!r} ({e})") from None
+    return prompts
+
+
+def _atomic_save_image(img, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def make_grid(rows: Sequence[Tuple[str, Sequence]], cell: int):
+    """A labelled grid: one row per (label, [PIL images])."""
+    from PIL import Image, ImageDraw
+
+    ncol = max((len(ims) for _, ims in rows), default=1)
+    label_w = 8 + 6 * max((len(lbl) for lbl, _ in rows), default=0)
+    grid = Image.new("RGB", (label_w + ncol * cell, max(1, len(rows)) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (label, ims) in enumerate(rows):
+        draw.text((4, r * cell + max(0, cell // 2 - 6)), label, fill=(0, 0, 0))
+        for c, im in enumerate(ims):
+            grid.paste(im.resize((cell, cell)), (label_w + c * cell, r * cell))
+    return grid
+
+
+def _crash_point() -> Optional[Tuple[int, int]]:
+    spec = os.environ.get("CLORA_FAST_CRASH_AT")
+    if not spec:
+        return None
+    try:
+        a, b = spec.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise CLIError(f"CLORA_FAST_CRASH_AT must be '<concept_position>:<step>', got {spec!r}") from None
+
+
+def _positive(name):
+    def conv(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return conv
+
+
+def _nonneg_float(name):
+    def conv(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
+        if not math.isfinite(v) or v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s!r}")
+        return v
+
+    return conv
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate(pipe, prompts: Sequence[str], *, steps: int, seed: int, guidance_scale: float,
+             resolution: Optional[int] = None):
+    """PIL images for ``prompts`` (one each), deterministic in ``seed``."""
+    import torch
+
+    device = pipe.unet.device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    kw = {}
+    if resolution is not None:
+        kw = dict(height=resolution, width=resolution)
+    # latents drawn on the CPU so the images do not depend on the device's RNG
+    h = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (len(prompts), pipe.unet.config.in_channels, h // pipe.vae_scale_factor, h // pipe.vae_scale_factor)
+    latents = torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=pipe.unet.dtype)
+    with torch.no_grad():
+        out = pipe(
+            list(prompts),
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            latents=latents,
+            output_type="pil",
+            **kw,
+        )
+    return out.images
+
+
+# --------------------------------------------------------------------------- training step
+
+
+def encode_images(pipe, images):
+    """VAE posterior (mean, std) of images in [-1, 1] (float32, on the pipeline's device)."""
+    import torch
+
+    dev = pipe.vae.device
+    means, stds = [], []
+    with torch.no_grad():
+        for chunk in images.split(32):
+            dist = pipe.vae.encode(chunk.to(device=dev, dtype=pipe.vae.dtype)).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: float, batch_size: int,
+                  generator, accelerator=None, on_step=None, noise_scheduler=None) -> float:
+    """Train the active concept of ``cl`` for ``steps`` optimizer steps; returns the final
+    (EMA) diffusion loss.
+
+    Standard latent-diffusion training: latents ~ N(lat_mean, lat_std) (VAE posterior;
+    pass ``lat_std=None`` for the posterior mean) times the VAE scaling factor, noise added
+    at a uniform random timestep of the training (DDPM) schedule, the UNet predicts the
+    noise (or v), MSE, plus ``cl.penalty()``.  Only ``cl.trainable_parameters()`` train
+    (AdamW).  All randomness comes from ``generator`` (a CPU torch.Generator).
+    ``on_step(step, diffusion_loss, penalty, ema_loss)`` is called after each step.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = pipe.unet.device
+    params = [p for p in cl.trainable_parameters() if p.requires_grad]
+    if not params:
+        raise RuntimeError("clora_fast: the controller returned no trainable parameters "
+                           "(was begin_concept() called?)")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    if accelerator is not None:
+        optimizer = accelerator.prepare(optimizer)
+    sched = noise_scheduler if noise_scheduler is not None else _training_scheduler(pipe)
+    scaling = float(getattr(pipe.vae.config, "scaling_factor", None) or 1.0)
+    shift = getattr(pipe.vae.config, "shift_factor", None)
+    ids = pipe.tokenizer(
+        [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
+    ).input_ids.to(device)
+    n = lat_mean.shape[0]
+    num_t = sched.config.num_train_timesteps
+    v_pred = sched.config.prediction_type == "v_prediction"
+    ema = None
+    for step in range(steps):
+        pick = torch.randint(0, n, (batch_size,), generator=generator)
+        lat = lat_mean[pick]
+        if lat_std is not None:
+            lat = lat + lat_std[pick] * torch.randn(lat.shape, generator=generator).to(device)
+        if shift is not None:
+            lat = lat - shift
+        lat = lat * scaling
+        noise = torch.randn(lat.shape, generator=generator).to(device)
+        t = torch.randint(0, num_t, (batch_size,), generator=generator).to(device)
+        noisy = sched.add_noise(lat, noise, t)
+        target = sched.get_velocity(lat, noise, t) if v_pred else noise
+        ctx = accelerator.autocast() if accelerator is not None else _nullcontext()
+        with ctx:
+            cond = pipe.text_encoder(ids)[0].expand(batch_size, -1, -1)
+            pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
+            diff = F.mse_loss(pred.float(), target.float())
+            pen = cl.penalty()
+            loss = diff + pen
+        if not torch.isfinite(loss):
+            raise RuntimeError(
+                f"clora_fast: non-finite loss at step {step} (diffusion {float(diff)}, penalty "
+                f"{float(pen)}): lower --lr or --penalty-weight"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator is not None:
+            accelerator.backward(loss)
+            if accelerator.num_processes > 1:
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+        else:
+            loss.backward()
+        optimizer.step()
+        d = float(diff.detach())
+        ema = d if ema is None else 0.9 * ema + 0.1 * d
+        if on_step is not None:
+            on_step(step, d, float(pen.detach()), ema)
+    return float(ema)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _train_parser(sub):
+    p = sub.add_parser(
+        "train",
+        help="learn concept folders one after another into a concept bank",
+        description="Learn concept folders in order with C-LoRA (resumable: rerun with the same --out).",
+    )
+    p.add_argument("--model", default="builtin", help="'builtin' or a local diffusers pipeline folder")
+    p.add_argument("--concepts", nargs="+", required=True, metavar="DIR",
+                   help="concept image folders, learned in this order; token = <folder name>")
+    p.add_argument("--out", required=True, help="the concept bank to write (and resume from)")
+    p.add_argument("--steps", type=_positive("--steps"), default=150, help="optimizer steps per concept")
+    p.add_argument("--rank", type=_positive("--rank"), default=None,
+                   help="LoRA rank (default 16; on resume: the bank's)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (scale = alpha / rank; default scale 1)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--penalty-weight", type=_nonneg_float("--penalty-weight"), default=None,
+                   help="C-LoRA forgetting penalty weight (default: the library's default)")
+    p.add_argument("--resolution", type=_positive("--resolution"), default=None,
+                   help="training image size (default: the model's native size)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--prompts", default=None,
+                   help="JSON {dirname: prompt} or lines 'dirname: prompt', each with {token}")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--sample-steps", type=_positive("--sample-steps"), default=20,
+                   help="denoising steps for the per-concept sample grids")
+    p.add_argument("--samples-per-concept", type=int, default=4,
+                   help="images per concept in each sample grid (0: no grids)")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale for the sample grids")
+    p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    return p
+
+
+def _read_bank_names(cl) -> List[str]:
+    """Names (tokens) of the finished concepts of a controller, in learning order."""
+    return [c.name for c in cl.concepts]
+
+
+def _bank_state(out: Path) -> str:
+    """'new' (nothing there, or an empty folder), 'bank' (a bank folder) or raise."""
+    if not out.exists():
+        return "new"
+    if out.is_dir():
+        if (out / "manifest.json").is_file():
+            return "bank"
+        if not any(p for p in out.iterdir() if not p.name.startswith(".")):
+            return "new"
+        raise CLIError(f"--out {str(out)!r} is a folder that is not empty and holds no concept bank "
+                       f"(no manifest.json): choose another --out")
+    raise CLIError(f"--out {str(out)!r} exists and is not a folder (a concept bank is a folder)")
+
+
+def cmd_train(args) -> int:
+    import torch
+    from accelerate import Accelerator
+
+    # ---- validate everything before any heavy work
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CLIError(f"--lr must be a positive number, got {args.lr}")
+    folders = [str(c) for c in args.concepts]
+    files = {f: list_images(f) for f in folders}
+    tokens = [concept_token(f) for f in folders]
+    dup = sorted({t for t in tokens if tokens.count(t) > 1})
+    if dup:
+        raise CLIError(f"two --concepts folders map to the same token {dup}: rename one folder")
+    prompts_cfg = parse_prompts_file(args.prompts) if args.prompts else {}
+    known = {Path(f).name for f in folders}
+    unknown = sorted(set(prompts_cfg) - known)
+    if unknown:
+        raise CLIError(f"--prompts file names folders that are not in --concepts: {unknown}")
+    prompts = [
+        prompts_cfg.get(Path(f).name, "a photo of {token}").format(token=tok)
+        for f, tok in zip(folders, tokens)
+    ]
+    out = Path(args.out)
+    state = _bank_state(out)
+    crash_at = _crash_point()
+
+    try:
+        accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    except ValueError as e:
+        raise CLIError(f"--mixed-precision {args.mixed_precision}: {e}") from None
+    device = accelerator.device
+    is_main = accelerator.is_main_process
+    log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+
+    pipe = _load_model(args.model, device)
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False)
+        m.eval()
+    resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if resolution % pipe.vae_scale_factor:
+        raise CLIError(f"--resolution {resolution} must be a multiple of the VAE factor {pipe.vae_scale_factor}")
+
+    patch, load, _unpatch = _api()
+    if state == "bank":
+        try:
+            cl = load(pipe, str(out), backend=args.backend)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise CLIError(f"cannot resume from the bank {args.out!r} with model {args.model!r}: {e}") from None
+        if cl.active_concept is not None:
+            raise CLIError(f"the bank {args.out!r} holds an unfinished concept {cl.active_name!r} "
+                           f"(saved mid-training by another program); this CLI resumes only at concept "
+                           f"boundaries: finish or drop it first")
+        done = _read_bank_names(cl)
+        if done != tokens[: len(done)]:
+            raise CLIError(
+                f"the bank {args.out!r} holds concepts {done}, which are not the first concepts of "
+                f"--concepts {tokens}: give the same folders in the same order (or a new --out)"
+            )
+        if args.rank is not None and cl.rank != args.rank:
+            raise CLIError(f"the bank {args.out!r} was trained with --rank {cl.rank}, not {args.rank}")
+        if args.alpha is not None and cl.alpha != float(args.alpha):
+            raise CLIError(f"the bank {args.out!r} was trained with --alpha {cl.alpha}, not {args.alpha}")
+        if args.penalty_weight is not None:
+            cl.penalty_weight = float(args.penalty_weight)
+        log(f"resuming from {args.out}: {len(done)} of {len(tokens)} concepts already learned {done}")
+    else:
+        kw = dict(rank=args.rank or 16, alpha=args.alpha, backend=args.backend)
+        if args.penalty_weight is not None:
+            kw["penalty_weight"] = args.penalty_weight
+        try:
+            cl = patch(pipe, **kw)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        done = []
+
+    samples_dir = Path(args.samples_dir) if args.samples_dir else out.with_name(out.name + "_samples")
+    from tqdm.auto import tqdm
+
+    for pos in range(len(done), len(folders)):
+        folder, token, prompt = folders[pos], tokens[pos], prompts[pos]
+        t0 = time.time()
+        seed = args.seed + 1000 * pos + accelerator.process_index
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        images = load_images(files[folder], resolution)
+        lat_mean, lat_std = encode_images(pipe, images)
+
+        cl.begin_concept(token)
+        bar = tqdm(total=args.steps, desc=f"concept {pos + 1}/{len(folders)} {token}",
+                   disable=args.no_progress or not is_main, leave=True)
+
+        def on_step(step, diff, pen, ema, _pos=pos):
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.4f}", penalty=f"{pen:.3g}")
+            if STEP_HOOK is not None:
+                STEP_HOOK(_pos, step)
+            if crash_at is not None and crash_at == (_pos, step):
+                raise SimulatedCrash(f"simulated crash at concept {_pos} step {step} (CLORA_FAST_CRASH_AT)")
+
+        try:
+            ema = train_concept(
+                pipe, cl, lat_mean, lat_std, prompt, steps=args.steps, lr=args.lr,
+                batch_size=args.batch_size, generator=gen, accelerator=accelerator, on_step=on_step,
+            )
+        finally:
+            bar.close()
+        cl.end_concept()
+        accelerator.wait_for_everyone()
+        if is_main:
+            cl.save(str(out))
+        accelerator.wait_for_everyone()
+        log(f"learned {token} from {folder} ({len(files[folder])} images, {args.steps} steps, "
+            f"final loss {ema:.4f}, {time.time() - t0:.1f} s); bank saved to {out}")
+
+        if is_main and args.samples_per_concept > 0:
+            grid_path = samples_dir / f"after_{pos + 1:02d}_{token.strip('<>')}.png"
+            rows = []
+            for j in range(pos + 1):
+                ims = generate(pipe, [prompts[j]] * args.samples_per_concept, steps=args.sample_steps,
+                               seed=args.seed + j, guidance_scale=args.guidance_scale,
+                               resolution=resolution)
+                rows.append((tokens[j], ims))
+            _atomic_save_image(make_grid(rows, resolution), grid_path)
+            log(f"sample grid: {grid_path}")
+    if len(done) == len(folders):
+        log(f"all {len(folders)} concepts are already in {out}: nothing to train")
+    return 0
+
+
+def _load_model(model: str, device):
+    from clora_fast.builtin import load_pipeline
+
+    try:
+        pipe = load_pipeline(model, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e).replace("clora_fast: ", "")) from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _training_scheduler(pipe):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+# --------------------------------------------------------------------------- sample
+
+
+def _sample_parser(sub):
+    p = sub.add_parser("sample", help="generate images with every concept of a bank merged in")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--model", default="builtin", help="the model the bank was trained on")
+    p.add_argument("--prompt", required=True, help="e.g. 'a photo of <digit3>'")
+    p.add_argument("--out", required=True, help="PNG to write (a grid when --num-images > 1)")
+    p.add_argument("--steps", type=_positive("--steps"), default=25)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-images", type=_positive("--num-images"), default=1)
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--resolution", type=_positive("--resolution"), default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    return p
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    bank = Path(args.bank)
+    if not bank.exists():
+        raise CLIError(f"--bank {args.bank!r} does not exist")
+    if not args.out.lower().endswith(".png"):
+        raise CLIError(f"--out must be a .png file, got {args.out!r}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = _load_model(args.model, device)
+    _patch, load, _unpatch = _api()
+    try:
+        cl = load(pipe, str(bank), backend=args.backend)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
+    names = _read_bank_names(cl)
+    used = [n for n in names if n in args.prompt]
+    unknown = sorted(set(re.findall(r"<[a-z0-9_\-]+>", args.prompt.lower())) - set(names))
+    if unknown:
+        print(f"clora-fast: warning: prompt tokens {unknown} are not in the bank (it holds {names})",
+              file=sys.stderr)
+    cl.merge()
+    ims = generate(pipe, [args.prompt] * args.num_images, steps=args.steps, seed=args.seed,
+                   guidance_scale=args.guidance_scale, resolution=args.resolution)
+    out = Path(args.out)
+    if len(ims) == 1:
+        img = ims[0]
+    else:
+        img = make_grid([("", ims)], ims[0].size[0])
+    _atomic_save_image(img, out)
+    print(f"wrote {out} ({len(ims)} image(s); concepts used: {used or 'none'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clora-fast", description="C-LoRA continual customization")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,train-vit}")
+    _train_parser(sub)
+    _sample_parser(sub)
+    sub.add_parser("train-vit", help="continual ViT classifier training (clora_fast.vit_train)", add_help=False)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-vit":
+        try:
+            from clora_fast import vit_train
+        except ImportError as e:
+            print(f"clora-fast: error: train-vit needs clora_fast.vit_train, which cannot be imported: {e}",
+                  file=sys.stderr)
+            return 2
+        return int(vit_train.cli_main(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        return cmd_sample(args)
+    except CLIError as e:
+        print(f"clora-fast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
