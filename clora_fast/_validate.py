@@ -115,10 +115,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise RuntimeError(f"backend='triton' does not support tensors on {device}")
     if backend == "cuda":
-        from . import _cuda
         if device.type != "cuda":
             raise RuntimeError(f"backend='cuda' needs CUDA tensors, got tensors on {device}; "
                                f"use backend='reference' or 'auto'")
+        from . import _cuda
         if not _cuda.is_available():
-            raise RuntimeError(_cuda.unavailable_reason())
+            raise RuntimeError("backend='cuda' is not available: " + _cuda.unavailable_reason())
     return backend

@@ -243,7 +243,9 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
     if len(scales) != L:
         raise ValueError(f"scales has {len(scales)} entries but seg_offsets defines {L} segments")
-    if lora_A.shape[0] % L != 0 or lora_A.shape[0] == 0:
+    if lora_A.shape[0] == 0:
+        raise ValueError(f"lora_A has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1")
+    if lora_A.shape[0] % L != 0:
         raise ValueError(f"lora_A must have shape [L*r, in] = [{L}*r, in] for {L} segments, "
                          f"got {tuple(lora_A.shape)}")
     r = lora_A.shape[0] // L

@@ -1,0 +1,372 @@
+"""The public ops (clora_fast.ops): reference vs float64, gradcheck, every backend
+through the custom ops and autograd, torch.compile, autocast and bad inputs.
+
+Tolerance idiom (flash-attention): a backend's error against a float64 reference
+must be at most twice the error of the same op computed by plain PyTorch in the
+same dtype, plus a small floor.
+"""
+import re
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings, strategies as st
+
+import clora_fast
+from clora_fast import ops, reference as R
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def backends_for(device):
+    out = ["reference"]
+    if "triton" in clora_fast.available_backends():
+        out.append("triton")
+    if device.type == "cuda" and "cuda" in clora_fast.available_backends():
+        out.append("cuda")
+    return out
+
+
+def make_lora(M, K, N, r, dtype, device, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+    a = (torch.randn(r, K, generator=g) / K ** 0.5).to(device, dtype)
+    b = (torch.randn(N, r, generator=g) / r ** 0.5).to(device, dtype)
+    bb = torch.randn(N, generator=g).to(device, dtype) if bias else None
+    return x, w, a, b, bb
+
+
+def proj_and_grads(fn, x, w, a, b, bias, gy):
+    x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+    bias = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    y = fn(x, w, a, b, bias)
+    y.backward(gy)
+    out = [y.detach(), x.grad, a.grad, b.grad]
+    if bias is not None:
+        out.append(bias.grad)
+    return out
+
+
+def torch_in_dtype(x, w, a, b, bias, scale):
+    return R.lora_projection(x, w, a, b, scale, bias)
+
+
+def assert_close_idiom(got, ref64, torch_low, dtype, what):
+    err = (got.double() - ref64).abs().max().item()
+    base = (torch_low.double() - ref64).abs().max().item()
+    bound = 2 * base + FLOOR[dtype] * max(1.0, ref64.abs().max().item())
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (torch {dtype} error {base:.3g})"
+    return err
+
+
+# ---------------------------------------------------------------------------
+# The reference against float64 formulas
+# ---------------------------------------------------------------------------
+
+def test_reference_matches_float64_formulas():
+    x, w, a, b, bias = make_lora(5, 33, 77, 4, torch.float64, torch.device("cpu"))
+    y = R.lora_projection(x, w, a, b, 0.3, bias)
+    torch.testing.assert_close(y, x @ w.T + 0.3 * (x @ a.T) @ b.T + bias, rtol=0, atol=1e-12)
+    p = torch.randn(77, 33, dtype=torch.float64)
+    m = 0.3 * b @ a
+    expect = ((p * m) ** 2).sum()
+    torch.testing.assert_close(R.forgetting_penalty(p, a, b, 0.3), expect, rtol=1e-12, atol=0)
+    loss, dA, dB = R.forgetting_penalty_grads(p, a, b, 0.3)
+    a_, b_ = a.clone().requires_grad_(), b.clone().requires_grad_()
+    ((p * (0.3 * b_ @ a_)) ** 2).sum().backward()
+    torch.testing.assert_close(dA, a_.grad)
+    torch.testing.assert_close(dB, b_.grad)
+
+
+def test_gradcheck_reference_float64():
+    d = torch.float64
+    x, w, a, b, bias = make_lora(3, 6, 7, 2, d, torch.device("cpu"))
+    x, a, b, bias = (t.requires_grad_() for t in (x, a, b, bias))
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, bias: ops.lora_projection(x, w, a, b, scale=0.7, bias=bias, backend="reference"),
+        (x, a, b, bias))
+    wk = w.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, wk: ops.lora_kv_projection(x, (wk, w[:4]), (a, 2 * a), (b, b[:4]), scale=0.7,
+                                                   backend="reference"), (x, a, b, wk))
+    p = torch.randn(7, 6, dtype=d)
+    assert torch.autograd.gradcheck(lambda a, b: ops.forgetting_penalty(p, a, b, scale=0.7, backend="reference"),
+                                    (a, b))
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.grouped_forgetting_penalty([p, p[:3]], [a, a], [b, b[:3]], scales=[0.7, 2.0],
+                                                    backend="reference"), (a, b))
+
+
+# ---------------------------------------------------------------------------
+# Every backend through the public ops, forward and all gradients
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r", [1, 16])
+def test_lora_projection_backends(device, dtype, r):
+    M, K, N, scale = 5, 33, 77, 0.5
+    x, w, a, b, bias = make_lora(M, K, N, r, dtype, device, seed=r)
+    gy = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    ref64 = proj_and_grads(lambda *t: torch_in_dtype(*t, scale), *(t.double() for t in (x, w, a, b, bias)),
+                           gy.double())
+    low = proj_and_grads(lambda *t: torch_in_dtype(*t, scale), x, w, a, b, bias, gy)
+    for backend in backends_for(device):
+        got = proj_and_grads(lambda x, w, a, b, bias: ops.lora_projection(x, w, a, b, scale=scale, bias=bias,
+                                                                          backend=backend), x, w, a, b, bias, gy)
+        for name, g, r64, lo in zip(["y", "dx", "dA", "dB", "dbias"], got, ref64, low):
+            assert g.dtype == dtype and g.shape == r64.shape, (backend, name)
+            assert_close_idiom(g, r64, lo, dtype, f"{backend} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_kv_projection_backends(device, dtype):
+    M, K, r = 6, 40, 4
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, M // 2, K, generator=g).to(device, dtype)
+    qkv = (torch.randn(3 * 24, K, generator=g) / K ** 0.5).to(device, dtype)   # timm-style fused rows
+    wk, wv = qkv[24:48], qkv[48:]
+    ak, av = ((torch.randn(r, K, generator=g) / K ** 0.5).to(device, dtype) for _ in range(2))
+    bk, bv = ((torch.randn(24, r, generator=g) / r ** 0.5).to(device, dtype) for _ in range(2))
+    k64 = R.lora_projection(x.double(), wk.double(), ak.double(), bk.double(), 2.0)
+    v64 = R.lora_projection(x.double(), wv.double(), av.double(), bv.double(), 2.0)
+    klo = R.lora_projection(x, wk, ak, bk, 2.0)
+    vlo = R.lora_projection(x, wv, av, bv, 2.0)
+    for backend in backends_for(device):
+        k, v = ops.lora_kv_projection(x, (wk, wv), (ak, av), (bk, bv), scale=2.0, backend=backend)
+        assert k.shape == (2, M // 2, 24) and v.shape == (2, M // 2, 24)
+        assert_close_idiom(k, k64, klo, dtype, f"{backend} k")
+        assert_close_idiom(v, v64, vlo, dtype, f"{backend} v")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_forgetting_penalty_backends(device, dtype):
+    g = torch.Generator().manual_seed(5)
+    p = (torch.randn(77, 33, generator=g) * 0.1).to(device, dtype)
+    a = (torch.randn(16, 33, generator=g) * 0.1).to(device, dtype)
+    b = (torch.randn(77, 16, generator=g) * 0.1).to(device, dtype)
+
+    def run(fn, p, a, b):
+        a, b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        loss = fn(p, a, b)
+        (3.0 * loss).backward()
+        return [loss.detach(), a.grad, b.grad]
+
+    plain = lambda p, a, b: ((p * (0.7 * b @ a)) ** 2).sum()  # noqa: E731
+    ref64 = run(plain, p.double(), a.double(), b.double())
+    low = run(plain, p, a, b)
+    for backend in backends_for(device):
+        got = run(lambda p, a, b: ops.forgetting_penalty(p, a, b, scale=0.7, backend=backend), p, a, b)
+        assert got[0].dtype == torch.float32 and got[0].dim() == 0
+        for name, gg, r64, lo in zip(["loss", "dA", "dB"], got, ref64, low):
+            assert_close_idiom(gg, r64, lo, dtype, f"{backend} {name}")
+
+
+def test_grouped_penalty_equals_sum_of_singles(device):
+    g = torch.Generator().manual_seed(7)
+    shapes = [(20, 33), (77, 33), (5, 64), (64, 5)]
+    pasts = [torch.randn(o, i, generator=g).to(device) for o, i in shapes]
+    As = [torch.randn(4, i, generator=g).to(device).requires_grad_() for _, i in shapes]
+    Bs = [torch.randn(o, 4, generator=g).to(device).requires_grad_() for o, _ in shapes]
+    scales = [0.5, 1.0, 2.0, 0.25]
+    for backend in backends_for(device):
+        total = ops.grouped_forgetting_penalty(pasts, As, Bs, scales=scales, backend=backend)
+        grads = torch.autograd.grad(total, As + Bs)
+        singles = sum(ops.forgetting_penalty(p, a, b, scale=s, backend="reference")
+                      for p, a, b, s in zip(pasts, As, Bs, scales))
+        sgrads = torch.autograd.grad(singles, As + Bs)
+        torch.testing.assert_close(total, singles, rtol=1e-4, atol=1e-4)
+        for x, y in zip(grads, sgrads):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_penalty_zero_for_first_concept(device):
+    p = torch.zeros(10, 12, device=device)
+    a = torch.randn(3, 12, device=device, requires_grad=True)
+    b = torch.randn(10, 3, device=device, requires_grad=True)
+    for backend in backends_for(device):
+        loss = ops.forgetting_penalty(p, a, b, backend=backend)
+        assert loss.item() == 0.0
+        ga, gb = torch.autograd.grad(loss, (a, b))
+        assert ga.abs().max().item() == 0.0 and gb.abs().max().item() == 0.0
+
+
+@settings(max_examples=8, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(M=st.integers(0, 9), K=st.integers(1, 40), segs=st.lists(st.integers(1, 30), min_size=1, max_size=3),
+       r=st.integers(1, 20), seed=st.integers(0, 2 ** 16))
+def test_property_segmented_projection(M, K, segs, r, seed):
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    N = sum(segs)
+    offsets = [0]
+    for s in segs:
+        offsets.append(offsets[-1] + s)
+    L = len(segs)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dev)
+    w = torch.randn(N, K, generator=g).to(dev)
+    a = torch.randn(L * r, K, generator=g).to(dev).requires_grad_()
+    b = torch.randn(N, r, generator=g).to(dev).requires_grad_()
+    scales = [0.5 + i for i in range(L)]
+    expect = R.segmented_lora_projection(x.double(), w.double(), a.double(), b.double(), offsets, scales)
+    ea, eb = torch.autograd.grad(expect.sum(), (a, b)) if M else (torch.zeros_like(a), torch.zeros_like(b))
+    for backend in backends_for(dev):
+        y = ops.segmented_lora_projection(x, w, a, b, offsets, scales, backend=backend)
+        torch.testing.assert_close(y.double(), expect, rtol=1e-4, atol=1e-3 * (1 + K))
+        ga, gb = torch.autograd.grad(y.sum(), (a, b))
+        torch.testing.assert_close(ga.double(), ea.double(), rtol=1e-4, atol=1e-3 * (1 + M * K))
+        torch.testing.assert_close(gb.double(), eb.double(), rtol=1e-4, atol=1e-3 * (1 + M * K))
+
+
+# ---------------------------------------------------------------------------
+# Layout edge cases
+# ---------------------------------------------------------------------------
+
+def test_noncontiguous_x_empty_batch_and_weight_grad(device):
+    x, w, a, b, bias = make_lora(8, 33, 20, 4, torch.float32, device)
+    xt = torch.randn(33, 8, device=device).T           # non-contiguous [8, 33]
+    for backend in backends_for(device):
+        torch.testing.assert_close(ops.lora_projection(xt, w, a, b, backend=backend),
+                                   R.lora_projection(xt, w, a, b), rtol=1e-4, atol=1e-4)
+        empty = torch.empty(0, 33, device=device, requires_grad=True)
+        a_ = a.clone().requires_grad_()
+        y = ops.lora_projection(empty, w, a_, b, backend=backend)
+        assert y.shape == (0, 20)
+        y.sum().backward()
+        assert a_.grad.abs().max().item() == 0.0
+        w_ = w.clone().requires_grad_()
+        ops.lora_projection(x, w_, a, b, backend=backend).square().sum().backward()
+        w_ref = w.clone().requires_grad_()
+        R.lora_projection(x, w_ref, a, b).square().sum().backward()
+        torch.testing.assert_close(w_.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_nan_propagates_like_reference(device):
+    x, w, a, b, _ = make_lora(4, 16, 8, 2, torch.float32, device)
+    x[1, 3] = float("nan")
+    p = torch.randn(8, 16, device=device)
+    p[2, 2] = float("inf")
+    b = b + 1.0
+    for backend in backends_for(device):
+        y = ops.lora_projection(x, w, a, b, backend=backend)
+        assert torch.equal(torch.isnan(y), torch.isnan(R.lora_projection(x, w, a, b)))
+        assert not torch.isfinite(ops.forgetting_penalty(p, a, b, backend=backend))
+
+
+def test_autocast_casts_like_linear():
+    x, w, a, b, bias = make_lora(4, 16, 8, 2, torch.float32, torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.lora_projection(x, w, a, b, bias=bias, backend="reference")
+        lin = torch.nn.functional.linear(x, w, bias)
+    assert y.dtype == lin.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), R.lora_projection(x, w, a, b, 1.0, bias), rtol=3e-2, atol=3e-2)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    x, w, a, b, _ = make_lora(5, 12, 9, 3, torch.float32, torch.device("cpu"))
+    p = torch.randn(9, 12)
+
+    def f(x, a, b):
+        y = ops.lora_projection(x, w, a, b, scale=0.5, backend="reference")
+        k, v = ops.lora_kv_projection(x, (w, w), (a, a), (b, b), backend="reference")
+        s = ops.segmented_lora_projection(x, torch.cat([w, w]), torch.cat([a, a]), torch.cat([b, b]), (0, 9, 18),
+                                          [1.0, 2.0], backend="reference")
+        return (y.sum() + (k * v).mean() + s.square().mean() + ops.forgetting_penalty(p, a, b, backend="reference")
+                + ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=[1.0, 0.5], backend="reference"))
+
+    def run(fn):
+        args = [t.clone().requires_grad_() for t in (x, a, b)]
+        out = fn(*args)
+        out.backward()
+        return [out.detach()] + [t.grad for t in args]
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for got, exp in zip(run(compiled), run(f)):
+        torch.testing.assert_close(got, exp)
+
+
+def test_available_backends():
+    bk = clora_fast.available_backends()
+    assert bk[0] == "reference"
+    assert ("triton" in bk) == (torch.cuda.is_available() or __import__("os").environ.get("TRITON_INTERPRET") == "1")
+
+
+# ---------------------------------------------------------------------------
+# Bad input -> clear error
+# ---------------------------------------------------------------------------
+
+def _ok():
+    return make_lora(4, 16, 8, 2, torch.float32, torch.device("cpu"), bias=False)[:4]
+
+
+@pytest.mark.parametrize("mutate, exc, pattern", [
+    (lambda x, w, a, b: (x, w[:, :15], a, b), ValueError, r"weight has shape \(8, 15\).*16 input features"),
+    (lambda x, w, a, b: (x, w, a[:, :15], b), ValueError, r"lora_A must have shape \[r, in\].*\(2, 15\)"),
+    (lambda x, w, a, b: (x, w, a, b[:7]), ValueError, r"lora_B must have shape \[out, r\] = \[8, 2\].*\(7, 2\)"),
+    (lambda x, w, a, b: (x, w, a[:0], b[:, :0]), ValueError, r"rank 0"),
+    (lambda x, w, a, b: (x[0, 0], w, a, b), ValueError, r"x must have at least 1 dimension"),
+    (lambda x, w, a, b: (x, w[None], a, b), ValueError, r"weight must be 2-D, got 3-D"),
+    (lambda x, w, a, b: (x.half(), w, a, b), TypeError, r"mixed dtypes: x is torch.float16 but weight is torch.float32"),
+    (lambda x, w, a, b: (x.int(), w, a, b), TypeError, r"x must be a floating-point tensor"),
+    (lambda x, w, a, b: (x.numpy(), w, a, b), TypeError, r"x must be a torch.Tensor, got ndarray"),
+    (lambda x, w, a, b: (x, w.to("meta"), a, b), RuntimeError, r"x is on cpu but weight is on meta"),
+])
+def test_projection_bad_inputs(mutate, exc, pattern):
+    x, w, a, b = mutate(*_ok())
+    with pytest.raises(exc, match=pattern):
+        ops.lora_projection(x, w, a, b, backend="reference")
+
+
+def test_bias_and_backend_errors(monkeypatch):
+    x, w, a, b = _ok()
+    with pytest.raises(ValueError, match=r"bias must have shape \[out\] = \[8\], got \(7,\)"):
+        ops.lora_projection(x, w, a, b, bias=torch.zeros(7))
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of auto, reference, triton, cuda"):
+        ops.lora_projection(x, w, a, b, backend="tpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match=r"backend='triton' got CPU tensors.*TRITON_INTERPRET=1"):
+        ops.lora_projection(x, w, a, b, backend="triton")
+    with pytest.raises(RuntimeError, match=r"backend='cuda' needs CUDA tensors"):
+        ops.lora_projection(x, w, a, b, backend="cuda")
+    if not torch.cuda.is_available():
+        assert ops.lora_projection(x, w, a, b, backend="auto").shape == (4, 8)   # auto -> reference on CPU
+    with pytest.raises(TypeError, match=r"has dtype torch.float64, which the 'triton' backend does not support"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        ops.lora_projection(*(t.double() for t in (x, w, a, b)), backend="triton")
+
+
+def test_kv_and_segment_errors():
+    x, w, a, b = _ok()
+    with pytest.raises(TypeError, match=r"weights must be a pair \(k, v\), got Tensor"):
+        ops.lora_kv_projection(x, w, (a, a), (b, b))
+    with pytest.raises(ValueError, match=r"lora_As\[0\] and lora_As\[1\] must have the same rank"):
+        ops.lora_kv_projection(x, (w, w), (a, torch.cat([a, a])), (b, b))
+    with pytest.raises(ValueError, match=re.escape("lora_B[1] (V) must have shape [out, r] = [8, 2]")):
+        ops.lora_kv_projection(x, (w, w), (a, a), (b, b[:5]))
+    with pytest.raises(ValueError, match=r"seg_offsets must be strictly increasing from 0 to weight.shape\[0\]=8"):
+        ops.segmented_lora_projection(x, w, a, b, (0, 5, 5, 8), 1.0)
+    with pytest.raises(ValueError, match=r"scales has 1 entries but seg_offsets defines 2 segments"):
+        ops.segmented_lora_projection(x, w, torch.cat([a, a]), b, (0, 4, 8), [1.0])
+    with pytest.raises(TypeError, match=r"scales\[0\] must be a float, got str"):
+        ops.segmented_lora_projection(x, w, a, b, (0, 8), ["1"])
+
+
+def test_penalty_errors():
+    p = torch.randn(8, 16)
+    _, _, a, b = _ok()
+    with pytest.raises(ValueError, match=r"lora_A must have shape \[r, in\] = \[r, 16\] to match past \(8, 16\)"):
+        ops.forgetting_penalty(p, a[:, :3], b)
+    with pytest.raises(ValueError, match=r"lora_B must have shape \[out, r\] = \[8, 2\]"):
+        ops.forgetting_penalty(p, a, b.T)
+    with pytest.raises(TypeError, match=r"mixed dtypes: lora_A is torch.float32 but lora_B is torch.float16"):
+        ops.forgetting_penalty(p, a, b.half())
+    with pytest.raises(ValueError, match=r"pasts is empty"):
+        ops.grouped_forgetting_penalty([], [], [])
+    with pytest.raises(ValueError, match=r"must have the same length, got 2, 1, 2"):
+        ops.grouped_forgetting_penalty([p, p], [a], [b, b])
+    with pytest.raises(ValueError, match=r"lora_As\[1\] must have shape"):
+        ops.grouped_forgetting_penalty([p, p], [a, a[:, :4]], [b, b])
+    with pytest.raises(TypeError, match=r"pasts must be a list or tuple of tensors, got Tensor"):
+        ops.grouped_forgetting_penalty(p, [a], [b])
+    with pytest.raises(ValueError, match=r"scales has 3 entries for 2 layers"):
+        ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=[1.0, 1.0, 1.0])
