@@ -1,0 +1,602 @@
+"""C-LoRA forgetting penalty and its gradients in one pass over ``past``: Triton kernels + launchers.
+
+What it computes (contract: ``docs/ARCHITECTURE.md``)
+-----------------------------------------------------
+For each adapted layer ``l`` with frozen past ``P`` ``[out, in]`` (the folded
+sum of earlier concepts' adapters), current factors ``A`` ``[r, in]``,
+``B`` ``[out, r]`` and LoRA scale ``s``::
+
+    M     = s * B @ A                    [out, in]   (never materialised: recomputed per tile)
+    loss  = sum_ij P_ij^2 * M_ij^2       0-dim fp32
+    G     = 2 * P^2 * M                  [out, in]   (registers only)
+    dA    = s * B^T @ G                  [r, in]     fp32
+    dB    = s * G @ A^T                  [out, r]    fp32
+
+The grouped launcher sums ``loss`` over all layers and returns every layer's
+``dA``/``dB``, with ONE main launch (plus one tiny reduction launch) for the
+whole model.  ``P`` is read exactly once per call; nothing of size
+``[out, in]`` is written.
+
+Kernels
+-------
+``_penalty_main_kernel`` -- one program per (layer, row block, column chunk).
+  The program loads ``B[rows, :]`` ``[BO, RP]`` once, then walks its column
+  chunk in ``BI``-wide steps: load ``A[:, cols]`` ``[RP, BI]`` and the ``P``
+  tile ``[BO, BI]``, ``M = s * B @ A`` (``tl.dot``), ``W = P^2 * M``,
+  ``loss += sum(W * M)``, ``dB_acc += W @ A^T`` (``tl.dot``), and the
+  column slice of ``dA`` from this row block, ``2s * B^T @ W`` ``[RP, BI]``
+  (``tl.dot``), stored at once.  ``dB`` is complete for the row block when
+  the chunk is the whole ``in`` dimension (the usual case) and is then stored
+  straight into the output; otherwise it is a partial.
+
+``_penalty_reduce_kernel`` -- sums partials in a fixed order: the per-row-block
+  ``dA`` partials ``[n_row_blocks, r, in]``, the per-column-chunk ``dB``
+  partials ``[n_col_chunks, out, r]`` (only when ``in`` was split) and the
+  per-program loss partials, always in the same order.
+
+Reduction choice: by default (``deterministic=True``) the per-row-block ``dA``
+partials go through an fp32 workspace: ``n_row_blocks * r * in * 4`` bytes
+written, then read once by the reduce kernel, i.e. ``8 r / (BO * sizeof(P))``
+extra bytes per byte of ``P`` *if* they reach HBM (``r = 16``, ``BO = 128``:
+25 % for fp32 ``P``, 50 % for bf16).  ``P`` is loaded with
+``eviction_policy="evict_first"`` so that the workspace (a few MB for a whole
+UNet) tends to stay in L2 until the reduce kernel reads it.  The result is
+bit-identical from run to run.  ``deterministic=False`` instead adds the
+``dA`` partials with fp32 atomics into one zeroed ``[r, in]`` slot per layer
+(no per-row-block partials; the order of the additions, hence the last bits,
+varies).  Which one is faster on an H100 was NOT measured (no GPU was
+available when this was written): benchmark both.  When a layer has a single
+row block, ``dA`` is stored straight into the output either way; ``dB`` and
+the loss never use atomics.
+
+Grouping: pointer-free offset tables
+------------------------------------
+All pasts must share one dtype, all ``A`` one dtype, all ``B`` one dtype
+(ranks, shapes and strides may differ per layer; per-layer ranks are
+supported, ``RP`` is the padded maximum rank).  The kernel receives the first
+layer's tensors as base pointers and a cached int64 *layer table* holding,
+per layer, the element offset of its tensors from those bases, its shape,
+strides, workspace offsets and split counts; a cached int32 *tile table* maps
+program id -> (layer, row block, column chunk).  Offsets from a base pointer
+(instead of raw pointers cast with ``.to(tl.pointer_type(...))``, which also
+works, in the interpreter too) let the compiler prove 16-byte alignment
+(``tl.multiple_of``) so ``P`` is read with 128-bit vector loads.  Both tables
+are built once per distinct (device, dtypes, data pointers, shapes, strides,
+scales, block config) and cached (LRU), so a training step does no
+host->device table build.  The outputs (per-layer ``dA``, ``dB`` and the
+loss, separate tensors because a custom op's outputs may not alias each
+other) are reached through a small int64 table of their data pointers, cached
+per output address tuple (the caching allocator hands out the same blocks
+step after step); a miss costs one pinned non-blocking copy.
+
+Precision
+---------
+``past``, ``A`` and ``B`` may have different dtypes in {fp32, fp16, bf16}
+(e.g. bf16 past with fp32 factors); every loaded tile is upcast to fp32 right
+after the load on every path (this is also what the Triton interpreter needs:
+it computes bf16 on raw bits), accumulation is fp32.  The three products use
+``tl.dot`` on fp32 operands (rank padded to ``RP >= 16``).  Its
+``input_precision`` follows PyTorch's float32 matmul setting unless given:
+``"ieee"`` (exact fp32 FMA) when ``torch.get_float32_matmul_precision()`` is
+``"highest"`` (the default) and both factors are fp32; ``"tf32"`` (tensor
+cores) when it is ``"high"``/``"medium"`` or when both factors are fp16/bf16
+(their values are exact in TF32, so ``M`` keeps full accuracy).  Explicit
+rank-loop FMAs were not used: extracting a rank column from a register tile
+is not expressible in Triton, and the reductions for ``dA``/``dB`` would
+become ``r`` separate cross-thread reductions per tile.  In the interpreter
+fp32 dots are exact whatever the precision.
+
+Outputs are allocated with ``torch.empty``; set ``CLORA_FAST_POISON=1`` to
+fill outputs and workspaces with NaN first, so any entry a kernel fails to
+write shows up in tests.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import os
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward"]
+
+# layer table fields (int64, one row of _NF per layer)
+_F_POFF, _F_AOFF, _F_BOFF = 0, 1, 2          # element offsets from the base tensors
+_F_OUT, _F_IN, _F_R = 3, 4, 5
+_F_SP0, _F_SP1, _F_SA0, _F_SA1, _F_SB0, _F_SB1 = 6, 7, 8, 9, 10, 11
+_F_DAWS, _F_DBWS = 12, 13                    # workspace offsets of the dA / dB partials
+_F_NRB, _F_NCS, _F_CI = 14, 15, 16           # row blocks, column chunks, chunk width
+_NF = 17
+# reduction table fields (int64, one row per reduction program)
+_R_SRC, _R_NPARTS, _R_PSTRIDE, _R_START, _R_END, _R_SLOT, _R_ISSUM = range(7)
+_NRF = 7
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _penalty_main_kernel(
+    layer_tab, tile_tab, scale_tab, out_tab,
+    p_base, a_base, b_base, ws_ptr,
+    loss_ws_off,
+    NF: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+    VEC_P: tl.constexpr, P_UNIT: tl.constexpr, VEC_A: tl.constexpr, A_UNIT: tl.constexpr,
+    PRECISION: tl.constexpr, DA_ATOMIC: tl.constexpr,
+):
+    """Penalty, dA, dB for one (layer, row block, column chunk).
+
+    Program ``pid`` reads ``tile_tab[pid] = (layer, rb, cs)`` and the layer's row
+    ``layer_tab[layer, :NF]``.  With ``rows = rb*BO + [0, BO)`` and the chunk
+    ``cols in [cs*CI, min((cs+1)*CI, in))``::
+
+        b      = B[rows, :r]                                      [BO, RP]  (zero-padded)
+        for each BI-wide step of the chunk:
+            a  = A[:r, cols]                                      [RP, BI]
+            p  = P[rows, cols]                                    [BO, BI]
+            m  = s * b @ a                                        [BO, BI]
+            w  = p^2 * m                                          (= G / 2)
+            loss_acc += tl.sum(w * m, axis=1)
+            dB_acc   += w @ a^T                                   [BO, RP]
+            dA_part   = 2s * b^T @ w                              [RP, BI] -> ws or dA
+        dB part = 2s * dB_acc                                     -> dB (one chunk) or ws
+        loss part = sum(loss_acc)                                 -> ws[loss_ws_off + pid]
+
+    ``out_tab`` holds the data pointers of the outputs: ``2*l`` -> dA_l, ``2*l+1``
+    -> dB_l (fp32, contiguous).  All loads are upcast to fp32 at once.
+    """
+    pid = tl.program_id(0)
+    lay = tl.load(tile_tab + 3 * pid)
+    rb = tl.load(tile_tab + 3 * pid + 1)
+    cs = tl.load(tile_tab + 3 * pid + 2)
+    row = layer_tab + lay.to(tl.int64) * NF
+    p_off = tl.load(row + 0)
+    a_off = tl.load(row + 1)
+    b_off = tl.load(row + 2)
+    n_out = tl.load(row + 3)
+    n_in = tl.load(row + 4)
+    r = tl.load(row + 5)
+    sp0 = tl.load(row + 6)
+    sp1 = tl.load(row + 7)
+    sa0 = tl.load(row + 8)
+    sa1 = tl.load(row + 9)
+    sb0 = tl.load(row + 10)
+    sb1 = tl.load(row + 11)
+    da_ws = tl.load(row + 12)
+    db_ws = tl.load(row + 13)
+    n_rb = tl.load(row + 14)
+    n_cs = tl.load(row + 15)
+    ci = tl.load(row + 16)
+    s = tl.load(scale_tab + lay)
+    if VEC_P > 1:
+        # host checked: every past is VEC_P-element aligned, row stride and `in` multiples of VEC_P
+        p_off = tl.multiple_of(p_off, VEC_P)
+        sp0 = tl.multiple_of(sp0, VEC_P)
+        n_in = tl.multiple_of(n_in, VEC_P)
+    if VEC_A > 1:
+        a_off = tl.multiple_of(a_off, VEC_A)
+        sa0 = tl.multiple_of(sa0, VEC_A)
+
+    rows = rb * BO + tl.arange(0, BO)
+    rmask = rows < n_out
+    ks = tl.arange(0, RP)
+    kmask = ks < r
+    rows64 = rows.to(tl.int64)
+
+    b = tl.load(b_base + b_off + rows64[:, None] * sb0 + ks[None, :] * sb1,
+                mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)      # [BO, RP]
+    db_acc = tl.zeros([BO, RP], dtype=tl.float32)
+    loss_acc = tl.zeros([BO], dtype=tl.float32)
+    two_s = 2.0 * s
+
+    col_start = tl.multiple_of(cs.to(tl.int64) * ci, BI)
+    col_end = tl.minimum(col_start + ci, n_in)
+    if VEC_P > 1:
+        col_end = tl.multiple_of(col_end, VEC_P)
+    p_rows = p_base + p_off + rows64[:, None] * sp0                                   # [BO, 1]
+    a_rows = a_base + a_off + ks[:, None].to(tl.int64) * sa0                          # [RP, 1]
+    if DA_ATOMIC:   # one zeroed [r, in] slot per layer, every row block adds into it
+        da_rows_ws = ws_ptr + da_ws + ks[:, None].to(tl.int64) * n_in
+    else:           # one [r, in] slot per row block, summed in order by the reduce kernel
+        da_rows_ws = ws_ptr + da_ws + rb.to(tl.int64) * (r * n_in) + ks[:, None].to(tl.int64) * n_in
+    da_direct = n_rb == 1
+    da_out = tl.load(out_tab + 2 * lay).to(tl.pointer_type(tl.float32))
+    da_rows_out = da_out + ks[:, None].to(tl.int64) * n_in
+    for c0 in range(col_start, col_end, BI):
+        cols = c0 + tl.arange(0, BI)
+        cmask = cols < col_end
+        if A_UNIT:
+            a_ptrs = a_rows + cols[None, :]
+        else:
+            a_ptrs = a_rows + cols[None, :] * sa1
+        a = tl.load(a_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [RP, BI]
+        if P_UNIT:
+            p_ptrs = p_rows + cols[None, :]
+        else:
+            p_ptrs = p_rows + cols[None, :] * sp1
+        # P is streamed once: evict it first so A, B and the workspace stay in L2
+        p = tl.load(p_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)                     # [BO, BI]
+        m = tl.dot(b, a, input_precision=PRECISION) * s                              # [BO, BI]
+        w = (p * p) * m                                                               # G / 2
+        loss_acc += tl.sum(w * m, axis=1)
+        db_acc = tl.dot(w, tl.trans(a), db_acc, input_precision=PRECISION)           # [BO, RP]
+        da_part = tl.dot(tl.trans(b), w, input_precision=PRECISION) * two_s          # [RP, BI]
+        da_mask = kmask[:, None] & cmask[None, :]
+        if da_direct:
+            tl.store(da_rows_out + cols[None, :], da_part, mask=da_mask)
+        elif DA_ATOMIC:
+            tl.atomic_add(da_rows_ws + cols[None, :], da_part, mask=da_mask)
+        else:
+            tl.store(da_rows_ws + cols[None, :], da_part, mask=da_mask)
+
+    db_part = db_acc * two_s
+    db_mask = rmask[:, None] & kmask[None, :]
+    if n_cs == 1:
+        db_out = tl.load(out_tab + 2 * lay + 1).to(tl.pointer_type(tl.float32))
+        tl.store(db_out + rows64[:, None] * r + ks[None, :], db_part, mask=db_mask)
+    else:
+        tl.store(ws_ptr + db_ws + cs.to(tl.int64) * (n_out * r) + rows64[:, None] * r + ks[None, :],
+                 db_part, mask=db_mask)
+    tl.store(ws_ptr + loss_ws_off + pid, tl.sum(loss_acc, axis=0))
+
+
+@triton.jit
+def _penalty_reduce_kernel(red_tab, out_tab, ws_ptr, NRF: tl.constexpr, BLOCK: tl.constexpr):
+    """Deterministic sum of workspace partials into an output.
+
+    Program ``pid`` reads ``red_tab[pid] = (src, n_parts, part_stride, start, end, slot, is_sum)``
+    and, for ``j in [start, end)``::
+
+        acc[j] = sum_{k < n_parts} ws[src + k * part_stride + j]     (k in increasing order)
+
+    then stores ``out[j] = acc[j]`` into the fp32 output whose data pointer is
+    ``out_tab[slot]`` (``n_parts == 0`` writes zeros), or, when ``is_sum``, the scalar
+    ``out[0] = sum_j acc[j]`` (the loss).
+    """
+    pid = tl.program_id(0)
+    e = red_tab + pid.to(tl.int64) * NRF
+    src = tl.load(e + 0)
+    n_parts = tl.load(e + 1)
+    pstride = tl.load(e + 2)
+    start = tl.load(e + 3)
+    end = tl.load(e + 4)
+    slot = tl.load(e + 5)
+    is_sum = tl.load(e + 6)
+    out = tl.load(out_tab + slot).to(tl.pointer_type(tl.float32))
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        m = offs < end
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(0, n_parts):
+            acc += tl.load(ws_ptr + src + k * pstride + offs, mask=m, other=0.0)
+        if is_sum == 0:
+            tl.store(out + offs, acc, mask=m)
+        total += acc
+    if is_sum != 0:
+        tl.store(out, tl.sum(total, axis=0))
+
+
+# ----------------------------------------------------------------------------------------------
+# host side: configuration, cached plans
+# ----------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _poison() -> bool:
+    return os.environ.get("CLORA_FAST_POISON", "0") == "1"
+
+
+def _empty(shape, device, poison: bool) -> torch.Tensor:
+    t = torch.empty(shape, dtype=torch.float32, device=device)
+    if poison:
+        t.fill_(float("nan"))
+    return t
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# GPU tile configs (BO, BI, num_warps) per padded rank, chosen so that ptxas (sm_90, Triton 3.8,
+# num_stages=3) reports no register spills: the [BO, BI] fp32 tiles (P, M, W) plus the [BO, RP]
+# B tile and dB accumulator must fit 255 registers/thread.  Larger BO means fewer dA partials.
+_GPU_CONFIGS = {
+    "tf32": {16: (128, 64, 8), 32: (128, 32, 8), 64: (64, 64, 8), 128: (64, 32, 8)},
+    "ieee": {16: (128, 32, 8), 32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 32, 8)},
+}
+
+
+def _config(outs: Sequence[int], ins: Sequence[int], rp: int, precision: str, interpret: bool,
+            block_o: Optional[int], block_i: Optional[int]) -> Tuple[int, int, int]:
+    """(BO, BI, num_warps).  GPU: the spill-free table above.  Interpreter: few, large
+    programs (each costs ~1 ms whatever its size)."""
+    if interpret:
+        bo = min(max(_pow2(max(outs)), 16), 128)
+        bi = min(max(_pow2(max(ins)), 16), 128)
+        warps = 4
+    else:
+        table = _GPU_CONFIGS["tf32" if precision == "tf32" else "ieee"]
+        bo, bi, warps = table[min(rp, 128)] if rp <= 128 else (32, 32, 8)
+    if block_o is not None:
+        bo = int(block_o)
+    if block_i is not None:
+        bi = int(block_i)
+    for name, v in (("block_o", bo), ("block_i", bi)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    return bo, bi, warps
+
+
+class _Plan:
+    """Device tables and sizes for one (layers, dtypes, config) combination."""
+
+    def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
+                 block_o, block_i, col_splits):
+        L = len(pasts)
+        outs = [int(p.shape[0]) for p in pasts]
+        ins = [int(p.shape[1]) for p in pasts]
+        ranks = [int(a.shape[0]) for a in lora_As]
+        self.rp = max(16, _pow2(max(ranks)))
+        self.bo, self.bi, self.num_warps = _config(outs, ins, self.rp, precision, interpret, block_o, block_i)
+        self.deterministic = deterministic
+        bo, bi = self.bo, self.bi
+        esize = pasts[0].element_size()
+        n_rb = [math.ceil(o / bo) if i > 0 else 0 for o, i in zip(outs, ins)]
+        n_ib = [math.ceil(i / bi) for i in ins]
+
+        # column splits: fill the GPU when there are too few row blocks
+        if col_splits is not None:
+            want = max(1, int(col_splits))
+        elif interpret or device.type != "cuda":
+            want = 1
+        else:
+            target = 2 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+            total = max(1, sum(n_rb))
+            want = 1 if total >= target else math.ceil(target / total)
+        n_cs, ci = [], []
+        for nib in n_ib:
+            k = max(1, min(want, nib))
+            steps = math.ceil(nib / k) if nib else 1
+            ci.append(steps * bi)
+            n_cs.append(math.ceil(nib / steps) if nib else 1)
+
+        p0, a0, b0 = pasts[0].data_ptr(), lora_As[0].data_ptr(), lora_Bs[0].data_ptr()
+        ae, be = lora_As[0].element_size(), lora_Bs[0].element_size()
+        vec = 16 // esize
+        p_unit = all(p.stride(1) == 1 or p.shape[1] <= 1 for p in pasts)
+        aligned = p_unit and all((p.data_ptr() - p0) % 16 == 0 and p.data_ptr() % 16 == 0
+                                 and (p.stride(0) % vec == 0 or p.shape[0] <= 1)
+                                 and p.shape[1] % vec == 0 for p in pasts)
+        self.vec_p = vec if aligned else 1
+        self.p_unit = p_unit
+        # same for A (only used when every layer's `in` is a multiple of both vector widths)
+        vec_a = 16 // ae
+        a_unit = all(a.stride(1) == 1 or a.shape[1] <= 1 for a in lora_As)
+        a_aligned = (a_unit and self.vec_p > 1
+                     and all(a.data_ptr() % 16 == 0 and (a.stride(0) % vec_a == 0 or a.shape[0] <= 1)
+                             and a.shape[1] % vec_a == 0 for a in lora_As))
+        self.vec_a = vec_a if a_aligned else 1
+        self.a_unit = a_unit
+
+        rows, tiles, red = [], [], []
+        ws = 0
+        for l in range(L):
+            p, a, b = pasts[l], lora_As[l], lora_Bs[l]
+            o, i, r = outs[l], ins[l], ranks[l]
+            da_ws = db_ws = 0
+            if n_rb[l] > 1:
+                da_ws = ws
+                ws += _align4((n_rb[l] if deterministic else 1) * r * i)
+            if n_cs[l] > 1 and n_rb[l] > 0:
+                db_ws = ws
+                ws += _align4(n_cs[l] * o * r)
+            rows.append([(p.data_ptr() - p0) // esize, (a.data_ptr() - a0) // ae, (b.data_ptr() - b0) // be,
+                         o, i, r, p.stride(0), p.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         da_ws, db_ws, n_rb[l], n_cs[l], ci[l]])
+            for rb in range(n_rb[l]):
+                for cs in range(n_cs[l]):
+                    tiles.append((ci[l], l, rb, cs))
+        # longest programs first (largest chunk width), layer-major otherwise
+        tiles.sort(key=lambda t: -t[0])
+        self.n_prog = len(tiles)
+        self.loss_ws = ws
+        ws += _align4(self.n_prog)
+        self.ws_numel = ws
+
+        rblk = 8192 if interpret else 2048
+        for l in range(L):
+            o, i, r = outs[l], ins[l], ranks[l]
+            da_ws, db_ws = rows[l][_F_DAWS], rows[l][_F_DBWS]
+            if n_rb[l] != 1:            # several row blocks (or none: zeros)
+                for st in range(0, r * i, rblk):
+                    nparts = n_rb[l] if (deterministic or n_rb[l] == 0) else 1
+                    red.append([da_ws, nparts, r * i, st, min(st + rblk, r * i), 2 * l, 0])
+            if n_cs[l] > 1 or n_rb[l] == 0:
+                nparts = n_cs[l] if n_rb[l] > 0 else 0
+                for st in range(0, o * r, rblk):
+                    red.append([db_ws, nparts, o * r, st, min(st + rblk, o * r), 2 * l + 1, 0])
+        red.append([self.loss_ws, 1, 0, 0, self.n_prog, 2 * L, 1])
+        self.n_red = len(red)
+        self.rblk = rblk
+
+        self.layer_tab = torch.tensor(rows, dtype=torch.int64).reshape(L, _NF).to(device)
+        self.tile_tab = torch.tensor([t[1:] for t in tiles] or [[0, 0, 0]], dtype=torch.int32).to(device)
+        self.red_tab = torch.tensor(red, dtype=torch.int64).to(device)
+        self.scale_tab = torch.tensor([float(s) for s in scales], dtype=torch.float32).to(device)
+        self.shapes = [(r, i, o) for r, i, o in zip(ranks, ins, outs)]
+        self.out_tabs: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+    def out_table(self, ptrs: Tuple[int, ...], device) -> torch.Tensor:
+        t = self.out_tabs.get(ptrs)
+        if t is not None:
+            self.out_tabs.move_to_end(ptrs)
+            return t
+        host = torch.tensor(ptrs, dtype=torch.int64)
+        if device.type == "cuda":
+            t = host.pin_memory().to(device, non_blocking=True)
+        else:
+            t = host
+        self.out_tabs[ptrs] = t
+        if len(self.out_tabs) > 8:
+            self.out_tabs.popitem(last=False)
+        return t
+
+
+def _align4(n: int) -> int:
+    return (n + 3) // 4 * 4
+
+
+_PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
+_MAX_PLANS = 32
+
+
+def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
+          block_o, block_i, col_splits) -> _Plan:
+    key = (device, interpret, precision, deterministic, block_o, block_i, col_splits,
+           pasts[0].dtype, lora_As[0].dtype, lora_Bs[0].dtype,
+           tuple(scales),
+           tuple((p.data_ptr(), tuple(p.shape), p.stride(), a.data_ptr(), tuple(a.shape), a.stride(),
+                  b.data_ptr(), tuple(b.shape), b.stride()) for p, a, b in zip(pasts, lora_As, lora_Bs)))
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
+                     block_o, block_i, col_splits)
+        _PLANS[key] = plan
+        if len(_PLANS) > _MAX_PLANS:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
+
+
+def clear_cache() -> None:
+    """Drop every cached plan (layer/tile/output tables)."""
+    _PLANS.clear()
+
+
+def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[str]) -> str:
+    if requested is not None:
+        if requested not in ("ieee", "tf32", "tf32x3"):
+            raise ValueError(f"input_precision must be 'ieee', 'tf32' or 'tf32x3', got {requested!r}")
+        return requested
+    half = (torch.float16, torch.bfloat16)
+    if a_dtype in half and b_dtype in half:
+        return "tf32"
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _check(pasts, lora_As, lora_Bs, scales):
+    n = len(pasts)
+    if n == 0:
+        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
+    if len(lora_As) != n or len(lora_Bs) != n or len(scales) != n:
+        raise ValueError(f"pasts, lora_As, lora_Bs and scales must have the same length, got {n}, "
+                         f"{len(lora_As)}, {len(lora_Bs)}, {len(scales)}")
+    dev = pasts[0].device
+    for l in range(n):
+        p, a, b = pasts[l], lora_As[l], lora_Bs[l]
+        for name, t in (("pasts", p), ("lora_As", a), ("lora_Bs", b)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name}[{l}] must be a 2-D tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype not in _SUPPORTED:
+                raise ValueError(f"{name}[{l}] has dtype {t.dtype}; supported: fp32, fp16, bf16")
+            if t.device != dev:
+                raise ValueError(f"{name}[{l}] is on {t.device}, pasts[0] on {dev}: all on one device")
+        o, i = p.shape
+        if a.shape[1] != i or tuple(b.shape) != (o, a.shape[0]):
+            raise ValueError(f"layer {l}: past [out, in] = {tuple(p.shape)} needs lora_A [r, {i}] and lora_B "
+                             f"[{o}, r]; got lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}")
+        for name, t, t0 in (("pasts", p, pasts[0]), ("lora_As", a, lora_As[0]), ("lora_Bs", b, lora_Bs[0])):
+            if t.dtype != t0.dtype:
+                raise ValueError(f"{name}[{l}] has dtype {t.dtype} but {name}[0] has {t0.dtype}: the grouped "
+                                 f"kernel needs one dtype per role (pasts / lora_As / lora_Bs)")
+    if dev.type == "cpu" and not _interpreting():
+        raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+def grouped_forgetting_penalty_forward(
+    pasts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+    scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
+    deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None, col_splits: Optional[int] = None,
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
+
+    pasts[l] ``[out_l, in_l]``, lora_As[l] ``[r_l, in_l]``, lora_Bs[l] ``[out_l, r_l]``,
+    scales: one float per layer (or one float for all).  One dtype per role, any
+    strides, one device.  Returns ``(loss 0-dim fp32, [dA_l [r_l, in_l] fp32],
+    [dB_l [out_l, r_l] fp32])``: separate (non-aliasing) contiguous tensors.
+    ``dA_l = s_l B_l^T G_l``, ``dB_l = s_l G_l A_l^T``, ``G_l = 2 P_l^2 (s_l B_l A_l)``.
+
+    Keyword-only knobs: ``input_precision`` ('ieee' | 'tf32' | 'tf32x3', default from
+    torch's float32 matmul precision, see module doc), ``block_o``/``block_i`` (tile
+    sizes, powers of two >= 16) and ``col_splits`` (split ``in`` into that many chunks
+    per layer; default: only on a GPU, to fill it when there are few row blocks).
+    Two launches: the main kernel, then the deterministic partial reduction.
+    """
+    pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
+    if isinstance(scales, (int, float)):
+        scales = [float(scales)] * len(pasts)
+    scales = [float(s) for s in scales]
+    _check(pasts, lora_As, lora_Bs, scales)
+    device = pasts[0].device
+    interpret = _interpreting()
+    poison = _poison()
+    precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
+    deterministic = bool(deterministic)
+    plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
+                 block_o, block_i, col_splits)
+
+    dAs = [_empty((r, i), device, poison) for (r, i, o) in plan.shapes]
+    dBs = [_empty((o, r), device, poison) for (r, i, o) in plan.shapes]
+    loss = _empty((), device, poison)
+    ptrs = []
+    for da, db in zip(dAs, dBs):
+        ptrs += [da.data_ptr(), db.data_ptr()]
+    ptrs.append(loss.data_ptr())
+    out_tab = plan.out_table(tuple(ptrs), device)
+    if deterministic:
+        ws = _empty((max(plan.ws_numel, 4),), device, poison)
+    else:   # the atomic dA slots must start at zero (one memset for the whole workspace)
+        ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
+
+    if plan.n_prog > 0:
+        _penalty_main_kernel[(plan.n_prog,)](
+            plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
+            pasts[0], lora_As[0], lora_Bs[0], ws, plan.loss_ws,
+            NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
+            VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
+            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps, num_stages=3 if not interpret else 1,
+        )
+    _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
+    return loss, dAs, dBs
+
+
+def forgetting_penalty_forward(past: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                               scale: float = 1.0, **kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``loss = sum(P^2 * M^2)`` with ``M = scale * lora_B @ lora_A``, and its gradients.
+
+    past ``[out, in]`` (fp32/fp16/bf16), lora_A ``[r, in]``, lora_B ``[out, r]`` (their
+    own dtypes).  Returns ``(loss 0-dim fp32, dA [r, in] fp32, dB [out, r] fp32)`` with
+    ``G = 2 P^2 M``, ``dA = scale * B^T @ G``, ``dB = scale * G @ A^T``.  One pass over
+    ``past`` (the grouped kernel with one layer); keyword knobs as in
+    :func:`grouped_forgetting_penalty_forward`.
+    """
+    loss, dAs, dBs = grouped_forgetting_penalty_forward([past], [lora_A], [lora_B], [scale], **kwargs)
+    return loss, dAs[0], dBs[0]
