@@ -632,6 +632,23 @@ class CLoRAController(nn.Module):
             out[s.name] = (A.contiguous(), B.contiguous())
         return out
 
+    def export_lora(self, path, which: Union[int, str] = "merged", *, prefix: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:
+        """Write :meth:`export_factors` as a PEFT-style LoRA safetensors file: keys
+        ``<prefix><site>.lora_A.weight`` / ``.lora_B.weight`` (alpha = rank: the scale is in B).
+        ``prefix`` defaults to the adapter's ``lora_key_prefix`` (``"unet."`` for diffusers,
+        which ``pipe.load_lora_weights`` accepts). Written atomically."""
+        from safetensors.torch import save
+        from .bank import atomic_write_bytes
+        factors = self.export_factors(which)
+        if prefix is None:
+            prefix = getattr(self.adapter, "lora_key_prefix", "")
+        tensors = {}
+        for name, (A, B) in factors.items():
+            tensors[f"{prefix}{name}.lora_A.weight"] = (A if dtype is None else A.to(dtype)).detach().cpu().contiguous()
+            tensors[f"{prefix}{name}.lora_B.weight"] = (B if dtype is None else B.to(dtype)).detach().cpu().contiguous()
+        atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
     # ------------------------------------------------------------------ save / load
     def _identity(self) -> Dict[str, Any]:
         from .bank import model_identity

@@ -1,0 +1,669 @@
+"""C-LoRA for diffusers' Stable Diffusion UNets (SD 1.x, SD 2.x, SDXL).
+
+    import clora_fast
+    cl = clora_fast.patch(pipe)            # or a bare UNet2DConditionModel
+    idx = cl.begin_concept("<c1>")          # with a pipe: adds the token <c1>
+    loss = diffusion_loss + cl.penalty()
+    cl.end_concept(); cl.save("bank/"); cl.merge(); clora_fast.unpatch(pipe)
+
+What is adapted: ``to_k`` and ``to_v`` of every cross-attention module (``...attn2``),
+through diffusers' attention-processor API. Each ``attn2`` gets a plain-object processor
+(not an ``nn.Module``: the UNet's ``state_dict`` and submodules are unchanged) that calls
+the processor it replaced with a stand-in for the ``Attention`` module whose ``to_k`` and
+``to_v`` are the controller's projections; everything else (SDPA or classic attention,
+masks, ``norm_cross``, residual, ``rescale_output_factor``) is the replaced processor's own
+code. While the controller is :attr:`~CLoRAController.pristine` (no concept, nothing folded,
+or merged) the replaced processor is called with the real module: bit-identical outputs.
+
+Whole-UNet grouping: all ``attn2`` see the same ``encoder_hidden_states``. A forward
+pre-hook on the UNet computes every layer's K and V in one segmented launch
+(:meth:`CLoRAController.project_group`) *before* the UNet runs, i.e. outside any
+gradient-checkpointed block, and keeps them; each processor takes its slice when it gets
+that very tensor (same object and version, same controller state). The pre-hook result is
+reused across UNet calls only under ``torch.no_grad`` (denoising loops pass the same
+``prompt_embeds`` every step). Otherwise (another tensor, e.g. under reentrant
+checkpointing, ``norm_cross`` set, an ``encoder_hid_proj``, ``grouped=False``) each layer
+computes its K and V in one launch of its own (:meth:`CLoRAController.project_pair`);
+``logging.getLogger("clora_fast")`` says so at debug level.
+
+Personalized tokens (pipelines with ``tokenizer``/``text_encoder``, and SDXL's
+``tokenizer_2``/``text_encoder_2``): ``begin_concept("<c1>")`` adds the token to a copy of
+the tokenizer that the pipeline uses while patched, and gives it an embedding row (random
+normal, scaled to the mean norm of the existing rows) held as its own float32 parameter:
+the text encoder's input embedding is replaced by :class:`PersonalizedEmbedding`, which
+shares the original weight (``state_dict`` keys unchanged) and substitutes the rows of the
+new tokens. Only the current concept's row trains. A removed concept's token is retired:
+a prompt that uses it raises an error. :func:`unpatch` puts back the original tokenizer
+object, embedding module and processors: the pipeline is exactly as before.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..controller import DEFAULT_PENALTY_WEIGHT, CLoRAController, Site
+
+logger = logging.getLogger("clora_fast")
+
+__all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "export_lora", "PersonalizedEmbedding",
+           "DiffusersAdapter"]
+
+# unet -> adapter (weak: a dropped UNet takes its controller with it)
+_REGISTRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+_TEXT_SLOTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+
+def _unet_class():
+    try:
+        from diffusers import UNet2DConditionModel
+    except Exception:  # diffusers missing or broken
+        return None
+    return UNet2DConditionModel
+
+
+def _resolve(obj) -> Tuple[Any, Optional[Any]]:
+    """(unet, pipe or None) of a pipeline or a bare UNet; raises TypeError otherwise."""
+    cls = _unet_class()
+    if cls is None:
+        raise TypeError("clora_fast.integrations.diffusers needs the diffusers package (pip install diffusers)")
+    if isinstance(obj, cls):
+        return obj, None
+    unet = getattr(obj, "unet", None)
+    if isinstance(unet, cls):
+        return unet, obj
+    raise TypeError(f"expected a diffusers pipeline with a .unet (UNet2DConditionModel) or a UNet2DConditionModel, "
+                    f"got {type(obj).__module__}.{type(obj).__name__}")
+
+
+def can_patch(obj) -> bool:
+    """True for a diffusers pipeline whose ``.unet`` is a ``UNet2DConditionModel``, or such a UNet."""
+    cls = _unet_class()
+    if cls is None:
+        return False
+    return isinstance(obj, cls) or isinstance(getattr(obj, "unet", None), cls)
+
+
+def get_controller(obj) -> Optional[CLoRAController]:
+    """The controller of a patched pipeline/UNet, or None."""
+    try:
+        unet, _ = _resolve(obj)
+    except TypeError:
+        return None
+    ad = _REGISTRY.get(unet)
+    return None if ad is None else ad.controller
+
+
+# ------------------------------------------------------------------------------------ tokens
+class PersonalizedEmbedding(nn.Embedding):
+    """The text encoder's input embedding while patched: the original weight (the very same
+    Parameter, so ``state_dict`` is unchanged) plus one separate row per personalized token.
+    A prompt without personalized tokens gives bit-identical embeddings."""
+
+    def __init__(self, base: nn.Embedding):
+        nn.Module.__init__(self)
+        self.weight = base.weight
+        self.num_embeddings = base.num_embeddings
+        self.embedding_dim = base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.max_norm = base.max_norm
+        self.norm_type = base.norm_type
+        self.scale_grad_by_freq = base.scale_grad_by_freq
+        self.sparse = base.sparse
+        object.__setattr__(self, "clora_base", base)          # not a submodule
+        object.__setattr__(self, "clora_rows", {})            # token id -> Parameter [dim]
+        object.__setattr__(self, "clora_retired", {})         # token id -> token string
+
+    def _plain(self, ids):
+        return nn.functional.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
+                                       self.scale_grad_by_freq, self.sparse)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        rows, retired = self.clora_rows, self.clora_retired
+        if not rows and not retired:
+            return self._plain(input_ids)
+        special = torch.tensor(sorted(list(rows) + list(retired)), device=input_ids.device, dtype=input_ids.dtype)
+        hit = torch.isin(input_ids, special)
+        if not bool(hit.any()):
+            return self._plain(input_ids)
+        if retired:
+            for tid, tok in retired.items():
+                if bool((input_ids == tid).any()):
+                    raise ValueError(f"the prompt uses the token {tok!r} (id {tid}) of a concept that was removed "
+                                     f"(remove_concept): its token is retired")
+        out = self._plain(input_ids.masked_fill(hit, 0))
+        for tid, row in rows.items():
+            m = (input_ids == tid).unsqueeze(-1)
+            out = torch.where(m, row.to(device=out.device, dtype=out.dtype), out)
+        return out
+
+
+def _find_module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, mod in root.named_modules():
+        if mod is target:
+            return name
+    raise RuntimeError(f"could not locate the input embedding inside {type(root).__name__}")
+
+
+def _set_module(root: nn.Module, path: str, value: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, value)
+
+
+class _TextSlot:
+    """One (tokenizer, text encoder) pair of a pipeline."""
+
+    def __init__(self, pipe, tok_attr: str, enc_attr: str):
+        self.pipe = pipe
+        self.tok_attr, self.enc_attr = tok_attr, enc_attr
+        self.orig_tokenizer = getattr(pipe, tok_attr)
+        self.encoder: nn.Module = getattr(pipe, enc_attr)
+        base = self.encoder.get_input_embeddings()
+        if not isinstance(base, nn.Embedding) or isinstance(base, PersonalizedEmbedding):
+            raise TypeError(f"{enc_attr}.get_input_embeddings() must be a plain torch.nn.Embedding, got "
+                            f"{type(base).__name__}")
+        self.base = base
+        self.path = _find_module_path(self.encoder, base)
+        self.dim = base.embedding_dim
+        self.tokenizer = None
+        self.emb: Optional[PersonalizedEmbedding] = None
+
+    def install(self) -> None:
+        self.tokenizer = copy.deepcopy(self.orig_tokenizer)
+        self.emb = PersonalizedEmbedding(self.base)
+        _set_module(self.encoder, self.path, self.emb)
+        setattr(self.pipe, self.tok_attr, self.tokenizer)
+
+    def uninstall(self) -> None:
+        _set_module(self.encoder, self.path, self.base)
+        setattr(self.pipe, self.tok_attr, self.orig_tokenizer)
+
+    def has_token(self, token: str) -> bool:
+        return token in self.tokenizer.get_vocab()
+
+    def token_id(self, token: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(token))
+
+    def check_new_token(self, token: str) -> None:
+        if self.has_token(token):
+            raise ValueError(f"the token {token!r} already exists in pipe.{self.tok_attr}; a concept needs a new "
+                             f"token (e.g. '<c1>')")
+        trial = copy.deepcopy(self.tokenizer)
+        trial.add_tokens([token])
+        tid = trial.convert_tokens_to_ids(token)
+        ids = trial(token, add_special_tokens=False).input_ids
+        if list(ids) != [tid]:
+            raise ValueError(f"the token {token!r} does not tokenize to a single new id with pipe.{self.tok_attr} "
+                             f"(got {list(ids)}); use a lower-case token without spaces such as '<c1>'")
+
+    def add_token(self, token: str) -> int:
+        if not self.has_token(token):
+            self.tokenizer.add_tokens([token])
+        return self.token_id(token)
+
+    def new_row(self) -> nn.Parameter:
+        w = self.base.weight.detach()
+        mean_norm = w.float().norm(dim=1).mean()
+        v = torch.randn(self.dim, dtype=torch.float32, device=w.device)
+        v = v / v.norm() * mean_norm
+        return nn.Parameter(v)
+
+
+# ------------------------------------------------------------------------------------ processors
+class _ProjFn:
+    """What the replaced processor sees as ``attn.to_k`` / ``attn.to_v``."""
+    __slots__ = ("_call", "_role", "_linear")
+
+    def __init__(self, call, role: int, linear: nn.Linear):
+        self._call, self._role, self._linear = call, role, linear
+
+    def __call__(self, x):
+        return self._call.kv(self._role, x)
+
+    def __getattr__(self, name):  # weight, bias, in_features, out_features, ...
+        return getattr(self._linear, name)
+
+
+class _AttnProxy:
+    """Stands in for the ``Attention`` module: everything is the real module's except to_k/to_v."""
+
+    def __init__(self, attn, call):
+        object.__setattr__(self, "_attn", attn)
+        object.__setattr__(self, "to_k", _ProjFn(call, 0, attn.to_k))
+        object.__setattr__(self, "to_v", _ProjFn(call, 1, attn.to_v))
+
+    def __getattr__(self, name):
+        return getattr(object.__getattribute__(self, "_attn"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_attn"), name, value)
+
+
+class _LayerCall:
+    """K/V of one attn2 for one processor call: from the grouped cache, else both in one launch."""
+    __slots__ = ("adapter", "layer", "_x", "_pair")
+
+    def __init__(self, adapter, layer):
+        self.adapter, self.layer = adapter, layer
+        self._x = None
+        self._pair = None
+
+    def kv(self, role: int, x: Tensor) -> Tensor:
+        outs = self.adapter._cached(self.layer, x)
+        if outs is not None:
+            return outs[role]
+        if self._pair is None or x is not self._x:
+            ctrl = self.adapter.controller
+            self._pair = ctrl.project_pair(self.layer.k_site, self.layer.v_site, x)
+            self._x = x
+        return self._pair[role]
+
+
+class CLoRAAttnProcessor:
+    """Wraps the processor an ``attn2`` had; a plain object holding a reference to the adapter."""
+
+    def __init__(self, adapter, layer, inner):
+        self.adapter = adapter
+        self.layer = layer
+        self.inner = inner
+
+    def __call__(self, attn, *args, **kwargs):
+        ad = self.adapter
+        if ad.controller.pristine:
+            return self.inner(attn, *args, **kwargs)
+        return self.inner(_AttnProxy(attn, _LayerCall(ad, self.layer)), *args, **kwargs)
+
+
+_PROCESSOR_CLASSES: Dict[type, type] = {}
+
+
+def _processor_class(inner_cls: type) -> type:
+    """A subclass whose ``__call__`` has the replaced processor's signature, so that
+    ``Attention.forward`` forwards exactly the cross_attention_kwargs it did before."""
+    cls = _PROCESSOR_CLASSES.get(inner_cls)
+    if cls is None:
+        sig = inspect.signature(inner_cls.__call__)
+
+        def __call__(self, attn, *args, **kwargs):
+            return CLoRAAttnProcessor.__call__(self, attn, *args, **kwargs)
+
+        __call__.__signature__ = sig
+        cls = type(f"CLoRA{inner_cls.__name__}", (CLoRAAttnProcessor,), {"__call__": __call__})
+        _PROCESSOR_CLASSES[inner_cls] = cls
+    return cls
+
+
+class _Layer:
+    __slots__ = ("name", "attn", "k_site", "v_site", "group", "gpos", "orig_processor")
+
+    def __init__(self, name, attn, k_site, v_site, group):
+        self.name, self.attn, self.k_site, self.v_site, self.group = name, attn, k_site, v_site, group
+        self.gpos = None
+        self.orig_processor = None
+
+
+# ------------------------------------------------------------------------------------ adapter
+class DiffusersAdapter:
+    """Finds the attn2 K/V projections of a UNet, installs the processors, the grouped pre-hook
+    and the personalized tokens; implements the controller's adapter protocol."""
+
+    lora_key_prefix = "unet."
+
+    def __init__(self, obj, grouped: bool = True):
+        self.unet, self.pipe = _resolve(obj)
+        if self.unet in _REGISTRY:
+            raise RuntimeError("this UNet is already patched by clora_fast; call clora_fast.unpatch(...) first")
+        if not isinstance(grouped, bool):
+            raise TypeError(f"grouped must be a bool, got {grouped!r}")
+        self.grouped = grouped
+        from diffusers.models.attention_processor import Attention
+        found = []
+        for name, mod in self.unet.named_modules():
+            if name.rsplit(".", 1)[-1] == "attn2" and isinstance(mod, Attention):
+                found.append((name, mod))
+        if not found:
+            raise ValueError(f"found no cross-attention (attn2) modules in {type(self.unet).__name__}")
+        self.sites: List[Site] = []
+        self.layers: List[_Layer] = []
+        in_dims = {}
+        for name, attn in found:
+            for proj in ("to_k", "to_v"):
+                lin = getattr(attn, proj, None)
+                if not isinstance(lin, nn.Linear) or not isinstance(lin.weight, Tensor) \
+                        or not lin.weight.is_floating_point():
+                    raise TypeError(f"{name}.{proj} must be a plain torch.nn.Linear with a floating weight to be "
+                                    f"adapted, got {type(lin).__name__} (unload other LoRA/quantization first)")
+            if getattr(attn, "fused_projections", False):
+                raise RuntimeError(f"{name} has fused projections (fuse_qkv_projections); call "
+                                   f"unet.unfuse_qkv_projections() before patching")
+            proc = attn.processor
+            if isinstance(proc, CLoRAAttnProcessor):
+                raise RuntimeError(f"{name} already has a clora_fast processor")
+            in_dims.setdefault(attn.to_k.in_features, []).append(name)
+        multi = len(in_dims) > 1
+        for name, attn in found:
+            grp = None
+            if attn.norm_cross is not None:
+                logger.debug("clora_fast: %s has norm_cross: its K/V are computed per layer", name)
+            elif not self.grouped:
+                pass
+            else:
+                grp = "unet.attn2" + (f":{attn.to_k.in_features}" if multi else "")
+            k = len(self.sites)
+            self.sites.append(Site(f"{name}.to_k", attn.to_k.weight, attn.to_k.bias, grp))
+            self.sites.append(Site(f"{name}.to_v", attn.to_v.weight, attn.to_v.bias, grp))
+            self.layers.append(_Layer(name, attn, k, k + 1, grp))
+        self.slots: List[_TextSlot] = []
+        if self.pipe is not None:
+            for tok_attr, enc_attr in _TEXT_SLOTS:
+                if getattr(self.pipe, tok_attr, None) is not None and getattr(self.pipe, enc_attr, None) is not None:
+                    self.slots.append(_TextSlot(self.pipe, tok_attr, enc_attr))
+        self.controller: Optional[CLoRAController] = None
+        self._hook = None
+        self._cache = None
+        self._logged = set()
+        # concept idx -> token string; per slot: concept idx -> row
+        self.tokens: Dict[int, str] = {}
+        self.rows: List[Dict[int, nn.Parameter]] = [dict() for _ in self.slots]
+        self.retired: List[str] = []   # tokens of removed concepts (still in the tokenizer, unusable)
+
+    # -- install ---------------------------------------------------------------------------
+    def install(self, controller: CLoRAController) -> None:
+        self.controller = controller
+        groups = {}
+        for layer in self.layers:
+            if layer.group is not None:
+                names = groups.setdefault(layer.group, controller.group_sites(layer.group))
+                layer.gpos = names.index(self.sites[layer.k_site].name), names.index(self.sites[layer.v_site].name)
+        done = []
+        try:
+            for layer in self.layers:
+                layer.orig_processor = layer.attn.processor
+                cls = _processor_class(type(layer.orig_processor))
+                layer.attn.set_processor(cls(self, layer, layer.orig_processor))
+                done.append(layer)
+            self._hook = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            for slot in self.slots:
+                slot.install()
+        except BaseException:
+            for layer in done:
+                layer.attn.set_processor(layer.orig_processor)
+            if self._hook is not None:
+                self._hook.remove()
+            raise
+        _REGISTRY[self.unet] = self
+
+    def uninstall(self) -> None:
+        ctrl = self.controller
+        if ctrl is not None and ctrl.merged:
+            ctrl.unmerge()
+        for layer in self.layers:
+            if layer.orig_processor is not None:
+                layer.attn.set_processor(layer.orig_processor)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        for slot in self.slots:
+            slot.uninstall()
+        self._cache = None
+        _REGISTRY.pop(self.unet, None)
+
+    def _log_once(self, key, msg, *args):
+        if key not in self._logged:
+            self._logged.add(key)
+            logger.debug(msg, *args)
+
+    # -- grouped K/V ------------------------------------------------------------------------
+    def _check_processors(self) -> None:
+        for layer in self.layers:
+            if not isinstance(layer.attn.processor, CLoRAAttnProcessor) or layer.attn.processor.adapter is not self:
+                raise RuntimeError(
+                    f"the attention processor of {layer.name} was replaced after clora_fast.patch (e.g. by "
+                    f"set_attn_processor / fuse_qkv_projections / enable_xformers...): the C-LoRA adapters would be "
+                    f"skipped. Call clora_fast.unpatch(...) first, change processors, then patch again")
+
+    @staticmethod
+    def _version(x: Tensor):
+        return None if x.is_inference() else x._version
+
+    def _autocast_key(self, x: Tensor):
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return None
+
+    def _pre_hook(self, module, args, kwargs):
+        self._check_processors()
+        ctrl = self.controller
+        if ctrl.pristine or not self.grouped or not ctrl.groups:
+            self._cache = None
+            return None
+        x = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        if not isinstance(x, Tensor):
+            self._cache = None
+            return None
+        if getattr(self.unet, "encoder_hid_proj", None) is not None:
+            self._log_once("hid_proj", "clora_fast: the UNet has an encoder_hid_proj: cross-attention K/V are "
+                                       "computed per layer")
+            self._cache = None
+            return None
+        grad = torch.is_grad_enabled()
+        key = (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device)
+        c = self._cache
+        if c is not None and not grad and not c["grad"] and c["x"] is x and c["key"] == key:
+            return None  # same prompt embeddings, same weights: reuse (denoising loop)
+        outs = {}
+        for group in ctrl.groups:
+            bundle_in = self.sites[[i for i, s in enumerate(self.sites) if s.group == group][0]].in_features
+            if x.shape[-1] != bundle_in:
+                self._log_once(("dim", group), "clora_fast: encoder_hidden_states has %d features, group %s expects "
+                                               "%d: per-layer K/V", x.shape[-1], group, bundle_in)
+                continue
+            outs[group] = ctrl.project_group(group, x)
+        self._cache = {"x": x, "key": key, "grad": grad, "outs": outs}
+        return None
+
+    def _cached(self, layer: _Layer, x: Tensor):
+        """(K, V) of ``layer`` from the grouped cache when it applies to ``x``, else None."""
+        if layer.group is None:
+            return None
+        c = self._cache
+        if c is None or c["x"] is not x or layer.group not in c["outs"]:
+            self._log_once(("miss", layer.name), "clora_fast: %s got encoder_hidden_states other than the UNet's "
+                                                 "(or no grouped pre-pass ran): per-layer K/V", layer.name)
+            return None
+        ctrl = self.controller
+        if c["key"] != (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device):
+            self._log_once(("stale", layer.name), "clora_fast: grouped K/V are stale for %s (weights or input "
+                                                  "changed): per-layer K/V", layer.name)
+            return None
+        outs = c["outs"][layer.group]
+        return outs[layer.gpos[0]], outs[layer.gpos[1]]
+
+    # -- adapter protocol -------------------------------------------------------------------
+    def on_state_change(self) -> None:
+        self._cache = None
+
+    def on_begin_concept(self, name: str, idx: int) -> None:
+        if not self.slots:
+            return
+        for slot in self.slots:
+            slot.check_new_token(name)
+        for s, slot in enumerate(self.slots):
+            slot.add_token(name)
+            self.rows[s][idx] = slot.new_row()
+            slot.emb.clora_rows[slot.token_id(name)] = self.rows[s][idx]
+        self.tokens[idx] = name
+
+    def on_end_concept(self, idx: int) -> None:
+        for rows in self.rows:
+            if idx in rows:
+                rows[idx].requires_grad_(False)
+
+    def on_remove_concept(self, idx: int) -> None:
+        tok = self.tokens.pop(idx, None)
+        if tok is None:
+            return
+        for s, slot in enumerate(self.slots):
+            self.rows[s].pop(idx, None)
+            tid = slot.token_id(tok)
+            slot.emb.clora_rows.pop(tid, None)
+            slot.emb.clora_retired[tid] = tok
+        self.retired.append(tok)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        idx = self.controller.active_concept
+        return [rows[idx] for rows in self.rows if idx in rows]
+
+    def token_embedding(self, idx: int, slot: int = 0) -> Tensor:
+        """The token embedding row of concept ``idx`` in text encoder ``slot`` (0, or 1 for SDXL's second)."""
+        return self.rows[slot][idx]
+
+    def extra_state(self, idx: int) -> Dict[str, Tensor]:
+        return {f"token_embedding.{s}": rows[idx] for s, rows in enumerate(self.rows) if idx in rows}
+
+    def extra_meta(self) -> Dict[str, Any]:
+        return {"kind": "diffusers.unet",
+                "text_slots": [{"tokenizer": s.tok_attr, "text_encoder": s.enc_attr, "dim": s.dim} for s in self.slots],
+                "tokens": {str(k): v for k, v in self.tokens.items()},
+                "retired_tokens": list(self.retired)}
+
+    def _parse_meta(self, meta):
+        from ..bank import BankError
+        if meta is None:
+            return [], {}, []
+        try:
+            slots = [(d["tokenizer"], d["text_encoder"], int(d["dim"])) for d in meta.get("text_slots", [])]
+            tokens = {int(k): str(v) for k, v in meta.get("tokens", {}).items()}
+            retired = [str(v) for v in meta.get("retired_tokens", [])]
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise BankError(f"bank manifest: the diffusers token section is malformed ({e})") from None
+        return slots, tokens, retired
+
+    def check_extra_state(self, meta, per_concept: Dict[int, Dict[str, Tensor]]) -> None:
+        from ..bank import BankError
+        slots, tokens, retired = self._parse_meta(meta)
+        if not self.slots:
+            if slots:
+                logger.warning("clora_fast: the bank has personalized token embeddings but a bare UNet was given: "
+                               "the tokens are not loaded (patch the pipeline to use them)")
+            return
+        if not slots:
+            logger.warning("clora_fast: the bank has no token embeddings (saved from a bare UNet): the concepts "
+                           "load without personalized tokens")
+            return
+        mine = [(s.tok_attr, s.enc_attr, s.dim) for s in self.slots]
+        if slots != mine:
+            raise BankError(f"the bank's text encoders {slots} do not match this pipeline's {mine}")
+        ours = set(self.tokens.values()) | set(self.retired)
+        for tok in list(tokens.values()) + list(retired):
+            for slot in self.slots:
+                if slot.has_token(tok) and tok not in ours:
+                    raise BankError(f"the bank's token {tok!r} already exists in pipe.{slot.tok_attr} and was not "
+                                    f"added by clora_fast")
+        for idx, tok in tokens.items():
+            t = per_concept.get(idx)
+            if t is None:
+                raise BankError(f"bank: token {tok!r} belongs to concept {idx}, which the bank does not hold")
+            for s, slot in enumerate(self.slots):
+                row = t.get(f"token_embedding.{s}")
+                if row is None or tuple(row.shape) != (slot.dim,) or not bool(torch.isfinite(row).all()):
+                    got = None if row is None else tuple(row.shape)
+                    raise BankError(f"bank: concept {idx} token embedding {s} has shape {got}, expected ({slot.dim},)")
+
+    def load_extra_state(self, meta, per_concept: Dict[int, Dict[str, Tensor]]) -> None:
+        if not self.slots:
+            return
+        slots, tokens, retired = self._parse_meta(meta)
+        if not slots:
+            tokens, retired = {}, []
+        # every token this adapter added before and the bank does not use stays retired
+        keep = set(tokens.values())
+        old = [t for t in list(self.tokens.values()) + list(self.retired) if t not in keep]
+        for slot in self.slots:
+            slot.emb.clora_rows.clear()
+            slot.emb.clora_retired.clear()
+        self.tokens, self.retired = {}, []
+        self.rows = [dict() for _ in self.slots]
+        for tok in old + [t for t in retired if t not in old]:
+            for slot in self.slots:
+                slot.emb.clora_retired[slot.add_token(tok)] = tok
+            self.retired.append(tok)
+        active = self.controller.active_concept
+        for idx in sorted(tokens):
+            tok = tokens[idx]
+            for s, slot in enumerate(self.slots):
+                tid = slot.add_token(tok)
+                slot.emb.clora_retired.pop(tid, None)
+                row = nn.Parameter(per_concept[idx][f"token_embedding.{s}"].detach().float().to(slot.base.weight.device),
+                                   requires_grad=(idx == active))
+                self.rows[s][idx] = row
+                slot.emb.clora_rows[tid] = row
+            self.tokens[idx] = tok
+
+
+# ------------------------------------------------------------------------------------ public API
+def patch(obj, *, rank: int = 16, alpha: Optional[float] = None, penalty_weight: Optional[float] = None,
+          backend: str = "auto", grouped: bool = True) -> CLoRAController:
+    """Adapt ``to_k``/``to_v`` of every cross-attention (attn2) of a diffusers pipeline's UNet
+    (or a bare ``UNet2DConditionModel``). ``penalty_weight=None`` means
+    :data:`clora_fast.controller.DEFAULT_PENALTY_WEIGHT`. ``grouped=False`` computes each
+    layer's K/V separately (for comparison / debugging). Returns the controller."""
+    adapter = DiffusersAdapter(obj, grouped=grouped)
+    ctrl = CLoRAController(adapter.sites, rank=rank, alpha=alpha,
+                           penalty_weight=DEFAULT_PENALTY_WEIGHT if penalty_weight is None else penalty_weight,
+                           backend=backend, adapter=adapter)
+    adapter.install(ctrl)
+    logger.debug("clora_fast: patched %d attn2 layers (%d projections), groups %s", len(adapter.layers),
+                 len(adapter.sites), ctrl.groups)
+    return ctrl
+
+
+def unpatch(obj) -> None:
+    """Undo :func:`patch`: processors, tokenizer(s), text-encoder embeddings and weights are
+    exactly as before (a merged controller is unmerged first). Learned concepts are dropped
+    (save them first)."""
+    unet, _ = _resolve(obj)
+    ad = _REGISTRY.get(unet)
+    if ad is None:
+        raise ValueError(f"this {type(obj).__name__} is not patched by clora_fast")
+    ad.uninstall()
+
+
+def load(obj, path, *, backend: str = "auto", grouped: bool = True) -> CLoRAController:
+    """Patch ``obj`` with the bank's rank/alpha/penalty weight and load the bank at ``path``.
+    If ``obj`` is already patched, the bank is loaded into its controller (its rank must
+    match). On any error nothing changes (a patch made here is undone)."""
+    from ..bank import read_manifest
+    unet, _ = _resolve(obj)
+    ad = _REGISTRY.get(unet)
+    if ad is not None:
+        ad.controller.load_bank(path)
+        return ad.controller
+    m = read_manifest(path)
+    ctrl = patch(obj, rank=m["rank"], alpha=float(m["alpha"]), penalty_weight=float(m["penalty_weight"]),
+                 backend=backend, grouped=grouped)
+    try:
+        ctrl.load_bank(path)
+    except BaseException:
+        unpatch(obj)
+        raise
+    return ctrl
+
+
+def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = None) -> None:
+    """Write a diffusers/PEFT-format LoRA safetensors file (keys
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, scale baked into B so alpha = rank)
+    of one concept (``which`` = its index) or of all finished concepts (``"merged"``), which
+    ``pipe.load_lora_weights(path)`` accepts. ``obj``: a patched pipeline/UNet or its controller."""
+    ctrl = obj if isinstance(obj, CLoRAController) else get_controller(obj)
+    if ctrl is None:
+        raise ValueError(f"export_lora: {type(obj).__name__} is not patched by clora_fast")
+    ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)

@@ -1,0 +1,357 @@
+"""CLoRAController on plain tensors (framework-free): projections, concepts, fold/remove,
+penalty against the reference, merge, export, validation."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from clora_fast import reference as R
+from clora_fast.controller import DEFAULT_PENALTY_WEIGHT, CLoRAController, Site
+
+IN = 12
+OUTS = (8, 16, 8, 24)
+
+
+def make_sites(seed=0, group="g", bias=False, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    sites = []
+    for i, o in enumerate(OUTS):
+        w = torch.randn(o, IN, generator=g, dtype=torch.float32).to(dtype)
+        b = torch.randn(o, generator=g).to(dtype) if (bias and i % 2 == 0) else None
+        sites.append(Site(f"layer{i // 2}.{'kv'[i % 2]}", w, b, group))
+    return sites
+
+
+def randomize(ctrl, std=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ctrl.trainable_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def expected(ctrl, i, x):
+    """x @ (W0 + P + s B A)^T + b computed by the reference, in float64."""
+    s = ctrl.sites[i]
+    w = s.weight.double() + ctrl.past(i).double()
+    A, B = ctrl.current_factors(i)
+    y = R.lora_projection(x.double(), w, A.detach().double(), B.detach().double(), ctrl.scale,
+                          None if s.bias is None else s.bias.double())
+    return y
+
+
+def test_default_penalty_weight_and_scale():
+    c = CLoRAController(make_sites(), rank=4)
+    assert c.penalty_weight == DEFAULT_PENALTY_WEIGHT
+    assert c.scale == 1.0 and c.alpha == 4.0
+    c2 = CLoRAController(make_sites(), rank=4, alpha=8, penalty_weight=5.0)
+    assert c2.scale == 2.0 and c2.penalty_weight == 5.0
+    assert c.groups == ["g"] and c.group_sites("g") == [s.name for s in c.sites]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(rank=0), "rank"), (dict(rank=9), "rank=9 exceeds"), (dict(alpha=-1.0), "alpha"),
+    (dict(penalty_weight=float("nan")), "penalty_weight"), (dict(backend="gpu"), "backend"),
+])
+def test_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        CLoRAController(make_sites(), **{"rank": 2, **kw})
+
+
+def test_bad_sites():
+    with pytest.raises(ValueError, match="empty"):
+        CLoRAController([])
+    s = make_sites()
+    s[1].name = s[0].name
+    with pytest.raises(ValueError, match="duplicate site name"):
+        CLoRAController(s)
+    s = make_sites()
+    s[2] = Site("odd", torch.randn(8, IN + 1), None, "g")
+    with pytest.raises(ValueError, match="must share in_features"):
+        CLoRAController(s, rank=2)
+    with pytest.raises(ValueError, match=r"weight must be a 2-D floating tensor"):
+        CLoRAController([Site("x", torch.zeros(3, dtype=torch.long))])
+    with pytest.raises(ValueError, match=r"bias must be None or a tensor of shape \[8\]"):
+        CLoRAController([Site("x", torch.randn(8, 4), torch.randn(7))], rank=2)
+    with pytest.raises(TypeError, match="Site"):
+        CLoRAController([("x", torch.randn(8, 4))])
+
+
+def test_pristine_is_bit_identical_to_linear():
+    sites = make_sites(bias=True)
+    c = CLoRAController(sites, rank=4, backend="reference")
+    x = torch.randn(3, 5, IN)
+    assert c.pristine
+    ys = c.project_group("g", x)
+    for i, s in enumerate(sites):
+        ref = nn.functional.linear(x, s.weight, s.bias)
+        assert torch.equal(c.project(i, x), ref)
+        assert torch.equal(ys[i], ref)
+    k, v = c.project_pair(0, 1, x)
+    assert torch.equal(k, nn.functional.linear(x, sites[0].weight, sites[0].bias))
+
+
+def test_fresh_concept_is_identity_change():
+    sites = make_sites(bias=True)
+    c = CLoRAController(sites, rank=4, backend="reference")
+    idx = c.begin_concept()
+    assert idx == 0 and c.active_concept == 0 and c.active_name == "<c1>"
+    x = torch.randn(2, 7, IN)
+    ys = c.project_group("g", x)
+    for i, s in enumerate(sites):
+        ref = nn.functional.linear(x, s.weight, s.bias)
+        A, B = c.current_factors(i)
+        assert torch.count_nonzero(B) == 0
+        # A is PEFT's Kaiming-uniform(a=sqrt(5)): bound 1/sqrt(in)
+        assert A.abs().max() <= 1 / math.sqrt(IN) + 1e-6 and A.abs().max() > 0.3 / math.sqrt(IN)
+        assert torch.equal(c.project(i, x), ref)          # per layer: bit-identical
+        torch.testing.assert_close(ys[i], ref, rtol=1e-6, atol=1e-6)  # grouped GEMM: same to fp tolerance
+
+
+def test_projections_match_reference_and_grouped_equals_per_layer():
+    sites = make_sites(bias=True)
+    c = CLoRAController(sites, rank=3, alpha=6.0, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.begin_concept()
+    randomize(c, seed=2)
+    x = torch.randn(2, 5, IN, dtype=torch.float32, requires_grad=True)
+    ys = c.project_group("g", x)
+    loss_g = sum((y * (j + 1)).sum() for j, y in enumerate(ys))
+    grads_g = torch.autograd.grad(loss_g, [x] + c.trainable_parameters())
+    for i in range(len(sites)):
+        torch.testing.assert_close(ys[i].double(), expected(c, i, x.detach()), rtol=1e-5, atol=1e-5)
+    per = [c.project(i, x) for i in range(len(sites))]
+    for a, b in zip(ys, per):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    loss_p = sum((y * (j + 1)).sum() for j, y in enumerate(per))
+    grads_p = torch.autograd.grad(loss_p, [x] + c.trainable_parameters())
+    for a, b in zip(grads_g, grads_p):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    k, v = c.project_pair(0, 1, x)
+    torch.testing.assert_close(k, per[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v, per[1], rtol=1e-6, atol=1e-6)
+    # names work as site keys
+    torch.testing.assert_close(c.project(sites[3].name, x), per[3])
+
+
+def test_input_validation_messages():
+    c = CLoRAController(make_sites(), rank=2)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 12\], got shape \(2, 5\)"):
+        c.project(0, torch.randn(2, 5))
+    with pytest.raises(KeyError, match="unknown site"):
+        c.project("nope", torch.randn(2, IN))
+    with pytest.raises(IndexError):
+        c.project(99, torch.randn(2, IN))
+    with pytest.raises(KeyError, match="unknown group"):
+        c.project_group("h", torch.randn(2, IN))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        c.project(0, [1.0] * IN)
+
+
+def test_penalty_zero_then_matches_reference_with_gradients():
+    c = CLoRAController(make_sites(), rank=3, alpha=1.5, penalty_weight=10.0, backend="reference")
+    assert float(c.penalty()) == 0.0          # no concept
+    c.begin_concept()
+    randomize(c)
+    p1 = c.penalty()
+    assert float(p1) == 0.0                   # first concept: P = 0 exactly
+    c.end_concept()
+    c.begin_concept()
+    randomize(c, seed=5)
+    pen = c.penalty()
+    params = c.trainable_parameters()
+    grads = torch.autograd.grad(pen, params)
+    # reference: autograd through clora_fast.reference on float64 copies of the same factors
+    As = [c.current_factors(i)[0].detach().double().requires_grad_(True) for i in range(c.num_sites)]
+    Bs = [c.current_factors(i)[1].detach().double().requires_grad_(True) for i in range(c.num_sites)]
+    ref = 10.0 * R.grouped_forgetting_penalty([c.past(i).double() for i in range(c.num_sites)], As, Bs,
+                                              [c.scale] * c.num_sites)
+    ref.backward()
+    assert float(pen.detach()) > 0
+    torch.testing.assert_close(pen.double(), ref.detach(), rtol=1e-5, atol=0)
+    # the flat parameters' gradients, split per site, equal the reference gradients
+    for i in range(c.num_sites):
+        gA = grads[0][i * 3:(i + 1) * 3]
+        o = c._bundles[0].offsets
+        gB = grads[1][o[i]:o[i + 1]]
+        torch.testing.assert_close(gA.double(), As[i].grad, rtol=1e-4, atol=1e-10)
+        torch.testing.assert_close(gB.double(), Bs[i].grad, rtol=1e-4, atol=1e-10)
+    c.end_concept()
+    assert float(c.penalty()) == 0.0          # no active concept
+
+
+def test_penalty_weight_zero_and_ungrouped_sites():
+    sites = make_sites(group=None)
+    c = CLoRAController(sites, rank=2, penalty_weight=0.0)
+    assert c.groups == [] and len(c._bundles) == len(sites)
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.begin_concept()
+    randomize(c)
+    assert float(c.penalty()) == 0.0
+    c.penalty_weight = 2.0
+    assert float(c.penalty()) > 0
+    # per-site bundles: trainable = one A and one B per site
+    assert len(c.trainable_parameters()) == 2 * len(sites)
+
+
+def test_fold_and_remove_arithmetic():
+    sites = make_sites()
+    c = CLoRAController(sites, rank=2, alpha=3.0, backend="reference")
+    saved = []
+    for t in range(3):
+        c.begin_concept(f"<t{t}>")
+        randomize(c, seed=10 + t)
+        saved.append([tuple(f.detach().clone() for f in c.current_factors(i)) for i in range(c.num_sites)])
+        c.end_concept()
+    s = c.scale
+    for i in range(c.num_sites):
+        P = sum(s * (B.float() @ A.float()) for A, B in (saved[t][i] for t in range(3)))
+        torch.testing.assert_close(c.past(i), P, rtol=1e-6, atol=1e-7)
+        wf = (sites[i].weight.float() + c.past(i)).to(sites[i].weight.dtype)
+        assert torch.equal(c.folded_weight(i), wf)
+    c.remove_concept(1)
+    assert [k.idx for k in c.concepts] == [0, 2]
+    # a controller that only ever folded concepts 0 and 2 has bit-identical P
+    c2 = CLoRAController(make_sites(), rank=2, alpha=3.0)
+    for t in (0, 2):
+        c2.begin_concept()
+        with torch.no_grad():
+            for i in range(c2.num_sites):
+                A, B = c2.current_factors(i)
+                A.copy_(saved[t][i][0])
+                B.copy_(saved[t][i][1])
+        c2.end_concept()
+    for i in range(c.num_sites):
+        assert torch.equal(c.past(i), c2.past(i))
+    with pytest.raises(KeyError, match="removed"):
+        c.remove_concept(1)
+    with pytest.raises(ValueError, match="already exists"):
+        c.begin_concept("<t1>")                  # names stay unique, even removed ones
+    c.remove_concept(0)
+    c.remove_concept(2)
+    assert not c.has_past and c.pristine     # back to the base model exactly
+    x = torch.randn(3, IN)
+    assert torch.equal(c.project(0, x), x @ sites[0].weight.T)
+
+
+def test_concept_lifecycle_errors_and_trainables():
+    c = CLoRAController(make_sites(), rank=2)
+    assert c.trainable_parameters() == []
+    with pytest.raises(RuntimeError, match="no concept is active"):
+        c.end_concept()
+    c.begin_concept("a")
+    with pytest.raises(RuntimeError, match="still active"):
+        c.begin_concept("b")
+    with pytest.raises(KeyError, match="still being learned"):
+        c.remove_concept(0)
+    with pytest.raises(RuntimeError, match="end_concept"):
+        c.merge()
+    params = c.trainable_parameters()
+    assert len(params) == 2 and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    assert params[0].shape == (4 * 2, IN) and params[1].shape == (sum(OUTS), 2)
+    with torch.no_grad():
+        params[1].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        c.end_concept()
+
+
+def test_merge_unmerge_bit_identical():
+    sites = make_sites(bias=True)
+    w0 = [s.weight.clone() for s in sites]
+    c = CLoRAController(sites, rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    x = torch.randn(4, IN)
+    dense = [c.project(i, x) for i in range(c.num_sites)]
+    grouped = c.project_group("g", x)
+    c.merge()
+    assert c.merged and c.pristine
+    for i, s in enumerate(sites):
+        assert torch.equal(s.weight, c.folded_weight(i))
+        assert torch.equal(c.project(i, x), dense[i])     # zero-overhead dense path, same bits
+        torch.testing.assert_close(grouped[i], dense[i], rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        c.begin_concept()
+    with pytest.raises(RuntimeError, match="already merged"):
+        c.merge()
+    c.unmerge()
+    for s, w in zip(sites, w0):
+        assert torch.equal(s.weight, w)
+    with pytest.raises(RuntimeError, match="not merged"):
+        c.unmerge()
+
+
+def test_export_factors_reconstruct_past():
+    c = CLoRAController(make_sites(), rank=2, alpha=5.0)
+    for t in range(2):
+        c.begin_concept()
+        randomize(c, seed=t)
+        c.end_concept()
+    f = c.export_factors("merged")
+    for i, s in enumerate(c.sites):
+        A, B = f[s.name]
+        assert A.shape == (4, IN) and B.shape == (s.out_features, 4)
+        torch.testing.assert_close(B @ A, c.past(i), rtol=1e-5, atol=1e-6)
+    one = c.export_factors(1)
+    A, B = one[c.sites[0].name]
+    k = c.concept(1)
+    torch.testing.assert_close(B @ A, k.scale * k.lora_B[0] @ k.lora_A[0])
+    with pytest.raises(KeyError):
+        c.export_factors(7)
+
+
+def test_no_grad_and_autocast_bf16():
+    c = CLoRAController(make_sites(bias=True), rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    x = torch.randn(2, 3, IN)
+    with torch.no_grad():
+        ys = c.project_group("g", x)
+        assert not ys[0].requires_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = c.project_group("g", x)
+        yp = c.project(1, x)
+    assert yb[0].dtype == torch.bfloat16 and yp.dtype == torch.bfloat16
+    for a, b in zip(yb, ys):
+        torch.testing.assert_close(a.float(), b, rtol=5e-2, atol=5e-2)
+    # gradients reach the fp32 parameters through the casts
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(y.float().sum() for y in c.project_group("g", x))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in c.trainable_parameters())
+
+
+def test_model_dtype_fp16_weights_cast_factors():
+    sites = make_sites(dtype=torch.float64)
+    c = CLoRAController(sites, rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    x = torch.randn(2, IN, dtype=torch.float64)
+    y = c.project(0, x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected(c, 0, x), rtol=1e-6, atol=1e-6)
+
+
+def test_triton_backend_matches_reference():
+    pytest.importorskip("triton")
+    import clora_fast
+    if "triton" not in clora_fast.available_backends():
+        pytest.skip("triton backend unavailable")
+    sites = make_sites()
+    ct = CLoRAController(sites, rank=2, backend="triton")
+    cr = CLoRAController(sites, rank=2, backend="reference")
+    for c in (ct, cr):
+        c.begin_concept()
+        randomize(c, seed=3)
+        c.end_concept()
+        c.begin_concept()
+        randomize(c, seed=4)
+    x = torch.randn(5, IN)
+    for a, b in zip(ct.project_group("g", x), cr.project_group("g", x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ct.penalty(), cr.penalty(), rtol=1e-4, atol=1e-6)
