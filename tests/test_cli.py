@@ -1,0 +1,321 @@
+"""clora-fast CLI: train (resumable), sample, train-vit dispatch, bad inputs."""
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("accelerate")
+
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from clora_fast import cli  # noqa: E402
+
+FAST = ["--resolution", "16", "--steps", "2", "--sample-steps", "1", "--samples-per-concept", "1",
+        "--batch-size", "2", "--no-progress", "--backend", "reference"]
+
+
+def _concept(root: Path, name: str, n: int = 2, seed: int = 0) -> str:
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        arr = (rng.random((20, 24, 3)) * 255).astype(np.uint8)   # non-square: center crop
+        Image.fromarray(arr).save(d / f"{i}.png")
+    return str(d)
+
+
+@pytest.fixture
+def concepts(tmp_path):
+    return [_concept(tmp_path / "data", "alpha", seed=1), _concept(tmp_path / "data", "beta", seed=2)]
+
+
+def _manifest(bank) -> dict:
+    with open(Path(bank) / "manifest.json") as f:
+        return json.load(f)
+
+
+def _concept_tensors(bank, idx: int) -> dict:
+    m = _manifest(bank)
+    return load_file(str(Path(bank) / m["files"][f"concept-{idx}"]["name"]))
+
+
+def _names(bank):
+    return [c["name"] for c in _manifest(bank)["concepts"]]
+
+
+def test_train_two_concepts_writes_bank_and_grids(tmp_path, concepts, capsys):
+    bank = tmp_path / "bank"
+    rc = cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "2"])
+    assert rc == 0
+    assert _names(bank) == ["<alpha>", "<beta>"]
+    assert _manifest(bank)["rank"] == 2
+    grids = sorted((tmp_path / "bank_samples").glob("*.png"))
+    assert [g.name for g in grids] == ["after_01_alpha.png", "after_02_beta.png"]
+    with Image.open(grids[1]) as im:
+        assert im.size[1] == 2 * 16          # one row per concept learned so far
+    with Image.open(grids[0]) as im:
+        assert im.size[1] == 16
+    # the trained factors moved away from the init (B starts at 0)
+    t = _concept_tensors(bank, 0)
+    b_keys = [k for k in t if k.endswith("lora_B")]
+    assert b_keys and any(float(t[k].abs().max()) > 0 for k in b_keys)
+    out = capsys.readouterr().out
+    assert "learned <alpha>" in out and "learned <beta>" in out
+
+
+def test_crash_mid_concept_then_resume(tmp_path, concepts, monkeypatch, capsys):
+    bank = tmp_path / "bank"
+    calls = []
+
+    def crash(pos, step):
+        calls.append((pos, step))
+        if pos == 1 and step == 0:
+            raise RuntimeError("boom: simulated crash")
+
+    monkeypatch.setattr(cli, "STEP_HOOK", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "2"])
+    assert calls == [(0, 0), (0, 1), (1, 0)]
+    # the bank holds exactly the finished concept, intact
+    assert _names(bank) == ["<alpha>"]
+    first = _concept_tensors(bank, 0)
+    manifest_before = (bank / "manifest.json").read_bytes()
+
+    calls.clear()
+    monkeypatch.setattr(cli, "STEP_HOOK", lambda pos, step: calls.append((pos, step)))
+    capsys.readouterr()
+    rc = cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST])
+    assert rc == 0
+    assert calls == [(1, 0), (1, 1)]                       # concept 1 skipped
+    assert "1 of 2 concepts already learned" in capsys.readouterr().out
+    assert _names(bank) == ["<alpha>", "<beta>"]
+    again = _concept_tensors(bank, 0)
+    assert again.keys() == first.keys()
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+    assert (bank / "manifest.json").read_bytes() != manifest_before
+
+    # a third run has nothing left to do and leaves the bank untouched
+    before = (bank / "manifest.json").read_bytes()
+    calls.clear()
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST]) == 0
+    assert calls == []
+    assert (bank / "manifest.json").read_bytes() == before
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_resume_rejects_other_order_and_rank(tmp_path, concepts, capsys):
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--concepts", concepts[1], concepts[0], "--out", str(bank), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "holds concepts ['<alpha>']" in err and "same order" in err
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "4"]) == 2
+    assert "--rank 2, not 4" in capsys.readouterr().err
+    assert _names(bank) == ["<alpha>"]
+
+
+def test_simulated_crash_env_in_subprocess_and_module_entry(tmp_path, concepts):
+    bank = tmp_path / "bank"
+    env = dict(os.environ, CLORA_FAST_CRASH_AT="1:1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "clora_fast.cli", "train", "--concepts", *concepts, "--out", str(bank),
+           *FAST, "--rank", "2", "--samples-per-concept", "0"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "simulated crash at concept 1 step 1" in r.stderr
+    assert _names(bank) == ["<alpha>"]
+    assert not (tmp_path / "bank_samples").exists()
+    env.pop("CLORA_FAST_CRASH_AT")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _names(bank) == ["<alpha>", "<beta>"]
+
+
+def test_sample_writes_png(tmp_path, concepts, capsys):
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2",
+                     "--samples-per-concept", "0"]) == 0
+    out = tmp_path / "img.png"
+    rc = cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--out", str(out),
+                   "--steps", "2", "--resolution", "16", "--backend", "reference"])
+    assert rc == 0
+    with Image.open(out) as im:
+        assert im.size == (16, 16) and im.mode == "RGB"
+    assert "concepts used: ['<alpha>']" in capsys.readouterr().out
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--out", str(grid),
+                     "--steps", "1", "--resolution", "16", "--num-images", "3"]) == 0
+    with Image.open(grid) as im:
+        assert im.size[1] == 16 and im.size[0] >= 3 * 16
+    # deterministic in the seed
+    out2 = tmp_path / "img2.png"
+    assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--out", str(out2),
+                     "--steps", "2", "--resolution", "16", "--backend", "reference"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(out2)))
+    # a token that is not in the bank: a warning, still an image
+    assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <gamma>", "--out", str(out2),
+                     "--steps", "1", "--resolution", "16"]) == 0
+    assert "['<gamma>'] are not in the bank" in capsys.readouterr().err
+
+
+def test_bank_model_mismatch_is_a_clear_error(tmp_path, concepts, capsys):
+    from clora_fast.builtin import build_pipeline
+
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2",
+                     "--samples-per-concept", "0"]) == 0
+    other = tmp_path / "other_model"
+    build_pipeline(seed=123).save_pretrained(str(other), safe_serialization=True)
+    capsys.readouterr()
+    rc = cli.main(["sample", "--bank", str(bank), "--model", str(other), "--prompt", "a photo of <alpha>",
+                   "--out", str(tmp_path / "x.png"), "--steps", "1"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "cannot load the bank" in err and "another base model" in err
+    assert not (tmp_path / "x.png").exists()
+    # resuming training on another model: same error, bank untouched
+    before = (bank / "manifest.json").read_bytes()
+    rc = cli.main(["train", "--model", str(other), "--concepts", *concepts, "--out", str(bank), *FAST])
+    assert rc == 2
+    assert "another base model" in capsys.readouterr().err
+    assert (bank / "manifest.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "file", "notimages"])
+def test_bad_concept_dirs(tmp_path, concepts, capsys, case):
+    bad = tmp_path / "bad"
+    if case == "empty":
+        bad.mkdir()
+    elif case == "file":
+        bad.write_text("x")
+    elif case == "notimages":
+        bad.mkdir()
+        (bad / "readme.txt").write_text("no images here")
+    rc = cli.main(["train", "--concepts", concepts[0], str(bad), "--out", str(tmp_path / "bank"), *FAST])
+    assert rc == 2
+    err = capsys.readouterr().err
+    expect = {"missing": "does not exist", "empty": "holds no images", "file": "is not a folder",
+              "notimages": "holds no images"}[case]
+    assert f"concept folder {str(bad)!r} {expect}" in err or f"concept path {str(bad)!r} {expect}" in err
+    assert not (tmp_path / "bank").exists()   # validation happens before any training
+
+
+def test_other_bad_inputs(tmp_path, concepts, capsys):
+    def run(*argv):
+        rc = cli.main(list(argv))
+        return rc, capsys.readouterr().err
+
+    bank = str(tmp_path / "bank")
+    # corrupt image
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    rc, err = run("train", "--concepts", str(broken), "--out", bank, *FAST)
+    assert rc == 2 and "cannot read image" in err and "a.png" in err
+    # two folders with the same token
+    dup = _concept(tmp_path / "other", "alpha")
+    rc, err = run("train", "--concepts", concepts[0], dup, "--out", bank, *FAST)
+    assert rc == 2 and "same token ['<alpha>']" in err
+    # --out is a non-empty folder that is not a bank
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "keep.txt").write_text("important")
+    rc, err = run("train", "--concepts", concepts[0], "--out", str(junk), *FAST)
+    assert rc == 2 and "holds no concept bank" in err
+    assert (junk / "keep.txt").read_text() == "important"
+    # unknown model
+    rc, err = run("train", "--model", str(tmp_path / "nomodel"), "--concepts", concepts[0], "--out", bank, *FAST)
+    assert rc == 2 and "neither a builtin model" in err
+    # sample: missing bank, not a png
+    rc, err = run("sample", "--bank", str(tmp_path / "nobank"), "--prompt", "x", "--out", str(tmp_path / "a.png"))
+    assert rc == 2 and "does not exist" in err
+    rc, err = run("sample", "--bank", str(junk), "--prompt", "x", "--out", str(tmp_path / "a.jpg"))
+    assert rc == 2 and ".png" in err
+    # a folder that is not a bank
+    rc, err = run("sample", "--bank", str(junk), "--prompt", "x", "--out", str(tmp_path / "a.png"))
+    assert rc == 2 and "manifest.json is missing" in err
+    # --lr must be positive; argparse-level errors exit 2 with the option named
+    rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST, "--lr", "0")
+    assert rc == 2 and "--lr must be a positive number" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--concepts", concepts[0], "--out", bank, "--steps", "0"])
+    assert e.value.code == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--concepts", concepts[0], "--out", bank, "--penalty-weight", "-1"])
+    assert "--penalty-weight must be a finite number >= 0" in capsys.readouterr().err
+    # no subcommand
+    assert cli.main([]) == 2
+    assert not Path(bank).exists()
+
+
+def test_prompts_file_json_and_lines(tmp_path, concepts, monkeypatch):
+    pj = tmp_path / "p.json"
+    pj.write_text(json.dumps({"alpha": "a drawing of {token} digit", "beta": "{token} on black"}))
+    assert cli.parse_prompts_file(str(pj)) == {"alpha": "a drawing of {token} digit", "beta": "{token} on black"}
+    pl = tmp_path / "p.txt"
+    pl.write_text("# comment\nalpha: a drawing of {token}: digit\n\nbeta:{token}\n")
+    assert cli.parse_prompts_file(str(pl)) == {"alpha": "a drawing of {token}: digit", "beta": "{token}"}
+    for text, msg in [
+        ("alpha a photo", "expected 'dirname: prompt'"),
+        ("alpha: a photo", "does not contain '{token}'"),
+        ("alpha: {token}\nalpha: {token}", "given twice"),
+        ("{\"alpha\": 3}", "JSON object of strings"),
+        ("{bad json", "not valid JSON"),
+        ("alpha: {token} {other}", "bad prompt template"),
+    ]:
+        pl.write_text(text)
+        with pytest.raises(cli.CLIError, match=msg.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
+            cli.parse_prompts_file(str(pl))
+    with pytest.raises(cli.CLIError, match="does not exist"):
+        cli.parse_prompts_file(str(tmp_path / "none.txt"))
+
+    # the prompt actually used in training comes from the file
+    seen = []
+    real = cli.train_concept
+
+    def spy(pipe, cl, lat_mean, lat_std, prompt, **kw):
+        seen.append(prompt)
+        return real(pipe, cl, lat_mean, lat_std, prompt, **kw)
+
+    monkeypatch.setattr(cli, "train_concept", spy)
+    pl.write_text("alpha: a drawing of {token}\n")
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(tmp_path / "bank"), *FAST, "--rank", "2",
+                     "--samples-per-concept", "0", "--prompts", str(pl)]) == 0
+    assert seen == ["a drawing of <alpha>", "a photo of <beta>"]
+    pl.write_text("gamma: {token}\n")
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(tmp_path / "b2"), *FAST,
+                     "--prompts", str(pl)]) == 2
+
+
+def test_concept_token_names():
+    assert cli.concept_token("/x/digit3") == "<digit3>"
+    assert cli.concept_token("/x/My Dog!/") == "<my_dog>"
+    with pytest.raises(cli.CLIError, match="cannot derive a token"):
+        cli.concept_token("/x/!!!")
+
+
+def test_train_vit_dispatch(monkeypatch, capsys):
+    got = []
+    fake = types.ModuleType("clora_fast.vit_train")
+    fake.cli_main = lambda argv: got.append(argv) or 7
+    monkeypatch.setitem(sys.modules, "clora_fast.vit_train", fake)
+    import clora_fast
+
+    monkeypatch.setattr(clora_fast, "vit_train", fake, raising=False)
+    assert cli.main(["train-vit", "--epochs", "1", "--help-me"]) == 7
+    assert got == [["--epochs", "1", "--help-me"]]
+    # module missing: clear error, exit status 2
+    monkeypatch.setitem(sys.modules, "clora_fast.vit_train", None)
+    monkeypatch.delattr(clora_fast, "vit_train", raising=False)
+    assert cli.main(["train-vit"]) == 2
+    assert "train-vit needs clora_fast.vit_train" in capsys.readouterr().err
