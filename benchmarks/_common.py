@@ -370,6 +370,13 @@ def fmt_ms(t: Optional[float]) -> str:
     return f"{t:.3f}"
 
 
+def fmt_num(x: Optional[float]) -> str:
+    """3 significant digits (GB/s, TFLOP/s: tiny on a CPU, large on a GPU)."""
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
 def fmt_ratio(x: Optional[float]) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.2f}x"
 

@@ -508,7 +508,7 @@ def report(bench: Bench, shapes) -> str:
         rows_md.append([case] + [cell(rows, k) for k in PROJ_METHODS] + [
             C.fmt_ratio(ratio(t, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(rows["peft"]["time_ms"], t)),
             C.fmt_ratio(ratio(rows["naive"]["time_ms"], t)),
-            f"{100 * rl:.0f}%" if rl else "n/a", f"{tf:.2f}" if tf else "n/a"])
+            f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(tf)])
     md += ["\n## kv_layer: one attention layer's K and V projections\n\n", C.md_table(hdr, rows_md)]
 
     hdr = ["case"] + ALL_METHODS + ["grouped/dense", "separate/grouped", "peft/grouped", "naive/grouped"]
@@ -523,22 +523,22 @@ def report(bench: Bench, shapes) -> str:
     md += [f"\n## unet_kv_all: all {len(shapes)} SD cross-attention K/V projections of one UNet forward\n\n",
            C.md_table(hdr, rows_md)]
 
-    hdr = ["case", "method", "time ms", "naive/this", "eager/this", "GB/s", "TFLOP/s", "roofline"]
-    rows_md = []
-    for case in cases_in_order(bench.results, "penalty"):
-        rows = bench.rows_of(case)
-        tn = rows["naive"]["time_ms"]
-        tr = rows["eager"]["time_ms"]
-        for m, r in rows.items():
-            if r["time_ms"] is None:
-                notes.setdefault(m, set()).add(r["status"])
-            rows_md.append([case, m, cell(rows, m), C.fmt_ratio(ratio(tn, r["time_ms"])),
-                            C.fmt_ratio(ratio(tr, r["time_ms"])),
-                            f"{r['gbps']:.0f}" if r.get("gbps") else "n/a",
-                            f"{r['tflops']:.2f}" if r.get("tflops") else "n/a",
-                            f"{100 * r['roofline_frac']:.0f}%" if r.get("roofline_frac") else "n/a"])
-    md += ["\n## penalty: forgetting penalty forward + gradient (grouped = all projections of the model)\n\n",
-           C.md_table(hdr, rows_md)]
+    for title, meths, pref in (("grouped over all K/V projections of the model", GPEN_METHODS, "grouped"),
+                               ("single layer", PEN_METHODS, "clora")):
+        hdr = ["case"] + meths + ["naive/ours", "eager/ours", "ours GB/s", "ours % of copy BW", "ours roofline"]
+        rows_md = []
+        for case in cases_in_order(bench.results, "penalty"):
+            rows = bench.rows_of(case)
+            if f"{pref}[reference]" not in rows:
+                continue
+            t, m = bench.best_ours(rows, pref)
+            r = rows[m] if m else {}
+            bw = r.get("gbps")
+            rows_md.append([case] + [cell(rows, k) for k in meths] + [
+                C.fmt_ratio(ratio(rows["naive"]["time_ms"], t)), C.fmt_ratio(ratio(rows["eager"]["time_ms"], t)),
+                C.fmt_num(bw), f"{100 * bw / bench.peaks['copy_gbps']:.3g}%" if bw else "n/a",
+                f"{100 * r['roofline_frac']:.3g}%" if r.get("roofline_frac") else "n/a"])
+        md += [f"\n## penalty, {title}: forward + gradient (dA, dB)\n\n", C.md_table(hdr, rows_md)]
     if notes:
         md.append("\n### n/a reasons\n\n")
         for m, why in notes.items():
@@ -593,8 +593,9 @@ def check_targets(bench: Bench) -> C.Targets:
         bw = rows[m].get("gbps") if m else None
         frac = (bw / bench.peaks["copy_gbps"]) if bw else None
         tg.check("penalty >= 70% of HBM bandwidth roofline", (frac >= 0.70) if frac else None,
-                 f"{case}: {bw:.0f} GB/s = {100 * frac:.0f}% of measured copy {bench.peaks['copy_gbps']:.0f} GB/s"
-                 f" (roofline fraction {100 * rl:.0f}%)" if frac and rl else "no data")
+                 f"{case}: {C.fmt_num(bw)} GB/s = {100 * frac:.3g}% of measured copy "
+                 f"{C.fmt_num(bench.peaks['copy_gbps'])} GB/s (roofline fraction {100 * rl:.3g}%)"
+                 if frac and rl else "no data")
     return tg
 
 

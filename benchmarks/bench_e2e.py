@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""End-to-end training steps and inference: no adapters vs PEFT LoRA (K/V) vs clora_fast.
+
+SD-1.5-shaped UNet built from benchmarks/configs/sd15_unet.json with random weights (64x64 latents = 512^2
+images, bf16 on GPU), and ViT-B/16 (transformers, random weights, 224^2, bf16 on GPU).
+
+Training step = forward, loss, backward, optimizer (AdamW) step:
+  SD   the UNet is frozen; a trainable prompt embedding [1, 77, 768] (the personalized token's stand-in)
+       is the encoder_hidden_states, so every variant back-propagates through the whole UNet.
+         none   only the embedding trains (no adapters; textual-inversion-like)
+         peft   + PEFT LoRA on every attn2.to_k / attn2.to_v
+         clora  + clora_fast.patch(unet): C-LoRA on the same projections, 2 past concepts folded, the
+                forgetting penalty added to the loss
+  ViT  frozen backbone, trainable classification head; peft / clora add LoRA on K and V of every block.
+Inference: UNet forward (no grad) unpatched vs patched with the concepts merged (controller.merge()),
+and with the past folded but not merged.
+
+Run: python benchmarks/bench_e2e.py [--quick|--cpu] [--out DIR] [--gpu-budget S] [--skip-sd] [--skip-vit]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+
+TRAIN_VARIANTS = ["none", "peft", "clora"]
+INFER_VARIANTS = ["unpatched", "clora_merged", "clora_folded_unmerged"]
+
+
+def settings(profile):
+    if profile == "gpu":
+        return dict(sd_cfg="sd15_unet.json", latent=64, sd_batch=2, tokens=77, vit="b16", image=224,
+                    vit_batch=64, dtype="bf16", rank=16, n_past=2, infer_batch=2)
+    if profile == "cpu":
+        return dict(sd_cfg="sd15_unet.json", latent=8, sd_batch=1, tokens=77, vit="b16", image=224,
+                    vit_batch=2, dtype="fp32", rank=16, n_past=2, infer_batch=1)
+    return dict(sd_cfg="tiny_unet.json", latent=8, sd_batch=1, tokens=8, vit="tiny", image=32,
+                vit_batch=2, dtype="fp32", rank=4, n_past=2, infer_batch=1)
+
+
+def peak_mem(device):
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def reset_peak(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def controller_with_past(ctl, n_past, gen_std=0.02):
+    """Fold ``n_past`` concepts with random non-zero factors, then begin the trained one (B random too,
+    so the LoRA path computes real numbers)."""
+    for _ in range(n_past):
+        ctl.begin_concept()
+        with torch.no_grad():
+            for b in ctl.lora_B:
+                b.normal_(0, gen_std)
+        ctl.end_concept()
+    ctl.begin_concept()
+    with torch.no_grad():
+        for b in ctl.lora_B:
+            b.normal_(0, gen_std)
+    return ctl
+
+
+def inject_peft(model, names, r):
+    from peft import LoraConfig, inject_adapter_in_model
+    cfg = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, bias="none", target_modules=list(names))
+    model = inject_adapter_in_model(cfg, model)
+    params = []
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(True)
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.normal_(0, 0.02)
+            params.append(p)
+    return model, params
+
+
+class E2E:
+    def __init__(self, args, device, profile):
+        self.args, self.device, self.profile = args, device, profile
+        self.st = settings(profile)
+        self.dtype = C.DTYPES[self.st["dtype"]]
+        self.cl = C.Clora()
+        self.timer = C.Timer(device, args.budget, args.quick)
+        self.out = C.Output(args.out, "e2e", args.tag)
+        self.info = C.env_info(device)
+        self.rows = []
+        C.print_flush("env:", self.info)
+
+    def record(self, **kw):
+        kw.setdefault("device", str(self.device))
+        kw.setdefault("dtype", self.st["dtype"])
+        self.rows.append(kw)
+        self.out.row(**kw)
+        t = kw.get("time_ms")
+        C.print_flush(f"{kw['model']}/{kw['kind']}/{kw['variant']}: "
+                      + (f"{t:.2f} ms" if t else kw["status"])
+                      + (f", peak {kw['peak_mib']:.0f} MiB" if kw.get("peak_mib") else ""))
+
+    def time_step(self, step, rep_ms):
+        """(ms, None) or (None, reason); the peak memory of one more step after the timing."""
+        t, why = C.try_time(self.timer, lambda: (step, ()), warmup_ms=rep_ms / 4, rep_ms=rep_ms)
+        peak = None
+        if t is not None:
+            reset_peak(self.device)
+            step()
+            peak = peak_mem(self.device)
+        return t, why, peak
+
+    # ---------------------------------------------------------------- SD UNet
+    def run_sd(self):
+        st, dev, dt = self.st, self.device, self.dtype
+        try:
+            from diffusers import UNet2DConditionModel
+        except Exception as e:  # noqa: BLE001
+            why = f"n/a (diffusers not importable: {C.describe_exc(e)})"
+            for v in TRAIN_VARIANTS:
+                self.record(model="sd_unet", kind="train", variant=v, time_ms=None, status=why)
+            for v in INFER_VARIANTS:
+                self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=why)
+            return
+        cfg = C.load_json_config(st["sd_cfg"])
+        C.seed_all(0)
+        with torch.device(dev):
+            unet = UNet2DConditionModel(**cfg)
+        unet = unet.to(dtype=dt).requires_grad_(False)
+        unet.train()
+        B, S, cross = st["sd_batch"], st["latent"], cfg["cross_attention_dim"]
+        gen = torch.Generator().manual_seed(0)
+        noise = torch.randn(B, cfg["in_channels"], S, S, generator=gen).to(dev, dt)
+        latents = torch.randn(B, cfg["in_channels"], S, S, generator=gen).to(dev, dt)
+        noisy = (latents * 0.8 + noise * 0.6)
+        tsteps = torch.randint(0, 1000, (B,), generator=gen).to(dev)
+        emb = torch.nn.Parameter((torch.randn(1, st["tokens"], cross, generator=gen) * 0.5).to(dev, dt))
+        kv_names = [n for n, m in unet.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")]
+        rep = 1500 if dev.type == "cuda" else (50 if self.args.quick else 3000)
+
+        def make_step(params, extra_loss=None):
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                pred = unet(noisy, tsteps, encoder_hidden_states=emb.expand(B, -1, -1)).sample
+                loss = F.mse_loss(pred.float(), noise.float())
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
+                loss.backward()
+                opt.step()
+            return step
+
+        # 1. no adapters
+        t, why, pk = self.time_step(make_step([emb]), rep)
+        self.record(model="sd_unet", kind="train", variant="none", time_ms=t, status=why or "ok", peak_mib=pk,
+                    batch=B, latent=S, n_kv=len(kv_names))
+        # inference, unpatched
+        x_inf = noisy[:1].expand(st["infer_batch"], -1, -1, -1).contiguous()
+        e_inf = emb.detach().expand(st["infer_batch"], -1, -1).contiguous()
+
+        def infer():
+            with torch.no_grad():
+                unet(x_inf, tsteps[:1].expand(st["infer_batch"]), encoder_hidden_states=e_inf)
+        t, why, pk = self.time_step(infer, rep / 2)
+        self.record(model="sd_unet", kind="infer", variant="unpatched", time_ms=t, status=why or "ok",
+                    peak_mib=pk, batch=st["infer_batch"], latent=S)
+
+        # 2. clora_fast
+        why = self.cl.has_patch()
+        ctl = None
+        if why is None:
+            try:
+                ctl = self.cl.pkg.patch(unet, rank=st["rank"])
+                controller_with_past(ctl, st["n_past"])
+            except Exception as e:  # noqa: BLE001
+                why = f"clora_fast.patch(unet) failed: {C.describe_exc(e)}"
+                ctl = None
+        if ctl is not None:
+            t, w2, pk = self.time_step(make_step([emb] + list(ctl.trainable_parameters()), ctl.penalty), rep)
+            self.record(model="sd_unet", kind="train", variant="clora", time_ms=t, status=w2 or "ok", peak_mib=pk,
+                        batch=B, latent=S, n_kv=len(kv_names), backend=ctl.backend, rank=st["rank"])
+            try:
+                ctl.end_concept()
+                t, w2, pk = self.time_step(infer, rep / 2)
+                self.record(model="sd_unet", kind="infer", variant="clora_folded_unmerged", time_ms=t,
+                            status=w2 or "ok", peak_mib=pk, batch=st["infer_batch"], latent=S)
+                ctl.merge()
+                t, w2, pk = self.time_step(infer, rep / 2)
+                self.record(model="sd_unet", kind="infer", variant="clora_merged", time_ms=t, status=w2 or "ok",
+                            peak_mib=pk, batch=st["infer_batch"], latent=S)
+                ctl.unmerge()
+            except Exception as e:  # noqa: BLE001
+                for v in ("clora_folded_unmerged", "clora_merged"):
+                    if not any(r["variant"] == v and r["model"] == "sd_unet" for r in self.rows):
+                        self.record(model="sd_unet", kind="infer", variant=v, time_ms=None,
+                                    status=f"n/a ({C.describe_exc(e)})")
+            try:
+                self.cl.pkg.unpatch(unet)
+            except Exception as e:  # noqa: BLE001
+                C.print_flush(f"unpatch failed ({C.describe_exc(e)}); PEFT variant measured on a fresh copy is "
+                              "not possible, skipping it")
+                self.record(model="sd_unet", kind="train", variant="peft", time_ms=None,
+                            status=f"n/a (clora_fast.unpatch failed: {C.describe_exc(e)})")
+                return
+            del ctl
+        else:
+            self.record(model="sd_unet", kind="train", variant="clora", time_ms=None, status=f"n/a ({why})")
+            for v in ("clora_folded_unmerged", "clora_merged"):
+                self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=f"n/a ({why})")
+
+        # 3. PEFT LoRA on the same projections (last: it edits the model in place)
+        try:
+            unet, params = inject_peft(unet, kv_names, st["rank"])
+            t, why, pk = self.time_step(make_step([emb] + params), rep)
+        except Exception as e:  # noqa: BLE001
+            t, why, pk = None, f"n/a (peft: {C.describe_exc(e)})", None
+        self.record(model="sd_unet", kind="train", variant="peft", time_ms=t, status=why or "ok", peak_mib=pk,
+                    batch=B, latent=S, n_kv=len(kv_names), rank=st["rank"])
+        del unet
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -------------------------------------------------------------------- ViT
+    def build_vit(self):
+        from transformers import ViTConfig, ViTForImageClassification
+        st = self.st
+        if st["vit"] == "b16":
+            cfg = ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12,
+                            num_attention_heads=12, intermediate_size=3072, num_labels=10)
+        else:
+            cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, num_labels=10)
+        C.seed_all(0)
+        with torch.device(self.device):
+            model = ViTForImageClassification(cfg)
+        return model.to(dtype=self.dtype), cfg
+
+    def run_vit(self):
+        st, dev, dt = self.st, self.device, self.dtype
+        try:
+            model, cfg = self.build_vit()
+        except Exception as e:  # noqa: BLE001
+            for v in TRAIN_VARIANTS:
+                self.record(model="vit", kind="train", variant=v, time_ms=None,
+                            status=f"n/a (transformers ViT: {C.describe_exc(e)})")
+            return
+        B = st["vit_batch"]
+        gen = torch.Generator().manual_seed(1)
+        pix = torch.randn(B, 3, cfg.image_size, cfg.image_size, generator=gen).to(dev, dt)
+        labels = torch.randint(0, cfg.num_labels, (B,), generator=gen).to(dev)
+        kv_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                    and n.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "key", "value")]
+        rep = 1500 if dev.type == "cuda" else (50 if self.args.quick else 3000)
+
+        def make_step(m, params, extra_loss=None):
+            opt = torch.optim.AdamW(params, lr=1e-4)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(m(pixel_values=pix).logits.float(), labels)
+                if extra_loss is not None:
+                    loss = loss + extra_loss()
+                loss.backward()
+                opt.step()
+            return step
+
+        def head_params(m):
+            m.requires_grad_(False)
+            m.classifier.requires_grad_(True)
+            return list(m.classifier.parameters())
+
+        meta = dict(model="vit", kind="train", batch=B, image=cfg.image_size, n_kv=len(kv_names), rank=st["rank"])
+        t, why, pk = self.time_step(make_step(model, head_params(model)), rep)
+        self.record(variant="none", time_ms=t, status=why or "ok", peak_mib=pk, **meta)
+
+        why = self.cl.has_patch()
+        if why is None:
+            try:
+                ctl = self.cl.pkg.patch(model, rank=st["rank"])
+                controller_with_past(ctl, st["n_past"])
+                t, why, pk = self.time_step(
+                    make_step(model, head_params(model) + list(ctl.trainable_parameters()), ctl.penalty), rep)
+                self.record(variant="clora", time_ms=t, status=why or "ok", peak_mib=pk, backend=ctl.backend, **meta)
+                self.cl.pkg.unpatch(model)
+                del ctl
+            except Exception as e:  # noqa: BLE001
+                self.record(variant="clora", time_ms=None, status=f"n/a (clora_fast.patch(vit): {C.describe_exc(e)})",
+                            **meta)
+                model, cfg = self.build_vit()  # fresh model for PEFT in case patch left it half-done
+        else:
+            self.record(variant="clora", time_ms=None, status=f"n/a ({why})", **meta)
+        try:
+            hp = head_params(model)
+            model, params = inject_peft(model, kv_names, st["rank"])
+            t, why, pk = self.time_step(make_step(model, hp + params), rep)
+        except Exception as e:  # noqa: BLE001
+            t, why, pk = None, f"n/a (peft: {C.describe_exc(e)})", None
+        self.record(variant="peft", time_ms=t, status=why or "ok", peak_mib=pk, **meta)
+        del model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ----------------------------------------------------------------- report
+    def get(self, model, kind, variant):
+        for r in self.rows:
+            if r["model"] == model and r["kind"] == kind and r["variant"] == variant:
+                return r
+        return None
+
+    def report(self) -> str:
+        st = self.st
+        md = [f"# bench_e2e ({self.profile} profile)\n\n", C.md_env(self.info, {}),
+              f"- SD UNet config {st['sd_cfg']}, latents {st['latent']}x{st['latent']}, batch {st['sd_batch']}, "
+              f"{st['tokens']} tokens; ViT {st['vit']} {st['image']}^2 batch {st['vit_batch']}; {st['dtype']}; "
+              f"rank {st['rank']}; clora with {st['n_past']} past concepts folded + penalty.\n",
+              "- median ms per training step (forward, loss, backward, AdamW step); peak = "
+              "torch.cuda.max_memory_allocated over one step (GPU only).\n\n"]
+        hdr = ["model", "kind", "variant", "ms/step", "steps/s", "vs none/unpatched", "peak MiB", "status"]
+        rows = []
+        for r in self.rows:
+            base = self.get(r["model"], r["kind"], "none" if r["kind"] == "train" else "unpatched")
+            t, tb = r.get("time_ms"), (base or {}).get("time_ms")
+            rows.append([r["model"], r["kind"], r["variant"], C.fmt_ms(t), f"{1e3 / t:.2f}" if t else "n/a",
+                         C.fmt_ratio(t / tb if t and tb else None),
+                         f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "n/a", r["status"]])
+        md.append(C.md_table(hdr, rows))
+        tg = C.Targets(self.device)
+        none, peft, ours = (self.get("sd_unet", "train", v) for v in ("none", "peft", "clora"))
+        tn, tp, to = ((x or {}).get("time_ms") for x in (none, peft, ours))
+        tg.check("SD-1.5 training step within 3% of the no-adapter step", (to / tn <= 1.03) if to and tn else None,
+                 f"clora {C.fmt_ms(to)} ms vs none {C.fmt_ms(tn)} ms ({C.fmt_ratio(to / tn if to and tn else None)})")
+        tg.check("SD-1.5 training step faster than PEFT LoRA", (to < tp) if to and tp else None,
+                 f"clora {C.fmt_ms(to)} ms vs peft {C.fmt_ms(tp)} ms "
+                 f"(peft/clora {C.fmt_ratio(tp / to if to and tp else None)})")
+        um, mg = self.get("sd_unet", "infer", "unpatched"), self.get("sd_unet", "infer", "clora_merged")
+        tu, tm = (um or {}).get("time_ms"), (mg or {}).get("time_ms")
+        tg.check("merged inference within 3% of unpatched (zero overhead)", (tm / tu <= 1.03) if tm and tu else None,
+                 f"merged {C.fmt_ms(tm)} ms vs unpatched {C.fmt_ms(tu)} ms")
+        vn, vp, vo = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none", "peft", "clora"))
+        tg.check("ViT-B/16 training step: clora faster than PEFT (info)", (vo < vp) if vo and vp else None,
+                 f"none {C.fmt_ms(vn)}, peft {C.fmt_ms(vp)}, clora {C.fmt_ms(vo)} ms")
+        md.append(tg.md())
+        return "".join(md)
+
+
+def main(argv=None):
+    p = C.base_parser(__doc__.splitlines()[1], default_budget=110.0)
+    p.add_argument("--skip-sd", action="store_true")
+    p.add_argument("--skip-vit", action="store_true")
+    args = p.parse_args(argv)
+    device = C.pick_device(args)
+    profile = C.profile_of(args, device)
+    e = E2E(args, device, profile)
+    if not args.skip_sd:
+        e.run_sd()
+    if not args.skip_vit:
+        e.run_vit()
+    e.out.write_md(e.report())
+    e.out.close()
+    if args.plot:
+        series = {}
+        labels = []
+        for i, r in enumerate(e.rows):
+            labels.append(f"{r['model']}/{r['kind']}/{r['variant']}")
+            series.setdefault("ms per step", []).append((i, r.get("time_ms")))
+        C.save_plot(e.out.png, f"end-to-end ({device})", series, "variant", xticklabels=labels)
+    C.print_flush(f"wrote {e.out.jsonl} and {e.out.md} ({e.timer.elapsed():.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

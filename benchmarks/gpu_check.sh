@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (device tool): GPU test suite, then every benchmark, in < 8 minutes,
+# everything written under $OUT in at most 5 files.
+#
+#   device run (repo root):   bash benchmarks/gpu_check.sh            carry: [".whl"] (diffusers wheel, see below)
+#   here, to try the set-up:  bash benchmarks/gpu_check.sh --setup-only   (prints the PYTHONPATH it builds)
+#
+# What it needs there and what it does about it (installs nothing it cannot find there):
+#   - torch, triton, transformers, peft, timm, matplotlib: from the image's python3.
+#   - diffusers: not in the image. `bash benchmarks/fetch_wheels.sh` here puts its wheel in .whl/ (git-ignored);
+#     name ".whl" in the call's carry. It is installed with --no-index --no-deps into /tmp/clora_site. Without
+#     it the SD parts (diffusers tests, SD end-to-end) report "n/a (diffusers not importable)".
+#   - clora_fast without pip install: setup.py maps the top-level kernels/ to clora_fast.kernels, so the repo
+#     root on PYTHONPATH is not enough. The script builds a symlink farm: $WORK/pkg/clora_fast/ holds a link to
+#     every entry of clora_fast/ plus clora_fast/kernels -> kernels/, and $WORK/pkg goes first on PYTHONPATH.
+#     PYTHONSAFEPATH=1 keeps `python -m pytest` (run from the repo root) from putting the repo root, with its
+#     kernel-less clora_fast/, ahead of the farm.
+#   - the optional CUDA extension (csrc/ -> clora_fast._C): built only with BUILD_CUDA=1 (setup.py build_ext
+#     --inplace, CLORA_FAST_BUILD_CUDA=1, sm_90, MAX_JOBS=16, at most CUDA_BUILD_TIMEOUT s); its time comes out
+#     of the benchmarks' budgets. Otherwise backend "cuda" is reported as n/a.
+#
+# Budget: DEADLINE_S (default 450 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
+# benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
+# a hard `timeout` above it. SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
+# benchmark's arguments (e.g. BENCH_ARGS=--quick SKIP_TESTS=1 PYTHON=/work/venv/bin/python to try the whole
+# pipeline on a CPU machine).
+#
+# Files back in $OUT (default benchmarks/out/gpu): gpu_check.log (everything printed), pytest.log,
+# RESULTS_gpu.md (summary of PASS/MISS + every benchmark's table), results.jsonl (all JSON lines, one
+# "bench" key added), bench_out.tar.gz (the raw per-benchmark files and PNG plots).
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO" || exit 2
+OUT=${OUT:-$REPO/benchmarks/out/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+T0=$(date +%s)
+DEADLINE_S=${DEADLINE_S:-450}
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+WORK=$(mktemp -d /tmp/clora_gpu_check.XXXXXX)
+RES=$WORK/results
+mkdir -p "$RES"
+SITE=/tmp/clora_site
+
+elapsed() { echo $(( $(date +%s) - T0 )); }
+left() { echo $(( DEADLINE_S - $(date +%s) + T0 )); }
+say() { echo "[gpu_check +$(elapsed)s] $*"; }
+
+setup_only=0
+[ "${1:-}" = "--setup-only" ] && setup_only=1
+
+if [ $setup_only = 0 ]; then
+  exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+fi
+
+# ---------------------------------------------------------------- 1. diffusers from the carried wheels
+if [ $setup_only = 0 ] && ls "$REPO"/.whl/*.whl >/dev/null 2>&1; then
+  say "installing carried wheels into $SITE: $(cd "$REPO/.whl" && ls *.whl | tr '\n' ' ')"
+  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+       "$REPO"/.whl/*.whl; then
+    say "WARNING: wheel install failed; SD parts will report n/a"
+  fi
+elif [ $setup_only = 0 ]; then
+  say "no .whl/ carried: diffusers comes from the image if it has one, else SD parts report n/a"
+fi
+
+# ---------------------------------------------------------------- 2. optional CUDA extension
+if [ $setup_only = 0 ] && [ "${BUILD_CUDA:-0}" = "1" ]; then
+  say "building the CUDA extension (timeout ${CUDA_BUILD_TIMEOUT:-180}s)"
+  CLORA_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    timeout "${CUDA_BUILD_TIMEOUT:-180}" "$PY" setup.py -q build_ext --inplace > "$WORK/cuda_build.log" 2>&1
+  rc=$?
+  tail -n 30 "$WORK/cuda_build.log"
+  say "CUDA extension build exit code $rc"
+fi
+
+# ---------------------------------------------------------------- 3. import path (symlink farm)
+FARM=$WORK/pkg
+mkdir -p "$FARM/clora_fast"
+for f in "$REPO"/clora_fast/* "$REPO"/clora_fast/.[!.]*; do
+  [ -e "$f" ] || continue
+  ln -s "$f" "$FARM/clora_fast/$(basename "$f")"
+done
+if [ -e "$FARM/clora_fast/kernels" ]; then
+  say "WARNING: clora_fast/kernels exists in the package dir; leaving it"
+else
+  ln -s "$REPO/kernels" "$FARM/clora_fast/kernels"
+fi
+export PYTHONPATH="$FARM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1
+export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
+export MPLBACKEND=Agg
+export CLORA_COMMIT=${CLORA_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+
+if [ $setup_only = 1 ]; then
+  echo "PYTHONPATH=$PYTHONPATH"
+  "$PY" - <<'EOF'
+import clora_fast, clora_fast.kernels
+print("clora_fast", clora_fast.__file__)
+print("clora_fast.kernels", clora_fast.kernels.__file__)
+print("backends", clora_fast.available_backends())
+EOF
+  exit $?
+fi
+
+# ---------------------------------------------------------------- 4. environment
+say "repo commit $CLORA_COMMIT, work dir $WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | head -5
+"$PY" - <<'EOF' 2>&1
+import sys, importlib.metadata as md
+print("python", sys.version.split()[0])
+for p in ("torch", "triton", "transformers", "peft", "timm", "diffusers", "huggingface_hub", "matplotlib"):
+    try:
+        print(p, md.version(p))
+    except Exception as e:
+        print(p, "MISSING", type(e).__name__)
+import torch
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+try:
+    import clora_fast, clora_fast.kernels
+    print("clora_fast from", clora_fast.__file__, "backends", clora_fast.available_backends())
+except Exception as e:
+    print("clora_fast import FAILED:", type(e).__name__, e)
+try:
+    import diffusers
+    print("diffusers importable", diffusers.__version__)
+except Exception as e:
+    print("diffusers NOT importable:", type(e).__name__, e)
+EOF
+
+# ---------------------------------------------------------------- 5. tests
+if [ "${SKIP_TESTS:-0}" != "1" ]; then
+  say "pytest -x -q tests (timeout ${TEST_TIMEOUT}s; the CPU smoke tests of the benchmarks are left out: the real runs follow)"
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest -x -q -p no:cacheprovider tests \
+    --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
+  rc=$?
+  tail -n 25 "$OUT/pytest.log"
+  [ $rc = 124 ] && say "pytest TIMED OUT after ${TEST_TIMEOUT}s"
+  say "pytest exit code $rc"
+  PYTEST_RC=$rc
+else
+  PYTEST_RC=skipped
+fi
+
+# ---------------------------------------------------------------- 6. benchmarks
+run_bench() {  # name share_percent fixed_overhead_s [extra args]
+  local name=$1 share=$2 over=$3; shift 3
+  local l budget
+  l=$(left)
+  budget=$(( (l - 60) * share / 100 - over ))
+  [ $budget -lt 15 ] && budget=15
+  say "bench_$name: --gpu-budget ${budget}s (hard timeout $((budget + over + 60))s; ${l}s left overall)"
+  timeout $((budget + over + 60)) "$PY" "benchmarks/bench_$name.py" --out "$RES" --gpu-budget "$budget" --plot "$@" ${BENCH_ARGS:-} \
+    > "$RES/bench_$name.log" 2>&1
+  local rc=$?
+  grep -E "^(PASS|MISS|N/A|INFO) " "$RES/bench_$name.log"
+  tail -n 3 "$RES/bench_$name.log"
+  say "bench_$name exit code $rc"
+}
+
+if [ "${SKIP_BENCH:-0}" != "1" ]; then
+  # shares of what is left after the tests: ops 45%, e2e 35% (of the rest: 64%), scaling gets the rest
+  run_bench ops 45 25
+  run_bench e2e 64 30
+  run_bench scaling 90 15
+fi
+
+# ---------------------------------------------------------------- 7. collect (<= 5 files in $OUT)
+{
+  echo "# GPU check $(date -u '+%Y-%m-%d %H:%M UTC'), commit $CLORA_COMMIT"
+  echo
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | sed 's/^/- GPU: /'
+  echo "- pytest exit code: $PYTEST_RC ($(grep -E '(passed|failed|error)' "$OUT/pytest.log" 2>/dev/null | tail -n 1))"
+  echo
+  echo "## Targets"
+  echo
+  cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) " | sed 's/^/- /'
+  for f in "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md; do
+    [ -f "$f" ] || continue
+    echo
+    sed 's/^# /## /' "$f"
+  done
+} > "$OUT/RESULTS_gpu.md"
+"$PY" - "$RES" "$OUT/results.jsonl" <<'EOF'
+import json, os, sys
+res, dst = sys.argv[1], sys.argv[2]
+with open(dst, "w") as out:
+    for name in sorted(os.listdir(res)):
+        if name.endswith(".jsonl"):
+            for line in open(os.path.join(res, name)):
+                if line.strip():
+                    d = json.loads(line)
+                    d["bench"] = name[:-len(".jsonl")]
+                    out.write(json.dumps(d, sort_keys=True) + "\n")
+EOF
+[ -f "$WORK/cuda_build.log" ] && cp "$WORK/cuda_build.log" "$RES/"
+tar -czf "$OUT/bench_out.tar.gz" -C "$WORK" results
+say "done in $(elapsed)s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+echo "==================== SUMMARY ===================="
+grep -E "^- (GPU|pytest)" "$OUT/RESULTS_gpu.md"
+cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) "
