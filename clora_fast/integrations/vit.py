@@ -23,9 +23,11 @@ the other output to the second call if it gets the very same input tensor.
 Patching never writes the model's weights and never changes its module tree:
 the projections' ``forward`` is overridden on the instance, and
 :func:`unpatch` deletes the overrides, so ``state_dict()`` keys and values are
-unchanged while patched and after.  The controller is registered on the model
-as the submodule ``clora_controller`` (so ``model.to(...)`` moves it and
-``model.parameters()`` include the LoRA factors); :func:`unpatch` removes it.
+unchanged while patched and after.  The controller is *not* a submodule of the
+model (the model's ``parameters()``/``state_dict()`` stay as they were): train
+``controller.trainable_parameters()``; get it back with :func:`get_controller`.
+It follows the base weights when the model is moved (``model.to(...)``).
+``copy.deepcopy`` of a patched model gives an independent patched copy.
 
 Public API (the lead's :func:`clora_fast.patch` dispatches here when
 :func:`can_patch` is true)::
@@ -37,20 +39,17 @@ Public API (the lead's :func:`clora_fast.patch` dispatches here when
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "find_attention_blocks",
-           "ViTAdapter", "AttentionBlock", "CONTROLLER_ATTR"]
+           "ViTAdapter", "AttentionBlock"]
 
-#: attribute (registered submodule) under which the controller lives on a patched model
-CONTROLLER_ATTR = "clora_controller"
 _ADAPTER_ATTR = "_clora_vit_adapter"
 
 #: transformers ``config.model_type`` values whose attention layout this module handles
@@ -165,23 +164,27 @@ class _GroupCall:
     call, which gets it only if it receives the very same tensor object (else it
     recomputes). The kept output is dropped as soon as it is handed out."""
 
-    def __init__(self, controller, group: str, n: int):
+    def __init__(self, controller, group: str, linears: List[nn.Linear]):
         self.controller = controller
         self.group = group
-        self.n = n
+        self.linears = linears
         self._x = None
         self._outs = None
         self._pending: set = set()
 
     def __call__(self, slot: int, x):
+        ctrl = self.controller
+        if ctrl.pristine:  # no concept, nothing folded (or merged into W0): the plain linear
+            lin = self.linears[slot]
+            return F.linear(x, lin.weight, lin.bias)
         if self._outs is not None and x is self._x and slot in self._pending:
             out = self._outs[slot]
             self._pending.discard(slot)
             if not self._pending:
                 self.clear()
             return out
-        outs = self.controller.project_group(self.group, x)
-        pending = set(range(self.n)) - {slot}
+        outs = ctrl.project_group(self.group, x)
+        pending = set(range(len(self.linears))) - {slot}
         if pending:
             self._x, self._outs, self._pending = x, outs, pending
         else:
@@ -194,34 +197,74 @@ class _GroupCall:
         self._pending = set()
 
 
+class _ProjForward:
+    """Instance ``forward`` of a transformers K or V linear while patched (a plain callable
+    object, not a closure, so ``copy.deepcopy`` of a patched model stays consistent)."""
+
+    def __init__(self, call: _GroupCall, slot: int):
+        self.call = call
+        self.slot = slot
+
+    def __call__(self, x):
+        return self.call(self.slot, x)
+
+
+class _QKVForward:
+    """Instance ``forward`` of a timm fused ``qkv`` linear while patched: Q dense from the
+    untouched rows ``[0:d]``, K and V of the block in one grouped launch."""
+
+    def __init__(self, qkv: nn.Linear, call: _GroupCall):
+        self.qkv = qkv
+        self.d = qkv.out_features // 3
+        self.call = call
+
+    def __call__(self, x):
+        qkv, d = self.qkv, self.d
+        if self.call.controller.pristine:
+            return F.linear(x, qkv.weight, qkv.bias)
+        q = F.linear(x, qkv.weight[:d], None if qkv.bias is None else qkv.bias[:d])
+        k, v = self.call.controller.project_group(self.call.group, x)
+        return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
+
+
 class ViTAdapter:
-    """Builds the :class:`Site` list of a ViT and installs/uninstalls the projection overrides."""
+    """Builds the :class:`Site` list of a ViT and installs/uninstalls the projection overrides
+    (the adapter protocol of docs/ARCHITECTURE.md)."""
 
     def __init__(self, model: nn.Module, framework: str, blocks: List[AttentionBlock]):
         self.model = model
         self.framework = framework
         self.blocks = blocks
+        self.controller = None
         self._installed: List[nn.Module] = []
         self._calls: List[_GroupCall] = []
 
+    @staticmethod
+    def _group(blk: AttentionBlock) -> str:
+        return blk.name or "attn"
+
     # -- sites -------------------------------------------------------------------------------
     def site_specs(self) -> List[Tuple[str, torch.Tensor, Optional[torch.Tensor], str]]:
-        """(name, weight, bias, group) for every adapted projection: K then V of each block."""
+        """(name, weight, bias, group) for every adapted projection: K then V of each block.
+        timm K/V weights and biases are row views of the fused ``qkv`` parameters."""
         specs = []
         for blk in self.blocks:
             prefix = f"{blk.name}." if blk.name else ""
             if blk.layout == "timm":
                 qkv = blk.linears["qkv"]
                 d = qkv.out_features // 3
-                bias = qkv.bias
+                # detached row views: share storage (and version counter) with the parameter,
+                # but are leaves, so copy.deepcopy of the patched model works
+                w = qkv.weight.detach()
+                bias = None if qkv.bias is None else qkv.bias.detach()
                 for role, lo in (("k", d), ("v", 2 * d)):
-                    specs.append((f"{prefix}qkv.{role}", qkv.weight[lo:lo + d],
-                                  None if bias is None else bias[lo:lo + d], blk.name or "attn"))
+                    specs.append((f"{prefix}qkv.{role}", w[lo:lo + d],
+                                  None if bias is None else bias[lo:lo + d], self._group(blk)))
             else:
                 attrs = ("k_proj", "v_proj") if blk.layout == "hf" else ("key", "value")
                 for role, attr in zip(("k", "v"), attrs):
                     lin = blk.linears[role]
-                    specs.append((f"{prefix}{attr}", lin.weight, lin.bias, blk.name or "attn"))
+                    specs.append((f"{prefix}{attr}", lin.weight, lin.bias, self._group(blk)))
         return specs
 
     def sites(self):
@@ -232,60 +275,39 @@ class ViTAdapter:
     def install(self, controller) -> None:
         if self._installed:
             raise RuntimeError("ViTAdapter.install: already installed")
+        self.controller = controller
         for blk in self.blocks:
-            group = blk.name or "attn"
-            call = _GroupCall(controller, group, 2)
-            self._calls.append(call)
             if blk.layout == "timm":
                 qkv = blk.linears["qkv"]
-                d = qkv.out_features // 3
-
-                def qkv_forward(x, _qkv=qkv, _d=d, _call=call):
-                    # Q: dense from the untouched rows [0:d]; K, V: one grouped launch
-                    q = F.linear(x, _qkv.weight[:_d], None if _qkv.bias is None else _qkv.bias[:_d])
-                    k, v = _call.controller.project_group(_call.group, x)
-                    return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
-
-                qkv.forward = qkv_forward
+                call = _GroupCall(controller, self._group(blk), [qkv])
+                qkv.forward = _QKVForward(qkv, call)
                 self._installed.append(qkv)
             else:
-                for slot, role in enumerate(("k", "v")):
-                    lin = blk.linears[role]
-
-                    def proj_forward(x, _slot=slot, _call=call):
-                        return _call(_slot, x)
-
-                    lin.forward = proj_forward
+                lins = [blk.linears["k"], blk.linears["v"]]
+                call = _GroupCall(controller, self._group(blk), lins)
+                for slot, lin in enumerate(lins):
+                    lin.forward = _ProjForward(call, slot)
                     self._installed.append(lin)
+            self._calls.append(call)
 
     def uninstall(self) -> None:
-        """Remove every override; the model is then bit-identical to before :func:`patch`."""
+        """Remove every override (unmerging first if merged): the model is then bit-identical
+        to before :func:`patch`."""
+        if self.controller is not None and self.controller.merged:
+            self.controller.unmerge()
         for mod in self._installed:
-            if "forward" in mod.__dict__:
-                del mod.__dict__["forward"]
+            mod.__dict__.pop("forward", None)
         self._installed = []
-        for c in self._calls:
-            c.clear()
+        self.on_state_change()
         self._calls = []
 
     # -- optional protocol hooks -------------------------------------------------------------
     def identity(self) -> str:
-        """Hash of the base model's architecture and of its adapted (K/V) weights."""
-        h = hashlib.sha256()
-        h.update(f"{self.framework}:{type(self.model).__name__}".encode())
-        for name, w, b, _ in self.site_specs():
-            h.update(name.encode())
-            h.update(str(tuple(w.shape)).encode())
-            h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
-            if b is not None:
-                h.update(b.detach().float().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        """Framework and layout of the patched model (the bank itself hashes the K/V weights)."""
+        layouts = sorted({blk.layout for blk in self.blocks})
+        return f"clora_fast.vit:{self.framework}:{'+'.join(layouts)}"
 
-    def on_begin_concept(self, name, idx) -> None:
-        for c in self._calls:
-            c.clear()
-
-    def on_remove_concept(self, idx) -> None:
+    def on_state_change(self) -> None:
         for c in self._calls:
             c.clear()
 
@@ -295,7 +317,8 @@ class ViTAdapter:
 # --------------------------------------------------------------------------------------------
 def get_controller(model: nn.Module):
     """The controller of a model patched by this module, or ``None``."""
-    return getattr(model, CONTROLLER_ATTR, None) if isinstance(model, nn.Module) else None
+    ad = getattr(model, _ADAPTER_ATTR, None) if isinstance(model, nn.Module) else None
+    return None if ad is None else ad.controller
 
 
 def _check_rank(rank, specs) -> int:
@@ -316,9 +339,6 @@ def _prepare(model, what: str) -> ViTAdapter:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: model must be a torch.nn.Module (transformers ViT or timm "
                         f"VisionTransformer), got {type(model).__module__}.{type(model).__name__}")
-    if get_controller(model) is not None or getattr(model, _ADAPTER_ATTR, None) is not None:
-        raise RuntimeError(f"{what}: this {type(model).__name__} is already patched by clora_fast; "
-                           f"call clora_fast.integrations.vit.unpatch(model) first")
     framework, blocks = find_attention_blocks(model)
     if not blocks:
         raise ValueError(
@@ -328,16 +348,10 @@ def _prepare(model, what: str) -> ViTAdapter:
     return ViTAdapter(model, framework, blocks)
 
 
-def _controller_kwargs(rank, alpha, penalty_weight, backend) -> Dict[str, Any]:
-    kw: Dict[str, Any] = dict(rank=rank, alpha=alpha, backend=backend)
-    if penalty_weight is not None:
-        kw["penalty_weight"] = penalty_weight
-    return kw
-
-
 def _attach(model, adapter, controller) -> None:
     adapter.install(controller)
-    setattr(model, CONTROLLER_ATTR, controller)  # registered submodule: moves with model.to()
+    # a plain attribute, not a submodule: the model's state_dict()/parameters() stay unchanged;
+    # the controller follows the base weights' device by itself
     object.__setattr__(model, _ADAPTER_ATTR, adapter)
 
 
@@ -345,40 +359,48 @@ def patch(model: nn.Module, *, rank: int = 16, alpha: Optional[float] = None,
           penalty_weight: Optional[float] = None, backend: str = "auto"):
     """Adapt K and V of every self-attention block of a transformers ViT or timm ViT.
 
-    ``penalty_weight=None`` uses the controller's default. Returns the
-    :class:`~clora_fast.controller.CLoRAController` (also at ``model.clora_controller``).
-    Raises ``ValueError`` when no attention layer is found or ``rank`` exceeds
-    ``min(in, out)`` of a projection, ``RuntimeError`` when already patched."""
+    ``penalty_weight=None`` uses :data:`clora_fast.controller.DEFAULT_PENALTY_WEIGHT`.
+    Returns the :class:`~clora_fast.controller.CLoRAController` (also
+    :func:`get_controller(model) <get_controller>`). Raises ``ValueError`` when no attention
+    layer is found or ``rank`` exceeds ``min(in, out)`` of a projection, ``RuntimeError``
+    when the model is already patched."""
+    if get_controller(model) is not None:
+        raise RuntimeError(f"patch: this {type(model).__name__} is already patched by clora_fast; "
+                           f"call clora_fast.unpatch(model) first")
     adapter = _prepare(model, "patch")
     _check_rank(rank, adapter.site_specs())
-    from clora_fast.controller import CLoRAController
-    controller = CLoRAController(adapter.sites(), adapter=adapter,
-                                 **_controller_kwargs(rank, alpha, penalty_weight, backend))
+    from clora_fast.controller import DEFAULT_PENALTY_WEIGHT, CLoRAController
+    controller = CLoRAController(
+        adapter.sites(), rank=rank, alpha=alpha,
+        penalty_weight=DEFAULT_PENALTY_WEIGHT if penalty_weight is None else penalty_weight,
+        backend=backend, adapter=adapter)
     _attach(model, adapter, controller)
     return controller
 
 
-def unpatch(model: nn.Module) -> nn.Module:
+def unpatch(model: nn.Module) -> None:
     """Undo :func:`patch`: the model's modules, ``state_dict()`` and outputs are bit-identical to
-    before patching (learned concepts are dropped; :meth:`CLoRAController.merge` first and copy the
-    folded weights yourself if you want to keep them in a plain model). Returns ``model``."""
+    before patching (a merged controller is unmerged first; learned concepts are dropped, so
+    ``controller.save(path)`` them first)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     adapter = getattr(model, _ADAPTER_ATTR, None)
     if adapter is None:
-        raise ValueError(f"unpatch: this {type(model).__name__} is not patched by "
-                         f"clora_fast.integrations.vit (no {CONTROLLER_ATTR!r} found)")
+        raise ValueError(f"unpatch: this {type(model).__name__} is not patched by clora_fast")
     adapter.uninstall()
-    if CONTROLLER_ATTR in model._modules:
-        del model._modules[CONTROLLER_ATTR]
     object.__delattr__(model, _ADAPTER_ATTR)
-    return model
 
 
 def load(model: nn.Module, path, *, backend: str = "auto"):
-    """Patch ``model`` and restore a controller saved with ``controller.save(path)``
-    (safetensors + JSON): rank, alpha, penalty weight, every finished concept and the
-    current one. The saved sites must match the model's K/V projections (names and shapes)."""
+    """Patch ``model`` with the rank/alpha/penalty weight of the bank at ``path`` (written by
+    ``controller.save(path)``: safetensors + JSON) and load its concepts (finished ones folded,
+    the active one resumable). If ``model`` is already patched, the bank is loaded into its
+    controller. The bank must match the model's K/V projections (names, shapes, weights);
+    on any error nothing changes."""
+    ctrl = get_controller(model)
+    if ctrl is not None:
+        ctrl.load_bank(path)
+        return ctrl
     adapter = _prepare(model, "load")
     from clora_fast.controller import CLoRAController
     controller = CLoRAController.load_state(path, adapter.sites(), adapter=adapter, backend=backend)
