@@ -331,7 +331,7 @@ def pretrain_backbone(backbone: nn.Module, task: Task, *, epochs: int = 30, lr: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss) * len(b)
+            tot += float(loss.detach()) * len(b)
         if log and (ep == epochs - 1 or (ep + 1) % 10 == 0):
             log(f"pretrain epoch {ep + 1}/{epochs}: loss {tot / task.x_train.shape[0]:.4f}")
     train_task = Task(task.classes, task.x_train, task.y_train, task.x_train, task.y_train)
@@ -432,12 +432,12 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                 loss = F.cross_entropy(logits, target)
                 if ctrl is not None:
                     pen = ctrl.penalty()
-                    pen_val = float(pen)
+                    pen_val = float(pen.detach())
                     loss = loss + pen
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += float(loss) * len(b)
+                tot += float(loss.detach()) * len(b)
                 n += len(b)
             if log and (ep == epochs - 1):
                 log(f"[{method}] task {ti} ({task.classes}) epoch {ep + 1}/{epochs}: loss {tot / n:.4f}"

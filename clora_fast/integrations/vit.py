@@ -144,8 +144,11 @@ def _is_timm_model(obj) -> bool:
 def can_patch(obj) -> bool:
     """True for a transformers ViT (``config.model_type == "vit"``: ``ViTModel``,
     ``ViTForImageClassification``, ...) or a timm model (``VisionTransformer``, ...)
-    that holds at least one adaptable self-attention block. Never raises."""
+    that holds at least one adaptable self-attention block, or any model this module
+    patched. Never raises."""
     try:
+        if isinstance(obj, nn.Module) and getattr(obj, _ADAPTER_ATTR, None) is not None:
+            return True  # patched by us (so clora_fast.unpatch/load find their way back)
         if not (_is_hf_vit(obj) or _is_timm_model(obj)):
             return False
         return len(find_attention_blocks(obj)[1]) > 0

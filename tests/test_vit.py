@@ -1,0 +1,559 @@
+"""C-LoRA on ViTs: transformers (5.x q/k/v_proj layout, 4.x query/key/value layout) and timm
+(fused qkv). Tiny configs, CPU."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import clora_fast
+from clora_fast import reference
+from clora_fast.integrations import vit
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+torch.set_num_threads(1)  # tiny shapes: threads only add contention on 2 shared cores
+
+D = 32  # hidden size of the tiny models
+
+
+def hf_model(layers=2, cls=True, attn=None, seed=0):
+    from transformers import ViTConfig, ViTForImageClassification, ViTModel
+    torch.manual_seed(seed)
+    cfg = ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=D, num_hidden_layers=layers,
+                    num_attention_heads=4, intermediate_size=64, num_labels=3)
+    if attn is not None:
+        cfg._attn_implementation = attn
+    m = ViTForImageClassification(cfg) if cls else ViTModel(cfg, add_pooling_layer=False)
+    return m.eval()
+
+
+def timm_model(layers=2, seed=0, qkv_bias=True):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                             embed_dim=D, depth=layers, num_heads=4, num_classes=3, qkv_bias=qkv_bias).eval()
+
+
+def run(model, x):
+    out = model(x)
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out
+
+
+# ---------------------------------------------------------------- a transformers 4.x layout replica
+class ViTSelfAttention(nn.Module):
+    """The transformers 4.x ViT self-attention layout (query/key/value linears called on the
+    same hidden states), reproduced here because transformers 4.x cannot be installed next to
+    5.x; its ``__module__`` is set to transformers' so discovery treats it as the real one."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.query, self.key, self.value = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, hidden_states):
+        B, N, _ = hidden_states.shape
+        t = lambda y: y.view(B, N, self.h, self.dh).transpose(1, 2)  # noqa: E731
+        k = t(self.key(hidden_states))
+        v = t(self.value(hidden_states))
+        q = t(self.query(hidden_states))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return o.transpose(1, 2).reshape(B, N, -1)
+
+
+ViTSelfAttention.__module__ = "transformers.models.vit.modeling_vit"
+
+
+class LegacyViT(nn.Module):
+    def __init__(self, layers=2, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = nn.Linear(4, D)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"attention": nn.ModuleDict({"attention": ViTSelfAttention(D, 4)}),
+                                                    "mlp": nn.Linear(D, D)}) for _ in range(layers)])
+
+    def forward(self, x):  # x [B, N, 4]
+        h = self.embed(x)
+        for b in self.blocks:
+            h = h + b["attention"]["attention"](h)
+            h = h + torch.tanh(b["mlp"](h))
+        return h
+
+
+FRAMEWORKS = {
+    "hf": (lambda **kw: hf_model(**kw), lambda: torch.randn(3, 1, 8, 8)),
+    "timm": (lambda **kw: timm_model(**kw), lambda: torch.randn(3, 1, 8, 8)),
+    "legacy": (lambda **kw: LegacyViT(**kw), lambda: torch.randn(3, 5, 4)),
+}
+
+
+def make(fw, **kw):
+    build, inp = FRAMEWORKS[fw]
+    torch.manual_seed(123)
+    return build(**kw), inp()
+
+
+def randomize_factors(ctrl, std=0.3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in list(ctrl.lora_A) + list(ctrl.lora_B):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# ---------------------------------------------------------------- discovery
+def test_discovery_transformers_sites_and_groups():
+    m = hf_model(layers=3)
+    fw, blocks = vit.find_attention_blocks(m)
+    assert fw == "transformers" and [b.name for b in blocks] == [f"vit.layers.{i}.attention" for i in range(3)]
+    assert all(b.layout == "hf" for b in blocks)
+    ctrl = vit.patch(m, rank=4)
+    names = ctrl.site_names
+    assert names == [f"vit.layers.{i}.attention.{p}" for i in range(3) for p in ("k_proj", "v_proj")]
+    assert ctrl.groups == [f"vit.layers.{i}.attention" for i in range(3)]
+    assert ctrl.group_sites("vit.layers.1.attention") == ["vit.layers.1.attention.k_proj",
+                                                          "vit.layers.1.attention.v_proj"]
+    # the weights are the model's own parameters, not copies
+    assert ctrl.sites[0].weight is m.vit.layers[0].attention.k_proj.weight
+    assert vit.get_controller(m) is ctrl
+
+
+def test_discovery_timm_sites_are_row_views_of_qkv():
+    m = timm_model(layers=2)
+    ctrl = vit.patch(m, rank=4)
+    assert ctrl.site_names == ["blocks.0.attn.qkv.k", "blocks.0.attn.qkv.v", "blocks.1.attn.qkv.k", "blocks.1.attn.qkv.v"]
+    qkv = m.blocks[0].attn.qkv
+    k, v = ctrl.sites[0], ctrl.sites[1]
+    assert k.weight.shape == (D, D) and v.weight.shape == (D, D)
+    assert k.weight.data_ptr() == qkv.weight[D:2 * D].data_ptr()
+    assert v.weight.data_ptr() == qkv.weight[2 * D:].data_ptr()
+    assert k.bias.data_ptr() == qkv.bias[D:2 * D].data_ptr()
+    assert ctrl.groups == ["blocks.0.attn", "blocks.1.attn"]
+
+
+def test_can_patch():
+    assert vit.can_patch(hf_model(layers=1))
+    assert vit.can_patch(hf_model(layers=1, cls=False))
+    assert vit.can_patch(timm_model(layers=1))
+    assert not vit.can_patch(nn.Linear(4, 4))
+    assert not vit.can_patch("not a model")
+    assert not vit.can_patch(None)
+    # a transformers text model with q/k/v_proj attention is not a ViT: not ours
+    from transformers import CLIPTextConfig, CLIPTextModel
+    clip = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=1, vocab_size=100, bos_token_id=0, eos_token_id=1,
+                                        pad_token_id=1))
+    assert not vit.can_patch(clip)
+    # a timm CNN has no ViT attention
+    assert not vit.can_patch(timm.create_model("resnet18", pretrained=False, num_classes=2))
+
+
+def test_clora_fast_patch_dispatches_here():
+    m = hf_model(layers=1)
+    ctrl = clora_fast.patch(m, rank=2)
+    assert vit.get_controller(m) is ctrl
+    clora_fast.unpatch(m)
+    assert vit.get_controller(m) is None
+    t = timm_model(layers=1)
+    ctrl = clora_fast.patch(t, rank=2, penalty_weight=5.0)
+    assert ctrl.penalty_weight == 5.0 and vit.get_controller(t) is ctrl
+    clora_fast.unpatch(t)
+
+
+# ---------------------------------------------------------------- zero-adapter equivalence
+@pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
+def test_zero_adapter_outputs_equal_unpatched(fw):
+    m, x = make(fw)
+    ref = run(m, x).detach()
+    ctrl = vit.patch(m, rank=4, backend="reference")
+    assert torch.equal(run(m, x), ref)            # patched, no concept: the very same computation
+    ctrl.begin_concept("t0")                      # B = 0: the adapter changes nothing
+    y = run(m, x)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    ctrl.end_concept()                            # folding a zero update keeps W
+    torch.testing.assert_close(run(m, x), ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_zero_adapter_hf_attention_implementations(attn):
+    m = hf_model(layers=1, attn=attn)
+    x = torch.randn(2, 1, 8, 8)
+    ref = run(m, x).detach()
+    ctrl = vit.patch(m, rank=4)
+    ctrl.begin_concept()
+    torch.testing.assert_close(run(m, x), ref, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- gradients vs the reference path
+def _reference_model(fw, m0, As, Bs, scale, weights):
+    """The unpatched model with every K/V linear replaced by clora_fast.reference.lora_projection
+    (with the folded weight ``weights[i]`` = W0 + P) using the given leaf A/B tensors: the
+    autograd reference."""
+    m = copy.deepcopy(m0)
+    _, blocks = vit.find_attention_blocks(m)
+    i = 0
+    for blk in blocks:
+        if blk.layout == "timm":
+            qkv = blk.linears["qkv"]
+            d = qkv.out_features // 3
+
+            def fwd(x, qkv=qkv, d=d, i=i):
+                W, b = qkv.weight, qkv.bias
+                q = F.linear(x, W[:d], b[:d] if b is not None else None)
+                k = reference.lora_projection(x, weights[i], As[i], Bs[i], scale,
+                                              b[d:2 * d] if b is not None else None)
+                v = reference.lora_projection(x, weights[i + 1], As[i + 1], Bs[i + 1], scale,
+                                              b[2 * d:] if b is not None else None)
+                return torch.cat([q, k, v], -1)
+            qkv.forward = fwd
+            i += 2
+        else:
+            for role in ("k", "v"):
+                lin = blk.linears[role]
+
+                def fwd(x, lin=lin, i=i):
+                    return reference.lora_projection(x, weights[i], As[i], Bs[i], scale, lin.bias)
+                lin.forward = fwd
+                i += 1
+    return m
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
+@pytest.mark.parametrize("second_concept", [False, True])
+def test_grads_match_reference_autograd(fw, second_concept):
+    # float64 on both sides, so a tight tolerance means the same math (not rounding luck)
+    m, x = make(fw)
+    m, x = m.double(), x.double()
+    m.requires_grad_(False)
+    m0 = copy.deepcopy(m)
+    ctrl = vit.patch(m, rank=4, alpha=8.0, backend="reference", penalty_weight=10.0)
+    pasts = [torch.zeros_like(s.weight) for s in ctrl.sites]
+    weights = [s.weight.detach().clone() for s in ctrl.sites]
+    if second_concept:
+        ctrl.begin_concept("t0")
+        randomize_factors(ctrl, seed=3)
+        A0 = [ctrl.current_factors(i)[0].detach().double() for i in range(ctrl.num_sites)]
+        B0 = [ctrl.current_factors(i)[1].detach().double() for i in range(ctrl.num_sites)]
+        ctrl.end_concept()
+        pasts = [ctrl.past(i).double() for i in range(ctrl.num_sites)]
+        for i in range(ctrl.num_sites):  # P = s * B0 @ A0 (kept in float32 by the controller)
+            torch.testing.assert_close(pasts[i], ctrl.scale * B0[i] @ A0[i], rtol=1e-6, atol=1e-7)
+            assert pasts[i].abs().sum() > 0
+        # Wf = W0 + P as the controller folds it (float32 P; W0 + P rounded through float32)
+        weights = [ctrl.folded_weight(i).detach().clone() for i in range(ctrl.num_sites)]
+        for w, s, p in zip(weights, ctrl.sites, pasts):
+            torch.testing.assert_close(w, s.weight + p, rtol=1e-6, atol=1e-7)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=5)
+    target = torch.randn_like(run(m, x))
+    y = run(m, x)
+    loss = ((y - target) ** 2).sum() + ctrl.penalty()
+    loss.backward()
+
+    As = [ctrl.current_factors(i)[0].detach().double().requires_grad_(True) for i in range(ctrl.num_sites)]
+    Bs = [ctrl.current_factors(i)[1].detach().double().requires_grad_(True) for i in range(ctrl.num_sites)]
+    mr = _reference_model(fw, m0, As, Bs, ctrl.scale, weights)
+    yr = run(mr, x)
+    pen = 10.0 * reference.grouped_forgetting_penalty(pasts, As, Bs, [ctrl.scale] * len(As))
+    lr_ = ((yr - target) ** 2).sum() + pen
+    lr_.backward()
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-10)
+    if second_concept:
+        assert float(ctrl.penalty().detach()) > 0
+        torch.testing.assert_close(ctrl.penalty().detach().double(), pen.detach(), rtol=1e-6, atol=1e-8)
+    for i in range(ctrl.num_sites):
+        gA = ctrl.lora_A[ctrl._site_bundle[i][0]].grad
+        gB = ctrl.lora_B[ctrl._site_bundle[i][0]].grad
+        b, pos = ctrl._site_bundle[i]
+        bundle = ctrl._bundles[b]
+        r = ctrl.rank
+        # the controller keeps A/B in float32: its grads are the float64 grads rounded to float32
+        torch.testing.assert_close(gA[pos * r:(pos + 1) * r], As[i].grad.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gB[bundle.offsets[pos]:bundle.offsets[pos + 1]], Bs[i].grad.float(),
+                                   rtol=1e-5, atol=1e-6)
+    # the frozen model received no gradient
+    assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_triton_backend_matches_reference(fw):
+    """Through the Triton kernels (interpreter on CPU): same outputs and A/B gradients."""
+    if "triton" not in clora_fast.available_backends():
+        pytest.skip("triton backend unavailable")
+    m, x = make(fw, layers=1)
+    x = x[:1]
+    m.requires_grad_(False)
+    m2 = copy.deepcopy(m)
+    outs, grads = [], []
+    for model, be in ((m, "reference"), (m2, "triton")):
+        ctrl = vit.patch(model, rank=4, backend=be)
+        ctrl.begin_concept("t0")
+        randomize_factors(ctrl, seed=2)
+        ctrl.end_concept()
+        ctrl.begin_concept("t1")
+        randomize_factors(ctrl, seed=4)
+        y = run(model, x)
+        (y.square().sum() + ctrl.penalty()).backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in ctrl.trainable_parameters()])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    for g1, g0 in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------- grouping
+@pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
+def test_kv_of_a_block_in_one_grouped_call(fw, monkeypatch):
+    m, x = make(fw, layers=3)
+    ctrl = vit.patch(m, rank=2)
+    ctrl.begin_concept()
+    calls = []
+    orig_group, orig_project = ctrl.project_group, ctrl.project
+
+    def spy_group(group, xx):
+        calls.append(group)
+        return orig_group(group, xx)
+
+    def spy_project(*a, **k):
+        raise AssertionError("per-site project() must not be used: K and V go through project_group")
+    monkeypatch.setattr(ctrl, "project_group", spy_group)
+    monkeypatch.setattr(ctrl, "project", spy_project)
+    run(m, x)
+    assert calls == ctrl.groups  # one call per block, in order
+    calls.clear()
+    run(m, x)
+    assert calls == ctrl.groups
+
+
+def test_hf_separate_calls_with_different_inputs_recompute():
+    """k_proj and v_proj called on different tensors must each see their own input."""
+    m = hf_model(layers=1)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept()
+    randomize_factors(ctrl)
+    attn = m.vit.layers[0].attention
+    x1, x2 = torch.randn(2, 5, D), torch.randn(2, 5, D)
+    k1 = attn.k_proj(x1)
+    v2 = attn.v_proj(x2)  # different input: must not reuse the V computed with x1
+    A, B = ctrl.current_factors(1)
+    ref_v2 = reference.lora_projection(x2, attn.v_proj.weight, A, B, ctrl.scale, attn.v_proj.bias)
+    torch.testing.assert_close(v2, ref_v2, rtol=1e-5, atol=1e-5)
+    A, B = ctrl.current_factors(0)
+    torch.testing.assert_close(k1, reference.lora_projection(x1, attn.k_proj.weight, A, B, ctrl.scale,
+                                                             attn.k_proj.bias), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- timm: Q untouched
+def test_timm_q_rows_and_q_output_untouched():
+    m = timm_model(layers=2)
+    x = torch.randn(2, 1, 8, 8)
+    m0 = copy.deepcopy(m)
+    qkv_out = {}
+
+    def capture(name):
+        def hook(mod, inp, out):
+            qkv_out[name] = out.detach()
+        return hook
+    for mm, tag in ((m0, "ref"), (m, "patched")):
+        for i, blk in enumerate(mm.blocks):
+            blk.attn.qkv.register_forward_hook(capture(f"{tag}{i}"))
+    run(m0, x)
+    ctrl = vit.patch(m, rank=4, backend="reference")
+    # train a concept for a few steps, fold it, start another: K/V change, Q must not
+    ctrl.begin_concept("t0")
+    opt = torch.optim.SGD(ctrl.trainable_parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        run(m, x).square().sum().backward()
+        opt.step()
+    ctrl.end_concept()
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl)
+    run(m, x)
+    # the layer-0 input is identical (the embedding is not adapted): compare the qkv outputs there
+    q_ref, q_new = qkv_out["ref0"][..., :D], qkv_out["patched0"][..., :D]
+    torch.testing.assert_close(q_new, q_ref, rtol=1e-6, atol=1e-6)
+    assert (qkv_out["patched0"][..., D:] - qkv_out["ref0"][..., D:]).abs().max() > 1e-3  # K/V did change
+    # the Q rows are the very same weights (and so are K/V: folding writes no base weight)
+    for b0, b in zip(m0.blocks, m.blocks):
+        assert torch.equal(b.attn.qkv.weight, b0.attn.qkv.weight)
+        assert torch.equal(b.attn.qkv.bias, b0.attn.qkv.bias)
+    # merge writes only the K/V rows
+    ctrl.end_concept()
+    ctrl.merge()
+    for b0, b in zip(m0.blocks, m.blocks):
+        assert torch.equal(b.attn.qkv.weight[:D], b0.attn.qkv.weight[:D])
+        assert torch.equal(b.attn.qkv.bias, b0.attn.qkv.bias)
+        assert not torch.equal(b.attn.qkv.weight[D:], b0.attn.qkv.weight[D:])
+
+
+def test_timm_without_qkv_bias():
+    m = timm_model(layers=1, qkv_bias=False)
+    x = torch.randn(2, 1, 8, 8)
+    ref = run(m, x).detach()
+    ctrl = vit.patch(m, rank=2)
+    assert ctrl.sites[0].bias is None
+    ctrl.begin_concept()
+    torch.testing.assert_close(run(m, x), ref, rtol=1e-6, atol=1e-6)
+    randomize_factors(ctrl)
+    assert (run(m, x) - ref).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- merge / unpatch
+@pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_unpatch_restores_bit_identically(fw, merge):
+    m, x = make(fw)
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    mods0 = [(n, type(mod)) for n, mod in m.named_modules()]
+    ref = run(m, x).detach()
+    ctrl = vit.patch(m, rank=4)
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl)
+    y_active = run(m, x).detach()
+    ctrl.end_concept()
+    y_folded = run(m, x).detach()
+    torch.testing.assert_close(y_folded, y_active, rtol=1e-5, atol=1e-5)
+    assert (y_folded - ref).abs().max() > 1e-3
+    assert set(m.state_dict()) == set(sd0)  # patching adds no state_dict entries
+    if merge:
+        ctrl.merge()
+        torch.testing.assert_close(run(m, x), y_folded, rtol=1e-5, atol=1e-5)
+    clora_fast.unpatch(m)
+    sd = m.state_dict()
+    assert list(sd) == list(sd0)
+    assert all(torch.equal(sd[k], sd0[k]) for k in sd0)
+    assert [(n, type(mod)) for n, mod in m.named_modules()] == mods0
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert torch.equal(run(m, x), ref)
+    assert vit.get_controller(m) is None
+    vit.patch(m, rank=2)  # can be patched again
+
+
+def test_deepcopy_of_patched_model_is_independent():
+    for fw in ("hf", "timm"):
+        m, x = make(fw, layers=1)
+        ctrl = vit.patch(m, rank=2)
+        ctrl.begin_concept()
+        randomize_factors(ctrl)
+        m2 = copy.deepcopy(m)
+        c2 = vit.get_controller(m2)
+        assert c2 is not ctrl
+        torch.testing.assert_close(run(m2, x), run(m, x))
+        with torch.no_grad():
+            for p in ctrl.lora_B:
+                p.zero_()
+        assert (run(m2, x) - run(m, x)).abs().max() > 1e-4
+
+
+# ---------------------------------------------------------------- save / load
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_save_load_round_trip(fw, tmp_path):
+    m, x = make(fw)
+    m_fresh = copy.deepcopy(m)
+    ctrl = vit.patch(m, rank=4, alpha=2.0, penalty_weight=7.0)
+    for t in range(2):
+        ctrl.begin_concept(f"task{t}")
+        randomize_factors(ctrl, seed=10 + t)
+        ctrl.end_concept()
+    ctrl.begin_concept("task2")        # an active concept is saved too (resumable)
+    randomize_factors(ctrl, seed=20)
+    y = run(m, x).detach()
+    pen = float(ctrl.penalty().detach())
+    ctrl.save(tmp_path / "bank")
+
+    c2 = clora_fast.load(m_fresh, tmp_path / "bank")
+    assert vit.get_controller(m_fresh) is c2
+    assert (c2.rank, c2.alpha, c2.penalty_weight) == (4, 2.0, 7.0)
+    assert [c.name for c in c2.concepts] == ["task0", "task1"] and c2.active_name == "task2"
+    torch.testing.assert_close(run(m_fresh, x), y, rtol=1e-6, atol=1e-6)
+    assert float(c2.penalty().detach()) == pytest.approx(pen, rel=1e-6)
+    # loading into an already patched model loads into its controller
+    c3 = vit.load(m_fresh, tmp_path / "bank")
+    assert c3 is c2
+
+
+def test_load_into_a_different_model_fails_cleanly(tmp_path):
+    m = hf_model(layers=2)
+    ctrl = vit.patch(m, rank=2)
+    ctrl.begin_concept()
+    ctrl.end_concept()
+    ctrl.save(tmp_path / "bank")
+    other = hf_model(layers=3)
+    with pytest.raises(ValueError):
+        vit.load(other, tmp_path / "bank")
+    assert vit.get_controller(other) is None
+    assert all("forward" not in mod.__dict__ for mod in other.modules())
+    other_w = hf_model(layers=2, seed=99)  # same structure, other weights
+    with pytest.raises(ValueError):
+        vit.load(other_w, tmp_path / "bank")
+    assert vit.get_controller(other_w) is None
+
+
+# ---------------------------------------------------------------- bad input
+def test_no_attention_layers_clear_error():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="found no self-attention layers.*Sequential"):
+        vit.patch(net)
+    with pytest.raises(TypeError, match="clora_fast.patch does not know how to adapt"):
+        clora_fast.patch(net)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        vit.patch("vit")
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_rank_larger_than_projection(fw):
+    m, _ = make(fw, layers=1)
+    with pytest.raises(ValueError, match=r"rank=33 is larger than min\(in, out\) = 32.*\[32, 32\]"):
+        vit.patch(m, rank=33)
+    assert vit.get_controller(m) is None
+    with pytest.raises(ValueError, match="rank must be >= 1, got 0"):
+        vit.patch(m, rank=0)
+    with pytest.raises(TypeError, match="rank must be a positive int, got 2.5"):
+        vit.patch(m, rank=2.5)
+    vit.patch(m, rank=32)  # exactly min(in, out) is fine
+
+
+def test_double_patch_and_unpatch_errors():
+    m = hf_model(layers=1)
+    vit.patch(m, rank=2)
+    with pytest.raises(RuntimeError, match="already patched"):
+        vit.patch(m, rank=2)
+    vit.unpatch(m)
+    with pytest.raises(ValueError, match="not patched"):
+        vit.unpatch(m)
+
+
+def test_bad_input_shape_names_the_projection():
+    m = hf_model(layers=1)
+    ctrl = vit.patch(m, rank=2)
+    ctrl.begin_concept()
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 32\]"):
+        m.vit.layers[0].attention.k_proj(torch.randn(2, 5, 31))
+
+
+# ---------------------------------------------------------------- training moves only A/B
+def test_one_training_step_changes_outputs_and_only_adapter():
+    m = hf_model(layers=2)
+    m.requires_grad_(False)
+    x = torch.randn(4, 1, 8, 8)
+    labels = torch.tensor([0, 1, 2, 0])
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    ctrl = vit.patch(m, rank=4)
+    ctrl.begin_concept()
+    opt = torch.optim.Adam(ctrl.trainable_parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = F.cross_entropy(m(x).logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, sd0[k]) for k, v in m.state_dict().items())
+    assert math.isfinite(losses[-1])
