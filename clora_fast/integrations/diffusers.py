@@ -192,7 +192,7 @@ class _TextSlot:
         return int(self.tokenizer.convert_tokens_to_ids(token))
 
     def check_new_token(self, token: str) -> None:
-        if self.has_token(token):
+        if self.has_token(token) or len(self.tokenizer(token, add_special_tokens=False).input_ids) == 1:
             raise ValueError(f"the token {token!r} already exists in pipe.{self.tok_attr}; a concept needs a new "
                              f"token (e.g. '<c1>')")
         trial = copy.deepcopy(self.tokenizer)
@@ -472,17 +472,17 @@ class DiffusersAdapter:
 
     def _cached(self, layer: _Layer, x: Tensor):
         """(K, V) of ``layer`` from the grouped cache when it applies to ``x``, else None."""
-        if layer.group is None:
+        if layer.group is None or not self.grouped:
             return None
         c = self._cache
         if c is None or c["x"] is not x or layer.group not in c["outs"]:
-            self._log_once(("miss", layer.name), "clora_fast: %s got encoder_hidden_states other than the UNet's "
-                                                 "(or no grouped pre-pass ran): per-layer K/V", layer.name)
+            logger.debug("clora_fast: %s got encoder_hidden_states other than the UNet's (or no grouped pre-pass "
+                         "ran): per-layer K/V", layer.name)
             return None
         ctrl = self.controller
         if c["key"] != (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device):
-            self._log_once(("stale", layer.name), "clora_fast: grouped K/V are stale for %s (weights or input "
-                                                  "changed): per-layer K/V", layer.name)
+            logger.debug("clora_fast: grouped K/V are stale for %s (weights or input changed): per-layer K/V",
+                         layer.name)
             return None
         outs = c["outs"][layer.group]
         return outs[layer.gpos[0]], outs[layer.gpos[1]]

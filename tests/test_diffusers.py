@@ -1,0 +1,490 @@
+"""The diffusers integration on tiny SD 1.x / SD 2.x / SDXL-shaped UNets and a tiny
+StableDiffusionPipeline built offline (random weights, a small hand-written BPE vocab)."""
+import functools
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,  # noqa: E402
+                       UNet2DConditionModel)
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+
+import clora_fast  # noqa: E402
+from clora_fast import ops  # noqa: E402
+from clora_fast.bank import BankError  # noqa: E402
+from clora_fast.integrations import diffusers as D  # noqa: E402
+
+WORDS = ["a", "photo", "of", "and", "dog", "cat", "the", "in", "on", "style", "painting", "person"]
+
+
+def tiny_tokenizer():
+    chars = sorted(set("".join(WORDS)) | set("abcdefghijklmnopqrstuvwxyz0123456789<>"))
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = []
+    for w in WORDS:
+        cur = list(w[:-1]) + [w[-1] + "</w>"]
+        while len(cur) > 1:
+            merges.append((cur[0], cur[1]))
+            tok = cur[0] + cur[1]
+            vocab.setdefault(tok, len(vocab))
+            cur = [tok] + cur[2:]
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    merges = list(dict.fromkeys(merges))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16, bos_token="<|startoftext|>",
+                         eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+CONFIGS = {
+    # SD 1.x layout (cross_attention_dim 768 in the real model)
+    "sd1": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8),
+    # SD 2.x layout: linear projections, per-block head counts (1024 in the real model)
+    "sd2": dict(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+                attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True),
+    # SDXL layout: text_time added conditioning, several transformer layers per block (2048 real)
+    "sdxl": dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                 attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+                 projection_class_embeddings_input_dim=80),
+}
+
+
+def tiny_unet(kind="sd1", seed=0):
+    torch.manual_seed(seed)
+    cfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               norm_num_groups=8)
+    cfg.update(CONFIGS[kind])
+    return UNet2DConditionModel(**cfg).eval()
+
+
+def unet_inputs(unet, batch=2, seq=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = unet.config
+    kw = {}
+    if cfg.addition_embed_type == "text_time":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g),
+                                   "time_ids": torch.randn(batch, 6, generator=g)}
+    sample = torch.randn(batch, 4, 8, 8, generator=g)
+    ehs = torch.randn(batch, seq, cfg.cross_attention_dim, generator=g)
+    return sample, ehs, kw
+
+
+def run_unet(unet, inputs):
+    sample, ehs, kw = inputs
+    return unet(sample, 10, encoder_hidden_states=ehs, **kw).sample
+
+
+def tiny_pipe(seed=0):
+    unet = tiny_unet("sd1", seed)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    tok = tiny_tokenizer()
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    sch = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae.eval(), text_encoder=te.eval(), tokenizer=tok, scheduler=sch,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompt="a photo of dog", steps=2):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=steps, height=16, width=16, generator=g, output_type="pt").images
+
+
+def randomize(ctrl, std=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ctrl.trainable_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def attn2_names(unet):
+    return [n for n, m in unet.named_modules() if n.endswith("attn2")]
+
+
+def n_transformer_blocks(unet):
+    from diffusers.models.attention import BasicTransformerBlock
+    return sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+
+
+def encode(pipe, prompt):
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    return ids, pipe.text_encoder(ids)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sd1", "sd2", "sdxl"])
+def test_patch_structure_equivalence_and_unpatch(kind):
+    unet = tiny_unet(kind)
+    inputs = unet_inputs(unet)
+    sd0 = {k: v.clone() for k, v in unet.state_dict().items()}
+    procs0 = dict(unet.attn_processors)
+    with torch.no_grad():
+        ref = run_unet(unet, inputs)
+    assert D.can_patch(unet) and not D.can_patch(torch.nn.Linear(2, 2))
+    cl = clora_fast.patch(unet, rank=4, backend="reference")
+    names = attn2_names(unet)
+    assert len(names) == n_transformer_blocks(unet)
+    assert {"sd1": 4, "sd2": 4, "sdxl": 8}[kind] == len(names)
+    assert cl.site_names == [f"{n}.{p}" for n in names for p in ("to_k", "to_v")]
+    assert cl.groups == ["unet.attn2"]
+    for s in cl.sites:
+        assert s.weight.shape[1] == unet.config.cross_attention_dim
+    # only attn2 processors were replaced; the UNet's modules/state_dict are unchanged
+    for key, proc in unet.attn_processors.items():
+        if ".attn2." in key:
+            assert isinstance(proc, D.CLoRAAttnProcessor) and proc.inner is procs0[key]
+        else:
+            assert proc is procs0[key]
+    assert list(unet.state_dict()) == list(sd0)
+    with torch.no_grad():
+        assert torch.equal(run_unet(unet, inputs), ref)          # pristine: bit-identical
+        cl.begin_concept()
+        randomize(cl)
+        out_g = run_unet(unet, inputs)
+        D._REGISTRY[unet].grouped = False
+        out_p = run_unet(unet, inputs)
+        D._REGISTRY[unet].grouped = True
+    assert (out_g - ref).abs().max() > 1e-4                       # the adapters act
+    torch.testing.assert_close(out_g, out_p, rtol=1e-5, atol=1e-5)
+    cl.end_concept()
+    clora_fast.unpatch(unet)
+    assert D.get_controller(unet) is None
+    assert all(p is procs0[k] for k, p in unet.attn_processors.items())
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in sd0.items())
+    with torch.no_grad():
+        assert torch.equal(run_unet(unet, inputs), ref)
+
+
+def test_fresh_concept_grouped_vs_per_layer_outputs_and_gradients(monkeypatch):
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        ref = run_unet(unet, inputs)
+    cl = D.patch(unet, rank=4, backend="reference", grouped=False)
+    cl.begin_concept()
+    with torch.no_grad():
+        assert torch.equal(run_unet(unet, inputs), ref)          # per layer, B = 0: bit-identical
+    D.unpatch(unet)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), ref, rtol=1e-5, atol=1e-6)
+    randomize(cl)
+    calls = {"seg": 0, "kv": 0}
+    seg, kv = ops.segmented_lora_projection, ops.lora_kv_projection
+    monkeypatch.setattr(ops, "segmented_lora_projection", lambda *a, **k: calls.__setitem__("seg", calls["seg"] + 1)
+                        or seg(*a, **k))
+    monkeypatch.setattr(ops, "lora_kv_projection", lambda *a, **k: calls.__setitem__("kv", calls["kv"] + 1)
+                        or kv(*a, **k))
+    ad = D._REGISTRY[unet]
+    results = {}
+    for grouped in (True, False):
+        ad.grouped = grouped
+        calls.update(seg=0, kv=0)
+        for p in cl.trainable_parameters():
+            p.grad = None
+        sample, ehs, kw = inputs
+        ehs = ehs.clone().requires_grad_(True)
+        out = run_unet(unet, (sample, ehs, kw))
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results[grouped] = (out.detach(), ehs.grad, [p.grad.clone() for p in cl.trainable_parameters()])
+        if grouped:   # one launch for the whole UNet
+            assert calls["kv"] == 0 and calls["seg"] == 1
+        else:         # one launch per attn2 layer
+            assert calls["kv"] == len(attn2_names(unet))
+    (o1, x1, g1), (o2, x2, g2) = results[True], results[False]
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x1, x2, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g1, g2):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_cache_reuse_and_invalidation(monkeypatch, caplog):
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    n = {"seg": 0}
+    seg = ops.segmented_lora_projection
+    monkeypatch.setattr(ops, "segmented_lora_projection",
+                        lambda *a, **k: n.__setitem__("seg", n["seg"] + 1) or seg(*a, **k))
+    with torch.no_grad():
+        o1 = run_unet(unet, inputs)
+        o2 = run_unet(unet, inputs)
+        assert n["seg"] == 1 and torch.equal(o1, o2)        # same prompt embeddings: K/V reused
+        B = cl.trainable_parameters()[1]
+        B.mul_(2.0)                                          # an optimizer step would do this in place
+        o3 = run_unet(unet, inputs)
+        assert n["seg"] == 2 and not torch.equal(o1, o3)
+        D._REGISTRY[unet].grouped = False
+        torch.testing.assert_close(run_unet(unet, inputs), o3, rtol=1e-5, atol=1e-5)
+        D._REGISTRY[unet].grouped = True
+        # a processor called with other encoder states falls back per layer (debug log)
+        with caplog.at_level(logging.DEBUG, logger="clora_fast"):
+            attn = unet.get_submodule(attn2_names(unet)[0])
+            h = torch.randn(2, 16, attn.to_q.in_features)
+            e = torch.randn(2, 3, unet.config.cross_attention_dim)
+            y = attn(h, encoder_hidden_states=e)
+        assert y.shape == h.shape and "per-layer K/V" in caplog.text
+
+
+def test_autocast_bf16_and_gradient_checkpointing():
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet, batch=1, seq=5)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl, seed=3)
+    with torch.no_grad():
+        ref = run_unet(unet, inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run_unet(unet, inputs)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+
+    def grads():
+        for p in cl.trainable_parameters():
+            p.grad = None
+        out = run_unet(unet, inputs)
+        loss = (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum() + cl.penalty()
+        loss.backward()
+        return [p.grad.clone() for p in cl.trainable_parameters()]
+
+    g0 = grads()
+    unet.enable_gradient_checkpointing()                     # diffusers default: non-reentrant
+    g1 = grads()
+    unet.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    g2 = grads()
+    unet.disable_gradient_checkpointing()
+    for a, b, c in zip(g0, g1, g2):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_processor_replaced_after_patch_is_an_error():
+    unet = tiny_unet("sd1")
+    cl = D.patch(unet, rank=2)
+    cl.begin_concept()
+    unet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="was replaced after clora_fast.patch"):
+        run_unet(unet, unet_inputs(unet))
+    with pytest.raises(RuntimeError, match="already patched"):
+        D.patch(unet)
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        D.patch(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="not patched"):
+        D.unpatch(tiny_unet("sd1"))
+
+
+def test_classic_attn_processor_kept():
+    unet = tiny_unet("sd1")
+    unet.set_attn_processor(AttnProcessor())
+    inputs = unet_inputs(unet)
+    with torch.no_grad():
+        ref = run_unet(unet, inputs)
+    cl = D.patch(unet, rank=2, backend="reference")
+    assert type(unet.get_submodule(attn2_names(unet)[0]).processor).__name__ == "CLoRAAttnProcessor"
+    cl.begin_concept()
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), ref, rtol=1e-5, atol=1e-6)
+    D.unpatch(unet)
+    assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+
+
+def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical():
+    pipe = tiny_pipe()
+    tok0, emb0 = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
+    n_tok0 = len(tok0)
+    with torch.no_grad():
+        img0 = generate(pipe)
+    te_sd0 = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    unet_sd0 = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cl = clora_fast.patch(pipe, rank=4, backend="reference")
+    assert pipe.tokenizer is not tok0 and len(pipe.tokenizer) == n_tok0
+    i1 = cl.begin_concept("<c1>")
+    tid1 = pipe.tokenizer.convert_tokens_to_ids("<c1>")
+    assert tid1 == n_tok0 and len(tok0) == n_tok0           # the user's tokenizer object is untouched
+    row = D._REGISTRY[pipe.unet].token_embedding(i1)
+    mean_norm = emb0.weight.detach().norm(dim=1).mean()
+    torch.testing.assert_close(row.detach().norm(), mean_norm, rtol=1e-5, atol=1e-6)
+    params = cl.trainable_parameters()
+    assert len(params) == 3 and params[2] is row
+    # one training step: only A, B and the token row change
+    ids, enc = encode(pipe, "a photo of <c1>")
+    assert (ids == tid1).sum() == 1
+    pos = (ids[0] == tid1).nonzero()[0, 0]
+    ehs = pipe.text_encoder(ids)[0]
+    sample = torch.randn(1, 4, 8, 8)
+    out = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
+    loss = out.square().mean() + cl.penalty()
+    opt = torch.optim.SGD(params, lr=1.0)
+    loss.backward()
+    assert row.grad is not None and row.grad.abs().max() > 0
+    opt.step()
+    assert all(torch.equal(v, pipe.text_encoder.state_dict()[k]) for k, v in te_sd0.items())
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet_sd0.items())
+    # the embedding puts the row at the token's position, other positions as before
+    with torch.no_grad():
+        e = pipe.text_encoder.get_input_embeddings()(ids)
+        torch.testing.assert_close(e[0, pos], row.detach())
+        base = emb0(ids.masked_fill(ids == tid1, 0))
+        mask = (ids != tid1).unsqueeze(-1)
+        assert torch.equal(e * mask, base * mask)
+    cl.end_concept()
+    assert not row.requires_grad
+    i2 = cl.begin_concept("<c2>")
+    randomize(cl, seed=7)
+    assert float(cl.penalty().detach()) > 0
+    cl.end_concept()
+    # multi-concept prompt; CFG pipeline run (batch doubling) with both tokens
+    ids, _ = encode(pipe, "a photo of <c1> and <c2>")
+    tid2 = pipe.tokenizer.convert_tokens_to_ids("<c2>")
+    assert (ids == tid1).sum() == 1 and (ids == tid2).sum() == 1
+    with torch.no_grad():
+        img = generate(pipe, "a photo of <c1> and <c2>")
+        assert img.shape == img0.shape and torch.isfinite(img).all()
+        cl.merge()
+        torch.testing.assert_close(generate(pipe, "a photo of <c1> and <c2>"), img, rtol=1e-4, atol=1e-4)
+        cl.unmerge()
+    # removing a concept retires its token
+    cl.remove_concept(i2)
+    with pytest.raises(ValueError, match="retired"):
+        encode(pipe, "a photo of <c2>")
+    with pytest.raises(ValueError, match="already exists"):
+        cl.begin_concept("dog")
+    cl.merge()
+    clora_fast.unpatch(pipe)                                    # unmerges, restores everything
+    assert pipe.tokenizer is tok0 and len(tok0) == n_tok0
+    assert pipe.text_encoder.get_input_embeddings() is emb0
+    assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in unet_sd0.items())
+    with torch.no_grad():
+        assert torch.equal(generate(pipe), img0)
+
+
+def test_pipeline_save_load_roundtrip_and_refusals(tmp_path):
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=4, backend="reference")
+    for t in range(2):
+        cl.begin_concept(f"<c{t + 1}>")
+        randomize(cl, seed=t)
+        with torch.no_grad():
+            cl.trainable_parameters()[-1].mul_(1.5)
+        cl.end_concept()
+    cl.remove_concept(0)
+    cl.begin_concept("<c3>")
+    randomize(cl, seed=9)
+    bank = tmp_path / "bank"
+    cl.save(bank)
+    with torch.no_grad():
+        _, ehs = encode(pipe, "a photo of <c2> and <c3>")
+        sample = torch.randn(1, 4, 8, 8)
+        out = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
+    pipe2 = tiny_pipe()
+    cl2 = clora_fast.load(pipe2, bank, backend="reference")
+    assert cl2.rank == 4 and [c.idx for c in cl2.concepts] == [1] and cl2.active_concept == 2
+    assert len(cl2.trainable_parameters()) == 3 and all(p.requires_grad for p in cl2.trainable_parameters())
+    with torch.no_grad():
+        _, ehs2 = encode(pipe2, "a photo of <c2> and <c3>")
+        assert torch.equal(ehs2, ehs)
+        assert torch.equal(pipe2.unet(sample, 10, encoder_hidden_states=ehs2).sample, out)
+    with pytest.raises(ValueError, match="retired"):
+        encode(pipe2, "<c1>")
+    # a rank mismatch into an already-patched pipe: a clear error, nothing changes
+    pipe3 = tiny_pipe()
+    cl3 = D.patch(pipe3, rank=2)
+    cl3.begin_concept("<x>")
+    before = [p.detach().clone() for p in cl3.trainable_parameters()]
+    with pytest.raises(BankError, match="rank mismatch"):
+        clora_fast.load(pipe3, bank)
+    assert cl3.active_name == "<x>" and all(torch.equal(a, b) for a, b in zip(before, cl3.trainable_parameters()))
+    # another base model: refused, and load() leaves the pipe unpatched
+    pipe4 = tiny_pipe(seed=5)
+    with pytest.raises(BankError, match="another base model"):
+        clora_fast.load(pipe4, bank)
+    assert D.get_controller(pipe4) is None and "<c2>" not in pipe4.tokenizer.get_vocab()
+
+
+def test_export_loads_in_diffusers_with_same_outputs(tmp_path):
+    pytest.importorskip("peft")
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=4, backend="reference")
+    for t in range(2):
+        cl.begin_concept()
+        randomize(cl, seed=20 + t)
+        cl.end_concept()
+    sample = torch.randn(2, 4, 8, 8)
+    ehs = torch.randn(2, 7, 32)
+    cl.merge()
+    with torch.no_grad():
+        merged = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
+    cl.unmerge()
+    path = tmp_path / "merged_lora.safetensors"
+    D.export_lora(pipe, path, "merged")
+    from safetensors.torch import load_file
+    keys = set(load_file(str(path)))
+    assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
+    assert len(keys) == 2 * len(cl.sites)
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(path))
+    with torch.no_grad():
+        got = fresh.unet(sample, 10, encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-5)
+    # one concept
+    p1 = tmp_path / "c1.safetensors"
+    cl.export_lora(p1, 1)
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(p1))
+    cl.remove_concept(0)
+    cl.merge()
+    with torch.no_grad():
+        want = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
+        got = fresh.unet(sample, 10, encoder_hidden_states=ehs).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_backend_unet_forward_backward():
+    if "triton" not in clora_fast.available_backends():
+        pytest.skip("triton backend unavailable")
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet, batch=1, seq=4)
+    outs = {}
+    for backend in ("reference", "triton"):
+        cl = D.patch(unet, rank=2, backend=backend)
+        torch.manual_seed(0)
+        cl.begin_concept()
+        randomize(cl)
+        cl.end_concept()
+        cl.begin_concept()
+        randomize(cl, seed=2)
+        out = run_unet(unet, inputs)
+        (out.sum() + cl.penalty()).backward()
+        outs[backend] = (out.detach(), [p.grad for p in cl.trainable_parameters()])
+        D.unpatch(unet)
+    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(outs["triton"][1], outs["reference"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
