@@ -1,0 +1,68 @@
+// Device-side lookup tables (segment tables, per-layer pointer tables) cached by content.
+//
+// A table is a small int64 array that a kernel reads (segments of the segmented projection,
+// pointers/shapes of the grouped penalty).  In a training loop the same table is needed every
+// step, so it is uploaded once and kept: the key is the table's bytes plus the device and the
+// current stream, so a hit always returns identical contents.  A miss stages the table in pinned
+// host memory and copies it with cudaMemcpyAsync on the current stream (no host sync; the
+// caching host allocator keeps the pinned block alive until the copy has run).
+#include "common.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <mutex>
+#include <unordered_map>
+
+namespace clora_fast {
+namespace {
+
+constexpr size_t kMaxEntries = 4096;
+
+std::mutex& cache_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+// Leaked on purpose: destroying CUDA tensors from a static destructor at interpreter exit can
+// run after the CUDA runtime has shut down.
+std::unordered_map<std::string, at::Tensor>& cache() {
+  static auto* c = new std::unordered_map<std::string, at::Tensor>();
+  return *c;
+}
+
+}  // namespace
+
+at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& device) {
+  TORCH_CHECK(device.is_cuda(), "clora_fast._C: device_table needs a CUDA device, got ", device);
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  std::string key(reinterpret_cast<const char*>(host.data()), host.size() * sizeof(int64_t));
+  const int64_t tag[2] = {static_cast<int64_t>(device.index()), static_cast<int64_t>(stream.id())};
+  key.append(reinterpret_cast<const char*>(tag), sizeof(tag));
+
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto& c = cache();
+  auto it = c.find(key);
+  if (it != c.end()) return it->second;
+
+  const int64_t n = static_cast<int64_t>(host.size());
+  at::Tensor staged = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  if (n > 0) std::memcpy(staged.data_ptr<int64_t>(), host.data(), n * sizeof(int64_t));
+  at::Tensor on_device = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
+  on_device.copy_(staged, /*non_blocking=*/true);
+  if (c.size() >= kMaxEntries) c.clear();
+  c.emplace(std::move(key), on_device);
+  return on_device;
+}
+
+void clear_table_cache() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  cache().clear();
+}
+
+int64_t table_cache_size() {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  return static_cast<int64_t>(cache().size());
+}
+
+}  // namespace clora_fast
