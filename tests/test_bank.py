@@ -1,0 +1,216 @@
+"""The concept bank on disk: round trip, atomic layout, checksums, refusals (state unchanged)."""
+import json
+import os
+
+import pytest
+import torch
+
+from clora_fast.bank import MANIFEST, BankError, check_identity, model_identity, read_manifest
+from clora_fast.controller import CLoRAController, Site
+
+IN = 10
+OUTS = (6, 12, 6, 12)
+
+
+def sites(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [Site(f"blk{i // 2}.{'kv'[i % 2]}", torch.randn(o, IN, generator=g).to(dtype),
+                 torch.randn(o, generator=g).to(dtype) if i == 0 else None, "g") for i, o in enumerate(OUTS)]
+
+
+def trained(n=3, active=True, rank=3, seed=0, s=None):
+    c = CLoRAController(s or sites(seed), rank=rank, alpha=2.0 * rank, penalty_weight=7.0, backend="reference")
+    g = torch.Generator().manual_seed(100)
+    for t in range(n + int(active)):
+        c.begin_concept(f"<k{t}>")
+        with torch.no_grad():
+            for p in c.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        if t < n:
+            c.end_concept()
+    return c
+
+
+def snapshot(c):
+    return ([None if p is None else p.clone() for p in c._past], [k.idx for k in c.concepts], c.active_concept,
+            [p.detach().clone() for p in c.trainable_parameters()], c._next_idx)
+
+
+def same(a, b):
+    pa, ca, aa, ta, na = a
+    pb, cb, ab, tb, nb = b
+    return (ca == cb and aa == ab and na == nb and len(ta) == len(tb)
+            and all((x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+                    for x, y in zip(pa, pb))
+            and all(torch.equal(x, y) for x, y in zip(ta, tb)))
+
+
+def outputs(c, x):
+    return c.project_group("g", x)
+
+
+def test_round_trip_exact(tmp_path):
+    c = trained()
+    c.remove_concept(1)
+    path = tmp_path / "bank"
+    c.save(path)
+    files = sorted(os.listdir(path))
+    assert MANIFEST in files and all(f == MANIFEST or f.endswith(".safetensors") for f in files)
+    m = read_manifest(path)
+    assert m["rank"] == 3 and m["alpha"] == 6.0 and m["penalty_weight"] == 7.0
+    assert [d["idx"] for d in m["concepts"]] == [0, 2, 3] and m["concepts"][-1]["active"]
+    assert m["retired"] == [{"idx": 1, "name": "<k1>"}]
+    for stem, entry in m["files"].items():    # sha256 per file, recorded in the manifest
+        assert len(entry["sha256"]) == 64 and (path / entry["name"]).stat().st_size == entry["bytes"]
+    c2 = CLoRAController.load_state(path, sites())
+    assert (c2.rank, c2.alpha, c2.penalty_weight) == (3, 6.0, 7.0)
+    assert same(snapshot(c), snapshot(c2))
+    assert c2.active_name == "<k3>" and all(p.requires_grad for p in c2.trainable_parameters())
+    x = torch.randn(4, IN)
+    for a, b in zip(outputs(c, x), outputs(c2, x)):
+        assert torch.equal(a, b)
+    assert torch.equal(c.penalty(), c2.penalty())
+    # names/indices continue where they stopped
+    c2.end_concept()
+    with pytest.raises(ValueError, match="already exists"):
+        c2.begin_concept("<k1>")
+    assert c2.begin_concept() == 4
+
+
+def test_resave_replaces_files_atomically(tmp_path):
+    c = trained(n=2, active=False)
+    path = tmp_path / "bank"
+    c.save(path)
+    first = set(os.listdir(path))
+    c.save(path)                                     # unchanged state: same content-addressed files
+    assert set(os.listdir(path)) == first
+    c.remove_concept(0)
+    c.save(path)
+    now = set(os.listdir(path))
+    m = read_manifest(path)
+    assert {e["name"] for e in m["files"].values()} | {MANIFEST} == now   # old files gone, no temp files
+    assert not any(f.startswith(".") for f in now)
+    c2 = CLoRAController.load_state(path, sites())
+    assert [k.idx for k in c2.concepts] == [1]
+
+
+def test_refuses_to_write_into_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FileExistsError, match="not a clora_fast bank"):
+        trained(n=1, active=False).save(tmp_path)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(FileExistsError, match="not a folder"):
+        trained(n=1, active=False).save(tmp_path / "f")
+
+
+def _victim(path, kind):
+    m = read_manifest(path)
+    return path / m["files"][kind]["name"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest_json", "manifest_rank",
+                                    "manifest_format"])
+def test_corrupted_bank_is_refused_and_nothing_changes(tmp_path, damage):
+    src = trained()
+    path = tmp_path / "bank"
+    src.save(path)
+    if damage == "truncate":
+        f = _victim(path, "concept-1")
+        f.write_bytes(f.read_bytes()[:-9])
+        msg = "truncated or modified"
+    elif damage == "flip":
+        f = _victim(path, "past")
+        b = bytearray(f.read_bytes())
+        b[len(b) // 2] ^= 0x40
+        f.write_bytes(bytes(b))
+        msg = "sha256 checksum mismatch"
+    elif damage == "delete":
+        _victim(path, "concept-0").unlink()
+        msg = "missing"
+    elif damage == "manifest_json":
+        (path / MANIFEST).write_text((path / MANIFEST).read_text()[:-40])
+        msg = "not valid JSON"
+    elif damage == "manifest_rank":
+        # a consistent-looking manifest with another rank: the factors' shapes give it away
+        m = json.loads((path / MANIFEST).read_text())
+        m["rank"] = 2
+        m["alpha"] = 6.0
+        (path / MANIFEST).write_text(json.dumps(m))
+        dst = CLoRAController(sites(), rank=2, alpha=6.0)
+        before = snapshot(dst)
+        with pytest.raises(BankError, match="rank/shape mismatch"):
+            dst.load_bank(path)
+        assert same(before, snapshot(dst))
+        return
+    else:
+        m = json.loads((path / MANIFEST).read_text())
+        m["format"] = "something.else"
+        (path / MANIFEST).write_text(json.dumps(m))
+        msg = "not a clora_fast concept bank"
+    dst = trained(n=1, active=True, seed=0)              # a controller with state of its own
+    before = snapshot(dst)
+    with pytest.raises(BankError, match=msg):
+        dst.load_bank(path)
+    assert same(before, snapshot(dst))
+
+
+def test_rank_mismatch_and_other_model_refused(tmp_path):
+    path = tmp_path / "bank"
+    trained().save(path)
+    dst = CLoRAController(sites(), rank=2, alpha=6.0)
+    dst.begin_concept()
+    before = snapshot(dst)
+    with pytest.raises(BankError, match="rank mismatch: the bank .* has rank 3 but the controller has rank 2"):
+        dst.load_bank(path)
+    assert same(before, snapshot(dst))
+    other = CLoRAController(sites(seed=1), rank=3, alpha=6.0)
+    with pytest.raises(BankError, match="another base model"):
+        other.load_bank(path)
+    assert not other.concepts and other.active_concept is None
+    with pytest.raises(BankError, match="another base model"):      # other shapes
+        s = sites()
+        s[1] = Site(s[1].name, torch.randn(OUTS[1] + 2, IN), None, "g")
+        CLoRAController(s, rank=3, alpha=6.0).load_bank(path)
+    with pytest.raises(BankError, match="alpha mismatch"):
+        CLoRAController(sites(), rank=3, alpha=3.0).load_bank(path)
+    with pytest.raises(BankError, match="no concept bank"):
+        CLoRAController(sites(), rank=3).load_bank(tmp_path / "nowhere")
+
+
+def test_same_model_in_another_dtype_is_recognised(tmp_path):
+    path = tmp_path / "bank"
+    trained(active=False).save(path)
+    c16 = CLoRAController(sites(dtype=torch.bfloat16), rank=3, alpha=6.0)
+    c16.load_bank(path)
+    assert [k.idx for k in c16.concepts] == [0, 1, 2]
+    ident = model_identity([("a", torch.randn(4, 4))])
+    with pytest.raises(BankError, match="another base model"):
+        check_identity(ident, model_identity([("a", torch.randn(4, 4))]))
+
+
+def test_inconsistent_past_is_refused(tmp_path):
+    """A bank whose folded past does not equal the fold of its factors (re-checksummed to pass
+    the file checks) is refused."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    path = tmp_path / "bank"
+    trained(active=False).save(path)
+    f = _victim(path, "past")
+    t = load_file(str(f))
+    k = next(iter(t))
+    t[k] = t[k] + 1.0
+    save_file(t, str(f), metadata={"format": "pt"})
+    m = json.loads((path / MANIFEST).read_text())
+    data = f.read_bytes()
+    m["files"]["past"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (path / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(BankError, match="does not match the fold"):
+        CLoRAController(sites(), rank=3, alpha=6.0).load_bank(path)
+
+
+def test_empty_controller_round_trip(tmp_path):
+    c = CLoRAController(sites(), rank=2)
+    c.save(tmp_path / "b")
+    c2 = CLoRAController.load_state(tmp_path / "b", sites())
+    assert c2.pristine and not c2.concepts
