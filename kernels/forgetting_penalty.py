@@ -436,7 +436,8 @@ class _Plan:
         self.tile_tab = torch.tensor([t[1:] for t in tiles] or [[0, 0, 0]], dtype=torch.int32).to(device)
         self.red_tab = torch.tensor(red, dtype=torch.int64).to(device)
         self.scale_tab = torch.tensor([float(s) for s in scales], dtype=torch.float32).to(device)
-        self.shapes = [(r, i, o) for r, i, o in zip(ranks, ins, outs)]
+        self.da_shapes = [(r, i) for r, i in zip(ranks, ins)]
+        self.db_shapes = [(o, r) for o, r in zip(outs, ranks)]
         self.out_tabs: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 
     def out_table(self, ptrs: Tuple[int, ...], device) -> torch.Tensor:
@@ -463,15 +464,28 @@ _PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
 _MAX_PLANS = 32
 
 
+def _layers_key(pasts, lora_As, lora_Bs) -> tuple:
+    """Everything a plan's tables depend on, per tensor: address, shape, strides, dtype.
+    (With unified virtual addressing an address also identifies the device.)"""
+    k: list = []
+    for p, a, b in zip(pasts, lora_As, lora_Bs):
+        k += (p.data_ptr(), p.shape, p.stride(), p.dtype, a.data_ptr(), a.shape, a.stride(), a.dtype,
+              b.data_ptr(), b.shape, b.stride(), b.dtype)
+    return tuple(k)
+
+
 def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
           block_o, block_i, col_splits) -> _Plan:
-    key = (device, interpret, precision, deterministic, block_o, block_i, col_splits,
-           pasts[0].dtype, lora_As[0].dtype, lora_Bs[0].dtype,
-           tuple(scales),
-           tuple((p.data_ptr(), tuple(p.shape), p.stride(), a.data_ptr(), tuple(a.shape), a.stride(),
-                  b.data_ptr(), tuple(b.shape), b.stride()) for p, a, b in zip(pasts, lora_As, lora_Bs)))
-    plan = _PLANS.get(key)
+    """The cached plan; inputs are validated only when a new plan is built (a cache hit means
+    the same addresses, shapes, strides and dtypes as an earlier validated call)."""
+    try:
+        layers = _layers_key(pasts, lora_As, lora_Bs)
+    except AttributeError:          # not tensors: let _check name the culprit
+        layers = None
+    key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, tuple(scales), layers)
+    plan = _PLANS.get(key) if layers is not None else None
     if plan is None:
+        _check(pasts, lora_As, lora_Bs, scales)
         plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                      block_o, block_i, col_splits)
         _PLANS[key] = plan
@@ -554,21 +568,30 @@ def grouped_forgetting_penalty_forward(
     if isinstance(scales, (int, float)):
         scales = [float(scales)] * len(pasts)
     scales = [float(s) for s in scales]
-    _check(pasts, lora_As, lora_Bs, scales)
+    if not pasts or len(lora_As) != len(pasts) or len(lora_Bs) != len(pasts) or len(scales) != len(pasts) \
+            or not isinstance(pasts[0], torch.Tensor) or not isinstance(lora_As[0], torch.Tensor) \
+            or not isinstance(lora_Bs[0], torch.Tensor):
+        _check(pasts, lora_As, lora_Bs, scales)         # raises the precise error
     device = pasts[0].device
     interpret = _interpreting()
+    if device.type == "cpu" and not interpret:
+        raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
     poison = _poison()
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
     plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                  block_o, block_i, col_splits)
 
-    dAs = [_empty((r, i), device, poison) for (r, i, o) in plan.shapes]
-    dBs = [_empty((o, r), device, poison) for (r, i, o) in plan.shapes]
-    loss = _empty((), device, poison)
-    ptrs = []
+    f32 = torch.float32
+    dAs = [torch.empty(sa, dtype=f32, device=device) for sa in plan.da_shapes]
+    dBs = [torch.empty(sb, dtype=f32, device=device) for sb in plan.db_shapes]
+    loss = torch.empty((), dtype=f32, device=device)
+    if poison:
+        for t in (*dAs, *dBs, loss):
+            t.fill_(float("nan"))
+    ptrs: list = []
     for da, db in zip(dAs, dBs):
-        ptrs += [da.data_ptr(), db.data_ptr()]
+        ptrs += (da.data_ptr(), db.data_ptr())
     ptrs.append(loss.data_ptr())
     out_tab = plan.out_table(tuple(ptrs), device)
     if deterministic:

@@ -230,6 +230,29 @@ def test_grouped_empty_and_zero_layers(device):
     assert abs(float(loss) - ref) <= _rtol(device, F32) * ref
 
 
+class _CountingKernel:
+    """Wraps a Triton kernel; records the grid of every launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_grouped_is_one_main_launch(device, monkeypatch):
+    """All layers in ONE main launch (one program per row block x column chunk) + one reduce launch."""
+    main = _CountingKernel(fpk._penalty_main_kernel)
+    red = _CountingKernel(fpk._penalty_reduce_kernel)
+    monkeypatch.setattr(fpk, "_penalty_main_kernel", main)
+    monkeypatch.setattr(fpk, "_penalty_reduce_kernel", red)
+    pasts, As, Bs, scales = _layers(device, F32, F32)
+    grouped_forgetting_penalty_forward(pasts, As, Bs, scales, block_o=32, block_i=16, col_splits=2)
+    n_prog = sum(-(-o // 32) * min(2, -(-n // 16)) for o, n, _, _ in LAYERS)
+    assert main.grids == [(n_prog,)] and len(red.grids) == 1
+
+
 def test_grouped_plan_cache(device):
     pasts, As, Bs, scales = _layers(device, F32, F32)
     fpk.clear_cache()
