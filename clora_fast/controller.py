@@ -218,6 +218,7 @@ class CLoRAController(nn.Module):
         self.lora_B = nn.ParameterList()   # one flat [N, r] per bundle
         self._merged_backup: Optional[List[Tensor]] = None
         self._version = 0
+        self._dev_key = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -317,6 +318,9 @@ class CLoRAController(nn.Module):
 
     def _sync_device(self) -> None:
         """Follow the base weights when the model was moved after patching."""
+        key = tuple(self.sites[b.site_ids[0]].weight.device for b in self._bundles)
+        if key == self._dev_key:
+            return
         for i, s in enumerate(self.sites):
             p = self._past[i]
             if p is not None and p.device != s.weight.device:
@@ -332,6 +336,7 @@ class CLoRAController(nn.Module):
                     if c.lora_A[i].device != dev:
                         c.lora_A[i] = c.lora_A[i].to(dev)
                         c.lora_B[i] = c.lora_B[i].to(dev)
+        self._dev_key = key
 
     def _base_weight(self, i: int) -> Tensor:
         """W0 of site i (the merge backup while merged)."""

@@ -355,3 +355,23 @@ def test_triton_backend_matches_reference():
     for a, b in zip(ct.project_group("g", x), cr.project_group("g", x)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ct.penalty(), cr.penalty(), rtol=1e-4, atol=1e-6)
+
+
+def test_follows_module_dtype_change_after_patch():
+    """Sites reference the modules' Parameters: after ``module.double()`` the folded weights
+    are rebuilt in the new dtype (P stays float32) and the factors are cast at use."""
+    torch.manual_seed(0)
+    lins = [nn.Linear(IN, o, bias=False) for o in OUTS]
+    c = CLoRAController([Site(f"l{i}", m.weight, m.bias, "g") for i, m in enumerate(lins)], rank=2,
+                        backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    x = torch.randn(3, IN)
+    y32 = c.project_group("g", x)
+    for m in lins:
+        m.double()
+    y64 = c.project_group("g", x.double())
+    assert y64[0].dtype == torch.float64 and c.past(0).dtype == torch.float32
+    for a, b in zip(y32, y64):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)

@@ -488,3 +488,50 @@ def test_triton_backend_unet_forward_backward():
     torch.testing.assert_close(outs["triton"][0], outs["reference"][0], rtol=1e-4, atol=1e-4)
     for a, b in zip(outs["triton"][1], outs["reference"][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def tiny_sdxl_pipe():
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+    unet = tiny_unet("sdxl")
+    torch.manual_seed(3)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        latent_channels=4, norm_num_groups=8, sample_size=16)
+    tok, tok2 = tiny_tokenizer(), tiny_tokenizer()
+    cfg = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+               max_position_embeddings=16, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    te = CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(projection_dim=32, **cfg)).eval()
+    pipe = StableDiffusionXLPipeline(vae=vae.eval(), text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=EulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_pipeline_two_text_encoders():
+    pipe = tiny_sdxl_pipe()
+    toks0 = (pipe.tokenizer, pipe.tokenizer_2)
+    embs0 = (pipe.text_encoder.get_input_embeddings(), pipe.text_encoder_2.get_input_embeddings())
+    with torch.no_grad():
+        ref = pipe.encode_prompt("a photo of dog", do_classifier_free_guidance=False)[0]
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    params = cl.trainable_parameters()
+    assert len(params) == 4 and params[2].shape == (32,) and params[3].shape == (32,)
+    pe, _, pooled, _ = pipe.encode_prompt("a photo of <c1>", do_classifier_free_guidance=False)
+    assert pe.shape[-1] == 64
+    (pe.square().sum() + pooled.square().sum()).backward()
+    assert params[2].grad.abs().max() > 0 and params[3].grad.abs().max() > 0
+    randomize(cl)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        img = pipe("a photo of <c1>", num_inference_steps=1, height=16, width=16, generator=g,
+                   output_type="pt").images
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+    clora_fast.unpatch(pipe)
+    assert (pipe.tokenizer, pipe.tokenizer_2) == toks0
+    assert (pipe.text_encoder.get_input_embeddings(), pipe.text_encoder_2.get_input_embeddings()) == embs0
+    with torch.no_grad():
+        assert torch.equal(pipe.encode_prompt("a photo of dog", do_classifier_free_guidance=False)[0], ref)
