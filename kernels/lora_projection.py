@@ -90,15 +90,15 @@ def _load(ptrs, mask, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _cast_out(v, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """fp32 -> ``dtype``; under the interpreter bf16 is rounded to nearest-even first
-    (its fp32->bf16 cast truncates)."""
+def _cast_out(v, out_ptr, INTERPRET: tl.constexpr):
+    """fp32 ``v`` -> the element type of ``out_ptr``; under the interpreter bf16 is rounded
+    to nearest-even by hand first (the interpreter's fp32->bf16 cast truncates)."""
     if INTERPRET:
-        if dtype == tl.bfloat16:
+        if out_ptr.dtype.element_ty == tl.bfloat16:
             bits = v.to(tl.uint32, bitcast=True)
             bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
             v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
+    return v.to(out_ptr.dtype.element_ty)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +170,7 @@ def _seg_lora_fwd_kernel(
         acc += bias[None, :]
 
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, _cast_out(acc, y_ptr.dtype.element_ty, INTERPRET),
+    tl.store(y_ptrs, _cast_out(acc, y_ptr, INTERPRET),
              mask=mask_m[:, None] & mask_n[None, :])
     xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + rows_a[None, :] * stride_xar
     tl.store(xa_ptrs, acc_a, mask=mask_m[:, None] & mask_r[None, :] & (first != 0))
@@ -252,7 +252,7 @@ def _seg_lora_bwd_db_kernel(
     acc = acc * tl.load(scale_ptr + seg)
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_n[:, None].to(tl.int64) * stride_on
               + offs_r[None, :] * stride_or)
-    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+    tl.store(o_ptrs, _cast_out(acc, out_ptr, INTERPRET),
              mask=mask_n[:, None] & mask_r[None, :])
 
 
@@ -305,7 +305,7 @@ def _seg_lora_bwd_dx_kernel(
 
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
               + offs_k[None, :] * stride_ok)
-    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+    tl.store(o_ptrs, _cast_out(acc, out_ptr, INTERPRET),
              mask=mask_m[:, None] & mask_k[None, :])
 
 
@@ -342,7 +342,7 @@ def _seg_lora_bwd_da_kernel(
         acc = tl.dot(gt, xt, acc)
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_j[:, None].to(tl.int64) * stride_oj
               + offs_k[None, :] * stride_ok)
-    tl.store(o_ptrs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET),
+    tl.store(o_ptrs, _cast_out(acc, out_ptr, INTERPRET),
              mask=mask_j[:, None] & mask_k[None, :])
 
 
@@ -357,7 +357,7 @@ def _split_sum_kernel(ws_ptr, out_ptr, S, P, BLOCK: tl.constexpr, INTERPRET: tl.
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, S):
         acc += tl.load(ws_ptr + s * P + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, _cast_out(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(out_ptr + offs, _cast_out(acc, out_ptr, INTERPRET), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,21 +457,34 @@ def _split_chunks(red_len: int, splits: int, block: int) -> Tuple[int, int]:
     return chunk, triton.cdiv(max(red_len, 1), chunk)
 
 
-def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, interpret: bool) -> dict:
-    """Single block config for the forward (no autotune: it needs a GPU)."""
+def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size: int,
+                interpret: bool) -> dict:
+    """Single block config for the forward (no autotune: it needs a GPU).
+
+    GPU: BLOCK_M 64/128 (64 for small M or rank > 64), BLOCK_N 128 (64 for narrow segments),
+    BLOCK_K 64, 8 warps for 128x128 tiles or rank > 64; 3 pipeline stages for 16-bit inputs, 2 for fp32
+    (x, W and A tiles of one stage take ~80 KB of shared memory in fp32).
+    """
     if interpret:
         # The interpreter pays per program and per load: as few, as large blocks as possible.
         return dict(BLOCK_M=_pow2_clamp(M, 16, 128), BLOCK_N=_pow2_clamp(max(seg_sizes), 16, 128),
                     BLOCK_K=_pow2_clamp(K, 16, 128), num_warps=4, num_stages=1)
     block_m = 64 if (M <= 64 or r_pad > 64) else 128
     block_n = 128 if max(seg_sizes) > 64 else 64
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=num_warps, num_stages=3)
+    # two fp32 accumulators ([BM, BN] and [BM, R_PAD]): 8 warps for big tiles or ranks > 64
+    # (with 4 warps, R_PAD = 128 spills registers on sm_90)
+    num_warps = 8 if (block_m * block_n >= 128 * 128 or r_pad > 64) else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=num_warps,
+                num_stages=3 if elem_size <= 2 else 2)
 
 
 def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad: int,
-                interpret: bool) -> dict:
-    """Block sizes of the backward kernels (one config each, chosen by size)."""
+                elem_size: int, interpret: bool) -> dict:
+    """Block sizes of the backward kernels (one config each, chosen by size and dtype).
+
+    GPU: every kernel stays under ~200 KB of shared memory for its pipelined loop
+    (3 stages for 16-bit inputs, 2 for fp32).
+    """
     if interpret:
         big = 128
         return dict(
@@ -485,14 +498,17 @@ def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad
             da=dict(BLOCK_J=_pow2_clamp(LR, 16, big), BLOCK_K=_pow2_clamp(K, 16, big),
                     BLOCK_M=_pow2_clamp(M, 16, big), num_warps=4, num_stages=1),
         )
+    stages = 3 if elem_size <= 2 else 2
     small_r = r_pad <= 64
     return dict(
-        g=dict(BLOCK_M=64 if small_r else 32, BLOCK_N=128 if small_r else 64, num_warps=4, num_stages=3),
+        g=dict(BLOCK_M=64 if small_r else 32, BLOCK_N=128 if small_r else 64, num_warps=4,
+               num_stages=stages),
         db=dict(BLOCK_N=128 if max(seg_sizes) > 64 else 64, BLOCK_M=64 if small_r else 32,
-                num_warps=4, num_stages=3),
+                num_warps=4, num_stages=stages),
         dx=dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_K=128, BLOCK_N=64,
-                BLOCK_J=_pow2_clamp(LR, 16, 64), num_warps=8 if M > 64 else 4, num_stages=3),
-        da=dict(BLOCK_J=_pow2_clamp(LR, 16, 64), BLOCK_K=128, BLOCK_M=64, num_warps=4, num_stages=3),
+                BLOCK_J=_pow2_clamp(LR, 16, 32), num_warps=8 if M > 64 else 4, num_stages=stages),
+        da=dict(BLOCK_J=_pow2_clamp(LR, 16, 64), BLOCK_K=128, BLOCK_M=64, num_warps=4,
+                num_stages=stages),
     )
 
 
@@ -549,7 +565,7 @@ def segmented_lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.
     interpret = _interpreting()
     r_pad = _rank_pad(r)
     seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
-    cfg = _fwd_config(M, K, seg_sizes, r_pad, interpret)
+    cfg = _fwd_config(M, K, seg_sizes, r_pad, x.element_size(), interpret)
     tiles = _tile_table(seg_offsets, cfg["BLOCK_N"], dev)
     scale_t = _scales_tensor(scales, dev)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), tiles.shape[0])
@@ -606,7 +622,7 @@ def segmented_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     interpret = _interpreting()
     r_pad = _rank_pad(r)
     seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
-    cfg = _bwd_config(M, K, N, LR, seg_sizes, r_pad, interpret)
+    cfg = _bwd_config(M, K, N, LR, seg_sizes, r_pad, x.element_size(), interpret)
     scale_t = _scales_tensor(scales, dev)
 
     g = None

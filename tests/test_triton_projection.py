@@ -226,8 +226,12 @@ def test_half_outputs_round_to_nearest(device, dtype):
     dx, _, _ = segmented_lora_backward(gy, x, w, a, b, xa, offs, scales, need_dA=False, need_dB=False)
     ref = _ref(x, w, a, b, bs, gy, offs, scales, torch.float64, device)
     for name, got, r64 in (("y", y, ref[0]), ("dx", dx, ref[2])):
-        same = (got == r64.to(dtype)).double().mean().item()
-        assert same >= 0.9, f"{name}: only {same:.2f} of entries equal round-to-nearest of the exact value"
+        # truncation never rounds away from zero; round-to-nearest does about half the time
+        away = (got.double().abs() > r64.abs()).double().mean().item()
+        assert away >= 0.2, f"{name}: only {away:.2f} of entries rounded away from zero (truncated?)"
+        if device.type == "cpu":  # interpreter: exact fp32 dots, so nearly every entry is RNE(exact)
+            same = (got == r64.to(dtype)).double().mean().item()
+            assert same >= 0.9, f"{name}: only {same:.2f} of entries equal round-to-nearest of the exact value"
 
 
 def test_poison_fills_nan(device):
@@ -282,3 +286,146 @@ def test_gpu_whole_unet_kv(dtype):
 def test_gpu_vit_kv_large_m(dtype, r):
     device = torch.device("cuda")
     _check_all(8 * 197, 768, (0, 768, 1536), r, dtype, device, (0.5, 0.5), bias=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU-side check of the GPU build: compile every kernel ahead of time for sm_90 (Triton ships
+# ptxas), with the launchers' block configs and the JIT's specialisation of unit strides and
+# 16-divisible ints/pointers, and check shared memory fits an H100 and nothing spills.  Runs in a
+# subprocess without TRITON_INTERPRET (under the interpreter @triton.jit gives uncompilable
+# InterpretedFunctions): ``python tests/test_triton_projection.py --aot`` prints the JSON report.
+# ---------------------------------------------------------------------------------------------
+H100_SMEM = 227 * 1024
+AOT_CASES = [("bf16", 16), ("bf16", 128), ("fp32", 16), ("fp32", 128)]
+
+
+def _aot_sm90(fn, ptrs, ints, consts, num_warps, num_stages):
+    """Compile ``fn`` for sm_90; returns (shared memory bytes, stack bytes or None)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    sig, attrs, cons = {}, {}, dict(consts)
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif ints[name] == 1:      # the JIT specialises ints equal to 1
+            sig[name], cons[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if ints[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cons, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    stack = None
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "k.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", path], capture_output=True,
+                                 text=True).stdout
+        m = re.search(r"STACK:(\d+)", out)
+        stack = int(m.group(1)) if m else None
+    return k.metadata.shared, stack
+
+
+def _aot_jobs(dt, r):
+    """(name, kernel, pointer dtypes, int args, constexprs, config) at the whole-UNet K/V shape."""
+    M, K, L, N = 154, 768, 32, 24960
+    LR, es, rp = L * r, (4 if dt == "fp32" else 2), lp._rank_pad(r)
+    segs = [320, 640, 1280]
+    c = lp._fwd_config(M, K, segs, rp, es, False)
+    jobs = [("fwd", lp._seg_lora_fwd_kernel,
+             dict(x_ptr=dt, w_ptr=dt, a_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, xa_ptr="fp32",
+                  tile_ptr="i32", scale_ptr="fp32"),
+             dict(M=M, K=K, R=r, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ar=K,
+                  stride_ak=1, stride_bn=r, stride_br=1, stride_ym=N, stride_yn=1, stride_xam=LR,
+                  stride_xar=1),
+             dict(HAS_BIAS=True, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                  R_PAD=rp, INTERPRET=False), c)]
+    jobs.append(("fwd-nobias",) + jobs[0][1:4] + (dict(jobs[0][4], HAS_BIAS=False), c))
+    bc = lp._bwd_config(M, K, N, LR, segs, rp, es, False)
+    c = bc["g"]
+    jobs.append(("g", lp._seg_lora_bwd_g_kernel,
+                 dict(dy_ptr=dt, b_ptr=dt, g_ptr="fp32", off_ptr="i32", scale_ptr="fp32"),
+                 dict(M=M, R=r, stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_gm=LR,
+                      stride_gr=1),
+                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False), c))
+    c = bc["db"]
+    jobs.append(("db", lp._seg_lora_bwd_db_kernel,
+                 dict(dy_ptr=dt, xa_ptr="fp32", out_ptr="fp32", tile_ptr="i32", scale_ptr="fp32"),
+                 dict(M=M, R=r, m_chunk=64, stride_dym=N, stride_dyn=1, stride_xam=LR, stride_xar=1,
+                      stride_os=N * r, stride_on=r, stride_or=1),
+                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False), c))
+    c = bc["dx"]
+    jobs.append(("dx", lp._seg_lora_bwd_dx_kernel,
+                 dict(dy_ptr=dt, w_ptr=dt, g_ptr="fp32", a_ptr=dt, out_ptr="fp32"),
+                 dict(M=M, N=N, K=K, LR=LR, n_chunk=3200, j_chunk=64, stride_dym=N, stride_dyn=1,
+                      stride_wn=K, stride_wk=1, stride_gm=LR, stride_gj=1, stride_aj=K, stride_ak=1,
+                      stride_os=M * K, stride_om=K, stride_ok=1),
+                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
+                      BLOCK_J=c["BLOCK_J"], INTERPRET=False), c))
+    c = bc["da"]
+    jobs.append(("da", lp._seg_lora_bwd_da_kernel,
+                 dict(g_ptr="fp32", x_ptr=dt, out_ptr=dt),
+                 dict(M=M, K=K, LR=LR, m_chunk=M, stride_gm=LR, stride_gj=1, stride_xm=K, stride_xk=1,
+                      stride_os=0, stride_oj=K, stride_ok=1),
+                 dict(BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=False), c))
+    if r == 16:
+        jobs.append(("sum", lp._split_sum_kernel, dict(ws_ptr="fp32", out_ptr=dt), dict(S=4, P=M * K),
+                     dict(BLOCK=512, INTERPRET=False), dict(num_warps=4, num_stages=1)))
+    return jobs
+
+
+def _aot_main():
+    import json
+    report = {}
+    for dt, r in AOT_CASES:
+        for name, fn, ptrs, ints, consts, cfg in _aot_jobs(dt, r):
+            try:
+                smem, stack = _aot_sm90(fn, ptrs, ints, consts, cfg["num_warps"], cfg["num_stages"])
+                report[f"{dt}-{r}-{name}"] = dict(smem=smem, stack=stack)
+            except Exception as e:  # reported to the test, which fails on it
+                report[f"{dt}-{r}-{name}"] = dict(error=f"{type(e).__name__}: {e}"[-2000:])
+    print("AOT-REPORT " + json.dumps(report))
+
+
+@pytest.fixture(scope="module")
+def aot_report():
+    import json
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton.backends.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, __file__, "--aot"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("AOT-REPORT ")]
+    assert proc.returncode == 0 and lines, f"AOT subprocess failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("AOT-REPORT "):])
+
+
+@pytest.mark.parametrize("dt,r", AOT_CASES, ids=[f"{d}-r{r}" for d, r in AOT_CASES])
+def test_kernels_compile_for_sm90(aot_report, dt, r):
+    """Whole-UNet K/V shape (M=154, K=768, 32 segments): every kernel compiles for sm_90 with
+    the launchers' configs, fits in H100 shared memory and spills no registers."""
+    entries = {k: v for k, v in aot_report.items() if k.startswith(f"{dt}-{r}-")}
+    assert len(entries) == (7 if r == 16 else 6)
+    for key, v in entries.items():
+        assert "error" not in v, f"{key}: {v.get('error')}"
+        assert v["smem"] <= H100_SMEM, f"{key}: {v['smem']} B shared memory > {H100_SMEM}"
+        assert v["stack"] in (None, 0), f"{key}: {v['stack']} B of register spills"
+
+
+if __name__ == "__main__" and "--aot" in __import__("sys").argv:
+    _aot_main()
