@@ -354,11 +354,20 @@ class E2E:
 
 
 def main(argv=None):
+    old_threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=110.0)
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--skip-vit", action="store_true")
     args = p.parse_args(argv)
     device = C.pick_device(args)
+    C.configure_threads(args, device)
     profile = C.profile_of(args, device)
     e = E2E(args, device, profile)
     if not args.skip_sd:

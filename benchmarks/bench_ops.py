@@ -612,11 +612,20 @@ def plot(bench: Bench, path):
 
 
 def main(argv=None):
+    old_threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=140.0)
     p.add_argument("--naive-T", type=int, default=10, help="past concepts kept by the naive C-LoRA baseline")
     p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty")
     args = p.parse_args(argv)
     device = C.pick_device(args)
+    C.configure_threads(args, device)
     profile = C.profile_of(args, device)
     C.seed_all(0)
     bench = Bench(args, device, profile)

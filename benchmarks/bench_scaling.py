@@ -114,10 +114,19 @@ class Problem:
 
 
 def main(argv=None):
+    old_threads = torch.get_num_threads()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=45.0)
     p.add_argument("--T", default=None, help="comma-separated past-concept counts (default by profile)")
     args = p.parse_args(argv)
     device = C.pick_device(args)
+    C.configure_threads(args, device)
     profile = C.profile_of(args, device)
     st = settings(profile)
     if args.T:

@@ -1,0 +1,209 @@
+"""Smoke tests of the benchmark scripts (CPU quick mode): they run, write valid JSON lines and a markdown
+table with the expected rows.  Timings are not checked (speed targets live in the benchmarks' reports).
+
+The three scripts run in this process (their ``main(argv)``) so that torch/peft/diffusers are imported once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_clora_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def common():
+    return _load("_common")
+
+
+def _read_jsonl(path):
+    rows = []
+    with open(path) as f:
+        for line in f:
+            assert line.endswith("\n")
+            rows.append(json.loads(line))
+    assert rows, f"{path} is empty"
+    return rows
+
+
+def _md_rows(md, first_col):
+    """Table rows of ``md`` whose first cell is ``first_col``."""
+    return [line for line in md.splitlines() if line.startswith(f"| {first_col} |")]
+
+
+def _check_timed(row):
+    assert row["status"] == "ok", row
+    assert isinstance(row["time_ms"], float) and math.isfinite(row["time_ms"]) and row["time_ms"] > 0, row
+
+
+@pytest.fixture(scope="module")
+def ops_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ops")
+    mod = _load("bench_ops")
+    assert mod.main(["--quick", "--out", str(out), "--plot"]) == 0
+    return mod, out
+
+
+@pytest.fixture(scope="module")
+def scaling_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scaling")
+    mod = _load("bench_scaling")
+    assert mod.main(["--quick", "--out", str(out), "--plot"]) == 0
+    return mod, out
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e")
+    mod = _load("bench_e2e")
+    assert mod.main(["--quick", "--out", str(out)]) == 0
+    return mod, out
+
+
+def test_bench_ops_quick(ops_run, common):
+    mod, out = ops_run
+    rows = _read_jsonl(out / "ops.jsonl")
+    md = (out / "ops.md").read_text()
+    assert (out / "ops.png").stat().st_size > 1000
+    st = mod.profile_settings("quick", common.sd_config("quick"))
+    L = len(common.sd_kv_shapes_from_config(common.sd_config("quick")))
+
+    # kv_layer: every expected case, every method once
+    expected = set()
+    for mode in st["modes"]:
+        for b in st["vit_batches"]:
+            expected.add(f"kv_layer/vit_b16/b{b}/fp32/r{st['ranks'][0]}/{mode}")
+        for o in st["sd_outs"]:
+            for b in st["sd_batches"]:
+                expected.add(f"kv_layer/sd_attn2_out{o}/b{b}/fp32/r{st['ranks'][0]}/{mode}")
+    got = {r["case"] for r in rows if r["section"] == "kv_layer"}
+    assert got == expected
+    for case in expected:
+        meth = sorted(r["method"] for r in rows if r["case"] == case)
+        assert meth == sorted(mod.PROJ_METHODS), case
+        assert len(_md_rows(md, case)) == 1, case
+    assert {r["case"] for r in rows if r["section"] == "unet_kv_all"} == {
+        f"unet_kv_all/sd{L}/b1/fp32/r{st['ranks'][0]}/{m}" for m in st["modes"]}
+    pen = {r["case"] for r in rows if r["section"] == "penalty"}
+    assert f"penalty/sd_all{L}/fp32/r{st['ranks'][0]}" in pen
+    assert f"penalty/vit_all{2 * st['vit_layers']}/fp32/r{st['ranks'][0]}" in pen
+    for case in pen:
+        assert len(_md_rows(md, case)) == 1, case
+
+    for r in rows:
+        if r["method"].split("[")[-1].rstrip("]") in ("triton", "cuda"):
+            # on the CPU the GPU backends are reported, not run
+            assert r["time_ms"] is None and r["status"].startswith("n/a ("), r
+        else:
+            _check_timed(r)
+            assert r["flops"] > 0 and r["bytes"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+    # cost model spot check: dense K+V forward = 2 GEMMs of 2*M*K*N FLOPs
+    d = next(r for r in rows if r["section"] == "kv_layer" and r["method"] == "dense" and r["mode"] == "fwd")
+    assert d["flops"] == 2 * (2 * d["M"] * d["K"] * d["N"])
+    for head in ("## kv_layer", "## unet_kv_all", "## penalty, grouped", "## penalty, single layer",
+                 "### Targets", "### n/a reasons"):
+        assert head in md
+
+
+def test_bench_scaling_quick(scaling_run):
+    mod, out = scaling_run
+    rows = _read_jsonl(out / "scaling.jsonl")
+    md = (out / "scaling.md").read_text()
+    Ts = mod.settings("quick")["Ts"]
+    main_rows = [r for r in rows if not r["repeat"]]
+    assert sorted((r["T"], r["method"]) for r in main_rows) == sorted((T, m) for T in Ts for m in mod.METHODS)
+    assert {r["method"] for r in rows if r["repeat"]} == set(mod.METHODS[:-1])
+    for r in rows:
+        if r["method"] in ("clora[reference]", "naive"):
+            _check_timed(r)
+        else:
+            assert r["status"].startswith("n/a ("), r
+    # the naive baseline really keeps T pairs: its factor memory grows linearly with T
+    fb = {r["T"]: r["naive_factor_bytes"] for r in main_rows if r["method"] == "naive"}
+    assert fb[Ts[-1]] == fb[Ts[0]] * Ts[-1] // Ts[0]
+    for T in Ts:
+        assert len(_md_rows(md, str(T))) == 1, T
+    assert "step time at T=" in md
+    assert (out / "scaling.png").stat().st_size > 1000
+
+
+def test_bench_e2e_quick(e2e_run):
+    mod, out = e2e_run
+    rows = _read_jsonl(out / "e2e.jsonl")
+    md = (out / "e2e.md").read_text()
+    keys = {(r["model"], r["kind"], r["variant"]): r for r in rows}
+    expected = {("sd_unet", "train", v) for v in mod.TRAIN_VARIANTS} | \
+               {("sd_unet", "infer", v) for v in mod.INFER_VARIANTS} | {("vit", "train", v) for v in mod.TRAIN_VARIANTS}
+    assert set(keys) == expected and len(rows) == len(expected)
+    for k in [("sd_unet", "train", "none"), ("sd_unet", "train", "peft"), ("sd_unet", "infer", "unpatched"),
+              ("vit", "train", "none"), ("vit", "train", "peft")]:
+        _check_timed(keys[k])
+    # clora rows run whenever the integrations are there (they are in this repository), else say why not
+    import clora_fast
+    have_patch = hasattr(clora_fast, "patch")
+    for k in [k for k in expected if k[2].startswith("clora")]:
+        r = keys[k]
+        if have_patch:
+            _check_timed(r)
+        else:
+            assert r["status"].startswith("n/a ("), r
+    for model, kind, variant in expected:
+        assert any(line.startswith(f"| {model} | {kind} | {variant} |") for line in md.splitlines())
+    assert "### Targets" in md
+
+
+def test_sd15_kv_shapes_match_diffusers(common):
+    cfg = common.sd_config("gpu")
+    shapes = common.sd_kv_shapes_from_config(cfg)
+    assert len(shapes) == 32
+    outs = [o for _, o, _ in shapes]
+    assert (outs.count(320), outs.count(640), outs.count(1280)) == (10, 10, 12)
+    assert all(i == 768 for _, _, i in shapes)
+    pytest.importorskip("diffusers")
+    assert common.sd_kv_shapes_from_diffusers(cfg) == shapes
+    tiny = common.sd_config("quick")
+    assert common.sd_kv_shapes_from_diffusers(tiny) == common.sd_kv_shapes_from_config(tiny)
+
+
+def test_roofline_and_cost_model(common):
+    rl = common.roofline(2e12, 1e9, 10.0, {"gemm_tflops_bf16": 400.0, "copy_gbps": 2000.0}, "bf16")
+    assert rl["tflops"] == pytest.approx(200.0) and rl["gbps"] == pytest.approx(100.0)
+    assert rl["roofline_frac"] == pytest.approx(0.5) and rl["bound"] == "compute"
+    rl = common.roofline(1e9, 4e9, 4.0, {"gemm_tflops_bf16": 400.0, "copy_gbps": 2000.0}, "bf16")
+    assert rl["roofline_frac"] == pytest.approx(0.5) and rl["bound"] == "memory"
+    ops = _load("bench_ops")
+    M, K, N, r = 10, 20, 30, 4
+    fl, by = ops.proj_cost(M, K, [N], r, 2, backward=False)
+    assert fl == 2 * M * K * N + 2 * M * K * r + 2 * M * r * N
+    assert by == 2 * (M * K + N * K + r * K + N * r + M * N)
+    fl, by = ops.pen_cost([(N, K)], r, 4)
+    assert by == 4 * (N * K + 2 * (r * K + N * r))
+
+
+def test_gpu_check_script_builds_import_path(tmp_path):
+    script = os.path.join(BENCH, "gpu_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    res = subprocess.run(["bash", script, "--setup-only"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith("clora_fast"))
+    farm = next(line for line in res.stdout.splitlines() if line.startswith("PYTHONPATH=")).split("=", 1)[1]
+    farm = farm.split(":")[0]
+    # the package and its kernels come from the symlink farm, not from an installed copy
+    assert lines["clora_fast"].startswith(farm)
+    assert lines["clora_fast.kernels"].startswith(os.path.join(farm, "clora_fast", "kernels"))
+    assert os.path.realpath(lines["clora_fast.kernels"]) == os.path.join(REPO, "kernels", "__init__.py")
