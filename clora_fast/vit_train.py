@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["Task", "ContinualResult", "FeatureExtractor", "GrowingHead", "METHODS",
+__all__ = ["Task", "ContinualResult", "FeatureExtractor", "GrowingHead", "CosineLinear", "METHODS", "HEADS",
            "make_class_incremental_tasks", "load_digits_tasks", "load_tasks_file", "build_backbone",
            "tiny_vit_config", "pretrain_backbone", "run_continual", "accuracy_metrics", "cli_main"]
 
 METHODS = ("clora", "lora", "linear_probe", "finetune")
+HEADS = ("linear", "cosine")
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,26 +249,45 @@ class FeatureExtractor(nn.Module):
         return self.backbone(pixel_values=x).last_hidden_state[:, 0]
 
 
-class GrowingHead(nn.Module):
-    """Classifier over every class seen so far: one linear block per task, logits concatenated
-    in task order. ``class_ids`` maps logit columns to global class ids."""
+class CosineLinear(nn.Module):
+    """``scale * normalize(x) @ normalize(W).T``: logits bounded by ``scale``, so a head trained
+    on an easy early task cannot dominate later heads by sheer magnitude."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, n: int, scale: float = 16.0):
         super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, dim) * dim ** -0.5)
+        self.scale = float(scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1))
+
+
+class GrowingHead(nn.Module):
+    """Classifier over every class seen so far: one block per task (``nn.Linear``, or
+    :class:`CosineLinear` with ``kind="cosine"``), logits concatenated in task order.
+    ``class_ids`` maps logit columns to global class ids. Adding a task freezes the old blocks."""
+
+    def __init__(self, dim: int, kind: str = "linear", cosine_scale: float = 16.0):
+        super().__init__()
+        if kind not in HEADS:
+            raise ValueError(f"head kind must be one of {HEADS}, got {kind!r}")
         self.dim = dim
+        self.kind = kind
+        self.cosine_scale = cosine_scale
         self.blocks = nn.ModuleList()
         self.class_ids: List[int] = []
 
-    def add_task(self, classes: Sequence[int]) -> nn.Linear:
+    def add_task(self, classes: Sequence[int]) -> nn.Module:
         for b in self.blocks:
             b.requires_grad_(False)
-        lin = nn.Linear(self.dim, len(classes))
+        blk = nn.Linear(self.dim, len(classes)) if self.kind == "linear" else \
+            CosineLinear(self.dim, len(classes), self.cosine_scale)
         p = next(iter(self.blocks.parameters()), None)
         if p is not None:
-            lin = lin.to(device=p.device, dtype=p.dtype)
-        self.blocks.append(lin)
+            blk = blk.to(device=p.device, dtype=p.dtype)
+        self.blocks.append(blk)
         self.class_ids.extend(int(c) for c in classes)
-        return lin
+        return blk
 
     def forward(self, feats: Tensor) -> Tensor:
         return torch.cat([b(feats) for b in self.blocks], dim=-1)
@@ -362,16 +382,20 @@ class ContinualResult:
 def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "clora", rank: int = 8,
                   alpha: Optional[float] = None, penalty_weight: Optional[float] = None,
                   epochs: int = 10, lr: float = 3e-3, head_lr: Optional[float] = None,
-                  batch_size: int = 32, backend: str = "auto", seed: int = 0, device=None,
-                  copy_backbone: bool = True, log: Optional[Callable[[str], None]] = None) -> ContinualResult:
+                  batch_size: int = 32, head: str = "linear", backend: str = "auto", seed: int = 0,
+                  device=None, copy_backbone: bool = True,
+                  log: Optional[Callable[[str], None]] = None) -> ContinualResult:
     """Class-incremental training over ``tasks`` (see the module docstring for the protocol).
 
     ``method``: ``"clora"`` (``penalty_weight=None`` -> the controller default), ``"lora"``
-    (penalty weight forced to 0), ``"linear_probe"``, ``"finetune"``. ``copy_backbone=True``
+    (penalty weight forced to 0), ``"linear_probe"``, ``"finetune"``. ``head``: ``"linear"``
+    (as in L2P/CODA-Prompt) or ``"cosine"`` (:class:`CosineLinear`). ``copy_backbone=True``
     trains a deep copy (so one pre-trained backbone can serve several runs); the trained
     (patched) model, head and controller are returned in the result."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
     if not isinstance(tasks, (list, tuple)) or not tasks or not all(isinstance(t, Task) for t in tasks):
         raise TypeError(f"tasks must be a non-empty list of Task, got {type(tasks).__name__}")
     seen: set = set()
@@ -403,7 +427,8 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                                      backend=backend)
         ctrl.to(device)
     feat = FeatureExtractor(model)
-    head = GrowingHead(feat.dim).to(device)
+    head_kind = head
+    head = GrowingHead(feat.dim, kind=head_kind).to(device)
     feat.eval()  # no dropout; ViTs have no batch statistics
     acc: List[List[float]] = []
     penalty_last: List[float] = []
@@ -453,7 +478,8 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
     m = accuracy_metrics(acc)
     settings = dict(method=method, rank=rank, alpha=alpha,
                     penalty_weight=(None if ctrl is None else float(getattr(ctrl, "penalty_weight", float("nan")))),
-                    epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, backend=backend, seed=seed)
+                    epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, head=head_kind,
+                    backend=backend, seed=seed)
     return ContinualResult(method=method, acc=acc, final_avg_acc=m["final_avg_acc"],
                            avg_forgetting=m["avg_forgetting"], task_classes=[list(t.classes) for t in tasks],
                            wall_s=time.perf_counter() - t_start, settings=settings, penalty_last=penalty_last,
@@ -494,6 +520,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument("--head-lr", type=float, default=None)
     tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--head", choices=HEADS, default="linear",
+                    help="classifier blocks: linear (L2P/CODA-Prompt protocol) or cosine (bounded logits)")
     tr.add_argument("--pretrain-epochs", type=int, default=0,
                     help="first fully train the backbone on the first task's data (a stand-in for a "
                          "pre-trained backbone)")
@@ -547,7 +575,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
             res = run_continual(backbone, tasks, method=m, rank=args.rank, alpha=args.alpha,
                                 penalty_weight=args.penalty_weight if m == "clora" else None,
                                 epochs=args.epochs, lr=args.lr, head_lr=args.head_lr,
-                                batch_size=args.batch_size, backend=args.backend, seed=args.seed,
+                                batch_size=args.batch_size, head=args.head, backend=args.backend, seed=args.seed,
                                 device=args.device, log=log)
             summary["methods"][m] = res.to_dict()
             if args.output:
