@@ -66,6 +66,7 @@ an unwritten entry shows up in tests).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Sequence, Tuple
@@ -543,6 +544,11 @@ def _check_common(x, weight, lora_A, lora_B, seg_offsets, scales):
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+def _on_device(device: torch.device):
+    """Launch on the tensors' GPU even when another one is current (Triton uses the current one)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def segmented_lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                            lora_B: torch.Tensor, seg_offsets: Sequence[int], scales: Sequence[float],
                            bias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -553,6 +559,11 @@ def segmented_lora_forward(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.
     ``0 = o_0 < ... < o_L = N``; ``scales`` L floats.  Returns ``y`` ``[M, N]`` (x.dtype,
     contiguous) and ``xa = x @ lora_A.T`` ``[M, L*r]`` fp32 (saved for backward).
     """
+    with _on_device(x.device):
+        return _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias)
+
+
+def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
     seg_offsets, scales, L, M, K, N, r = _check_common(x, weight, lora_A, lora_B, seg_offsets, scales)
     if bias is not None:
         assert tuple(bias.shape) == (N,) and bias.dtype == x.dtype and bias.device == x.device, \
@@ -601,6 +612,11 @@ def segmented_lora_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch
     needed; plus a split-sum per split reduction on big GPUs).  With M == 0 nothing is
     launched: dx is empty and dA, dB are zeros.
     """
+    with _on_device(x.device):
+        return _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_dx, need_dA, need_dB)
+
+
+def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_dx, need_dA, need_dB):
     seg_offsets, scales, L, M, K, N, r = _check_common(x, weight, lora_A, lora_B, seg_offsets, scales)
     assert tuple(grad_y.shape) == (M, N), f"grad_y must be [{M}, {N}], got {tuple(grad_y.shape)}"
     assert grad_y.dtype == x.dtype and grad_y.device == x.device, \

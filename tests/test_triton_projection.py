@@ -234,6 +234,40 @@ def test_half_outputs_round_to_nearest(device, dtype):
             assert same >= 0.9, f"{name}: only {same:.2f} of entries equal round-to-nearest of the exact value"
 
 
+def test_split_heuristic_and_chunks(monkeypatch):
+    """GPU branch of the split heuristic (faked SM count) and the chunking it feeds."""
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(lp, "_interpreting", lambda: False)
+    monkeypatch.setattr(lp, "_num_sms", lambda idx: 132)
+    # whole-UNet dx: 2 x 6 output tiles, 24960-long reduction in blocks of 64 -> split to fill 2 waves
+    assert lp._split_heuristic(12, 24960, 64, cuda0) == 22
+    assert lp._split_heuristic(264, 24960, 64, cuda0) == 1          # grid already fills the GPU
+    assert lp._split_heuristic(12, 200, 64, cuda0) == 1             # reduction too short to split
+    assert lp._split_heuristic(1, 10 ** 7, 64, cuda0) == 64          # capped
+    assert lp._split_heuristic(12, 24960, 64, torch.device("cpu")) == 1
+    monkeypatch.setattr(lp, "_interpreting", lambda: True)
+    assert lp._split_heuristic(12, 24960, 64, cuda0) == 1
+    for red_len, splits, block in [(24960, 22, 64), (154, 3, 64), (77, 5, 128), (1, 4, 16), (300, 3, 128)]:
+        chunk, n = lp._split_chunks(red_len, splits, block)
+        assert chunk % block == 0 and 1 <= n <= splits
+        assert (n - 1) * chunk < red_len <= n * chunk  # covers everything, no empty split
+
+
+def test_block_configs():
+    """Interpreter: whole-problem blocks (few programs); GPU: the documented tile sizes."""
+    c = lp._fwd_config(5, 33, [40, 37], 16, 4, True)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) == (16, 64, 64)
+    c = lp._fwd_config(1000, 768, [320, 1280], 16, 2, False)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]) == (128, 128, 64, 8, 3)
+    c = lp._fwd_config(1000, 768, [320], 128, 4, False)
+    assert (c["BLOCK_M"], c["num_warps"], c["num_stages"]) == (64, 8, 2)
+    assert lp._rank_pad(1) == 16 and lp._rank_pad(16) == 16 and lp._rank_pad(17) == 32 and lp._rank_pad(65) == 128
+    b = lp._bwd_config(154, 768, 24960, 512, [320, 1280], 16, 2, False)
+    assert b["dx"]["BLOCK_J"] <= 32 and b["g"]["BLOCK_N"] == 128
+    b = lp._bwd_config(5, 33, 77, 8, [40, 37], 16, 4, True)
+    assert all(v["num_stages"] == 1 for v in b.values())
+
+
 def test_poison_fills_nan(device):
     assert torch.isnan(lp._empty((3, 4), torch.bfloat16, device)).all()
 
