@@ -438,20 +438,27 @@ def test_export_loads_in_diffusers_with_same_outputs(tmp_path):
         randomize(cl, seed=20 + t)
         cl.end_concept()
     sample = torch.randn(2, 4, 8, 8)
-    ehs = torch.randn(2, 7, 32)
+    prompt = "a photo of <c1> and <c2>"
     cl.merge()
     with torch.no_grad():
+        _, ehs = encode(pipe, prompt)
+        ehs = ehs.expand(2, -1, -1)
         merged = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
     cl.unmerge()
     path = tmp_path / "merged_lora.safetensors"
     D.export_lora(pipe, path, "merged")
+    for t in range(2):
+        D.export_textual_inversion(pipe, tmp_path / f"c{t + 1}.safetensors", t)
     from safetensors.torch import load_file
     keys = set(load_file(str(path)))
     assert all(k.startswith("unet.") and k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys)
     assert len(keys) == 2 * len(cl.sites)
     fresh = tiny_pipe()
     fresh.load_lora_weights(str(path))
+    fresh.load_textual_inversion([str(tmp_path / "c1.safetensors"), str(tmp_path / "c2.safetensors")])
     with torch.no_grad():
+        _, ehs2 = encode(fresh, prompt)
+        torch.testing.assert_close(ehs2.expand(2, -1, -1), ehs, rtol=1e-5, atol=1e-6)
         got = fresh.unet(sample, 10, encoder_hidden_states=ehs).sample
     torch.testing.assert_close(got, merged, rtol=1e-4, atol=1e-5)
     # one concept

@@ -51,8 +51,8 @@ from ..controller import DEFAULT_PENALTY_WEIGHT, CLoRAController, Site
 
 logger = logging.getLogger("clora_fast")
 
-__all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "export_lora", "PersonalizedEmbedding",
-           "DiffusersAdapter"]
+__all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "export_lora", "export_textual_inversion",
+           "PersonalizedEmbedding", "DiffusersAdapter"]
 
 # unet -> adapter (weak: a dropped UNet takes its controller with it)
 _REGISTRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -526,6 +526,24 @@ class DiffusersAdapter:
         """The token embedding row of concept ``idx`` in text encoder ``slot`` (0, or 1 for SDXL's second)."""
         return self.rows[slot][idx]
 
+    def export_textual_inversion(self, path, idx: int) -> None:
+        """Write concept ``idx``'s token embedding(s) as a textual-inversion safetensors file:
+        ``{token: [dim]}`` for one text encoder (``pipe.load_textual_inversion(path)`` accepts it),
+        ``{"clip_l": [1, d1], "clip_g": [1, d2]}`` for SDXL's two (load each with
+        ``load_textual_inversion(sd["clip_l"], token=..., text_encoder=..., tokenizer=...)``)."""
+        from safetensors.torch import save
+        from ..bank import atomic_write_bytes
+        if not self.slots:
+            raise ValueError("export_textual_inversion: a bare UNet has no token embeddings")
+        if idx not in self.tokens:
+            raise KeyError(f"concept {idx} has no personalized token (known: {sorted(self.tokens)})")
+        rows = [r[idx].detach().float().cpu().contiguous() for r in self.rows]
+        if len(rows) == 1:
+            tensors = {self.tokens[idx]: rows[0]}
+        else:
+            tensors = {"clip_l": rows[0][None], "clip_g": rows[1][None]}
+        atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
+
     def extra_state(self, idx: int) -> Dict[str, Tensor]:
         return {f"token_embedding.{s}": rows[idx] for s, rows in enumerate(self.rows) if idx in rows}
 
@@ -667,3 +685,15 @@ def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = Non
     if ctrl is None:
         raise ValueError(f"export_lora: {type(obj).__name__} is not patched by clora_fast")
     ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)
+
+
+def export_textual_inversion(obj, path, which: int) -> None:
+    """Write concept ``which``'s personalized token embedding(s) of a patched pipeline as a
+    textual-inversion safetensors file (see :meth:`DiffusersAdapter.export_textual_inversion`).
+    Together with :func:`export_lora` a plain pipeline reproduces the patched one:
+    ``pipe.load_lora_weights(lora); pipe.load_textual_inversion(tokens)``."""
+    unet, _ = _resolve(obj)
+    ad = _REGISTRY.get(unet)
+    if ad is None:
+        raise ValueError(f"export_textual_inversion: {type(obj).__name__} is not patched by clora_fast")
+    ad.export_textual_inversion(path, which)
