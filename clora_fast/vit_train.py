@@ -15,6 +15,9 @@ Metrics, with ``acc[i][j]`` the accuracy on task ``j``'s test set after training
 * final average accuracy  ``mean_j acc[T-1][j]``
 * average forgetting      ``mean_{j<T-1} (max_{j<=i<T-1} acc[i][j] - acc[T-1][j])``
 
+The same two numbers are also reported task-incrementally (``*_til``: the task id is given
+at test time, prediction among that task's classes only) as a diagnostic.
+
 Methods: ``"clora"`` (C-LoRA: LoRA on K/V + forgetting penalty), ``"lora"`` (sequential
 LoRA: the same, penalty weight 0), ``"linear_probe"`` (frozen backbone, only the heads
 train), ``"finetune"`` (every backbone weight trains, no regularisation).
@@ -303,14 +306,23 @@ def _batches(n: int, batch_size: int, gen: Optional[torch.Generator]):
 
 
 @torch.no_grad()
-def _evaluate(feat: FeatureExtractor, head: GrowingHead, task: Task, device, batch_size: int) -> float:
+def _evaluate_both(feat: FeatureExtractor, head: GrowingHead, task: Task, device, batch_size: int):
+    """(class-incremental accuracy: argmax over every class seen so far,
+    task-incremental accuracy: argmax over the task's own classes only)."""
     col_of = {c: i for i, c in enumerate(head.class_ids)}
     y = torch.tensor([col_of[int(c)] for c in task.y_test.tolist()], dtype=torch.long)
-    correct = 0
+    own = torch.tensor([col_of[int(c)] for c in task.classes], dtype=torch.long)
+    correct = correct_til = 0
     for b in _batches(task.x_test.shape[0], batch_size, None):
-        logits = head(feat(task.x_test[b].to(device)))
-        correct += int((logits.argmax(-1).cpu() == y[b]).sum())
-    return correct / max(1, task.x_test.shape[0])
+        logits = head(feat(task.x_test[b].to(device))).cpu()
+        correct += int((logits.argmax(-1) == y[b]).sum())
+        correct_til += int((own[logits[:, own].argmax(-1)] == y[b]).sum())
+    n = max(1, task.x_test.shape[0])
+    return correct / n, correct_til / n
+
+
+def _evaluate(feat: FeatureExtractor, head: GrowingHead, task: Task, device, batch_size: int) -> float:
+    return _evaluate_both(feat, head, task, device, batch_size)[0]
 
 
 def accuracy_metrics(acc: List[List[float]]) -> Dict[str, float]:
@@ -361,13 +373,19 @@ def pretrain_backbone(backbone: nn.Module, task: Task, *, epochs: int = 30, lr: 
 
 @dataclass
 class ContinualResult:
-    """Outcome of :func:`run_continual`. ``acc[i][j]``: accuracy on task j after task i."""
+    """Outcome of :func:`run_continual`. ``acc[i][j]``: class-incremental accuracy on task j
+    after task i (the protocol's metric); ``acc_til``: the same with the task id given at test
+    time (argmax over the task's own classes), which separates feature forgetting from the
+    bias between old and new heads."""
     method: str
     acc: List[List[float]]
     final_avg_acc: float
     avg_forgetting: float
     task_classes: List[List[int]]
     wall_s: float
+    acc_til: List[List[float]] = field(default_factory=list)  # task-incremental (task id given)
+    final_avg_acc_til: float = float("nan")
+    avg_forgetting_til: float = float("nan")
     settings: Dict = field(default_factory=dict)
     penalty_last: List[float] = field(default_factory=list)   # penalty term at the last step of each task
     model: Optional[nn.Module] = field(default=None, repr=False)
@@ -431,6 +449,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
     head = GrowingHead(feat.dim, kind=head_kind).to(device)
     feat.eval()  # no dropout; ViTs have no batch statistics
     acc: List[List[float]] = []
+    acc_til: List[List[float]] = []
     penalty_last: List[float] = []
     for ti, task in enumerate(tasks):
         new_head = head.add_task(task.classes).to(device)
@@ -470,18 +489,24 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
         if ctrl is not None:
             ctrl.end_concept()
         penalty_last.append(pen_val)
-        row = [_evaluate(feat, head, tasks[j], device, 256) for j in range(ti + 1)]
+        both = [_evaluate_both(feat, head, tasks[j], device, 256) for j in range(ti + 1)]
+        row = [a for a, _ in both]
         acc.append(row)
+        acc_til.append([a for _, a in both])
         if log:
             log(f"[{method}] after task {ti}: acc per task {[round(a, 4) for a in row]}, "
-                f"mean {sum(row) / len(row):.4f}")
+                f"mean {sum(row) / len(row):.4f} (task-incremental mean "
+                f"{sum(acc_til[-1]) / len(row):.4f})")
     m = accuracy_metrics(acc)
+    m_til = accuracy_metrics(acc_til)
     settings = dict(method=method, rank=rank, alpha=alpha,
                     penalty_weight=(None if ctrl is None else float(getattr(ctrl, "penalty_weight", float("nan")))),
                     epochs=epochs, lr=lr, head_lr=head_lr, batch_size=batch_size, head=head_kind,
                     backend=backend, seed=seed)
     return ContinualResult(method=method, acc=acc, final_avg_acc=m["final_avg_acc"],
                            avg_forgetting=m["avg_forgetting"], task_classes=[list(t.classes) for t in tasks],
+                           acc_til=acc_til, final_avg_acc_til=m_til["final_avg_acc"],
+                           avg_forgetting_til=m_til["avg_forgetting"],
                            wall_s=time.perf_counter() - t_start, settings=settings, penalty_last=penalty_last,
                            model=model, head=head, controller=ctrl)
 
@@ -592,7 +617,8 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
         print(f"train-vit: error: {e}", file=sys.stderr)
         return 1
-    table = {m: {"final_avg_acc": round(r["final_avg_acc"], 4), "avg_forgetting": round(r["avg_forgetting"], 4)}
+    table = {m: {k: round(r[k], 4) for k in ("final_avg_acc", "avg_forgetting", "final_avg_acc_til",
+                                               "avg_forgetting_til")}
              for m, r in summary["methods"].items()}
     print(json.dumps(table, indent=2))
     return 0

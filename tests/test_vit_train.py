@@ -304,3 +304,13 @@ def test_clora_fast_cli_dispatches_train_vit(capsys):
     rc = cli.main(["train-vit", "--method", "nope", "--quiet"])
     assert rc == 2
     assert "unknown ['nope']" in capsys.readouterr().err
+
+
+def test_task_incremental_accuracy_is_reported_and_not_below_class_incremental(digits_tasks):
+    bb = tiny_backbone()
+    res = vt.run_continual(bb, small_tasks(digits_tasks), method="lora", epochs=1, batch_size=20, rank=2)
+    assert [len(r) for r in res.acc_til] == [1, 2, 3]
+    # choosing among a task's own classes can only be right more often than among all classes
+    assert all(t >= c for rc, rt in zip(res.acc, res.acc_til) for c, t in zip(rc, rt))
+    m = vt.accuracy_metrics(res.acc_til)
+    assert res.final_avg_acc_til == m["final_avg_acc"] and res.avg_forgetting_til == m["avg_forgetting"]
