@@ -120,22 +120,26 @@ class E2E:
         return t, why, peak
 
     # ---------------------------------------------------------------- SD UNet
+    def _sd_na(self, why):
+        for v in TRAIN_VARIANTS:
+            self.record(model="sd_unet", kind="train", variant=v, time_ms=None, status=why)
+        for v in INFER_VARIANTS:
+            self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=why)
+
     def run_sd(self):
         st, dev, dt = self.st, self.device, self.dtype
+        cfg = C.load_json_config(st["sd_cfg"])
         try:
             from diffusers import UNet2DConditionModel
         except Exception as e:  # noqa: BLE001
-            why = f"n/a (diffusers not importable: {C.describe_exc(e)})"
-            for v in TRAIN_VARIANTS:
-                self.record(model="sd_unet", kind="train", variant=v, time_ms=None, status=why)
-            for v in INFER_VARIANTS:
-                self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=why)
-            return
-        cfg = C.load_json_config(st["sd_cfg"])
+            return self._sd_na(f"n/a (diffusers not importable: {C.describe_exc(e)})")
         C.seed_all(0)
-        with torch.device(dev):
-            unet = UNet2DConditionModel(**cfg)
-        unet = unet.to(dtype=dt).requires_grad_(False)
+        try:
+            with torch.device(dev):
+                unet = UNet2DConditionModel(**cfg)
+            unet = unet.to(dtype=dt).requires_grad_(False)
+        except Exception as e:  # noqa: BLE001
+            return self._sd_na(f"n/a (building the UNet from {st['sd_cfg']} failed: {C.describe_exc(e)})")
         unet.train()
         B, S, cross = st["sd_batch"], st["latent"], cfg["cross_attention_dim"]
         gen = torch.Generator().manual_seed(0)

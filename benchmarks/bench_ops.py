@@ -37,10 +37,10 @@ import _common as C  # noqa: E402
 
 PROJ_METHODS = ["dense", "clora[triton]", "clora[cuda]", "clora[reference]", "eager", "peft", "naive"]
 ALL_METHODS = ["dense", "dense_cat", "grouped[triton]", "grouped[cuda]", "grouped[reference]",
-               "separate[triton]", "separate[cuda]", "peft", "naive"]
+               "separate[triton]", "separate[cuda]", "separate[reference]", "peft", "naive"]
 PEN_METHODS = ["clora[triton]", "clora[cuda]", "clora[reference]", "eager", "naive"]
 GPEN_METHODS = ["grouped[triton]", "grouped[cuda]", "grouped[reference]", "separate[triton]", "separate[cuda]",
-                "eager", "naive"]
+                "separate[reference]", "eager", "naive"]
 
 
 # ---------------------------------------------------------------- profiles
@@ -63,10 +63,10 @@ def profile_settings(profile: str, sd_cfg: dict) -> dict:
 # ------------------------------------------------------------------ helpers
 def make_factors(n_out, n_in, r, T, dtype, device, gen):
     """Current trainable (A, B) and T past pairs stacked as (Ap [T*r, in], Bp [out, T*r]); P = s*Bp@Ap."""
-    a = (torch.randn(r, n_in, generator=gen, device="cpu") / math.sqrt(n_in)).to(device, dtype)
-    b = (torch.randn(n_out, r, generator=gen, device="cpu") * 0.02).to(device, dtype)
-    ap = (torch.randn(T * r, n_in, generator=gen, device="cpu") / math.sqrt(n_in)).to(device, dtype)
-    bp = (torch.randn(n_out, T * r, generator=gen, device="cpu") * 0.02).to(device, dtype)
+    a = (torch.randn(r, n_in, generator=gen, device=device) / math.sqrt(n_in)).to(dtype)
+    b = (torch.randn(n_out, r, generator=gen, device=device) * 0.02).to(dtype)
+    ap = (torch.randn(T * r, n_in, generator=gen, device=device) / math.sqrt(n_in)).to(dtype)
+    bp = (torch.randn(n_out, T * r, generator=gen, device=device) * 0.02).to(dtype)
     return a.requires_grad_(), b.requires_grad_(), ap, bp
 
 
@@ -146,10 +146,10 @@ class Bench:
         self.info = C.env_info(device)
         self.peaks = C.measure_peaks(device, self.timer, args.quick)
         C.print_flush("env:", self.info)
-        C.print_flush("peaks:", {k: round(v, 1) for k, v in self.peaks.items()})
+        C.print_flush("peaks:", {k: float(f"{v:.3g}") for k, v in self.peaks.items()})
         self.sd_cfg = C.sd_config(profile)
         self.st = profile_settings(profile, self.sd_cfg)
-        self.gen = torch.Generator().manual_seed(0)
+        self.gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn on the device
         self.results = []  # dicts (also written as JSON lines)
         self.T = args.naive_T
         self.scale = 1.0
@@ -220,13 +220,13 @@ class Bench:
         if True:
             dtype = C.DTYPES[dt]
             bwd = mode == "fwdbwd"
-            x = torch.randn(M, K, generator=self.gen).to(dev, dtype).requires_grad_(bwd)
-            w = [(torch.randn(N, K, generator=self.gen) / math.sqrt(K)).to(dev, dtype) for _ in range(2)]
+            x = torch.randn(M, K, generator=self.gen, device=dev).to(dtype).requires_grad_(bwd)
+            w = [(torch.randn(N, K, generator=self.gen, device=dev) / math.sqrt(K)).to(dtype) for _ in range(2)]
             fac = [make_factors(N, K, r, T, dtype, dev, self.gen) for _ in range(2)]
             # folded frozen weights W0 + P of K and V, adjacent rows of one buffer (as the controller keeps them)
             wkv = torch.cat([w[i] + fold(fac[i][2], fac[i][3], s) for i in range(2)], 0)
             wf = [wkv[:N], wkv[N:]]
-            gy = [torch.randn(M, N, generator=self.gen).to(dev, dtype) for _ in range(2)]
+            gy = [torch.randn(M, N, generator=self.gen, device=dev).to(dtype) for _ in range(2)]
             ab = [p for f in fac for p in f[:2]]
             leaves = ([x] if bwd else []) + ab
             fl_l, by_l = proj_cost(M, K, [N, N], r, C.ESIZE[dt], bwd)
@@ -301,14 +301,14 @@ class Bench:
         bwd = mode == "fwdbwd"
         M = batch * st["tokens"]
         N = offs[-1]
-        x = torch.randn(M, K, generator=self.gen).to(dev, dtype).requires_grad_(bwd)
-        w = [(torch.randn(n, K, generator=self.gen) / math.sqrt(K)).to(dev, dtype) for n in Ns]
+        x = torch.randn(M, K, generator=self.gen, device=dev).to(dtype).requires_grad_(bwd)
+        w = [(torch.randn(n, K, generator=self.gen, device=dev) / math.sqrt(K)).to(dtype) for n in Ns]
         fac = [make_factors(n, K, r, T, dtype, dev, self.gen) for n in Ns]
         wf = [w[i] + fold(fac[i][2], fac[i][3], s) for i in range(L)]
         wcat = torch.cat(wf, 0)
         acat = torch.cat([f[0].detach() for f in fac], 0).requires_grad_()
         bcat = torch.cat([f[1].detach() for f in fac], 0).requires_grad_()
-        gy = [torch.randn(M, n, generator=self.gen).to(dev, dtype) for n in Ns]
+        gy = [torch.randn(M, n, generator=self.gen, device=dev).to(dtype) for n in Ns]
         gycat = torch.cat(gy, 1)
         ab = [p for f in fac for p in f[:2]]
         xs = [x] if bwd else []
@@ -362,7 +362,7 @@ class Bench:
                   "grouped[triton]": mk_grouped("triton"), "grouped[cuda]": mk_grouped("cuda"),
                   "grouped[reference]": mk_grouped("reference"),
                   "separate[triton]": mk_separate("triton"), "separate[cuda]": mk_separate("cuda"),
-                  "peft": mk_peft, "naive": mk_naive}
+                  "separate[reference]": mk_separate("reference"), "peft": mk_peft, "naive": mk_naive}
         case = f"unet_kv_all/sd{L}/b{batch}/{dt}/r{r}/{mode}"
         for meth in ALL_METHODS:
             t, why = C.try_time(self.timer, makers[meth])
@@ -399,7 +399,8 @@ class Bench:
                     ref = self.cl.reference
                     if group_call:
                         return backward_fn(lambda: ref.grouped_forgetting_penalty(pasts, As, Bs, [s] * L)), leaves
-                    return backward_fn(lambda: ref.forgetting_penalty(pasts[0], As[0], Bs[0], s)), leaves
+                    return backward_fn(lambda: sum(ref.forgetting_penalty(pasts[i], As[i], Bs[i], s)
+                                                   for i in range(L))), leaves
                 if group_call:
                     return backward_fn(lambda: ops.grouped_forgetting_penalty(pasts, As, Bs, scales=s,
                                                                               backend=backend)), leaves
@@ -436,7 +437,7 @@ class Bench:
             makers = {"grouped[triton]": mk_ours("triton", True), "grouped[cuda]": mk_ours("cuda", True),
                       "grouped[reference]": mk_ours("reference", True),
                       "separate[triton]": mk_ours("triton", False), "separate[cuda]": mk_ours("cuda", False),
-                      "eager": mk_eager, "naive": mk_naive}
+                      "separate[reference]": mk_ours("reference", False), "eager": mk_eager, "naive": mk_naive}
             methods = GPEN_METHODS
         else:
             makers = {"clora[triton]": mk_ours("triton", False), "clora[cuda]": mk_ours("cuda", False),

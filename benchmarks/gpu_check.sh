@@ -50,8 +50,10 @@ say() { echo "[gpu_check +$(elapsed)s] $*"; }
 setup_only=0
 [ "${1:-}" = "--setup-only" ] && setup_only=1
 
+TEE_PID=
 if [ $setup_only = 0 ]; then
   exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+  TEE_PID=$!
 fi
 
 # ---------------------------------------------------------------- 1. diffusers from the carried wheels
@@ -95,6 +97,7 @@ export MPLBACKEND=Agg
 export CLORA_COMMIT=${CLORA_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
 if [ $setup_only = 1 ]; then
+  trap 'rm -rf "$WORK"' EXIT
   echo "PYTHONPATH=$PYTHONPATH"
   "$PY" - <<'EOF'
 import clora_fast, clora_fast.kernels
@@ -201,3 +204,7 @@ say "done in $(elapsed)s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 echo "==================== SUMMARY ===================="
 grep -E "^- (GPU|pytest)" "$OUT/RESULTS_gpu.md"
 cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) "
+# let tee write the last lines into gpu_check.log before the command returns
+exec 1>&- 2>&-
+[ -n "$TEE_PID" ] && wait "$TEE_PID" 2>/dev/null
+exit 0
