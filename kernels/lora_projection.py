@@ -59,6 +59,10 @@ tile is upcast to fp32 (the interpreter computes bf16 on raw bits), fp32 dots
 are exact, and bf16 stores are rounded to nearest-even by hand (the
 interpreter's cast truncates).
 
+Compilation: ``M`` (the token count, which changes from call to call) and the rank are
+marked ``do_not_specialize`` so that new batch sizes do not trigger recompiles; strides
+and ``K``/``N`` keep Triton's 1/16-divisibility specialisation (vectorised loads).
+
 Outputs: ``y`` and ``dx`` in ``x.dtype``, ``xa`` fp32, ``dA``/``dB`` in the
 dtype of ``lora_A``/``lora_B``; all freshly allocated with ``torch.empty``
 (set ``CLORA_FAST_POISON=1`` to fill them with NaN before the kernels run, so
@@ -105,7 +109,7 @@ def _cast_out(v, out_ptr, INTERPRET: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _seg_lora_fwd_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, tile_ptr, scale_ptr,
     M, K, R,
@@ -180,7 +184,7 @@ def _seg_lora_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _seg_lora_bwd_g_kernel(
     dy_ptr, b_ptr, g_ptr, off_ptr, scale_ptr,
     M, R,
@@ -215,7 +219,7 @@ def _seg_lora_bwd_g_kernel(
     tl.store(g_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "R"])
 def _seg_lora_bwd_db_kernel(
     dy_ptr, xa_ptr, out_ptr, tile_ptr, scale_ptr,
     M, R, m_chunk,
@@ -257,7 +261,7 @@ def _seg_lora_bwd_db_kernel(
              mask=mask_n[:, None] & mask_r[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _seg_lora_bwd_dx_kernel(
     dy_ptr, w_ptr, g_ptr, a_ptr, out_ptr,
     M, N, K, LR, n_chunk, j_chunk,
@@ -310,7 +314,7 @@ def _seg_lora_bwd_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _seg_lora_bwd_da_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, LR, m_chunk,
@@ -347,7 +351,7 @@ def _seg_lora_bwd_da_kernel(
              mask=mask_j[:, None] & mask_k[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _split_sum_kernel(ws_ptr, out_ptr, S, P, BLOCK: tl.constexpr, INTERPRET: tl.constexpr):
     """``out[i] = sum_{s < S} ws[s, i]`` for ``i < P`` (fixed order, deterministic).
 

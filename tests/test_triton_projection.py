@@ -344,9 +344,12 @@ def _aot_sm90(fn, ptrs, ints, consts, num_warps, num_stages):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     sig, attrs, cons = {}, {}, dict(consts)
+    dns = set(fn.do_not_specialize or [])
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
+        elif name in dns or i in dns:
+            sig[name] = "i32"
         elif name in ptrs:
             sig[name] = "*" + ptrs[name]
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -436,6 +439,8 @@ def _aot_main():
 
 @pytest.fixture(scope="module")
 def aot_report():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the real GPU tests compile and run the kernels")
     import json
     import os
     import subprocess
