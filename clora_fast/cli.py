@@ -382,6 +382,8 @@ def _train_parser(sub):
     p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="CPU threads for torch (torch.set_num_threads); 1 helps on busy machines")
     return p
 
 
@@ -405,6 +407,24 @@ def _bank_state(out: Path) -> str:
 
 
 def cmd_train(args) -> int:
+    try:
+        return _cmd_train(args)
+    finally:
+        _reset_accelerate_state()
+
+
+def _reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state so that ``main()`` can run again in the same
+    process with other settings (accelerate refuses to change mixed precision otherwise)."""
+    try:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(True)
+    except Exception:  # older/newer accelerate without this private helper: nothing to reset
+        pass
+
+
+def _cmd_train(args) -> int:
     import torch
     from accelerate import Accelerator
 
@@ -565,6 +585,8 @@ def _sample_parser(sub):
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--resolution", type=_positive("--resolution"), default=None)
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="CPU threads for torch (torch.set_num_threads)")
     return p
 
 
@@ -630,6 +652,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         if args.command == "train":
             return cmd_train(args)
