@@ -100,9 +100,10 @@ if [ $setup_only = 1 ]; then
   trap 'rm -rf "$WORK"' EXIT
   echo "PYTHONPATH=$PYTHONPATH"
   "$PY" - <<'EOF'
-import clora_fast, clora_fast.kernels
+import os, clora_fast, clora_fast.kernels
 print("clora_fast", clora_fast.__file__)
 print("clora_fast.kernels", clora_fast.kernels.__file__)
+print("kernels_realpath", os.path.realpath(clora_fast.kernels.__file__))
 print("backends", clora_fast.available_backends())
 EOF
   exit $?
