@@ -75,7 +75,12 @@ def _assert_close(name, got, ref64, lowp, dtype):
     err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
     err_t = (lowp.double() - ref64).abs().max().item() if got.numel() else 0.0
     mag = ref64.abs().max().item() if got.numel() else 0.0
-    tol = 2 * err_t + FLOOR[dtype] * max(1.0, mag)
+    floor = FLOOR[dtype]
+    if dtype == torch.float32 and got.is_cuda:
+        # fp32 tl.dot is TF32 on the GPU (documented); cuBLAS may pick exact-fp32 kernels for tiny
+        # shapes even with TF32 allowed, so the floor is TF32's own error level (2^-10 per product).
+        floor = 2e-3
+    tol = 2 * err_t + floor * max(1.0, mag)
     key = (str(dtype), name)
     MAX_ERR[key] = max(MAX_ERR.get(key, 0.0), err)
     assert err <= tol, f"{name} {dtype}: kernel err {err:.3e} > tol {tol:.3e} (torch err {err_t:.3e}, |ref| {mag:.3e})"
