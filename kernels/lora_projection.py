@@ -30,8 +30,11 @@ Kernels
   ``s_l * xa_l @ B_l^T`` and the bias.  Output tiles never straddle segments:
   a host-built tile table (tile -> segment, n_start, n_end, first-of-segment),
   cached on the device per (device, seg_offsets, BLOCK_N), drives the grid
-  ``(M tiles, total N tiles)``.  ``xa`` is stored by the first N tile of each
-  segment only.
+  ``(M tiles, total N tiles)``, M tiles fastest so that programs sharing a
+  weight tile run together.  ``xa`` is stored by the first N tile of each
+  segment only.  Every N tile of a segment recomputes its ``x @ A_l^T``
+  (``R_PAD / BLOCK_N`` extra work, 12.5% for r <= 16 at BLOCK_N = 128): cheaper
+  than a second launch and a second read of ``x``.
 - ``_seg_lora_bwd_g_kernel``: ``g_l`` per (M tile, segment), reduction over
   the segment's columns.
 - ``_seg_lora_bwd_db_kernel``: ``dB`` per N tile (same tile table), reduction
@@ -59,9 +62,13 @@ tile is upcast to fp32 (the interpreter computes bf16 on raw bits), fp32 dots
 are exact, and bf16 stores are rounded to nearest-even by hand (the
 interpreter's cast truncates).
 
+Launches: forward 1; backward at most 4 (g if dx or dA is needed, dx, dA, dB),
+plus one split-sum per split reduction (GPU only, when the output grid is small).
+
 Compilation: ``M`` (the token count, which changes from call to call) and the rank are
-marked ``do_not_specialize`` so that new batch sizes do not trigger recompiles; strides
-and ``K``/``N`` keep Triton's 1/16-divisibility specialisation (vectorised loads).
+marked ``do_not_specialize``, so most new batch sizes reuse the compiled kernels (the
+block config still switches at M = 64); strides and ``K``/``N`` keep Triton's
+1/16-divisibility specialisation (vectorised loads).
 
 Outputs: ``y`` and ``dx`` in ``x.dtype``, ``xa`` fp32, ``dA``/``dB`` in the
 dtype of ``lora_A``/``lora_B``; all freshly allocated with ``torch.empty``
