@@ -27,7 +27,7 @@ def randomize(ctrl, std=0.2, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ctrl.trainable_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
+            p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device))
 
 
 def expected(ctrl, i, x):
@@ -337,12 +337,14 @@ def test_model_dtype_fp16_weights_cast_factors():
     torch.testing.assert_close(y, expected(c, 0, x), rtol=1e-6, atol=1e-6)
 
 
-def test_triton_backend_matches_reference():
+def test_triton_backend_matches_reference(device):
     pytest.importorskip("triton")
     import clora_fast
     if "triton" not in clora_fast.available_backends():
         pytest.skip("triton backend unavailable")
     sites = make_sites()
+    for s in sites:
+        s.weight = s.weight.to(device)
     ct = CLoRAController(sites, rank=2, backend="triton")
     cr = CLoRAController(sites, rank=2, backend="reference")
     for c in (ct, cr):
@@ -351,7 +353,7 @@ def test_triton_backend_matches_reference():
         c.end_concept()
         c.begin_concept()
         randomize(c, seed=4)
-    x = torch.randn(5, IN)
+    x = torch.randn(5, IN, device=device)
     for a, b in zip(ct.project_group("g", x), cr.project_group("g", x)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ct.penalty(), cr.penalty(), rtol=1e-4, atol=1e-6)

@@ -113,7 +113,7 @@ def randomize(ctrl, std=0.2, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ctrl.trainable_parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
+            p.add_((torch.randn(p.shape, generator=g) * std).to(p.device))
 
 
 def attn2_names(unet):
@@ -474,11 +474,12 @@ def test_export_loads_in_diffusers_with_same_outputs(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_triton_backend_unet_forward_backward():
+def test_triton_backend_unet_forward_backward(device):
     if "triton" not in clora_fast.available_backends():
         pytest.skip("triton backend unavailable")
-    unet = tiny_unet("sd1")
-    inputs = unet_inputs(unet, batch=1, seq=4)
+    unet = tiny_unet("sd1").to(device)
+    sample, ehs, kw = unet_inputs(unet, batch=1, seq=4)
+    inputs = (sample.to(device), ehs.to(device), kw)
     outs = {}
     for backend in ("reference", "triton"):
         cl = D.patch(unet, rank=2, backend=backend)
@@ -542,3 +543,42 @@ def test_sdxl_pipeline_two_text_encoders():
     assert (pipe.text_encoder.get_input_embeddings(), pipe.text_encoder_2.get_input_embeddings()) == embs0
     with torch.no_grad():
         assert torch.equal(pipe.encode_prompt("a photo of dog", do_classifier_free_guidance=False)[0], ref)
+
+
+@pytest.mark.gpu
+def test_gpu_cross_768_unet_triton_bf16_grouped_matches_reference(monkeypatch):
+    """On a CUDA device: an SD-1.x-width cross attention (768) UNet under bf16 autocast, triton
+    backend, one grouped launch per forward; outputs and gradients match the reference backend."""
+    if "triton" not in clora_fast.available_backends():
+        pytest.skip("triton backend unavailable")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=16, block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=16,
+                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=768, attention_head_dim=8).cuda()
+    sample = torch.randn(2, 4, 16, 16, device="cuda")
+    ehs = torch.randn(2, 77, 768, device="cuda")
+    res = {}
+    for backend in ("reference", "triton"):
+        cl = D.patch(unet, rank=8, backend=backend)
+        torch.manual_seed(1)
+        cl.begin_concept()
+        randomize(cl, std=0.05)
+        cl.end_concept()
+        cl.begin_concept()
+        randomize(cl, std=0.05, seed=2)
+        n = {"seg": 0}
+        seg = ops.segmented_lora_projection
+        monkeypatch.setattr(ops, "segmented_lora_projection",
+                            lambda *a, **k: n.__setitem__("seg", n["seg"] + 1) or seg(*a, **k))
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = unet(sample, 10, encoder_hidden_states=ehs).sample
+        (out.float().square().mean() + cl.penalty()).backward()
+        monkeypatch.setattr(ops, "segmented_lora_projection", seg)
+        assert n["seg"] == 1
+        res[backend] = (out.float().detach(), [p.grad.float() for p in cl.trainable_parameters()])
+        D.unpatch(unet)
+    (o_r, g_r), (o_t, g_t) = res["reference"], res["triton"]
+    torch.testing.assert_close(o_t, o_r, rtol=5e-2, atol=5e-2)
+    for a, b in zip(g_t, g_r):
+        assert (a - b).norm() <= 5e-2 * b.norm() + 1e-6
