@@ -373,21 +373,30 @@ class _Plan:
             ci.append(steps * bi)
             n_cs.append(math.ceil(nib / steps) if nib else 1)
 
-        p0, a0, b0 = pasts[0].data_ptr(), lora_As[0].data_ptr(), lora_Bs[0].data_ptr()
+        # base tensors: the first non-empty one of each role (an empty tensor may have address 0)
+        self.base = tuple(next((l for l, t in enumerate(ts) if t.numel() > 0), 0)
+                          for ts in (pasts, lora_As, lora_Bs))
+        p0, a0, b0 = (ts[i].data_ptr() for ts, i in zip((pasts, lora_As, lora_Bs), self.base))
         ae, be = lora_As[0].element_size(), lora_Bs[0].element_size()
+        for name, ts, base, e in (("pasts", pasts, p0, esize), ("lora_As", lora_As, a0, ae),
+                                  ("lora_Bs", lora_Bs, b0, be)):
+            for l, t in enumerate(ts):
+                if t.numel() > 0 and (t.data_ptr() - base) % e:
+                    raise ValueError(f"{name}[{l}] is not element-aligned (address {t.data_ptr():#x}, {e}-byte dtype)")
         vec = 16 // esize
         p_unit = all(p.stride(1) == 1 or p.shape[1] <= 1 for p in pasts)
-        aligned = p_unit and all((p.data_ptr() - p0) % 16 == 0 and p.data_ptr() % 16 == 0
-                                 and (p.stride(0) % vec == 0 or p.shape[0] <= 1)
-                                 and p.shape[1] % vec == 0 for p in pasts)
+        aligned = p_unit and all(p.numel() == 0 or (p.data_ptr() % 16 == 0
+                                                    and (p.stride(0) % vec == 0 or p.shape[0] <= 1)
+                                                    and p.shape[1] % vec == 0) for p in pasts)
         self.vec_p = vec if aligned else 1
         self.p_unit = p_unit
         # same for A (only used when every layer's `in` is a multiple of both vector widths)
         vec_a = 16 // ae
         a_unit = all(a.stride(1) == 1 or a.shape[1] <= 1 for a in lora_As)
         a_aligned = (a_unit and self.vec_p > 1
-                     and all(a.data_ptr() % 16 == 0 and (a.stride(0) % vec_a == 0 or a.shape[0] <= 1)
-                             and a.shape[1] % vec_a == 0 for a in lora_As))
+                     and all(a.numel() == 0 or (a.data_ptr() % 16 == 0
+                                                and (a.stride(0) % vec_a == 0 or a.shape[0] <= 1)
+                                                and a.shape[1] % vec_a == 0) for a in lora_As))
         self.vec_a = vec_a if a_aligned else 1
         self.a_unit = a_unit
 
@@ -403,7 +412,9 @@ class _Plan:
             if n_cs[l] > 1 and n_rb[l] > 0:
                 db_ws = ws
                 ws += _align4(n_cs[l] * o * r)
-            rows.append([(p.data_ptr() - p0) // esize, (a.data_ptr() - a0) // ae, (b.data_ptr() - b0) // be,
+            rows.append([(p.data_ptr() - p0) // esize if p.numel() else 0,
+                         (a.data_ptr() - a0) // ae if a.numel() else 0,
+                         (b.data_ptr() - b0) // be if b.numel() else 0,
                          o, i, r, p.stride(0), p.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          da_ws, db_ws, n_rb[l], n_cs[l], ci[l]])
             for rb in range(n_rb[l]):
@@ -548,7 +559,8 @@ def _check(pasts, lora_As, lora_Bs, scales):
 def grouped_forgetting_penalty_forward(
     pasts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
     scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
-    deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None, col_splits: Optional[int] = None,
+    deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None,
+    col_splits: Optional[int] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
 
@@ -559,7 +571,9 @@ def grouped_forgetting_penalty_forward(
     ``dA_l = s_l B_l^T G_l``, ``dB_l = s_l G_l A_l^T``, ``G_l = 2 P_l^2 (s_l B_l A_l)``.
 
     Keyword-only knobs: ``input_precision`` ('ieee' | 'tf32' | 'tf32x3', default from
-    torch's float32 matmul precision, see module doc), ``block_o``/``block_i`` (tile
+    torch's float32 matmul precision, see module doc), ``deterministic`` (default True:
+    dA partials through a workspace, bit-reproducible; False: fp32 atomics for dA, see
+    module doc), ``block_o``/``block_i`` (tile
     sizes, powers of two >= 16) and ``col_splits`` (split ``in`` into that many chunks
     per layer; default: only on a GPU, to fill it when there are few row blocks).
     Two launches: the main kernel, then the deterministic partial reduction.
@@ -602,10 +616,11 @@ def grouped_forgetting_penalty_forward(
     if plan.n_prog > 0:
         _penalty_main_kernel[(plan.n_prog,)](
             plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
-            pasts[0], lora_As[0], lora_Bs[0], ws, plan.loss_ws,
+            pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, plan.loss_ws,
             NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
             VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
-            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps, num_stages=3 if not interpret else 1,
+            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps,
+            num_stages=1 if interpret else 3,
         )
     _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
     return loss, dAs, dBs

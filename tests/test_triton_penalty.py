@@ -66,7 +66,8 @@ def _check_against_float64(got, past, A, B, scale, floor=2e-6):
         assert torch.isfinite(g).all(), f"{name} has non-finite entries (unwritten output?)"
         mag = float(r.abs().max()) if r.numel() else 0.0
         tol = max(2.0 * te, floor * mag, 1e-30)
-        assert ke <= tol, f"{name}: kernel error {ke:.3e} > tol {tol:.3e} (torch-in-dtype error {te:.3e}, |ref| {mag:.3e})"
+        assert ke <= tol, (f"{name}: kernel error {ke:.3e} > tol {tol:.3e} "
+                           f"(torch-in-dtype error {te:.3e}, |ref| {mag:.3e})")
     return [k / max(float(r.abs().max()), 1e-30) if r.numel() else 0.0 for k, r in zip(kern_err, ref)]
 
 
@@ -213,21 +214,29 @@ def test_grouped_per_layer_ranks(device):
 
 
 def test_grouped_empty_and_zero_layers(device):
-    """A zero past among others contributes exactly 0; layers with out = 0 or in = 0 give zeros / empties."""
+    """A zero past among others contributes exactly 0; layers with out = 0 or in = 0 (also as the
+    first layer, whose tensors anchor the offset tables) give zeros / empties."""
     pasts, As, Bs, scales = _layers(device, F32, F32)
     pasts[2] = torch.zeros_like(pasts[2])
     g = torch.Generator().manual_seed(1)
-    pasts += [torch.zeros(0, 9, device=device), _rand((6, 0), F32, device, g)]
-    As += [_rand((4, 9), F32, device, g), torch.zeros(4, 0, device=device)]
-    Bs += [torch.zeros(0, 4, device=device), _rand((6, 4), F32, device, g)]
-    scales += [1.0, 1.0]
+    pasts = [torch.zeros(0, 9, device=device)] + pasts + [_rand((6, 0), F32, device, g)]
+    As = [_rand((4, 9), F32, device, g)] + As + [torch.zeros(4, 0, device=device)]
+    Bs = [torch.zeros(0, 4, device=device)] + Bs + [_rand((6, 4), F32, device, g)]
+    scales = [1.0] + scales + [1.0]
     loss, dAs, dBs = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, block_o=16, block_i=16)
-    assert torch.equal(dAs[2], torch.zeros_like(dAs[2])) and torch.equal(dBs[2], torch.zeros_like(dBs[2]))
-    assert torch.equal(dAs[5], torch.zeros(4, 9, device=device)) and dBs[5].shape == (0, 4)
+    assert torch.equal(dAs[3], torch.zeros_like(dAs[3])) and torch.equal(dBs[3], torch.zeros_like(dBs[3]))
+    assert torch.equal(dAs[0], torch.zeros(4, 9, device=device)) and dBs[0].shape == (0, 4)
     assert dAs[6].shape == (4, 0) and torch.equal(dBs[6], torch.zeros(6, 4, device=device))
+    for l in (1, 2, 4, 5):
+        ref = reference.forgetting_penalty_grads(pasts[l].double().cpu(), As[l].double().cpu(),
+                                                 Bs[l].double().cpu(), scales[l])
+        _check_against_float64((ref[0].float(), dAs[l], dBs[l]), pasts[l], As[l], Bs[l], scales[l])
     ref = sum(float(reference.forgetting_penalty(p.double().cpu(), a.double().cpu(), b.double().cpu(), s))
               for p, a, b, s in zip(pasts, As, Bs, scales))
     assert abs(float(loss) - ref) <= _rtol(device, F32) * ref
+    # nothing but empty / zero-size layers: loss 0, no main launch needed
+    loss, dAs, dBs = grouped_forgetting_penalty_forward(pasts[:1], As[:1], Bs[:1], [1.0])
+    assert float(loss) == 0.0 and torch.equal(dAs[0], torch.zeros(4, 9, device=device))
 
 
 class _CountingKernel:
