@@ -289,7 +289,8 @@ def test_launcher_asserts_name_shapes(device):
         segmented_lora_backward(gy[:, :4], x, w, a, b, torch.zeros(3, 4, device=device), (0, 5, 10), (1.0, 1.0))
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
+# fewer examples on a GPU: every new shape pattern there costs Triton compiles (~0.3 s each)
+@settings(max_examples=4 if torch.cuda.is_available() else 8, deadline=None, derandomize=True)
 @given(M=st.integers(1, 20), K=st.integers(1, 40), sizes=st.lists(st.integers(1, 40), min_size=1, max_size=3),
        r=st.integers(1, 20), bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 1000))
