@@ -121,15 +121,15 @@ def _tensor_key(t: Optional[Tensor]):
 class CLoRAController(nn.Module):
     """Continual LoRA over a fixed set of projections (:class:`Site`).
 
-    ``rank`` r, ``alpha`` (default r, so s = alpha/r = 1), ``penalty_weight`` (lambda,
-    default :data:`DEFAULT_PENALTY_WEIGHT`), ``backend`` for :mod:`clora_fast.ops`
+    ``rank`` r, ``alpha`` (default r, so s = alpha/r = 1), ``penalty_weight`` (lambda;
+    None = :data:`DEFAULT_PENALTY_WEIGHT` read at construction), ``backend`` for :mod:`clora_fast.ops`
     ("auto", "reference", "triton", "cuda"), ``adapter`` the integration object.
     The current concept's factors are float32 parameters (``param_dtype``), cast to the
     compute dtype at use (autocast or the input's dtype).
     """
 
     def __init__(self, sites: Sequence[Site], *, rank: int = 16, alpha: Optional[float] = None,
-                 penalty_weight: float = DEFAULT_PENALTY_WEIGHT, backend: str = "auto", adapter=None,
+                 penalty_weight: Optional[float] = None, backend: str = "auto", adapter=None,
                  param_dtype: torch.dtype = torch.float32):
         super().__init__()
         sites = list(sites) if not isinstance(sites, Site) else [sites]
@@ -161,6 +161,8 @@ class CLoRAController(nn.Module):
             alpha = float(rank)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
             raise ValueError(f"alpha must be a positive finite number or None (= rank), got {alpha!r}")
+        if penalty_weight is None:   # looked up at call time: a sweep may change the module constant
+            penalty_weight = DEFAULT_PENALTY_WEIGHT
         if (isinstance(penalty_weight, bool) or not isinstance(penalty_weight, (int, float))
                 or not math.isfinite(penalty_weight) or penalty_weight < 0):
             raise ValueError(f"penalty_weight must be a finite number >= 0, got {penalty_weight!r}")
@@ -429,6 +431,12 @@ class CLoRAController(nn.Module):
         if group not in self._group_bundle:
             raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
         return [self.sites[i].name for i in self._bundles[self._group_bundle[group]].site_ids]
+
+    def group_in_features(self, group: str) -> int:
+        """The input width shared by the sites of ``group``."""
+        if group not in self._group_bundle:
+            raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
+        return self._bundles[self._group_bundle[group]].in_features
 
     def project_group(self, group: str, x: Tensor) -> List[Tensor]:
         """Every site of ``group`` applied to the same ``x`` in one (segmented) launch.

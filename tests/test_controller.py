@@ -46,6 +46,13 @@ def test_default_penalty_weight_and_scale():
     assert c.scale == 1.0 and c.alpha == 4.0
     c2 = CLoRAController(make_sites(), rank=4, alpha=8, penalty_weight=5.0)
     assert c2.scale == 2.0 and c2.penalty_weight == 5.0
+    import clora_fast.controller as C
+    old = C.DEFAULT_PENALTY_WEIGHT
+    try:                                   # a sweep can change the module constant at run time
+        C.DEFAULT_PENALTY_WEIGHT = 123.0
+        assert CLoRAController(make_sites(), rank=4).penalty_weight == 123.0
+    finally:
+        C.DEFAULT_PENALTY_WEIGHT = old
     assert c.groups == ["g"] and c.group_sites("g") == [s.name for s in c.sites]
 
 

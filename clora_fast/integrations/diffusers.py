@@ -47,7 +47,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..controller import DEFAULT_PENALTY_WEIGHT, CLoRAController, Site
+from ..controller import CLoRAController, Site
 
 logger = logging.getLogger("clora_fast")
 
@@ -461,7 +461,7 @@ class DiffusersAdapter:
             return None  # same prompt embeddings, same weights: reuse (denoising loop)
         outs = {}
         for group in ctrl.groups:
-            bundle_in = self.sites[[i for i, s in enumerate(self.sites) if s.group == group][0]].in_features
+            bundle_in = ctrl.group_in_features(group)
             if x.shape[-1] != bundle_in:
                 self._log_once(("dim", group), "clora_fast: encoder_hidden_states has %d features, group %s expects "
                                                "%d: per-layer K/V", x.shape[-1], group, bundle_in)
@@ -632,12 +632,11 @@ def patch(obj, *, rank: int = 16, alpha: Optional[float] = None, penalty_weight:
           backend: str = "auto", grouped: bool = True) -> CLoRAController:
     """Adapt ``to_k``/``to_v`` of every cross-attention (attn2) of a diffusers pipeline's UNet
     (or a bare ``UNet2DConditionModel``). ``penalty_weight=None`` means
-    :data:`clora_fast.controller.DEFAULT_PENALTY_WEIGHT`. ``grouped=False`` computes each
+    :data:`clora_fast.controller.DEFAULT_PENALTY_WEIGHT` (read now). ``grouped=False`` computes each
     layer's K/V separately (for comparison / debugging). Returns the controller."""
     adapter = DiffusersAdapter(obj, grouped=grouped)
-    ctrl = CLoRAController(adapter.sites, rank=rank, alpha=alpha,
-                           penalty_weight=DEFAULT_PENALTY_WEIGHT if penalty_weight is None else penalty_weight,
-                           backend=backend, adapter=adapter)
+    ctrl = CLoRAController(adapter.sites, rank=rank, alpha=alpha, penalty_weight=penalty_weight, backend=backend,
+                           adapter=adapter)
     adapter.install(ctrl)
     logger.debug("clora_fast: patched %d attn2 layers (%d projections), groups %s", len(adapter.layers),
                  len(adapter.sites), ctrl.groups)
