@@ -121,7 +121,7 @@ def _seg_lora_fwd_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, xa_ptr, tile_ptr, scale_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_xam, stride_xar,
+    stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_xam, stride_xar,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
 ):
@@ -130,7 +130,7 @@ def _seg_lora_fwd_kernel(
     Grid ``(cdiv(M, BLOCK_M), T)``; ``tile_ptr`` is int32 ``[T, 4]`` rows
     ``(segment l, n_start, n_end, first)`` with ``n_end - n_start <= BLOCK_N`` and
     every tile inside one segment.  Shapes: x ``[M, K]``, w ``[N, K]``, a ``[L*R, K]``,
-    b ``[N, R]``, bias ``[N]``, scale fp32 ``[L]``; outputs y ``[M, N]``, xa fp32
+    b ``[N, R]``, bias ``[N]`` (strided), scale fp32 ``[L]``; outputs y ``[M, N]``, xa fp32
     ``[M, L*R]``.  Math, with ``n`` in ``[n_start, n_end)``::
 
         acc   = sum_k x[m, k] * w[n, k]                      (fp32)
@@ -178,7 +178,7 @@ def _seg_lora_fwd_kernel(
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
     acc = tl.dot(acc_a * scale, bt, acc)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
 
     y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
@@ -595,7 +595,8 @@ def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, xa, tiles, scale_t,
         M, K, r,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
+        lora_B.stride(0), lora_B.stride(1), bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad, INTERPRET=interpret,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

@@ -161,7 +161,9 @@ def test_non_contiguous_grad_and_params(device):
     w_nc = torch.stack([w, w], dim=2).reshape(w.shape[0], -1)[:, ::2]
     a_nc = a.t().contiguous().t()
     gy_nc = gy.t().contiguous().t()
-    y, xa = segmented_lora_forward(x, w_nc, a_nc, b, offs, scales, bias=bs)
+    bs_nc = torch.stack([bs, bs], dim=1).reshape(-1)[::2]
+    assert not bs_nc.is_contiguous() and torch.equal(bs_nc, bs)
+    y, xa = segmented_lora_forward(x, w_nc, a_nc, b, offs, scales, bias=bs_nc)
     y0, xa0 = segmented_lora_forward(x, w, a, b, offs, scales, bias=bs)
     torch.testing.assert_close(y, y0)
     torch.testing.assert_close(xa, xa0)
@@ -392,7 +394,7 @@ def _aot_jobs(dt, r):
              dict(x_ptr=dt, w_ptr=dt, a_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, xa_ptr="fp32",
                   tile_ptr="i32", scale_ptr="fp32"),
              dict(M=M, K=K, R=r, stride_xm=K, stride_xk=1, stride_wn=K, stride_wk=1, stride_ar=K,
-                  stride_ak=1, stride_bn=r, stride_br=1, stride_ym=N, stride_yn=1, stride_xam=LR,
+                  stride_ak=1, stride_bn=r, stride_br=1, stride_bias=1, stride_ym=N, stride_yn=1, stride_xam=LR,
                   stride_xar=1),
              dict(HAS_BIAS=True, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                   R_PAD=rp, INTERPRET=False), c)]
