@@ -21,10 +21,7 @@ never builds it.
 """
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 
 from setuptools import setup
 
@@ -43,69 +40,6 @@ def _cuda_build_requested():
     raise SystemExit(f"CLORA_FAST_BUILD_CUDA must be 0 or 1, got {value!r}")
 
 
-def _has_cudart(root):
-    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
-                os.path.join("targets", "sbsa-linux", "lib")):
-        d = os.path.join(root, sub)
-        if os.path.isdir(d) and any(f.startswith("libcudart.so") for f in os.listdir(d)):
-            return True
-    return False
-
-
-def _valid_toolkit(root):
-    return bool(root) and os.path.isfile(os.path.join(root, "bin", "nvcc")) and _has_cudart(root)
-
-
-def _toolkit_behind_nvcc(nvcc):
-    """The toolkit root of an ``nvcc`` on PATH, also when it is a wrapper script."""
-    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
-    try:  # nvcc -dryrun prints its install dir: "#$ TOP=/usr/local/cuda-13.0/bin/.."
-        with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, "probe.cu")
-            with open(src, "w") as f:
-                f.write("\n")
-            res = subprocess.run([nvcc, "-dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
-                                 capture_output=True, text=True, timeout=60)
-        for line in (res.stdout + res.stderr).splitlines():
-            m = re.match(r"#\$ (TOP|_HERE_)=(.*)$", line.strip())
-            if m:
-                path = m.group(2).strip()
-                candidates.append(os.path.normpath(path if m.group(1) == "TOP" else os.path.join(path, "..")))
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:  # a shell wrapper: "exec /usr/local/cuda-13.0/bin/nvcc "$@""
-        with open(nvcc, "r", errors="ignore") as f:
-            text = f.read(4096)
-        for m in re.finditer(r"(/[^\s\"']+)/bin/nvcc", text):
-            candidates.append(m.group(1))
-    except OSError:
-        pass
-    for c in candidates:
-        if _valid_toolkit(c):
-            return c
-    return None
-
-
-def find_cuda_home():
-    """Root of a CUDA toolkit holding bin/nvcc and libcudart, or None."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        root = os.environ.get(var)
-        if root:
-            if _valid_toolkit(root):
-                return root
-            print(f"clora_fast setup: {var}={root} has no bin/nvcc + lib64/libcudart.so, ignoring it",
-                  file=sys.stderr)
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        root = _toolkit_behind_nvcc(nvcc)
-        if root:
-            return root
-    for root in ("/usr/local/cuda",):
-        if _valid_toolkit(root):
-            return root
-    return None
-
-
 def cuda_extension_kwargs():
     """``ext_modules`` / ``cmdclass`` for the CUDA extension, or {} when it is not requested."""
     if not _cuda_build_requested():
@@ -118,6 +52,11 @@ def cuda_extension_kwargs():
     if torch.version.cuda is None:
         raise SystemExit(f"CLORA_FAST_BUILD_CUDA=1 but torch {torch.__version__} is a CPU-only build; "
                          "install a CUDA build of torch")
+    sys.path.insert(0, os.path.join(HERE, "csrc"))
+    try:
+        from find_cuda_home import find_cuda_home
+    finally:
+        sys.path.pop(0)
     cuda_home = find_cuda_home()
     if cuda_home is None:
         raise SystemExit("CLORA_FAST_BUILD_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME to a "

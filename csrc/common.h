@@ -17,10 +17,9 @@
 #include <string>
 #include <vector>
 
-namespace clora_fast {
+#include "tables.h"
 
-// Runtime dtype codes used by kernels that accept one dtype per tensor (the penalty).
-enum DTypeCode : int64_t { kCodeF32 = 0, kCodeF16 = 1, kCodeBF16 = 2 };
+namespace clora_fast {
 
 // "shape [5, 33], dtype Float, device cuda:0, strides [33, 1]" -- for error messages.
 inline std::string describe(const at::Tensor& t) {
@@ -81,15 +80,6 @@ inline int64_t row_stride(const at::Tensor& t) {
   return t.size(0) <= 1 ? std::max<int64_t>(t.size(1), 1) : t.stride(0);
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline int64_t double_bits(double v) {
-  int64_t bits;
-  static_assert(sizeof(bits) == sizeof(v), "double must be 64-bit");
-  std::memcpy(&bits, &v, sizeof(v));
-  return bits;
-}
-
 // A read-only int64 table on `device`, valid on the current CUDA stream.  Tables are cached by
 // content (plus device and stream), so a training loop that calls an op with the same segments /
 // the same parameter tensors every step uploads its table once; a miss stages through pinned
@@ -100,29 +90,3 @@ int64_t table_cache_size();
 
 }  // namespace clora_fast
 
-#if defined(__CUDACC__)
-namespace clora_fast {
-
-// Loads element `i` of a float32 / float16 / bfloat16 buffer as float (dtype chosen at run time;
-// the branch is uniform across a warp).
-__device__ __forceinline__ float load_as_float(const void* __restrict__ base, int64_t i,
-                                               int64_t code) {
-  if (code == kCodeF32) return static_cast<const float*>(base)[i];
-  if (code == kCodeF16) return static_cast<float>(static_cast<const c10::Half*>(base)[i]);
-  return static_cast<float>(static_cast<const c10::BFloat16*>(base)[i]);
-}
-
-// Index l of the last segment whose first tile is <= tile: the table holds `stride` int64 per
-// segment and the segment's first tile at column `col`; segments are sorted by first tile.
-__device__ __forceinline__ int find_segment(const int64_t* __restrict__ table, int n, int stride,
-                                            int col, int64_t tile) {
-  int lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (table[(int64_t)mid * stride + col] <= tile) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
-}  // namespace clora_fast
-#endif
