@@ -238,6 +238,11 @@ def test_no_grad_cache_reuse_and_invalidation(monkeypatch, caplog):
         B.mul_(2.0)                                          # an optimizer step would do this in place
         o3 = run_unet(unet, inputs)
         assert n["seg"] == 2 and not torch.equal(o1, o3)
+    with torch.inference_mode():
+        sample, ehs, kw = inputs
+        o4 = run_unet(unet, (sample, ehs.clone(), kw))
+    assert torch.equal(o4, o3)
+    with torch.no_grad():
         D._REGISTRY[unet].grouped = False
         torch.testing.assert_close(run_unet(unet, inputs), o3, rtol=1e-5, atol=1e-5)
         D._REGISTRY[unet].grouped = True
@@ -316,7 +321,7 @@ def test_classic_attn_processor_kept():
     assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
 
 
-def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical():
+def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical(monkeypatch):
     pipe = tiny_pipe()
     tok0, emb0 = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
     n_tok0 = len(tok0)
@@ -365,9 +370,19 @@ def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical():
     ids, _ = encode(pipe, "a photo of <c1> and <c2>")
     tid2 = pipe.tokenizer.convert_tokens_to_ids("<c2>")
     assert (ids == tid1).sum() == 1 and (ids == tid2).sum() == 1
+    n = {"seg": 0}
+    seg = ops.segmented_lora_projection
+    monkeypatch.setattr(ops, "segmented_lora_projection",
+                        lambda *a, **k: n.__setitem__("seg", n["seg"] + 1) or seg(*a, **k))
     with torch.no_grad():
         img = generate(pipe, "a photo of <c1> and <c2>")
         assert img.shape == img0.shape and torch.isfinite(img).all()
+        # no concept active -> dense grouped GEMM, not the LoRA op; now with one active:
+        cl.begin_concept("<c9>")
+        generate(pipe, "a photo of <c1> and <c2>")
+        assert n["seg"] == 1      # CFG batch, 2 steps: one grouped launch, reused across steps
+        cl.end_concept()
+        cl.remove_concept(cl.concepts[-1].idx)
         cl.merge()
         torch.testing.assert_close(generate(pipe, "a photo of <c1> and <c2>"), img, rtol=1e-4, atol=1e-4)
         cl.unmerge()
