@@ -556,6 +556,19 @@ def _check(pasts, lora_As, lora_Bs, scales):
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
+def _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret) -> None:
+    if plan.n_prog > 0:
+        _penalty_main_kernel[(plan.n_prog,)](
+            plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
+            pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, plan.loss_ws,
+            NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
+            VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
+            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps,
+            num_stages=1 if interpret else 3,
+        )
+    _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
+
+
 def grouped_forgetting_penalty_forward(
     pasts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
     scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
@@ -613,16 +626,11 @@ def grouped_forgetting_penalty_forward(
     else:   # the atomic dA slots must start at zero (one memset for the whole workspace)
         ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
 
-    if plan.n_prog > 0:
-        _penalty_main_kernel[(plan.n_prog,)](
-            plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
-            pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, plan.loss_ws,
-            NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
-            VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
-            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps,
-            num_stages=1 if interpret else 3,
-        )
-    _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):     # Triton launches on the current device
+            _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret)
+    else:
+        _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret)
     return loss, dAs, dBs
 
 
