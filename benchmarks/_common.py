@@ -50,6 +50,9 @@ def base_parser(description: str, default_budget: float) -> argparse.ArgumentPar
     p.add_argument("--gpu-budget", "--budget", dest="budget", type=float, default=default_budget,
                    help="seconds of measuring after which the remaining cases are reported as n/a (budget)")
     p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--interpret", action="store_true",
+                   help="CPU only, tiny shapes: also run the triton backend under TRITON_INTERPRET=1 (checks the "
+                        "GPU code path of the scripts - calls, reports, target lines - without a GPU; slow)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default on a CPU device: 1 - on shared 2-core machines the "
                         "intra-op thread pool's spinning under load made timings 10-40x slower and meaningless)")
@@ -66,6 +69,8 @@ def configure_threads(args, device: torch.device) -> int:
 
 
 def pick_device(args) -> torch.device:
+    if getattr(args, "interpret", False):
+        os.environ["TRITON_INTERPRET"] = "1"  # before the first Triton launch
     if args.device:
         return torch.device(args.device)
     if args.cpu or args.quick or not torch.cuda.is_available():
@@ -128,7 +133,8 @@ def env_info(device: torch.device) -> dict:
 class Clora:
     """What of clora_fast is importable right now, with reasons for what is not."""
 
-    def __init__(self):
+    def __init__(self, interpret: bool = False):
+        self.interpret = interpret
         self.pkg = None
         self.ops = None
         self.reference = None
@@ -167,7 +173,7 @@ class Clora:
             return None
         if self.ops is None:
             return self.reason_ops or self.reason_pkg or "clora_fast.ops missing"
-        if device.type != "cuda":
+        if device.type != "cuda" and not (self.interpret and backend == "triton"):
             return f"{backend} on CPU: skipped (interpreter too slow; ratios use reference)"
         if self.reason_backends:
             return self.reason_backends
@@ -181,6 +187,11 @@ class Clora:
         if not hasattr(self.pkg, "patch"):
             return "clora_fast.patch not implemented yet"
         return None
+
+
+def gpu_backends_run(device: torch.device, args) -> bool:
+    """Whether 'ours' means the GPU backends (triton/cuda) in this run: on CUDA, or on CPU with --interpret."""
+    return device.type == "cuda" or bool(getattr(args, "interpret", False))
 
 
 def describe_exc(e: BaseException) -> str:

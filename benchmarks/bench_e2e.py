@@ -31,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 import _common as C  # noqa: E402
 
 TRAIN_VARIANTS = ["none", "peft", "clora"]
+SD_TRAIN_VARIANTS = TRAIN_VARIANTS + ["clora_ungrouped"]  # + one launch per projection (patch(grouped=False))
 INFER_VARIANTS = ["unpatched", "clora_merged", "clora_folded_unmerged"]
 
 
@@ -54,6 +55,15 @@ def reset_peak(device):
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def resolved_backend(ctl, device):
+    """The concrete backend behind the controller's setting ("auto" -> triton / cuda / reference)."""
+    try:
+        from clora_fast._validate import resolve_backend
+        return resolve_backend(ctl.backend, device)
+    except Exception as e:  # noqa: BLE001
+        return f"{ctl.backend} (unresolved: {type(e).__name__})"
 
 
 def controller_with_past(ctl, n_past, gen_std=0.02):
@@ -92,7 +102,7 @@ class E2E:
         self.args, self.device, self.profile = args, device, profile
         self.st = settings(profile)
         self.dtype = C.DTYPES[self.st["dtype"]]
-        self.cl = C.Clora()
+        self.cl = C.Clora(interpret=args.interpret)
         self.timer = C.Timer(device, args.budget, args.quick)
         self.out = C.Output(args.out, "e2e", args.tag)
         self.info = C.env_info(device)
@@ -121,7 +131,7 @@ class E2E:
 
     # ---------------------------------------------------------------- SD UNet
     def _sd_na(self, why):
-        for v in TRAIN_VARIANTS:
+        for v in SD_TRAIN_VARIANTS:
             self.record(model="sd_unet", kind="train", variant=v, time_ms=None, status=why)
         for v in INFER_VARIANTS:
             self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=why)
@@ -184,7 +194,7 @@ class E2E:
         ctl = None
         if why is None:
             try:
-                ctl = self.cl.pkg.patch(unet, rank=st["rank"])
+                ctl = self.cl.pkg.patch(unet, rank=st["rank"], backend=self.args.clora_backend)
                 controller_with_past(ctl, st["n_past"])
             except Exception as e:  # noqa: BLE001
                 why = f"clora_fast.patch(unet) failed: {C.describe_exc(e)}"
@@ -192,7 +202,7 @@ class E2E:
         if ctl is not None:
             t, w2, pk = self.time_step(make_step([emb] + list(ctl.trainable_parameters()), ctl.penalty), rep)
             self.record(model="sd_unet", kind="train", variant="clora", time_ms=t, status=w2 or "ok", peak_mib=pk,
-                        batch=B, latent=S, n_kv=len(kv_names), backend=ctl.backend, rank=st["rank"])
+                        batch=B, latent=S, n_kv=len(kv_names), backend=resolved_backend(ctl, dev), rank=st["rank"])
             try:
                 ctl.end_concept()
                 t, w2, pk = self.time_step(infer, rep / 2)
@@ -213,14 +223,35 @@ class E2E:
             except Exception as e:  # noqa: BLE001
                 C.print_flush(f"unpatch failed ({C.describe_exc(e)}); PEFT variant measured on a fresh copy is "
                               "not possible, skipping it")
-                self.record(model="sd_unet", kind="train", variant="peft", time_ms=None,
-                            status=f"n/a (clora_fast.unpatch failed: {C.describe_exc(e)})")
+                for v in ("clora_ungrouped", "peft"):
+                    self.record(model="sd_unet", kind="train", variant=v, time_ms=None,
+                                status=f"n/a (clora_fast.unpatch failed: {C.describe_exc(e)})")
                 return
             del ctl
         else:
             self.record(model="sd_unet", kind="train", variant="clora", time_ms=None, status=f"n/a ({why})")
             for v in ("clora_folded_unmerged", "clora_merged"):
                 self.record(model="sd_unet", kind="infer", variant=v, time_ms=None, status=f"n/a ({why})")
+
+        # 2b. clora_fast with one launch per projection: what the grouped whole-UNet launch buys end to end
+        why = self.cl.has_patch()
+        t = pk = None
+        if why is None:
+            try:
+                ctl = self.cl.pkg.patch(unet, rank=st["rank"], backend=self.args.clora_backend, grouped=False)
+                try:
+                    controller_with_past(ctl, st["n_past"])
+                    t, why, pk = self.time_step(make_step([emb] + list(ctl.trainable_parameters()), ctl.penalty),
+                                                rep)
+                finally:
+                    self.cl.pkg.unpatch(unet)
+                del ctl
+            except Exception as e:  # noqa: BLE001
+                why = f"n/a (clora_fast.patch(unet, grouped=False): {C.describe_exc(e)})"
+        else:
+            why = f"n/a ({why})"
+        self.record(model="sd_unet", kind="train", variant="clora_ungrouped", time_ms=t, status=why or "ok",
+                    peak_mib=pk, batch=B, latent=S, n_kv=len(kv_names), rank=st["rank"])
 
         # 3. PEFT LoRA on the same projections (last: it edits the model in place)
         try:
@@ -290,11 +321,12 @@ class E2E:
         why = self.cl.has_patch()
         if why is None:
             try:
-                ctl = self.cl.pkg.patch(model, rank=st["rank"])
+                ctl = self.cl.pkg.patch(model, rank=st["rank"], backend=self.args.clora_backend)
                 controller_with_past(ctl, st["n_past"])
                 t, why, pk = self.time_step(
                     make_step(model, head_params(model) + list(ctl.trainable_parameters()), ctl.penalty), rep)
-                self.record(variant="clora", time_ms=t, status=why or "ok", peak_mib=pk, backend=ctl.backend, **meta)
+                self.record(variant="clora", time_ms=t, status=why or "ok", peak_mib=pk,
+                            backend=resolved_backend(ctl, dev), **meta)
                 self.cl.pkg.unpatch(model)
                 del ctl
             except Exception as e:  # noqa: BLE001
@@ -329,14 +361,14 @@ class E2E:
               f"rank {st['rank']}; clora with {st['n_past']} past concepts folded + penalty.\n",
               "- median ms per training step (forward, loss, backward, AdamW step); peak = "
               "torch.cuda.max_memory_allocated over one step (GPU only).\n\n"]
-        hdr = ["model", "kind", "variant", "ms/step", "steps/s", "vs none/unpatched", "peak MiB", "status"]
+        hdr = ["model", "kind", "variant", "ms/step", "steps/s", "vs none/unpatched", "peak MiB", "backend", "status"]
         rows = []
         for r in self.rows:
             base = self.get(r["model"], r["kind"], "none" if r["kind"] == "train" else "unpatched")
             t, tb = r.get("time_ms"), (base or {}).get("time_ms")
             rows.append([r["model"], r["kind"], r["variant"], C.fmt_ms(t), f"{1e3 / t:.2f}" if t else "n/a",
                          C.fmt_ratio(t / tb if t and tb else None),
-                         f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "n/a", r["status"]])
+                         f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "n/a", r.get("backend", "-"), r["status"]])
         md.append(C.md_table(hdr, rows))
         tg = C.Targets(self.device)
         none, peft, ours = (self.get("sd_unet", "train", v) for v in ("none", "peft", "clora"))
@@ -348,6 +380,10 @@ class E2E:
                  f"(peft/clora {C.fmt_ratio(tp / to if to and tp else None)})")
         um, mg = self.get("sd_unet", "infer", "unpatched"), self.get("sd_unet", "infer", "clora_merged")
         tu, tm = (um or {}).get("time_ms"), (mg or {}).get("time_ms")
+        tu_ = (self.get("sd_unet", "train", "clora_ungrouped") or {}).get("time_ms")
+        tg.check("SD-1.5 training step: grouped K/V launch faster than per-projection launches (info)",
+                 (to < tu_) if to and tu_ else None,
+                 f"grouped {C.fmt_ms(to)} ms vs ungrouped {C.fmt_ms(tu_)} ms")
         tg.check("merged inference within 3% of unpatched (zero overhead)", (tm / tu <= 1.03) if tm and tu else None,
                  f"merged {C.fmt_ms(tm)} ms vs unpatched {C.fmt_ms(tu)} ms")
         vn, vp, vo = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none", "peft", "clora"))
@@ -369,6 +405,8 @@ def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=110.0)
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--clora-backend", default="auto", help="backend of the clora_fast controller (auto, triton, "
+                   "cuda, reference)")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)

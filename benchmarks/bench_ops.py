@@ -140,7 +140,7 @@ def pen_cost(layers, r, es):
 class Bench:
     def __init__(self, args, device, profile):
         self.args, self.device, self.profile = args, device, profile
-        self.cl = C.Clora()
+        self.cl = C.Clora(interpret=args.interpret)
         self.timer = C.Timer(device, args.budget, args.quick)
         self.out = C.Output(args.out, "ops", args.tag)
         self.info = C.env_info(device)
@@ -462,7 +462,7 @@ class Bench:
     def best_ours(self, rows, prefix):
         """Fastest of the GPU backends (triton, cuda); on CPU the reference backend stands for 'ours'."""
         cands = [f"{prefix}[triton]", f"{prefix}[cuda]"]
-        if self.device.type != "cuda":
+        if not C.gpu_backends_run(self.device, self.args):
             cands = [f"{prefix}[reference]"]
         got = [(rows[m]["time_ms"], m) for m in cands if m in rows and rows[m]["time_ms"] is not None]
         return min(got) if got else (None, None)
@@ -482,7 +482,8 @@ def cases_in_order(results, section):
 
 def report(bench: Bench, shapes) -> str:
     dev = bench.device
-    who = "best of clora[triton]/clora[cuda]" if dev.type == "cuda" else "clora[reference] (CPU: no GPU backends)"
+    who = "best of clora[triton]/clora[cuda]" if C.gpu_backends_run(dev, bench.args) else \
+        "clora[reference] (CPU: no GPU backends)"
     md = [f"# bench_ops ({bench.profile} profile)\n\n", C.md_env(bench.info, bench.peaks),
           f"- 'ours' = {who}; times are medians in ms; naive C-LoRA keeps T={bench.T} past pairs.\n",
           "- fwd = forward with autograd recording; fwdbwd = forward + backward (dx, dA, dB); roofline = "

@@ -132,7 +132,7 @@ def _main(argv):
     if args.T:
         st["Ts"] = [int(t) for t in args.T.split(",")]
     C.seed_all(0)
-    cl = C.Clora()
+    cl = C.Clora(interpret=args.interpret)
     timer = C.Timer(device, args.budget, args.quick)
     out = C.Output(args.out, "scaling", args.tag)
     info = C.env_info(device)
@@ -178,7 +178,7 @@ def _main(argv):
     run_T(T0, METHODS[:-1], tag=" (repeat)")  # the same case twice: the spread is the noise floor
 
     # ours = fastest GPU backend (on CPU: reference)
-    cands = ["clora[triton]", "clora[cuda]"] if device.type == "cuda" else ["clora[reference]"]
+    cands = ["clora[triton]", "clora[cuda]"] if C.gpu_backends_run(device, args) else ["clora[reference]"]
 
     def ours(T, tag=""):
         got = [(res.get((T, m + tag)), m) for m in cands if res.get((T, m + tag)) is not None]
@@ -199,7 +199,7 @@ def _main(argv):
     md = [f"# bench_scaling ({profile} profile)\n\n", C.md_env(info, {}),
           f"- step = fwd + penalty + bwd over {len(shapes)} SD cross-attention K/V projections, "
           f"rank {st['rank']}, {st['dtype']}, {st['batch']} x {st['tokens']} tokens; median ms per step.\n",
-          f"- 'ours' = {'fastest of clora[triton]/clora[cuda]' if device.type == 'cuda' else 'clora[reference]'}; "
+          f"- 'ours' = {'fastest of clora[triton]/clora[cuda]' if C.gpu_backends_run(device, args) else 'clora[reference]'}; "
           f"repeat of T={T0}: {C.fmt_ms(t_rep)} ms (spread {100 * spread:.1f}%)\n" if spread is not None else
           "- 'ours' unavailable in this run\n",
           "\n", C.md_table(hdr, rows)]

@@ -146,7 +146,7 @@ def test_bench_e2e_quick(e2e_run):
     rows = _read_jsonl(out / "e2e.jsonl")
     md = (out / "e2e.md").read_text()
     keys = {(r["model"], r["kind"], r["variant"]): r for r in rows}
-    expected = {("sd_unet", "train", v) for v in mod.TRAIN_VARIANTS} | \
+    expected = {("sd_unet", "train", v) for v in mod.SD_TRAIN_VARIANTS} | \
                {("sd_unet", "infer", v) for v in mod.INFER_VARIANTS} | {("vit", "train", v) for v in mod.TRAIN_VARIANTS}
     assert set(keys) == expected and len(rows) == len(expected)
     for k in [("sd_unet", "train", "none"), ("sd_unet", "train", "peft"), ("sd_unet", "infer", "unpatched"),
@@ -209,3 +209,21 @@ def test_gpu_check_script_builds_import_path(tmp_path):
     assert lines["clora_fast.kernels"].startswith(os.path.join(farm, "clora_fast", "kernels"))
     assert lines["kernels_realpath"] == os.path.realpath(os.path.join(REPO, "kernels", "__init__.py"))
     assert not os.path.exists(farm)  # --setup-only cleans up after itself
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                    reason="the interpreter check is for GPU-less machines (a GPU runs the real thing)")
+def test_bench_ops_gpu_branch_under_interpreter(tmp_path):
+    """--interpret runs the triton backend through the Triton interpreter on tiny shapes: the scripts' GPU
+    branch (the triton calls, 'ours' = the GPU backends, the target lines) runs without a GPU."""
+    mod = _load("bench_ops")
+    assert mod.main(["--quick", "--interpret", "--sections", "penalty", "--out", str(tmp_path)]) == 0
+    rows = _read_jsonl(tmp_path / "ops.jsonl")
+    md = (tmp_path / "ops.md").read_text()
+    triton_rows = [r for r in rows if r["method"].endswith("[triton]")]
+    assert triton_rows and all(r["status"] == "ok" and r["time_ms"] > 0 for r in triton_rows)
+    assert all(r["status"].startswith("n/a (") for r in rows if r["method"].endswith("[cuda]"))
+    assert "'ours' = best of clora[triton]/clora[cuda]" in md
+    # the penalty target lines were computed from the triton rows (not 'no data')
+    lines = [line for line in md.splitlines() if "penalty fwd+grad over all SD projections" in line]
+    assert len(lines) == 1 and "vs naive" in lines[0] and "n/a" not in lines[0]
