@@ -388,6 +388,7 @@ class ContinualResult:
     avg_forgetting_til: float = float("nan")
     settings: Dict = field(default_factory=dict)
     penalty_last: List[float] = field(default_factory=list)   # penalty term at the last step of each task
+    loss_history: List[List[float]] = field(default_factory=list)  # per task: mean training loss per epoch
     model: Optional[nn.Module] = field(default=None, repr=False)
     head: Optional[GrowingHead] = field(default=None, repr=False)
     controller: Optional[nn.Module] = field(default=None, repr=False)
@@ -451,6 +452,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
     acc: List[List[float]] = []
     acc_til: List[List[float]] = []
     penalty_last: List[float] = []
+    loss_history: List[List[float]] = []
     for ti, task in enumerate(tasks):
         new_head = head.add_task(task.classes).to(device)
         n_past = len(head.class_ids) - len(task.classes)
@@ -464,6 +466,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
             groups.append({"params": list(model.parameters()), "lr": lr})
         opt = torch.optim.Adam(groups)
         pen_val = 0.0
+        loss_history.append([])
         for ep in range(epochs):
             tot, n = 0.0, 0
             for b in _batches(task.x_train.shape[0], batch_size, gen):
@@ -483,6 +486,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                 opt.step()
                 tot += float(loss.detach()) * len(b)
                 n += len(b)
+            loss_history[-1].append(tot / n)
             if log and (ep == epochs - 1):
                 log(f"[{method}] task {ti} ({task.classes}) epoch {ep + 1}/{epochs}: loss {tot / n:.4f}"
                     + (f", penalty {pen_val:.3e}" if ctrl is not None else ""))
@@ -508,6 +512,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                            acc_til=acc_til, final_avg_acc_til=m_til["final_avg_acc"],
                            avg_forgetting_til=m_til["avg_forgetting"],
                            wall_s=time.perf_counter() - t_start, settings=settings, penalty_last=penalty_last,
+                           loss_history=loss_history,
                            model=model, head=head, controller=ctrl)
 
 
