@@ -196,7 +196,8 @@ def read_manifest(path) -> Dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BankError(f"{mf}: not valid JSON (truncated or modified?): {e}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise BankError(f"{mf}: not a clora_fast concept bank (format {m.get('format') if isinstance(m, dict) else None!r})")
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise BankError(f"{mf}: not a clora_fast concept bank (format {fmt!r})")
     if m.get("version") != VERSION:
         raise BankError(f"{mf}: bank format version {m.get('version')!r} is not supported (this clora_fast reads "
                         f"version {VERSION})")

@@ -161,9 +161,9 @@ def test_patch_structure_equivalence_and_unpatch(kind):
         cl.begin_concept()
         randomize(cl)
         out_g = run_unet(unet, inputs)
-        D._REGISTRY[unet].grouped = False
+        D.get_adapter(unet).grouped = False
         out_p = run_unet(unet, inputs)
-        D._REGISTRY[unet].grouped = True
+        D.get_adapter(unet).grouped = True
     assert (out_g - ref).abs().max() > 1e-4                       # the adapters act
     torch.testing.assert_close(out_g, out_p, rtol=1e-5, atol=1e-5)
     cl.end_concept()
@@ -196,7 +196,7 @@ def test_fresh_concept_grouped_vs_per_layer_outputs_and_gradients(monkeypatch):
                         or seg(*a, **k))
     monkeypatch.setattr(ops, "lora_kv_projection", lambda *a, **k: calls.__setitem__("kv", calls["kv"] + 1)
                         or kv(*a, **k))
-    ad = D._REGISTRY[unet]
+    ad = D.get_adapter(unet)
     results = {}
     for grouped in (True, False):
         ad.grouped = grouped
@@ -243,9 +243,9 @@ def test_no_grad_cache_reuse_and_invalidation(monkeypatch, caplog):
         o4 = run_unet(unet, (sample, ehs.clone(), kw))
     assert torch.equal(o4, o3)
     with torch.no_grad():
-        D._REGISTRY[unet].grouped = False
+        D.get_adapter(unet).grouped = False
         torch.testing.assert_close(run_unet(unet, inputs), o3, rtol=1e-5, atol=1e-5)
-        D._REGISTRY[unet].grouped = True
+        D.get_adapter(unet).grouped = True
         # a processor called with other encoder states falls back per layer (debug log)
         with caplog.at_level(logging.DEBUG, logger="clora_fast"):
             attn = unet.get_submodule(attn2_names(unet)[0])
@@ -334,7 +334,7 @@ def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical(monkeypatch):
     i1 = cl.begin_concept("<c1>")
     tid1 = pipe.tokenizer.convert_tokens_to_ids("<c1>")
     assert tid1 == n_tok0 and len(tok0) == n_tok0           # the user's tokenizer object is untouched
-    row = D._REGISTRY[pipe.unet].token_embedding(i1)
+    row = D.get_adapter(pipe.unet).token_embedding(i1)
     mean_norm = emb0.weight.detach().norm(dim=1).mean()
     torch.testing.assert_close(row.detach().norm(), mean_norm, rtol=1e-5, atol=1e-6)
     params = cl.trainable_parameters()
@@ -597,3 +597,15 @@ def test_gpu_cross_768_unet_triton_bf16_grouped_matches_reference(monkeypatch):
     torch.testing.assert_close(o_t, o_r, rtol=5e-2, atol=5e-2)
     for a, b in zip(g_t, g_r):
         assert (a - b).norm() <= 5e-2 * b.norm() + 1e-6
+
+
+def test_patched_unet_is_garbage_collected():
+    import gc
+    import weakref
+    unet = tiny_unet("sd1")
+    cl = D.patch(unet, rank=2)
+    cl.begin_concept()
+    ref = weakref.ref(unet)
+    del unet, cl
+    gc.collect()
+    assert ref() is None

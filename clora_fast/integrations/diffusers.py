@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import weakref
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -51,11 +50,16 @@ from ..controller import CLoRAController, Site
 
 logger = logging.getLogger("clora_fast")
 
-__all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "export_lora", "export_textual_inversion",
-           "PersonalizedEmbedding", "DiffusersAdapter"]
+__all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "get_adapter", "export_lora",
+           "export_textual_inversion", "PersonalizedEmbedding", "DiffusersAdapter"]
 
-# unet -> adapter (weak: a dropped UNet takes its controller with it)
-_REGISTRY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# the adapter lives in the UNet's __dict__ (not a submodule: state_dict/modules unchanged), so a
+# dropped UNet takes its adapter and controller with it
+_ADAPTER_ATTR = "_clora_fast_adapter"
+
+
+def _adapter_of(unet) -> Optional["DiffusersAdapter"]:
+    return unet.__dict__.get(_ADAPTER_ATTR)
 
 _TEXT_SLOTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -96,8 +100,18 @@ def get_controller(obj) -> Optional[CLoRAController]:
         unet, _ = _resolve(obj)
     except TypeError:
         return None
-    ad = _REGISTRY.get(unet)
+    ad = _adapter_of(unet)
     return None if ad is None else ad.controller
+
+
+def get_adapter(obj) -> Optional["DiffusersAdapter"]:
+    """The :class:`DiffusersAdapter` of a patched pipeline/UNet, or None (e.g. for
+    ``token_embedding(idx)`` or to switch ``adapter.grouped`` at run time)."""
+    try:
+        unet, _ = _resolve(obj)
+    except TypeError:
+        return None
+    return _adapter_of(unet)
 
 
 # ------------------------------------------------------------------------------------ tokens
@@ -318,7 +332,7 @@ class DiffusersAdapter:
 
     def __init__(self, obj, grouped: bool = True):
         self.unet, self.pipe = _resolve(obj)
-        if self.unet in _REGISTRY:
+        if _adapter_of(self.unet) is not None:
             raise RuntimeError("this UNet is already patched by clora_fast; call clora_fast.unpatch(...) first")
         if not isinstance(grouped, bool):
             raise TypeError(f"grouped must be a bool, got {grouped!r}")
@@ -398,7 +412,7 @@ class DiffusersAdapter:
             if self._hook is not None:
                 self._hook.remove()
             raise
-        _REGISTRY[self.unet] = self
+        object.__setattr__(self.unet, _ADAPTER_ATTR, self)
 
     def uninstall(self) -> None:
         ctrl = self.controller
@@ -413,7 +427,7 @@ class DiffusersAdapter:
         for slot in self.slots:
             slot.uninstall()
         self._cache = None
-        _REGISTRY.pop(self.unet, None)
+        self.unet.__dict__.pop(_ADAPTER_ATTR, None)
 
     def _log_once(self, key, msg, *args):
         if key not in self._logged:
@@ -620,8 +634,8 @@ class DiffusersAdapter:
             for s, slot in enumerate(self.slots):
                 tid = slot.add_token(tok)
                 slot.emb.clora_retired.pop(tid, None)
-                row = nn.Parameter(per_concept[idx][f"token_embedding.{s}"].detach().float().to(slot.base.weight.device),
-                                   requires_grad=(idx == active))
+                t = per_concept[idx][f"token_embedding.{s}"]
+                row = nn.Parameter(t.detach().float().to(slot.base.weight.device), requires_grad=(idx == active))
                 self.rows[s][idx] = row
                 slot.emb.clora_rows[tid] = row
             self.tokens[idx] = tok
@@ -648,7 +662,7 @@ def unpatch(obj) -> None:
     exactly as before (a merged controller is unmerged first). Learned concepts are dropped
     (save them first)."""
     unet, _ = _resolve(obj)
-    ad = _REGISTRY.get(unet)
+    ad = _adapter_of(unet)
     if ad is None:
         raise ValueError(f"this {type(obj).__name__} is not patched by clora_fast")
     ad.uninstall()
@@ -660,7 +674,7 @@ def load(obj, path, *, backend: str = "auto", grouped: bool = True) -> CLoRACont
     match). On any error nothing changes (a patch made here is undone)."""
     from ..bank import read_manifest
     unet, _ = _resolve(obj)
-    ad = _REGISTRY.get(unet)
+    ad = _adapter_of(unet)
     if ad is not None:
         ad.controller.load_bank(path)
         return ad.controller
@@ -692,7 +706,7 @@ def export_textual_inversion(obj, path, which: int) -> None:
     Together with :func:`export_lora` a plain pipeline reproduces the patched one:
     ``pipe.load_lora_weights(lora); pipe.load_textual_inversion(tokens)``."""
     unet, _ = _resolve(obj)
-    ad = _REGISTRY.get(unet)
+    ad = _adapter_of(unet)
     if ad is None:
         raise ValueError(f"export_textual_inversion: {type(obj).__name__} is not patched by clora_fast")
     ad.export_textual_inversion(path, which)
