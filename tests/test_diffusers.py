@@ -609,3 +609,31 @@ def test_patched_unet_is_garbage_collected():
     del unet, cl
     gc.collect()
     assert ref() is None
+
+
+def test_bank_between_pipeline_and_bare_unet(tmp_path, caplog):
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    randomize(cl)
+    cl.end_concept()
+    cl.save(tmp_path / "from_pipe")
+    sample, ehs = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 32)
+    with torch.no_grad():
+        want = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
+    unet = tiny_unet("sd1")
+    with caplog.at_level(logging.WARNING, logger="clora_fast"):
+        cl2 = clora_fast.load(unet, tmp_path / "from_pipe")
+    assert "tokens are not loaded" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(unet(sample, 10, encoder_hidden_states=ehs).sample, want)
+    cl2.save(tmp_path / "from_unet")
+    pipe2 = tiny_pipe()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="clora_fast"):
+        cl3 = clora_fast.load(pipe2, tmp_path / "from_unet")
+    assert "without personalized tokens" in caplog.text and "<c1>" not in pipe2.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="already exists"):
+        cl3.begin_concept("<c1>")
+    cl3.begin_concept("<c2>")
+    assert "<c2>" in pipe2.tokenizer.get_vocab()
