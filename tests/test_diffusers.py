@@ -1,6 +1,7 @@
 """The diffusers integration on tiny SD 1.x / SD 2.x / SDXL-shaped UNets and a tiny
 StableDiffusionPipeline built offline (random weights, a small hand-written BPE vocab)."""
 import functools
+import inspect
 import logging
 
 import pytest
@@ -153,6 +154,8 @@ def test_patch_structure_equivalence_and_unpatch(kind):
     for key, proc in unet.attn_processors.items():
         if ".attn2." in key:
             assert isinstance(proc, D.CLoRAAttnProcessor) and proc.inner is procs0[key]
+            # same call signature: Attention.forward passes the same cross_attention_kwargs
+            assert inspect.signature(proc.__call__) == inspect.signature(proc.inner.__call__)
         else:
             assert proc is procs0[key]
     assert list(unet.state_dict()) == list(sd0)
