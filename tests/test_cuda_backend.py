@@ -14,6 +14,7 @@ plain torch in the same dtype, plus a small floor.  Skipped when the extension i
 CLORA_FAST_REQUIRE_CUDA_EXT=1 (then a missing extension fails the test).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -169,6 +170,57 @@ def test_kernels_under_cpu_emulation(tmp_path):
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-6000:] + run.stderr[-2000:]
     assert "FAIL" not in run.stdout
+
+
+def _load_find_cuda_home():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("clora_find_cuda_home", os.path.join(REPO, "csrc", "find_cuda_home.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fake_toolkit(root):
+    (root / "bin").mkdir(parents=True)
+    (root / "lib64").mkdir()
+    (root / "lib64" / "libcudart.so").write_bytes(b"")
+    nvcc = root / "bin" / "nvcc"
+    # like the real one, -dryrun prints its install dir
+    nvcc.write_text(f'#!/bin/sh\necho "#$ _HERE_={root}/bin"\necho "#$ TOP={root}/bin/.."\n')
+    nvcc.chmod(0o755)
+    return nvcc
+
+
+def test_find_cuda_home_resolves_nvcc_wrapper(tmp_path, monkeypatch):
+    """The toolkit root behind an nvcc *wrapper script* on PATH (the case where torch's guess,
+    dirname(dirname(nvcc)), fails at link time with `cannot find -lcudart`)."""
+    fch = _load_find_cuda_home()
+    real = _fake_toolkit(tmp_path / "cuda-99.0")
+    wrapper_dir = tmp_path / "usr_local_bin"
+    wrapper_dir.mkdir()
+    wrapper = wrapper_dir / "nvcc"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{wrapper_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("CUDA_HOME", str(wrapper_dir.parent))  # invalid: no lib64/libcudart.so -> ignored
+    assert fch.find_cuda_home() == str(tmp_path / "cuda-99.0")
+    assert fch._toolkit_behind_nvcc(str(wrapper)) == os.path.normpath(str(tmp_path / "cuda-99.0"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda-99.0"))  # valid: taken as is
+    assert fch.find_cuda_home() == str(tmp_path / "cuda-99.0")
+
+
+def test_setup_py_cuda_switch():
+    """Default install never imports torch for the extension; a bad CLORA_FAST_BUILD_CUDA value is a clear error."""
+    env = {k: v for k, v in os.environ.items() if k != "CLORA_FAST_BUILD_CUDA"}
+    res = subprocess.run([sys.executable, "-X", "importtime", "setup.py", "--name"], cwd=REPO, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.strip().endswith("clora_fast"), res.stderr[-2000:]
+    assert "import time:" in res.stderr
+    assert not re.search(r"\|\s+torch\s*$", res.stderr, flags=re.M), "setup.py imported torch without CLORA_FAST_BUILD_CUDA=1"
+    env["CLORA_FAST_BUILD_CUDA"] = "maybe"
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "CLORA_FAST_BUILD_CUDA must be 0 or 1, got 'maybe'" in res.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +452,36 @@ def test_penalty_argument_errors_on_gpu():
         _cuda.forgetting_penalty_forward(past, a, b[:70], 1.0)
     with pytest.raises(RuntimeError, match=r"pasts\[1\] must be float32, float16 or bfloat16"):
         _cuda.grouped_forgetting_penalty_forward([past, past.double()], [a, a], [b, b], [1.0, 1.0])
+
+
+@pytest.mark.gpu
+def test_ops_run_on_cuda_backend_with_autograd():
+    """Through clora_fast.ops (torch custom ops + registered autograd): outputs of the launchers must
+    not alias each other (custom-op rule), and the gradients must match the reference backend."""
+    _gpu_ext_or_skip()
+    from clora_fast import ops
+    past, a, b = _penalty_inputs(77, 33, 16, torch.float32, seed=5)
+    grads = {}
+    for backend in ("cuda", "reference"):
+        aa, bb = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        loss = ops.forgetting_penalty(past, aa, bb, scale=0.5, backend=backend)
+        loss2 = ops.grouped_forgetting_penalty([past, past[:40]], [aa, aa], [bb, bb[:40]], scales=[0.5, 2.0],
+                                               backend=backend)
+        (3 * loss + loss2).backward()
+        grads[backend] = (loss.detach(), loss2.detach(), aa.grad, bb.grad)
+    for got, want in zip(grads["cuda"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+    offsets, scales = (0, 40, 77), (0.5, 2.0)
+    x, w, a2, b2, bias, _ = _projection_inputs(9, 33, offsets, 16, torch.float32, bias=True)
+    outs = {}
+    for backend in ("cuda", "reference"):
+        xx, aa, bb = (t.clone().requires_grad_(True) for t in (x, a2, b2))
+        y = ops.segmented_lora_projection(xx, w, aa, bb, offsets, scales, bias=bias, backend=backend)
+        y.square().sum().backward()
+        outs[backend] = (y.detach(), xx.grad, aa.grad, bb.grad)
+    for got, want in zip(outs["cuda"], outs["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":
