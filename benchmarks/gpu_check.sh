@@ -159,8 +159,7 @@ run_bench() {  # name share_percent fixed_overhead_s [extra args]
   timeout $((budget + over + 60)) "$PY" "benchmarks/bench_$name.py" --out "$RES" --gpu-budget "$budget" --plot "$@" ${BENCH_ARGS:-} \
     > "$RES/bench_$name.log" 2>&1
   local rc=$?
-  grep -E "^(PASS|MISS|N/A|INFO) " "$RES/bench_$name.log"
-  tail -n 3 "$RES/bench_$name.log"
+  grep -E "^(PASS|MISS|N/A|INFO) |^wrote |Traceback|Error" "$RES/bench_$name.log" | tail -n 40
   say "bench_$name exit code $rc"
 }
 
