@@ -324,12 +324,16 @@ def test_train_vit_dispatch(monkeypatch, capsys):
     assert "train-vit needs clora_fast.vit_train" in capsys.readouterr().err
 
 
-def test_train_bf16_mixed_precision_then_fp32_in_one_process(tmp_path, concepts):
+def test_train_bf16_mixed_precision_then_fp32_in_one_process(tmp_path, concepts, monkeypatch):
     n_threads = torch.get_num_threads()
+    seen = []
+    monkeypatch.setattr(cli, "STEP_HOOK", lambda pos, step: seen.append(torch.get_num_threads()))
     try:
+        torch.set_num_threads(2)
         assert cli.main(["train", "--concepts", concepts[0], "--out", str(tmp_path / "b16"), *FAST, "--rank", "2",
                          "--samples-per-concept", "0", "--mixed-precision", "bf16", "--threads", "1"]) == 0
-        assert torch.get_num_threads() == 1
+        assert seen == [1, 1]                        # --threads applies while training ...
+        assert torch.get_num_threads() == 2          # ... and is restored when main() returns
     finally:
         torch.set_num_threads(n_threads)
     t = _concept_tensors(tmp_path / "b16", 0)
