@@ -290,7 +290,7 @@ def _expect(cond: bool, msg: str) -> None:
         raise BankError(msg)
 
 
-def load_into_controller(ctrl, path) -> None:
+def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
     from .controller import Concept
     m = read_manifest(path)
@@ -371,6 +371,10 @@ def load_into_controller(ctrl, path) -> None:
     check = getattr(ctrl.adapter, "check_extra_state", None)
     if check is not None:
         check(m.get("adapter"), extras)
+    if ctrl.active_concept is not None and not replace_active:
+        raise RuntimeError(f"concept {ctrl.active_concept} ({ctrl.active_name!r}) is being learned in this controller "
+                           f"and loading a bank would discard it: save() or end_concept() first, or pass "
+                           f"replace_active=True")
     dev = ctrl._device()
     pasts = [None if p is None else p.to(dev) for p in pasts]
     for c in concepts:

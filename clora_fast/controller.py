@@ -690,12 +690,13 @@ class CLoRAController(nn.Module):
         from .bank import save_controller
         save_controller(self, path)
 
-    def load_bank(self, path) -> None:
+    def load_bank(self, path, *, replace_active: bool = False) -> None:
         """Replace this controller's concepts with those of the bank at ``path``. Everything is
         verified first (checksums, base model identity, rank, sites, extra state): on any error
-        nothing changes."""
+        nothing changes. A concept being learned here is not thrown away silently: without
+        ``replace_active=True`` that is an error (save or end_concept() first)."""
         from .bank import load_into_controller
-        load_into_controller(self, path)
+        load_into_controller(self, path, replace_active=replace_active)
 
     @classmethod
     def load_state(cls, path, sites: Sequence[Site], *, adapter=None, backend: str = "auto",

@@ -150,7 +150,7 @@ def test_corrupted_bank_is_refused_and_nothing_changes(tmp_path, damage):
     dst = trained(n=1, active=True, seed=0)              # a controller with state of its own
     before = snapshot(dst)
     with pytest.raises(BankError, match=msg):
-        dst.load_bank(path)
+        dst.load_bank(path, replace_active=True)
     assert same(before, snapshot(dst))
 
 
@@ -214,3 +214,16 @@ def test_empty_controller_round_trip(tmp_path):
     c.save(tmp_path / "b")
     c2 = CLoRAController.load_state(tmp_path / "b", sites())
     assert c2.pristine and not c2.concepts
+
+
+def test_load_does_not_discard_an_active_concept_silently(tmp_path):
+    path = tmp_path / "bank"
+    trained(active=False).save(path)
+    dst = CLoRAController(sites(), rank=3, alpha=6.0)
+    dst.begin_concept("<mine>")
+    before = snapshot(dst)
+    with pytest.raises(RuntimeError, match="would discard it"):
+        dst.load_bank(path)
+    assert same(before, snapshot(dst))
+    dst.load_bank(path, replace_active=True)
+    assert dst.active_concept is None and [k.idx for k in dst.concepts] == [0, 1, 2]

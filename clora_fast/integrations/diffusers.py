@@ -668,15 +668,17 @@ def unpatch(obj) -> None:
     ad.uninstall()
 
 
-def load(obj, path, *, backend: str = "auto", grouped: bool = True) -> CLoRAController:
+def load(obj, path, *, backend: str = "auto", grouped: bool = True,
+         replace_active: bool = False) -> CLoRAController:
     """Patch ``obj`` with the bank's rank/alpha/penalty weight and load the bank at ``path``.
     If ``obj`` is already patched, the bank is loaded into its controller (its rank must
-    match). On any error nothing changes (a patch made here is undone)."""
+    match; a concept being learned there is only replaced with ``replace_active=True``).
+    On any error nothing changes (a patch made here is undone)."""
     from ..bank import read_manifest
     unet, _ = _resolve(obj)
     ad = _adapter_of(unet)
     if ad is not None:
-        ad.controller.load_bank(path)
+        ad.controller.load_bank(path, replace_active=replace_active)
         return ad.controller
     m = read_manifest(path)
     ctrl = patch(obj, rank=m["rank"], alpha=float(m["alpha"]), penalty_weight=float(m["penalty_weight"]),
