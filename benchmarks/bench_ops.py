@@ -500,28 +500,33 @@ def report(bench: Bench, shapes) -> str:
         return C.fmt_ms(r["time_ms"])
 
     # kv_layer
-    hdr = ["case"] + PROJ_METHODS + ["ours/dense", "peft/ours", "naive/ours", "ours roofline", "ours TFLOP/s"]
+    hdr = ["case"] + PROJ_METHODS + ["ours/dense", "peft/ours", "naive/ours", "ours roofline", "ours TFLOP/s",
+                                     "ours GB/s"]
     rows_md = []
     for case in cases_in_order(bench.results, "kv_layer"):
         rows = bench.rows_of(case)
         t, m = bench.best_ours(rows, "clora")
         rl = rows[m].get("roofline_frac") if m else None
         tf = rows[m].get("tflops") if m else None
+        gb = rows[m].get("gbps") if m else None
         rows_md.append([case] + [cell(rows, k) for k in PROJ_METHODS] + [
             C.fmt_ratio(ratio(t, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(rows["peft"]["time_ms"], t)),
             C.fmt_ratio(ratio(rows["naive"]["time_ms"], t)),
-            f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(tf)])
+            f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(tf), C.fmt_num(gb)])
     md += ["\n## kv_layer: one attention layer's K and V projections\n\n", C.md_table(hdr, rows_md)]
 
-    hdr = ["case"] + ALL_METHODS + ["grouped/dense", "separate/grouped", "peft/grouped", "naive/grouped"]
+    hdr = ["case"] + ALL_METHODS + ["grouped/dense", "separate/grouped", "peft/grouped", "naive/grouped",
+                                    "grouped roofline", "grouped TFLOP/s"]
     rows_md = []
     for case in cases_in_order(bench.results, "unet_kv_all"):
         rows = bench.rows_of(case)
-        tg, _ = bench.best_ours(rows, "grouped")
+        tg, mg = bench.best_ours(rows, "grouped")
         ts, _ = bench.best_ours(rows, "separate")
+        rl = rows[mg].get("roofline_frac") if mg else None
         rows_md.append([case] + [cell(rows, k) for k in ALL_METHODS] + [
             C.fmt_ratio(ratio(tg, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(ts, tg)),
-            C.fmt_ratio(ratio(rows["peft"]["time_ms"], tg)), C.fmt_ratio(ratio(rows["naive"]["time_ms"], tg))])
+            C.fmt_ratio(ratio(rows["peft"]["time_ms"], tg)), C.fmt_ratio(ratio(rows["naive"]["time_ms"], tg)),
+            f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(rows[mg].get("tflops") if mg else None)])
     md += [f"\n## unet_kv_all: all {len(shapes)} SD cross-attention K/V projections of one UNet forward\n\n",
            C.md_table(hdr, rows_md)]
 
