@@ -371,7 +371,8 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     check = getattr(ctrl.adapter, "check_extra_state", None)
     if check is not None:
         check(m.get("adapter"), extras)
-    if ctrl.active_concept is not None and not replace_active:
+    if ctrl.active_concept is not None and not replace_active and active != (ctrl.active_concept, ctrl.active_name):
+        # (reloading the checkpoint of the very concept being learned is a rollback, allowed)
         raise RuntimeError(f"concept {ctrl.active_concept} ({ctrl.active_name!r}) is being learned in this controller "
                            f"and loading a bank would discard it: save() or end_concept() first, or pass "
                            f"replace_active=True")

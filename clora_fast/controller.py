@@ -693,8 +693,9 @@ class CLoRAController(nn.Module):
     def load_bank(self, path, *, replace_active: bool = False) -> None:
         """Replace this controller's concepts with those of the bank at ``path``. Everything is
         verified first (checksums, base model identity, rank, sites, extra state): on any error
-        nothing changes. A concept being learned here is not thrown away silently: without
-        ``replace_active=True`` that is an error (save or end_concept() first)."""
+        nothing changes. A concept being learned here is not thrown away silently: unless the bank
+        holds that same concept (same index and name: a rollback to its checkpoint) or
+        ``replace_active=True``, that is an error (save or end_concept() first)."""
         from .bank import load_into_controller
         load_into_controller(self, path, replace_active=replace_active)
 

@@ -227,3 +227,10 @@ def test_load_does_not_discard_an_active_concept_silently(tmp_path):
     assert same(before, snapshot(dst))
     dst.load_bank(path, replace_active=True)
     assert dst.active_concept is None and [k.idx for k in dst.concepts] == [0, 1, 2]
+    # reloading the checkpoint of the concept being learned (same index and name) is a rollback
+    src = trained(active=True)
+    src.save(tmp_path / "ckpt")
+    with torch.no_grad():
+        src.trainable_parameters()[1].add_(1.0)
+    src.load_bank(tmp_path / "ckpt")
+    assert same(snapshot(src), snapshot(CLoRAController.load_state(tmp_path / "ckpt", sites())))
