@@ -184,7 +184,8 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
 
     * ``framework="transformers"``: ``model`` = a local folder (``config.json`` +
       ``model.safetensors``, e.g. from ``save_pretrained``) or ``config`` = a ``ViTConfig``,
-      a dict, or a path to a config JSON (random weights); neither: :func:`tiny_vit_config`.
+      a dict, or a path to a config JSON (random weights, or ``checkpoint`` = a ``.safetensors``
+      state dict of a ViTModel/ViTForImageClassification); neither: :func:`tiny_vit_config`.
     * ``framework="timm"``: ``timm_model`` name (e.g. ``"vit_tiny_patch16_224"``) built with
       ``pretrained=False, num_classes=0, **timm_kwargs``; ``checkpoint`` = optional
       ``.safetensors`` state dict to load (head keys ignored)."""
@@ -195,6 +196,8 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
                 raise FileNotFoundError(f"model={model!r}: expected a local folder with config.json and "
                                         f"model.safetensors")
             return ViTModel.from_pretrained(model, use_safetensors=True, add_pooling_layer=False)
+        if model is not None and checkpoint is not None:
+            raise ValueError("give either model (a folder) or checkpoint (+ config), not both")
         if config is None:
             cfg = tiny_vit_config()
         elif isinstance(config, ViTConfig):
@@ -208,7 +211,10 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
                 cfg = ViTConfig(**json.load(f))
         else:
             raise TypeError(f"config must be a ViTConfig, dict or JSON path, got {type(config).__name__}")
-        return ViTModel(cfg, add_pooling_layer=False)
+        net = ViTModel(cfg, add_pooling_layer=False)
+        if checkpoint is not None:
+            _load_hf_checkpoint(net, checkpoint)
+        return net
     if framework == "timm":
         import timm
         if not timm_model:
@@ -226,6 +232,23 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         return net
     raise ValueError(f"framework must be 'transformers' or 'timm', got {framework!r}")
+
+
+def _load_hf_checkpoint(net: nn.Module, checkpoint: str) -> None:
+    """Load a ``.safetensors`` state dict of a ViTModel or ViTForImageClassification (``vit.``
+    prefix stripped, classifier/pooler keys ignored) into ``net``; strict otherwise."""
+    from safetensors.torch import load_file
+    if not str(checkpoint).endswith(".safetensors") or not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint={checkpoint!r}: expected an existing .safetensors file")
+    sd = {}
+    for k, v in load_file(checkpoint).items():
+        if k.startswith(("classifier.", "pooler.", "vit.pooler.")):
+            continue
+        sd[k[len("vit."):] if k.startswith("vit.") else k] = v
+    missing, unexpected = net.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint={checkpoint!r} does not fit the ViT config: missing {list(missing)[:5]}, "
+                         f"unexpected {list(unexpected)[:5]}")
 
 
 class FeatureExtractor(nn.Module):
@@ -531,7 +554,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--timm-model", help="timm model name, e.g. vit_tiny_patch16_224 (random init)")
     src.add_argument("--timm-kwargs", default="{}", help='JSON kwargs for timm.create_model, e.g. '
                      '\'{"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4}\'')
-    src.add_argument("--checkpoint", help="timm state dict (.safetensors) to load")
+    src.add_argument("--checkpoint", help="state dict (.safetensors) to load: timm model, or a transformers "
+                                          "ViT (with --config)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits",
                       help="'digits' (scikit-learn, shipped) or a .safetensors file with x_train, y_train, "
@@ -594,7 +618,8 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
                 x0 = tasks[0].x_train
                 cfg = tiny_vit_config(image_size=x0.shape[-1], num_channels=x0.shape[1],
                                       patch_size=2 if x0.shape[-1] <= 16 else 4)
-            backbone = build_backbone(framework="transformers", model=args.model, config=cfg)
+            backbone = build_backbone(framework="transformers", model=args.model, config=cfg,
+                                      checkpoint=args.checkpoint)
         backbone.to(args.device)
         summary: Dict = {"tasks": [t.classes for t in tasks], "methods": {}}
         if args.pretrain_epochs > 0:

@@ -539,6 +539,29 @@ def test_bad_input_shape_names_the_projection():
         m.vit.layers[0].attention.k_proj(torch.randn(2, 5, 31))
 
 
+def test_hf_gradient_checkpointing_same_grads():
+    """With HF gradient checkpointing the blocks are recomputed in backward: same A/B grads."""
+    grads, n_calls = [], []
+    for ckpt in (False, True):
+        m = hf_model(layers=2).train()
+        m.requires_grad_(False)
+        if ckpt:  # transformers >= 5.2x renames it activation_checkpointing_enable
+            (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)()
+        ctrl = vit.patch(m, rank=2, backend="reference")
+        ctrl.begin_concept()
+        randomize_factors(ctrl)
+        calls = []
+        orig = ctrl.project_group
+        ctrl.project_group = lambda g, xx, _o=orig: (calls.append(g), _o(g, xx))[1]
+        x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        m(x).logits.square().sum().backward()
+        grads.append([p.grad.clone() for p in ctrl.trainable_parameters()])
+        n_calls.append(len(calls))
+    assert n_calls == [2, 4]  # checkpointing recomputed both blocks in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- training moves only A/B
 def test_one_training_step_changes_outputs_and_only_adapter():
     m = hf_model(layers=2)

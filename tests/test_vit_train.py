@@ -117,6 +117,23 @@ def test_backbone_from_local_safetensors_folder(tmp_path):
         vt.build_backbone(model=str(tmp_path / "missing"))
 
 
+def test_backbone_from_config_and_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import ViTForImageClassification
+    cfg = vt.tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    torch.manual_seed(4)
+    src = ViTForImageClassification(cfg)  # keys "vit.*" and "classifier.*"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    bb = vt.build_backbone(config=cfg, checkpoint=str(tmp_path / "w.safetensors"))
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(vt.FeatureExtractor(bb.eval())(x), vt.FeatureExtractor(src.eval())(x))
+    other = vt.tiny_vit_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        vt.build_backbone(config=other, checkpoint=str(tmp_path / "w.safetensors"))
+    with pytest.raises(FileNotFoundError, match="expected an existing .safetensors file"):
+        vt.build_backbone(config=cfg, checkpoint=str(tmp_path / "w.pt"))
+
+
 def test_backbone_from_config_json(tmp_path):
     cfg = vt.tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2).to_dict()
     p = tmp_path / "cfg.json"
