@@ -101,6 +101,8 @@ class E2E:
     def __init__(self, args, device, profile):
         self.args, self.device, self.profile = args, device, profile
         self.st = settings(profile)
+        if args.dtype:
+            self.st["dtype"] = args.dtype
         self.dtype = C.DTYPES[self.st["dtype"]]
         self.cl = C.Clora(interpret=args.interpret)
         self.timer = C.Timer(device, args.budget, args.quick)
@@ -405,6 +407,7 @@ def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=110.0)
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default by profile: GPU bf16, CPU fp32)")
     p.add_argument("--clora-backend", default="auto", help="backend of the clora_fast controller (auto, triton, "
                    "cuda, reference)")
     args = p.parse_args(argv)

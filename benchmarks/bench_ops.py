@@ -149,6 +149,10 @@ class Bench:
         C.print_flush("peaks:", {k: float(f"{v:.3g}") for k, v in self.peaks.items()})
         self.sd_cfg = C.sd_config(profile)
         self.st = profile_settings(profile, self.sd_cfg)
+        if args.dtypes:
+            self.st["dtypes"] = args.dtypes.split(",")
+        if args.ranks:
+            self.st["ranks"] = self.st["pen_ranks"] = [int(r) for r in args.ranks.split(",")]
         self.gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn on the device
         self.results = []  # dicts (also written as JSON lines)
         self.T = args.naive_T
@@ -630,6 +634,10 @@ def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=140.0)
     p.add_argument("--naive-T", type=int, default=10, help="past concepts kept by the naive C-LoRA baseline")
     p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty")
+    p.add_argument("--dtypes", default=None, help="comma-separated dtypes (bf16,fp32,fp16), the first one "
+                   "carries the targets (default by profile: GPU bf16,fp32; CPU fp32)")
+    p.add_argument("--ranks", default=None, help="comma-separated ranks, the first carries the targets "
+                   "(default by profile: GPU 16,4,64)")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)

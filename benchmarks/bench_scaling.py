@@ -124,6 +124,7 @@ def main(argv=None):
 def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=45.0)
     p.add_argument("--T", default=None, help="comma-separated past-concept counts (default by profile)")
+    p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default by profile: GPU bf16, CPU fp32)")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)
@@ -131,6 +132,8 @@ def _main(argv):
     st = settings(profile)
     if args.T:
         st["Ts"] = [int(t) for t in args.T.split(",")]
+    if args.dtype:
+        st["dtype"] = args.dtype
     C.seed_all(0)
     cl = C.Clora(interpret=args.interpret)
     timer = C.Timer(device, args.budget, args.quick)
