@@ -19,6 +19,8 @@
 #     --inplace, CLORA_FAST_BUILD_CUDA=1, sm_90, MAX_JOBS=16, at most CUDA_BUILD_TIMEOUT s); its time comes out
 #     of the benchmarks' budgets. Otherwise backend "cuda" is reported as n/a.
 #
+# Tests: pytest -x -q tests -m "$PYTEST_MARK" (default "not slow": the slow marker is for slower CPU-only tests,
+# which CI runs; PYTEST_MARK= runs everything).
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
 # a hard `timeout` above it. SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
@@ -136,8 +138,10 @@ EOF
 
 # ---------------------------------------------------------------- 5. tests
 if [ "${SKIP_TESTS:-0}" != "1" ]; then
-  say "pytest -x -q tests (timeout ${TEST_TIMEOUT}s; the CPU smoke tests of the benchmarks are left out: the real runs follow)"
-  timeout "$TEST_TIMEOUT" "$PY" -m pytest -x -q -p no:cacheprovider tests \
+  PYTEST_MARK=${PYTEST_MARK-not slow}
+  say "pytest -x -q tests -m '$PYTEST_MARK' (timeout ${TEST_TIMEOUT}s; 'slow' = slower CPU-only tests that CI runs;"\
+      "the CPU smoke tests of the benchmarks are left out: the real runs follow)"
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest -x -q -p no:cacheprovider tests -m "$PYTEST_MARK" \
     --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/pytest.log"
