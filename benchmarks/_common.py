@@ -3,8 +3,9 @@
 Timing:  GPU -> CUDA events with warm-up, median of repeated blocks (see
 ``Timer``: like ``triton.testing.do_bench`` but with a capped repeat count and
 an optional L2 flush); CPU -> ``torch.utils.benchmark`` (median of blocked
-runs).  Every script writes JSON lines + a markdown table into ``--out`` (default ``benchmarks/out/``) and reports ratios measured in the
-same run; absolute CPU numbers mean little.
+runs).  Every script writes JSON lines + a markdown table into ``--out``
+(default ``benchmarks/out/``) and reports ratios measured in the same run;
+absolute CPU numbers mean little.
 
 A backend or integration that is missing (clora_fast.ops not written yet, the
 CUDA extension not built, diffusers absent, Triton on a CPU) becomes a row

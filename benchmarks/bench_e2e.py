@@ -19,7 +19,6 @@ Run: python benchmarks/bench_e2e.py [--quick|--cpu] [--out DIR] [--gpu-budget S]
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 

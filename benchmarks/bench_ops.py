@@ -250,7 +250,8 @@ class Bench:
                                        scale=s, backend=backend)
                     else:
                         ref = self.cl.reference.lora_projection
-                        f = lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s), ref(x, wf[1], fac[1][0], fac[1][1], s))  # noqa
+                        f = lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s),  # noqa: E731
+                                     ref(x, wf[1], fac[1][0], fac[1][1], s))
                     return run_fn(f, gy, bwd), leaves
                 return make
 

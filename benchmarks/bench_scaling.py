@@ -199,10 +199,11 @@ def _main(argv):
             C.fmt_ratio(res[(T, "naive")] / t if res.get((T, "naive")) and t else None)])
     t_rep, _ = ours(T0, " (repeat)")
     spread = abs(t_rep - t_base) / t_base if t_rep and t_base else None
+    who = "fastest of clora[triton]/clora[cuda]" if C.gpu_backends_run(device, args) else "clora[reference]"
     md = [f"# bench_scaling ({profile} profile)\n\n", C.md_env(info, {}),
           f"- step = fwd + penalty + bwd over {len(shapes)} SD cross-attention K/V projections, "
           f"rank {st['rank']}, {st['dtype']}, {st['batch']} x {st['tokens']} tokens; median ms per step.\n",
-          f"- 'ours' = {'fastest of clora[triton]/clora[cuda]' if C.gpu_backends_run(device, args) else 'clora[reference]'}; "
+          f"- 'ours' = {who}; "
           f"repeat of T={T0}: {C.fmt_ms(t_rep)} ms (spread {100 * spread:.1f}%)\n" if spread is not None else
           "- 'ours' unavailable in this run\n",
           "\n", C.md_table(hdr, rows)]
