@@ -101,14 +101,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> grouped
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
+  // Each gradient is returned as a tensor with its own storage over its (disjoint) range of the
+  // flat buffer, which stays alive as long as any of them does.  Plain views of `grads` would share
+  // one storage, and torch.library custom ops (clora_fast.ops) reject outputs that alias each other.
+  auto piece = [&](int64_t off, int64_t rows, int64_t cols) -> at::Tensor {
+    if (rows * cols == 0) return at::zeros({rows, cols}, f32);
+    at::Tensor keep = grads;
+    return at::from_blob(grads.data_ptr<float>() + off, {rows, cols}, [keep](void*) {}, f32);
+  };
   std::vector<at::Tensor> dAs, dBs;
   dAs.reserve(L);
   dBs.reserve(L);
   for (size_t l = 0; l < L; ++l) {
-    const int64_t off = table[l * F_COUNT + F_DA_OFF];
-    const int64_t out = table[l * F_COUNT + F_OUT], in = table[l * F_COUNT + F_IN], r = table[l * F_COUNT + F_R];
-    dAs.push_back(grads.narrow(0, off, r * in).view({r, in}));
-    dBs.push_back(grads.narrow(0, off + r * in, out * r).view({out, r}));
+    const int64_t* e = table.data() + l * F_COUNT;
+    dAs.push_back(piece(e[F_DA_OFF], e[F_R], e[F_IN]));
+    dBs.push_back(piece(e[F_DB_OFF], e[F_OUT], e[F_R]));
   }
   return {loss, dAs, dBs};
 }
