@@ -593,7 +593,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: Optional[List[str]] = None) -> int:
     """``clora-fast train-vit`` entry point. Returns the process exit code."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2): return the code, do not exit
+        return int(e.code or 0)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     if args.threads:
         torch.set_num_threads(args.threads)
