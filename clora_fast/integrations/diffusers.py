@@ -396,7 +396,7 @@ class DiffusersAdapter:
             if layer.group is not None:
                 names = groups.setdefault(layer.group, controller.group_sites(layer.group))
                 layer.gpos = names.index(self.sites[layer.k_site].name), names.index(self.sites[layer.v_site].name)
-        done = []
+        done, slots_done = [], []
         try:
             for layer in self.layers:
                 layer.orig_processor = layer.attn.processor
@@ -406,11 +406,15 @@ class DiffusersAdapter:
             self._hook = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
             for slot in self.slots:
                 slot.install()
+                slots_done.append(slot)
         except BaseException:
+            for slot in slots_done:
+                slot.uninstall()
             for layer in done:
                 layer.attn.set_processor(layer.orig_processor)
             if self._hook is not None:
                 self._hook.remove()
+                self._hook = None
             raise
         object.__setattr__(self.unet, _ADAPTER_ATTR, self)
 
@@ -652,8 +656,8 @@ def patch(obj, *, rank: int = 16, alpha: Optional[float] = None, penalty_weight:
     ctrl = CLoRAController(adapter.sites, rank=rank, alpha=alpha, penalty_weight=penalty_weight, backend=backend,
                            adapter=adapter)
     adapter.install(ctrl)
-    logger.debug("clora_fast: patched %d attn2 layers (%d projections), groups %s", len(adapter.layers),
-                 len(adapter.sites), ctrl.groups)
+    logger.debug("clora_fast: patched %d attn2 layers (%d projections), groups %s%s", len(adapter.layers),
+                 len(adapter.sites), ctrl.groups, "" if grouped else " (grouped=False: K/V per layer)")
     return ctrl
 
 
