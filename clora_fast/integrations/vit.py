@@ -39,6 +39,7 @@ Public API (the lead's :func:`clora_fast.patch` dispatches here when
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -92,8 +93,13 @@ def _timm_attention_ok(mod: nn.Module) -> bool:
     # variants with separate q/v biases (BEiT-style) call F.linear(x, qkv.weight, ...) themselves
     if getattr(mod, "q_bias", None) is not None or getattr(mod, "v_bias", None) is not None:
         return False
+    return _forward_calls_qkv(type(mod))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_calls_qkv(cls) -> bool:
     try:
-        src = inspect.getsource(type(mod).forward)
+        src = inspect.getsource(cls.forward)
     except (OSError, TypeError):  # pragma: no cover - source always available for timm
         return False
     return "self.qkv(" in src
