@@ -584,6 +584,54 @@ def test_one_training_step_changes_outputs_and_only_adapter():
     assert math.isfinite(losses[-1])
 
 
+# ---------------------------------------------------------------- penalty, dtypes
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_penalty_is_one_grouped_call_over_every_site(fw, monkeypatch):
+    from clora_fast import ops
+    m, _ = make(fw, layers=3)
+    ctrl = vit.patch(m, rank=2, penalty_weight=3.0, backend="reference")
+    ctrl.begin_concept()
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    ctrl.begin_concept()
+    randomize_factors(ctrl, seed=2)
+    calls = []
+    orig = ops.grouped_forgetting_penalty
+
+    def spy(pasts, As, Bs, **kw):
+        calls.append(len(pasts))
+        return orig(pasts, As, Bs, **kw)
+    monkeypatch.setattr(ops, "grouped_forgetting_penalty", spy)
+    pen = ctrl.penalty()
+    assert calls == [6]  # K and V of 3 blocks, one call
+    ref = 3.0 * sum(reference.forgetting_penalty(ctrl.past(i), *ctrl.current_factors(i), ctrl.scale)
+                    for i in range(6))
+    torch.testing.assert_close(pen.detach(), ref.detach(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_bf16_model_and_cpu_autocast(fw):
+    m, x = make(fw, layers=1)
+    ref32 = run(m, x).detach()
+    mb = copy.deepcopy(m).to(torch.bfloat16)
+    refb = run(mb, x.to(torch.bfloat16)).detach()
+    ctrl = vit.patch(mb, rank=2)
+    ctrl.begin_concept()
+    torch.testing.assert_close(run(mb, x.to(torch.bfloat16)), refb, rtol=2e-2, atol=2e-2)
+    randomize_factors(ctrl, std=0.05)
+    y = run(mb, x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in ctrl.trainable_parameters())
+    # fp32 model under CPU autocast: Q (dense) and K/V (controller) agree on the compute dtype
+    ctrl32 = vit.patch(m, rank=2)
+    ctrl32.begin_concept()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya = run(m, x)
+    torch.testing.assert_close(ya.float(), ref32, rtol=5e-2, atol=5e-2)
+
+
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 def _gpu_models(fw, dtype):
     if fw == "hf":
