@@ -77,10 +77,15 @@ after the load on every path (this is also what the Triton interpreter needs:
 it computes bf16 on raw bits), accumulation is fp32.  The three products use
 ``tl.dot`` on fp32 operands (rank padded to ``RP >= 16``).  Its
 ``input_precision`` follows PyTorch's float32 matmul setting unless given:
-``"ieee"`` (exact fp32 FMA) when ``torch.get_float32_matmul_precision()`` is
-``"highest"`` (the default) and both factors are fp32; ``"tf32"`` (tensor
-cores) when it is ``"high"``/``"medium"`` or when both factors are fp16/bf16
-(their values are exact in TF32, so ``M`` keeps full accuracy).  Explicit
+``"ieee"`` (exact fp32 FMA) when torch's fp32 matmuls may not use TF32 (the
+default) and both factors are fp32; ``"tf32"`` (tensor cores) when they may
+(``torch.set_float32_matmul_precision("high")``,
+``torch.backends.cuda.matmul.allow_tf32 = True`` or ``.fp32_precision =
+"tf32"``) or when both factors are fp16/bf16 (their values are exact in TF32,
+so ``M`` keeps full accuracy).  Speed: with fp32 factors the ``"ieee"`` path
+runs the three ``[.., RP]`` products on the FMA units and is likely
+compute-bound on an H100 at ``r = 16``; enable TF32 (as training usually
+does) for the bandwidth-bound path.  Explicit
 rank-loop FMAs were not used: extracting a rank column from a register tile
 is not expressible in Triton, and the reductions for ``dA``/``dB`` would
 become ``r`` separate cross-thread reductions per tile.  In the interpreter
@@ -104,15 +109,13 @@ import triton.language as tl
 
 __all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward"]
 
-# layer table fields (int64, one row of _NF per layer)
-_F_POFF, _F_AOFF, _F_BOFF = 0, 1, 2          # element offsets from the base tensors
-_F_OUT, _F_IN, _F_R = 3, 4, 5
-_F_SP0, _F_SP1, _F_SA0, _F_SA1, _F_SB0, _F_SB1 = 6, 7, 8, 9, 10, 11
-_F_DAWS, _F_DBWS = 12, 13                    # workspace offsets of the dA / dB partials
-_F_NRB, _F_NCS, _F_CI = 14, 15, 16           # row blocks, column chunks, chunk width
+# Layer table: int64 [L, _NF], one row per layer, fields (the kernel loads them by index):
+#   0 P offset, 1 A offset, 2 B offset (elements from the base tensors), 3 out, 4 in, 5 r,
+#   6-7 P strides, 8-9 A strides, 10-11 B strides, 12 dA-partials workspace offset,
+#   13 dB-partials workspace offset, 14 row blocks, 15 column chunks, 16 chunk width (multiple of BI).
 _NF = 17
-# reduction table fields (int64, one row per reduction program)
-_R_SRC, _R_NPARTS, _R_PSTRIDE, _R_START, _R_END, _R_SLOT, _R_ISSUM = range(7)
+_F_DAWS, _F_DBWS = 12, 13
+# Reduce table: int64 [n_red, _NRF]: src offset, n_parts, part stride, start, end, output slot, is_sum.
 _NRF = 7
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -231,7 +234,7 @@ def _penalty_main_kernel(
         if da_direct:
             tl.store(da_rows_out + cols[None, :], da_part, mask=da_mask)
         elif DA_ATOMIC:
-            tl.atomic_add(da_rows_ws + cols[None, :], da_part, mask=da_mask)
+            tl.atomic_add(da_rows_ws + cols[None, :], da_part, mask=da_mask, sem="relaxed")
         else:
             tl.store(da_rows_ws + cols[None, :], da_part, mask=da_mask)
 
@@ -382,7 +385,8 @@ class _Plan:
                                   ("lora_Bs", lora_Bs, b0, be)):
             for l, t in enumerate(ts):
                 if t.numel() > 0 and (t.data_ptr() - base) % e:
-                    raise ValueError(f"{name}[{l}] is not element-aligned (address {t.data_ptr():#x}, {e}-byte dtype)")
+                    raise ValueError(f"{name}[{l}] is not element-aligned "
+                                     f"(address {t.data_ptr():#x}, {e}-byte dtype)")
         vec = 16 // esize
         p_unit = all(p.stride(1) == 1 or p.shape[1] <= 1 for p in pasts)
         aligned = p_unit and all(p.numel() == 0 or (p.data_ptr() % 16 == 0
@@ -512,6 +516,22 @@ def clear_cache() -> None:
     _PLANS.clear()
 
 
+def _torch_uses_tf32() -> bool:
+    """Whether torch's own fp32 CUDA matmuls may use TF32 (new ``fp32_precision`` API of
+    torch >= 2.9 first, then the legacy ``allow_tf32`` flag; reading the legacy
+    ``get_float32_matmul_precision()`` raises once the two APIs were mixed)."""
+    m = torch.backends.cuda.matmul
+    p = getattr(m, "fp32_precision", None)
+    if p == "tf32":
+        return True
+    if p == "ieee":
+        return False
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[str]) -> str:
     if requested is not None:
         if requested not in ("ieee", "tf32", "tf32x3"):
@@ -520,7 +540,7 @@ def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[s
     half = (torch.float16, torch.bfloat16)
     if a_dtype in half and b_dtype in half:
         return "tf32"
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32" if _torch_uses_tf32() else "ieee"
 
 
 def _check(pasts, lora_As, lora_Bs, scales):
@@ -603,6 +623,10 @@ def grouped_forgetting_penalty_forward(
     interpret = _interpreting()
     if device.type == "cpu" and not interpret:
         raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if device.type != "cpu" and interpret:
+        raise RuntimeError(f"TRITON_INTERPRET=1 with {device.type} tensors: the penalty kernels address tensors "
+                           "through tables of raw addresses, which the interpreter's host copies would not "
+                           "follow; unset TRITON_INTERPRET or pass CPU tensors")
     poison = _poison()
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)

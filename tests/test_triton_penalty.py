@@ -301,17 +301,21 @@ def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         forgetting_penalty_forward(past, A, B, 1.0)
 
 
-def test_precision_follows_torch_setting():
-    old = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        assert fpk._precision(F32, F32, None) == "ieee"
-        assert fpk._precision(BF16, BF16, None) == "tf32"   # half factors are exact in TF32
-        torch.set_float32_matmul_precision("high")
-        assert fpk._precision(F32, F32, None) == "tf32"
-        assert fpk._precision(F32, F32, "tf32x3") == "tf32x3"
-    finally:
-        torch.set_float32_matmul_precision(old)
+def test_precision_follows_torch_setting(monkeypatch):
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):       # torch >= 2.9: the new API (never mixed with the legacy one here)
+        old = m.fp32_precision
+        try:
+            m.fp32_precision = "ieee"
+            assert fpk._precision(F32, F32, None) == "ieee"
+            assert fpk._precision(BF16, F32, None) == "ieee"
+            assert fpk._precision(BF16, BF16, None) == "tf32"   # half factors are exact in TF32
+            m.fp32_precision = "tf32"
+            assert fpk._precision(F32, F32, None) == "tf32"
+        finally:
+            m.fp32_precision = old
+    assert fpk._precision(F32, F32, "tf32x3") == "tf32x3"
+    assert fpk._precision(F16, F16, "ieee") == "ieee"
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
@@ -385,8 +389,14 @@ def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
     As = [_rand((16, 768), ab_dtype, dev, g, 0.02) for _ in outs]
     Bs = [_rand((o, 16), ab_dtype, dev, g, 0.02) for o in outs]
     scales = [1.0] * len(outs)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"   # the torch side does the same products
+    m = torch.backends.cuda.matmul
+    new_api = hasattr(m, "fp32_precision")
+    old = m.fp32_precision if new_api else m.allow_tf32
+    # the torch side (tolerance) does the same products as the kernel
+    if new_api:
+        m.fp32_precision = precision
+    else:
+        m.allow_tf32 = precision == "tf32"
     try:
         for det in (True, False):
             loss, dAs, dBs = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, input_precision=precision,
@@ -403,7 +413,10 @@ def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
                 again = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, input_precision=precision)
                 assert torch.equal(again[0], loss) and all(torch.equal(x, y) for x, y in zip(again[1], dAs))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        if new_api:
+            m.fp32_precision = old
+        else:
+            m.allow_tf32 = old
 
 
 @pytest.mark.gpu
