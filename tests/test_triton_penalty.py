@@ -275,6 +275,25 @@ def test_grouped_plan_cache(device):
     assert len(fpk._PLANS) == 2
 
 
+def test_vector_width_detection(device):
+    """16-byte alignment hints only when every past is aligned with a row stride and `in` that keep it so;
+    a misaligned (but unit-stride) view falls back to VEC_P = 1 and still gives the right answer."""
+    g = torch.Generator().manual_seed(2)
+    big = _rand((24, 33), F32, device, g)
+    A, B = _rand((3, 32), F32, device, g), _rand((24, 3), F32, device, g)
+    aligned = big[:, :32].contiguous()
+    misaligned = big[:, 1:]                          # address + 4 bytes, row stride 33
+    fpk.clear_cache()
+    forgetting_penalty_forward(aligned, A, B, 1.0)
+    assert next(reversed(fpk._PLANS.values())).vec_p == 4
+    got = forgetting_penalty_forward(misaligned, A, B, 1.0)
+    plan = next(reversed(fpk._PLANS.values()))
+    assert plan.vec_p == 1 and plan.p_unit
+    _check_against_float64(got, misaligned, A, B, 1.0)
+    forgetting_penalty_forward(aligned.bfloat16(), A, B, 1.0)
+    assert next(reversed(fpk._PLANS.values())).vec_p == 8
+
+
 def test_bad_inputs(device):
     pasts, As, Bs, scales = _layers(device, F32, F32)
     with pytest.raises(ValueError, match=r"lora_A \[r, 33\]"):
