@@ -632,6 +632,30 @@ def test_bf16_model_and_cpu_autocast(fw):
     torch.testing.assert_close(ya.float(), ref32, rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_torch_compile_patched_model(fw):
+    """torch.compile (dynamo + aot_eager: no C compiler needed) of a patched model: same outputs
+    and A/B grads. (fullgraph=True is not claimed: the controller's weight cache compares
+    data pointers, a graph break.)"""
+    m, x = make(fw, layers=1)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept()
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    ctrl.begin_concept()
+    randomize_factors(ctrl, seed=2)
+    y = run(m, x)
+    y.square().sum().backward()
+    g = [p.grad.clone() for p in ctrl.trainable_parameters()]
+    for p in ctrl.trainable_parameters():
+        p.grad = None
+    yc = run(torch.compile(m, backend="aot_eager"), x)
+    yc.square().sum().backward()
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g, ctrl.trainable_parameters()):
+        torch.testing.assert_close(b.grad, a, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 def _gpu_models(fw, dtype):
     if fw == "hf":
