@@ -395,6 +395,11 @@ def test_pipeline_tokens_training_cfg_and_unpatch_bit_identical(monkeypatch):
         encode(pipe, "a photo of <c2>")
     with pytest.raises(ValueError, match="already exists"):
         cl.begin_concept("dog")
+    # an embedding replaced behind our back is caught at the next UNet call
+    pipe.text_encoder.set_input_embeddings(torch.nn.Embedding(len(pipe.tokenizer), 32))
+    with pytest.raises(RuntimeError, match="input embedding was replaced"):
+        pipe.unet(sample, 10, encoder_hidden_states=ehs.detach())
+    pipe.text_encoder.set_input_embeddings(D.get_adapter(pipe).slots[0].emb)
     cl.merge()
     clora_fast.unpatch(pipe)                                    # unmerges, restores everything
     assert pipe.tokenizer is tok0 and len(tok0) == n_tok0

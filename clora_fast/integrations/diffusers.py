@@ -446,6 +446,12 @@ class DiffusersAdapter:
                     f"the attention processor of {layer.name} was replaced after clora_fast.patch (e.g. by "
                     f"set_attn_processor / fuse_qkv_projections / enable_xformers...): the C-LoRA adapters would be "
                     f"skipped. Call clora_fast.unpatch(...) first, change processors, then patch again")
+        for slot in self.slots:
+            if slot.encoder.get_input_embeddings() is not slot.emb:
+                raise RuntimeError(
+                    f"pipe.{slot.enc_attr}'s input embedding was replaced after clora_fast.patch (e.g. by "
+                    f"resize_token_embeddings / load_textual_inversion): the personalized tokens would be wrong. "
+                    f"Call clora_fast.unpatch(...) first, then patch again")
 
     @staticmethod
     def _version(x: Tensor):
