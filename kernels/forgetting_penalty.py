@@ -72,24 +72,33 @@ step after step); a miss costs one pinned non-blocking copy.
 Precision
 ---------
 ``past``, ``A`` and ``B`` may have different dtypes in {fp32, fp16, bf16}
-(e.g. bf16 past with fp32 factors); every loaded tile is upcast to fp32 right
-after the load on every path (this is also what the Triton interpreter needs:
-it computes bf16 on raw bits), accumulation is fp32.  The three products use
-``tl.dot`` on fp32 operands (rank padded to ``RP >= 16``).  Its
-``input_precision`` follows PyTorch's float32 matmul setting unless given:
-``"ieee"`` (exact fp32 FMA) when torch's fp32 matmuls may not use TF32 (the
-default) and both factors are fp32; ``"tf32"`` (tensor cores) when they may
-(``torch.set_float32_matmul_precision("high")``,
-``torch.backends.cuda.matmul.allow_tf32 = True`` or ``.fp32_precision =
-"tf32"``) or when both factors are fp16/bf16 (their values are exact in TF32,
-so ``M`` keeps full accuracy).  Speed: with fp32 factors the ``"ieee"`` path
-runs the three ``[.., RP]`` products on the FMA units and is likely
-compute-bound on an H100 at ``r = 16``; enable TF32 (as training usually
-does) for the bandwidth-bound path.  Explicit
-rank-loop FMAs were not used: extracting a rank column from a register tile
-is not expressible in Triton, and the reductions for ``dA``/``dB`` would
-become ``r`` separate cross-thread reductions per tile.  In the interpreter
-fp32 dots are exact whatever the precision.
+(e.g. bf16 past with fp32 factors); ``P`` is upcast to fp32 right after its
+load and everything is accumulated in fp32.  The three products use
+``tl.dot`` with the rank padded to ``RP >= 16`` (a power of two); the
+operand precision (``input_precision``, chosen per call unless given):
+
+- bf16 ``A`` and ``B`` -> ``"bf16"``: native bf16 tensor-core products (exact
+  bf16 x bf16 products, fp32 accumulation); ``W = P^2 M`` is rounded to bf16
+  for the two gradient products, as a bf16 autograd would round ``G``.
+- fp16 ``A`` and ``B`` (or one fp16, one bf16) -> ``"tf32"`` on upcast
+  operands: fp16/bf16 values are exact in TF32 and ``W`` keeps fp32 range
+  (``P^2 M`` could overflow fp16).
+- otherwise (an fp32 factor) -> follows PyTorch's float32 matmul setting: ``"ieee"`` (exact
+  fp32 FMA) when torch's fp32 matmuls may not use TF32 (the default),
+  ``"tf32"`` when they may (``torch.set_float32_matmul_precision("high")``,
+  ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``.fp32_precision =
+  "tf32"``).  ``"tf32x3"`` on request.  Speed: the ``"ieee"`` path runs the
+  products on the FMA units and is likely compute-bound on an H100 at
+  ``r = 16``; enable TF32 (as training usually does) or use bf16 factors for
+  the bandwidth-bound path.
+
+Explicit rank-loop FMAs were not used: extracting a rank column from a
+register tile is not expressible in Triton, and the ``dA``/``dB`` reductions
+would become ``r`` separate cross-thread reductions per tile.  Under the
+Triton interpreter (``TRITON_INTERPRET=1``, read at launch time) every
+operand is upcast to fp32 right after its load (the interpreter computes
+bf16 on raw bits) and fp32 dots are exact whatever the precision, so CPU
+results are fp32-exact for every input dtype.
 
 Outputs are allocated with ``torch.empty``; set ``CLORA_FAST_POISON=1`` to
 fill outputs and workspaces with NaN first, so any entry a kernel fails to
@@ -130,7 +139,7 @@ def _penalty_main_kernel(
     loss_ws_off,
     NF: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
     VEC_P: tl.constexpr, P_UNIT: tl.constexpr, VEC_A: tl.constexpr, A_UNIT: tl.constexpr,
-    PRECISION: tl.constexpr, DA_ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr, DA_ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     """Penalty, dA, dB for one (layer, row block, column chunk).
 
@@ -192,7 +201,9 @@ def _penalty_main_kernel(
     rows64 = rows.to(tl.int64)
 
     b = tl.load(b_base + b_off + rows64[:, None] * sb0 + ks[None, :] * sb1,
-                mask=rmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)      # [BO, RP]
+                mask=rmask[:, None] & kmask[None, :], other=0.0)                     # [BO, RP]
+    if not BF16_DOT:
+        b = b.to(tl.float32)
     db_acc = tl.zeros([BO, RP], dtype=tl.float32)
     loss_acc = tl.zeros([BO], dtype=tl.float32)
     two_s = 2.0 * s
@@ -217,7 +228,7 @@ def _penalty_main_kernel(
             a_ptrs = a_rows + cols[None, :]
         else:
             a_ptrs = a_rows + cols[None, :] * sa1
-        a = tl.load(a_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)  # [RP, BI]
+        a = tl.load(a_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)          # [RP, BI]
         if P_UNIT:
             p_ptrs = p_rows + cols[None, :]
         else:
@@ -225,11 +236,22 @@ def _penalty_main_kernel(
         # P is streamed once: evict it first so A, B and the workspace stay in L2
         p = tl.load(p_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0,
                     eviction_policy="evict_first").to(tl.float32)                     # [BO, BI]
-        m = tl.dot(b, a, input_precision=PRECISION) * s                              # [BO, BI]
-        w = (p * p) * m                                                               # G / 2
-        loss_acc += tl.sum(w * m, axis=1)
-        db_acc = tl.dot(w, tl.trans(a), db_acc, input_precision=PRECISION)           # [BO, RP]
-        da_part = tl.dot(tl.trans(b), w, input_precision=PRECISION) * two_s          # [RP, BI]
+        if BF16_DOT:
+            # bf16 factors on a GPU: exact bf16 x bf16 products, fp32 accumulation; W is
+            # rounded to bf16 for the two gradient products (as a bf16 autograd would)
+            m = tl.dot(b, a) * s                                                      # [BO, BI]
+            w = (p * p) * m                                                           # G / 2
+            loss_acc += tl.sum(w * m, axis=1)
+            w_h = w.to(tl.bfloat16)
+            db_acc = tl.dot(w_h, tl.trans(a), db_acc)                                 # [BO, RP]
+            da_part = tl.dot(tl.trans(b), w_h) * two_s                                # [RP, BI]
+        else:
+            a = a.to(tl.float32)
+            m = tl.dot(b, a, input_precision=PRECISION) * s                          # [BO, BI]
+            w = (p * p) * m                                                           # G / 2
+            loss_acc += tl.sum(w * m, axis=1)
+            db_acc = tl.dot(w, tl.trans(a), db_acc, input_precision=PRECISION)       # [BO, RP]
+            da_part = tl.dot(tl.trans(b), w, input_precision=PRECISION) * two_s      # [RP, BI]
         da_mask = kmask[:, None] & cmask[None, :]
         if da_direct:
             tl.store(da_rows_out + cols[None, :], da_part, mask=da_mask)
@@ -331,7 +353,7 @@ def _config(outs: Sequence[int], ins: Sequence[int], rp: int, precision: str, in
         bi = min(max(_pow2(max(ins)), 16), 128)
         warps = 4
     else:
-        table = _GPU_CONFIGS["tf32" if precision == "tf32" else "ieee"]
+        table = _GPU_CONFIGS["ieee" if precision == "ieee" else "tf32"]
         bo, bi, warps = table[min(rp, 128)] if rp <= 128 else (32, 32, 8)
     if block_o is not None:
         bo = int(block_o)
@@ -534,9 +556,13 @@ def _torch_uses_tf32() -> bool:
 
 def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[str]) -> str:
     if requested is not None:
-        if requested not in ("ieee", "tf32", "tf32x3"):
-            raise ValueError(f"input_precision must be 'ieee', 'tf32' or 'tf32x3', got {requested!r}")
+        if requested not in ("ieee", "tf32", "tf32x3", "bf16"):
+            raise ValueError(f"input_precision must be 'ieee', 'tf32', 'tf32x3' or 'bf16', got {requested!r}")
+        if requested == "bf16" and not (a_dtype == b_dtype == torch.bfloat16):
+            raise ValueError(f"input_precision='bf16' needs bf16 lora_A and lora_B, got {a_dtype} and {b_dtype}")
         return requested
+    if a_dtype == torch.bfloat16 and b_dtype == torch.bfloat16:
+        return "bf16"
     half = (torch.float16, torch.bfloat16)
     if a_dtype in half and b_dtype in half:
         return "tf32"
@@ -583,7 +609,9 @@ def _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic
             pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, plan.loss_ws,
             NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
             VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
-            PRECISION=precision, DA_ATOMIC=not deterministic, num_warps=plan.num_warps,
+            # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
+            PRECISION="ieee" if precision == "bf16" else precision, DA_ATOMIC=not deterministic,
+            BF16_DOT=precision == "bf16" and not interpret, num_warps=plan.num_warps,
             num_stages=1 if interpret else 3,
         )
     _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)

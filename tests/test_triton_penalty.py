@@ -328,13 +328,16 @@ def test_precision_follows_torch_setting(monkeypatch):
             m.fp32_precision = "ieee"
             assert fpk._precision(F32, F32, None) == "ieee"
             assert fpk._precision(BF16, F32, None) == "ieee"
-            assert fpk._precision(BF16, BF16, None) == "tf32"   # half factors are exact in TF32
+            assert fpk._precision(BF16, BF16, None) == "bf16"   # native bf16 tensor-core products
+            assert fpk._precision(F16, F16, None) == "tf32"     # fp16 factors are exact in TF32
             m.fp32_precision = "tf32"
             assert fpk._precision(F32, F32, None) == "tf32"
         finally:
             m.fp32_precision = old
     assert fpk._precision(F32, F32, "tf32x3") == "tf32x3"
     assert fpk._precision(F16, F16, "ieee") == "ieee"
+    with pytest.raises(ValueError, match="needs bf16 lora_A and lora_B"):
+        fpk._precision(F32, F32, "bf16")
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
@@ -361,7 +364,7 @@ for vec_p in (8, 1):
     sig = {"layer_tab": "*i64", "tile_tab": "*i32", "scale_tab": "*fp32", "out_tab": "*i64", "p_base": "*bf16",
            "a_base": "*fp32", "b_base": "*fp32", "ws_ptr": "*fp32", "loss_ws_off": "i64"}
     cst = dict(NF=fpk._NF, RP=16, BO=128, BI=64, VEC_P=vec_p, P_UNIT=True, VEC_A=4, A_UNIT=True,
-               PRECISION="tf32", DA_ATOMIC=False)
+               PRECISION="tf32", DA_ATOMIC=False, BF16_DOT=False)
     sig.update({k: "constexpr" for k in cst})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
     ck = triton.compile(ASTSource(fn=fpk._penalty_main_kernel, signature=sig, constexprs=cst, attrs=attrs),
@@ -398,9 +401,12 @@ def test_sm90_compile_vectorises_past_loads():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p_dtype,ab_dtype", [(F32, F32), (BF16, BF16), (BF16, F32)])
-@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
 def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
-    """32 SD-1.5-shaped attn2 K/V layers, r = 16, on the GPU, vs float64; both reduction modes."""
+    """32 SD-1.5-shaped attn2 K/V layers, r = 16, on the GPU, vs float64; both reduction modes;
+    'bf16' = native bf16 tensor-core products (the default for bf16 factors)."""
+    if precision == "bf16" and ab_dtype != BF16:
+        pytest.skip("native bf16 products need bf16 factors")
     dev = torch.device("cuda")
     outs = [320] * 10 + [640] * 10 + [1280] * 12
     g = torch.Generator().manual_seed(0)
@@ -413,7 +419,7 @@ def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
     old = m.fp32_precision if new_api else m.allow_tf32
     # the torch side (tolerance) does the same products as the kernel
     if new_api:
-        m.fp32_precision = precision
+        m.fp32_precision = "tf32" if precision == "tf32" else "ieee"
     else:
         m.allow_tf32 = precision == "tf32"
     try:
