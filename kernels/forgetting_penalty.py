@@ -49,18 +49,19 @@ available when this was written): benchmark both.  When a layer has a single
 row block, ``dA`` is stored straight into the output either way; ``dB`` and
 the loss never use atomics.
 
-Grouping: pointer-free offset tables
-------------------------------------
+Grouping: offset tables for the inputs, a pointer table for the outputs
+----------------------------------------------------------------------
 All pasts must share one dtype, all ``A`` one dtype, all ``B`` one dtype
 (ranks, shapes and strides may differ per layer; per-layer ranks are
-supported, ``RP`` is the padded maximum rank).  The kernel receives the first
-layer's tensors as base pointers and a cached int64 *layer table* holding,
-per layer, the element offset of its tensors from those bases, its shape,
-strides, workspace offsets and split counts; a cached int32 *tile table* maps
-program id -> (layer, row block, column chunk).  Offsets from a base pointer
+supported, ``RP`` is the padded maximum rank).  The kernel receives the
+first non-empty layer's tensors as base pointers and a cached int64 *layer
+table* holding, per layer, the element offset of its tensors from those
+bases, its shape, strides, workspace offsets and split counts; a cached int32
+*tile table* maps program id -> (layer, row block, column chunk).  Offsets from a base pointer
 (instead of raw pointers cast with ``.to(tl.pointer_type(...))``, which also
 works, in the interpreter too) let the compiler prove 16-byte alignment
-(``tl.multiple_of``) so ``P`` is read with 128-bit vector loads.  Both tables
+(``tl.multiple_of``) so ``P`` is read with 128-bit vector loads (checked by
+compiling for sm_90: 16-byte ``cp.async``, see the tests).  Both tables
 are built once per distinct (device, dtypes, data pointers, shapes, strides,
 scales, block config) and cached (LRU), so a training step does no
 host->device table build.  The outputs (per-layer ``dA``, ``dB`` and the
