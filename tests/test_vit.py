@@ -635,8 +635,8 @@ def test_bf16_model_and_cpu_autocast(fw):
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_torch_compile_patched_model(fw):
     """torch.compile (dynamo + aot_eager: no C compiler needed) of a patched model: same outputs
-    and A/B grads. (fullgraph=True is not claimed: the controller's weight cache compares
-    data pointers, a graph break.)"""
+    and A/B grads. (fullgraph=True is not claimed: the K/V projections run as eager islands,
+    because the controller's weight cache compares data pointers.)"""
     m, x = make(fw, layers=1)
     ctrl = vit.patch(m, rank=2, backend="reference")
     ctrl.begin_concept()

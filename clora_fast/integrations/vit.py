@@ -165,6 +165,22 @@ def can_patch(obj) -> bool:
 # --------------------------------------------------------------------------------------------
 # the adapter (protocol of docs/ARCHITECTURE.md)
 # --------------------------------------------------------------------------------------------
+def _project_group_eager(controller, group: str, x):
+    return controller.project_group(group, x)
+
+
+# Under torch.compile the K/V projection runs as an eager island (one graph break per block):
+# the controller's folded-weight cache compares data pointers, which dynamo cannot trace
+# (torch 2.14 breaks the graph there, torch 2.11 raises an internal error).
+_project_group_eager = torch.compiler.disable(_project_group_eager)
+
+
+def _project_group(controller, group: str, x):
+    if torch.compiler.is_compiling():
+        return _project_group_eager(controller, group, x)
+    return controller.project_group(group, x)
+
+
 class _GroupCall:
     """Computes K and V of one block in one grouped launch.
 
@@ -192,7 +208,7 @@ class _GroupCall:
             if not self._pending:
                 self.clear()
             return out
-        outs = ctrl.project_group(self.group, x)
+        outs = _project_group(ctrl, self.group, x)
         pending = set(range(len(self.linears))) - {slot}
         if pending:
             self._x, self._outs, self._pending = x, outs, pending
@@ -232,7 +248,7 @@ class _QKVForward:
         if self.call.controller.pristine:
             return F.linear(x, qkv.weight, qkv.bias)
         q = F.linear(x, qkv.weight[:d], None if qkv.bias is None else qkv.bias[:d])
-        k, v = self.call.controller.project_group(self.call.group, x)
+        k, v = _project_group(self.call.controller, self.call.group, x)
         return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
 
 
