@@ -141,7 +141,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   PYTEST_MARK=${PYTEST_MARK-not slow}
   say "pytest -x -q tests -m '$PYTEST_MARK' (timeout ${TEST_TIMEOUT}s; 'slow' = slower CPU-only tests that CI runs;"\
       "the CPU smoke tests of the benchmarks are left out: the real runs follow)"
-  timeout "$TEST_TIMEOUT" "$PY" -m pytest -x -q -p no:cacheprovider tests -m "$PYTEST_MARK" \
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest --maxfail=20 -q -p no:cacheprovider tests -m "$PYTEST_MARK" \
     --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/pytest.log"
