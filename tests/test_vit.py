@@ -584,6 +584,32 @@ def test_one_training_step_changes_outputs_and_only_adapter():
     assert math.isfinite(losses[-1])
 
 
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_model_converted_after_patching(fw):
+    """model.to(dtype/device) after patch: timm's fused qkv gets new storage, so the K/V row
+    views must follow (on CPU a dtype change stands in for a device move)."""
+    m, x = make(fw, layers=2)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    y32 = run(m, x).detach()
+    m.to(torch.float64)
+    y64 = run(m, x.double())
+    assert y64.dtype == torch.float64
+    torch.testing.assert_close(y64, y32.double(), rtol=1e-4, atol=1e-5)
+    assert all(s.weight.dtype == torch.float64 for s in ctrl.sites)
+    if fw == "timm":
+        qkv = m.blocks[0].attn.qkv
+        assert ctrl.sites[0].weight.data_ptr() == qkv.weight[D:].data_ptr()
+    # and back: unpatch still restores the (converted) model exactly
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    clora_fast.unpatch(m)
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+
+
 # ---------------------------------------------------------------- penalty, dtypes
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_penalty_is_one_grouped_call_over_every_site(fw, monkeypatch):

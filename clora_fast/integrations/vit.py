@@ -165,20 +165,50 @@ def can_patch(obj) -> bool:
 # --------------------------------------------------------------------------------------------
 # the adapter (protocol of docs/ARCHITECTURE.md)
 # --------------------------------------------------------------------------------------------
-def _project_group_eager(controller, group: str, x):
-    return controller.project_group(group, x)
-
-
 # Under torch.compile the K/V projection runs as an eager island (one graph break per block):
 # the controller's folded-weight cache compares data pointers, which dynamo cannot trace
 # (torch 2.14 breaks the graph there, torch 2.11 raises an internal error).
-_project_group_eager = torch.compiler.disable(_project_group_eager)
 
 
-def _project_group(controller, group: str, x):
+def _refresh_sites(call: "_GroupCall") -> None:
+    """Re-point the group's sites at the live parameters if the model was converted after
+    patching (``model.to(device/dtype)`` gives timm's fused ``qkv`` new storage, so the row
+    views taken at patch time would go stale; ``load_state_dict(assign=True)`` replaces
+    parameters). Cheap identity/pointer checks; runs outside torch.compile tracing."""
+    if call.sites is None:
+        return
+    if call.timm:
+        qkv = call.linears[0]
+        w = qkv.weight
+        k_site = call.sites[0]
+        if (k_site.weight.device == w.device and k_site.weight.dtype == w.dtype
+                and k_site.weight.data_ptr() == w[call.d:].data_ptr()):
+            return
+        wd = w.detach()
+        bd = None if qkv.bias is None else qkv.bias.detach()
+        for site, lo in zip(call.sites, (call.d, 2 * call.d)):
+            site.weight = wd[lo:lo + call.d]
+            site.bias = None if bd is None else bd[lo:lo + call.d]
+    else:
+        for site, lin in zip(call.sites, call.linears):
+            if site.weight is not lin.weight or site.bias is not lin.bias:
+                site.weight, site.bias = lin.weight, lin.bias
+
+
+def _refresh_and_project_eager(call: "_GroupCall", x):
+    _refresh_sites(call)
+    return call.controller.project_group(call.group, x)
+
+
+_refresh_and_project_compiled = torch.compiler.disable(_refresh_and_project_eager)
+
+
+def _kv(call: "_GroupCall", x):
+    """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
     if torch.compiler.is_compiling():
-        return _project_group_eager(controller, group, x)
-    return controller.project_group(group, x)
+        return _refresh_and_project_compiled(call, x)
+    _refresh_sites(call)
+    return call.controller.project_group(call.group, x)
 
 
 class _GroupCall:
@@ -189,10 +219,14 @@ class _GroupCall:
     call, which gets it only if it receives the very same tensor object (else it
     recomputes). The kept output is dropped as soon as it is handed out."""
 
-    def __init__(self, controller, group: str, linears: List[nn.Linear]):
+    def __init__(self, controller, group: str, linears: List[nn.Linear], timm: bool = False):
         self.controller = controller
         self.group = group
         self.linears = linears
+        self.timm = timm
+        self.d = linears[0].out_features // 3 if timm else None
+        names = controller.group_sites(group)
+        self.sites = [controller.sites[controller.site_index(n)] for n in names]
         self._x = None
         self._outs = None
         self._pending: set = set()
@@ -208,7 +242,7 @@ class _GroupCall:
             if not self._pending:
                 self.clear()
             return out
-        outs = _project_group(ctrl, self.group, x)
+        outs = _kv(self, x)
         pending = set(range(len(self.linears))) - {slot}
         if pending:
             self._x, self._outs, self._pending = x, outs, pending
@@ -248,7 +282,7 @@ class _QKVForward:
         if self.call.controller.pristine:
             return F.linear(x, qkv.weight, qkv.bias)
         q = F.linear(x, qkv.weight[:d], None if qkv.bias is None else qkv.bias[:d])
-        k, v = _project_group(self.call.controller, self.call.group, x)
+        k, v = _kv(self.call, x)
         return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
 
 
@@ -304,7 +338,7 @@ class ViTAdapter:
         for blk in self.blocks:
             if blk.layout == "timm":
                 qkv = blk.linears["qkv"]
-                call = _GroupCall(controller, self._group(blk), [qkv])
+                call = _GroupCall(controller, self._group(blk), [qkv], timm=True)
                 qkv.forward = _QKVForward(qkv, call)
                 self._installed.append(qkv)
             else:
