@@ -117,6 +117,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._precision import fp32_dot_precision
+
 __all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward"]
 
 # Layer table: int64 [L, _NF], one row per layer, fields (the kernel loads them by index):
@@ -539,22 +541,6 @@ def clear_cache() -> None:
     _PLANS.clear()
 
 
-def _torch_uses_tf32() -> bool:
-    """Whether torch's own fp32 CUDA matmuls may use TF32 (new ``fp32_precision`` API of
-    torch >= 2.9 first, then the legacy ``allow_tf32`` flag; reading the legacy
-    ``get_float32_matmul_precision()`` raises once the two APIs were mixed)."""
-    m = torch.backends.cuda.matmul
-    p = getattr(m, "fp32_precision", None)
-    if p == "tf32":
-        return True
-    if p == "ieee":
-        return False
-    try:
-        return bool(m.allow_tf32)
-    except RuntimeError:
-        return False
-
-
 def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[str]) -> str:
     if requested is not None:
         if requested not in ("ieee", "tf32", "tf32x3", "bf16"):
@@ -567,7 +553,7 @@ def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[s
     half = (torch.float16, torch.bfloat16)
     if a_dtype in half and b_dtype in half:
         return "tf32"
-    return "tf32" if _torch_uses_tf32() else "ieee"
+    return fp32_dot_precision()
 
 
 def _check(pasts, lora_As, lora_Bs, scales):

@@ -54,9 +54,11 @@ Inputs fp32/fp16/bf16 (all one dtype), fp32 accumulation everywhere.  On a
 GPU the big products (``x @ W^T``, ``x @ A^T``, ``dy @ B``, ``dy @ W``) use
 ``tl.dot`` on the input dtype with fp32 accumulators; products with an fp32
 operand (``xa``, ``g``) upcast the other side and run ``tl.dot`` in fp32.
-``tl.dot`` on fp32 operands uses TF32 tensor cores on the GPU (Triton's
-default ``input_precision``), so fp32 inputs get TF32 products (10-bit
-mantissa), like ``torch.backends.cuda.matmul.allow_tf32 = True``.  Under the
+For fp32 *inputs* the operand precision follows torch's own setting
+(``kernels/_precision.py``): full fp32 (``input_precision="ieee"``) by default,
+exactly as ``F.linear`` computes, TF32 once the user allows TF32 in torch.  The
+fp32 intermediates of a half-precision call use TF32 (still finer than the
+fp16/bf16 inputs).  Under the
 Triton interpreter (``TRITON_INTERPRET=1``, read at launch time) every loaded
 tile is upcast to fp32 (the interpreter computes bf16 on raw bits), fp32 dots
 are exact, and bf16 stores are rounded to nearest-even by hand (the
@@ -85,6 +87,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from ._precision import fp32_dot_precision
 
 __all__ = ["segmented_lora_forward", "segmented_lora_backward"]
 
@@ -123,7 +127,7 @@ def _seg_lora_fwd_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_bn, stride_br, stride_bias, stride_ym, stride_yn, stride_xam, stride_xar,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_K: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     """Fused segmented LoRA forward, one ``[BLOCK_M, BLOCK_N]`` tile of ``y`` per program.
 
@@ -167,8 +171,8 @@ def _seg_lora_fwd_kernel(
         xt = _load(x_ptrs, mask_m[:, None] & mask_k[None, :], INTERPRET)       # [BM, BK]
         wt = _load(w_ptrs, mask_k[:, None] & mask_n[None, :], INTERPRET)       # [BK, BN]
         at = _load(a_ptrs, mask_k[:, None] & mask_r[None, :], INTERPRET)       # [BK, R_PAD]
-        acc = tl.dot(xt, wt, acc)
-        acc_a = tl.dot(xt, at, acc_a)
+        acc = tl.dot(xt, wt, acc, input_precision=PREC)
+        acc_a = tl.dot(xt, at, acc_a, input_precision=PREC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
@@ -176,7 +180,7 @@ def _seg_lora_fwd_kernel(
     scale = tl.load(scale_ptr + seg)
     b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
-    acc = tl.dot(acc_a * scale, bt, acc)
+    acc = tl.dot(acc_a * scale, bt, acc, input_precision=PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)
         acc += bias[None, :]
@@ -196,7 +200,7 @@ def _seg_lora_bwd_g_kernel(
     dy_ptr, b_ptr, g_ptr, off_ptr, scale_ptr,
     M, R,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_gm, stride_gr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     """``g[:, l*R:(l+1)*R] = s_l * dy[:, o_l:o_{l+1}] @ b[o_l:o_{l+1}]`` (fp32).
 
@@ -220,7 +224,7 @@ def _seg_lora_bwd_g_kernel(
                     mask_m[:, None] & mask_n[None, :], INTERPRET)                       # [BM, BN]
         bt = _load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
                    mask_n[:, None] & mask_r[None, :], INTERPRET)                         # [BN, R_PAD]
-        acc = tl.dot(dyt, bt, acc)
+        acc = tl.dot(dyt, bt, acc, input_precision=PREC)
     acc = acc * tl.load(scale_ptr + seg)
     g_ptrs = g_ptr + offs_m[:, None].to(tl.int64) * stride_gm + (seg * R + offs_r)[None, :] * stride_gr
     tl.store(g_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -231,7 +235,7 @@ def _seg_lora_bwd_db_kernel(
     dy_ptr, xa_ptr, out_ptr, tile_ptr, scale_ptr,
     M, R, m_chunk,
     stride_dym, stride_dyn, stride_xam, stride_xar, stride_os, stride_on, stride_or,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_PAD: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     """``dB[n_start:n_end] = s_l * dy[:, n_start:n_end].T @ xa[:, l*R:(l+1)*R]`` per N tile.
 
@@ -260,7 +264,7 @@ def _seg_lora_bwd_db_kernel(
                       mask=mask_n[:, None] & mask_m[None, :], other=0.0).to(tl.float32)   # [BN, BM]
         xat = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + cols_xa[None, :] * stride_xar,
                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)                 # [BM, R_PAD]
-        acc = tl.dot(dyt, xat, acc)
+        acc = tl.dot(dyt, xat, acc, input_precision=PREC)
     acc = acc * tl.load(scale_ptr + seg)
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_n[:, None].to(tl.int64) * stride_on
               + offs_r[None, :] * stride_or)
@@ -275,7 +279,7 @@ def _seg_lora_bwd_dx_kernel(
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_gm, stride_gj, stride_aj, stride_ak,
     stride_os, stride_om, stride_ok,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     """``dx = dy @ w + g @ a``: one GEMM over the concatenated reduction axis ``[N | L*R]``.
 
@@ -302,7 +306,7 @@ def _seg_lora_bwd_dx_kernel(
                     mask_m[:, None] & mask_n[None, :], INTERPRET)                        # [BM, BN]
         wt = _load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk,
                    mask_n[:, None] & mask_k[None, :], INTERPRET)                          # [BN, BK]
-        acc = tl.dot(dyt, wt, acc)
+        acc = tl.dot(dyt, wt, acc, input_precision=PREC)
 
     j_lo = pid_s * j_chunk
     j_hi = tl.minimum(LR, j_lo + j_chunk)
@@ -313,7 +317,7 @@ def _seg_lora_bwd_dx_kernel(
                      mask=mask_m[:, None] & mask_j[None, :], other=0.0)                  # [BM, BJ] fp32
         at = tl.load(a_ptr + offs_j[:, None].to(tl.int64) * stride_aj + offs_k[None, :] * stride_ak,
                      mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(tl.float32)    # [BJ, BK]
-        acc = tl.dot(gt, at, acc)
+        acc = tl.dot(gt, at, acc, input_precision=PREC)
 
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * stride_om
               + offs_k[None, :] * stride_ok)
@@ -326,7 +330,7 @@ def _seg_lora_bwd_da_kernel(
     g_ptr, x_ptr, out_ptr,
     M, K, LR, m_chunk,
     stride_gm, stride_gj, stride_xm, stride_xk, stride_os, stride_oj, stride_ok,
-    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr, PREC: tl.constexpr,
 ):
     """``dA = g.T @ x``: ``[LR, K]``, reduction over M (fp32 g, x upcast to fp32).
 
@@ -351,7 +355,7 @@ def _seg_lora_bwd_da_kernel(
                      mask=mask_j[:, None] & mask_m[None, :], other=0.0)                   # [BJ, BM] fp32
         xt = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk,
                      mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)     # [BM, BK]
-        acc = tl.dot(gt, xt, acc)
+        acc = tl.dot(gt, xt, acc, input_precision=PREC)
     o_ptrs = (out_ptr + pid_s.to(tl.int64) * stride_os + offs_j[:, None].to(tl.int64) * stride_oj
               + offs_k[None, :] * stride_ok)
     tl.store(o_ptrs, _cast_out(acc, out_ptr, INTERPRET),
@@ -375,6 +379,13 @@ def _split_sum_kernel(ws_ptr, out_ptr, S, P, BLOCK: tl.constexpr, INTERPRET: tl.
 # ----------------------------------------------------------------------------------------------
 # host side: flags, tables, heuristics
 # ----------------------------------------------------------------------------------------------
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` operand precision: fp32 inputs follow torch's TF32 setting (full fp32 by default,
+    like ``F.linear``); fp16/bf16 inputs use their native tensor-core products, and the fp32
+    intermediates (``xa``, ``g``) of a half-precision call use TF32."""
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -470,12 +481,14 @@ def _split_chunks(red_len: int, splits: int, block: int) -> Tuple[int, int]:
 
 
 def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size: int,
-                interpret: bool) -> dict:
+                interpret: bool, prec: str = "tf32") -> dict:
     """Single block config for the forward (no autotune: it needs a GPU).
 
     GPU: BLOCK_M 64/128 (64 for small M or rank > 64), BLOCK_N 128 (64 for narrow segments),
     BLOCK_K 64, 8 warps for 128x128 tiles or rank > 64; 3 pipeline stages for 16-bit inputs, 2 for fp32
-    (x, W and A tiles of one stage take ~80 KB of shared memory in fp32).
+    (x, W and A tiles of one stage take ~80 KB of shared memory in fp32).  Full-fp32 products
+    (``prec == "ieee"``, torch's default for fp32) run on FMA units: 8 warps, BLOCK_K 16, and 16x64
+    tiles for rank > 64, the largest that compile for sm_90 without register spills.
     """
     if interpret:
         # The interpreter pays per program and per load: as few, as large blocks as possible.
@@ -486,12 +499,16 @@ def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size:
     # two fp32 accumulators ([BM, BN] and [BM, R_PAD]): 8 warps for big tiles or ranks > 64
     # (with 4 warps, R_PAD = 128 spills registers on sm_90)
     num_warps = 8 if (block_m * block_n >= 128 * 128 or r_pad > 64) else 4
+    if prec == "ieee":
+        # full-fp32 products run on FMA units with operands in registers: 8 warps, thin K steps
+        return dict(BLOCK_M=16 if r_pad > 64 else 64, BLOCK_N=64 if r_pad > 64 else block_n, BLOCK_K=16,
+                    num_warps=8, num_stages=2)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=64, num_warps=num_warps,
                 num_stages=3 if elem_size <= 2 else 2)
 
 
 def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad: int,
-                elem_size: int, interpret: bool) -> dict:
+                elem_size: int, interpret: bool, prec: str = "tf32") -> dict:
     """Block sizes of the backward kernels (one config each, chosen by size and dtype).
 
     GPU: every kernel stays under ~200 KB of shared memory for its pipelined loop
@@ -512,6 +529,14 @@ def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad
         )
     stages = 3 if elem_size <= 2 else 2
     small_r = r_pad <= 64
+    if prec == "ieee":
+        # full-fp32 products on FMA units: 8 warps and thin reduction steps keep operands in registers
+        return dict(
+            g=dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2),
+            db=dict(BLOCK_N=64, BLOCK_M=16, num_warps=8, num_stages=2),
+            dx=dict(BLOCK_M=64, BLOCK_K=64, BLOCK_N=16, BLOCK_J=16, num_warps=8, num_stages=2),
+            da=dict(BLOCK_J=_pow2_clamp(LR, 16, 64), BLOCK_K=64, BLOCK_M=16, num_warps=8, num_stages=2),
+        )
     return dict(
         g=dict(BLOCK_M=64 if small_r else 32, BLOCK_N=128 if small_r else 64, num_warps=4,
                num_stages=stages),
@@ -585,9 +610,10 @@ def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
     if M == 0:
         return y, xa
     interpret = _interpreting()
+    prec = _dot_precision(x.dtype)
     r_pad = _rank_pad(r)
     seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
-    cfg = _fwd_config(M, K, seg_sizes, r_pad, x.element_size(), interpret)
+    cfg = _fwd_config(M, K, seg_sizes, r_pad, x.element_size(), interpret, prec)
     tiles = _tile_table(seg_offsets, cfg["BLOCK_N"], dev)
     scale_t = _scales_tensor(scales, dev)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), tiles.shape[0])
@@ -598,7 +624,7 @@ def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
         lora_B.stride(0), lora_B.stride(1), bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1), xa.stride(0), xa.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad, INTERPRET=interpret,
+        BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad, INTERPRET=interpret, PREC=prec,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return y, xa
@@ -648,9 +674,10 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
         return dx, dA, dB
 
     interpret = _interpreting()
+    prec = _dot_precision(x.dtype)
     r_pad = _rank_pad(r)
     seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
-    cfg = _bwd_config(M, K, N, LR, seg_sizes, r_pad, x.element_size(), interpret)
+    cfg = _bwd_config(M, K, N, LR, seg_sizes, r_pad, x.element_size(), interpret, prec)
     scale_t = _scales_tensor(scales, dev)
 
     g = None
@@ -661,7 +688,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
         _seg_lora_bwd_g_kernel[(triton.cdiv(M, c["BLOCK_M"]), L)](
             grad_y, lora_B, g, offs_t, scale_t, M, r,
             grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), g.stride(0), g.stride(1),
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret, PREC=prec,
             num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
 
@@ -679,7 +706,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1), os_, om, ok,
             BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"], BLOCK_J=c["BLOCK_J"],
-            INTERPRET=interpret, num_warps=c["num_warps"], num_stages=c["num_stages"],
+            INTERPRET=interpret, PREC=prec, num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
         if splits > 1:
             _finish_split(out, dx, interpret)
@@ -695,7 +722,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
         _seg_lora_bwd_da_kernel[(triton.cdiv(LR, c["BLOCK_J"]), triton.cdiv(K, c["BLOCK_K"]), splits)](
             g, x, out, M, K, LR, m_chunk,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), os_, oj, ok,
-            BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=interpret,
+            BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=interpret, PREC=prec,
             num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
         if splits > 1:
@@ -712,7 +739,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
         _seg_lora_bwd_db_kernel[(tiles.shape[0], splits)](
             grad_y, xa, out, tiles, scale_t, M, r, m_chunk,
             grad_y.stride(0), grad_y.stride(1), xa.stride(0), xa.stride(1), os_, on, or_,
-            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret,
+            BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret, PREC=prec,
             num_warps=c["num_warps"], num_stages=c["num_stages"],
         )
         if splits > 1:

@@ -388,8 +388,9 @@ def _aot_jobs(dt, r):
     """(name, kernel, pointer dtypes, int args, constexprs, config) at the whole-UNet K/V shape."""
     M, K, L, N = 154, 768, 32, 24960
     LR, es, rp = L * r, (4 if dt == "fp32" else 2), lp._rank_pad(r)
+    prec = "ieee" if dt == "fp32" else "tf32"   # torch's default: fp32 matmuls without TF32
     segs = [320, 640, 1280]
-    c = lp._fwd_config(M, K, segs, rp, es, False)
+    c = lp._fwd_config(M, K, segs, rp, es, False, prec)
     jobs = [("fwd", lp._seg_lora_fwd_kernel,
              dict(x_ptr=dt, w_ptr=dt, a_ptr=dt, b_ptr=dt, bias_ptr=dt, y_ptr=dt, xa_ptr="fp32",
                   tile_ptr="i32", scale_ptr="fp32"),
@@ -397,21 +398,21 @@ def _aot_jobs(dt, r):
                   stride_ak=1, stride_bn=r, stride_br=1, stride_bias=1, stride_ym=N, stride_yn=1, stride_xam=LR,
                   stride_xar=1),
              dict(HAS_BIAS=True, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                  R_PAD=rp, INTERPRET=False), c)]
+                  R_PAD=rp, INTERPRET=False, PREC=prec), c)]
     jobs.append(("fwd-nobias",) + jobs[0][1:4] + (dict(jobs[0][4], HAS_BIAS=False), c))
-    bc = lp._bwd_config(M, K, N, LR, segs, rp, es, False)
+    bc = lp._bwd_config(M, K, N, LR, segs, rp, es, False, prec)
     c = bc["g"]
     jobs.append(("g", lp._seg_lora_bwd_g_kernel,
                  dict(dy_ptr=dt, b_ptr=dt, g_ptr="fp32", off_ptr="i32", scale_ptr="fp32"),
                  dict(M=M, R=r, stride_dym=N, stride_dyn=1, stride_bn=r, stride_br=1, stride_gm=LR,
                       stride_gr=1),
-                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False), c))
+                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False, PREC=prec), c))
     c = bc["db"]
     jobs.append(("db", lp._seg_lora_bwd_db_kernel,
                  dict(dy_ptr=dt, xa_ptr="fp32", out_ptr="fp32", tile_ptr="i32", scale_ptr="fp32"),
                  dict(M=M, R=r, m_chunk=64, stride_dym=N, stride_dyn=1, stride_xam=LR, stride_xar=1,
                       stride_os=N * r, stride_on=r, stride_or=1),
-                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False), c))
+                 dict(BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=rp, INTERPRET=False, PREC=prec), c))
     c = bc["dx"]
     jobs.append(("dx", lp._seg_lora_bwd_dx_kernel,
                  dict(dy_ptr=dt, w_ptr=dt, g_ptr="fp32", a_ptr=dt, out_ptr="fp32"),
@@ -419,13 +420,13 @@ def _aot_jobs(dt, r):
                       stride_wn=K, stride_wk=1, stride_gm=LR, stride_gj=1, stride_aj=K, stride_ak=1,
                       stride_os=M * K, stride_om=K, stride_ok=1),
                  dict(BLOCK_M=c["BLOCK_M"], BLOCK_K=c["BLOCK_K"], BLOCK_N=c["BLOCK_N"],
-                      BLOCK_J=c["BLOCK_J"], INTERPRET=False), c))
+                      BLOCK_J=c["BLOCK_J"], INTERPRET=False, PREC=prec), c))
     c = bc["da"]
     jobs.append(("da", lp._seg_lora_bwd_da_kernel,
                  dict(g_ptr="fp32", x_ptr=dt, out_ptr=dt),
                  dict(M=M, K=K, LR=LR, m_chunk=M, stride_gm=LR, stride_gj=1, stride_xm=K, stride_xk=1,
                       stride_os=0, stride_oj=K, stride_ok=1),
-                 dict(BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=False), c))
+                 dict(BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=False, PREC=prec), c))
     if r == 16:
         jobs.append(("sum", lp._split_sum_kernel, dict(ws_ptr="fp32", out_ptr=dt), dict(S=4, P=M * K),
                      dict(BLOCK=512, INTERPRET=False), dict(num_warps=4, num_stages=1)))
