@@ -107,13 +107,15 @@ def _segmented_setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _segmented_backward(ctx, grad_y, grad_xa):
+def _segmented_grads(ctx, grad_y, backward_fn):
+    """Gradients of the segmented projection; ``backward_fn`` is the custom op (traced by
+    torch.compile) or a backend's launcher (eager)."""
     x, weight, lora_A, lora_B, xa = ctx.saved_tensors
     need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
     dx = dA = dB = dW = dbias = None
     if need_x or need_a or need_b:
-        dx, dA, dB = _segmented_lora_backward_op(grad_y, x, weight, lora_A, lora_B, xa, ctx.seg_offsets,
-                                                 ctx.scales, ctx.backend, need_x, need_a, need_b)
+        dx, dA, dB = backward_fn(grad_y, x, weight, lora_A, lora_B, xa, ctx.seg_offsets, ctx.scales, ctx.backend,
+                                 need_x, need_a, need_b)
         dx = dx if need_x else None
         dA = dA if need_a else None
         dB = dB if need_b else None
@@ -124,6 +126,10 @@ def _segmented_backward(ctx, grad_y, grad_xa):
         dbias = grad_y.sum(0, dtype=torch.float32 if grad_y.dtype != torch.float64 else torch.float64)
         dbias = dbias.to(grad_y.dtype)
     return dx, dW, dA, dB, dbias, None, None, None
+
+
+def _segmented_backward(ctx, grad_y, grad_xa):
+    return _segmented_grads(ctx, grad_y, _segmented_lora_backward_op)
 
 
 _segmented_lora_op.register_autograd(_segmented_backward, setup_context=_segmented_setup_context)
@@ -195,6 +201,60 @@ _grouped_penalty_op.register_autograd(_grouped_penalty_backward, setup_context=_
 
 
 # ---------------------------------------------------------------------------
+# Eager fast path: the same launchers and gradient formulas as the custom ops,
+# through plain autograd Functions. The custom-op dispatcher costs tens of
+# microseconds of host time per call, which dominates at the small SD
+# cross-attention shapes; torch.compile always takes the custom ops above.
+# ---------------------------------------------------------------------------
+
+def _launch_segmented_backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, backend,
+                               need_dx, need_dA, need_dB):
+    return _projection_launchers(backend).segmented_lora_backward(
+        grad_y.contiguous(), x, weight, lora_A, lora_B, xa, tuple(seg_offsets), tuple(scales),
+        need_dx=need_dx, need_dA=need_dA, need_dB=need_dB)
+
+
+class _SegmentedLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, seg_offsets, scales, backend):
+        y, xa = _projection_launchers(backend).segmented_lora_forward(
+            x, weight, lora_A, lora_B, tuple(seg_offsets), tuple(scales), bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.seg_offsets, ctx.scales, ctx.backend = seg_offsets, scales, backend
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return _segmented_grads(ctx, grad_y, _launch_segmented_backward)
+
+
+class _PenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, past, lora_A, lora_B, scale, backend):
+        loss, dA, dB = _penalty_launchers(backend).forgetting_penalty_forward(past, lora_A, lora_B, scale)
+        _penalty_setup_context(ctx, (past, lora_A, lora_B), (loss, dA, dB))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return _penalty_backward(ctx, grad_loss, None, None)
+
+
+class _GroupedPenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, scales, backend, n, *tensors):
+        pasts, As, Bs = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
+        loss, dAs, dBs = _penalty_launchers(backend).grouped_forgetting_penalty_forward(pasts, As, Bs, tuple(scales))
+        _grouped_penalty_setup_context(ctx, (pasts, As, Bs), (loss, list(dAs), list(dBs)))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        _, dAs, dBs, _, _ = _grouped_penalty_backward(ctx, grad_loss, None, None)
+        return (None, None, None) + (None,) * ctx.n + tuple(dAs) + tuple(dBs)
+
+
+# ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
 
@@ -258,7 +318,10 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     check_dtype_for_backend("x", x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
+    if _compiling():
+        y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
+    else:
+        y = _SegmentedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
     return y.reshape(*lead, weight.shape[0])
 
 
@@ -366,8 +429,9 @@ def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: f
     backend = resolve_backend(backend, past.device)
     for n, t in (("past", past), ("lora_A", lora_A)):
         check_dtype_for_backend(n, t, backend)
-    loss, _, _ = _penalty_op(past, lora_A, lora_B, scale, backend)
-    return loss
+    if _compiling():
+        return _penalty_op(past, lora_A, lora_B, scale, backend)[0]
+    return _PenaltyFunction.apply(past, lora_A, lora_B, scale, backend)
 
 
 def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor], lora_Bs: Sequence[Tensor], *,
@@ -395,5 +459,6 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
     backend = resolve_backend(backend, pasts[0].device)
     check_dtype_for_backend("pasts[0]", pasts[0], backend)
     check_dtype_for_backend("lora_As[0]", lora_As[0], backend)
-    loss, _, _ = _grouped_penalty_op(list(pasts), list(lora_As), list(lora_Bs), scales, backend)
-    return loss
+    if _compiling():
+        return _grouped_penalty_op(list(pasts), list(lora_As), list(lora_Bs), scales, backend)[0]
+    return _GroupedPenaltyFunction.apply(scales, backend, n, *pasts, *lora_As, *lora_Bs)
