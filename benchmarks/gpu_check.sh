@@ -19,7 +19,8 @@
 #     --inplace, CLORA_FAST_BUILD_CUDA=1, sm_90, MAX_JOBS=16, at most CUDA_BUILD_TIMEOUT s); its time comes out
 #     of the benchmarks' budgets. Otherwise backend "cuda" is reported as n/a.
 #
-# Tests: pytest -x -q tests -m "$PYTEST_MARK" (default "not slow": the slow marker is for slower CPU-only tests,
+# Tests: pytest -q ${TESTS:-tests} -m "$PYTEST_MARK" (TESTS: a subset of test files; BENCHES: a subset of
+# "ops e2e scaling") (default "not slow": the slow marker is for slower CPU-only tests,
 # which CI runs; PYTEST_MARK= runs everything).
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
@@ -141,7 +142,7 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   PYTEST_MARK=${PYTEST_MARK-not slow}
   say "pytest -x -q tests -m '$PYTEST_MARK' (timeout ${TEST_TIMEOUT}s; 'slow' = slower CPU-only tests that CI runs;"\
       "the CPU smoke tests of the benchmarks are left out: the real runs follow)"
-  timeout "$TEST_TIMEOUT" "$PY" -m pytest --maxfail=20 -q -p no:cacheprovider tests -m "$PYTEST_MARK" \
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest --maxfail=20 -q -rf -p no:cacheprovider ${TESTS:-tests} -m "$PYTEST_MARK" \
     --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/pytest.log"
@@ -176,9 +177,10 @@ run_bench() {  # name share_percent fixed_overhead_s [extra args]
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shares of what is left after the tests: ops 45%, e2e 35% (of the rest: 64%), scaling gets the rest
-  run_bench ops 45 25
-  run_bench e2e 64 30
-  run_bench scaling 90 15
+  BENCHES=${BENCHES:-ops e2e scaling}
+  case " $BENCHES " in *" ops "*) run_bench ops 45 25 ;; esac
+  case " $BENCHES " in *" e2e "*) run_bench e2e 64 30 ;; esac
+  case " $BENCHES " in *" scaling "*) run_bench scaling 90 15 ;; esac
 fi
 
 # ---------------------------------------------------------------- 7. collect (<= 5 files in $OUT)
