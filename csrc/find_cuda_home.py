@@ -15,6 +15,8 @@ import subprocess
 import sys
 import tempfile
 
+FALLBACK_ROOTS = ("/usr/local/cuda",)
+
 
 def _has_cudart(root):
     for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib"),
@@ -73,7 +75,7 @@ def find_cuda_home():
         root = _toolkit_behind_nvcc(nvcc)
         if root:
             return root
-    for root in ("/usr/local/cuda",):
+    for root in FALLBACK_ROOTS:
         if _valid_toolkit(root):
             return root
     return None

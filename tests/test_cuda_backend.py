@@ -210,6 +210,23 @@ def test_find_cuda_home_resolves_nvcc_wrapper(tmp_path, monkeypatch):
     assert fch.find_cuda_home() == str(tmp_path / "cuda-99.0")
 
 
+def test_find_cuda_home_none_without_toolkit(tmp_path, monkeypatch):
+    fch = _load_find_cuda_home()
+    empty = tmp_path / "empty_bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nope"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(fch, "FALLBACK_ROOTS", (str(tmp_path / "also_nope"),))
+    assert fch.find_cuda_home() is None
+    # a toolkit without libcudart (the `cannot find -lcudart` case) is not accepted either
+    broken = tmp_path / "broken"
+    _fake_toolkit(broken)
+    (broken / "lib64" / "libcudart.so").unlink()
+    monkeypatch.setenv("CUDA_HOME", str(broken))
+    assert fch.find_cuda_home() is None
+
+
 def test_setup_py_cuda_switch():
     """Default install never imports torch for the extension; a bad CLORA_FAST_BUILD_CUDA value is a clear error."""
     env = {k: v for k, v in os.environ.items() if k != "CLORA_FAST_BUILD_CUDA"}
