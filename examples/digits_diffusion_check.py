@@ -160,6 +160,7 @@ class Evaluator:
         rf, rp = self.real[c]
         return {
             "acc": float((pred == c).float().mean()),
+            "pred_counts": torch.bincount(pred, minlength=10).tolist(),
             "mmd_feat": mmd2(feats, rf, self.bw_feat),
             "mmd_pix": mmd2(pix, rp, self.bw_pix),
         }
@@ -321,8 +322,11 @@ def run_sequence(state, penalty, cfg, x, y, ev, log=print):
     from clora_fast.integrations.diffusers import patch
 
     pipe = fresh_pipe(state)
+    # the LoRA init (A) and the token embedding rows draw from the global RNG: reseed so that
+    # every run starts from the same state and differs only in penalty_weight
+    torch.manual_seed(cfg["seed"])
     cl = patch(pipe, rank=cfg["rank"], penalty_weight=penalty, backend="reference")
-    after, final, pen_trace = {}, {}, {}
+    after, final, pen_trace, p_ms = {}, {}, {}, {}
     t0 = time.time()
     for k, c in enumerate(cfg["concepts"]):
         idx = torch.nonzero(y == c).flatten()[: cfg["shots"]]
@@ -336,11 +340,18 @@ def run_sequence(state, penalty, cfg, x, y, ev, log=print):
                           on_step=lambda s, d, p, e: pens.append(p))
         cl.end_concept()
         pen_trace[c] = max(pens) if pens else 0.0
+        # size of the folded past P: the penalty acts per element as a weight decay of strength
+        # 2 * penalty_weight * P^2 on M = s*B@A, so its effect scales with mean(P^2)
+        p2 = [float((cl.past(i).double() ** 2).mean()) for i in range(cl.num_sites) if cl.past(i) is not None]
+        w2 = [float((site.weight.detach().double() ** 2).mean()) for site in cl.sites]
+        p_ms[c] = float(np.mean(p2)) if p2 else 0.0
+        w_ms = float(np.mean(w2))
         ims = sample_images(pipe, f"a photo of {token}", cfg["n_eval"], cfg["sample_steps"], 7 + c,
                             cfg["resolution"], cfg["guidance"], "a photo of a digit")
         after[c] = ev(ims, c)
         log(f"  [lambda={penalty:g}] learned {token}: acc {after[c]['acc']:.2f} mmd_feat "
-            f"{after[c]['mmd_feat']:.4f}  max penalty {pen_trace[c]:.3g}  [{time.time() - t0:.0f} s]")
+            f"{after[c]['mmd_feat']:.4f}  max penalty {pen_trace[c]:.3g}  mean(P^2) {p_ms[c]:.3g} "
+            f"(base weights mean(W0^2) {w_ms:.3g})  [{time.time() - t0:.0f} s]")
     grid = []
     for c in cfg["concepts"]:
         ims = sample_images(pipe, f"a photo of <d{c}>", cfg["n_eval"], cfg["sample_steps"], 7 + c,
@@ -348,7 +359,8 @@ def run_sequence(state, penalty, cfg, x, y, ev, log=print):
         final[c] = ev(ims, c)
         grid.append(ims[:8])
     log(f"  [lambda={penalty:g}] final accs " + " ".join(f"{final[c]['acc']:.2f}" for c in cfg["concepts"]))
-    return {"after": after, "final": final, "max_penalty": pen_trace, "grid": torch.cat(grid)}
+    return {"after": after, "final": final, "max_penalty": pen_trace, "p_mean_sq": p_ms, "w0_mean_sq": w_ms,
+            "grid": torch.cat(grid)}
 
 
 def summarize(res, concepts):
@@ -477,9 +489,20 @@ def main(argv=None):
             f"{s['pix_final']:.4f} | {max(results[lam]['max_penalty'].values()):.3g} | {results[lam]['wall_s']:.0f} |")
     per = ["| penalty_weight | " + " | ".join(f"<d{c}> after → end (acc)" for c in concepts) + " |",
            "|---|" + "---|" * len(concepts)]
+    def _top(r):
+        counts = r["pred_counts"]
+        k = int(np.argmax(counts))
+        return f"{k} ({counts[k] / max(1, sum(counts)):.0%})"
+
     for lam in penalties:
         per.append(f"| {lam:g} | " + " | ".join(
-            f"{results[lam]['after'][c]['acc']:.2f} → {results[lam]['final'][c]['acc']:.2f}" for c in concepts) + " |")
+            f"{results[lam]['after'][c]['acc']:.2f} → {results[lam]['final'][c]['acc']:.2f} "
+            f"[top: {_top(results[lam]['after'][c])} → {_top(results[lam]['final'][c])}]" for c in concepts) + " |")
+    per.append("")
+    per.append("(acc = fraction of samples the CNN assigns to the concept's class; [top: most frequent "
+               "predicted class right after → at the end]. mean(P²) after the first concept: "
+               + ", ".join(f"λ={lam:g}: {results[lam]['p_mean_sq'][concepts[0]]:.3g}" for lam in penalties[:1])
+               + f"; base weights mean(W0²) {results[penalties[0]]['w0_mean_sq']:.3g}.)")
     ref_lines = ["| class | base model, generic prompt: acc | MMD² feat | real-vs-real MMD² feat floor |",
                  "|---|---|---|---|"]
     for c in concepts:
@@ -495,6 +518,8 @@ def main(argv=None):
            "results": {f"{lam:g}": {"after": {str(c): v for c, v in results[lam]["after"].items()},
                                     "final": {str(c): v for c, v in results[lam]["final"].items()},
                                     "max_penalty": {str(c): v for c, v in results[lam]["max_penalty"].items()},
+                                    "p_mean_sq": {str(c): v for c, v in results[lam]["p_mean_sq"].items()},
+                                    "w0_mean_sq": results[lam]["w0_mean_sq"],
                                     "wall_s": results[lam]["wall_s"]} for lam in penalties},
            "summary": {f"{lam:g}": summary[lam] for lam in penalties}, "recommended": best,
            "total_s": total_s, "torch_threads": torch.get_num_threads()}
