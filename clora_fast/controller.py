@@ -351,7 +351,8 @@ class CLoRAController(nn.Module):
         p = self._past[i]
         if p is None:
             return w0
-        return (w0.float() + p.to(w0.device)).to(w0.dtype)
+        acc = torch.promote_types(w0.dtype, torch.float32)   # fp32, or fp64 for an fp64 model
+        return (w0.to(acc) + p.to(w0.device, acc)).to(w0.dtype)
 
     def _bundle_weights(self, bundle: _Bundle) -> Tuple[Tensor, Optional[Tensor]]:
         """Concatenated folded weights and biases of a bundle, rebuilt when P or W0 changed."""
@@ -610,7 +611,8 @@ class CLoRAController(nn.Module):
         self._sync_device()
         backup = [s.weight.detach().clone() for s in self.sites]
         with torch.no_grad():
-            folded = [(b.float() + p).to(b.dtype) if p is not None else None for b, p in zip(backup, self._past)]
+            folded = [(b.to(torch.promote_types(b.dtype, torch.float32)) + p.to(b.device)).to(b.dtype)
+                      if p is not None else None for b, p in zip(backup, self._past)]
             self._merged_backup = backup
             for s, f in zip(self.sites, folded):
                 if f is not None:

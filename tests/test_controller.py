@@ -385,3 +385,17 @@ def test_follows_module_dtype_change_after_patch():
     assert y64[0].dtype == torch.float64 and c.past(0).dtype == torch.float32
     for a, b in zip(y32, y64):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_keeps_float64_weights_in_float64():
+    """A float64 model's folded weight is W0 + P computed in float64 (not rounded through fp32)."""
+    ctrl = CLoRAController(make_sites(dtype=torch.float64), rank=4, backend="reference")
+    ctrl.begin_concept("c1")
+    randomize(ctrl)
+    ctrl.end_concept()
+    for i, site in enumerate(ctrl.sites):
+        w0 = site.weight.detach()
+        expect = w0 + ctrl.past(i).to(torch.float64)
+        assert ctrl.folded_weight(i).dtype == torch.float64
+        assert torch.equal(ctrl.folded_weight(i), expect)
+        assert not torch.equal(expect.float().double(), expect)   # fp32 rounding would have shown
