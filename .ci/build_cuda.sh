@@ -6,12 +6,13 @@
 #                 (+ `cmake --install` into a scratch prefix)
 #   3. imports both (the CMake one through CLORA_FAST_CUDA_EXT), checks build_info(), and -- without
 #      a GPU -- that calling a launcher raises the clear RuntimeError; with a GPU, runs the GPU tests;
-#   4. runs tests/test_cuda_backend.py (incl. the kernels under CPU emulation) against the build.
+#   4. runs tests/test_cuda_backend.py (incl. the kernels under CPU emulation, and under
+#      ThreadSanitizer for shared-memory races) against the build.
 #
 # Called by .ci/run after the package install, with the venv's python on PATH as `python`.
 # Environment: PYTHON (default python), CLORA_FAST_CI_ARCHS (default "9.0": one arch keeps the
 # build short; the release default is "8.0;9.0"), MAX_JOBS (default 2),
-# CLORA_FAST_CI_KEEP_EXT=0 to remove the in-place clora_fast/_C*.so at the end (default: keep it,
+# CLORA_FAST_TSAN=0 to skip the ThreadSanitizer pass, CLORA_FAST_CI_KEEP_EXT=0 to remove the in-place clora_fast/_C*.so at the end (default: keep it,
 # so later test runs exercise the built extension; it is harmless without a GPU).
 # Exits non-zero on any failure.
 set -euo pipefail
@@ -81,7 +82,8 @@ check_build cmake
 unset CLORA_FAST_CUDA_EXT
 
 phase "4/4 tests/test_cuda_backend.py (setuptools build; GPU tests run when a GPU is present)"
-CLORA_FAST_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -q tests/test_cuda_backend.py
+# CLORA_FAST_TSAN=1: also the kernels' race check under ThreadSanitizer (~15 s of CPU).
+CLORA_FAST_TSAN="${CLORA_FAST_TSAN:-1}" CLORA_FAST_REQUIRE_CUDA_EXT=1 "$PY" -m pytest -q tests/test_cuda_backend.py
 CLORA_FAST_REQUIRE_CUDA_EXT=1 CLORA_FAST_CUDA_EXT="$PWD/$CMAKE_SO" "$PY" -m pytest -q tests/test_cuda_backend.py -m "not slow"
 
 if [ "${CLORA_FAST_CI_KEEP_EXT:-1}" = "0" ]; then

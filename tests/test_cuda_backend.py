@@ -172,6 +172,29 @@ def test_kernels_under_cpu_emulation(tmp_path):
     assert "FAIL" not in run.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CLORA_FAST_TSAN") != "1",
+                    reason="opt-in (minutes on 2 cores): CLORA_FAST_TSAN=1; .ci/build_cuda.sh sets it")
+def test_kernels_race_free_under_thread_sanitizer(tmp_path):
+    """The emulated kernels built with -fsanitize=thread: a missing __syncthreads (shared memory
+    written by one thread and read by another without a barrier in between) is a reported data race."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    exe = tmp_path / "emulate_kernels_tsan"
+    cmd = [cxx, "-std=c++20", "-O1", "-g", "-fsanitize=thread", "-pthread", f"-I{torch_include}",
+           f"-I{os.path.join(REPO, 'csrc')}", os.path.join(REPO, "csrc", "emu", "emulate_kernels.cpp"), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and ("tsan" in res.stderr.lower() or "sanitize" in res.stderr.lower()):
+        pytest.skip(f"{cxx} cannot build with -fsanitize=thread: {res.stderr[-300:]}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    run = subprocess.run([str(exe), "--quick"], capture_output=True, text=True, timeout=1200, env=env)
+    assert "ThreadSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.returncode == 0 and "ALL PASSED" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+
+
 def _load_find_cuda_home():
     import importlib.util
     spec = importlib.util.spec_from_file_location("clora_find_cuda_home", os.path.join(REPO, "csrc", "find_cuda_home.py"))
