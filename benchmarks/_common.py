@@ -562,3 +562,12 @@ def seed_all(seed: int = 0):
 def print_flush(*a):
     print(*a, flush=True)
     sys.stdout.flush()
+
+
+def run_keeping_threads(fn, argv):
+    """Run a benchmark's ``fn(argv)`` and restore torch's thread count afterwards (the CPU profile sets it)."""
+    old_threads = torch.get_num_threads()
+    try:
+        return fn(argv)
+    finally:
+        torch.set_num_threads(old_threads)

@@ -624,11 +624,7 @@ def plot(bench: Bench, path):
 
 
 def main(argv=None):
-    old_threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(old_threads)
+    return C.run_keeping_threads(_main, argv)
 
 
 def _main(argv):

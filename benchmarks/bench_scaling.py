@@ -114,11 +114,7 @@ class Problem:
 
 
 def main(argv=None):
-    old_threads = torch.get_num_threads()
-    try:
-        return _main(argv)
-    finally:
-        torch.set_num_threads(old_threads)
+    return C.run_keeping_threads(_main, argv)
 
 
 def _main(argv):
