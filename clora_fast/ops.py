@@ -40,24 +40,28 @@ __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection",
 # Backend launchers
 # ---------------------------------------------------------------------------
 
-def _projection_launchers(backend: str):
+_LAUNCHER_MODULES = {
+    "projection": {"triton": "clora_fast.kernels.lora_projection", "cuda": "clora_fast._cuda"},
+    "penalty": {"triton": "clora_fast.kernels.forgetting_penalty", "cuda": "clora_fast._cuda"},
+}
+
+
+def _launchers(op: str, backend: str):
+    """The module holding ``backend``'s launchers of ``op`` ("projection" or "penalty")."""
     if backend == "reference":
         return _reference
-    if backend == "triton":
-        return importlib.import_module("clora_fast.kernels.lora_projection")
-    if backend == "cuda":
-        return importlib.import_module("clora_fast._cuda")
-    raise ValueError(f"unknown backend {backend!r}")
+    try:
+        return importlib.import_module(_LAUNCHER_MODULES[op][backend])
+    except KeyError:
+        raise ValueError(f"unknown backend {backend!r}") from None
+
+
+def _projection_launchers(backend: str):
+    return _launchers("projection", backend)
 
 
 def _penalty_launchers(backend: str):
-    if backend == "reference":
-        return _reference
-    if backend == "triton":
-        return importlib.import_module("clora_fast.kernels.forgetting_penalty")
-    if backend == "cuda":
-        return importlib.import_module("clora_fast._cuda")
-    raise ValueError(f"unknown backend {backend!r}")
+    return _launchers("penalty", backend)
 
 
 # ---------------------------------------------------------------------------
