@@ -425,7 +425,7 @@ def main(argv=None):
     run_cfg = {
         "seed": 0, "resolution": 8, "rank": args.rank or 4,
         "concepts": args.concepts or ([0, 1] if quick else [0, 1, 2, 3]),
-        "shots": 32, "concept_steps": args.concept_steps or (60 if quick else 150),
+        "shots": 32, "concept_steps": args.concept_steps or 150,
         "concept_lr": args.concept_lr or 3e-3, "concept_batch": 16,
         "n_eval": args.n_eval or (32 if quick else 96), "sample_steps": 20, "guidance": 1.0,
     }
