@@ -343,3 +343,42 @@ def test_train_bf16_mixed_precision_then_fp32_in_one_process(tmp_path, concepts,
     assert cli.main(["train", "--concepts", concepts[0], "--out", str(tmp_path / "b32"), *FAST, "--rank", "2",
                      "--samples-per-concept", "0"]) == 0
     assert _names(tmp_path / "b32") == ["<alpha>"]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_shipped_example_concepts_are_reproducible(tmp_path):
+    """examples/concepts/* is exactly what examples/make_digit_concepts.py generates."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import make_digit_concepts as mk
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    assert mk.main(["--out", str(tmp_path), "--digits", "3", "5", "7", "--per-concept", "8", "--size", "32"]) == 0
+    shipped = sorted(p.relative_to(EXAMPLES / "concepts") for p in (EXAMPLES / "concepts").rglob("*.png"))
+    made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
+    assert shipped == made and len(made) == 24
+    for rel in made:
+        a = np.asarray(Image.open(tmp_path / rel))
+        b = np.asarray(Image.open(EXAMPLES / "concepts" / rel))
+        assert a.shape == (32, 32, 3) and np.array_equal(a, b), rel
+    total = sum(p.stat().st_size for p in (EXAMPLES / "concepts").rglob("*"))
+    assert total < 300_000
+    with pytest.raises(ValueError, match="digit must be in 0..9"):
+        mk.digit_images(12, 1, 32)
+
+
+def test_digits_check_mmd_separates_distributions():
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import digits_diffusion_check as dc
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 8, generator=g), torch.randn(200, 8, generator=g)
+    c = torch.randn(200, 8, generator=g) + 1.0
+    bw = dc.median_bandwidth(torch.cat([a, b]))
+    same, diff = dc.mmd2(a, b, bw), dc.mmd2(a, c, bw)
+    assert abs(same) < 0.02 and diff > 0.2
