@@ -346,7 +346,7 @@ def run_sequence(state, penalty, cfg, x, y, ev, log=print):
         w2 = [float((site.weight.detach().double() ** 2).mean()) for site in cl.sites]
         p_ms[c] = float(np.mean(p2)) if p2 else 0.0
         w_ms = float(np.mean(w2))
-        ims = sample_images(pipe, f"a photo of {token}", cfg["n_eval"], cfg["sample_steps"], 7 + c,
+        ims = sample_images(pipe, f"a photo of {token}", cfg["n_eval"], cfg["sample_steps"], 7 + c + 1000 * cfg["seed"],
                             cfg["resolution"], cfg["guidance"], "a photo of a digit")
         after[c] = ev(ims, c)
         log(f"  [lambda={penalty:g}] learned {token}: acc {after[c]['acc']:.2f} mmd_feat "
@@ -354,7 +354,7 @@ def run_sequence(state, penalty, cfg, x, y, ev, log=print):
             f"(base weights mean(W0^2) {w_ms:.3g})  [{time.time() - t0:.0f} s]")
     grid = []
     for c in cfg["concepts"]:
-        ims = sample_images(pipe, f"a photo of <d{c}>", cfg["n_eval"], cfg["sample_steps"], 7 + c,
+        ims = sample_images(pipe, f"a photo of <d{c}>", cfg["n_eval"], cfg["sample_steps"], 7 + c + 1000 * cfg["seed"],
                             cfg["resolution"], cfg["guidance"], "a photo of a digit")
         final[c] = ev(ims, c)
         grid.append(ims[:8])
@@ -404,6 +404,8 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--unet-steps", type=int, default=None)
     ap.add_argument("--n-eval", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the concept runs (LoRA/token init, batches, samples); the base model is fixed")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (1 on busy machines)")
     ap.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "clora_digits_check"),
                     help="cache folder for the pretrained base model")
@@ -423,7 +425,7 @@ def main(argv=None):
         "base_classes": [5, 6, 7, 8, 9], "named_frac": 0.6, "text_encoder": "trained",
     }
     run_cfg = {
-        "seed": 0, "resolution": 8, "rank": args.rank or 4,
+        "seed": args.seed, "resolution": 8, "rank": args.rank or 4,
         "concepts": args.concepts or ([0, 1] if quick else [0, 1, 2, 3]),
         "shots": 32, "concept_steps": args.concept_steps or 150,
         "concept_lr": args.concept_lr or 3e-3, "concept_batch": 16,
