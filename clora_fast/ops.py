@@ -259,6 +259,99 @@ class _GroupedPenaltyFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------
+# Merged-weight strategy: the dense GEMMs go to cuBLAS with the adapter folded
+# into the weight for the call.  For one projection (or the K and V of one
+# layer: equal segments) the weight is small next to the activations
+# (ViT-B/16 at batch 128: 2.4 MB of K/V weight vs 116 MB of x and y), so
+#
+#     forward   W_eff = W + s * B @ A   (one batched GEMM, N x r x K)
+#               y     = x @ W_eff^T + bias                      (one GEMM)
+#     backward  dx    = dy @ W_eff      (W_eff recomputed, not kept)
+#               xa    = x @ A^T,  g_l = s_l * dy_l @ B_l
+#               dA_l  = g_l^T @ x,  dB_l = s_l * dy_l^T @ xa_l
+#
+# costs the dense projection plus two reads of x and dy for the rank-r
+# gradients, in 2 + 7 library launches with no Python-side kernel launch
+# cost (which dominates the fused Triton path at these sizes, see
+# benchmarks/RESULTS.md).  Precision: the products run in the input dtype
+# with fp32 accumulation, like torch's own LoRA; W_eff is rounded once to the
+# input dtype.  Used by the triton and cuda backends on CUDA tensors when all
+# segments have one size ("auto"); the segmented Triton kernels keep the
+# grouped whole-UNet launch (unequal segments, weight >> activations there).
+# ---------------------------------------------------------------------------
+
+def _merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, L: int, scales: Sequence[float]) -> Tensor:
+    """``W + s_l * B_l @ A_l`` per segment (equal segments), ``[N, K]`` in weight's dtype."""
+    N, K = weight.shape
+    n, r = N // L, lora_A.shape[0] // L
+    b3 = lora_B.reshape(L, n, r)
+    alpha = scales[0]
+    if any(s != alpha for s in scales):
+        b3 = b3 * torch.tensor(scales, dtype=b3.dtype, device=b3.device).view(L, 1, 1)
+        alpha = 1.0
+    return torch.baddbmm(weight.reshape(L, n, K), b3, lora_A.reshape(L, r, K), alpha=alpha).view(N, K)
+
+
+def _scaled_bmm(a: Tensor, b: Tensor, scales: Sequence[float]) -> Tensor:
+    """``s_l * a[l] @ b[l]`` for every batch entry ``l``."""
+    if all(s == scales[0] for s in scales):     # one launch: beta=0 ignores the (empty) input
+        return torch.baddbmm(a.new_empty(()), a, b, beta=0.0, alpha=scales[0])
+    return torch.bmm(a, b).mul_(torch.tensor(scales, dtype=a.dtype, device=a.device).view(-1, 1, 1))
+
+
+class _MergedLoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, L, scales):
+        w_eff = _merged_weight(weight, lora_A, lora_B, L, scales)
+        ctx.save_for_backward(x, weight, lora_A, lora_B)
+        ctx.L, ctx.scales = L, scales
+        return torch.nn.functional.linear(x, w_eff, bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_A, lora_B = ctx.saved_tensors
+        L, scales = ctx.L, ctx.scales
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        M, K = x.shape
+        N = weight.shape[0]
+        n, r = N // L, lora_A.shape[0] // L
+        dx = dW = dA = dB = dbias = None
+        if need_x:
+            dx = grad_y @ _merged_weight(weight, lora_A, lora_B, L, scales)
+        if need_a or need_b:
+            dy3 = grad_y.view(M, L, n).transpose(0, 1) if grad_y.is_contiguous() \
+                else grad_y.reshape(M, L, n).transpose(0, 1)                    # [L, M, n]
+            if need_a:
+                g = _scaled_bmm(dy3, lora_B.reshape(L, n, r), scales)           # [L, M, r]
+                dA = g.transpose(0, 1).reshape(M, L * r).t() @ x                 # [L*r, K]
+            if need_b:
+                xa = (x @ lora_A.t()).view(M, L, r).transpose(0, 1)             # [L, M, r]
+                dB = _scaled_bmm(dy3.transpose(1, 2), xa, scales).view(N, r)    # [N, r]
+        if need_w:
+            dW = grad_y.t() @ x
+        if need_bias:
+            dbias = grad_y.sum(0, dtype=torch.float32 if grad_y.dtype != torch.float64 else torch.float64)
+            dbias = dbias.to(grad_y.dtype)
+        return dx, dW, dA, dB, dbias, None, None
+
+
+_STRATEGIES = ("auto", "fused", "merged")
+
+
+def _pick_strategy(strategy: str, backend: str, device: torch.device, offsets: Sequence[int]) -> str:
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    sizes = {b - a for a, b in zip(offsets, offsets[1:])}
+    if strategy == "merged" and len(sizes) != 1:
+        raise ValueError(f"strategy='merged' needs segments of one size, got seg_offsets {list(offsets)}")
+    if strategy != "auto":
+        return strategy
+    if device.type == "cuda" and backend in ("triton", "cuda") and len(sizes) == 1:
+        return "merged"
+    return "fused"
+
+
+# ---------------------------------------------------------------------------
 # Public functions
 # ---------------------------------------------------------------------------
 
@@ -281,13 +374,20 @@ def _autocast(device: torch.device, *tensors):
 
 def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                               seg_offsets: Sequence[int], scales: Union[float, Sequence[float]], *,
-                              bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                              bias: Optional[Tensor] = None, backend: str = "auto",
+                              strategy: str = "auto") -> Tensor:
     """L LoRA projections of the same input in one launch.
 
     ``weight [N, in]`` stacks the layers' (folded) weights by rows; layer ``l`` owns
     output columns ``seg_offsets[l]:seg_offsets[l+1]``, rows ``l*r:(l+1)*r`` of
     ``lora_A [L*r, in]`` and the same rows of ``lora_B [N, r]`` as ``weight``.
     Returns ``[..., N]``; split it with views per segment.
+
+    ``strategy``: ``"fused"`` runs the backend's segmented kernels (one forward launch);
+    ``"merged"`` folds ``s_l * B_l @ A_l`` into the weight for the call and runs the
+    dense products as library GEMMs (equal segments only; any backend and device);
+    ``"auto"`` (default) picks ``"merged"`` for the triton and cuda backends on CUDA
+    tensors when all segments have one size, else ``"fused"``.
     """
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
@@ -320,26 +420,30 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     x, weight, lora_A, lora_B, bias = _autocast(x.device, x, weight, lora_A, lora_B, bias)
     check_same_dtype([("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)])
     check_dtype_for_backend("x", x, backend)
+    strategy = _pick_strategy(strategy, backend, x.device, offsets)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if _compiling():
         y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
+    elif strategy == "merged":
+        y = _MergedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, L, tuple(scales))
     else:
         y = _SegmentedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
     return y.reshape(*lead, weight.shape[0])
 
 
 def lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float = 1.0,
-                    bias: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                    bias: Optional[Tensor] = None, backend: str = "auto", strategy: str = "auto") -> Tensor:
     """``y = x @ weight.T + scale * (x @ lora_A.T) @ lora_B.T (+ bias)``.
 
     x ``[..., in]``, weight ``[out, in]`` (frozen; the past adapters already folded in),
     lora_A ``[r, in]``, lora_B ``[out, r]``, bias ``[out]``. Returns ``[..., out]``.
     Gradients flow to x, lora_A, lora_B, bias (and weight if it requires grad).
+    ``strategy``: see :func:`segmented_lora_projection`.
     """
     check_tensor("weight", weight, ndim=2)
     return segmented_lora_projection(x, weight, lora_A, lora_B, (0, weight.shape[0]), [scale],
-                                     bias=bias, backend=backend)
+                                     bias=bias, backend=backend, strategy=strategy)
 
 
 def _compiling() -> bool:
@@ -363,13 +467,15 @@ def _pair(name: str, v) -> tuple:
 
 
 def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1.0, biases=None,
-                       backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                       backend: str = "auto", strategy: str = "auto") -> Tuple[Tensor, Tensor]:
     """K and V of one attention layer from one read of ``x``, in one launch.
 
     ``weights = (w_k [out_k, in], w_v [out_v, in])``, ``lora_As = (a_k [r, in], a_v [r, in])``,
     ``lora_Bs = (b_k [out_k, r], b_v [out_v, r])``, optional ``biases = (b_k, b_v)``.
     When ``w_v`` directly follows ``w_k`` in memory (e.g. timm's fused qkv rows)
     the stacked weight is a view; otherwise it is concatenated per call.
+    ``strategy``: see :func:`segmented_lora_projection` (K and V of equal width take
+    the merged-weight GEMMs on CUDA by default).
     """
     w_k, w_v = _pair("weights", weights)
     a_k, a_v = _pair("lora_As", lora_As)
@@ -399,7 +505,8 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
     else:
         weight = torch.cat([w_k, w_v])
     y = segmented_lora_projection(x, weight, torch.cat([a_k, a_v]), torch.cat([b_k, b_v]),
-                                  (0, w_k.shape[0], weight.shape[0]), [scale, scale], bias=bias, backend=backend)
+                                  (0, w_k.shape[0], weight.shape[0]), [scale, scale], bias=bias, backend=backend,
+                                  strategy=strategy)
     return y[..., :w_k.shape[0]], y[..., w_k.shape[0]:]
 
 

@@ -119,6 +119,68 @@ def test_lora_projection_backends(device, dtype, r):
             assert_close_idiom(g, r64, lo, dtype, f"{backend} {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("L,r,scales", [(1, 1, [0.5]), (2, 16, [0.5, 0.5]), (3, 3, [0.5, 2.0, -1.0])])
+def test_merged_strategy_matches_float64(device, dtype, L, r, scales):
+    """strategy='merged' (W + s*B@A folded per call, library GEMMs): forward and every gradient
+    against float64 with the tolerance idiom, on odd shapes, equal segments, per-segment scales."""
+    M, K, n = 7, 33, 19
+    offsets = [i * n for i in range(L + 1)]
+    g = torch.Generator().manual_seed(10 + L)
+    x = torch.randn(M, K, generator=g).to(device, dtype)
+    w = (torch.randn(L * n, K, generator=g) / K ** 0.5).to(device, dtype)
+    a = (torch.randn(L * r, K, generator=g) / K ** 0.5).to(device, dtype)
+    b = (torch.randn(L * n, r, generator=g) / r ** 0.5).to(device, dtype)
+    bias = torch.randn(L * n, generator=g).to(device, dtype)
+    gy = torch.randn(M, L * n, generator=g).to(device, dtype)
+
+    def seg(fn):
+        return lambda x, w, a, b, bias: fn(x, w, a, b, offsets, scales, bias)
+
+    ref = seg(lambda *t: R.segmented_lora_projection(*t))
+    ref64 = proj_and_grads(ref, *(t.double() for t in (x, w, a, b, bias)), gy.double())
+    low = proj_and_grads(ref, x, w, a, b, bias, gy)
+    for backend in backends_for(device):
+        got = proj_and_grads(seg(lambda x, w, a, b, o, s, bias: ops.segmented_lora_projection(
+            x, w, a, b, o, s, bias=bias, backend=backend, strategy="merged")), x, w, a, b, bias, gy)
+        for name, gt, r64, lo in zip(["y", "dx", "dA", "dB", "dbias"], got, ref64, low):
+            assert gt.dtype == dtype and gt.shape == r64.shape, (backend, name)
+            assert_close_idiom(gt, r64, lo, dtype, f"merged {backend} {name}")
+
+
+def test_merged_strategy_gradcheck_layouts_and_choice(device):
+    d = torch.float64
+    x, w, a, b, bias = make_lora(3, 6, 8, 2, d, torch.device("cpu"))
+    x, a, b, bias = (t.requires_grad_() for t in (x, a, b, bias))
+    wt = w.clone().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, a, b, bias, wt: ops.segmented_lora_projection(
+            x, wt, torch.cat([a, 2 * a]), b, (0, 4, 8), [0.7, -1.3], bias=bias, backend="reference",
+            strategy="merged"), (x, a, b, bias, wt))
+    # non-contiguous x, leading dims, M = 0, grad of the K/V views
+    x, w, a, b, _ = make_lora(8, 33, 20, 4, torch.float32, device)
+    xt = torch.randn(2, 33, 4, device=device).transpose(1, 2)          # [2, 4, 33] non-contiguous
+    k, v = ops.lora_kv_projection(xt, (w, w.flip(0)), (a, a), (b, b.flip(0)), scale=0.5, strategy="merged")
+    torch.testing.assert_close(k, R.lora_projection(xt, w, a, b, 0.5), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(v, R.lora_projection(xt, w.flip(0), a, b.flip(0), 0.5), rtol=1e-4, atol=1e-4)
+    a_ = a.clone().requires_grad_()
+    y = ops.lora_projection(torch.empty(0, 33, device=device), w, a_, b, strategy="merged")
+    assert y.shape == (0, 20)
+    y.sum().backward()
+    assert a_.grad.abs().max().item() == 0.0
+    # which strategy "auto" picks, and the errors
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 8)) == "merged"
+    assert ops._pick_strategy("auto", "cuda", cuda, (0, 8)) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 9)) == "fused"      # unequal segments
+    assert ops._pick_strategy("auto", "reference", cuda, (0, 8)) == "fused"
+    assert ops._pick_strategy("auto", "triton", cpu, (0, 8)) == "fused"
+    with pytest.raises(ValueError, match="strategy='merged' needs segments of one size"):
+        ops.segmented_lora_projection(x, w, torch.cat([a, a]), b, (0, 5, 20), 1.0, strategy="merged")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        ops.lora_projection(x, w, a, b, strategy="fast")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_kv_projection_backends(device, dtype):
     M, K, r = 6, 40, 4
