@@ -220,6 +220,7 @@ class CLoRAController(nn.Module):
         self.lora_B = nn.ParameterList()   # one flat [N, r] per bundle
         self._merged_backup: Optional[List[Tensor]] = None
         self._version = 0
+        self._penalty_layout = None     # (state key, pasts, layout) of penalty()
         self._dev_key = None
 
     # ------------------------------------------------------------------ properties
@@ -589,15 +590,22 @@ class CLoRAController(nn.Module):
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
             return torch.zeros((), dtype=torch.float32, device=dev)
         self._sync_device()
-        pasts, As, Bs = [], [], []
-        for i in range(self.num_sites):
-            if self._past[i] is None:
-                continue
-            A, B = self.current_factors(i)
-            pasts.append(self._past[i])
-            As.append(A)
-            Bs.append(B)
-        loss = ops.grouped_forgetting_penalty(pasts, As, Bs, scales=self.scale, backend=self.backend)
+        # The factors go in as the flat per-bundle parameters with a row layout: the gradient
+        # lands in each flat parameter as one tensor (no per-site views in the autograd graph).
+        key = (self._version, self._dev_key)
+        if self._penalty_layout is None or self._penalty_layout[0] != key:
+            pasts, layout = [], []
+            r = self.rank
+            for i in range(self.num_sites):
+                if self._past[i] is None:
+                    continue
+                b, pos = self._site_bundle[i]
+                pasts.append(self._past[i])
+                layout.append((b, pos * r, self._bundles[b].offsets[pos], r))
+            self._penalty_layout = (key, pasts, tuple(layout))
+        _, pasts, layout = self._penalty_layout
+        loss = ops.packed_forgetting_penalty(pasts, list(self.lora_A), list(self.lora_B), layout,
+                                             scales=self.scale, backend=self.backend)
         return self.penalty_weight * loss
 
     # ------------------------------------------------------------------ merge

@@ -30,10 +30,10 @@ from torch import Tensor
 
 from . import reference as _reference
 from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_device, check_same_dtype,
-                        check_scale, check_tensor, resolve_backend)
+                        check_scale, check_tensor, interpreting, resolve_backend)
 
 __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
-           "grouped_forgetting_penalty"]
+           "grouped_forgetting_penalty", "packed_forgetting_penalty"]
 
 
 # ---------------------------------------------------------------------------
@@ -256,6 +256,43 @@ class _GroupedPenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         _, dAs, dBs, _, _ = _grouped_penalty_backward(ctx, grad_loss, None, None)
         return (None, None, None) + (None,) * ctx.n + tuple(dAs) + tuple(dBs)
+
+
+def _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend):
+    """``(loss, [dA_flat], [dB_flat])`` fp32 for factors packed in flat buffers (see
+    :func:`packed_forgetting_penalty`); the Triton launcher writes the flat gradients
+    directly, other backends run their grouped launcher on views and scatter."""
+    launch = _penalty_launchers(backend)
+    if hasattr(launch, "grouped_forgetting_penalty_packed"):
+        return launch.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, scales)
+    As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+    Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+    loss, dAs, dBs = launch.grouped_forgetting_penalty_forward(pasts, As, Bs, tuple(scales))
+    acc = loss.dtype
+    dA_flat = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in flat_As]
+    dB_flat = [torch.zeros(t.shape, dtype=acc, device=t.device) for t in flat_Bs]
+    for (f, a, b, r), da, db in zip(layout, dAs, dBs):
+        dA_flat[f][a:a + r] += da
+        dB_flat[f][b:b + db.shape[0]] += db
+    return loss, dA_flat, dB_flat
+
+
+class _PackedPenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pasts, layout, scales, backend, n_flat, *flats):
+        flat_As, flat_Bs = flats[:n_flat], flats[n_flat:]
+        loss, dA_flat, dB_flat = _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend)
+        ctx.save_for_backward(*dA_flat, *dB_flat)
+        ctx.dtypes = [t.dtype for t in flats]
+        ctx.n_fixed = 5
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_loss)    # one launch for all buffers
+        grads = [g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (None,) * ctx.n_fixed + tuple(g if need else None
+                                             for g, need in zip(grads, ctx.needs_input_grad[ctx.n_fixed:]))
 
 
 # ---------------------------------------------------------------------------
@@ -573,3 +610,73 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
     if _compiling():
         return _grouped_penalty_op(list(pasts), list(lora_As), list(lora_Bs), scales, backend)[0]
     return _GroupedPenaltyFunction.apply(scales, backend, n, *pasts, *lora_As, *lora_Bs)
+
+
+_PACKED_CHECKED: dict = {}
+
+
+def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor], flat_Bs: Sequence[Tensor],
+                              layout: Sequence[Tuple[int, int, int, int]], *,
+                              scales: Union[float, Sequence[float]] = 1.0, backend: str = "auto") -> Tensor:
+    """:func:`grouped_forgetting_penalty` with the factors packed by rows in flat buffers.
+
+    Layer ``l`` with ``layout[l] = (f, a_row, b_row, r)`` uses ``A_l = flat_As[f][a_row:a_row+r]``
+    ``[r, in_l]`` and ``B_l = flat_Bs[f][b_row:b_row+out_l]`` ``[out_l, r]``; ``pasts[l]``
+    is ``[out_l, in_l]``.  Gradients flow to the flat buffers as wholes (one fp32 buffer
+    each, zero on rows no layer uses), so a controller whose parameters are the flat
+    buffers pays no per-layer view, gradient cast or accumulation: on the triton backend
+    one call is two kernel launches plus a few allocations.  Validation runs once per
+    distinct (layout, shapes, dtypes, devices).
+    """
+    for name, seq in (("pasts", pasts), ("flat_As", flat_As), ("flat_Bs", flat_Bs), ("layout", layout)):
+        if not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
+    n = len(pasts)
+    if n == 0:
+        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
+    if len(flat_As) != len(flat_Bs) or not flat_As:
+        raise ValueError(f"flat_As and flat_Bs must be non-empty and of one length, got {len(flat_As)} and "
+                         f"{len(flat_Bs)}")
+    if len(layout) != n:
+        raise ValueError(f"layout has {len(layout)} entries for {n} pasts")
+    if isinstance(scales, (int, float, Tensor)):
+        scales = [scales] * n
+    if len(scales) != n:
+        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
+    layout = tuple(tuple(int(v) for v in e) for e in layout)
+    key = (layout, interpreting(), tuple((p.shape, p.dtype, p.device) for p in pasts),
+           tuple((t.shape, t.dtype, t.device, t.is_contiguous()) for t in (*flat_As, *flat_Bs)), backend)
+    resolved = _PACKED_CHECKED.get(key)
+    if resolved is None:
+        for l, e in enumerate(layout):
+            if len(e) != 4:
+                raise ValueError(f"layout[{l}] must be (flat index, A row, B row, rank), got {e}")
+            f, a, b, r = e
+            if not 0 <= f < len(flat_As):
+                raise ValueError(f"layout[{l}] = {e} names flat buffer {f}; there are {len(flat_As)}")
+            for nm, t in ((f"flat_As[{f}]", flat_As[f]), (f"flat_Bs[{f}]", flat_Bs[f])):
+                check_tensor(nm, t, ndim=2)
+                if not t.is_contiguous():
+                    raise ValueError(f"{nm} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+            if r < 1 or a < 0 or a + r > flat_As[f].shape[0] or b < 0 or b + pasts[l].shape[0] > flat_Bs[f].shape[0]:
+                raise ValueError(f"layout[{l}] = {e}: rows out of range of flat_As[{f}] {tuple(flat_As[f].shape)} / "
+                                 f"flat_Bs[{f}] {tuple(flat_Bs[f].shape)} for past {tuple(pasts[l].shape)}")
+            _check_penalty_args(pasts[l], flat_As[f][a:a + r], flat_Bs[f][b:b + pasts[l].shape[0]], f"s[{l}]")
+        check_same_device([(f"pasts[{i}]", p) for i, p in enumerate(pasts)]
+                          + [(f"flat_As[{i}]", t) for i, t in enumerate(flat_As)]
+                          + [(f"flat_Bs[{i}]", t) for i, t in enumerate(flat_Bs)])
+        check_same_dtype([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
+        check_same_dtype([(f"flat_As[{i}]", t) for i, t in enumerate(flat_As)])
+        check_same_dtype([(f"flat_Bs[{i}]", t) for i, t in enumerate(flat_Bs)])
+        resolved = resolve_backend(backend, pasts[0].device)
+        check_dtype_for_backend("pasts[0]", pasts[0], resolved)
+        check_dtype_for_backend("flat_As[0]", flat_As[0], resolved)
+        if len(_PACKED_CHECKED) > 256:
+            _PACKED_CHECKED.clear()
+        _PACKED_CHECKED[key] = resolved
+    scales = tuple(check_scale(f"scales[{i}]", s) for i, s in enumerate(scales))
+    if _compiling():
+        As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+        Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+        return _grouped_penalty_op(list(pasts), As, Bs, list(scales), resolved)[0]
+    return _PackedPenaltyFunction.apply(list(pasts), layout, scales, resolved, len(flat_As), *flat_As, *flat_Bs)

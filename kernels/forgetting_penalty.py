@@ -119,7 +119,7 @@ import triton.language as tl
 
 from ._precision import fp32_dot_precision
 
-__all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward"]
+__all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward", "grouped_forgetting_penalty_packed"]
 
 # Layer table: int64 [L, _NF], one row per layer, fields (the kernel loads them by index):
 #   0 P offset, 1 A offset, 2 B offset (elements from the base tensors), 3 out, 4 in, 5 r,
@@ -372,7 +372,7 @@ class _Plan:
     """Device tables and sizes for one (layers, dtypes, config) combination."""
 
     def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits):
+                 block_o, block_i, col_splits, bases=None):
         L = len(pasts)
         outs = [int(p.shape[0]) for p in pasts]
         ins = [int(p.shape[1]) for p in pasts]
@@ -402,9 +402,13 @@ class _Plan:
             n_cs.append(math.ceil(nib / steps) if nib else 1)
 
         # base tensors: the first non-empty one of each role (an empty tensor may have address 0)
+        # (the packed entry passes its flat buffers as bases instead: offsets may then be negative)
         self.base = tuple(next((l for l, t in enumerate(ts) if t.numel() > 0), 0)
                           for ts in (pasts, lora_As, lora_Bs))
-        p0, a0, b0 = (ts[i].data_ptr() for ts, i in zip((pasts, lora_As, lora_Bs), self.base))
+        if bases is None:
+            p0, a0, b0 = (ts[i].data_ptr() for ts, i in zip((pasts, lora_As, lora_Bs), self.base))
+        else:
+            p0, a0, b0 = (t.data_ptr() for t in bases)
         ae, be = lora_As[0].element_size(), lora_Bs[0].element_size()
         for name, ts, base, e in (("pasts", pasts, p0, esize), ("lora_As", lora_As, a0, ae),
                                   ("lora_Bs", lora_Bs, b0, be)):
@@ -539,6 +543,7 @@ def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, determi
 def clear_cache() -> None:
     """Drop every cached plan (layer/tile/output tables)."""
     _PLANS.clear()
+    _PACKED.clear()
 
 
 def _precision(a_dtype: torch.dtype, b_dtype: torch.dtype, requested: Optional[str]) -> str:
@@ -589,11 +594,11 @@ def _check(pasts, lora_As, lora_Bs, scales):
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
-def _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret) -> None:
+def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret) -> None:
     if plan.n_prog > 0:
         _penalty_main_kernel[(plan.n_prog,)](
             plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
-            pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, plan.loss_ws,
+            p_base, a_base, b_base, ws, plan.loss_ws,
             NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
             VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
             # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
@@ -602,6 +607,15 @@ def _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic
             num_stages=1 if interpret else 3,
         )
     _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
+
+
+def _check_device_mode(device: torch.device, interpret: bool) -> None:
+    if device.type == "cpu" and not interpret:
+        raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
+    if device.type != "cpu" and interpret:
+        raise RuntimeError(f"TRITON_INTERPRET=1 with {device.type} tensors: the penalty kernels address tensors "
+                           "through tables of raw addresses, which the interpreter's host copies would not "
+                           "follow; unset TRITON_INTERPRET or pass CPU tensors")
 
 
 def grouped_forgetting_penalty_forward(
@@ -636,12 +650,7 @@ def grouped_forgetting_penalty_forward(
         _check(pasts, lora_As, lora_Bs, scales)         # raises the precise error
     device = pasts[0].device
     interpret = _interpreting()
-    if device.type == "cpu" and not interpret:
-        raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    if device.type != "cpu" and interpret:
-        raise RuntimeError(f"TRITON_INTERPRET=1 with {device.type} tensors: the penalty kernels address tensors "
-                           "through tables of raw addresses, which the interpreter's host copies would not "
-                           "follow; unset TRITON_INTERPRET or pass CPU tensors")
+    _check_device_mode(device, interpret)
     poison = _poison()
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
@@ -665,12 +674,118 @@ def grouped_forgetting_penalty_forward(
     else:   # the atomic dA slots must start at zero (one memset for the whole workspace)
         ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
 
+    _launch_on(device, plan, pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, out_tab,
+               precision, deterministic, interpret)
+    return loss, dAs, dBs
+
+
+def _launch_on(device, plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret) -> None:
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):     # Triton launches on the current device
-            _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret)
+            _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret)
     else:
-        _launch(plan, pasts, lora_As, lora_Bs, ws, out_tab, precision, deterministic, interpret)
-    return loss, dAs, dBs
+        _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret)
+
+
+def _check_packed(pasts, flat_As, flat_Bs, layout):
+    """Validate the packed layout (the per-layer checks follow in ``_check`` on the views)."""
+    if len(layout) != len(pasts):
+        raise ValueError(f"layout has {len(layout)} entries for {len(pasts)} pasts")
+    for name, flats in (("flat_As", flat_As), ("flat_Bs", flat_Bs)):
+        for i, t in enumerate(flats):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be a contiguous 2-D tensor, got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    for l, (fi, a_row, b_row, r) in enumerate(layout):
+        if not (0 <= fi < min(len(flat_As), len(flat_Bs))):
+            raise ValueError(f"layout[{l}] names flat buffer {fi}; there are {len(flat_As)}")
+        o, i = pasts[l].shape
+        fa, fb = flat_As[fi], flat_Bs[fi]
+        if r < 1 or a_row < 0 or a_row + r > fa.shape[0] or fa.shape[1] != i:
+            raise ValueError(f"layout[{l}] = {layout[l]}: rows {a_row}:{a_row + r} of flat_As[{fi}] "
+                             f"{tuple(fa.shape)} do not hold an A of shape [{r}, {i}] for past {tuple(pasts[l].shape)}")
+        if b_row < 0 or b_row + o > fb.shape[0] or fb.shape[1] != r:
+            raise ValueError(f"layout[{l}] = {layout[l]}: rows {b_row}:{b_row + o} of flat_Bs[{fi}] "
+                             f"{tuple(fb.shape)} do not hold a B of shape [{o}, {r}] for past {tuple(pasts[l].shape)}")
+
+
+_PACKED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def grouped_forgetting_penalty_packed(
+    pasts: Sequence[torch.Tensor], flat_As: Sequence[torch.Tensor], flat_Bs: Sequence[torch.Tensor],
+    layout: Sequence[Tuple[int, int, int, int]], scales: Union[float, Sequence[float]], *,
+    input_precision: Optional[str] = None, deterministic: bool = True,
+) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+    """The grouped penalty over factors packed by rows in a few flat buffers.
+
+    Layer ``l`` with ``layout[l] = (f, a_row, b_row, r)`` uses ``A = flat_As[f][a_row:a_row+r]``
+    and ``B = flat_Bs[f][b_row:b_row+out_l]`` (flat buffers contiguous 2-D, e.g. a
+    controller's flat parameters).  Returns ``(loss, [dA_flat_f], [dB_flat_f])``: fp32
+    gradients of the whole flat buffers (zero on rows no layer uses), written by the same two
+    launches as :func:`grouped_forgetting_penalty_forward`.  A call with the same
+    buffers, pasts and layout as an earlier one reuses its tables without building a
+    view per layer (the host cost of a training step is a few dozen microseconds).
+    """
+    pasts, flat_As, flat_Bs = list(pasts), list(flat_As), list(flat_Bs)
+    layout = tuple(tuple(int(v) for v in e) for e in layout)
+    if isinstance(scales, (int, float)):
+        scales = [float(scales)] * len(pasts)
+    scales = tuple(float(s) for s in scales)
+    if not pasts:
+        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
+    device = pasts[0].device
+    interpret = _interpreting()
+    _check_device_mode(device, interpret)
+    precision = _precision(flat_As[0].dtype, flat_Bs[0].dtype, input_precision)
+    deterministic = bool(deterministic)
+    key = (device, interpret, precision, deterministic, scales, layout,
+           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in flat_As),
+           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in flat_Bs),
+           tuple((p.data_ptr(), p.shape, p.stride(), p.dtype) for p in pasts))
+    entry = _PACKED.get(key)
+    if entry is None:
+        _check_packed(pasts, flat_As, flat_Bs, layout)
+        As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+        Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+        _check(pasts, As, Bs, scales)
+        fa = next((f for f, *_ in layout), 0)
+        plan = _Plan(pasts, As, Bs, scales, device, interpret, precision, deterministic, None, None, None,
+                     bases=(pasts[next((l for l, p in enumerate(pasts) if p.numel() > 0), 0)],
+                            flat_As[fa], flat_Bs[fa]))
+        covered_a = sum(r * p.shape[1] for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_As)
+        covered_b = sum(p.shape[0] * r for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_Bs)
+        # element offsets of each layer's dA / dB inside the flat gradient buffers
+        offs = [(f, a * p.shape[1], b * r) for (f, a, b, r), p in zip(layout, pasts)]
+        entry = (plan, fa, covered_a, covered_b, offs)
+        _PACKED[key] = entry
+        if len(_PACKED) > _MAX_PLANS:
+            _PACKED.popitem(last=False)
+    else:
+        _PACKED.move_to_end(key)
+    plan, fa, covered_a, covered_b, offs = entry
+    f32 = torch.float32
+    new = torch.empty if (covered_a and not _poison()) else torch.zeros
+    dA_flat = [new(t.shape, dtype=f32, device=device) for t in flat_As]
+    new = torch.empty if (covered_b and not _poison()) else torch.zeros
+    dB_flat = [new(t.shape, dtype=f32, device=device) for t in flat_Bs]
+    loss = torch.empty((), dtype=f32, device=device)
+    outs = tuple(t.data_ptr() for t in dA_flat) + tuple(t.data_ptr() for t in dB_flat) + (loss.data_ptr(),)
+    out_tab = plan.out_tabs.get(("packed",) + outs)
+    if out_tab is None:
+        ptrs: list = []
+        for f, oa, ob in offs:
+            ptrs += (dA_flat[f].data_ptr() + 4 * oa, dB_flat[f].data_ptr() + 4 * ob)
+        ptrs.append(loss.data_ptr())
+        out_tab = plan.out_table(tuple(ptrs), device)
+        plan.out_tabs[("packed",) + outs] = out_tab
+    if deterministic:
+        ws = _empty((max(plan.ws_numel, 4),), device, _poison())
+    else:
+        ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
+    p_base = pasts[plan.base[0]]
+    _launch_on(device, plan, p_base, flat_As[fa], flat_Bs[fa], ws, out_tab, precision, deterministic, interpret)
+    return loss, dA_flat, dB_flat
 
 
 def forgetting_penalty_forward(past: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

@@ -224,6 +224,37 @@ def test_forgetting_penalty_backends(device, dtype):
             assert_close_idiom(gg, r64, lo, dtype, f"{backend} {name}")
 
 
+def test_packed_penalty_gradients_reach_flat_buffers(device):
+    """packed_forgetting_penalty == grouped penalty on row views, and autograd delivers the
+    gradient of each flat buffer as one tensor (zeros on rows no layer uses)."""
+    g = torch.Generator().manual_seed(4)
+    fa = [torch.randn(6, 12, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)]
+    fb = [torch.randn(19, 2, generator=g).to(device), torch.randn(5, 2, generator=g).to(device)]
+    layout = [(0, 0, 0, 2), (0, 4, 9, 2), (1, 0, 0, 2)]
+    pasts = [torch.randn(9, 12, generator=g).to(device), torch.randn(8, 12, generator=g).to(device),
+             torch.randn(5, 8, generator=g).to(device)]
+    for backend in backends_for(device):
+        fa_ = [t.clone().requires_grad_() for t in fa]
+        fb_ = [t.clone().requires_grad_() for t in fb]
+        loss = ops.packed_forgetting_penalty(pasts, fa_, fb_, layout, scales=[0.5, 2.0, 1.0], backend=backend)
+        (3 * loss).backward()
+        fa64 = [t.double().requires_grad_() for t in fa]
+        fb64 = [t.double().requires_grad_() for t in fb]
+        ref = R.grouped_forgetting_penalty([p.double() for p in pasts],
+                                           [fa64[f][a:a + r] for f, a, _, r in layout],
+                                           [fb64[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)],
+                                           [0.5, 2.0, 1.0])
+        (3 * ref).backward()
+        torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(fa_ + fb_, fa64 + fb64):
+            torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-5, atol=1e-4)
+        assert fa_[0].grad[2:4].abs().max() == 0 and fb_[0].grad[9 + 8:].abs().max() == 0
+    with pytest.raises(ValueError, match=r"layout\[0\] = \(2, 0, 0, 2\) names flat buffer 2"):
+        ops.packed_forgetting_penalty(pasts, fa, fb, [(2, 0, 0, 2)] + layout[1:])
+    with pytest.raises(ValueError, match="layout has 2 entries for 3 pasts"):
+        ops.packed_forgetting_penalty(pasts, fa, fb, layout[:2])
+
+
 def test_grouped_penalty_equals_sum_of_singles(device):
     g = torch.Generator().manual_seed(7)
     shapes = [(20, 33), (77, 33), (5, 64), (64, 5)]

@@ -452,3 +452,48 @@ def test_gpu_unaligned_and_large_rank():
         past, A, B = _make(o, n, r, BF16, F32, dev, seed=o)
         got = forgetting_penalty_forward(past, A, B, 0.5, input_precision="ieee")
         _check_against_float64(got, past, A, B, 0.5, floor=2e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# packed entry: factors as row blocks of flat buffers, gradients of the flat buffers
+# ----------------------------------------------------------------------------------------------
+def _packed_case(device, ab_dtype=F32, seed=5):
+    """Two flat buffers (like two controller bundles), four layers of different shapes; rows
+    3:5 of flat A 0 and rows 20:23 of flat B 0 belong to no layer (a site without a past)."""
+    g = torch.Generator().manual_seed(seed)
+    r = 2
+    flat_As = [_rand((9, 24), ab_dtype, device, g, 0.5), _rand((4, 16), ab_dtype, device, g, 0.5)]
+    flat_Bs = [_rand((33, r), ab_dtype, device, g, 0.5), _rand((18, r), ab_dtype, device, g, 0.5)]
+    layout = [(0, 0, 0, r), (0, 5, 23, r), (1, 0, 0, r), (1, 2, 7, r)]
+    outs = [20, 10, 7, 11]
+    pasts = [_rand((o, flat_As[f].shape[1]), F32, device, g) for (f, *_), o in zip(layout, outs)]
+    return pasts, flat_As, flat_Bs, layout
+
+
+@pytest.mark.parametrize("ab_dtype", [F32, BF16])
+def test_packed_matches_grouped_views(device, ab_dtype):
+    pasts, flat_As, flat_Bs, layout = _packed_case(device, ab_dtype)
+    scales = [0.5, 1.0, 2.0, -1.5]
+    As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+    Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+    loss_g, dAs, dBs = grouped_forgetting_penalty_forward(pasts, As, Bs, scales)
+    for _ in range(2):            # the second call takes the cached tables
+        loss, dA_flat, dB_flat = fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, scales)
+        assert torch.equal(loss, loss_g)
+        for (f, a, b, r), da, db in zip(layout, dAs, dBs):
+            assert torch.equal(dA_flat[f][a:a + r], da) and torch.equal(dB_flat[f][b:b + db.shape[0]], db)
+        # rows that no layer uses: exact zeros (even with CLORA_FAST_POISON=1)
+        assert dA_flat[0][2:5].abs().max() == 0 and dB_flat[0][20:23].abs().max() == 0
+        assert [t.shape for t in dA_flat] == [t.shape for t in flat_As] and dA_flat[0].dtype == F32
+
+
+def test_packed_bad_layout(device):
+    pasts, flat_As, flat_Bs, layout = _packed_case(device)
+    with pytest.raises(ValueError, match=r"layout\[1\].*rows 8:10 of flat_As\[0\]"):
+        fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs,
+                                              [layout[0], (0, 8, 23, 2)] + layout[2:], 1.0)
+    with pytest.raises(ValueError, match=r"flat_As\[0\] must be a contiguous 2-D tensor"):
+        fpk.grouped_forgetting_penalty_packed(pasts, [flat_As[0].t().contiguous().t()] + flat_As[1:],
+                                              flat_Bs, layout, 1.0)
+    with pytest.raises(ValueError, match="layout has 3 entries for 4 pasts"):
+        fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout[:3], 1.0)
