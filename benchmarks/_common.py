@@ -280,6 +280,40 @@ class Timer:
             times = sorted(a.elapsed_time(b) for a, b in evs)
         return float(times[len(times) // 2])
 
+    def device_ms(self, fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), iters: int = 10,
+                  flush: bool = False) -> Optional[float]:
+        """GPU time of the kernels (and copies) one call of ``fn`` launches, in ms: the sum of the durations
+        torch.profiler records (CUPTI), host time and idle gaps excluded.  With ``flush`` each call follows an
+        L2-evicting write whose own time is profiled separately and subtracted.  None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        if flush and getattr(self, "_flush_buf", None) is None:
+            self._flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device)
+
+        def gpu_us(body) -> float:
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    body()
+                torch.cuda.synchronize()
+            return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+        def call():
+            if flush:
+                self._flush_buf.zero_()
+            for t in grad_to_none:
+                t.grad = None
+            fn()
+
+        call()
+        total = gpu_us(call)
+        if flush:
+            total -= gpu_us(lambda: self._flush_buf.zero_())
+        return max(total, 0.0) / iters / 1e3
+
     def _cpu(self, fn, grad_to_none) -> float:
         from torch.utils import benchmark
 
@@ -365,6 +399,18 @@ def try_time(timer: Timer, make: Callable[[], tuple], **kw) -> tuple:
         if os.environ.get("CLORA_BENCH_DEBUG"):
             traceback.print_exc()
         return None, f"n/a ({describe_exc(e)})"
+
+
+def try_device_time(timer: Timer, make: Callable[[], tuple], **kw) -> Optional[float]:
+    """:meth:`Timer.device_ms` of a freshly built case; None on a CPU, over budget or on any error."""
+    if timer.device.type != "cuda" or timer.over_budget():
+        return None
+    try:
+        fn, g2n = make()
+        return timer.device_ms(fn, grad_to_none=g2n, **kw)
+    except Exception as e:  # noqa: BLE001
+        print_flush(f"device time n/a: {describe_exc(e)}")
+        return None
 
 
 # ------------------------------------------------------------------- output
