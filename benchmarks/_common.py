@@ -293,13 +293,19 @@ class Timer:
         if flush and getattr(self, "_flush_buf", None) is None:
             self._flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device=self.device)
 
-        def gpu_us(body) -> float:
+        def gpu_us(body, keep=False) -> float:
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(iters):
                     body()
                 torch.cuda.synchronize()
-            return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+            evs = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            if keep:    # per-kernel breakdown (us per call), largest first: self.last_breakdown
+                agg: Dict[str, float] = {}
+                for e in evs:
+                    agg[e.name[:80]] = agg.get(e.name[:80], 0.0) + e.time_range.elapsed_us() / iters
+                self.last_breakdown = dict(sorted(agg.items(), key=lambda kv: -kv[1])[:8])
+            return sum(e.time_range.elapsed_us() for e in evs)
 
         def call():
             if flush:
@@ -309,7 +315,7 @@ class Timer:
             fn()
 
         call()
-        total = gpu_us(call)
+        total = gpu_us(call, keep=True)
         if flush:
             total -= gpu_us(lambda: self._flush_buf.zero_())
         return max(total, 0.0) / iters / 1e3
@@ -407,7 +413,11 @@ def try_device_time(timer: Timer, make: Callable[[], tuple], **kw) -> Optional[f
         return None
     try:
         fn, g2n = make()
-        return timer.device_ms(fn, grad_to_none=g2n, **kw)
+        timer.last_breakdown = None
+        ms = timer.device_ms(fn, grad_to_none=g2n, **kw)
+        if ms is not None and getattr(timer, "last_breakdown", None):
+            print_flush("  kernels (us/call): " + ", ".join(f"{k}={v:.1f}" for k, v in timer.last_breakdown.items()))
+        return ms
     except Exception as e:  # noqa: BLE001
         print_flush(f"device time n/a: {describe_exc(e)}")
         return None

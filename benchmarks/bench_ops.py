@@ -181,6 +181,7 @@ class Bench:
         if (t is None or method not in DEVICE_TIMED or dt != self.st["dtypes"][0] or r != self.st["ranks"][0]
                 or mode != "fwdbwd"):
             return None
+        C.print_flush(f"  device time of {method}:")
         return C.try_device_time(self.timer, make, flush=flush)
 
     # .............................................................. kv_layer

@@ -24,7 +24,9 @@
 # which CI runs; PYTEST_MARK= runs everything).
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
-# a hard `timeout` above it. SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
+# a hard `timeout` above it. TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
+# after them. Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
+# SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
 # benchmark's arguments (e.g. BENCH_ARGS=--quick SKIP_TESTS=1 PYTHON=/work/venv/bin/python to try the whole
 # pipeline on a CPU machine).
 #
@@ -142,8 +144,13 @@ if [ "${SKIP_TESTS:-0}" != "1" ]; then
   PYTEST_MARK=${PYTEST_MARK-not slow}
   say "pytest -x -q tests -m '$PYTEST_MARK' (timeout ${TEST_TIMEOUT}s; 'slow' = slower CPU-only tests that CI runs;"\
       "the CPU smoke tests of the benchmarks are left out: the real runs follow)"
-  timeout "$TEST_TIMEOUT" "$PY" -m pytest --maxfail=20 -q -rf -p no:cacheprovider ${TESTS:-tests} -m "$PYTEST_MARK" \
-    --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
+  # pytest-xdist (in the device image): the Triton JIT compiles, not the GPU, bound the suite's time
+  XDIST=
+  if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != "0" ]; then
+    XDIST="-n ${PYTEST_WORKERS:-8}"
+  fi
+  timeout "$TEST_TIMEOUT" "$PY" -m pytest --maxfail=20 -q -rf -p no:cacheprovider $XDIST ${TESTS:-tests} \
+    -m "$PYTEST_MARK" --ignore=tests/test_benchmarks.py -o addopts="" > "$OUT/pytest.log" 2>&1
   rc=$?
   tail -n 25 "$OUT/pytest.log"
   [ $rc = 124 ] && say "pytest TIMED OUT after ${TEST_TIMEOUT}s"
@@ -183,6 +190,15 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   case " $BENCHES " in *" scaling "*) run_bench scaling 90 15 ;; esac
 fi
 
+# ---------------------------------------------------------------- 6b. optional block-config sweep
+if [ "${TUNE_S:-0}" -gt 0 ] && [ "$(left)" -gt 30 ]; then
+  tb=$(( TUNE_S < $(left) - 20 ? TUNE_S : $(left) - 20 ))
+  say "tune_triton: --budget ${tb}s"
+  timeout $(( tb + 60 )) "$PY" benchmarks/tune_triton.py --out "$RES" --budget "$tb" > "$RES/tune.log" 2>&1
+  say "tune_triton exit code $?"
+  cat "$RES/tune.md" 2>/dev/null
+fi
+
 # ---------------------------------------------------------------- 7. collect (<= 5 files in $OUT)
 {
   echo "# GPU check $(date -u '+%Y-%m-%d %H:%M UTC'), commit $CLORA_COMMIT"
@@ -193,7 +209,7 @@ fi
   echo "## Targets"
   echo
   cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) " | sed 's/^/- /'
-  for f in "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md; do
+  for f in "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md "$RES"/tune.md; do
     [ -f "$f" ] || continue
     echo
     sed 's/^# /## /' "$f"

@@ -227,3 +227,18 @@ def test_bench_ops_gpu_branch_under_interpreter(tmp_path):
     # the penalty target lines were computed from the triton rows (not 'no data')
     lines = [line for line in md.splitlines() if "penalty fwd+grad over all SD projections" in line]
     assert len(lines) == 1 and "vs naive" in lines[0] and "n/a" not in lines[0]
+
+
+def test_tune_triton_sweep_runs_and_checks_results(tmp_path):
+    """The config sweep (here: interpreter, tiny shape, heuristic + 2 configs per kernel) times every
+    config whose result matches the heuristic's, and reports the heuristic next to the best."""
+    pytest.importorskip("triton")
+    mod = _load("tune_triton")
+    assert mod.main(["--out", str(tmp_path), "--budget", "120"]) == 0
+    rows = _read_jsonl(tmp_path / "tune.jsonl")
+    assert {r["kernel"] for r in rows} == {"fwd", "dx"}
+    for r in rows:
+        _check_timed(r)
+    assert sum(r["heuristic"] for r in rows) == 2
+    md = (tmp_path / "tune.md").read_text()
+    assert len(_md_rows(md, "tiny_kv")) == 2

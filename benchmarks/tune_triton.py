@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Block-config sweep of the segmented LoRA projection kernels (the 'fused' strategy) on a GPU.
+
+The kernels pick one block config by heuristic (``_fwd_config`` / ``_bwd_config`` in
+``kernels/lora_projection.py``; Triton's multi-config autotune needs a GPU at import time and
+re-tunes per shape, so it is not used).  This script times the forward and the backward of
+``segmented_lora_forward`` / ``segmented_lora_backward`` under a list of candidate configs
+(``triton.testing.do_bench``, median ms, kernels only: the launches are queued back to back),
+checks each result against the default config's, and prints the fastest next to the heuristic's
+choice, so that the heuristic can be revised from measurements.
+
+Shapes: the whole-UNet K/V launch (SD-1.5's 32 cross-attention projections, 77 tokens x batch 2)
+and one ViT-B/16 layer's K and V (197 tokens x batch 128), bf16, rank 16.
+
+Run: python benchmarks/tune_triton.py [--out DIR] [--budget S]
+On a machine without a GPU it runs the same sweep on tiny shapes in the Triton interpreter
+(TRITON_INTERPRET=1), two configs per kernel: a check of the script, not a measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+if not os.environ.get("TRITON_INTERPRET"):
+    try:
+        import torch as _t
+        if not _t.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # pragma: no cover
+        pass
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+
+
+def fwd_candidates(gpu: bool):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): Hopper-sized tiles under 228 KB of shared memory."""
+    if not gpu:
+        return [dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1),
+                dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)]
+    grid = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (64, 256, 64, 8, 3),
+            (128, 128, 128, 8, 3), (64, 128, 64, 4, 4), (64, 128, 128, 4, 3), (128, 64, 64, 4, 4),
+            (64, 64, 64, 4, 4), (64, 64, 128, 4, 4)]
+    return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st) for m, n, k, w, st in grid]
+
+
+def dx_candidates(gpu: bool, LR: int):
+    """(BLOCK_M, BLOCK_K, BLOCK_N, warps, stages) of the dx GEMM (reduction over N then L*r)."""
+    jb = max(16, min(32, 1 << (LR - 1).bit_length()))
+    if not gpu:
+        return [dict(BLOCK_M=16, BLOCK_K=16, BLOCK_N=16, BLOCK_J=16, num_warps=4, num_stages=1),
+                dict(BLOCK_M=32, BLOCK_K=32, BLOCK_N=32, BLOCK_J=16, num_warps=4, num_stages=1)]
+    grid = [(128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 3),
+            (128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (128, 256, 32, 8, 4), (64, 256, 32, 8, 4)]
+    return [dict(BLOCK_M=m, BLOCK_K=k, BLOCK_N=n, BLOCK_J=jb, num_warps=w, num_stages=st)
+            for m, k, n, w, st in grid]
+
+
+def shapes(gpu: bool):
+    if not gpu:
+        return [("tiny_kv", 37, 24, [0, 20, 40], 4)]
+    sd = C.sd_kv_shapes_from_config(C.load_json_config("sd15_unet.json"))
+    offs = [0]
+    for _, o, _ in sd:
+        offs.append(offs[-1] + o)
+    return [("sd_unet_kv_all_b2", 2 * 77, 768, offs, 16), ("vit_b16_kv_b128", 128 * 197, 768, [0, 768, 1536], 16)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    ap.add_argument("--budget", type=float, default=120.0, help="seconds for the whole sweep (stops early)")
+    args = ap.parse_args(argv)
+    from clora_fast.kernels import lora_projection as LP
+
+    gpu = torch.cuda.is_available()
+    dev = torch.device("cuda" if gpu else "cpu")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    rows = []
+
+    def bench(fn):
+        if gpu:
+            import triton.testing
+            return float(triton.testing.do_bench(fn, warmup=5, rep=20))
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+
+    orig_fwd, orig_bwd = LP._fwd_config, LP._bwd_config
+    try:
+        for name, M, K, offs, r in shapes(gpu):
+            g = torch.Generator(device=dev).manual_seed(0)
+            L, N = len(offs) - 1, offs[-1]
+            x = torch.randn(M, K, device=dev, generator=g).to(dtype)
+            w = (torch.randn(N, K, device=dev, generator=g) / K ** 0.5).to(dtype)
+            a = (torch.randn(L * r, K, device=dev, generator=g) / K ** 0.5).to(dtype)
+            b = (torch.randn(N, r, device=dev, generator=g) * 0.02).to(dtype)
+            gy = torch.randn(M, N, device=dev, generator=g).to(dtype)
+            scales = [1.0] * L
+            y0, xa = LP.segmented_lora_forward(x, w, a, b, offs, scales)
+            dx0, _, _ = LP.segmented_lora_backward(gy, x, w, a, b, xa, offs, scales, need_dA=False, need_dB=False)
+            sizes = [q - p for p, q in zip(offs, offs[1:])]
+            heur_f = orig_fwd(M, K, sizes, LP._rank_pad(r), x.element_size(), not gpu, LP._dot_precision(dtype))
+            heur_b = orig_bwd(M, K, N, L * r, sizes, LP._rank_pad(r), x.element_size(), not gpu,
+                              LP._dot_precision(dtype))["dx"]
+            flops_f = 2 * M * K * N + 2 * M * K * L * r + 2 * M * N * r
+            for kind, cands, heur in (("fwd", fwd_candidates(gpu), heur_f),
+                                      ("dx", dx_candidates(gpu, L * r), heur_b)):
+                for cfg in [heur] + [c for c in cands if c != heur]:
+                    if time.perf_counter() - t0 > args.budget:
+                        break
+                    try:
+                        if kind == "fwd":
+                            LP._fwd_config = lambda *a_, _c=cfg, **k_: dict(_c)
+                            fn = lambda: LP.segmented_lora_forward(x, w, a, b, offs, scales)  # noqa: E731
+                            out = fn()[0]
+                            ref = y0
+                        else:
+                            base = orig_bwd(M, K, N, L * r, sizes, LP._rank_pad(r), x.element_size(), not gpu,
+                                            LP._dot_precision(dtype))
+                            LP._bwd_config = lambda *a_, _c=cfg, _b=base, **k_: dict(_b, dx=dict(_c))
+                            fn = lambda: LP.segmented_lora_backward(gy, x, w, a, b, xa, offs, scales,  # noqa: E731
+                                                                    need_dA=False, need_dB=False)
+                            out = fn()[0]
+                            ref = dx0
+                        err = float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-9))
+                        ms = bench(fn) if err < 3e-2 else None
+                        status = "ok" if ms is not None else f"mismatch (rel err {err:.2g})"
+                    except Exception as e:  # noqa: BLE001  (e.g. out of shared memory for this config)
+                        ms, status = None, f"n/a ({C.describe_exc(e)})"
+                    finally:
+                        LP._fwd_config, LP._bwd_config = orig_fwd, orig_bwd
+                    fl = flops_f if kind == "fwd" else 2 * M * N * K + 2 * M * L * r * K
+                    row = dict(shape=name, kernel=kind, config=cfg, heuristic=cfg == heur, time_ms=ms,
+                               tflops=(fl / (ms * 1e-3) / 1e12) if ms else None, status=status,
+                               device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
+                    rows.append(row)
+                    C.print_flush(json.dumps(row))
+    finally:
+        LP._fwd_config, LP._bwd_config = orig_fwd, orig_bwd
+
+    md = ["# tune_triton: block-config sweep of the fused projection kernels\n\n",
+          f"- device: {rows[0]['device'] if rows else 'n/a'}; commit {C.git_commit()}; bf16 on GPU, rank 16\n\n",
+          "| shape | kernel | heuristic ms (TFLOP/s) | best ms (TFLOP/s) | best config | configs timed |\n",
+          "|---|---|---|---|---|---|\n"]
+    for name, kind in dict.fromkeys((r["shape"], r["kernel"]) for r in rows):
+        sel = [r for r in rows if r["shape"] == name and r["kernel"] == kind and r["time_ms"]]
+        heur = next((r for r in rows if r["shape"] == name and r["kernel"] == kind and r["heuristic"]), None)
+        best = min(sel, key=lambda r: r["time_ms"]) if sel else None
+        f = lambda r: f"{r['time_ms']:.4g} ({r['tflops']:.3g})" if r and r["time_ms"] else "n/a"  # noqa: E731
+        md.append(f"| {name} | {kind} | {f(heur)} | {f(best)} | {best['config'] if best else '-'} | {len(sel)} |\n")
+    with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    with open(os.path.join(args.out, "tune.md"), "w") as fh:
+        fh.write("".join(md))
+    print("".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
