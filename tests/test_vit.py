@@ -622,14 +622,14 @@ def test_penalty_is_one_grouped_call_over_every_site(fw, monkeypatch):
     ctrl.begin_concept()
     randomize_factors(ctrl, seed=2)
     calls = []
-    orig = ops.grouped_forgetting_penalty
+    orig = ops.packed_forgetting_penalty
 
-    def spy(pasts, As, Bs, **kw):
-        calls.append(len(pasts))
-        return orig(pasts, As, Bs, **kw)
-    monkeypatch.setattr(ops, "grouped_forgetting_penalty", spy)
+    def spy(pasts, flat_As, flat_Bs, layout, **kw):
+        calls.append((len(pasts), len(layout)))
+        return orig(pasts, flat_As, flat_Bs, layout, **kw)
+    monkeypatch.setattr(ops, "packed_forgetting_penalty", spy)
     pen = ctrl.penalty()
-    assert calls == [6]  # K and V of 3 blocks, one call
+    assert calls == [(6, 6)]  # K and V of 3 blocks, one call
     ref = 3.0 * sum(reference.forgetting_penalty(ctrl.past(i), *ctrl.current_factors(i), ctrl.scale)
                     for i in range(6))
     torch.testing.assert_close(pen.detach(), ref.detach(), rtol=1e-5, atol=0)
