@@ -484,7 +484,8 @@ def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size:
                 interpret: bool, prec: str = "tf32") -> dict:
     """Single block config for the forward (no autotune: it needs a GPU).
 
-    GPU: BLOCK_M 64/128 (64 for small M or rank > 64), BLOCK_N 128 (64 for narrow segments),
+    GPU, 16-bit inputs with M <= 512 and rank <= 64: 64x64x64 tiles, 4 warps, 4 stages (measured best).
+    Otherwise: BLOCK_M 64/128 (64 for small M or rank > 64), BLOCK_N 128 (64 for narrow segments),
     BLOCK_K 64, 8 warps for 128x128 tiles or rank > 64; 3 pipeline stages for 16-bit inputs, 2 for fp32
     (x, W and A tiles of one stage take ~80 KB of shared memory in fp32).  Full-fp32 products
     (``prec == "ieee"``, torch's default for fp32) run on FMA units: 8 warps, BLOCK_K 16, and 16x64
@@ -494,6 +495,11 @@ def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size:
         # The interpreter pays per program and per load: as few, as large blocks as possible.
         return dict(BLOCK_M=_pow2_clamp(M, 16, 128), BLOCK_N=_pow2_clamp(max(seg_sizes), 16, 128),
                     BLOCK_K=_pow2_clamp(K, 16, 128), num_warps=4, num_stages=1)
+    if prec != "ieee" and elem_size <= 2 and M <= 512 and r_pad <= 64:
+        # few rows (e.g. the whole-UNet K/V launch: 77 tokens x batch, 25k output columns): small tiles,
+        # 4 warps, 4 stages; on an H100 (bf16, r 16, M 154) 0.040 ms vs 0.094 ms for 128x128x64/8 warps
+        # (benchmarks/tune_triton.py, RESULTS.md)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
     block_m = 64 if (M <= 64 or r_pad > 64) else 128
     block_n = 128 if max(seg_sizes) > 64 else 64
     # two fp32 accumulators ([BM, BN] and [BM, R_PAD]): 8 warps for big tiles or ranks > 64
@@ -542,8 +548,13 @@ def _bwd_config(M: int, K: int, N: int, LR: int, seg_sizes: Sequence[int], r_pad
                num_stages=stages),
         db=dict(BLOCK_N=128 if max(seg_sizes) > 64 else 64, BLOCK_M=64 if small_r else 32,
                 num_warps=4, num_stages=stages),
-        dx=dict(BLOCK_M=64 if M <= 64 else 128, BLOCK_K=128, BLOCK_N=64,
-                BLOCK_J=_pow2_clamp(LR, 16, 32), num_warps=8 if M > 64 else 4, num_stages=stages),
+        # dx tiles measured on an H100 (bf16, r 16; benchmarks/tune_triton.py): many rows (ViT-B/16, M 25k)
+        # 128x256 (K) x64 (N), 8 warps, 3 stages: 0.223 ms vs 0.836 ms for 128x128; few rows (M 154, N 25k)
+        # 64x128x64, 4 warps: 0.097 ms vs 0.120 ms
+        dx=(dict(BLOCK_M=128, BLOCK_K=256, BLOCK_N=64, BLOCK_J=_pow2_clamp(LR, 16, 32), num_warps=8,
+                 num_stages=3) if M > 512 and elem_size <= 2 and small_r else
+            dict(BLOCK_M=64 if M <= 512 else 128, BLOCK_K=128, BLOCK_N=64,
+                 BLOCK_J=_pow2_clamp(LR, 16, 32), num_warps=4 if M <= 512 else 8, num_stages=stages)),
         da=dict(BLOCK_J=_pow2_clamp(LR, 16, 64), BLOCK_K=128, BLOCK_M=64, num_warps=4,
                 num_stages=stages),
     )

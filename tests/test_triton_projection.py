@@ -139,7 +139,9 @@ def test_multiple_m_k_tiles_and_forced_split(device, monkeypatch):
     split = _check_all(150, 200, offs, 8, torch.float32, device, scales, seed=3)
     assert len(calls) == 3  # dx, dA and dB asked for a split
     for name, u, v in zip(("dx", "dA", "dB"), base[2:], split[2:]):
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5, msg=name)
+        # the split only reorders fp32 sums: differences of a few ulps of the largest partial sum
+        # (an entry with cancellation can differ by more than rtol of its own small value)
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5 * max(1.0, v.abs().max().item()), msg=name)
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])
@@ -273,6 +275,13 @@ def test_block_configs():
     assert b["dx"]["BLOCK_J"] <= 32 and b["g"]["BLOCK_N"] == 128
     b = lp._bwd_config(5, 33, 77, 8, [40, 37], 16, 4, True)
     assert all(v["num_stages"] == 1 for v in b.values())
+    # the H100-measured choices (benchmarks/tune_triton.py): few rows / many rows, bf16, r 16
+    c = lp._fwd_config(154, 768, [320, 1280], 16, 2, False)
+    assert (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"]) == (64, 64, 64, 4, 4)
+    d = lp._bwd_config(154, 768, 24960, 512, [320, 1280], 16, 2, False)["dx"]
+    assert (d["BLOCK_M"], d["BLOCK_K"], d["BLOCK_N"], d["num_warps"]) == (64, 128, 64, 4)
+    d = lp._bwd_config(25216, 768, 1536, 32, [768, 768], 16, 2, False)["dx"]
+    assert (d["BLOCK_M"], d["BLOCK_K"], d["BLOCK_N"], d["num_warps"], d["num_stages"]) == (128, 256, 64, 8, 3)
 
 
 def test_poison_fills_nan(device):
