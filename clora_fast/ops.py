@@ -23,6 +23,7 @@ Math (shapes in the PyTorch/PEFT convention, ``weight [out, in]``,
 from __future__ import annotations
 
 import importlib
+import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -329,47 +330,67 @@ def _merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, L: int, scale
     return torch.baddbmm(weight.reshape(L, n, K), b3, lora_A.reshape(L, r, K), alpha=alpha).view(N, K)
 
 
-def _scaled_bmm(a: Tensor, b: Tensor, scales: Sequence[float]) -> Tensor:
-    """``s_l * a[l] @ b[l]`` for every batch entry ``l``."""
-    if all(s == scales[0] for s in scales):     # one launch: beta=0 ignores the (empty) input
-        return torch.baddbmm(a.new_empty(()), a, b, beta=0.0, alpha=scales[0])
-    return torch.bmm(a, b).mul_(torch.tensor(scales, dtype=a.dtype, device=a.device).view(-1, 1, 1))
-
-
 class _MergedLoRAFunction(torch.autograd.Function):
+    """Merged-weight LoRA projection of L equal segments.  With ``split`` the L segment outputs
+    come back as separate views and their gradients arrive separately: no ``[M, N]`` gradient
+    is assembled from the slices (autograd's slice backward would zero-fill and copy one)."""
+
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, L, scales):
+    def forward(ctx, x, weight, lora_A, lora_B, bias, L, scales, split):
+        ctx.set_materialize_grads(False)
         w_eff = _merged_weight(weight, lora_A, lora_B, L, scales)
         ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.L, ctx.scales = L, scales
-        return torch.nn.functional.linear(x, w_eff, bias)
+        ctx.L, ctx.scales, ctx.split = L, scales, split
+        y = torch.nn.functional.linear(x, w_eff, bias)
+        if not split:
+            return y
+        n = weight.shape[0] // L
+        return tuple(y[:, l * n:(l + 1) * n] for l in range(L))
 
     @staticmethod
-    def backward(ctx, grad_y):
+    def backward(ctx, *grads):
         x, weight, lora_A, lora_B = ctx.saved_tensors
         L, scales = ctx.L, ctx.scales
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         M, K = x.shape
         N = weight.shape[0]
         n, r = N // L, lora_A.shape[0] // L
+        if ctx.split:
+            dys = list(grads)
+        else:
+            dys = [None if grads[0] is None else grads[0][:, l * n:(l + 1) * n] for l in range(L)]
+        live = [l for l in range(L) if dys[l] is not None]
         dx = dW = dA = dB = dbias = None
         if need_x:
-            dx = grad_y @ _merged_weight(weight, lora_A, lora_B, L, scales)
-        if need_a or need_b:
-            dy3 = grad_y.view(M, L, n).transpose(0, 1) if grad_y.is_contiguous() \
-                else grad_y.reshape(M, L, n).transpose(0, 1)                    # [L, M, n]
-            if need_a:
-                g = _scaled_bmm(dy3, lora_B.reshape(L, n, r), scales)           # [L, M, r]
-                dA = g.transpose(0, 1).reshape(M, L * r).t() @ x                 # [L*r, K]
-            if need_b:
-                xa = (x @ lora_A.t()).view(M, L, r).transpose(0, 1)             # [L, M, r]
-                dB = _scaled_bmm(dy3.transpose(1, 2), xa, scales).view(N, r)    # [N, r]
+            if live:
+                w3 = _merged_weight(weight, lora_A, lora_B, L, scales).view(L, n, K)
+                for l in live:
+                    dx = dys[l] @ w3[l] if dx is None else dx.addmm_(dys[l], w3[l])
+            else:
+                dx = torch.zeros_like(x)
+        a3 = lora_A.reshape(L, r, K)
+        b3 = lora_B.reshape(L, n, r)
+        one = x.new_empty(())            # beta=0 ignores it: addmm(alpha=s) scales in the GEMM's epilogue
+        if need_a:
+            gs = [torch.addmm(one, dys[l], b3[l], beta=0.0, alpha=scales[l]) if dys[l] is not None
+                  else x.new_zeros((M, r)) for l in range(L)]              # g_l = s_l dy_l @ B_l  [M, r]
+            dA = (gs[0] if L == 1 else torch.cat(gs, 1)).t() @ x          # [L*r, K]
+        if need_b:
+            xa = x @ lora_A.t()                                            # [M, L*r]
+            dB = lora_B.new_empty((N, r))
+            for l in range(L):
+                if dys[l] is None:
+                    dB[l * n:(l + 1) * n].zero_()
+                else:
+                    torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l],
+                                out=dB[l * n:(l + 1) * n])                 # s_l dy_l^T @ xa_l
         if need_w:
-            dW = grad_y.t() @ x
+            dW = torch.cat([d if d is not None else x.new_zeros((M, n)) for d in dys], 1).t() @ x
         if need_bias:
-            dbias = grad_y.sum(0, dtype=torch.float32 if grad_y.dtype != torch.float64 else torch.float64)
-            dbias = dbias.to(grad_y.dtype)
-        return dx, dW, dA, dB, dbias, None, None
+            acc = torch.float32 if x.dtype != torch.float64 else torch.float64
+            dbias = torch.cat([d.sum(0, dtype=acc) if d is not None else torch.zeros(n, dtype=acc, device=x.device)
+                               for d in dys]).to(x.dtype)
+        return dx, dW, dA, dB, dbias, None, None, None
 
 
 _STRATEGIES = ("auto", "fused", "merged")
@@ -383,6 +404,9 @@ def _pick_strategy(strategy: str, backend: str, device: torch.device, offsets: S
         raise ValueError(f"strategy='merged' needs segments of one size, got seg_offsets {list(offsets)}")
     if strategy != "auto":
         return strategy
+    forced = os.environ.get("CLORA_FAST_STRATEGY", "")
+    if forced in ("fused", "merged"):           # tests and experiments: override "auto" process-wide
+        return "merged" if forced == "merged" and len(sizes) == 1 else "fused"
     if device.type == "cuda" and backend in ("triton", "cuda") and len(sizes) == 1:
         return "merged"
     return "fused"
@@ -424,8 +448,14 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     ``"merged"`` folds ``s_l * B_l @ A_l`` into the weight for the call and runs the
     dense products as library GEMMs (equal segments only; any backend and device);
     ``"auto"`` (default) picks ``"merged"`` for the triton and cuda backends on CUDA
-    tensors when all segments have one size, else ``"fused"``.
+    tensors when all segments have one size, else ``"fused"`` (the environment variable
+    ``CLORA_FAST_STRATEGY=fused|merged`` overrides "auto", e.g. to compare the two).
     """
+    return _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split=False)
+
+
+def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split):
+    """Validated segmented projection: ``[..., N]``, or (``split``) one ``[..., n_l]`` view per segment."""
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
@@ -460,13 +490,19 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     strategy = _pick_strategy(strategy, backend, x.device, offsets)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
+    if strategy == "merged" and not _compiling():
+        out = _MergedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, L, tuple(scales), split)
+        if split:
+            return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
+        return out.reshape(*lead, weight.shape[0])
     if _compiling():
         y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
-    elif strategy == "merged":
-        y = _MergedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, L, tuple(scales))
     else:
         y = _SegmentedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
-    return y.reshape(*lead, weight.shape[0])
+    y = y.reshape(*lead, weight.shape[0])
+    if split:
+        return tuple(y[..., a:b] for a, b in zip(offsets, offsets[1:]))
+    return y
 
 
 def lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float = 1.0,
@@ -541,10 +577,9 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
         weight = w_k.as_strided((w_k.shape[0] + w_v.shape[0], w_k.shape[1]), w_k.stride())
     else:
         weight = torch.cat([w_k, w_v])
-    y = segmented_lora_projection(x, weight, torch.cat([a_k, a_v]), torch.cat([b_k, b_v]),
-                                  (0, w_k.shape[0], weight.shape[0]), [scale, scale], bias=bias, backend=backend,
-                                  strategy=strategy)
-    return y[..., :w_k.shape[0]], y[..., w_k.shape[0]:]
+    k, v = _segmented(x, weight, torch.cat([a_k, a_v]), torch.cat([b_k, b_v]), (0, w_k.shape[0], weight.shape[0]),
+                      [scale, scale], bias, backend, strategy, split=True)
+    return k, v
 
 
 def _check_penalty_args(past, lora_A, lora_B, suffix=""):

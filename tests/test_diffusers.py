@@ -178,7 +178,10 @@ def test_patch_structure_equivalence_and_unpatch(kind):
         assert torch.equal(run_unet(unet, inputs), ref)
 
 
-def test_fresh_concept_grouped_vs_per_layer_outputs_and_gradients(monkeypatch):
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_fresh_concept_grouped_vs_per_layer_outputs_and_gradients(monkeypatch, strategy):
+    # "merged": the per-layer K/V path that CUDA takes by default (folded weight, split outputs)
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     unet = tiny_unet("sd1")
     inputs = unet_inputs(unet)
     with torch.no_grad():

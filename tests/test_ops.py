@@ -148,7 +148,7 @@ def test_merged_strategy_matches_float64(device, dtype, L, r, scales):
             assert_close_idiom(gt, r64, lo, dtype, f"merged {backend} {name}")
 
 
-def test_merged_strategy_gradcheck_layouts_and_choice(device):
+def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch):
     d = torch.float64
     x, w, a, b, bias = make_lora(3, 6, 8, 2, d, torch.device("cpu"))
     x, a, b, bias = (t.requires_grad_() for t in (x, a, b, bias))
@@ -168,6 +168,23 @@ def test_merged_strategy_gradcheck_layouts_and_choice(device):
     assert y.shape == (0, 20)
     y.sum().backward()
     assert a_.grad.abs().max().item() == 0.0
+    # K/V with split outputs: only K used (V's gradient is None), biases, trainable weight
+    g = torch.Generator().manual_seed(9)
+    xd = torch.randn(2, 3, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    wk = torch.randn(8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    wv = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    ab = [torch.randn(*sh, generator=g, dtype=torch.float64, requires_grad=True) for sh in ((3, 16), (3, 16), (8, 3),
+                                                                                            (8, 3), (8,), (8,))]
+    for use_v in (True, False):
+        k, v = ops.lora_kv_projection(xd, (wk, wv), ab[0:2], ab[2:4], scale=0.7, biases=ab[4:6], strategy="merged")
+        kr = R.lora_projection(xd, wk, ab[0], ab[2], 0.7, ab[4])
+        vr = R.lora_projection(xd, wv, ab[1], ab[3], 0.7, ab[5])
+        got = torch.autograd.grad(k.cos().sum() + (v.square().sum() if use_v else 0), [xd, wk] + ab, allow_unused=True)
+        want = torch.autograd.grad(kr.cos().sum() + (vr.square().sum() if use_v else 0), [xd, wk] + ab,
+                                   allow_unused=True)
+        for gt, wt in zip(got, want):
+            wt = torch.zeros_like(gt) if wt is None else wt
+            torch.testing.assert_close(gt, wt, rtol=1e-10, atol=1e-12)
     # which strategy "auto" picks, and the errors
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 8)) == "merged"
@@ -175,6 +192,12 @@ def test_merged_strategy_gradcheck_layouts_and_choice(device):
     assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 9)) == "fused"      # unequal segments
     assert ops._pick_strategy("auto", "reference", cuda, (0, 8)) == "fused"
     assert ops._pick_strategy("auto", "triton", cpu, (0, 8)) == "fused"
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", "merged")       # the override of "auto"
+    assert ops._pick_strategy("auto", "reference", cpu, (0, 8)) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 9)) == "fused"
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", "fused")
+    assert ops._pick_strategy("auto", "triton", cuda, (0, 8)) == "fused"
+    monkeypatch.delenv("CLORA_FAST_STRATEGY")
     with pytest.raises(ValueError, match="strategy='merged' needs segments of one size"):
         ops.segmented_lora_projection(x, w, torch.cat([a, a]), b, (0, 5, 20), 1.0, strategy="merged")
     with pytest.raises(ValueError, match="strategy must be one of"):

@@ -225,8 +225,11 @@ def _reference_model(fw, m0, As, Bs, scale, weights):
 
 @pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
 @pytest.mark.parametrize("second_concept", [False, True])
-def test_grads_match_reference_autograd(fw, second_concept):
-    # float64 on both sides, so a tight tolerance means the same math (not rounding luck)
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_grads_match_reference_autograd(fw, second_concept, strategy, monkeypatch):
+    # float64 on both sides, so a tight tolerance means the same math (not rounding luck);
+    # "merged" = the K/V path CUDA takes by default (split K/V outputs of one autograd Function)
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     m, x = make(fw)
     m, x = m.double(), x.double()
     m.requires_grad_(False)
