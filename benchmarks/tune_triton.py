@@ -72,10 +72,77 @@ def shapes(gpu: bool):
     return [("sd_unet_kv_all_b2", 2 * 77, 768, offs, 16), ("vit_b16_kv_b128", 128 * 197, 768, [0, 768, 1536], 16)]
 
 
+def penalty_cases(gpu: bool):
+    """(name, P dtype, A/B dtype, precision, [configs]); config = (block_o, block_i, warps, stages, det).
+    The first config of each case is the launcher's default."""
+    if not gpu:
+        return [("tiny_pen", torch.float32, torch.float32, None, [(None, None, None, None, True),
+                                                                  (16, 16, 4, 1, True), (16, 32, 4, 1, False)])]
+    bf16 = [(None, None, None, None, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True), (64, 128, 4, 3, True),
+            (64, 64, 4, 4, True), (256, 64, 8, 3, True), (None, None, None, None, False), (128, 32, 4, 4, True)]
+    ieee = [(None, None, None, None, True), (64, 64, 8, 3, True), (64, 32, 4, 3, True), (128, 32, 8, 2, True)]
+    tf32 = [(None, None, None, None, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (64, 128, 8, 3, True)]
+    return [("sd32_bf16P_bf16AB", torch.bfloat16, torch.bfloat16, None, bf16),
+            ("sd32_fp32P_fp32AB_ieee", torch.float32, torch.float32, "ieee", ieee),
+            ("sd32_fp32P_fp32AB_tf32", torch.float32, torch.float32, "tf32", tf32)]
+
+
+def penalty_sweep(args, t0, gpu, dev):
+    """Grouped penalty over the 32 SD-1.5 K/V projections (r 16): kernel time per launch config."""
+    from clora_fast.kernels import forgetting_penalty as FP
+    timer = C.Timer(dev, 1e9, quick=not gpu)
+    peaks_bw = None
+    if gpu:
+        src = torch.empty(1 << 28, dtype=torch.float32, device=dev)
+        dst = torch.empty_like(src)
+        peaks_bw = 2 * src.numel() * 4 / (timer(lambda: dst.copy_(src), rep_ms=100) * 1e-3) / 1e9
+        del src, dst
+    if gpu:
+        outs = [o for _, o, _ in C.sd_kv_shapes_from_config(C.load_json_config("sd15_unet.json"))]
+        K, r = 768, 16
+    else:
+        outs, K, r = [20, 37, 9], 24, 4
+    rows = []
+    for name, pdt, abdt, prec, cfgs in penalty_cases(gpu):
+        g = torch.Generator(device=dev).manual_seed(1)
+        pasts = [(torch.randn(o, K, device=dev, generator=g) * 0.02).to(pdt) for o in outs]
+        As = [(torch.randn(r, K, device=dev, generator=g) * 0.02).to(abdt) for _ in outs]
+        Bs = [(torch.randn(o, r, device=dev, generator=g) * 0.02).to(abdt) for o in outs]
+        nbytes = sum(p.numel() * p.element_size() + 2 * (a.numel() * a.element_size() + b.numel() * b.element_size())
+                     for p, a, b in zip(pasts, As, Bs))
+        ref = None
+        for i, (bo, bi, w, st, det) in enumerate(cfgs):
+            if time.perf_counter() - t0 > args.budget:
+                break
+            kw = dict(input_precision=prec, deterministic=det, block_o=bo, block_i=bi, num_warps=w, num_stages=st)
+            fn = lambda kw=kw: FP.grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, **kw)  # noqa: E731
+            try:
+                loss = fn()[0]
+                ref = loss if ref is None else ref
+                rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-30)
+                if rel > 1e-2:
+                    raise RuntimeError(f"loss differs from the default config's by {rel:.2g}")
+                ms = timer.device_ms(fn, iters=5, flush=True) if gpu else timer(fn)
+                status = "ok"
+            except Exception as e:  # noqa: BLE001
+                ms, status = None, f"n/a ({C.describe_exc(e)})"
+            gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
+            row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
+                       bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
+                       config=dict(block_o=bo or "default", block_i=bi or "default", num_warps=w or "default",
+                                   num_stages=st or "default", deterministic=det),
+                       device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
+            rows.append(row)
+            C.print_flush(json.dumps(row))
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     ap.add_argument("--budget", type=float, default=120.0, help="seconds for the whole sweep (stops early)")
+    ap.add_argument("--skip-projection", action="store_true", help="only the penalty sweep")
+    ap.add_argument("--skip-penalty", action="store_true", help="only the projection sweep")
     args = ap.parse_args(argv)
     from clora_fast.kernels import lora_projection as LP
 
@@ -96,7 +163,7 @@ def main(argv=None):
 
     orig_fwd, orig_bwd = LP._fwd_config, LP._bwd_config
     try:
-        for name, M, K, offs, r in shapes(gpu):
+        for name, M, K, offs, r in ([] if args.skip_projection else shapes(gpu)):
             g = torch.Generator(device=dev).manual_seed(0)
             L, N = len(offs) - 1, offs[-1]
             x = torch.randn(M, K, device=dev, generator=g).to(dtype)
@@ -147,16 +214,30 @@ def main(argv=None):
     finally:
         LP._fwd_config, LP._bwd_config = orig_fwd, orig_bwd
 
+    if not args.skip_penalty:
+        rows += penalty_sweep(args, t0, gpu, dev)
+
     md = ["# tune_triton: block-config sweep of the fused projection kernels\n\n",
           f"- device: {rows[0]['device'] if rows else 'n/a'}; commit {C.git_commit()}; bf16 on GPU, rank 16\n\n",
           "| shape | kernel | heuristic ms (TFLOP/s) | best ms (TFLOP/s) | best config | configs timed |\n",
           "|---|---|---|---|---|---|\n"]
-    for name, kind in dict.fromkeys((r["shape"], r["kernel"]) for r in rows):
+    for name, kind in dict.fromkeys((r["shape"], r["kernel"]) for r in rows if r["kernel"] != "penalty"):
         sel = [r for r in rows if r["shape"] == name and r["kernel"] == kind and r["time_ms"]]
         heur = next((r for r in rows if r["shape"] == name and r["kernel"] == kind and r["heuristic"]), None)
         best = min(sel, key=lambda r: r["time_ms"]) if sel else None
         f = lambda r: f"{r['time_ms']:.4g} ({r['tflops']:.3g})" if r and r["time_ms"] else "n/a"  # noqa: E731
         md.append(f"| {name} | {kind} | {f(heur)} | {f(best)} | {best['config'] if best else '-'} | {len(sel)} |\n")
+    pen = [r for r in rows if r["kernel"] == "penalty"]
+    if pen:
+        md += ["\n## penalty kernels (main + reduce), GPU kernel time after an L2 flush (torch.profiler)\n\n",
+               "| case | config (block_o, block_i, warps, stages, deterministic) | default | kernels ms | GB/s | "
+               "% of copy BW | status |\n", "|---|---|---|---|---|---|---|\n"]
+        for r in pen:
+            c = r["config"]
+            md.append(f"| {r['shape']} | {c['block_o']}, {c['block_i']}, {c['num_warps']}, {c['num_stages']}, "
+                      f"{c['deterministic']} | {'yes' if r['heuristic'] else ''} | "
+                      f"{r['time_ms'] and round(r['time_ms'], 4)} | {r.get('gbps') and round(r['gbps'])} | "
+                      f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r['status']} |\n")
     with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

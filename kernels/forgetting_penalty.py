@@ -372,13 +372,16 @@ class _Plan:
     """Device tables and sizes for one (layers, dtypes, config) combination."""
 
     def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits, bases=None):
+                 block_o, block_i, col_splits, bases=None, num_warps=None, num_stages=None):
         L = len(pasts)
         outs = [int(p.shape[0]) for p in pasts]
         ins = [int(p.shape[1]) for p in pasts]
         ranks = [int(a.shape[0]) for a in lora_As]
         self.rp = max(16, _pow2(max(ranks)))
         self.bo, self.bi, self.num_warps = _config(outs, ins, self.rp, precision, interpret, block_o, block_i)
+        if num_warps is not None:
+            self.num_warps = int(num_warps)
+        self.num_stages = 1 if interpret else (3 if num_stages is None else int(num_stages))
         self.deterministic = deterministic
         bo, bi = self.bo, self.bi
         esize = pasts[0].element_size()
@@ -519,19 +522,20 @@ def _layers_key(pasts, lora_As, lora_Bs) -> tuple:
 
 
 def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-          block_o, block_i, col_splits) -> _Plan:
+          block_o, block_i, col_splits, num_warps=None, num_stages=None) -> _Plan:
     """The cached plan; inputs are validated only when a new plan is built (a cache hit means
     the same addresses, shapes, strides and dtypes as an earlier validated call)."""
     try:
         layers = _layers_key(pasts, lora_As, lora_Bs)
     except AttributeError:          # not tensors: let _check name the culprit
         layers = None
-    key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, tuple(scales), layers)
+    key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, num_warps, num_stages,
+           tuple(scales), layers)
     plan = _PLANS.get(key) if layers is not None else None
     if plan is None:
         _check(pasts, lora_As, lora_Bs, scales)
         plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                     block_o, block_i, col_splits)
+                     block_o, block_i, col_splits, num_warps=num_warps, num_stages=num_stages)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -604,7 +608,7 @@ def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic,
             # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
             PRECISION="ieee" if precision == "bf16" else precision, DA_ATOMIC=not deterministic,
             BF16_DOT=precision == "bf16" and not interpret, num_warps=plan.num_warps,
-            num_stages=1 if interpret else 3,
+            num_stages=plan.num_stages,
         )
     _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
 
@@ -622,7 +626,7 @@ def grouped_forgetting_penalty_forward(
     pasts: Sequence[torch.Tensor], lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
     scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
     deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None,
-    col_splits: Optional[int] = None,
+    col_splits: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
 
@@ -637,7 +641,8 @@ def grouped_forgetting_penalty_forward(
     dA partials through a workspace, bit-reproducible; False: fp32 atomics for dA, see
     module doc), ``block_o``/``block_i`` (tile
     sizes, powers of two >= 16) and ``col_splits`` (split ``in`` into that many chunks
-    per layer; default: only on a GPU, to fill it when there are few row blocks).
+    per layer; default: only on a GPU, to fill it when there are few row blocks), ``num_warps`` /
+    ``num_stages`` (GPU launch parameters; defaults from the config table, 3 stages).
     Two launches: the main kernel, then the deterministic partial reduction.
     """
     pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
@@ -655,7 +660,7 @@ def grouped_forgetting_penalty_forward(
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
     plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits)
+                 block_o, block_i, col_splits, num_warps, num_stages)
 
     f32 = torch.float32
     dAs = [torch.empty(sa, dtype=f32, device=device) for sa in plan.da_shapes]

@@ -236,9 +236,9 @@ def test_tune_triton_sweep_runs_and_checks_results(tmp_path):
     mod = _load("tune_triton")
     assert mod.main(["--out", str(tmp_path), "--budget", "120"]) == 0
     rows = _read_jsonl(tmp_path / "tune.jsonl")
-    assert {r["kernel"] for r in rows} == {"fwd", "dx"}
+    assert {r["kernel"] for r in rows} == {"fwd", "dx", "penalty"}
     for r in rows:
         _check_timed(r)
-    assert sum(r["heuristic"] for r in rows) == 2
+    assert sum(r["heuristic"] for r in rows) == 3
     md = (tmp_path / "tune.md").read_text()
-    assert len(_md_rows(md, "tiny_kv")) == 2
+    assert len(_md_rows(md, "tiny_kv")) == 2 and len(_md_rows(md, "tiny_pen")) == 3
