@@ -25,7 +25,8 @@
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
 # a hard `timeout` above it. TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
-# after them. Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
+# after them (TUNE_ARGS e.g. --skip-projection). OPS_ARGS / E2E_ARGS / SCALING_ARGS go to one benchmark only
+# (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"). Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
 # SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
 # benchmark's arguments (e.g. BENCH_ARGS=--quick SKIP_TESTS=1 PYTHON=/work/venv/bin/python to try the whole
 # pipeline on a CPU machine).
@@ -175,8 +176,9 @@ run_bench() {  # name share_percent fixed_overhead_s [extra args]
     return
   fi
   say "bench_$name: --gpu-budget ${budget}s (hard timeout ${hard}s; ${l}s left overall)"
+  local own="$(echo "$name" | tr a-z A-Z)_ARGS"   # OPS_ARGS / E2E_ARGS / SCALING_ARGS: this benchmark only
   timeout "$hard" "$PY" "benchmarks/bench_$name.py" --out "$RES" --gpu-budget "$budget" --plot "$@" ${BENCH_ARGS:-} \
-    > "$RES/bench_$name.log" 2>&1
+    ${!own:-} > "$RES/bench_$name.log" 2>&1
   local rc=$?
   grep -E "^(PASS|MISS|N/A|INFO) |^wrote |Traceback|Error" "$RES/bench_$name.log" | tail -n 40
   say "bench_$name exit code $rc"
@@ -194,7 +196,8 @@ fi
 if [ "${TUNE_S:-0}" -gt 0 ] && [ "$(left)" -gt 30 ]; then
   tb=$(( TUNE_S < $(left) - 20 ? TUNE_S : $(left) - 20 ))
   say "tune_triton: --budget ${tb}s"
-  timeout $(( tb + 60 )) "$PY" benchmarks/tune_triton.py --out "$RES" --budget "$tb" > "$RES/tune.log" 2>&1
+  timeout $(( tb + 60 )) "$PY" benchmarks/tune_triton.py --out "$RES" --budget "$tb" ${TUNE_ARGS:-} \
+    > "$RES/tune.log" 2>&1
   say "tune_triton exit code $?"
   cat "$RES/tune.md" 2>/dev/null
 fi

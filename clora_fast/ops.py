@@ -318,79 +318,92 @@ class _PackedPenaltyFunction(torch.autograd.Function):
 # grouped whole-UNet launch (unequal segments, weight >> activations there).
 # ---------------------------------------------------------------------------
 
-def _merged_weight(weight: Tensor, lora_A: Tensor, lora_B: Tensor, L: int, scales: Sequence[float]) -> Tensor:
-    """``W + s_l * B_l @ A_l`` per segment (equal segments), ``[N, K]`` in weight's dtype."""
-    N, K = weight.shape
-    n, r = N // L, lora_A.shape[0] // L
-    b3 = lora_B.reshape(L, n, r)
-    alpha = scales[0]
-    if any(s != alpha for s in scales):
-        b3 = b3 * torch.tensor(scales, dtype=b3.dtype, device=b3.device).view(L, 1, 1)
-        alpha = 1.0
-    return torch.baddbmm(weight.reshape(L, n, K), b3, lora_A.reshape(L, r, K), alpha=alpha).view(N, K)
+def _merged_weights(Ws, As, Bs, scales, out: Optional[Tensor] = None) -> List[Tensor]:
+    """``W_l + s_l * B_l @ A_l`` per segment (one GEMM each); written into the row blocks of
+    ``out`` ``[L*n, K]`` when given."""
+    if out is None:
+        return [torch.addmm(w, b, a, alpha=s) for w, a, b, s in zip(Ws, As, Bs, scales)]
+    n = Ws[0].shape[0]
+    return [torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
+            for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
 
 
 class _MergedLoRAFunction(torch.autograd.Function):
-    """Merged-weight LoRA projection of L equal segments.  With ``split`` the L segment outputs
-    come back as separate views and their gradients arrive separately: no ``[M, N]`` gradient
-    is assembled from the slices (autograd's slice backward would zero-fill and copy one)."""
+    """Merged-weight LoRA projection of L equal segments, each with its own weight, A and B
+    (``params = W_1..W_L, A_1..A_L, B_1..B_L``: no concatenation of the factors, so no
+    concatenation in the graph either).  With ``split`` the segment outputs come back as
+    separate views and their gradients arrive separately: no ``[M, N]`` gradient is assembled
+    from slices (autograd's slice backward would zero-fill and copy one)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, L, scales, split):
+    def forward(ctx, x, bias, scales, split, *params):
         ctx.set_materialize_grads(False)
-        w_eff = _merged_weight(weight, lora_A, lora_B, L, scales)
-        ctx.save_for_backward(x, weight, lora_A, lora_B)
-        ctx.L, ctx.scales, ctx.split = L, scales, split
+        L = len(scales)
+        Ws, As, Bs = params[:L], params[L:2 * L], params[2 * L:]
+        n = Ws[0].shape[0]
+        if L == 1:
+            w_eff = _merged_weights(Ws, As, Bs, scales)[0]
+        else:
+            w_eff = Ws[0].new_empty((L * n, Ws[0].shape[1]))
+            _merged_weights(Ws, As, Bs, scales, out=w_eff)
+        ctx.save_for_backward(x, *params)
+        ctx.scales, ctx.split = scales, split
         y = torch.nn.functional.linear(x, w_eff, bias)
         if not split:
             return y
-        n = weight.shape[0] // L
         return tuple(y[:, l * n:(l + 1) * n] for l in range(L))
 
     @staticmethod
     def backward(ctx, *grads):
-        x, weight, lora_A, lora_B = ctx.saved_tensors
-        L, scales = ctx.L, ctx.scales
-        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
-        M, K = x.shape
-        N = weight.shape[0]
-        n, r = N // L, lora_A.shape[0] // L
+        x, *params = ctx.saved_tensors
+        scales = ctx.scales
+        L = len(scales)
+        Ws, As, Bs = params[:L], params[L:2 * L], params[2 * L:]
+        need = ctx.needs_input_grad
+        need_x, need_bias = need[0], need[1]
+        need_w, need_a, need_b = need[4:4 + L], need[4 + L:4 + 2 * L], need[4 + 2 * L:]
+        M = x.shape[0]
+        n, r = Ws[0].shape[0], As[0].shape[0]
         if ctx.split:
             dys = list(grads)
         else:
             dys = [None if grads[0] is None else grads[0][:, l * n:(l + 1) * n] for l in range(L)]
         live = [l for l in range(L) if dys[l] is not None]
-        dx = dW = dA = dB = dbias = None
+        dx = dbias = None
+        dWs, dAs, dBs = [None] * L, [None] * L, [None] * L
         if need_x:
-            if live:
-                w3 = _merged_weight(weight, lora_A, lora_B, L, scales).view(L, n, K)
-                for l in live:
-                    dx = dys[l] @ w3[l] if dx is None else dx.addmm_(dys[l], w3[l])
-            else:
+            w_eff = _merged_weights([Ws[l] for l in live], [As[l] for l in live], [Bs[l] for l in live],
+                                    [scales[l] for l in live])
+            for l, w in zip(live, w_eff):
+                dx = dys[l] @ w if dx is None else dx.addmm_(dys[l], w)
+            if dx is None:
                 dx = torch.zeros_like(x)
-        a3 = lora_A.reshape(L, r, K)
-        b3 = lora_B.reshape(L, n, r)
         one = x.new_empty(())            # beta=0 ignores it: addmm(alpha=s) scales in the GEMM's epilogue
-        if need_a:
-            gs = [torch.addmm(one, dys[l], b3[l], beta=0.0, alpha=scales[l]) if dys[l] is not None
+        if any(need_a):
+            gs = [torch.addmm(one, dys[l], Bs[l], beta=0.0, alpha=scales[l]) if dys[l] is not None
                   else x.new_zeros((M, r)) for l in range(L)]              # g_l = s_l dy_l @ B_l  [M, r]
             dA = (gs[0] if L == 1 else torch.cat(gs, 1)).t() @ x          # [L*r, K]
-        if need_b:
-            xa = x @ lora_A.t()                                            # [M, L*r]
-            dB = lora_B.new_empty((N, r))
+            dAs = [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
+        if any(need_b):
+            xa = x @ (As[0] if L == 1 else torch.cat(As)).t()              # [M, L*r]
             for l in range(L):
-                if dys[l] is None:
-                    dB[l * n:(l + 1) * n].zero_()
-                else:
-                    torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l],
-                                out=dB[l * n:(l + 1) * n])                 # s_l dy_l^T @ xa_l
-        if need_w:
-            dW = torch.cat([d if d is not None else x.new_zeros((M, n)) for d in dys], 1).t() @ x
+                if not need_b[l]:
+                    continue
+                dBs[l] = (Bs[l].new_zeros((n, r)) if dys[l] is None else
+                          torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l]))
+        for l in range(L):
+            if need_w[l]:
+                dWs[l] = dys[l].t() @ x if dys[l] is not None else torch.zeros_like(Ws[l])
         if need_bias:
             acc = torch.float32 if x.dtype != torch.float64 else torch.float64
             dbias = torch.cat([d.sum(0, dtype=acc) if d is not None else torch.zeros(n, dtype=acc, device=x.device)
                                for d in dys]).to(x.dtype)
-        return dx, dW, dA, dB, dbias, None, None, None
+        return (dx, dbias, None, None, *dWs, *dAs, *dBs)
+
+
+def _merged(x2, weights, lora_As, lora_Bs, bias, scales, split):
+    """Run :class:`_MergedLoRAFunction` (x2 ``[M, K]``; per-segment lists)."""
+    return _MergedLoRAFunction.apply(x2, bias, tuple(scales), split, *weights, *lora_As, *lora_Bs)
 
 
 _STRATEGIES = ("auto", "fused", "merged")
@@ -491,7 +504,13 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "merged" and not _compiling():
-        out = _MergedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, L, tuple(scales), split)
+        n, r = weight.shape[0] // L, lora_A.shape[0] // L
+        if L == 1:
+            parts = ([weight], [lora_A], [lora_B])
+        else:
+            parts = ([weight[l * n:(l + 1) * n] for l in range(L)], [lora_A[l * r:(l + 1) * r] for l in range(L)],
+                     [lora_B[l * n:(l + 1) * n] for l in range(L)])
+        out = _merged(x2, *parts, bias, scales, split)
         if split:
             return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
         return out.reshape(*lead, weight.shape[0])
@@ -573,6 +592,21 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
             raise ValueError(f"biases must have shapes [{w_k.shape[0]}] and [{w_v.shape[0]}], got "
                              f"{tuple(bk.shape)} and {tuple(bv.shape)}")
         bias = torch.cat([bk, bv])
+    if w_k.shape[0] == w_v.shape[0] and not _compiling():
+        # the merged strategy takes K and V as they are: no concatenated weight or factors at all
+        check_same_device([("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k),
+                           ("lora_As[1]", a_v), ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)])
+        backend = resolve_backend(backend, x.device)
+        if _pick_strategy(strategy, backend, x.device, (0, w_k.shape[0], 2 * w_k.shape[0])) == "merged":
+            x, w_k, w_v, a_k, a_v, b_k, b_v, bias = _autocast(x.device, x, w_k, w_v, a_k, a_v, b_k, b_v, bias)
+            check_same_dtype([("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k),
+                              ("lora_As[1]", a_v), ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)])
+            check_dtype_for_backend("x", x, backend)
+            scale = check_scale("scale", scale)
+            lead = x.shape[:-1]
+            k, v = _merged(x.reshape(-1, x.shape[-1]), (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (scale, scale),
+                           True)
+            return k.reshape(*lead, k.shape[-1]), v.reshape(*lead, v.shape[-1])
     if (not _compiling() and not (w_k.requires_grad or w_v.requires_grad) and _adjacent_rows(w_k, w_v)):
         weight = w_k.as_strided((w_k.shape[0] + w_v.shape[0], w_k.shape[1]), w_k.stride())
     else:
