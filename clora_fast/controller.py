@@ -451,15 +451,15 @@ class CLoRAController(nn.Module):
             return [nn.functional.linear(x, self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
         self._sync_device()
         wcat, bcat = self._bundle_weights(bundle)
+        # split outputs: the sites' gradients are gathered with one concatenation (slicing one output
+        # would make autograd zero-fill a full-width gradient per site)
         if self._active is None:
-            y = nn.functional.linear(x, wcat, bcat)
-        else:
-            b = self._group_bundle[group]
-            dt = self._compute_dtype(x)
-            y = ops.segmented_lora_projection(x, wcat, self.lora_A[b].to(dt), self.lora_B[b].to(dt),
-                                              bundle.offsets, self.scale, bias=bcat, backend=self.backend)
-        o = bundle.offsets
-        return [y[..., o[p]:o[p + 1]] for p in range(len(bundle.site_ids))]
+            return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), bundle.offsets))
+        b = self._group_bundle[group]
+        dt = self._compute_dtype(x)
+        return list(ops.segmented_lora_projection(x, wcat, self.lora_A[b].to(dt), self.lora_B[b].to(dt),
+                                                  bundle.offsets, self.scale, bias=bcat, backend=self.backend,
+                                                  split=True))
 
     # ------------------------------------------------------------------ concepts
     def _bump(self) -> None:

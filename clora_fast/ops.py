@@ -34,7 +34,7 @@ from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_d
                         check_scale, check_tensor, interpreting, resolve_backend)
 
 __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
-           "grouped_forgetting_penalty", "packed_forgetting_penalty"]
+           "grouped_forgetting_penalty", "packed_forgetting_penalty", "split_columns"]
 
 
 # ---------------------------------------------------------------------------
@@ -233,6 +233,39 @@ class _SegmentedLoRAFunction(torch.autograd.Function):
         return _segmented_grads(ctx, grad_y, _launch_segmented_backward)
 
 
+class _SplitColumns(torch.autograd.Function):
+    """Column blocks of a 2-D ``y`` as separate outputs (views); backward concatenates their
+    gradients once.  Slicing ``y`` directly would make autograd zero-fill a full ``[M, N]``
+    gradient per slice and add them up (for the whole-UNet K/V: 32 fills, copies and adds of
+    ``[M, 25k]`` per backward)."""
+
+    @staticmethod
+    def forward(ctx, y, offsets):
+        ctx.set_materialize_grads(False)
+        ctx.offsets, ctx.shape, ctx.dtype, ctx.device = offsets, y.shape, y.dtype, y.device
+        return tuple(y[:, a:b] for a, b in zip(offsets, offsets[1:]))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        o, (M, _) = ctx.offsets, ctx.shape
+        pieces = [g if g is not None else torch.zeros((M, b - a), dtype=ctx.dtype, device=ctx.device)
+                  for g, a, b in zip(grads, o, o[1:])]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)), None
+
+
+def split_columns(y: Tensor, offsets: Sequence[int]) -> Tuple[Tensor, ...]:
+    """``tuple(y[..., o_l:o_{l+1}])`` (views) whose gradients are gathered with one
+    concatenation instead of a zero-filled ``y``-sized gradient per slice."""
+    offsets = tuple(int(o) for o in offsets)
+    if offsets[0] != 0 or offsets[-1] != y.shape[-1] or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"offsets must increase strictly from 0 to y.shape[-1]={y.shape[-1]}, got {list(offsets)}")
+    lead = y.shape[:-1]
+    if not torch.is_grad_enabled() or not y.requires_grad or _compiling():
+        return tuple(y[..., a:b] for a, b in zip(offsets, offsets[1:]))
+    parts = _SplitColumns.apply(y.reshape(-1, y.shape[-1]), offsets)
+    return tuple(p.reshape(*lead, p.shape[-1]) for p in parts)
+
+
 class _PenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, past, lora_A, lora_B, scale, backend):
@@ -328,26 +361,33 @@ def _merged_weights(Ws, As, Bs, scales, out: Optional[Tensor] = None) -> List[Te
             for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
 
 
+def _segments(parts, L: int, rows: int):
+    """Per-segment tensors from ``parts``: L tensors as they are, or the row blocks of one stacked one."""
+    return list(parts) if len(parts) == L else [parts[0][l * rows:(l + 1) * rows] for l in range(L)]
+
+
 class _MergedLoRAFunction(torch.autograd.Function):
-    """Merged-weight LoRA projection of L equal segments, each with its own weight, A and B
-    (``params = W_1..W_L, A_1..A_L, B_1..B_L``: no concatenation of the factors, so no
-    concatenation in the graph either).  With ``split`` the segment outputs come back as
-    separate views and their gradients arrive separately: no ``[M, N]`` gradient is assembled
-    from slices (autograd's slice backward would zero-fill and copy one)."""
+    """Merged-weight LoRA projection of L equal segments.  The weights, A's and B's each come
+    either stacked (one tensor, e.g. a controller's flat parameter) or one per segment (K and V
+    as the user holds them): no concatenation, and no per-segment slicing in the autograd graph.
+    With ``split`` the segment outputs come back as separate views and their gradients arrive
+    separately: no ``[M, N]`` gradient is assembled from slices."""
 
     @staticmethod
-    def forward(ctx, x, bias, scales, split, *params):
+    def forward(ctx, x, bias, scales, split, nW, nA, *tensors):
         ctx.set_materialize_grads(False)
         L = len(scales)
-        Ws, As, Bs = params[:L], params[L:2 * L], params[2 * L:]
-        n = Ws[0].shape[0]
+        Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
+        n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
+        r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
+        Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
         if L == 1:
             w_eff = _merged_weights(Ws, As, Bs, scales)[0]
         else:
             w_eff = Ws[0].new_empty((L * n, Ws[0].shape[1]))
             _merged_weights(Ws, As, Bs, scales, out=w_eff)
-        ctx.save_for_backward(x, *params)
-        ctx.scales, ctx.split = scales, split
+        ctx.save_for_backward(x, *tensors)
+        ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
         y = torch.nn.functional.linear(x, w_eff, bias)
         if not split:
             return y
@@ -355,22 +395,22 @@ class _MergedLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        x, *params = ctx.saved_tensors
-        scales = ctx.scales
+        x, *tensors = ctx.saved_tensors
+        scales, nW, nA, n, r = ctx.scales, ctx.nW, ctx.nA, ctx.n, ctx.r
         L = len(scales)
-        Ws, As, Bs = params[:L], params[L:2 * L], params[2 * L:]
+        Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
+        Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
         need = ctx.needs_input_grad
         need_x, need_bias = need[0], need[1]
-        need_w, need_a, need_b = need[4:4 + L], need[4 + L:4 + 2 * L], need[4 + 2 * L:]
+        need_w, need_a, need_b = need[6:6 + nW], need[6 + nW:6 + nW + nA], need[6 + nW + nA:]
         M = x.shape[0]
-        n, r = Ws[0].shape[0], As[0].shape[0]
         if ctx.split:
             dys = list(grads)
         else:
             dys = [None if grads[0] is None else grads[0][:, l * n:(l + 1) * n] for l in range(L)]
         live = [l for l in range(L) if dys[l] is not None]
         dx = dbias = None
-        dWs, dAs, dBs = [None] * L, [None] * L, [None] * L
+        gW, gA, gB = [None] * nW, [None] * nA, [None] * len(Bp)
         if need_x:
             w_eff = _merged_weights([Ws[l] for l in live], [As[l] for l in live], [Bs[l] for l in live],
                                     [scales[l] for l in live])
@@ -382,28 +422,33 @@ class _MergedLoRAFunction(torch.autograd.Function):
         if any(need_a):
             gs = [torch.addmm(one, dys[l], Bs[l], beta=0.0, alpha=scales[l]) if dys[l] is not None
                   else x.new_zeros((M, r)) for l in range(L)]              # g_l = s_l dy_l @ B_l  [M, r]
-            dA = (gs[0] if L == 1 else torch.cat(gs, 1)).t() @ x          # [L*r, K]
-            dAs = [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
+            dA = (gs[0] if L == 1 else torch.cat(gs, 1)).t() @ x          # [L*r, K], stacked
+            gA = [dA] if nA == 1 else [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
         if any(need_b):
-            xa = x @ (As[0] if L == 1 else torch.cat(As)).t()              # [M, L*r]
+            xa = x @ (As[0] if L == 1 else (Ap[0] if nA == 1 else torch.cat(As))).t()   # [M, L*r]
+            dB = Bs[0].new_empty((L * n, r))
             for l in range(L):
-                if not need_b[l]:
-                    continue
-                dBs[l] = (Bs[l].new_zeros((n, r)) if dys[l] is None else
-                          torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l]))
-        for l in range(L):
-            if need_w[l]:
-                dWs[l] = dys[l].t() @ x if dys[l] is not None else torch.zeros_like(Ws[l])
+                if dys[l] is None:
+                    dB[l * n:(l + 1) * n].zero_()
+                else:
+                    torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l],
+                                out=dB[l * n:(l + 1) * n])                 # s_l dy_l^T @ xa_l
+            gB = [dB] if len(Bp) == 1 else [dB[l * n:(l + 1) * n] for l in range(L)]
+        if any(need_w):
+            dWs = [dys[l].t() @ x if dys[l] is not None else torch.zeros_like(Ws[l]) for l in range(L)]
+            gW = [torch.cat(dWs)] if nW == 1 else dWs
         if need_bias:
             acc = torch.float32 if x.dtype != torch.float64 else torch.float64
             dbias = torch.cat([d.sum(0, dtype=acc) if d is not None else torch.zeros(n, dtype=acc, device=x.device)
                                for d in dys]).to(x.dtype)
-        return (dx, dbias, None, None, *dWs, *dAs, *dBs)
+        return (dx, dbias, None, None, None, None, *gW, *gA, *gB)
 
 
 def _merged(x2, weights, lora_As, lora_Bs, bias, scales, split):
-    """Run :class:`_MergedLoRAFunction` (x2 ``[M, K]``; per-segment lists)."""
-    return _MergedLoRAFunction.apply(x2, bias, tuple(scales), split, *weights, *lora_As, *lora_Bs)
+    """Run :class:`_MergedLoRAFunction` (x2 ``[M, K]``; each of weights / lora_As / lora_Bs a
+    sequence of one stacked tensor or of one tensor per segment)."""
+    return _MergedLoRAFunction.apply(x2, bias, tuple(scales), split, len(weights), len(lora_As),
+                                     *weights, *lora_As, *lora_Bs)
 
 
 _STRATEGIES = ("auto", "fused", "merged")
@@ -449,7 +494,7 @@ def _autocast(device: torch.device, *tensors):
 def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                               seg_offsets: Sequence[int], scales: Union[float, Sequence[float]], *,
                               bias: Optional[Tensor] = None, backend: str = "auto",
-                              strategy: str = "auto") -> Tensor:
+                              strategy: str = "auto", split: bool = False) -> Union[Tensor, Tuple[Tensor, ...]]:
     """L LoRA projections of the same input in one launch.
 
     ``weight [N, in]`` stacks the layers' (folded) weights by rows; layer ``l`` owns
@@ -463,8 +508,12 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     ``"auto"`` (default) picks ``"merged"`` for the triton and cuda backends on CUDA
     tensors when all segments have one size, else ``"fused"`` (the environment variable
     ``CLORA_FAST_STRATEGY=fused|merged`` overrides "auto", e.g. to compare the two).
+
+    ``split=True`` returns one ``[..., n_l]`` output per segment (views) whose gradients are
+    gathered without autograd's per-slice zero-filled ``[..., N]`` gradients (see
+    :func:`split_columns`): use it when the segments feed different layers.
     """
-    return _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split=False)
+    return _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split=split)
 
 
 def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split):
@@ -504,13 +553,7 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if strategy == "merged" and not _compiling():
-        n, r = weight.shape[0] // L, lora_A.shape[0] // L
-        if L == 1:
-            parts = ([weight], [lora_A], [lora_B])
-        else:
-            parts = ([weight[l * n:(l + 1) * n] for l in range(L)], [lora_A[l * r:(l + 1) * r] for l in range(L)],
-                     [lora_B[l * n:(l + 1) * n] for l in range(L)])
-        out = _merged(x2, *parts, bias, scales, split)
+        out = _merged(x2, [weight], [lora_A], [lora_B], bias, scales, split)
         if split:
             return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
         return out.reshape(*lead, weight.shape[0])
@@ -520,7 +563,7 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
         y = _SegmentedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
     y = y.reshape(*lead, weight.shape[0])
     if split:
-        return tuple(y[..., a:b] for a, b in zip(offsets, offsets[1:]))
+        return split_columns(y, offsets) if L > 1 else (y,)
     return y
 
 

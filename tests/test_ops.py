@@ -148,6 +148,39 @@ def test_merged_strategy_matches_float64(device, dtype, L, r, scales):
             assert_close_idiom(gt, r64, lo, dtype, f"merged {backend} {name}")
 
 
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_split_outputs_match_slicing(device, strategy):
+    """split=True: one output per segment (views); gradients equal those of slicing one output,
+    also when a segment's output is unused (its gradient is None)."""
+    offs = (0, 11, 22, 33) if strategy == "merged" else (0, 7, 22, 33)
+    x, w, a, b, bias = make_lora(6, 20, 33, 3 * 2, torch.float64, device)
+    a = a[:6].reshape(6, 20)                                    # 3 segments x r 2
+    b = b[:, :2].contiguous()
+    xs = x.reshape(2, 3, 20)
+    for used in ((0, 1, 2), (0, 2)):
+        leaves = [t.detach().clone().requires_grad_() for t in (xs, a, b, bias)]
+        outs = ops.segmented_lora_projection(leaves[0], w, leaves[1], leaves[2], offs, [0.5, 1.0, 2.0],
+                                             bias=leaves[3], strategy=strategy, split=True)
+        assert isinstance(outs, tuple) and [o.shape for o in outs] == [(2, 3, e - s) for s, e in zip(offs, offs[1:])]
+        got = torch.autograd.grad(sum(outs[i].sin().sum() for i in used), leaves)
+        ref_leaves = [t.detach().clone().requires_grad_() for t in (xs, a, b, bias)]
+        y = R.segmented_lora_projection(ref_leaves[0], w, ref_leaves[1], ref_leaves[2], offs, [0.5, 1.0, 2.0],
+                                        bias=ref_leaves[3])
+        want = torch.autograd.grad(sum(y[..., offs[i]:offs[i + 1]].sin().sum() for i in used), ref_leaves)
+        for o, (s_, e) in zip(outs, zip(offs, offs[1:])):
+            torch.testing.assert_close(o, y[..., s_:e], rtol=1e-12, atol=1e-12)
+        for g, w_ in zip(got, want):
+            torch.testing.assert_close(g, w_, rtol=1e-10, atol=1e-12)
+    # split_columns on a plain tensor: same gradients as slicing; bad offsets are refused
+    y = torch.randn(4, 9, dtype=torch.float64, device=device, requires_grad=True)
+    parts = ops.split_columns(y, (0, 2, 9))
+    g1, = torch.autograd.grad(parts[1].square().sum(), y)
+    g2, = torch.autograd.grad(y[:, 2:9].square().sum(), y)
+    assert torch.equal(g1, g2)
+    with pytest.raises(ValueError, match="offsets must increase strictly from 0 to y.shape"):
+        ops.split_columns(y, (0, 5, 5, 9))
+
+
 def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch):
     d = torch.float64
     x, w, a, b, bias = make_lora(3, 6, 8, 2, d, torch.device("cpu"))
