@@ -160,11 +160,11 @@ def _main(argv):
         makes = {}
         for m in methods:
             if m == "naive":
-                make = lambda: (prob.naive_step(), prob.leaves())  # noqa: E731
+                make = lambda prob=prob: (prob.naive_step(), prob.leaves())  # noqa: E731
             else:
                 backend = m[m.index("[") + 1:-1]
 
-                def make(backend=backend):
+                def make(backend=backend, prob=prob):
                     why = cl.backend_status(backend, device)
                     if why:
                         raise RuntimeError(why)

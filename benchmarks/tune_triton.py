@@ -77,11 +77,11 @@ def penalty_cases(gpu: bool):
     The first config of each case is the launcher's default."""
     if not gpu:
         return [("tiny_pen", torch.float32, torch.float32, None, [(None, None, None, None, True),
-                                                                  (16, 16, 4, 1, True), (16, 32, 4, 1, False)])]
-    bf16 = [(None, None, None, None, True), (128, 64, 8, 4, True), (128, 128, 8, 3, True), (64, 128, 4, 3, True),
-            (64, 64, 4, 4, True), (256, 64, 8, 3, True), (None, None, None, None, False), (128, 32, 4, 4, True)]
-    ieee = [(None, None, None, None, True), (64, 64, 8, 3, True), (64, 32, 4, 3, True), (128, 32, 8, 2, True)]
-    tf32 = [(None, None, None, None, True), (128, 128, 8, 3, True), (64, 64, 4, 3, True), (64, 128, 8, 3, True)]
+                                                                  (16, 16, 4, 1, True), ("rblk", 64)])]
+    bf16 = [(None, None, None, None, True), (None, None, None, None, False), ("rblk", 2048), ("rblk", 256),
+            (128, 64, 8, 4, True), (128, 32, 4, 4, True), (64, 64, 4, 4, True)]
+    ieee = [(None, None, None, None, True), (64, 32, 4, 3, True)]
+    tf32 = [(None, None, None, None, True), (None, None, None, None, False)]
     return [("sd32_bf16P_bf16AB", torch.bfloat16, torch.bfloat16, None, bf16),
             ("sd32_fp32P_fp32AB_ieee", torch.float32, torch.float32, "ieee", ieee),
             ("sd32_fp32P_fp32AB_tf32", torch.float32, torch.float32, "tf32", tf32)]
@@ -111,10 +111,17 @@ def penalty_sweep(args, t0, gpu, dev):
         nbytes = sum(p.numel() * p.element_size() + 2 * (a.numel() * a.element_size() + b.numel() * b.element_size())
                      for p, a, b in zip(pasts, As, Bs))
         ref = None
-        for i, (bo, bi, w, st, det) in enumerate(cfgs):
+        for i, cfg in enumerate(cfgs):
             if time.perf_counter() - t0 > args.budget:
                 break
-            kw = dict(input_precision=prec, deterministic=det, block_o=bo, block_i=bi, num_warps=w, num_stages=st)
+            rblk = None
+            if cfg[0] == "rblk":        # the default tiles with another reduce chunk
+                bo = bi = w = st = None
+                det, rblk = True, cfg[1]
+            else:
+                bo, bi, w, st, det = cfg
+            kw = dict(input_precision=prec, deterministic=det, block_o=bo, block_i=bi, num_warps=w, num_stages=st,
+                      reduce_block=rblk)
             fn = lambda kw=kw: FP.grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, **kw)  # noqa: E731
             try:
                 loss = fn()[0]
@@ -130,7 +137,7 @@ def penalty_sweep(args, t0, gpu, dev):
             row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
                        bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
                        config=dict(block_o=bo or "default", block_i=bi or "default", num_warps=w or "default",
-                                   num_stages=st or "default", deterministic=det),
+                                   num_stages=st or "default", deterministic=det, reduce_block=rblk or "default"),
                        device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
             rows.append(row)
             C.print_flush(json.dumps(row))
@@ -230,12 +237,12 @@ def main(argv=None):
     pen = [r for r in rows if r["kernel"] == "penalty"]
     if pen:
         md += ["\n## penalty kernels (main + reduce), GPU kernel time after an L2 flush (torch.profiler)\n\n",
-               "| case | config (block_o, block_i, warps, stages, deterministic) | default | kernels ms | GB/s | "
+               "| case | config (block_o, block_i, warps, stages, deterministic, reduce block) | default | kernels ms | GB/s | "
                "% of copy BW | status |\n", "|---|---|---|---|---|---|---|\n"]
         for r in pen:
             c = r["config"]
             md.append(f"| {r['shape']} | {c['block_o']}, {c['block_i']}, {c['num_warps']}, {c['num_stages']}, "
-                      f"{c['deterministic']} | {'yes' if r['heuristic'] else ''} | "
+                      f"{c['deterministic']}, {c['reduce_block']} | {'yes' if r['heuristic'] else ''} | "
                       f"{r['time_ms'] and round(r['time_ms'], 4)} | {r.get('gbps') and round(r['gbps'])} | "
                       f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r['status']} |\n")
     with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:
