@@ -155,7 +155,8 @@ def _main(argv):
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             for m in methods:
-                out.row(T=T, method=m, time_ms=None, status="n/a (out of memory building the problem)")
+                out.row(section="scaling", T=T, method=m, repeat=bool(tag), time_ms=None,
+                        status="n/a (out of memory building the problem)")
             return
         makes = {}
         for m in methods:

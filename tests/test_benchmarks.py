@@ -124,9 +124,15 @@ def test_bench_scaling_quick(scaling_run):
     rows = _read_jsonl(out / "scaling.jsonl")
     md = (out / "scaling.md").read_text()
     Ts = mod.settings("quick")["Ts"]
+    inter = [r for r in rows if r["section"] == "scaling_interleaved"]
+    rows = [r for r in rows if r["section"] == "scaling"]
     main_rows = [r for r in rows if not r["repeat"]]
     assert sorted((r["T"], r["method"]) for r in main_rows) == sorted((T, m) for T in Ts for m in mod.METHODS)
     assert {r["method"] for r in rows if r["repeat"]} == set(mod.METHODS[:-1])
+    # the first and last T timed again alternately (the methods that run here): medians of >= 2 times
+    assert {(r["T"], r["method"]) for r in inter} == {(Ts[0], "clora[reference]"), (Ts[-1], "clora[reference]")}
+    for r in inter:
+        assert len(r["times_ms"]) >= 2 and r["median_ms"] in r["times_ms"], r
     for r in rows:
         if r["method"] in ("clora[reference]", "naive"):
             _check_timed(r)
