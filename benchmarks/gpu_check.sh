@@ -26,7 +26,8 @@
 # benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
 # a hard `timeout` above it. TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
 # after them (TUNE_ARGS e.g. --skip-projection). OPS_ARGS / E2E_ARGS / SCALING_ARGS go to one benchmark only
-# (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"). Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
+# (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"), OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET fix one benchmark's
+# --gpu-budget instead of its share. Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
 # SKIP_TESTS=1 / SKIP_BENCH=1 skip a part; BENCH_ARGS is appended to every
 # benchmark's arguments (e.g. BENCH_ARGS=--quick SKIP_TESTS=1 PYTHON=/work/venv/bin/python to try the whole
 # pipeline on a CPU machine).
@@ -168,6 +169,8 @@ run_bench() {  # name share_percent fixed_overhead_s [extra args]
   l=$(left)
   budget=$(( (l - 60) * share / 100 - over ))
   [ $budget -lt 15 ] && budget=15
+  local own_budget="$(echo "$name" | tr a-z A-Z)_BUDGET"   # OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET: fixed s
+  [ -n "${!own_budget:-}" ] && budget=${!own_budget}
   hard=$(( budget + over + 60 ))
   # never past the deadline (+30 s for collecting): a hung benchmark cannot push the script over 8 minutes
   [ $hard -gt $(( l + 30 )) ] && hard=$(( l + 30 ))
