@@ -78,7 +78,7 @@ def penalty_cases(gpu: bool):
     if not gpu:
         return [("tiny_pen", torch.float32, torch.float32, None, [(None, None, None, None, True),
                                                                   (16, 16, 4, 1, True), ("rblk", 64)])]
-    bf16 = [(None, None, None, None, True), (None, None, None, None, False), ("rblk", 2048), ("rblk", 256),
+    bf16 = [(None, None, None, None, True), (None, None, None, None, False), ("rblk", 512), ("rblk", 256),
             (128, 64, 8, 4, True), (128, 32, 4, 4, True), (64, 64, 4, 4, True)]
     ieee = [(None, None, None, None, True), (64, 32, 4, 3, True)]
     tf32 = [(None, None, None, None, True), (None, None, None, None, False)]

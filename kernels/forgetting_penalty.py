@@ -463,9 +463,10 @@ class _Plan:
         ws += _align4(self.n_prog)
         self.ws_numel = ws
 
-        # reduce chunk per program: small on a GPU, so that the partial sums of a whole model spread over
-        # many programs (2048 left the reduce latency-bound: 24 us for 10 MB of partials on an H100)
-        rblk = int(reduce_block) if reduce_block else (8192 if interpret else 512)
+        # reduce chunk per program (the H100 runs in benchmarks/RESULTS.md used 2048: the reduce took 24 us for
+        # 10 MB of partials, i.e. latency-bound; smaller chunks give more programs -- not measured yet, see
+        # tune_triton.py's "rblk" rows)
+        rblk = int(reduce_block) if reduce_block else (8192 if interpret else 2048)
         for l in range(L):
             o, i, r = outs[l], ins[l], ranks[l]
             da_ws, db_ws = rows[l][_F_DAWS], rows[l][_F_DBWS]
@@ -647,7 +648,7 @@ def grouped_forgetting_penalty_forward(
     sizes, powers of two >= 16) and ``col_splits`` (split ``in`` into that many chunks
     per layer; default: only on a GPU, to fill it when there are few row blocks), ``num_warps`` /
     ``num_stages`` (GPU launch parameters; defaults from the config table, 3 stages), ``reduce_block``
-    (elements per program of the partial-sum reduction, a power of two; default 512 on a GPU).
+    (elements per program of the partial-sum reduction, a power of two; default 2048 on a GPU).
     Two launches: the main kernel, then the deterministic partial reduction.
     """
     pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
