@@ -19,6 +19,11 @@ Math (shapes in the PyTorch/PEFT convention, ``weight [out, in]``,
   rows, ``y[:, o_l:o_{l+1}] = x @ W_l.T + s_l (x @ A_l.T) @ B_l.T``
 - ``forgetting_penalty``: ``sum((past * (scale * lora_B @ lora_A)) ** 2)``, its
   gradients computed in the forward pass, scaled by ``grad_output`` in backward.
+
+Two projection strategies (``strategy=``): "fused" runs the backend's segmented kernels;
+"merged" folds ``s*B@A`` into the weight per call and runs library GEMMs (one projection or a
+layer's K/V on CUDA by default: measured faster there, see benchmarks/RESULTS.md).  Eager calls
+go through plain autograd Functions; ``torch.compile`` always takes the custom ops.
 """
 from __future__ import annotations
 
