@@ -682,6 +682,23 @@ def _check_penalty_args(past, lora_A, lora_B, suffix=""):
     check_same_dtype([(f"lora_A{suffix}", lora_A), (f"lora_B{suffix}", lora_B)])
 
 
+def _penalty_backend(backend: str, pasts, roles) -> str:
+    """Checks shared by the grouped penalties: one device for everything, one dtype per role
+    (``pasts`` and each ``(name, tensors)`` of ``roles``), dtypes the backend supports; returns the
+    resolved backend."""
+    named = {"pasts": [(f"pasts[{i}]", p) for i, p in enumerate(pasts)]}
+    for name, ts in roles:
+        named[name] = [(f"{name}[{i}]", t) for i, t in enumerate(ts)]
+    check_same_device([nt for group in named.values() for nt in group])
+    for group in named.values():
+        check_same_dtype(group)
+    resolved = resolve_backend(backend, pasts[0].device)
+    check_dtype_for_backend("pasts[0]", pasts[0], resolved)
+    name, ts = roles[0]
+    check_dtype_for_backend(f"{name}[0]", ts[0], resolved)
+    return resolved
+
+
 def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: float = 1.0,
                        backend: str = "auto") -> Tensor:
     """``sum((past * (scale * lora_B @ lora_A)) ** 2)`` as a 0-dim float32 tensor.
@@ -718,12 +735,7 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
     scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
     for i in range(n):
         _check_penalty_args(pasts[i], lora_As[i], lora_Bs[i], f"s[{i}]")
-    check_same_device([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
-    check_same_dtype([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
-    check_same_dtype([(f"lora_As[{i}]", a) for i, a in enumerate(lora_As)])
-    backend = resolve_backend(backend, pasts[0].device)
-    check_dtype_for_backend("pasts[0]", pasts[0], backend)
-    check_dtype_for_backend("lora_As[0]", lora_As[0], backend)
+    backend = _penalty_backend(backend, pasts, [("lora_As", lora_As)])
     if _compiling():
         return _grouped_penalty_op(list(pasts), list(lora_As), list(lora_Bs), scales, backend)[0]
     return _GroupedPenaltyFunction.apply(scales, backend, n, *pasts, *lora_As, *lora_Bs)
@@ -779,15 +791,7 @@ def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor]
                 raise ValueError(f"layout[{l}] = {e}: rows out of range of flat_As[{f}] {tuple(flat_As[f].shape)} / "
                                  f"flat_Bs[{f}] {tuple(flat_Bs[f].shape)} for past {tuple(pasts[l].shape)}")
             _check_penalty_args(pasts[l], flat_As[f][a:a + r], flat_Bs[f][b:b + pasts[l].shape[0]], f"s[{l}]")
-        check_same_device([(f"pasts[{i}]", p) for i, p in enumerate(pasts)]
-                          + [(f"flat_As[{i}]", t) for i, t in enumerate(flat_As)]
-                          + [(f"flat_Bs[{i}]", t) for i, t in enumerate(flat_Bs)])
-        check_same_dtype([(f"pasts[{i}]", p) for i, p in enumerate(pasts)])
-        check_same_dtype([(f"flat_As[{i}]", t) for i, t in enumerate(flat_As)])
-        check_same_dtype([(f"flat_Bs[{i}]", t) for i, t in enumerate(flat_Bs)])
-        resolved = resolve_backend(backend, pasts[0].device)
-        check_dtype_for_backend("pasts[0]", pasts[0], resolved)
-        check_dtype_for_backend("flat_As[0]", flat_As[0], resolved)
+        resolved = _penalty_backend(backend, pasts, [("flat_As", flat_As), ("flat_Bs", flat_Bs)])
         if len(_PACKED_CHECKED) > 256:
             _PACKED_CHECKED.clear()
         _PACKED_CHECKED[key] = resolved
