@@ -366,6 +366,21 @@ def _merged_weights(Ws, As, Bs, scales, out: Optional[Tensor] = None) -> List[Te
             for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
 
 
+def _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n: int, r: int) -> Tensor:
+    """``[W_l + s_l B_l @ A_l]`` stacked, ``[L*n, K]``: one batched GEMM when W, A and B are each
+    stacked and the scales equal (a controller's call), else one GEMM per segment."""
+    L = len(scales)
+    if L == 1:
+        return _merged_weights(Ws, As, Bs, scales)[0]
+    K = Ws[0].shape[1]
+    if len(Wp) == len(Ap) == len(Bp) == 1 and all(sc == scales[0] for sc in scales):
+        return torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K),
+                             alpha=scales[0]).view(L * n, K)
+    out = Ws[0].new_empty((L * n, K))
+    _merged_weights(Ws, As, Bs, scales, out=out)
+    return out
+
+
 def _segments(parts, L: int, rows: int):
     """Per-segment tensors from ``parts``: L tensors as they are, or the row blocks of one stacked one."""
     return list(parts) if len(parts) == L else [parts[0][l * rows:(l + 1) * rows] for l in range(L)]
@@ -386,11 +401,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
         r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
         Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
-        if L == 1:
-            w_eff = _merged_weights(Ws, As, Bs, scales)[0]
-        else:
-            w_eff = Ws[0].new_empty((L * n, Ws[0].shape[1]))
-            _merged_weights(Ws, As, Bs, scales, out=w_eff)
+        w_eff = _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n, r)
         ctx.save_for_backward(x, *tensors)
         ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
         y = torch.nn.functional.linear(x, w_eff, bias)
@@ -417,8 +428,11 @@ class _MergedLoRAFunction(torch.autograd.Function):
         dx = dbias = None
         gW, gA, gB = [None] * nW, [None] * nA, [None] * len(Bp)
         if need_x:
-            w_eff = _merged_weights([Ws[l] for l in live], [As[l] for l in live], [Bs[l] for l in live],
-                                    [scales[l] for l in live])
+            if len(live) == L:
+                w_eff = _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n, r).split(n)
+            else:
+                w_eff = _merged_weights([Ws[l] for l in live], [As[l] for l in live], [Bs[l] for l in live],
+                                        [scales[l] for l in live])
             for l, w in zip(live, w_eff):
                 dx = dys[l] @ w if dx is None else dx.addmm_(dys[l], w)
             if dx is None:
