@@ -696,6 +696,18 @@ def _check_penalty_args(past, lora_A, lora_B, suffix=""):
     check_same_dtype([(f"lora_A{suffix}", lora_A), (f"lora_B{suffix}", lora_B)])
 
 
+def _check_rows_disjoint(layout, pasts) -> None:
+    """Every layer of a packed layout owns its rows of the flat buffers (its gradient is written there)."""
+    owner: dict = {}
+    for l, (f, a, b, r) in enumerate(layout):
+        for role, start, stop in (("flat_As", a, a + r), ("flat_Bs", b, b + pasts[l].shape[0])):
+            for row in range(start, stop):
+                prev = owner.setdefault((role, f, row), l)
+                if prev != l:
+                    raise ValueError(f"layout[{prev}] and layout[{l}] share row {row} of {role}[{f}]; "
+                                     f"every layer needs rows of its own")
+
+
 def _penalty_backend(backend: str, pasts, roles) -> str:
     """Checks shared by the grouped penalties: one device for everything, one dtype per role
     (``pasts`` and each ``(name, tensors)`` of ``roles``), dtypes the backend supports; returns the
@@ -805,6 +817,7 @@ def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor]
                 raise ValueError(f"layout[{l}] = {e}: rows out of range of flat_As[{f}] {tuple(flat_As[f].shape)} / "
                                  f"flat_Bs[{f}] {tuple(flat_Bs[f].shape)} for past {tuple(pasts[l].shape)}")
             _check_penalty_args(pasts[l], flat_As[f][a:a + r], flat_Bs[f][b:b + pasts[l].shape[0]], f"s[{l}]")
+        _check_rows_disjoint(layout, pasts)
         resolved = _penalty_backend(backend, pasts, [("flat_As", flat_As), ("flat_Bs", flat_Bs)])
         if len(_PACKED_CHECKED) > 256:
             _PACKED_CHECKED.clear()

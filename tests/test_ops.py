@@ -309,6 +309,8 @@ def test_packed_penalty_gradients_reach_flat_buffers(device):
         ops.packed_forgetting_penalty(pasts, fa, fb, [(2, 0, 0, 2)] + layout[1:])
     with pytest.raises(ValueError, match="layout has 2 entries for 3 pasts"):
         ops.packed_forgetting_penalty(pasts, fa, fb, layout[:2])
+    with pytest.raises(ValueError, match=r"layout\[0\] and layout\[1\] share row 1 of flat_As\[0\]"):
+        ops.packed_forgetting_penalty(pasts, fa, fb, [(0, 0, 0, 2), (0, 1, 9, 2), (1, 0, 0, 2)])
 
 
 def test_grouped_penalty_equals_sum_of_singles(device):

@@ -501,3 +501,5 @@ def test_packed_bad_layout(device):
                                               flat_Bs, layout, 1.0)
     with pytest.raises(ValueError, match="layout has 3 entries for 4 pasts"):
         fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout[:3], 1.0)
+    with pytest.raises(ValueError, match=r"layout\[0\] and layout\[1\] overlap in flat_Bs\[0\]"):
+        fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, [layout[0], (0, 5, 19, 2)] + layout[2:], 1.0)
