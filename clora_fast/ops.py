@@ -510,6 +510,19 @@ def _autocast(device: torch.device, *tensors):
                  for t in tensors)
 
 
+def _prepare(named, backend: str):
+    """The checks every projection entry shares, on ``named = [(name, tensor or None), ...]``
+    (x first): one device, the concrete backend, torch.autocast's cast for linear layers, one
+    dtype, a dtype the backend supports.  Returns ``(backend, cast tensors)``."""
+    check_same_device(named)
+    x = named[0][1]
+    backend = resolve_backend(backend, x.device)
+    tensors = _autocast(x.device, *(t for _, t in named))
+    check_same_dtype([(n, t) for (n, _), t in zip(named, tensors)])
+    check_dtype_for_backend(named[0][0], tensors[0], backend)
+    return backend, tensors
+
+
 def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                               seg_offsets: Sequence[int], scales: Union[float, Sequence[float]], *,
                               bias: Optional[Tensor] = None, backend: str = "auto",
@@ -563,11 +576,8 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
                          f"got {tuple(lora_A.shape)}")
     r = lora_A.shape[0] // L
     check_lora_shapes(x.shape[-1], weight, lora_A[:r], lora_B, bias)
-    check_same_device([("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)])
-    backend = resolve_backend(backend, x.device)
-    x, weight, lora_A, lora_B, bias = _autocast(x.device, x, weight, lora_A, lora_B, bias)
-    check_same_dtype([("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)])
-    check_dtype_for_backend("x", x, backend)
+    backend, (x, weight, lora_A, lora_B, bias) = _prepare(
+        [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
     strategy = _pick_strategy(strategy, backend, x.device, offsets)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -656,14 +666,11 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
         bias = torch.cat([bk, bv])
     if w_k.shape[0] == w_v.shape[0] and not _compiling():
         # the merged strategy takes K and V as they are: no concatenated weight or factors at all
-        check_same_device([("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k),
-                           ("lora_As[1]", a_v), ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)])
-        backend = resolve_backend(backend, x.device)
-        if _pick_strategy(strategy, backend, x.device, (0, w_k.shape[0], 2 * w_k.shape[0])) == "merged":
-            x, w_k, w_v, a_k, a_v, b_k, b_v, bias = _autocast(x.device, x, w_k, w_v, a_k, a_v, b_k, b_v, bias)
-            check_same_dtype([("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k),
-                              ("lora_As[1]", a_v), ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)])
-            check_dtype_for_backend("x", x, backend)
+        if _pick_strategy(strategy, resolve_backend(backend, x.device), x.device,
+                          (0, w_k.shape[0], 2 * w_k.shape[0])) == "merged":
+            _, (x, w_k, w_v, a_k, a_v, b_k, b_v, bias) = _prepare(
+                [("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
+                 ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)], backend)
             scale = check_scale("scale", scale)
             lead = x.shape[:-1]
             k, v = _merged(x.reshape(-1, x.shape[-1]), (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (scale, scale),

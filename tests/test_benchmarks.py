@@ -50,28 +50,27 @@ def _check_timed(row):
     assert isinstance(row["time_ms"], float) and math.isfinite(row["time_ms"]) and row["time_ms"] > 0, row
 
 
+def _quick_run(tmp_path_factory, name, *extra):
+    """Run ``benchmarks/bench_{name}.py --quick`` in this process; (module, output folder)."""
+    out = tmp_path_factory.mktemp(name)
+    mod = _load(f"bench_{name}")
+    assert mod.main(["--quick", "--out", str(out), *extra]) == 0
+    return mod, out
+
+
 @pytest.fixture(scope="module")
 def ops_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ops")
-    mod = _load("bench_ops")
-    assert mod.main(["--quick", "--out", str(out), "--plot"]) == 0
-    return mod, out
+    return _quick_run(tmp_path_factory, "ops", "--plot")
 
 
 @pytest.fixture(scope="module")
 def scaling_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("scaling")
-    mod = _load("bench_scaling")
-    assert mod.main(["--quick", "--out", str(out), "--plot"]) == 0
-    return mod, out
+    return _quick_run(tmp_path_factory, "scaling", "--plot")
 
 
 @pytest.fixture(scope="module")
 def e2e_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("e2e")
-    mod = _load("bench_e2e")
-    assert mod.main(["--quick", "--out", str(out)]) == 0
-    return mod, out
+    return _quick_run(tmp_path_factory, "e2e")
 
 
 def test_bench_ops_quick(ops_run, common):
