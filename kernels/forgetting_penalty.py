@@ -617,6 +617,14 @@ def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic,
     _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
 
 
+def _workspace(plan, device, deterministic: bool, poison: bool) -> torch.Tensor:
+    """The fp32 workspace of one launch: partials (deterministic), or zeroed atomic dA slots."""
+    if deterministic:
+        return _empty((max(plan.ws_numel, 4),), device, poison)
+    # the atomic dA slots must start at zero (one memset for the whole workspace)
+    return torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
+
+
 def _check_device_mode(device: torch.device, interpret: bool) -> None:
     if device.type == "cpu" and not interpret:
         raise RuntimeError("Triton penalty kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
@@ -680,10 +688,7 @@ def grouped_forgetting_penalty_forward(
         ptrs += (da.data_ptr(), db.data_ptr())
     ptrs.append(loss.data_ptr())
     out_tab = plan.out_table(tuple(ptrs), device)
-    if deterministic:
-        ws = _empty((max(plan.ws_numel, 4),), device, poison)
-    else:   # the atomic dA slots must start at zero (one memset for the whole workspace)
-        ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
+    ws = _workspace(plan, device, deterministic, poison)
 
     _launch_on(device, plan, pasts[plan.base[0]], lora_As[plan.base[1]], lora_Bs[plan.base[2]], ws, out_tab,
                precision, deterministic, interpret)
@@ -800,10 +805,7 @@ def grouped_forgetting_penalty_packed(
         ptrs.append(loss.data_ptr())
         out_tab = plan.out_table(tuple(ptrs), device)
         plan.out_tabs[("packed",) + outs] = out_tab
-    if deterministic:
-        ws = _empty((max(plan.ws_numel, 4),), device, _poison())
-    else:
-        ws = torch.zeros((max(plan.ws_numel, 4),), dtype=torch.float32, device=device)
+    ws = _workspace(plan, device, deterministic, _poison())
     p_base = pasts[plan.base[0]]
     _launch_on(device, plan, p_base, flat_As[fa], flat_Bs[fa], ws, out_tab, precision, deterministic, interpret)
     return loss, dA_flat, dB_flat
