@@ -356,29 +356,27 @@ class _PackedPenaltyFunction(torch.autograd.Function):
 # grouped whole-UNet launch (unequal segments, weight >> activations there).
 # ---------------------------------------------------------------------------
 
-def _merged_weights(Ws, As, Bs, scales, out: Optional[Tensor] = None) -> List[Tensor]:
-    """``W_l + s_l * B_l @ A_l`` per segment (one GEMM each); written into the row blocks of
-    ``out`` ``[L*n, K]`` when given."""
-    if out is None:
-        return [torch.addmm(w, b, a, alpha=s) for w, a, b, s in zip(Ws, As, Bs, scales)]
-    n = Ws[0].shape[0]
+def _mm(a: Tensor, b: Tensor, s: float, out: Optional[Tensor] = None) -> Tensor:
+    """``s * a @ b`` (into ``out`` when given): a plain GEMM when ``s == 1``, else the scale in the
+    GEMM's epilogue (``addmm`` with ``beta=0`` ignores its input)."""
+    if s == 1.0:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s, out=out)
+
+
+def _fold_into(out: Tensor, Wp, Ap, Bp, Ws, As, Bs, scales, n: int, r: int) -> List[Tensor]:
+    """Write ``W_l + s_l B_l @ A_l`` into the row blocks ``out[l*n:(l+1)*n]`` and return the blocks:
+    one batched GEMM when W, A and B are each stacked and the scales equal (a controller's call),
+    else one GEMM per segment."""
+    L = len(scales)
+    K = out.shape[1]
+    if L > 1 and len(Wp) == len(Ap) == len(Bp) == 1 and all(sc == scales[0] for sc in scales):
+        w3 = out[:L * n].view(L, n, K)
+        torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K), alpha=scales[0],
+                      out=w3)
+        return list(w3.unbind(0))
     return [torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
             for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
-
-
-def _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n: int, r: int) -> Tensor:
-    """``[W_l + s_l B_l @ A_l]`` stacked, ``[L*n, K]``: one batched GEMM when W, A and B are each
-    stacked and the scales equal (a controller's call), else one GEMM per segment."""
-    L = len(scales)
-    if L == 1:
-        return _merged_weights(Ws, As, Bs, scales)[0]
-    K = Ws[0].shape[1]
-    if len(Wp) == len(Ap) == len(Bp) == 1 and all(sc == scales[0] for sc in scales):
-        return torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K),
-                             alpha=scales[0]).view(L * n, K)
-    out = Ws[0].new_empty((L * n, K))
-    _merged_weights(Ws, As, Bs, scales, out=out)
-    return out
 
 
 def _segments(parts, L: int, rows: int):
@@ -391,7 +389,17 @@ class _MergedLoRAFunction(torch.autograd.Function):
     either stacked (one tensor, e.g. a controller's flat parameter) or one per segment (K and V
     as the user holds them): no concatenation, and no per-segment slicing in the autograd graph.
     With ``split`` the segment outputs come back as separate views and their gradients arrive
-    separately: no ``[M, N]`` gradient is assembled from slices."""
+    separately: no ``[M, N]`` gradient is assembled from slices.
+
+    Forward: ``W_eff = [W_l + s_l B_l @ A_l]`` (``[L*n, K]``), ``y = x @ W_eff^T (+ bias)``: L small
+    GEMMs (or one batched) and one large one.  With ``split`` and B trainable, the rows of the A's
+    ride along in the large GEMM, so ``xa_l = x @ A_l^T`` (which dB needs) comes out of it as extra
+    columns of the output's storage instead of a second read of x in backward.
+    ``W_eff`` is kept for dx (the size of the frozen weight) rather than folded again.
+
+    Backward, per live segment ``l`` (``dy_l [M, n]``): ``dx = sum_l dy_l @ W_eff_l``,
+    ``dA = G @ x`` with ``G = [s_l (dy_l @ B_l)^T]`` stacked (``[L*r, M]``: x read once for all
+    segments), ``dB_l = s_l dy_l^T @ xa_l``, ``dW_l = dy_l^T @ x``, ``dbias_l = sum(dy_l)``."""
 
     @staticmethod
     def forward(ctx, x, bias, scales, split, nW, nA, *tensors):
@@ -401,72 +409,95 @@ class _MergedLoRAFunction(torch.autograd.Function):
         n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
         r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
         Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
-        w_eff = _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n, r)
+        need = ctx.needs_input_grad
+        Ln, Lr = L * n, L * r
+        keep_xa = split and any(need[6 + nW + nA:])
+        w = Ws[0].new_empty((Ln + Lr if keep_xa else Ln, x.shape[-1]))
+        w_parts = _fold_into(w, Wp, Ap, Bp, Ws, As, Bs, scales, n, r)
+        if keep_xa:
+            if nA == 1:
+                w[Ln:].copy_(Ap[0])
+            else:
+                torch.cat(As, out=w[Ln:])
+            if bias is not None:
+                bias = torch.cat((bias, bias.new_zeros(Lr)))
+        y = torch.nn.functional.linear(x, w, bias)                # [..., L*n (+ L*r)]: any leading dims
         ctx.save_for_backward(x, *tensors)
+        ctx.w_parts = w_parts if need[0] else None
+        ctx.xa = y[..., Ln:] if keep_xa else None                 # columns no output exposes
         ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
-        y = torch.nn.functional.linear(x, w_eff, bias)
         if not split:
             return y
-        return tuple(y[:, l * n:(l + 1) * n] for l in range(L))
+        return y.split(n, -1)[:L]
 
     @staticmethod
     def backward(ctx, *grads):
         x, *tensors = ctx.saved_tensors
         scales, nW, nA, n, r = ctx.scales, ctx.nW, ctx.nA, ctx.n, ctx.r
         L = len(scales)
+        nB = len(tensors) - nW - nA
         Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
-        Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
         need = ctx.needs_input_grad
-        need_x, need_bias = need[0], need[1]
         need_w, need_a, need_b = need[6:6 + nW], need[6 + nW:6 + nW + nA], need[6 + nW + nA:]
+        x_shape = x.shape
+        K = x_shape[-1]
+        if x.dim() != 2:                                          # leading dims: 2-D views, no autograd nodes
+            x = x.reshape(-1, K)
         M = x.shape[0]
         if ctx.split:
-            dys = list(grads)
+            dys = [None if g is None else g.reshape(-1, n) for g in grads]
         else:
-            dys = [None if grads[0] is None else grads[0][:, l * n:(l + 1) * n] for l in range(L)]
-        live = [l for l in range(L) if dys[l] is not None]
+            dys = [None] * L if grads[0] is None else list(grads[0].reshape(-1, L * n).split(n, 1))
         dx = dbias = None
-        gW, gA, gB = [None] * nW, [None] * nA, [None] * len(Bp)
-        if need_x:
-            if len(live) == L:
-                w_eff = _w_eff(Wp, Ap, Bp, Ws, As, Bs, scales, n, r).split(n)
-            else:
-                w_eff = _merged_weights([Ws[l] for l in live], [As[l] for l in live], [Bs[l] for l in live],
-                                        [scales[l] for l in live])
-            for l, w in zip(live, w_eff):
-                dx = dys[l] @ w if dx is None else dx.addmm_(dys[l], w)
-            if dx is None:
-                dx = torch.zeros_like(x)
-        one = x.new_empty(())            # beta=0 ignores it: addmm(alpha=s) scales in the GEMM's epilogue
+        gW, gA, gB = [None] * nW, [None] * nA, [None] * nB
+        if need[0]:
+            for dy, w in zip(dys, ctx.w_parts):
+                if dy is not None:
+                    dx = dy @ w if dx is None else dx.addmm_(dy, w)
+            dx = x.new_zeros(x_shape) if dx is None else dx.view(x_shape)
         if any(need_a):
-            gs = [torch.addmm(one, dys[l], Bs[l], beta=0.0, alpha=scales[l]) if dys[l] is not None
-                  else x.new_zeros((M, r)) for l in range(L)]              # g_l = s_l dy_l @ B_l  [M, r]
-            dA = (gs[0] if L == 1 else torch.cat(gs, 1)).t() @ x          # [L*r, K], stacked
-            gA = [dA] if nA == 1 else [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
-        if any(need_b):
-            xa = x @ (As[0] if L == 1 else (Ap[0] if nA == 1 else torch.cat(As))).t()   # [M, L*r]
-            dB = Bs[0].new_empty((L * n, r))
+            Bs = _segments(Bp, L, n)
+            G = x.new_empty((L * r, M))
             for l in range(L):
                 if dys[l] is None:
-                    dB[l * n:(l + 1) * n].zero_()
+                    G[l * r:(l + 1) * r].zero_()
                 else:
-                    torch.addmm(one, dys[l].t(), xa[:, l * r:(l + 1) * r], beta=0.0, alpha=scales[l],
-                                out=dB[l * n:(l + 1) * n])                 # s_l dy_l^T @ xa_l
-            gB = [dB] if len(Bp) == 1 else [dB[l * n:(l + 1) * n] for l in range(L)]
+                    _mm(Bs[l].t(), dys[l].t(), scales[l], out=G[l * r:(l + 1) * r])   # s (dy B)^T  [r, M]
+            dA = G @ x                                                                 # [L*r, K]
+            gA = [dA] if nA == 1 else [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
+        if any(need_b):
+            if ctx.xa is not None:
+                xa = ctx.xa.reshape(M, L * r)
+            else:
+                xa = x @ Ap[0].t() if nA == 1 else None                                # [M, L*r]
+            dB = Bp[0].new_empty((L * n, r)) if nB == 1 else None
+            for l in range(L):
+                if nB == L and not need_b[l]:
+                    continue
+                out = None if dB is None else dB[l * n:(l + 1) * n]
+                if dys[l] is None:
+                    g = out.zero_() if out is not None else torch.zeros_like(Bp[l])
+                else:
+                    xa_l = xa[:, l * r:(l + 1) * r] if xa is not None else x @ Ap[l].t()
+                    g = _mm(dys[l].t(), xa_l, scales[l], out=out)                     # s dy^T (x A^T)  [n, r]
+                if dB is None:
+                    gB[l] = g
+            if dB is not None:
+                gB[0] = dB
         if any(need_w):
-            dWs = [dys[l].t() @ x if dys[l] is not None else torch.zeros_like(Ws[l]) for l in range(L)]
+            dWs = [dy.t() @ x if dy is not None else x.new_zeros((n, K)) for dy in dys]
             gW = [torch.cat(dWs)] if nW == 1 else dWs
-        if need_bias:
+        if need[1]:
             acc = torch.float32 if x.dtype != torch.float64 else torch.float64
             dbias = torch.cat([d.sum(0, dtype=acc) if d is not None else torch.zeros(n, dtype=acc, device=x.device)
                                for d in dys]).to(x.dtype)
         return (dx, dbias, None, None, None, None, *gW, *gA, *gB)
 
 
-def _merged(x2, weights, lora_As, lora_Bs, bias, scales, split):
-    """Run :class:`_MergedLoRAFunction` (x2 ``[M, K]``; each of weights / lora_As / lora_Bs a
+def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
+    """Run :class:`_MergedLoRAFunction` (x ``[..., K]``; each of weights / lora_As / lora_Bs a
     sequence of one stacked tensor or of one tensor per segment)."""
-    return _MergedLoRAFunction.apply(x2, bias, tuple(scales), split, len(weights), len(lora_As),
+    return _MergedLoRAFunction.apply(x, bias, tuple(scales), split, len(weights), len(lora_As),
                                      *weights, *lora_As, *lora_Bs)
 
 
@@ -579,14 +610,12 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     backend, (x, weight, lora_A, lora_B, bias) = _prepare(
         [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
     strategy = _pick_strategy(strategy, backend, x.device, offsets)
+    compiling = _compiling()
+    if strategy == "merged" and not compiling:
+        return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if strategy == "merged" and not _compiling():
-        out = _merged(x2, [weight], [lora_A], [lora_B], bias, scales, split)
-        if split:
-            return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
-        return out.reshape(*lead, weight.shape[0])
-    if _compiling():
+    if compiling:
         y, _ = _segmented_lora_op(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
     else:
         y = _SegmentedLoRAFunction.apply(x2, weight, lora_A, lora_B, bias, offsets, scales, backend)
@@ -672,10 +701,7 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
                 [("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
                  ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)], backend)
             scale = check_scale("scale", scale)
-            lead = x.shape[:-1]
-            k, v = _merged(x.reshape(-1, x.shape[-1]), (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (scale, scale),
-                           True)
-            return k.reshape(*lead, k.shape[-1]), v.reshape(*lead, v.shape[-1])
+            return _merged(x, (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (scale, scale), True)
     if (not _compiling() and not (w_k.requires_grad or w_v.requires_grad) and _adjacent_rows(w_k, w_v)):
         weight = w_k.as_strided((w_k.shape[0] + w_v.shape[0], w_k.shape[1]), w_k.stride())
     else:
