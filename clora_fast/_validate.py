@@ -64,13 +64,14 @@ def check_scale(name: str, s) -> float:
 
 
 def check_lora_shapes(x_in: int, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
-                      suffix: str = "") -> None:
-    """``weight [out, in]``, ``lora_A [r, in]``, ``lora_B [out, r]``, ``bias [out]``."""
+                      suffix: str = "", rank: Optional[int] = None) -> None:
+    """``weight [out, in]``, ``lora_A [r, in]`` (or, given ``rank``, ``[L*rank, in]``: segments stacked),
+    ``lora_B [out, r]``, ``bias [out]``."""
     out_f, in_f = weight.shape
     if in_f != x_in:
         raise ValueError(f"weight{suffix} has shape {tuple(weight.shape)} ([out, in]) but x has {x_in} input "
                          f"features (x.shape[-1]); expected weight{suffix}.shape[1] == {x_in}")
-    r = lora_A.shape[0]
+    r = lora_A.shape[0] if rank is None else rank
     if r < 1:
         raise ValueError(f"lora_A{suffix} has rank 0 (shape {tuple(lora_A.shape)}); the rank must be >= 1")
     if lora_A.shape[1] != in_f:
@@ -82,13 +83,20 @@ def check_lora_shapes(x_in: int, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         raise ValueError(f"bias{suffix} must have shape [out] = [{out_f}], got {tuple(bias.shape)}")
 
 
+_TRITON_OK: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    """Whether triton imports (checked once per process: on the hot path of every op)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _TRITON_OK = True
+        except Exception:  # pragma: no cover - depends on the install
+            _TRITON_OK = False
+    return _TRITON_OK
 
 
 def interpreting() -> bool:

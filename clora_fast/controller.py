@@ -222,6 +222,7 @@ class CLoRAController(nn.Module):
         self._version = 0
         self._penalty_layout = None     # (state key, pasts, layout) of penalty()
         self._dev_key = None
+        self._factor_cache = None       # (lora_A, lora_B, [A per bundle], [B per bundle]): see _flat_factors
 
     # ------------------------------------------------------------------ properties
     @property
@@ -301,9 +302,18 @@ class CLoRAController(nn.Module):
         b, pos = self._site_bundle[i]
         bundle = self._bundles[b]
         r = self.rank
-        A = self.lora_A[b][pos * r:(pos + 1) * r]
-        B = self.lora_B[b][bundle.offsets[pos]:bundle.offsets[pos + 1]]
-        return A, B
+        As, Bs = self._flat_factors()
+        return As[b][pos * r:(pos + 1) * r], Bs[b][bundle.offsets[pos]:bundle.offsets[pos + 1]]
+
+    def _flat_factors(self) -> Tuple[List[Tensor], List[Tensor]]:
+        """The flat A and B parameters per bundle as plain lists (``ParameterList`` indexing costs
+        microseconds of host time per access, on the hot path of every projection).  The lists are
+        rebuilt whenever ``lora_A`` / ``lora_B`` are replaced (they are never changed in place)."""
+        c = self._factor_cache
+        la, lb = self.lora_A, self.lora_B
+        if c is None or c[0] is not la or c[1] is not lb:
+            c = self._factor_cache = (la, lb, list(la), list(lb))
+        return c[2], c[3]
 
     def concept(self, idx: int) -> Concept:
         for c in self.concepts:
@@ -318,6 +328,13 @@ class CLoRAController(nn.Module):
     # ------------------------------------------------------------------ device / weights
     def _device(self) -> torch.device:
         return self.sites[0].weight.device
+
+    def _sync_bundle_device(self, b: int) -> None:
+        """:meth:`_sync_device` when bundle ``b``'s weights are not where they were at the last sync
+        (the hot path's check: one device comparison instead of one per bundle)."""
+        key = self._dev_key
+        if key is None or self.sites[self._bundles[b].site_ids[0]].weight.device != key[b]:
+            self._sync_device()
 
     def _sync_device(self) -> None:
         """Follow the base weights when the model was moved after patching."""
@@ -380,10 +397,12 @@ class CLoRAController(nn.Module):
             return torch.get_autocast_dtype(dev)
         return x.dtype
 
-    def _check_input(self, x, in_features: int, what: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != in_features:
+    def _check_input(self, x, in_features: int, method: str, *names) -> None:
+        """``x`` is a tensor ``[..., in_features]``; errors name ``method(*names)``."""
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[-1] != in_features:
+            what = f"{method}({', '.join(repr(n) for n in names)})"
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{what}: x must be a torch.Tensor, got {type(x).__name__}")
             raise ValueError(f"{what}: x must have shape [..., {in_features}], got {_fmt(x)}")
 
     # ------------------------------------------------------------------ projections
@@ -392,10 +411,10 @@ class CLoRAController(nn.Module):
         active; exactly the base ``F.linear(x, W0, bias)`` while :attr:`pristine`)."""
         i = self.site_index(site)
         s = self.sites[i]
-        self._check_input(x, s.in_features, f"project({s.name!r})")
+        self._check_input(x, s.in_features, "project", s.name)
         if self.pristine:
             return nn.functional.linear(x, s.weight, s.bias)
-        self._sync_device()
+        self._sync_bundle_device(self._site_bundle[i][0])
         wf = self.folded_weight(i)
         bias = None if s.bias is None else s.bias.detach()
         if self._active is None:
@@ -412,10 +431,11 @@ class CLoRAController(nn.Module):
         if sk.in_features != sv.in_features:
             raise ValueError(f"project_pair: sites {sk.name!r} and {sv.name!r} have different in_features "
                              f"({sk.in_features} vs {sv.in_features})")
-        self._check_input(x, sk.in_features, f"project_pair({sk.name!r}, {sv.name!r})")
+        self._check_input(x, sk.in_features, "project_pair", sk.name, sv.name)
         if self._active is None:
             return self.project(ik, x), self.project(iv, x)
-        self._sync_device()
+        self._sync_bundle_device(self._site_bundle[ik][0])
+        self._sync_bundle_device(self._site_bundle[iv][0])
         ak, bk = self.current_factors(ik)
         av, bv = self.current_factors(iv)
         dt = self._compute_dtype(x)
@@ -443,21 +463,22 @@ class CLoRAController(nn.Module):
     def project_group(self, group: str, x: Tensor) -> List[Tensor]:
         """Every site of ``group`` applied to the same ``x`` in one (segmented) launch.
         Returns one output per site (views into one ``[..., N]`` tensor), in group order."""
-        if group not in self._group_bundle:
+        b = self._group_bundle.get(group)
+        if b is None:
             raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
-        bundle = self._bundles[self._group_bundle[group]]
-        self._check_input(x, bundle.in_features, f"project_group({group!r})")
+        bundle = self._bundles[b]
+        self._check_input(x, bundle.in_features, "project_group", group)
         if self.pristine:
             return [nn.functional.linear(x, self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
-        self._sync_device()
+        self._sync_bundle_device(b)
         wcat, bcat = self._bundle_weights(bundle)
         # split outputs: the sites' gradients are gathered with one concatenation (slicing one output
         # would make autograd zero-fill a full-width gradient per site)
         if self._active is None:
             return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), bundle.offsets))
-        b = self._group_bundle[group]
         dt = self._compute_dtype(x)
-        return list(ops.segmented_lora_projection(x, wcat, self.lora_A[b].to(dt), self.lora_B[b].to(dt),
+        As, Bs = self._flat_factors()
+        return list(ops.segmented_lora_projection(x, wcat, As[b].to(dt), Bs[b].to(dt),
                                                   bundle.offsets, self.scale, bias=bcat, backend=self.backend,
                                                   split=True))
 
@@ -604,7 +625,8 @@ class CLoRAController(nn.Module):
                 layout.append((b, pos * r, self._bundles[b].offsets[pos], r))
             self._penalty_layout = (key, pasts, tuple(layout))
         _, pasts, layout = self._penalty_layout
-        loss = ops.packed_forgetting_penalty(pasts, list(self.lora_A), list(self.lora_B), layout,
+        As, Bs = self._flat_factors()
+        loss = ops.packed_forgetting_penalty(pasts, As, Bs, layout,
                                              scales=self.scale, backend=self.backend)
         return self.penalty_weight * loss
 

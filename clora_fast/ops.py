@@ -364,7 +364,21 @@ def _mm(a: Tensor, b: Tensor, s: float, out: Optional[Tensor] = None) -> Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s, out=out)
 
 
-def _fold_into(out: Tensor, Wp, Ap, Bp, Ws, As, Bs, scales, n: int, r: int) -> List[Tensor]:
+_ZEROS: dict = {}
+
+
+def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached read-only zero vector (padding the bias of the forward GEMM's extra columns)."""
+    key = (n, dtype, device)
+    z = _ZEROS.get(key)
+    if z is None:
+        if len(_ZEROS) > 64:
+            _ZEROS.clear()
+        z = _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+    return z
+
+
+def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> List[Tensor]:
     """Write ``W_l + s_l B_l @ A_l`` into the row blocks ``out[l*n:(l+1)*n]`` and return the blocks:
     one batched GEMM when W, A and B are each stacked and the scales equal (a controller's call),
     else one GEMM per segment."""
@@ -374,7 +388,8 @@ def _fold_into(out: Tensor, Wp, Ap, Bp, Ws, As, Bs, scales, n: int, r: int) -> L
         w3 = out[:L * n].view(L, n, K)
         torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K), alpha=scales[0],
                       out=w3)
-        return list(w3.unbind(0))
+        return w3.unbind(0)
+    Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
     return [torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
             for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
 
@@ -408,19 +423,20 @@ class _MergedLoRAFunction(torch.autograd.Function):
         Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
         n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
         r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
-        Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
         need = ctx.needs_input_grad
         Ln, Lr = L * n, L * r
-        keep_xa = split and any(need[6 + nW + nA:])
-        w = Ws[0].new_empty((Ln + Lr if keep_xa else Ln, x.shape[-1]))
-        w_parts = _fold_into(w, Wp, Ap, Bp, Ws, As, Bs, scales, n, r)
+        # x @ A^T rides along in the forward GEMM when that saves launches: it replaces L GEMMs of
+        # backward (one when A is stacked) at the cost of one copy of A (and one of the bias)
+        keep_xa = split and any(need[6 + nW + nA:]) and (bias is None or nA == L > 1)
+        w = Wp[0].new_empty((Ln + Lr if keep_xa else Ln, x.shape[-1]))
+        w_parts = _fold_into(w, Wp, Ap, Bp, scales, n, r)
         if keep_xa:
             if nA == 1:
                 w[Ln:].copy_(Ap[0])
             else:
-                torch.cat(As, out=w[Ln:])
+                torch.cat(Ap, out=w[Ln:])
             if bias is not None:
-                bias = torch.cat((bias, bias.new_zeros(Lr)))
+                bias = torch.cat((bias, _zeros(Lr, bias.dtype, bias.device)))
         y = torch.nn.functional.linear(x, w, bias)                # [..., L*n (+ L*r)]: any leading dims
         ctx.save_for_backward(x, *tensors)
         ctx.w_parts = w_parts if need[0] else None
@@ -428,7 +444,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
         if not split:
             return y
-        return y.split(n, -1)[:L]
+        return y.split_with_sizes((n,) * L + ((Lr,) if keep_xa else ()), -1)[:L]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -504,20 +520,42 @@ def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
 _STRATEGIES = ("auto", "fused", "merged")
 
 
-def _pick_strategy(strategy: str, backend: str, device: torch.device, offsets: Sequence[int]) -> str:
+def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: bool, offsets=None) -> str:
+    """The projection strategy for a call (``equal``: all segments have one size)."""
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-    sizes = {b - a for a, b in zip(offsets, offsets[1:])}
-    if strategy == "merged" and len(sizes) != 1:
+    if strategy == "merged" and not equal:
         raise ValueError(f"strategy='merged' needs segments of one size, got seg_offsets {list(offsets)}")
     if strategy != "auto":
         return strategy
     forced = os.environ.get("CLORA_FAST_STRATEGY", "")
     if forced in ("fused", "merged"):           # tests and experiments: override "auto" process-wide
-        return "merged" if forced == "merged" and len(sizes) == 1 else "fused"
-    if device.type == "cuda" and backend in ("triton", "cuda") and len(sizes) == 1:
+        return "merged" if forced == "merged" and equal else "fused"
+    if equal and backend != "reference" and device.type == "cuda":
         return "merged"
     return "fused"
+
+
+_OFFSETS_OK: dict = {}
+
+
+def _check_offsets(seg_offsets, n_rows: int) -> Tuple[Tuple[int, ...], bool]:
+    """``seg_offsets`` as a tuple of ints, checked against ``weight.shape[0] = n_rows``, and whether all
+    segments have one size.  Valid tuples are remembered (a controller passes the same ones every call)."""
+    offsets = seg_offsets if type(seg_offsets) is tuple else tuple(int(o) for o in seg_offsets)
+    key = (offsets, n_rows)
+    equal = _OFFSETS_OK.get(key)
+    if equal is None:
+        offsets = tuple(int(o) for o in offsets)
+        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows or any(
+                b <= a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={n_rows}, "
+                             f"got {list(offsets)}")
+        equal = len({b - a for a, b in zip(offsets, offsets[1:])}) == 1
+        if len(_OFFSETS_OK) > 1024:
+            _OFFSETS_OK.clear()
+        _OFFSETS_OK[key] = equal
+    return offsets, equal
 
 
 # ---------------------------------------------------------------------------
@@ -545,11 +583,17 @@ def _prepare(named, backend: str):
     """The checks every projection entry shares, on ``named = [(name, tensor or None), ...]``
     (x first): one device, the concrete backend, torch.autocast's cast for linear layers, one
     dtype, a dtype the backend supports.  Returns ``(backend, cast tensors)``."""
-    check_same_device(named)
     x = named[0][1]
-    backend = resolve_backend(backend, x.device)
-    tensors = _autocast(x.device, *(t for _, t in named))
-    check_same_dtype([(n, t) for (n, _), t in zip(named, tensors)])
+    dev = x.device
+    for _, t in named:
+        if t is not None and t.device != dev:
+            check_same_device(named)                        # raises, naming the tensors
+    backend = resolve_backend(backend, dev)
+    tensors = _autocast(dev, *(t for _, t in named))
+    dt = tensors[0].dtype
+    for t in tensors:
+        if t is not None and t.dtype != dt:
+            check_same_dtype([(n, t) for (n, _), t in zip(named, tensors)])     # raises
     check_dtype_for_backend(named[0][0], tensors[0], backend)
     return backend, tensors
 
@@ -589,15 +633,12 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
         check_tensor("bias", bias, ndim=1)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dimension [..., in], got a 0-dim tensor")
-    offsets = [int(o) for o in seg_offsets]
+    offsets, equal = _check_offsets(seg_offsets, weight.shape[0])
     L = len(offsets) - 1
-    if L < 1 or offsets[0] != 0 or offsets[-1] != weight.shape[0] or any(
-            b <= a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={weight.shape[0]}, "
-                         f"got {offsets}")
     if isinstance(scales, (int, float, Tensor)):
-        scales = [scales] * L
-    scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
+        scales = [check_scale("scales[0]", scales)] * L
+    else:
+        scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
     if len(scales) != L:
         raise ValueError(f"scales has {len(scales)} entries but seg_offsets defines {L} segments")
     if lora_A.shape[0] == 0:
@@ -606,10 +647,10 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
         raise ValueError(f"lora_A must have shape [L*r, in] = [{L}*r, in] for {L} segments, "
                          f"got {tuple(lora_A.shape)}")
     r = lora_A.shape[0] // L
-    check_lora_shapes(x.shape[-1], weight, lora_A[:r], lora_B, bias)
+    check_lora_shapes(x.shape[-1], weight, lora_A, lora_B, bias, rank=r)
     backend, (x, weight, lora_A, lora_B, bias) = _prepare(
         [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
-    strategy = _pick_strategy(strategy, backend, x.device, offsets)
+    strategy = _pick_strategy(strategy, backend, x.device, equal, offsets)
     compiling = _compiling()
     if strategy == "merged" and not compiling:
         return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
@@ -695,8 +736,7 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
         bias = torch.cat([bk, bv])
     if w_k.shape[0] == w_v.shape[0] and not _compiling():
         # the merged strategy takes K and V as they are: no concatenated weight or factors at all
-        if _pick_strategy(strategy, resolve_backend(backend, x.device), x.device,
-                          (0, w_k.shape[0], 2 * w_k.shape[0])) == "merged":
+        if _pick_strategy(strategy, resolve_backend(backend, x.device), x.device, True) == "merged":
             _, (x, w_k, w_v, a_k, a_v, b_k, b_v, bias) = _prepare(
                 [("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
                  ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)], backend)

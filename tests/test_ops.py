@@ -220,21 +220,96 @@ def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch):
             torch.testing.assert_close(gt, wt, rtol=1e-10, atol=1e-12)
     # which strategy "auto" picks, and the errors
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 8)) == "merged"
-    assert ops._pick_strategy("auto", "cuda", cuda, (0, 8)) == "merged"
-    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 9)) == "fused"      # unequal segments
-    assert ops._pick_strategy("auto", "reference", cuda, (0, 8)) == "fused"
-    assert ops._pick_strategy("auto", "triton", cpu, (0, 8)) == "fused"
+    assert ops._pick_strategy("auto", "triton", cuda, True) == "merged"
+    assert ops._pick_strategy("auto", "cuda", cuda, True) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, False) == "fused"      # unequal segments
+    assert ops._pick_strategy("auto", "reference", cuda, True) == "fused"
+    assert ops._pick_strategy("auto", "triton", cpu, True) == "fused"
     monkeypatch.setenv("CLORA_FAST_STRATEGY", "merged")       # the override of "auto"
-    assert ops._pick_strategy("auto", "reference", cpu, (0, 8)) == "merged"
-    assert ops._pick_strategy("auto", "triton", cuda, (0, 4, 9)) == "fused"
+    assert ops._pick_strategy("auto", "reference", cpu, True) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, False) == "fused"
     monkeypatch.setenv("CLORA_FAST_STRATEGY", "fused")
-    assert ops._pick_strategy("auto", "triton", cuda, (0, 8)) == "fused"
+    assert ops._pick_strategy("auto", "triton", cuda, True) == "fused"
     monkeypatch.delenv("CLORA_FAST_STRATEGY")
     with pytest.raises(ValueError, match="strategy='merged' needs segments of one size"):
         ops.segmented_lora_projection(x, w, torch.cat([a, a]), b, (0, 5, 20), 1.0, strategy="merged")
     with pytest.raises(ValueError, match="strategy must be one of"):
         ops.lora_projection(x, w, a, b, strategy="fast")
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_merged_layouts_bias_and_unused_outputs(device, stacked, with_bias):
+    """Every layout of the merged K/V path (stacked flat factors as a controller holds them, or
+    per-segment tensors as a user does; with and without bias; x @ A^T taken from the forward GEMM's
+    extra columns or recomputed) against the float64 reference, with 3-D x and with one output unused."""
+    d, M, K, n, r = torch.float64, 5, 12, 7, 3
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, M, K, generator=g, dtype=d).to(device)
+    w = torch.randn(2 * n, K, generator=g, dtype=d).to(device)
+    a0 = torch.randn(2 * r, K, generator=g, dtype=d).to(device)
+    b0 = torch.randn(2 * n, r, generator=g, dtype=d).to(device)
+    bias0 = torch.randn(2 * n, generator=g, dtype=d).to(device) if with_bias else None
+    gys = [torch.randn(2, M, n, generator=g, dtype=d).to(device) for _ in range(2)]
+    for used in ((0, 1), (1,)):
+        leaves = [t.detach().clone().requires_grad_() for t in (x0, a0, b0)]
+        x, a, b = leaves
+        if stacked:
+            outs = ops.segmented_lora_projection(x, w, a, b, (0, n, 2 * n), 0.5, bias=bias0, strategy="merged",
+                                                 split=True)
+        else:
+            outs = ops.lora_kv_projection(x, (w[:n], w[n:]), (a[:r], a[r:]), (b[:n], b[n:]), scale=0.5,
+                                          biases=None if bias0 is None else (bias0[:n], bias0[n:]),
+                                          strategy="merged")
+        got = torch.autograd.grad([outs[i] for i in used], leaves, [gys[i] for i in used])
+        ref_leaves = [t.detach().clone().requires_grad_() for t in (x0, a0, b0)]
+        y = R.segmented_lora_projection(ref_leaves[0], w, ref_leaves[1], ref_leaves[2], (0, n, 2 * n), [0.5, 0.5],
+                                        bias=bias0)
+        want = torch.autograd.grad([y[..., i * n:(i + 1) * n] for i in used], ref_leaves, [gys[i] for i in used])
+        for i in range(2):
+            assert outs[i].shape == (2, M, n)
+            torch.testing.assert_close(outs[i], y[..., i * n:(i + 1) * n], rtol=1e-12, atol=1e-12)
+        for name, gt, wt in zip(("x", "A", "B"), got, want):
+            torch.testing.assert_close(gt, wt, rtol=1e-10, atol=1e-12, msg=f"d{name} used={used}")
+
+
+def test_merged_kv_launch_counts():
+    """Host-bound regimes pay per kernel launch: the merged K/V fwd+bwd must stay within a few
+    launches of the two dense projections and far below PEFT's unfused LoRA (counts are the ATen
+    ops that reach a kernel, the same on a CPU as on a GPU; see clora_fast._launches)."""
+    from clora_fast._launches import count_launches
+    import torch.nn.functional as F
+
+    K, n, r = 16, 8, 2
+    x = torch.randn(2, 3, K, requires_grad=True)
+    W = [torch.randn(n, K) for _ in range(2)]
+    A = [torch.randn(r, K, requires_grad=True) for _ in range(2)]
+    B = [torch.randn(n, r, requires_grad=True) for _ in range(2)]
+    bias = [torch.randn(n) for _ in range(2)]
+    gy = [torch.randn(2, 3, n) for _ in range(2)]
+    Wc, Ac, Bc = torch.cat(W), torch.cat(A).detach().requires_grad_(), torch.cat(B).detach().requires_grad_()
+
+    def step(outs_fn):
+        def fn():
+            for t in (x, *A, *B, Ac, Bc):
+                t.grad = None
+            torch.autograd.backward(list(outs_fn()), gy)
+        fn()
+        return count_launches(fn)[0]
+
+    for bs in (None, bias):
+        bc = None if bs is None else torch.cat(bs)
+        dense = step(lambda: [F.linear(x, W[i], None if bs is None else bs[i]) for i in range(2)])
+        ours = step(lambda: ops.lora_kv_projection(x, W, A, B, scale=0.5, biases=bs, strategy="merged"))
+        peft = step(lambda: [F.linear(x, W[i], None if bs is None else bs[i])
+                             + F.linear(F.linear(x, A[i]), B[i]) * 0.5 for i in range(2)])
+        flat = step(lambda: ops.segmented_lora_projection(x, Wc, Ac, Bc, (0, n, 2 * n), 0.5,
+                                                          bias=bc,
+                                                          strategy="merged", split=True))
+        assert dense == 5, dense                      # 2 forward GEMMs, 2 dx GEMMs, one add
+        assert ours <= (11 if bs is None else 13), ours
+        assert flat <= 10, flat
+        assert peft >= 1.9 * ours, (peft, ours)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
