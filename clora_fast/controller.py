@@ -220,7 +220,7 @@ class CLoRAController(nn.Module):
         self.lora_B = nn.ParameterList()   # one flat [N, r] per bundle
         self._merged_backup: Optional[List[Tensor]] = None
         self._version = 0
-        self._penalty_layout = None     # (state key, pasts, layout) of penalty()
+        self._penalty_layout = None     # (state key, ops.PackedForgettingPenalty) of penalty()
         self._dev_key = None
         self._factor_cache = None       # (lora_A, lora_B, [A per bundle], [B per bundle]): see _flat_factors
 
@@ -613,7 +613,7 @@ class CLoRAController(nn.Module):
         self._sync_device()
         # The factors go in as the flat per-bundle parameters with a row layout: the gradient
         # lands in each flat parameter as one tensor (no per-site views in the autograd graph).
-        key = (self._version, self._dev_key)
+        key = (self._version, self._dev_key, self.scale, self.backend)
         if self._penalty_layout is None or self._penalty_layout[0] != key:
             pasts, layout = [], []
             r = self.rank
@@ -623,12 +623,10 @@ class CLoRAController(nn.Module):
                 b, pos = self._site_bundle[i]
                 pasts.append(self._past[i])
                 layout.append((b, pos * r, self._bundles[b].offsets[pos], r))
-            self._penalty_layout = (key, pasts, tuple(layout))
-        _, pasts, layout = self._penalty_layout
+            self._penalty_layout = (key, ops.PackedForgettingPenalty(pasts, layout, scales=self.scale,
+                                                                      backend=self.backend))
         As, Bs = self._flat_factors()
-        loss = ops.packed_forgetting_penalty(pasts, As, Bs, layout,
-                                             scales=self.scale, backend=self.backend)
-        return self.penalty_weight * loss
+        return self.penalty_weight * self._penalty_layout[1](As, Bs)
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:

@@ -39,7 +39,7 @@ from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_d
                         check_scale, check_tensor, interpreting, resolve_backend)
 
 __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
-           "grouped_forgetting_penalty", "packed_forgetting_penalty", "split_columns"]
+           "grouped_forgetting_penalty", "packed_forgetting_penalty", "PackedForgettingPenalty", "split_columns"]
 
 
 # ---------------------------------------------------------------------------
@@ -297,13 +297,14 @@ class _GroupedPenaltyFunction(torch.autograd.Function):
         return (None, None, None) + (None,) * ctx.n + tuple(dAs) + tuple(dBs)
 
 
-def _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend):
+def _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend, prepared=None):
     """``(loss, [dA_flat], [dB_flat])`` fp32 for factors packed in flat buffers (see
     :func:`packed_forgetting_penalty`); the Triton launcher writes the flat gradients
-    directly, other backends run their grouped launcher on views and scatter."""
+    directly (``prepared``: its table cache for fixed pasts/layout/scales), other backends run
+    their grouped launcher on views and scatter."""
     launch = _penalty_launchers(backend)
     if hasattr(launch, "grouped_forgetting_penalty_packed"):
-        return launch.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, scales)
+        return launch.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, scales, prepared=prepared)
     As = [flat_As[f][a:a + r] for f, a, _, r in layout]
     Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
     loss, dAs, dBs = launch.grouped_forgetting_penalty_forward(pasts, As, Bs, tuple(scales))
@@ -318,12 +319,12 @@ def _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend):
 
 class _PackedPenaltyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pasts, layout, scales, backend, n_flat, *flats):
+    def forward(ctx, pasts, layout, scales, backend, prepared, n_flat, *flats):
         flat_As, flat_Bs = flats[:n_flat], flats[n_flat:]
-        loss, dA_flat, dB_flat = _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend)
+        loss, dA_flat, dB_flat = _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend, prepared)
         ctx.save_for_backward(*dA_flat, *dB_flat)
         ctx.dtypes = [t.dtype for t in flats]
-        ctx.n_fixed = 5
+        ctx.n_fixed = 6
         return loss
 
     @staticmethod
@@ -843,6 +844,57 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
 _PACKED_CHECKED: dict = {}
 
 
+def _packed_structure(pasts, flat_As, flat_Bs, layout, scales):
+    """The cheap structural checks of the packed penalty (``flat_As = flat_Bs = None``: not known
+    yet); returns ``(layout as int tuples, scales list)``."""
+    for name, seq in (("pasts", pasts), ("flat_As", flat_As), ("flat_Bs", flat_Bs), ("layout", layout)):
+        if seq is not None and not isinstance(seq, (list, tuple)):
+            raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
+    n = len(pasts)
+    if n == 0:
+        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
+    if flat_As is not None and (len(flat_As) != len(flat_Bs) or not flat_As):
+        raise ValueError(f"flat_As and flat_Bs must be non-empty and of one length, got {len(flat_As)} and "
+                         f"{len(flat_Bs)}")
+    if len(layout) != n:
+        raise ValueError(f"layout has {len(layout)} entries for {n} pasts")
+    if isinstance(scales, (int, float, Tensor)):
+        scales = [scales] * n
+    if len(scales) != n:
+        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
+    return tuple(tuple(int(v) for v in e) for e in layout), scales
+
+
+def _validate_packed(pasts, flat_As, flat_Bs, layout, backend: str) -> str:
+    """Every per-layer check of the packed penalty (shapes, rows in range and disjoint, contiguous
+    flat buffers, devices, dtypes); returns the resolved backend."""
+    for l, e in enumerate(layout):
+        if len(e) != 4:
+            raise ValueError(f"layout[{l}] must be (flat index, A row, B row, rank), got {e}")
+        f, a, b, r = e
+        if not 0 <= f < len(flat_As):
+            raise ValueError(f"layout[{l}] = {e} names flat buffer {f}; there are {len(flat_As)}")
+        for nm, t in ((f"flat_As[{f}]", flat_As[f]), (f"flat_Bs[{f}]", flat_Bs[f])):
+            check_tensor(nm, t, ndim=2)
+            if not t.is_contiguous():
+                raise ValueError(f"{nm} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+        if r < 1 or a < 0 or a + r > flat_As[f].shape[0] or b < 0 or b + pasts[l].shape[0] > flat_Bs[f].shape[0]:
+            raise ValueError(f"layout[{l}] = {e}: rows out of range of flat_As[{f}] {tuple(flat_As[f].shape)} / "
+                             f"flat_Bs[{f}] {tuple(flat_Bs[f].shape)} for past {tuple(pasts[l].shape)}")
+        _check_penalty_args(pasts[l], flat_As[f][a:a + r], flat_Bs[f][b:b + pasts[l].shape[0]], f"s[{l}]")
+    _check_rows_disjoint(layout, pasts)
+    return _penalty_backend(backend, pasts, [("flat_As", flat_As), ("flat_Bs", flat_Bs)])
+
+
+def _packed_call(pasts, flat_As, flat_Bs, layout, scales, resolved, prepared=None) -> Tensor:
+    if _compiling():
+        As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+        Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+        return _grouped_penalty_op(list(pasts), As, Bs, list(scales), resolved)[0]
+    return _PackedPenaltyFunction.apply(list(pasts), layout, scales, resolved, prepared, len(flat_As),
+                                        *flat_As, *flat_Bs)
+
+
 def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor], flat_Bs: Sequence[Tensor],
                               layout: Sequence[Tuple[int, int, int, int]], *,
                               scales: Union[float, Sequence[float]] = 1.0, backend: str = "auto") -> Tensor:
@@ -854,50 +906,54 @@ def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor]
     each, zero on rows no layer uses), so a controller whose parameters are the flat
     buffers pays no per-layer view, gradient cast or accumulation: on the triton backend
     one call is two kernel launches plus a few allocations.  Validation runs once per
-    distinct (layout, shapes, dtypes, devices).
+    distinct (layout, shapes, dtypes, devices).  For fixed pasts, layout and scales called
+    every step (a training loop), :class:`PackedForgettingPenalty` skips even that lookup.
     """
-    for name, seq in (("pasts", pasts), ("flat_As", flat_As), ("flat_Bs", flat_Bs), ("layout", layout)):
-        if not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{name} must be a list or tuple, got {type(seq).__name__}")
-    n = len(pasts)
-    if n == 0:
-        raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
-    if len(flat_As) != len(flat_Bs) or not flat_As:
-        raise ValueError(f"flat_As and flat_Bs must be non-empty and of one length, got {len(flat_As)} and "
-                         f"{len(flat_Bs)}")
-    if len(layout) != n:
-        raise ValueError(f"layout has {len(layout)} entries for {n} pasts")
-    if isinstance(scales, (int, float, Tensor)):
-        scales = [scales] * n
-    if len(scales) != n:
-        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
-    layout = tuple(tuple(int(v) for v in e) for e in layout)
+    layout, scales = _packed_structure(pasts, flat_As, flat_Bs, layout, scales)
     key = (layout, interpreting(), tuple((p.shape, p.dtype, p.device) for p in pasts),
            tuple((t.shape, t.dtype, t.device, t.is_contiguous()) for t in (*flat_As, *flat_Bs)), backend)
     resolved = _PACKED_CHECKED.get(key)
     if resolved is None:
-        for l, e in enumerate(layout):
-            if len(e) != 4:
-                raise ValueError(f"layout[{l}] must be (flat index, A row, B row, rank), got {e}")
-            f, a, b, r = e
-            if not 0 <= f < len(flat_As):
-                raise ValueError(f"layout[{l}] = {e} names flat buffer {f}; there are {len(flat_As)}")
-            for nm, t in ((f"flat_As[{f}]", flat_As[f]), (f"flat_Bs[{f}]", flat_Bs[f])):
-                check_tensor(nm, t, ndim=2)
-                if not t.is_contiguous():
-                    raise ValueError(f"{nm} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-            if r < 1 or a < 0 or a + r > flat_As[f].shape[0] or b < 0 or b + pasts[l].shape[0] > flat_Bs[f].shape[0]:
-                raise ValueError(f"layout[{l}] = {e}: rows out of range of flat_As[{f}] {tuple(flat_As[f].shape)} / "
-                                 f"flat_Bs[{f}] {tuple(flat_Bs[f].shape)} for past {tuple(pasts[l].shape)}")
-            _check_penalty_args(pasts[l], flat_As[f][a:a + r], flat_Bs[f][b:b + pasts[l].shape[0]], f"s[{l}]")
-        _check_rows_disjoint(layout, pasts)
-        resolved = _penalty_backend(backend, pasts, [("flat_As", flat_As), ("flat_Bs", flat_Bs)])
+        resolved = _validate_packed(pasts, flat_As, flat_Bs, layout, backend)
         if len(_PACKED_CHECKED) > 256:
             _PACKED_CHECKED.clear()
         _PACKED_CHECKED[key] = resolved
     scales = tuple(check_scale(f"scales[{i}]", s) for i, s in enumerate(scales))
-    if _compiling():
-        As = [flat_As[f][a:a + r] for f, a, _, r in layout]
-        Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
-        return _grouped_penalty_op(list(pasts), As, Bs, list(scales), resolved)[0]
-    return _PackedPenaltyFunction.apply(list(pasts), layout, scales, resolved, len(flat_As), *flat_As, *flat_Bs)
+    return _packed_call(pasts, flat_As, flat_Bs, layout, scales, resolved)
+
+
+class PackedForgettingPenalty:
+    """:func:`packed_forgetting_penalty` for fixed ``pasts``, ``layout`` and ``scales``, e.g. a
+    controller's state while one concept trains: ``pen = PackedForgettingPenalty(pasts, layout,
+    scales=s)`` once, then ``loss = pen(flat_As, flat_Bs)`` every step.
+
+    The pasts, layout and scales are checked once; every per-layer check runs again only when the
+    flat buffers' shapes, dtypes, devices or contiguity change (a call compares one signature per
+    flat buffer), and the Triton launcher keeps its tables here instead of looking them up by a key
+    over all layers.  The pasts are held (not copied): change them in place only, never reassign
+    their storage, or build a new object.  Same values and gradients as the function.
+    """
+
+    def __init__(self, pasts: Sequence[Tensor], layout: Sequence[Tuple[int, int, int, int]], *,
+                 scales: Union[float, Sequence[float]] = 1.0, backend: str = "auto"):
+        if not isinstance(pasts, (list, tuple)):
+            raise TypeError(f"pasts must be a list or tuple, got {type(pasts).__name__}")
+        for i, p in enumerate(pasts):
+            check_tensor(f"pasts[{i}]", p, ndim=2)
+        self.pasts = list(pasts)
+        self.layout, scales = _packed_structure(self.pasts, None, None, layout, scales)
+        self.scales = tuple(check_scale(f"scales[{i}]", s) for i, s in enumerate(scales))
+        self.backend = backend
+        self._sig = None
+        self._resolved: Optional[str] = None
+        self._prepared: dict = {}
+
+    def __call__(self, flat_As: Sequence[Tensor], flat_Bs: Sequence[Tensor]) -> Tensor:
+        sig = (interpreting(), tuple((t.shape, t.dtype, t.device, t.is_contiguous()) if isinstance(t, Tensor)
+                                     else None for t in (*flat_As, *flat_Bs)), len(flat_As))
+        if sig != self._sig:
+            _packed_structure(self.pasts, flat_As, flat_Bs, self.layout, self.scales)
+            self._resolved = _validate_packed(self.pasts, flat_As, flat_Bs, self.layout, self.backend)
+            self._sig = sig
+            self._prepared.clear()
+        return _packed_call(self.pasts, flat_As, flat_Bs, self.layout, self.scales, self._resolved, self._prepared)

@@ -741,7 +741,7 @@ _PACKED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 def grouped_forgetting_penalty_packed(
     pasts: Sequence[torch.Tensor], flat_As: Sequence[torch.Tensor], flat_Bs: Sequence[torch.Tensor],
     layout: Sequence[Tuple[int, int, int, int]], scales: Union[float, Sequence[float]], *,
-    input_precision: Optional[str] = None, deterministic: bool = True,
+    input_precision: Optional[str] = None, deterministic: bool = True, prepared: Optional[dict] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """The grouped penalty over factors packed by rows in a few flat buffers.
 
@@ -752,12 +752,12 @@ def grouped_forgetting_penalty_packed(
     launches as :func:`grouped_forgetting_penalty_forward`.  A call with the same
     buffers, pasts and layout as an earlier one reuses its tables without building a
     view per layer (the host cost of a training step is a few dozen microseconds).
+
+    ``prepared``: a dict the caller owns for one fixed ``(pasts, layout, scales)`` whose
+    shapes, strides and dtypes it has checked (``ops.PackedForgettingPenalty``); the tables are
+    cached there, keyed by the flat buffers and the pasts' addresses only.
     """
     pasts, flat_As, flat_Bs = list(pasts), list(flat_As), list(flat_Bs)
-    layout = tuple(tuple(int(v) for v in e) for e in layout)
-    if isinstance(scales, (int, float)):
-        scales = [float(scales)] * len(pasts)
-    scales = tuple(float(s) for s in scales)
     if not pasts:
         raise ValueError("pasts is empty: the grouped penalty needs at least one layer")
     device = pasts[0].device
@@ -765,11 +765,21 @@ def grouped_forgetting_penalty_packed(
     _check_device_mode(device, interpret)
     precision = _precision(flat_As[0].dtype, flat_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
-    key = (device, interpret, precision, deterministic, scales, layout,
-           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in flat_As),
-           tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in flat_Bs),
-           tuple((p.data_ptr(), p.shape, p.stride(), p.dtype) for p in pasts))
-    entry = _PACKED.get(key)
+    flats = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (*flat_As, *flat_Bs))
+    if prepared is not None:
+        key = (device, interpret, precision, deterministic, flats, tuple(p.data_ptr() for p in pasts))
+        cache = prepared
+    else:
+        cache = _PACKED
+    if prepared is None or key not in prepared:
+        layout = tuple(tuple(int(v) for v in e) for e in layout)
+        if isinstance(scales, (int, float)):
+            scales = [float(scales)] * len(pasts)
+        scales = tuple(float(s) for s in scales)
+    if prepared is None:
+        key = (device, interpret, precision, deterministic, scales, layout, flats,
+               tuple((p.data_ptr(), p.shape, p.stride(), p.dtype) for p in pasts))
+    entry = cache.get(key)
     if entry is None:
         _check_packed(pasts, flat_As, flat_Bs, layout)
         As = [flat_As[f][a:a + r] for f, a, _, r in layout]
@@ -784,10 +794,12 @@ def grouped_forgetting_penalty_packed(
         # element offsets of each layer's dA / dB inside the flat gradient buffers
         offs = [(f, a * p.shape[1], b * r) for (f, a, b, r), p in zip(layout, pasts)]
         entry = (plan, fa, covered_a, covered_b, offs)
-        _PACKED[key] = entry
+        if prepared is not None and len(prepared) >= _MAX_PLANS:
+            prepared.clear()
+        cache[key] = entry
         if len(_PACKED) > _MAX_PLANS:
             _PACKED.popitem(last=False)
-    else:
+    elif prepared is None:
         _PACKED.move_to_end(key)
     plan, fa, covered_a, covered_b, offs = entry
     f32 = torch.float32

@@ -388,6 +388,47 @@ def test_packed_penalty_gradients_reach_flat_buffers(device):
         ops.packed_forgetting_penalty(pasts, fa, fb, [(0, 0, 0, 2), (0, 1, 9, 2), (1, 0, 0, 2)])
 
 
+def test_prepared_packed_penalty_matches_function(device):
+    """PackedForgettingPenalty (pasts/layout/scales fixed, as a controller calls it every step) gives
+    the function's loss and flat gradients bit for bit, across calls, after the flat buffers are
+    replaced (a new concept: new addresses), and checks again when their shapes change."""
+    g = torch.Generator().manual_seed(5)
+    layout = [(0, 0, 0, 2), (0, 4, 9, 2), (1, 0, 0, 2)]
+    pasts = [torch.randn(9, 12, generator=g).to(device), torch.randn(8, 12, generator=g).to(device),
+             torch.randn(5, 8, generator=g).to(device)]
+    scales = [0.5, 2.0, 1.0]
+
+    def flats():
+        return ([torch.randn(6, 12, generator=g).to(device), torch.randn(2, 8, generator=g).to(device)],
+                [torch.randn(19, 2, generator=g).to(device), torch.randn(5, 2, generator=g).to(device)])
+
+    def run(fn, fa, fb):
+        fa_ = [t.clone().requires_grad_() for t in fa]
+        fb_ = [t.clone().requires_grad_() for t in fb]
+        loss = fn(fa_, fb_)
+        loss.backward()
+        return [loss.detach()] + [t.grad for t in fa_ + fb_]
+
+    for backend in backends_for(device):
+        pen = ops.PackedForgettingPenalty(pasts, layout, scales=scales, backend=backend)
+        for fa, fb in (flats(), flats()):
+            for _ in range(2):
+                got = run(pen, fa, fb)
+                want = run(lambda a, b: ops.packed_forgetting_penalty(pasts, a, b, layout, scales=scales,
+                                                                     backend=backend), fa, fb)
+                for x, y in zip(got, want):
+                    assert torch.equal(x, y), backend
+        fa, fb = flats()
+        with pytest.raises(ValueError, match=r"rows out of range of flat_As\[0\]"):
+            pen([fa[0][:3], fa[1]], fb)
+        with pytest.raises(TypeError, match="flat_As must be a list or tuple, got Tensor"):
+            pen(fa[0], fb)
+    with pytest.raises(ValueError, match="layout has 2 entries for 3 pasts"):
+        ops.PackedForgettingPenalty(pasts, layout[:2])
+    with pytest.raises(TypeError, match=r"scales\[1\] must be a float, got str"):
+        ops.PackedForgettingPenalty(pasts, layout, scales=[1.0, "x", 1.0])
+
+
 def test_grouped_penalty_equals_sum_of_singles(device):
     g = torch.Generator().manual_seed(7)
     shapes = [(20, 33), (77, 33), (5, 64), (64, 5)]

@@ -625,12 +625,12 @@ def test_penalty_is_one_grouped_call_over_every_site(fw, monkeypatch):
     ctrl.begin_concept()
     randomize_factors(ctrl, seed=2)
     calls = []
-    orig = ops.packed_forgetting_penalty
+    orig = ops.PackedForgettingPenalty.__call__
 
-    def spy(pasts, flat_As, flat_Bs, layout, **kw):
-        calls.append((len(pasts), len(layout)))
-        return orig(pasts, flat_As, flat_Bs, layout, **kw)
-    monkeypatch.setattr(ops, "packed_forgetting_penalty", spy)
+    def spy(self, flat_As, flat_Bs):
+        calls.append((len(self.pasts), len(self.layout)))
+        return orig(self, flat_As, flat_Bs)
+    monkeypatch.setattr(ops.PackedForgettingPenalty, "__call__", spy)
     pen = ctrl.penalty()
     assert calls == [(6, 6)]  # K and V of 3 blocks, one call
     ref = 3.0 * sum(reference.forgetting_penalty(ctrl.past(i), *ctrl.current_factors(i), ctrl.scale)
