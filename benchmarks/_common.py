@@ -488,14 +488,15 @@ def md_env(info: dict, peaks: dict) -> str:
 class Targets:
     """PASS/MISS lines; meaningful on a GPU only (on CPU they are printed as INFO)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, info: Optional[str] = None):
         self.device = device
+        self.info = info            # set: every line is INFO, for this reason (e.g. proxies of a target)
         self.lines: List[str] = []
 
     def check(self, name: str, ok: Optional[bool], detail: str):
         if ok is None:
             tag = "N/A "
-        elif self.device.type != "cuda":
+        elif self.device.type != "cuda" or self.info:
             tag = "INFO"
         else:
             tag = "PASS" if ok else "MISS"
@@ -506,7 +507,7 @@ class Targets:
     def md(self) -> str:
         if not self.lines:
             return ""
-        note = "" if self.device.type == "cuda" else \
+        note = f" ({self.info})" if self.info else "" if self.device.type == "cuda" else \
             " (CPU run: targets are GPU targets, shown as INFO only)"
         return f"\n### Targets{note}\n\n" + "".join(f"- {l}\n" for l in self.lines)
 

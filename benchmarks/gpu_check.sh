@@ -20,10 +20,10 @@
 #     of the benchmarks' budgets. Otherwise backend "cuda" is reported as n/a.
 #
 # Tests: pytest -q ${TESTS:-tests} -m "$PYTEST_MARK" (TESTS: a subset of test files; BENCHES: a subset of
-# "ops e2e scaling") (default "not slow": the slow marker is for slower CPU-only tests,
+# "host ops e2e scaling") (default "not slow": the slow marker is for slower CPU-only tests,
 # which CI runs; PYTEST_MARK= runs everything).
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
-# benchmarks share what is left (ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
+# benchmarks share what is left (host 8%, then ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
 # a hard `timeout` above it. TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
 # after them (TUNE_ARGS e.g. --skip-projection). OPS_ARGS / E2E_ARGS / SCALING_ARGS go to one benchmark only
 # (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"), OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET fix one benchmark's
@@ -189,7 +189,8 @@ run_bench() {  # name share_percent fixed_overhead_s [extra args]
 
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
   # shares of what is left after the tests: ops 45%, e2e 35% (of the rest: 64%), scaling gets the rest
-  BENCHES=${BENCHES:-ops e2e scaling}
+  BENCHES=${BENCHES:-host ops e2e scaling}
+  case " $BENCHES " in *" host "*) run_bench host 8 10 ;; esac    # launches + host time per call (~20 s)
   case " $BENCHES " in *" ops "*) run_bench ops 45 25 ;; esac
   case " $BENCHES " in *" e2e "*) run_bench e2e 64 30 ;; esac
   case " $BENCHES " in *" scaling "*) run_bench scaling 90 15 ;; esac
@@ -215,7 +216,7 @@ fi
   echo "## Targets"
   echo
   cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) " | sed 's/^/- /'
-  for f in "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md "$RES"/tune.md; do
+  for f in "$RES"/host*.md "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md "$RES"/tune.md; do
     [ -f "$f" ] || continue
     echo
     sed 's/^# /## /' "$f"

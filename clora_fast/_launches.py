@@ -3,16 +3,21 @@
 At small shapes a GPU step is bound by the host: every kernel launch costs several microseconds of
 CPU time whatever its size, so the number of launches per step predicts the wall time there better
 than FLOPs or bytes.  :func:`count_launches` runs a function under a ``TorchDispatchMode`` and counts
-the ATen operators that reach a device kernel: every op except views (outputs that alias an input)
-and bare allocations.  The count is the same on the CPU as on a GPU for PyTorch code (what reaches
-the dispatcher does not depend on the device), so it can be checked in CPU tests.  Triton / CUDA
-extension kernels do not go through the dispatcher and are not counted; library GEMMs count one each
-(cuBLAS may add a split-K reduction kernel of its own).
+
+* the ATen operators that reach a device kernel: every op except views (outputs that alias an
+  input) and bare allocations.  What reaches the dispatcher does not depend on the device, so the
+  count is the same on the CPU as on a GPU and can be checked in CPU tests (library GEMMs count one
+  each; cuBLAS may add a split-K reduction kernel of its own);
+* Triton kernel launches (``JITFunction.run``, and the interpreter's ``InterpretedFunction.run``
+  under ``TRITON_INTERPRET=1``), as ``"triton:<kernel name>"``.
+
+Kernels of the CUDA C++ extension (called through pybind, not the dispatcher) are not counted.
 """
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,19 +30,56 @@ def _is_view(func) -> bool:
 
 
 class _Counter(TorchDispatchMode):
-    def __init__(self):
+    def __init__(self, ops: Counter):
         super().__init__()
-        self.ops: Counter = Counter()
+        self.ops = ops
+        self.paused = 0          # inside a Triton launch: the interpreter's own host copies are not kernels
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._schema.name.split("::", 1)[-1]
-        if name not in _NO_KERNEL and not _is_view(func):
+        if not self.paused and name not in _NO_KERNEL and not _is_view(func):
             self.ops[name] += 1
         return func(*args, **(kwargs or {}))
 
 
+@contextlib.contextmanager
+def _triton_launches(ops: Counter, mode: _Counter) -> Iterator[None]:
+    """Count every Triton kernel launch (compiled or interpreted) while the block runs."""
+    classes = []
+    try:
+        from triton.runtime.jit import JITFunction
+        classes.append(JITFunction)
+        from triton.runtime.interpreter import InterpretedFunction
+        classes.append(InterpretedFunction)
+    except Exception:  # noqa: BLE001 - no triton, or a layout without the interpreter class
+        pass
+    saved = [(cls, cls.__dict__["run"]) for cls in classes if "run" in cls.__dict__]
+
+    def wrap(run):
+        def counted(self, *args, **kwargs):
+            if not kwargs.get("warmup", False):
+                fn = getattr(self, "fn", None)
+                ops["triton:" + getattr(fn, "__name__", getattr(self, "__name__", "kernel"))] += 1
+            mode.paused += 1
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                mode.paused -= 1
+        return counted
+
+    for cls, run in saved:
+        cls.run = wrap(run)
+    try:
+        yield
+    finally:
+        for cls, run in saved:
+            cls.run = run
+
+
 def count_launches(fn: Callable[[], object]) -> Tuple[int, Dict[str, int]]:
     """``(launches, {op: count})`` of one call of ``fn`` (forward and, when ``fn`` calls it, backward)."""
-    with _Counter() as c:
+    ops: Counter = Counter()
+    mode = _Counter(ops)
+    with _triton_launches(ops, mode), mode:
         fn()
-    return sum(c.ops.values()), dict(c.ops)
+    return sum(ops.values()), dict(ops)

@@ -341,20 +341,23 @@ class _PackedPenaltyFunction(torch.autograd.Function):
 # layer: equal segments) the weight is small next to the activations
 # (ViT-B/16 at batch 128: 2.4 MB of K/V weight vs 116 MB of x and y), so
 #
-#     forward   W_eff = W + s * B @ A   (one batched GEMM, N x r x K)
-#               y     = x @ W_eff^T + bias                      (one GEMM)
-#     backward  dx    = dy @ W_eff      (W_eff recomputed, not kept)
-#               xa    = x @ A^T,  g_l = s_l * dy_l @ B_l
-#               dA_l  = g_l^T @ x,  dB_l = s_l * dy_l^T @ xa_l
+#     forward   W_eff = [W_l + s_l B_l @ A_l]   (L GEMMs N x r x K, or one batched)
+#               y     = x @ [W_eff; A]^T + bias (one GEMM; the A rows give xa = x @ A^T
+#                                                for dB when the outputs are split)
+#     backward  dx    = sum_l dy_l @ W_eff_l    (W_eff kept from the forward)
+#               dA    = [s_l (dy_l @ B_l)^T] @ x  (one GEMM for all segments)
+#               dB_l  = s_l dy_l^T @ xa_l
 #
-# costs the dense projection plus two reads of x and dy for the rank-r
-# gradients, in 2 + 7 library launches with no Python-side kernel launch
-# cost (which dominates the fused Triton path at these sizes, see
-# benchmarks/RESULTS.md).  Precision: the products run in the input dtype
-# with fp32 accumulation, like torch's own LoRA; W_eff is rounded once to the
-# input dtype.  Used by the triton and cuda backends on CUDA tensors when all
-# segments have one size ("auto"); the segmented Triton kernels keep the
-# grouped whole-UNet launch (unequal segments, weight >> activations there).
+# costs the dense projection plus one more read of x and two of dy for the
+# rank-r gradients, in 11 library launches for a K/V pair (PEFT's unfused LoRA:
+# 25, the dense pair: 5; tests/test_ops.py::test_merged_kv_launch_counts) and
+# no Python-side kernel launch cost, which dominates the fused Triton path at
+# these sizes (benchmarks/RESULTS.md).  Precision: the products run in the
+# input dtype with fp32 accumulation, like torch's own LoRA; W_eff is rounded
+# once to the input dtype.  Used by the triton and cuda backends on CUDA
+# tensors when all segments have one size ("auto"); the segmented Triton
+# kernels keep the grouped whole-UNet launch (unequal segments, weight >>
+# activations there).
 # ---------------------------------------------------------------------------
 
 def _mm(a: Tensor, b: Tensor, s: float, out: Optional[Tensor] = None) -> Tensor:

@@ -247,3 +247,40 @@ def test_tune_triton_sweep_runs_and_checks_results(tmp_path):
     assert sum(r["heuristic"] for r in rows) == 3
     md = (tmp_path / "tune.md").read_text()
     assert len(_md_rows(md, "tiny_kv")) == 2 and len(_md_rows(md, "tiny_pen")) == 3
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+def test_bench_host_counts_launches(tmp_path, interpret):
+    """bench_host: every method of every case is counted (or reported n/a with the reason), timed where
+    its time is host work, and the launch counts are the ones the ops promise (dense K+V 5; ours well
+    under PEFT; under the interpreter the Triton paths are counted: one grouped call for 32 projections
+    and a packed penalty of a few launches)."""
+    if interpret and __import__("torch").cuda.is_available():
+        pytest.skip("the interpreter branch is for GPU-less machines")
+    mod = _load("bench_host")
+    interpret = interpret or os.environ.get("TRITON_INTERPRET") == "1"     # the README's test command sets it
+    assert mod.main(["--quick", "--out", str(tmp_path)] + (["--interpret"] if interpret else [])) == 0
+    rows = _read_jsonl(tmp_path / "host.jsonl")
+    md = (tmp_path / "host.md").read_text()
+    got = {(r["section"], r["case"], r["method"]): r for r in rows}
+    expected = {("kv_layer", c, m) for c in ("sd", "vit") for m in mod.KV_METHODS} | \
+        {("unet_kv_all", "sd32_k32", m) for m in mod.UNET_METHODS} | {("penalty", "sd32_k32", m) for m in mod.PEN_METHODS}
+    assert set(got) == expected and len(rows) == len(expected)
+    for key, r in got.items():
+        if key[2] == "fused" and not interpret:
+            assert r["launches"] is None and r["status"].startswith("n/a ("), r
+            continue
+        assert isinstance(r["launches"], int) and r["launches"] > 0 and sum(r["ops"].values()) == r["launches"], r
+        if r["status"] == "ok":
+            assert r["host_us"] > 0, r
+        else:
+            assert interpret and r["status"].startswith("counted only") and r["host_us"] is None, r
+    assert got[("kv_layer", "sd", "dense")]["launches"] == 5
+    for c in ("sd", "vit"):
+        assert got[("kv_layer", c, "peft")]["launches"] >= 1.9 * got[("kv_layer", c, "ours")]["launches"]
+    if interpret:
+        assert got[("unet_kv_all", "sd32_k32", "grouped")]["launches"] <= 8
+        assert got[("penalty", "sd32_k32", "packed")]["launches"] <= 6
+        assert any(k.startswith("triton:") for k in got[("penalty", "sd32_k32", "packed")]["ops"])
+    for head in ("## kv_layer / sd", "## unet_kv_all / sd32_k32", "## penalty / sd32_k32", "### Targets"):
+        assert head in md

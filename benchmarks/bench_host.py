@@ -1,0 +1,319 @@
+#!/usr/bin/env python
+"""Host-side cost per call: kernel launches and host time, at shapes where the kernels take ~nothing.
+
+At the SD cross-attention and ViT-B shapes a training step on an H100 is bound by the host, not by the
+kernels (RESULTS.md: the dense K+V pair alone takes 0.25-0.49 ms of wall for 13-225 us of kernels), so
+what decides the wall-time targets there is how many kernels a call launches and how much Python runs
+around them.  This script measures both, on any machine:
+
+  launches  kernels one call launches: ATen ops that reach a kernel + Triton launches
+            (clora_fast._launches.count_launches; the same count on a CPU as on a GPU for PyTorch code)
+  host_us   median wall time per call at tiny shapes, interleaved rounds (the kernels are trivial there,
+            so this is host work: on a GPU the launch side of the real cost, on a CPU a proxy for it:
+            a CPU op costs less to launch than a CUDA one)
+
+Sections (each call = forward + backward with fixed output gradients):
+  kv_layer     one attention layer's K and V: dense (two F.linear), ours (lora_kv_projection; on a CPU
+               with strategy="merged", what "auto" takes on CUDA), fused (segmented Triton kernels; GPU, or
+               counts under --interpret), peft (peft LoRA layers), naive (W0 + P + s*B@A materialised per call)
+               - "sd": no bias (SD attn2 to_k/to_v); "vit": with bias (ViT key/value)
+  unet_kv_all  all 32 SD-1.5 cross-attention K/V projections (the config's output widths / 40, in 32):
+               dense_cat (one F.linear), grouped (one segmented call: the controller's), per_layer
+               (16 lora_kv_projection calls), peft (32 LoRA layers)
+  penalty      the penalty over the same 32 projections: packed (the controller's call, through
+               ops.PackedForgettingPenalty), naive (past re-summed from 10 stored pairs, autograd)
+
+Run: python benchmarks/bench_host.py [--quick|--cpu] [--out DIR] [--interpret]
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import _common as C  # noqa: E402
+from bench_ops import peft_module  # noqa: E402
+
+KV_METHODS = ["dense", "ours", "fused", "peft", "naive"]
+UNET_METHODS = ["dense_cat", "grouped", "per_layer", "peft"]
+PEN_METHODS = ["packed", "naive"]
+
+
+def host_us(fns: dict, device: torch.device, rounds: int, calls: int) -> dict:
+    """Median over interleaved rounds of the mean wall time per call (us) of each fn; a round times
+    ``calls`` back-to-back calls of one fn (synchronised at the end on a GPU)."""
+    times = {k: [] for k in fns}
+    for f in fns.values():       # warm-up: allocator, lazy init, Triton compilation
+        for _ in range(3):
+            f()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            sync()
+            times[k].append((time.perf_counter() - t0) / calls * 1e6)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def step_fn(outs_fn, grads, leaves):
+    def fn():
+        for t in leaves:
+            t.grad = None
+        outs = outs_fn()
+        torch.autograd.backward(list(outs), list(grads))
+    return fn
+
+
+class Bench:
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        self.quick = args.quick
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.out = C.Output(args.out, "host", args.tag)
+        self.info = C.env_info(device)
+        self.rows = []
+        self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        from clora_fast import ops
+        from clora_fast._launches import count_launches
+        self.ops, self.count = ops, count_launches
+        self.triton = self.device.type == "cuda" or (self.interpret and self.device.type == "cpu")
+
+    def randn(self, *shape, scale=1.0):
+        return (torch.randn(*shape, generator=self.gen) * scale).to(self.device)
+
+    def record(self, **kw):
+        self.rows.append(kw)
+        self.out.row(**kw)
+        C.print_flush(f"{kw['section']}/{kw['case']}/{kw['method']}: launches {kw['launches']}, "
+                      f"host {kw['host_us'] if kw['host_us'] is None else round(kw['host_us'], 1)} us "
+                      f"({kw['status']})")
+
+    def measure(self, section, case, makers: dict):
+        """Count launches of every method; time the ones whose time means something here."""
+        fns, counts, status = {}, {}, {}
+        for m, mk in makers.items():
+            try:
+                fn, timed = mk()
+                fn()
+                counts[m] = self.count(fn)
+                status[m] = "ok" if timed else "counted only (Triton interpreter: its time is not host work)"
+                if timed:
+                    fns[m] = fn
+            except Exception as e:  # noqa: BLE001 - a method not available here is reported, not fatal
+                counts[m], status[m] = None, f"n/a ({C.describe_exc(e)})"
+        rounds, calls = (3, 5) if self.quick else (9, 200)
+        times = host_us(fns, self.device, rounds, calls) if fns else {}
+        for m in makers:
+            n, ops = counts[m] if counts[m] is not None else (None, None)
+            self.record(section=section, case=case, method=m, launches=n, ops=ops, host_us=times.get(m),
+                        status=status[m], device=str(self.device))
+
+    # ------------------------------------------------------------ one layer's K and V
+    def kv_layer(self):
+        ops, dev = self.ops, self.device
+        M0, K, n, r, s = (2, 8), 32, 32, 4, 0.5
+        for case, with_bias in (("sd", False), ("vit", True)):
+            x = self.randn(*M0, K).requires_grad_()
+            W = [self.randn(n, K, scale=K ** -0.5) for _ in range(2)]
+            A = [self.randn(r, K, scale=K ** -0.5).requires_grad_() for _ in range(2)]
+            B = [self.randn(n, r, scale=0.02).requires_grad_() for _ in range(2)]
+            bias = [self.randn(n) for _ in range(2)] if with_bias else None
+            past = [(self.randn(10 * r, K, scale=K ** -0.5), self.randn(n, 10 * r, scale=0.02)) for _ in range(2)]
+            gy = [self.randn(*M0, n) for _ in range(2)]
+            leaves = [x, *A, *B]
+            bk = (lambda i: None) if bias is None else (lambda i: bias[i])
+            on_cuda = dev.type == "cuda"
+
+            def mk_ours(strategy):
+                def make():
+                    kw = dict(scale=s, biases=bias)
+                    if strategy == "fused":
+                        if not self.triton:
+                            raise RuntimeError("the Triton kernels need a GPU (or --interpret)")
+                        kw.update(backend="triton", strategy="fused")
+                    elif not on_cuda:
+                        kw.update(strategy="merged")     # what backend "auto" takes on CUDA
+                    fn = step_fn(lambda: ops.lora_kv_projection(x, W, A, B, **kw), gy, leaves)
+                    return fn, strategy != "fused" or on_cuda
+                return make
+
+            def mk_peft():
+                m, params = peft_module(W, [(A[i].detach(), B[i].detach()) for i in range(2)], r, s, ["k", "v"])
+                if bias is not None:
+                    for i, name in enumerate("kv"):
+                        lin = getattr(m, name).base_layer
+                        lin.bias = torch.nn.Parameter(bias[i].clone(), requires_grad=False)
+                return step_fn(lambda: (m.k(x), m.v(x)), gy, [x, *params]), True
+
+            def mk_naive():
+                def outs():
+                    return [F.linear(x, W[i] + s * (past[i][1] @ past[i][0]) + s * (B[i] @ A[i]), bk(i))
+                            for i in range(2)]
+                return step_fn(outs, gy, leaves), True
+
+            self.measure("kv_layer", case, {
+                "dense": lambda: (step_fn(lambda: [F.linear(x, W[i], bk(i)) for i in range(2)], gy, [x]), True),
+                "ours": mk_ours("auto"), "fused": mk_ours("fused"), "peft": mk_peft, "naive": mk_naive})
+
+    # ------------------------------------------------------------ all 32 SD K/V projections
+    def unet_kv_all(self):
+        ops = self.ops
+        cfg = C.sd_config("gpu")
+        outs = [max(4, o // 40) for _, o, _ in C.sd_kv_shapes_from_config(cfg)]      # 32 projections, K and V
+        K, r, s = 32, 4, 0.5
+        offs = [0]
+        for o in outs:
+            offs.append(offs[-1] + o)
+        N = offs[-1]
+        x = self.randn(1, 8, K).requires_grad_()
+        W = self.randn(N, K, scale=K ** -0.5)
+        A = self.randn(len(outs) * r, K, scale=K ** -0.5).requires_grad_()
+        B = self.randn(N, r, scale=0.02).requires_grad_()
+        gy = [self.randn(1, 8, o) for o in outs]
+        Wl = [W[a:b] for a, b in zip(offs, offs[1:])]
+        Al = [A.detach()[i * r:(i + 1) * r].clone().requires_grad_() for i in range(len(outs))]
+        Bl = [B.detach()[a:b].clone().requires_grad_() for a, b in zip(offs, offs[1:])]
+        on_cuda = self.device.type == "cuda"
+
+        def mk_grouped():
+            kw = {} if on_cuda else ({"backend": "triton"} if self.triton else {})
+            fn = step_fn(lambda: ops.segmented_lora_projection(x, W, A, B, offs, s, split=True, **kw), gy, [x, A, B])
+            return fn, on_cuda or not self.triton
+
+        def mk_per_layer():
+            kw = {} if on_cuda else {"strategy": "merged"}
+
+            def outs_fn():
+                res = []
+                for i in range(0, len(outs), 2):
+                    res += ops.lora_kv_projection(x, (Wl[i], Wl[i + 1]), (Al[i], Al[i + 1]), (Bl[i], Bl[i + 1]),
+                                                  scale=s, **kw)
+                return res
+            return step_fn(outs_fn, gy, [x, *Al, *Bl]), True
+
+        def mk_peft():
+            names = [f"p{i}" for i in range(len(outs))]
+            m, params = peft_module(Wl, [(a.detach(), b.detach()) for a, b in zip(Al, Bl)], r, s, names)
+            return step_fn(lambda: [getattr(m, nm)(x) for nm in names], gy, [x, *params]), True
+
+        self.measure("unet_kv_all", f"sd32_k{K}", {
+            "dense_cat": lambda: (step_fn(lambda: ops.split_columns(F.linear(x, W), offs), gy, [x]), True),
+            "grouped": mk_grouped, "per_layer": mk_per_layer, "peft": mk_peft})
+
+    # ------------------------------------------------------------ penalty over the 32 projections
+    def penalty(self):
+        ops = self.ops
+        cfg = C.sd_config("gpu")
+        outs = [max(4, o // 40) for _, o, _ in C.sd_kv_shapes_from_config(cfg)]
+        K, r, s, T = 32, 4, 0.5, 10
+        offs = [0]
+        for o in outs:
+            offs.append(offs[-1] + o)
+        A = self.randn(len(outs) * r, K, scale=K ** -0.5).requires_grad_()
+        B = self.randn(offs[-1], r, scale=0.02).requires_grad_()
+        stored = [(self.randn(T * r, K, scale=K ** -0.5), self.randn(o, T * r, scale=0.02)) for o in outs]
+        pasts = [s * (bp @ ap) for ap, bp in stored]
+        layout = [(0, i * r, offs[i], r) for i in range(len(outs))]
+        on_cuda = self.device.type == "cuda"
+
+        def mk_packed():
+            backend = "triton" if (self.triton and not on_cuda) else "auto"
+            pen = ops.PackedForgettingPenalty(pasts, layout, scales=s, backend=backend)
+
+            def fn():
+                A.grad = B.grad = None
+                pen([A], [B]).backward()
+            return fn, on_cuda or backend == "auto"
+
+        def mk_naive():
+            def fn():
+                A.grad = B.grad = None
+                loss = 0.0
+                for i, (ap, bp) in enumerate(stored):
+                    p = s * (bp @ ap)
+                    d = s * (B[offs[i]:offs[i + 1]] @ A[i * r:(i + 1) * r])
+                    loss = loss + ((p * d) ** 2).sum()
+                loss.backward()
+            return fn, True
+
+        self.measure("penalty", f"sd32_k{K}", {"packed": mk_packed, "naive": mk_naive})
+
+
+def report(bench: Bench) -> str:
+    info = bench.info
+    s = f"# bench_host ({bench.device})\n\n" + C.md_env(info, {})
+    s += ("- per call: forward + backward with fixed output gradients; launches = ATen ops that reach a kernel "
+          "+ Triton launches (clora_fast._launches); host us = median of interleaved rounds of the mean per call "
+          "at tiny shapes (kernels ~free: host work).\n")
+    by = {}
+    for r in bench.rows:
+        by.setdefault((r["section"], r["case"]), {})[r["method"]] = r
+    for (sec, case), rows in by.items():
+        s += f"\n## {sec} / {case}\n\n"
+        ref = rows.get("peft")
+        s += C.md_table(["method", "launches", "host us", "PEFT/this (launches)", "PEFT/this (host)", "status"], [
+            [m, r["launches"] if r["launches"] is not None else "n/a",
+             C.fmt_num(r["host_us"]),
+             C.fmt_ratio(ref["launches"] / r["launches"]) if ref and ref["launches"] and r["launches"] else "n/a",
+             C.fmt_ratio(ref["host_us"] / r["host_us"]) if ref and ref["host_us"] and r["host_us"] else "n/a",
+             r["status"]] for m, r in rows.items()])
+    return s
+
+
+def check_targets(bench: Bench) -> C.Targets:
+    """Host-side proxies of the wall-time targets (INFO: the targets themselves are GPU wall times)."""
+    tg = C.Targets(bench.device, info="host-side proxies of GPU wall-time targets, shown as INFO")
+    rows = {(r["section"], r["case"], r["method"]): r for r in bench.rows}
+
+    def get(sec, case, m, key):
+        r = rows.get((sec, case, m))
+        return None if r is None else r.get(key)
+
+    for case in ("sd", "vit"):
+        lo, lp, ld = (get("kv_layer", case, m, "launches") for m in ("ours", "peft", "dense"))
+        ho, hp, hd = (get("kv_layer", case, m, "host_us") for m in ("ours", "peft", "dense"))
+        if lo and lp and ld:
+            tg.check(f"K/V layer ({case}) host cost vs PEFT and dense", lp >= 1.5 * lo,
+                     f"launches ours {lo} / PEFT {lp} / dense {ld} (PEFT/ours {lp / lo:.2f}x)"
+                     + (f"; host us ours {ho:.0f} / PEFT {hp:.0f} / dense {hd:.0f} (PEFT/ours {hp / ho:.2f}x)"
+                        if ho and hp and hd else ""))
+    lg, lp = get("unet_kv_all", "sd32_k32", "grouped", "launches"), get("unet_kv_all", "sd32_k32", "peft", "launches")
+    if lg and lp:
+        tg.check("whole-UNet K/V: one grouped call vs 32 PEFT layers", lg < lp,
+                 f"launches grouped {lg} / per-layer {get('unet_kv_all', 'sd32_k32', 'per_layer', 'launches')} / "
+                 f"PEFT {lp}")
+    return tg
+
+
+def main(argv=None):
+    return C.run_keeping_threads(_main, argv)
+
+
+def _main(argv):
+    p = C.base_parser(__doc__.splitlines()[1], default_budget=60.0)
+    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty")
+    args = p.parse_args(argv)
+    device = C.pick_device(args)
+    C.configure_threads(args, device)
+    C.seed_all(0)
+    bench = Bench(args, device)
+    for sec in args.sections.split(","):
+        getattr(bench, sec)()
+    tg = check_targets(bench)
+    bench.out.write_md(report(bench) + tg.md())
+    bench.out.close()
+    C.print_flush(f"wrote {bench.out.jsonl} and {bench.out.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
