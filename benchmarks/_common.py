@@ -320,6 +320,46 @@ class Timer:
             total -= gpu_us(lambda: self._flush_buf.zero_())
         return max(total, 0.0) / iters / 1e3
 
+    def graph_ms(self, fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (), reps: int = 20,
+                 rounds: int = 5) -> Optional[float]:
+        """Milliseconds per call of ``fn`` captured once as a CUDA graph and replayed: the host's launch work
+        is gone (what a captured training step or ``torch.compile(mode="reduce-overhead")`` pays), the
+        kernels and their gaps on the GPU remain.  Median of ``rounds`` blocks of ``reps`` replays.  The
+        gradients in ``grad_to_none`` are set to None before the capture, so the captured backward
+        allocates them in the graph's pool and every replay rewrites them.  None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+
+        def clear():
+            for t in grad_to_none:
+                t.grad = None
+
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):          # warm-up off the default stream, as torch.cuda.graph requires
+            for _ in range(3):
+                clear()
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        times = []
+        for _ in range(rounds):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(reps):
+                graph.replay()
+            b.record()
+            torch.cuda.synchronize(self.device)
+            times.append(a.elapsed_time(b) / reps)
+        clear()
+        del graph
+        return float(sorted(times)[len(times) // 2])
+
     def _cpu(self, fn, grad_to_none) -> float:
         from torch.utils import benchmark
 
@@ -420,6 +460,20 @@ def try_device_time(timer: Timer, make: Callable[[], tuple], **kw) -> Optional[f
         return ms
     except Exception as e:  # noqa: BLE001
         print_flush(f"device time n/a: {describe_exc(e)}")
+        return None
+
+
+def try_graph_time(timer: Timer, make: Callable[[], tuple]) -> Optional[float]:
+    """:meth:`Timer.graph_ms` of a freshly built case; None on a CPU, over budget or when the capture fails
+    (the reason is printed)."""
+    if timer.device.type != "cuda" or timer.over_budget():
+        return None
+    try:
+        fn, g2n = make()
+        return timer.graph_ms(fn, grad_to_none=g2n)
+    except Exception as e:  # noqa: BLE001
+        print_flush(f"CUDA graph time n/a: {describe_exc(e)}")
+        torch.cuda.synchronize()
         return None
 
 

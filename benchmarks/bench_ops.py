@@ -51,6 +51,8 @@ GPEN_METHODS = ["packed[triton]", "packed[cuda]", "packed[reference]", "grouped[
 # methods whose GPU kernel time (torch.profiler, host excluded) is also measured on the target cases
 DEVICE_TIMED = {"dense", "clora[triton]", "fused[triton]", "peft", "dense_cat", "grouped[triton]",
                 "packed[triton]"}
+# methods also timed as one replayed CUDA graph (host launch work removed) on the target cases
+GRAPH_TIMED = {"dense", "clora[triton]", "fused[triton]", "peft", "dense_cat", "grouped[triton]"}
 
 
 # ---------------------------------------------------------------- profiles
@@ -184,6 +186,13 @@ class Bench:
         C.print_flush(f"  device time of {method}:")
         return C.try_device_time(self.timer, make, flush=flush)
 
+    def graph_time(self, make, t, dt, r, mode, method):
+        """ms per call replayed as a CUDA graph, for a timed method on a target-bearing case, else None."""
+        if (t is None or method not in GRAPH_TIMED or dt != self.st["dtypes"][0] or r != self.st["ranks"][0]
+                or mode != "fwdbwd"):
+            return None
+        return C.try_graph_time(self.timer, make)
+
     # .............................................................. kv_layer
     def kv_layer_cases(self):
         st = self.st
@@ -307,8 +316,10 @@ class Bench:
                 fl, by = (fl_d, by_d) if meth == "dense" else (fl_l, by_l)
                 rl = C.roofline(fl, by, t, self.peaks, dt)
                 dev_ms = self.device_time(makers[meth], t, dt, r, mode, method=meth)
+                g_ms = self.graph_time(makers[meth], t, dt, r, mode, method=meth)
                 self.record(section="kv_layer", case=case, model=model, batch=batch, M=M, K=K, N=N, rank=r,
                             dtype=dt, mode=mode, method=meth, time_ms=t, status=why or "ok", device_ms=dev_ms,
+                            graph_ms=g_ms,
                             naive_T=T if meth == "naive" else None, **rl)
             C.print_flush(self.line(case))
             del x, w, fac, wf, gy
@@ -394,9 +405,10 @@ class Bench:
             t, why = C.try_time(self.timer, makers[meth])
             fl, by = (fl_d, by_d) if meth.startswith("dense") else (fl_l, by_l)
             dev_ms = self.device_time(makers[meth], t, dt, r, mode, method=meth)
+            g_ms = self.graph_time(makers[meth], t, dt, r, mode, method=meth)
             self.record(section="unet_kv_all", case=case, model=f"sd_all{L}", batch=batch, M=M, K=K, N=N,
                         n_layers=L, rank=r, dtype=dt, mode=mode, method=meth, time_ms=t, status=why or "ok",
-                        device_ms=dev_ms,
+                        device_ms=dev_ms, graph_ms=g_ms,
                         naive_T=T if meth == "naive" else None, **C.roofline(fl, by, t, self.peaks, dt))
         C.print_flush(self.line(case))
 
@@ -544,8 +556,8 @@ def report(bench: Bench, shapes) -> str:
           "max(FLOPs/peak GEMM, bytes/copy bandwidth) / time, with the minimal FLOPs and bytes of the problem.\n"]
     notes = {}
 
-    def dev_cells(rows, meths):
-        vals = [(rows.get(k) or {}).get("device_ms") if k else None for k in meths]
+    def dev_cells(rows, meths, key="device_ms"):
+        vals = [(rows.get(k) or {}).get(key) if k else None for k in meths]
         return " / ".join(C.fmt_ms(v) if v else "-" for v in vals) if any(vals) else "-"
 
     def cell(rows, m):
@@ -559,7 +571,8 @@ def report(bench: Bench, shapes) -> str:
 
     # kv_layer
     hdr = ["case"] + PROJ_METHODS + ["ours/dense", "peft/ours", "naive/ours", "ours roofline", "ours TFLOP/s",
-                                     "ours GB/s", "GPU kernels ms: dense / ours / fused / peft"]
+                                     "ours GB/s", "GPU kernels ms: dense / ours / fused / peft",
+                                     "CUDA graph ms: dense / ours / fused / peft"]
     rows_md = []
     for case in cases_in_order(bench.results, "kv_layer"):
         rows = bench.rows_of(case)
@@ -571,11 +584,13 @@ def report(bench: Bench, shapes) -> str:
             C.fmt_ratio(ratio(t, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(rows["peft"]["time_ms"], t)),
             C.fmt_ratio(ratio(rows["naive"]["time_ms"], t)),
             f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(tf), C.fmt_num(gb),
-            dev_cells(rows, ["dense", m, "fused[triton]", "peft"])])
+            dev_cells(rows, ["dense", m, "fused[triton]", "peft"]),
+            dev_cells(rows, ["dense", m, "fused[triton]", "peft"], "graph_ms")])
     md += ["\n## kv_layer: one attention layer's K and V projections\n\n", C.md_table(hdr, rows_md)]
 
     hdr = ["case"] + ALL_METHODS + ["grouped/dense", "separate/grouped", "peft/grouped", "naive/grouped",
-                                    "grouped roofline", "grouped TFLOP/s", "GPU kernels ms: dense_cat / grouped"]
+                                    "grouped roofline", "grouped TFLOP/s", "GPU kernels ms: dense_cat / grouped",
+                                    "CUDA graph ms: dense_cat / grouped / peft"]
     rows_md = []
     for case in cases_in_order(bench.results, "unet_kv_all"):
         rows = bench.rows_of(case)
@@ -586,7 +601,7 @@ def report(bench: Bench, shapes) -> str:
             C.fmt_ratio(ratio(tg, rows["dense"]["time_ms"])), C.fmt_ratio(ratio(ts, tg)),
             C.fmt_ratio(ratio(rows["peft"]["time_ms"], tg)), C.fmt_ratio(ratio(rows["naive"]["time_ms"], tg)),
             f"{100 * rl:.3g}%" if rl else "n/a", C.fmt_num(rows[mg].get("tflops") if mg else None),
-            dev_cells(rows, ["dense_cat", mg])])
+            dev_cells(rows, ["dense_cat", mg]), dev_cells(rows, ["dense_cat", mg, "peft"], "graph_ms")])
     md += [f"\n## unet_kv_all: all {len(shapes)} SD cross-attention K/V projections of one UNet forward\n\n",
            C.md_table(hdr, rows_md)]
 
@@ -634,10 +649,18 @@ def check_targets(bench: Bench) -> C.Targets:
 
     base = lambda r: r["dtype"] == dt0 and r["rank"] == r0 and r["mode"] == "fwdbwd"  # noqa: E731
 
-    def kernels(rows, m, ref="dense"):
-        """' (kernels alone: a.aax)' from the profiler's device times, when both were measured."""
-        a, b = (rows.get(m) or {}).get("device_ms"), (rows.get(ref) or {}).get("device_ms")
-        return f" (GPU kernels alone {a / b:.2f}x)" if a and b else ""
+    def kernels(rows, m, ref="dense", inverse=False):
+        """' (GPU kernels alone a.aax; CUDA graph b.bbx)' from the profiler's device times and the graph
+        replays (host launch work removed), where both sides were measured."""
+        out = []
+        for key, what in (("device_ms", "GPU kernels alone"), ("graph_ms", "as one CUDA graph")):
+            a, b = (rows.get(m) or {}).get(key), (rows.get(ref) or {}).get(key)
+            if a and b:
+                out.append(f"{what} {(b / a) if inverse else (a / b):.2f}x")
+        return f" ({'; '.join(out)})" if out else ""
+
+    def vs_peft(c):
+        return kernels(bench.rows_of(c), bench.best_ours(bench.rows_of(c), "clora")[1], "peft", inverse=True)
 
     v = worst("kv_layer", lambda r: base(r) and r["model"] == "vit_b16",
               lambda rows: ratio(bench.best_ours(rows, "clora")[0], rows["dense"]["time_ms"]))
@@ -647,11 +670,12 @@ def check_targets(bench: Bench) -> C.Targets:
     v = worst("kv_layer", lambda r: base(r) and r["model"] == "vit_b16",
               lambda rows: ratio(rows["peft"]["time_ms"], bench.best_ours(rows, "clora")[0]))
     tg.check("ViT-B K/V fwd+bwd >= 1.5x faster than PEFT", (min(v)[0] >= 1.5) if v else None,
-             ", ".join(f"{c}: {x:.2f}x" for x, c in v) or "no data")
+             ", ".join(f"{c}: {x:.2f}x" + vs_peft(c) for x, c in v) or "no data")
     v = worst("kv_layer", lambda r: base(r) and r["model"].startswith("sd_"),
               lambda rows: ratio(rows["peft"]["time_ms"], bench.best_ours(rows, "clora")[0]))
     tg.check("SD cross-attn K/V per layer fwd+bwd >= 3x faster than PEFT", (min(v)[0] >= 3.0) if v else None,
-             (f"worst {min(v)[0]:.2f}x ({min(v)[1]}), best {max(v)[0]:.2f}x" if v else "no data"))
+             (f"worst {min(v)[0]:.2f}x ({min(v)[1]}), best {max(v)[0]:.2f}x" if v else "no data")
+             + ("; " + ", ".join(c + vs_peft(c) for _, c in v) if v else ""))
     v = worst("unet_kv_all", base,
               lambda rows: ratio(bench.best_ours(rows, "separate")[0], bench.best_ours(rows, "grouped")[0]))
     tg.check("grouped whole-UNet K/V launch faster than 32 separate", (min(v)[0] > 1.0) if v else None,

@@ -456,7 +456,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         scales, nW, nA, n, r = ctx.scales, ctx.nW, ctx.nA, ctx.n, ctx.r
         L = len(scales)
         nB = len(tensors) - nW - nA
-        Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
+        Ap, Bp = tensors[nW:nW + nA], tensors[nW + nA:]
         need = ctx.needs_input_grad
         need_w, need_a, need_b = need[6:6 + nW], need[6 + nW:6 + nW + nA], need[6 + nW + nA:]
         x_shape = x.shape
