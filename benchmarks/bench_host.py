@@ -22,6 +22,10 @@ Sections (each call = forward + backward with fixed output gradients):
                (16 lora_kv_projection calls), peft (32 LoRA layers)
   penalty      the penalty over the same 32 projections: packed (the controller's call, through
                ops.PackedForgettingPenalty), naive (past re-summed from 10 stored pairs, autograd)
+  sd_step      one training step (forward, loss, backward, AdamW) of an SD UNet built from its config
+               (--quick: the tiny one; else SD-1.5, 8x8 latents, batch 1): none (only the text embedding
+               trains: the same backward through every cross-attention), clora (clora_fast.patch, 2 past
+               concepts, penalty), peft (LoRA on the same K/V); timed on a GPU only (a CPU computes there)
 
 Run: python benchmarks/bench_host.py [--quick|--cpu] [--out DIR] [--interpret]
 """
@@ -43,6 +47,8 @@ from bench_ops import peft_module  # noqa: E402
 KV_METHODS = ["dense", "ours", "fused", "peft", "naive"]
 UNET_METHODS = ["dense_cat", "grouped", "per_layer", "peft"]
 PEN_METHODS = ["packed", "naive"]
+STEP_METHODS = ["none", "clora", "peft"]
+REF_NOTE = "reference backend: PyTorch launchers, not the GPU path; --interpret counts the Triton kernels"
 
 
 def host_us(fns: dict, device: torch.device, rounds: int, calls: int) -> dict:
@@ -97,21 +103,28 @@ class Bench:
                       f"host {kw['host_us'] if kw['host_us'] is None else round(kw['host_us'], 1)} us "
                       f"({kw['status']})")
 
-    def measure(self, section, case, makers: dict):
-        """Count launches of every method; time the ones whose time means something here."""
-        fns, counts, status = {}, {}, {}
+    def measure(self, section, case, makers: dict, sequential: bool = False, rounds: int = 9, calls: int = 200):
+        """Count launches of every method; time the ones whose time means something here (a maker returns
+        ``(fn, True)``, or ``(fn, reason)`` when the time would not be host work).  The methods are timed in
+        interleaved rounds, or one after the other right after their count (``sequential``: a maker that
+        changes the model for the next one)."""
+        fns, counts, status, times = {}, {}, {}, {}
+        rounds, calls = (3, 5) if self.quick else (rounds, calls)
         for m, mk in makers.items():
             try:
                 fn, timed = mk()
                 fn()
                 counts[m] = self.count(fn)
-                status[m] = "ok" if timed else "counted only (Triton interpreter: its time is not host work)"
-                if timed:
+                why = timed or "Triton interpreter: its time is not host work"
+                status[m] = "ok" if timed is True else f"counted only ({why})"
+                if timed is True:
                     fns[m] = fn
+                    if sequential:
+                        times.update(host_us({m: fn}, self.device, rounds, calls))
             except Exception as e:  # noqa: BLE001 - a method not available here is reported, not fatal
                 counts[m], status[m] = None, f"n/a ({C.describe_exc(e)})"
-        rounds, calls = (3, 5) if self.quick else (9, 200)
-        times = host_us(fns, self.device, rounds, calls) if fns else {}
+        if fns and not sequential:
+            times = host_us(fns, self.device, rounds, calls)
         for m in makers:
             n, ops = counts[m] if counts[m] is not None else (None, None)
             self.record(section=section, case=case, method=m, launches=n, ops=ops, host_us=times.get(m),
@@ -187,7 +200,7 @@ class Bench:
         def mk_grouped():
             kw = {} if on_cuda else ({"backend": "triton"} if self.triton else {})
             fn = step_fn(lambda: ops.segmented_lora_projection(x, W, A, B, offs, s, split=True, **kw), gy, [x, A, B])
-            return fn, on_cuda or not self.triton
+            return fn, on_cuda or (False if self.triton else REF_NOTE)
 
         def mk_per_layer():
             kw = {} if on_cuda else {"strategy": "merged"}
@@ -232,7 +245,7 @@ class Bench:
             def fn():
                 A.grad = B.grad = None
                 pen([A], [B]).backward()
-            return fn, on_cuda or backend == "auto"
+            return fn, on_cuda or (False if self.triton else REF_NOTE)
 
         def mk_naive():
             def fn():
@@ -246,6 +259,71 @@ class Bench:
             return fn, True
 
         self.measure("penalty", f"sd32_k{K}", {"packed": mk_packed, "naive": mk_naive})
+
+
+def sd_step(bench: Bench):
+    """Launches (and, on a GPU, host-bound wall time) of whole SD UNet training steps."""
+    from bench_e2e import controller_with_past, inject_peft
+    try:
+        from diffusers import UNet2DConditionModel
+    except Exception as e:  # noqa: BLE001
+        for m in STEP_METHODS:
+            bench.record(section="sd_step", case="unet", method=m, launches=None, ops=None, host_us=None,
+                         status=f"n/a (diffusers not importable: {C.describe_exc(e)})", device=str(bench.device))
+        return
+    name = "tiny_unet.json" if bench.quick else "sd15_unet.json"
+    cfg = C.load_json_config(name)
+    dev = bench.device
+    on_cuda = dev.type == "cuda"
+    dt = torch.bfloat16 if on_cuda else torch.float32
+    timed = True if on_cuda else "a CPU computes the step: its time is not host work"
+    C.seed_all(0)
+
+    def build():
+        with torch.device(dev):
+            unet = UNet2DConditionModel(**cfg)
+        return unet.to(dtype=dt).requires_grad_(False).train()
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
+    noisy = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
+    tsteps = torch.randint(0, 1000, (1,), generator=g).to(dev)
+    emb = torch.nn.Parameter((torch.randn(1, 77, cfg["cross_attention_dim"], generator=g) * 0.5).to(dev, dt))
+
+    def make_step(unet, params, extra=None):
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            pred = unet(noisy, tsteps, encoder_hidden_states=emb).sample
+            loss = F.mse_loss(pred.float(), noise.float())
+            if extra is not None:
+                loss = loss + extra()
+            loss.backward()
+            opt.step()
+        return step
+
+    unet = build()
+
+    def mk_none():
+        return make_step(unet, [emb]), timed
+
+    def mk_clora():
+        from clora_fast import patch
+        backend = "triton" if (bench.triton and not on_cuda) else "auto"
+        ctl = controller_with_past(patch(unet, rank=4, backend=backend), 2)
+        why = timed if (on_cuda or bench.triton) else REF_NOTE
+        return make_step(unet, [emb] + list(ctl.trainable_parameters()), ctl.penalty), why
+
+    def mk_peft():
+        from clora_fast import unpatch
+        unpatch(unet)
+        names = [n for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+        m, params = inject_peft(unet, names, 4)
+        return make_step(m, [emb] + params), timed
+
+    bench.measure("sd_step", name.split("_")[0] + "_unet", {"none": mk_none, "clora": mk_clora, "peft": mk_peft},
+                  sequential=True, rounds=5, calls=10)
 
 
 def report(bench: Bench) -> str:
@@ -286,6 +364,14 @@ def check_targets(bench: Bench) -> C.Targets:
                      f"launches ours {lo} / PEFT {lp} / dense {ld} (PEFT/ours {lp / lo:.2f}x)"
                      + (f"; host us ours {ho:.0f} / PEFT {hp:.0f} / dense {hd:.0f} (PEFT/ours {hp / ho:.2f}x)"
                         if ho and hp and hd else ""))
+    case = next((c for (sec, c, _) in rows if sec == "sd_step"), None)
+    ln, lc, lp = (get("sd_step", case, m, "launches") for m in STEP_METHODS)
+    if ln and lc and REF_NOTE not in get("sd_step", case, "clora", "status"):
+        hn, hc, hp = (get("sd_step", case, m, "host_us") for m in STEP_METHODS)
+        tg.check(f"SD UNet training step ({case}): clora launches vs no adapters", lc <= 1.03 * ln,
+                 f"launches none {ln} / clora {lc} / PEFT {lp} (clora/none {lc / ln:.3f}x)"
+                 + (f"; wall ms none {hn / 1e3:.2f} / clora {hc / 1e3:.2f} / PEFT {hp / 1e3:.2f}" if hn and hc and hp
+                    else ""))
     lg, lp = get("unet_kv_all", "sd32_k32", "grouped", "launches"), get("unet_kv_all", "sd32_k32", "peft", "launches")
     if lg and lp:
         tg.check("whole-UNet K/V: one grouped call vs 32 PEFT layers", lg < lp,
@@ -300,14 +386,17 @@ def main(argv=None):
 
 def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=60.0)
-    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty")
+    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty,sd_step")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)
     C.seed_all(0)
     bench = Bench(args, device)
     for sec in args.sections.split(","):
-        getattr(bench, sec)()
+        if sec == "sd_step":
+            sd_step(bench)
+        else:
+            getattr(bench, sec)()
     tg = check_targets(bench)
     bench.out.write_md(report(bench) + tg.md())
     bench.out.close()
