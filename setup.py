@@ -27,7 +27,7 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = ["csrc/lora_projection.cu", "csrc/forgetting_penalty.cu", "csrc/table_cache.cpp",
-        "csrc/bindings.cpp"]
+        "csrc/merged_lora.cpp", "csrc/bindings.cpp"]
 DEFAULT_ARCHS = "8.0;9.0"
 
 

@@ -514,9 +514,37 @@ class _MergedLoRAFunction(torch.autograd.Function):
         return (dx, dbias, None, None, None, None, *gW, *gA, *gB)
 
 
+# Which autograd Function runs the merged strategy: "auto" = the C++ one of the compiled extension when it
+# is built (csrc/merged_lora.cpp: the same ATen calls in the same order, so the same results bit for bit,
+# without the Python Function's host time), else the Python one; "python" / "cpp" force one ("cpp" raises
+# without the extension).  Initialised from CLORA_FAST_MERGED_IMPL; tests set the attribute.
+MERGED_IMPL = os.environ.get("CLORA_FAST_MERGED_IMPL", "auto")
+_CPP_MERGED: list = []          # [the extension's merged_lora or None], looked up on first use
+
+
+def _cpp_merged():
+    if not _CPP_MERGED:
+        from . import _cuda
+        _CPP_MERGED.append(_cuda.merged_lora_fn())
+    return _CPP_MERGED[0]
+
+
 def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
-    """Run :class:`_MergedLoRAFunction` (x ``[..., K]``; each of weights / lora_As / lora_Bs a
-    sequence of one stacked tensor or of one tensor per segment)."""
+    """Run the merged-weight projection (x ``[..., K]``; each of weights / lora_As / lora_Bs a
+    sequence of one stacked tensor or of one tensor per segment) through the Function MERGED_IMPL picks."""
+    if MERGED_IMPL not in ("auto", "python", "cpp"):
+        raise ValueError(f"clora_fast.ops.MERGED_IMPL must be 'auto', 'python' or 'cpp', got {MERGED_IMPL!r}")
+    fn = _cpp_merged() if MERGED_IMPL != "python" else None
+    if fn is not None:
+        pad = None if bias is None else _zeros(sum(a.shape[0] for a in lora_As), bias.dtype, bias.device)
+        outs = fn(x, list(weights), list(lora_As), list(lora_Bs), bias, pad, [float(v) for v in scales], split,
+                  torch.is_grad_enabled())
+        return tuple(outs) if split else outs[0]
+    if MERGED_IMPL == "cpp":
+        from . import _cuda
+        raise RuntimeError("clora_fast.ops.MERGED_IMPL='cpp' needs the compiled extension with merged_lora: "
+                           + (_cuda.unavailable_reason() if not _cuda.is_built() else "rebuild it") + "; "
+                           + _cuda.BUILD_HINT)
     return _MergedLoRAFunction.apply(x, bias, tuple(scales), split, len(weights), len(lora_As),
                                      *weights, *lora_As, *lora_Bs)
 
@@ -629,6 +657,9 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
 
 def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split):
     """Validated segmented projection: ``[..., N]``, or (``split``) one ``[..., n_l]`` view per segment."""
+    out = _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split)
+    if out is not None:
+        return out
     check_tensor("x", x)
     check_tensor("weight", weight, ndim=2)
     check_tensor("lora_A", lora_A, ndim=2)
@@ -704,6 +735,88 @@ def _pair(name: str, v) -> tuple:
     return tuple(v)
 
 
+# Fast paths: the common call of a training loop passes every check trivially.  One run of plain
+# comparisons decides that (the per-argument checks cost more host time than the launches at small
+# shapes); anything else - autocast, compilation, the fused strategy, float64, a first call with new
+# seg_offsets, bad input - goes through the checked path, which also names what is wrong.
+
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _all_2d_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
+    for t in tensors:
+        if not isinstance(t, Tensor) or t.dim() != 2 or t.dtype != dt or t.device != dev:
+            return False
+    return True
+
+
+def _merged_applies(dev: torch.device, backend: str, strategy: str) -> bool:
+    """The call takes the merged strategy with no cast: no autocast, not compiling (as :func:`_pick_strategy`
+    decides for equal segments; an unknown backend raises the checked path's error)."""
+    if (dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)) or _compiling():
+        return False
+    if strategy == "merged":
+        resolve_backend(backend, dev)
+        return True
+    forced = os.environ.get("CLORA_FAST_STRATEGY", "")
+    if strategy != "auto" or forced == "fused":
+        return False
+    return forced == "merged" or (dev.type == "cuda" and resolve_backend(backend, dev) != "reference")
+
+
+def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
+    """:func:`lora_kv_projection` through the merged strategy when every check passes trivially, else None."""
+    if (type(weights) not in (tuple, list) or type(lora_As) not in (tuple, list) or type(lora_Bs) not in (tuple, list)
+            or len(weights) != 2 or len(lora_As) != 2 or len(lora_Bs) != 2 or type(scale) not in (float, int)
+            or not isinstance(x, Tensor) or x.dim() == 0 or x.dtype not in _FAST_DTYPES
+            or not _all_2d_like((*weights, *lora_As, *lora_Bs), x.dtype, x.device)):
+        return None
+    (w_k, w_v), (a_k, a_v), (b_k, b_v) = weights, lora_As, lora_Bs
+    n, r, K = w_k.shape[0], a_k.shape[0], x.shape[-1]
+    if (r < 1 or w_k.shape[1] != K or w_v.shape != w_k.shape or a_k.shape[1] != K or a_v.shape != a_k.shape
+            or b_k.shape != (n, r) or b_v.shape != (n, r)):
+        return None
+    bias = None
+    if biases is not None:
+        if type(biases) not in (tuple, list) or len(biases) != 2:
+            return None
+        for t in biases:
+            if not isinstance(t, Tensor) or t.shape != (n,) or t.dtype != x.dtype or t.device != x.device:
+                return None
+        bias = torch.cat(biases)
+    if not _merged_applies(x.device, backend, strategy):
+        return None
+    s = float(scale)
+    return _merged(x, (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (s, s), True)
+
+
+def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split):
+    """:func:`segmented_lora_projection` (a controller's call) through the merged strategy when every check
+    passes trivially and ``seg_offsets`` was checked before (equal segments), else None."""
+    if (not isinstance(x, Tensor) or x.dim() == 0 or x.dtype not in _FAST_DTYPES or type(seg_offsets) is not tuple
+            or not _all_2d_like((weight, lora_A, lora_B), x.dtype, x.device)):
+        return None
+    N, K = weight.shape
+    if not _OFFSETS_OK.get((seg_offsets, N)):          # unseen (checked path first) or unequal segments
+        return None
+    L = len(seg_offsets) - 1
+    r = lora_A.shape[0] // L
+    if r < 1 or lora_A.shape != (L * r, K) or lora_B.shape != (N, r) or x.shape[-1] != K:
+        return None
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,) or bias.dtype != x.dtype
+                             or bias.device != x.device):
+        return None
+    if type(scales) in (float, int):
+        scales = (float(scales),) * L
+    elif type(scales) in (tuple, list) and len(scales) == L and all(type(v) in (float, int) for v in scales):
+        scales = tuple(float(v) for v in scales)
+    else:
+        return None
+    if not _merged_applies(x.device, backend, strategy):
+        return None
+    return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
+
+
 def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1.0, biases=None,
                        backend: str = "auto", strategy: str = "auto") -> Tuple[Tensor, Tensor]:
     """K and V of one attention layer from one read of ``x``, in one launch.
@@ -715,6 +828,9 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
     ``strategy``: see :func:`segmented_lora_projection` (K and V of equal width take
     the merged-weight GEMMs on CUDA by default).
     """
+    out = _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy)
+    if out is not None:
+        return out
     w_k, w_v = _pair("weights", weights)
     a_k, a_v = _pair("lora_As", lora_As)
     b_k, b_v = _pair("lora_Bs", lora_Bs)

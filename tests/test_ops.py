@@ -37,6 +37,18 @@ def make_lora(M, K, N, r, dtype, device, seed=0, bias=True):
     return x, w, a, b, bb
 
 
+@pytest.fixture(params=["python", "cpp"])
+def merged_impl(request, monkeypatch):
+    """Both implementations of the merged strategy: the Python autograd Function and the C++ one of the
+    compiled extension (csrc/merged_lora.cpp; skipped when the extension is not built here)."""
+    if request.param == "cpp":
+        from clora_fast import _cuda
+        if _cuda.merged_lora_fn() is None:
+            pytest.skip("the compiled extension (clora_fast._C with merged_lora) is not built here")
+    monkeypatch.setattr(ops, "MERGED_IMPL", request.param)
+    return request.param
+
+
 def proj_and_grads(fn, x, w, a, b, bias, gy):
     x, a, b = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
     bias = bias.detach().clone().requires_grad_(True) if bias is not None else None
@@ -121,7 +133,7 @@ def test_lora_projection_backends(device, dtype, r):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("L,r,scales", [(1, 1, [0.5]), (2, 16, [0.5, 0.5]), (3, 3, [0.5, 2.0, -1.0])])
-def test_merged_strategy_matches_float64(device, dtype, L, r, scales):
+def test_merged_strategy_matches_float64(device, dtype, L, r, scales, merged_impl):
     """strategy='merged' (W + s*B@A folded per call, library GEMMs): forward and every gradient
     against float64 with the tolerance idiom, on odd shapes, equal segments, per-segment scales."""
     M, K, n = 7, 33, 19
@@ -149,7 +161,7 @@ def test_merged_strategy_matches_float64(device, dtype, L, r, scales):
 
 
 @pytest.mark.parametrize("strategy", ["fused", "merged"])
-def test_split_outputs_match_slicing(device, strategy):
+def test_split_outputs_match_slicing(device, strategy, merged_impl):
     """split=True: one output per segment (views); gradients equal those of slicing one output,
     also when a segment's output is unused (its gradient is None)."""
     offs = (0, 11, 22, 33) if strategy == "merged" else (0, 7, 22, 33)
@@ -181,7 +193,7 @@ def test_split_outputs_match_slicing(device, strategy):
         ops.split_columns(y, (0, 5, 5, 9))
 
 
-def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch):
+def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch, merged_impl):
     d = torch.float64
     x, w, a, b, bias = make_lora(3, 6, 8, 2, d, torch.device("cpu"))
     x, a, b, bias = (t.requires_grad_() for t in (x, a, b, bias))
@@ -239,7 +251,7 @@ def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch):
 
 @pytest.mark.parametrize("stacked", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_merged_layouts_bias_and_unused_outputs(device, stacked, with_bias):
+def test_merged_layouts_bias_and_unused_outputs(device, stacked, with_bias, merged_impl):
     """Every layout of the merged K/V path (stacked flat factors as a controller holds them, or
     per-segment tensors as a user does; with and without bias; x @ A^T taken from the forward GEMM's
     extra columns or recomputed) against the float64 reference, with 3-D x and with one output unused."""
@@ -273,7 +285,77 @@ def test_merged_layouts_bias_and_unused_outputs(device, stacked, with_bias):
             torch.testing.assert_close(gt, wt, rtol=1e-10, atol=1e-12, msg=f"d{name} used={used}")
 
 
-def test_merged_kv_launch_counts():
+def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):
+    """lora_kv_projection's fast path (one run of comparisons for the common call) computes exactly what
+    the fully checked path computes, and leaves every other call (autocast, unequal widths, fused, bad
+    input) to the checked path."""
+    K, n, r = 12, 6, 2
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2, 3, K, generator=g)
+    W = [torch.randn(n, K, generator=g) for _ in range(2)]
+    A0 = [torch.randn(r, K, generator=g) for _ in range(2)]
+    B0 = [torch.randn(n, r, generator=g) for _ in range(2)]
+    bias = [torch.randn(n, generator=g) for _ in range(2)]
+    gy = [torch.randn(2, 3, n, generator=g) for _ in range(2)]
+
+    def run():
+        x = x0.clone().requires_grad_()
+        A = [a.clone().requires_grad_() for a in A0]
+        B = [b.clone().requires_grad_() for b in B0]
+        outs = ops.lora_kv_projection(x, W, A, B, scale=0.5, biases=bias, strategy="merged")
+        torch.autograd.backward(outs, gy)
+        return [o.detach() for o in outs] + [x.grad] + [t.grad for t in A + B]
+
+    calls = []
+    orig = ops._kv_fast
+
+    def spy(*a, **k):
+        out = orig(*a, **k)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(ops, "_kv_fast", spy)
+    fast = run()
+    monkeypatch.setattr(ops, "_kv_fast", lambda *a, **k: None)
+    checked = run()
+    assert calls == [True]
+    for f, c in zip(fast, checked):
+        assert torch.equal(f, c)
+    monkeypatch.setattr(ops, "_kv_fast", spy)
+    calls.clear()
+    x = torch.randn(2, K)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        k, _ = ops.lora_kv_projection(x, W, A0, B0, strategy="merged")
+    assert k.dtype == torch.bfloat16
+    ops.lora_kv_projection(x, (W[0], W[1][:4]), A0, (B0[0], B0[1][:4]))                     # unequal widths
+    ops.lora_kv_projection(x, W, A0, B0, strategy="fused")
+    with pytest.raises(ValueError, match=r"lora_B\[1\] \(V\) must have shape"):
+        ops.lora_kv_projection(x, W, A0, (B0[0], B0[1][:, :1]), strategy="merged")
+    assert calls == [False] * 4
+
+    # the segmented entry (a controller's call): checked the first time seg_offsets are seen, fast after
+    monkeypatch.setattr(ops, "_OFFSETS_OK", {})
+    seg = []
+    orig_seg = ops._segmented_fast
+
+    def spy_seg(*a, **k):
+        out = orig_seg(*a, **k)
+        seg.append(out is not None)
+        return out
+    monkeypatch.setattr(ops, "_segmented_fast", spy_seg)
+    Wc, Ac, Bc, bc = torch.cat(W), torch.cat(A0), torch.cat(B0), torch.cat(bias)
+    res = []
+    for _ in range(2):
+        xs, a, b = x0.clone().requires_grad_(), Ac.clone().requires_grad_(), Bc.clone().requires_grad_()
+        outs = ops.segmented_lora_projection(xs, Wc, a, b, (0, n, 2 * n), 0.5, bias=bc, strategy="merged",
+                                             split=True)
+        torch.autograd.backward(outs, gy)
+        res.append([o.detach() for o in outs] + [xs.grad, a.grad, b.grad])
+    assert seg == [False, True]
+    for f, c in zip(res[1], res[0]):
+        assert torch.equal(f, c)
+
+
+def test_merged_kv_launch_counts(merged_impl):
     """Host-bound regimes pay per kernel launch: the merged K/V fwd+bwd must stay within a few
     launches of the two dense projections and far below PEFT's unfused LoRA (counts are the ATen
     ops that reach a kernel, the same on a CPU as on a GPU; see clora_fast._launches)."""
@@ -330,6 +412,57 @@ def test_lora_kv_projection_backends(device, dtype):
         assert k.shape == (2, M // 2, 24) and v.shape == (2, M // 2, 24)
         assert_close_idiom(k, k64, klo, dtype, f"{backend} k")
         assert_close_idiom(v, v64, vlo, dtype, f"{backend} v")
+
+
+@pytest.mark.parametrize("layout", ["per_segment", "stacked", "stacked_scales", "single"])
+def test_merged_cpp_equals_python_bit_for_bit(layout):
+    """The C++ autograd Function of the merged strategy runs the Python one's ATen calls in the same order:
+    outputs and every gradient equal bit for bit (bias, trainable weight, an unused output, no-grad)."""
+    from clora_fast import _cuda
+    if _cuda.merged_lora_fn() is None:
+        pytest.skip("the compiled extension (clora_fast._C with merged_lora) is not built here")
+    g = torch.Generator().manual_seed(11)
+    L = 1 if layout == "single" else 3
+    K, n, r = 10, 6, 2
+    scales = [0.5, 2.0, -1.0][:L] if layout != "stacked" else [0.5] * L
+    x0 = torch.randn(2, 4, K, generator=g)
+    w0 = torch.randn(L * n, K, generator=g)
+    a0 = torch.randn(L * r, K, generator=g)
+    b0 = torch.randn(L * n, r, generator=g)
+    bias0 = torch.randn(L * n, generator=g)
+    gys = [torch.randn(2, 4, n, generator=g) for _ in range(L)]
+
+    def run(impl, split, used, bias_on, w_trains):
+        ops.MERGED_IMPL = impl
+        try:
+            leaves = [x0.clone().requires_grad_(), w0.clone().requires_grad_(w_trains), a0.clone().requires_grad_(),
+                      b0.clone().requires_grad_(), bias0.clone().requires_grad_()]
+            x, w, a, b, bias = leaves
+            if layout == "per_segment":
+                W, A, B = [w[l * n:(l + 1) * n] for l in range(L)], [a[l * r:(l + 1) * r] for l in range(L)], \
+                    [b[l * n:(l + 1) * n] for l in range(L)]
+            else:
+                W, A, B = [w], [a], [b]
+            outs = ops._merged(x, W, A, B, bias if bias_on else None, scales, split)
+            outs = outs if split else tuple(outs[..., l * n:(l + 1) * n] for l in range(L))
+            loss = sum((outs[l] * gys[l]).sum() for l in used)
+            grads = torch.autograd.grad(loss, [t for t in leaves if t.requires_grad], allow_unused=True)
+            with torch.no_grad():
+                nog = ops._merged(x, W, A, B, bias if bias_on else None, scales, split)
+            return [o.detach() for o in outs] + [gr for gr in grads if gr is not None] + \
+                [o for o in (nog if split else (nog,))]
+        finally:
+            ops.MERGED_IMPL = "auto"
+
+    for split in (True, False):
+        for used in (tuple(range(L)), (L - 1,)):
+            for bias_on in (False, True):
+                for w_trains in (False, True):
+                    py = run("python", split, used, bias_on, w_trains)
+                    cc = run("cpp", split, used, bias_on, w_trains)
+                    assert len(py) == len(cc)
+                    for p_, c_ in zip(py, cc):
+                        assert torch.equal(p_, c_), (split, used, bias_on, w_trains)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
