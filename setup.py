@@ -4,6 +4,15 @@ The package is pure Python + Triton; ``kernels/`` is installed as
 ``clora_fast.kernels``.  Install torch first, then
 ``pip install --no-build-isolation -e ".[test]"`` (see README).
 
+Host-side C++ extension (``csrc/merged_lora.cpp`` -> ``clora_fast._host``)
+------------------------------------------------------------------------
+A small C++-only extension (no CUDA toolkit needed): the merged-weight
+projection as a C++ autograd Function, which saves the Python Function's host
+time per call (the bottleneck at SD / ViT-B layer sizes).  Built by default
+when torch's C++ headers and a compiler are there; when the build fails the
+install goes on and the package uses the Python Function (same results).
+``CLORA_FAST_BUILD_HOST=0`` skips it, ``=1`` makes a failed build an error.
+
 Optional CUDA C++ extension (``csrc/`` -> ``clora_fast._C``)
 ------------------------------------------------------------
 Off by default, so that installs stay fast and work without a CUDA toolkit.
@@ -27,7 +36,8 @@ from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = ["csrc/lora_projection.cu", "csrc/forgetting_penalty.cu", "csrc/table_cache.cpp",
-        "csrc/merged_lora.cpp", "csrc/bindings.cpp"]
+        "csrc/bindings.cpp"]
+HOST_SRC = ["csrc/merged_lora.cpp"]
 DEFAULT_ARCHS = "8.0;9.0"
 
 
@@ -40,10 +50,82 @@ def _cuda_build_requested():
     raise SystemExit(f"CLORA_FAST_BUILD_CUDA must be 0 or 1, got {value!r}")
 
 
-def cuda_extension_kwargs():
-    """``ext_modules`` / ``cmdclass`` for the CUDA extension, or {} when it is not requested."""
-    if not _cuda_build_requested():
+def _host_build_mode():
+    value = os.environ.get("CLORA_FAST_BUILD_HOST", "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    if value in ("1", "true", "yes", "on"):
+        return "required"
+    if value in ("", "auto"):
+        return "auto"
+    raise SystemExit(f"CLORA_FAST_BUILD_HOST must be 0, 1 or auto, got {value!r}")
+
+
+# commands that compile (metadata-only calls such as `setup.py --name` or pip's dist_info never import torch)
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install", "bdist_egg"}
+
+
+def host_extension():
+    """The C++ host extension, or None (not wanted, not a build command, or torch is not importable)."""
+    mode = _host_build_mode()
+    if mode == "off" or not _BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return None
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError as e:
+        if mode == "required":
+            raise SystemExit(f"CLORA_FAST_BUILD_HOST=1 but torch is not importable in the build environment ({e}); "
+                             "install torch first and use `pip install --no-build-isolation`") from e
+        print(f"clora_fast setup: torch not importable ({e}); skipping the optional clora_fast._host",
+              file=sys.stderr)
+        return None
+    return CppExtension(name="clora_fast._host", sources=HOST_SRC, extra_compile_args=["-O3"])
+
+
+def _build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    class Build(BuildExtension):
+        """torch's BuildExtension (ninja); a failed build of the optional host extension is a warning, and
+        the extension is then dropped (nothing to copy in place or into the wheel)."""
+
+        def _optional(self, exts, e):
+            if _host_build_mode() == "required" or any(x.name != "clora_fast._host" for x in exts):
+                raise e
+            print(f"clora_fast setup: WARNING: the optional C++ extension clora_fast._host did not build "
+                  f"({type(e).__name__}: {e}); clora_fast uses its Python path instead (same results, more "
+                  f"host time per call)", file=sys.stderr)
+            self._failed = getattr(self, "_failed", set()) | {x.name for x in exts}
+
+        def build_extensions(self):            # torch's compiler / ABI checks run here, before any extension
+            try:
+                super().build_extensions()
+            except Exception as e:  # noqa: BLE001 - no compiler, headers mismatch, ...
+                self._optional(self.extensions, e)
+            failed = getattr(self, "_failed", set())
+            self.extensions = [x for x in self.extensions if x.name not in failed]
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # noqa: BLE001
+                self._optional([ext], e)
+
+    return Build.with_options(use_ninja=True)
+
+
+def extension_kwargs():
+    """``ext_modules`` / ``cmdclass``: the host extension (default) and the CUDA one (when requested)."""
+    exts = [e for e in (host_extension(), *cuda_extensions()) if e is not None]
+    if not exts:
         return {}
+    return {"ext_modules": exts, "cmdclass": {"build_ext": _build_ext_class()}}
+
+
+def cuda_extensions():
+    """The CUDA extension as a one-element list, or [] when it is not requested."""
+    if not _cuda_build_requested():
+        return []
     try:
         import torch
     except ImportError as e:
@@ -64,7 +146,7 @@ def cuda_extension_kwargs():
     # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
     os.environ["CUDA_HOME"] = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    from torch.utils.cpp_extension import CUDAExtension
 
     archs = re.sub(r"[^0-9A-Za-z.+]+", "+", os.environ["TORCH_CUDA_ARCH_LIST"]).strip("+") or "unknown"
     defines = ["-DCLORA_FAST_BUILD_SYSTEM=setuptools", f"-DCLORA_FAST_ARCHS={archs}"]
@@ -79,7 +161,7 @@ def cuda_extension_kwargs():
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + defines,
         },
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return [ext]
 
 
 setup(
@@ -106,5 +188,5 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["clora-fast=clora_fast.cli:main"]},
-    **cuda_extension_kwargs(),
+    **extension_kwargs(),
 )

@@ -31,7 +31,9 @@ echo "CUDA toolkit root: $CUDA_ROOT; TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST;
 phase "1/4 setup.py build_ext --inplace"
 rm -f clora_fast/_C*.so
 rm -rf build/ci-setuptools  # a clean build, independent of any developer build in build/temp.*
-CLORA_FAST_BUILD_CUDA=1 CUDA_HOME="$CUDA_ROOT" "$PY" setup.py build_ext --inplace --build-temp build/ci-setuptools
+# CLORA_FAST_BUILD_HOST=0: the C++ host extension (clora_fast._host) was built by the package install
+CLORA_FAST_BUILD_HOST=0 CLORA_FAST_BUILD_CUDA=1 CUDA_HOME="$CUDA_ROOT" "$PY" setup.py build_ext --inplace \
+  --build-temp build/ci-setuptools
 ls clora_fast/_C*.so
 
 phase "2/4 CMake configure + build"

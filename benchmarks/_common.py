@@ -119,6 +119,11 @@ def env_info(device: torch.device) -> dict:
             info[mod] = metadata.version(mod)
         except Exception as e:  # noqa: BLE001
             info[mod] = f"n/a ({type(e).__name__})"
+    try:   # which autograd Function runs the merged K/V strategy: the C++ host extension or Python
+        from clora_fast import ops as _ops
+        info["merged_impl"] = "cpp" if (_ops.MERGED_IMPL != "python" and _ops._cpp_merged() is not None) else "python"
+    except Exception as e:  # noqa: BLE001 - an older clora_fast
+        info["merged_impl"] = f"n/a ({type(e).__name__})"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         props = torch.cuda.get_device_properties(device)
@@ -531,7 +536,7 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def md_env(info: dict, peaks: dict) -> str:
     keys = ["date_utc", "commit", "device", "gpu", "cpu", "torch", "triton", "peft", "diffusers", "transformers",
-            "timm", "python", "cpu_threads"]
+            "timm", "python", "cpu_threads", "merged_impl"]
     s = "- " + "; ".join(f"{k}: {info[k]}" for k in keys if k in info) + "\n"
     if peaks:
         s += "- measured ceilings in this run: " + ", ".join(

@@ -15,6 +15,8 @@
 #     every entry of clora_fast/ plus clora_fast/kernels -> kernels/, and $WORK/pkg goes first on PYTHONPATH.
 #     PYTHONSAFEPATH=1 keeps `python -m pytest` (run from the repo root) from putting the repo root, with its
 #     kernel-less clora_fast/, ahead of the farm.
+#   - the C++ host extension (csrc/merged_lora.cpp -> clora_fast._host, C++ only, ~30-60 s): built unless
+#     BUILD_HOST=0 (at most HOST_BUILD_TIMEOUT s, default 150); a failed build leaves the Python path.
 #   - the optional CUDA extension (csrc/ -> clora_fast._C): built only with BUILD_CUDA=1 (setup.py build_ext
 #     --inplace, CLORA_FAST_BUILD_CUDA=1, sm_90, MAX_JOBS=16, at most CUDA_BUILD_TIMEOUT s); its time comes out
 #     of the benchmarks' budgets. Otherwise backend "cuda" is reported as n/a.
@@ -74,10 +76,21 @@ elif [ $setup_only = 0 ]; then
   say "no .whl/ carried: diffusers comes from the image if it has one, else SD parts report n/a"
 fi
 
-# ---------------------------------------------------------------- 2. optional CUDA extension
+# ---------------------------------------------------------------- 2a. C++ host extension (clora_fast._host)
+# the merged K/V projection's autograd Function in C++ (less host time per call); BUILD_HOST=0 skips it
+if [ $setup_only = 0 ] && [ "${BUILD_HOST:-1}" = "1" ]; then
+  say "building the C++ host extension clora_fast._host (timeout ${HOST_BUILD_TIMEOUT:-150}s)"
+  CLORA_FAST_BUILD_HOST=1 CLORA_FAST_BUILD_CUDA=0 MAX_JOBS=${MAX_JOBS:-16} \
+    timeout "${HOST_BUILD_TIMEOUT:-150}" "$PY" setup.py -q build_ext --inplace > "$WORK/host_build.log" 2>&1
+  rc=$?
+  tail -n 5 "$WORK/host_build.log"
+  say "host extension build exit code $rc (non-zero: the Python path is used)"
+fi
+
+# ---------------------------------------------------------------- 2b. optional CUDA extension
 if [ $setup_only = 0 ] && [ "${BUILD_CUDA:-0}" = "1" ]; then
   say "building the CUDA extension (timeout ${CUDA_BUILD_TIMEOUT:-180}s)"
-  CLORA_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  CLORA_FAST_BUILD_HOST=0 CLORA_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     timeout "${CUDA_BUILD_TIMEOUT:-180}" "$PY" setup.py -q build_ext --inplace > "$WORK/cuda_build.log" 2>&1
   rc=$?
   tail -n 30 "$WORK/cuda_build.log"
@@ -235,6 +248,7 @@ with open(dst, "w") as out:
                     out.write(json.dumps(d, sort_keys=True) + "\n")
 EOF
 [ -f "$WORK/cuda_build.log" ] && cp "$WORK/cuda_build.log" "$RES/"
+[ -f "$WORK/host_build.log" ] && cp "$WORK/host_build.log" "$RES/"
 tar -czf "$OUT/bench_out.tar.gz" -C "$WORK" results
 say "done in $(elapsed)s; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 echo "==================== SUMMARY ===================="

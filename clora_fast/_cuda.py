@@ -67,13 +67,6 @@ def is_built() -> bool:
     return _load() is not None
 
 
-def merged_lora_fn():
-    """The extension's C++ autograd Function of the merged-weight projection (``csrc/merged_lora.cpp``;
-    any device, no CUDA needed), or None when the extension is not built or predates it."""
-    module = _load()
-    return getattr(module, "merged_lora", None) if module is not None else None
-
-
 def is_available() -> bool:
     """True when the extension is built (imports) AND a CUDA device is present."""
     return is_built() and torch.cuda.is_available()

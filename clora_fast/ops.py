@@ -514,18 +514,22 @@ class _MergedLoRAFunction(torch.autograd.Function):
         return (dx, dbias, None, None, None, None, *gW, *gA, *gB)
 
 
-# Which autograd Function runs the merged strategy: "auto" = the C++ one of the compiled extension when it
-# is built (csrc/merged_lora.cpp: the same ATen calls in the same order, so the same results bit for bit,
-# without the Python Function's host time), else the Python one; "python" / "cpp" force one ("cpp" raises
-# without the extension).  Initialised from CLORA_FAST_MERGED_IMPL; tests set the attribute.
+# Which autograd Function runs the merged strategy: "auto" = the C++ one of the host extension
+# clora_fast._host when it is built (csrc/merged_lora.cpp: the same ATen calls in the same order, so the
+# same results bit for bit, without the Python Function's host time), else the Python one; "python" /
+# "cpp" force one ("cpp" raises without the extension).  Initialised from CLORA_FAST_MERGED_IMPL; tests
+# set the attribute.
 MERGED_IMPL = os.environ.get("CLORA_FAST_MERGED_IMPL", "auto")
 _CPP_MERGED: list = []          # [the extension's merged_lora or None], looked up on first use
 
 
 def _cpp_merged():
     if not _CPP_MERGED:
-        from . import _cuda
-        _CPP_MERGED.append(_cuda.merged_lora_fn())
+        try:
+            from . import _host
+            _CPP_MERGED.append(_host.merged_lora)
+        except (ImportError, AttributeError):      # not built (optional), or built against another torch
+            _CPP_MERGED.append(None)
     return _CPP_MERGED[0]
 
 
@@ -541,10 +545,9 @@ def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
                   torch.is_grad_enabled())
         return tuple(outs) if split else outs[0]
     if MERGED_IMPL == "cpp":
-        from . import _cuda
-        raise RuntimeError("clora_fast.ops.MERGED_IMPL='cpp' needs the compiled extension with merged_lora: "
-                           + (_cuda.unavailable_reason() if not _cuda.is_built() else "rebuild it") + "; "
-                           + _cuda.BUILD_HINT)
+        raise RuntimeError("clora_fast.ops.MERGED_IMPL='cpp' needs the C++ extension clora_fast._host, which is "
+                           "not built here: reinstall with `pip install --no-build-isolation -e .` (it builds by "
+                           "default; CLORA_FAST_BUILD_HOST=1 makes a failed build an error)")
     return _MergedLoRAFunction.apply(x, bias, tuple(scales), split, len(weights), len(lora_As),
                                      *weights, *lora_As, *lora_Bs)
 

@@ -37,10 +37,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forgetting_penalty_forward(const 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> grouped_forgetting_penalty_forward(
     const std::vector<at::Tensor>& pasts, const std::vector<at::Tensor>& lora_As,
     const std::vector<at::Tensor>& lora_Bs, const std::vector<double>& scales);
-std::vector<at::Tensor> merged_lora(const at::Tensor& x, std::vector<at::Tensor> Ws, std::vector<at::Tensor> As,
-                                    std::vector<at::Tensor> Bs, const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& pad, std::vector<double> scales, bool split,
-                                    bool grad_enabled);
 }  // namespace clora_fast
 
 namespace py = pybind11;
@@ -63,11 +59,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grouped_forgetting_penalty_forward", &clora_fast::grouped_forgetting_penalty_forward,
         "loss, dAs, dBs = grouped_forgetting_penalty_forward(pasts, lora_As, lora_Bs, scales)", py::arg("pasts"),
         py::arg("lora_As"), py::arg("lora_Bs"), py::arg("scales"));
-  m.def("merged_lora", &clora_fast::merged_lora,
-        "outs = merged_lora(x, Ws, As, Bs, bias, pad, scales, split, grad_enabled): the merged-weight LoRA "
-        "projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",
-        py::arg("x"), py::arg("Ws"), py::arg("As"), py::arg("Bs"), py::arg("bias"), py::arg("pad"),
-        py::arg("scales"), py::arg("split"), py::arg("grad_enabled"));
   m.def("clear_table_cache", &clora_fast::clear_table_cache, "drop the cached device tables");
   m.def("table_cache_size", &clora_fast::table_cache_size, "number of cached device tables");
   m.def("build_info", []() {

@@ -1,4 +1,7 @@
 // Merged-weight LoRA projection as a C++ autograd Function: the host side of ops._MergedLoRAFunction.
+// Built by setup.py as its own small C++-only extension, clora_fast._host (no CUDA toolkit needed; built
+// by default, skipped with CLORA_FAST_BUILD_HOST=0, and the package falls back to the Python Function
+// when it is missing).
 //
 // Math (L equal segments of n output rows; W_l [n, K], A_l [r, K], B_l [n, r], scale s_l):
 //   forward   W_eff = [W_l + s_l B_l @ A_l]  ([L*n, K]),  y = x @ [W_eff; A]^T (+ bias)
@@ -231,3 +234,12 @@ std::vector<Tensor> merged_lora(const Tensor& x, std::vector<Tensor> Ws, std::ve
 }
 
 }  // namespace clora_fast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "clora_fast host-side C++ (autograd Functions that save Python overhead per call)";
+  m.def("merged_lora", &clora_fast::merged_lora,
+        "outs = merged_lora(x, Ws, As, Bs, bias, pad, scales, split, grad_enabled): the merged-weight LoRA "
+        "projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",
+        pybind11::arg("x"), pybind11::arg("Ws"), pybind11::arg("As"), pybind11::arg("Bs"), pybind11::arg("bias"),
+        pybind11::arg("pad"), pybind11::arg("scales"), pybind11::arg("split"), pybind11::arg("grad_enabled"));
+}

@@ -263,6 +263,24 @@ def test_setup_py_cuda_switch():
     assert res.returncode != 0 and "CLORA_FAST_BUILD_CUDA must be 0 or 1, got 'maybe'" in res.stderr
 
 
+def test_setup_py_host_extension_is_optional(tmp_path):
+    """The C++ host extension (clora_fast._host) builds by default but a failed build only warns (the
+    package then uses its Python path); CLORA_FAST_BUILD_HOST=1 makes the failure an error, and a bad value
+    is a clear error."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CLORA_FAST_BUILD_CUDA", "CLORA_FAST_BUILD_HOST")}
+    env.update(CC="/bin/false", CXX="/bin/false")          # a compiler that fails at once
+    cmd = [sys.executable, "setup.py", "build_ext", "-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp")]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "WARNING: the optional C++ extension clora_fast._host did not build" in res.stderr
+    assert not list((tmp_path / "lib").rglob("_host*.so"))
+    res = subprocess.run(cmd, cwd=REPO, env=dict(env, CLORA_FAST_BUILD_HOST="1"), capture_output=True, text=True)
+    assert res.returncode != 0
+    res = subprocess.run([sys.executable, "setup.py", "--name"], cwd=REPO, env=dict(env, CLORA_FAST_BUILD_HOST="x"),
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "CLORA_FAST_BUILD_HOST must be 0, 1 or auto, got 'x'" in res.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU part
 # ---------------------------------------------------------------------------------------------

@@ -40,11 +40,9 @@ def make_lora(M, K, N, r, dtype, device, seed=0, bias=True):
 @pytest.fixture(params=["python", "cpp"])
 def merged_impl(request, monkeypatch):
     """Both implementations of the merged strategy: the Python autograd Function and the C++ one of the
-    compiled extension (csrc/merged_lora.cpp; skipped when the extension is not built here)."""
-    if request.param == "cpp":
-        from clora_fast import _cuda
-        if _cuda.merged_lora_fn() is None:
-            pytest.skip("the compiled extension (clora_fast._C with merged_lora) is not built here")
+    host extension clora_fast._host (csrc/merged_lora.cpp; skipped when it is not built here)."""
+    if request.param == "cpp" and ops._cpp_merged() is None:
+        pytest.skip("the C++ host extension clora_fast._host is not built here")
     monkeypatch.setattr(ops, "MERGED_IMPL", request.param)
     return request.param
 
@@ -418,9 +416,8 @@ def test_lora_kv_projection_backends(device, dtype):
 def test_merged_cpp_equals_python_bit_for_bit(layout):
     """The C++ autograd Function of the merged strategy runs the Python one's ATen calls in the same order:
     outputs and every gradient equal bit for bit (bias, trainable weight, an unused output, no-grad)."""
-    from clora_fast import _cuda
-    if _cuda.merged_lora_fn() is None:
-        pytest.skip("the compiled extension (clora_fast._C with merged_lora) is not built here")
+    if ops._cpp_merged() is None:
+        pytest.skip("the C++ host extension clora_fast._host is not built here")
     g = torch.Generator().manual_seed(11)
     L = 1 if layout == "single" else 3
     K, n, r = 10, 6, 2
