@@ -304,21 +304,26 @@ def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):
         torch.autograd.backward(outs, gy)
         return [o.detach() for o in outs] + [x.grad] + [t.grad for t in A + B]
 
-    calls = []
-    orig = ops._kv_fast
+    def spy_on(name):
+        """Wrap ops.<name>; the returned list records, per call, whether the fast path took the call."""
+        orig, taken = getattr(ops, name), []
 
-    def spy(*a, **k):
-        out = orig(*a, **k)
-        calls.append(out is not None)
-        return out
-    monkeypatch.setattr(ops, "_kv_fast", spy)
+        def spy(*a, **k):
+            out = orig(*a, **k)
+            taken.append(out is not None)
+            return out
+        monkeypatch.setattr(ops, name, spy)
+        return taken
+
+    calls = spy_on("_kv_fast")
     fast = run()
+    assert calls == [True]
+    spied = ops._kv_fast
     monkeypatch.setattr(ops, "_kv_fast", lambda *a, **k: None)
     checked = run()
-    assert calls == [True]
     for f, c in zip(fast, checked):
         assert torch.equal(f, c)
-    monkeypatch.setattr(ops, "_kv_fast", spy)
+    monkeypatch.setattr(ops, "_kv_fast", spied)
     calls.clear()
     x = torch.randn(2, K)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -332,14 +337,7 @@ def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):
 
     # the segmented entry (a controller's call): checked the first time seg_offsets are seen, fast after
     monkeypatch.setattr(ops, "_OFFSETS_OK", {})
-    seg = []
-    orig_seg = ops._segmented_fast
-
-    def spy_seg(*a, **k):
-        out = orig_seg(*a, **k)
-        seg.append(out is not None)
-        return out
-    monkeypatch.setattr(ops, "_segmented_fast", spy_seg)
+    seg = spy_on("_segmented_fast")
     Wc, Ac, Bc, bc = torch.cat(W), torch.cat(A0), torch.cat(B0), torch.cat(bias)
     res = []
     for _ in range(2):
