@@ -157,6 +157,9 @@ def test_bench_e2e_quick(e2e_run):
     for k in [("sd_unet", "train", "none"), ("sd_unet", "train", "peft"), ("sd_unet", "infer", "unpatched"),
               ("vit", "train", "none"), ("vit", "train", "peft")]:
         _check_timed(keys[k])
+    # the alternating rounds of none / clora are kept in order (the target takes the per-round ratios)
+    r = keys[("sd_unet", "train", "none")]
+    assert r["rounds_ms"] == [r["time_ms"]] and r["times_ms"] == [r["time_ms"]]
     # clora rows run whenever the integrations are there (they are in this repository), else say why not
     import clora_fast
     have_patch = hasattr(clora_fast, "patch")
