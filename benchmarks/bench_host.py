@@ -26,6 +26,8 @@ Sections (each call = forward + backward with fixed output gradients):
                (--quick: the tiny one; else SD-1.5, 8x8 latents, batch 1): none (only the text embedding
                trains: the same backward through every cross-attention), clora (clora_fast.patch, 2 past
                concepts, penalty), peft (LoRA on the same K/V); timed on a GPU only (a CPU computes there)
+  vit_step     the same for a transformers ViT (ViT-B/16 blocks on 32x32 images; --quick: 2 small layers),
+               the patch embedding trained in "none"
 
 Run: python benchmarks/bench_host.py [--quick|--cpu] [--out DIR] [--interpret]
 """
@@ -261,69 +263,111 @@ class Bench:
         self.measure("penalty", f"sd32_k{K}", {"packed": mk_packed, "naive": mk_naive})
 
 
-def sd_step(bench: Bench):
-    """Launches (and, on a GPU, host-bound wall time) of whole SD UNet training steps."""
+def _training_steps(bench: Bench, section: str, case: str, model, forward_loss, base_params, kv_names):
+    """Launches (and, on a GPU, host-bound wall time) of whole training steps (forward, loss, backward,
+    AdamW) of ``model``: none (only ``base_params`` train: the same backward through every layer), clora
+    (clora_fast.patch, 2 past concepts, penalty), peft (LoRA on ``kv_names``); one after the other (each
+    maker changes the model for the next)."""
     from bench_e2e import controller_with_past, inject_peft
-    try:
-        from diffusers import UNet2DConditionModel
-    except Exception as e:  # noqa: BLE001
-        for m in STEP_METHODS:
-            bench.record(section="sd_step", case="unet", method=m, launches=None, ops=None, host_us=None,
-                         status=f"n/a (diffusers not importable: {C.describe_exc(e)})", device=str(bench.device))
-        return
-    name = "tiny_unet.json" if bench.quick else "sd15_unet.json"
-    cfg = C.load_json_config(name)
-    dev = bench.device
-    on_cuda = dev.type == "cuda"
-    dt = torch.bfloat16 if on_cuda else torch.float32
+    on_cuda = bench.device.type == "cuda"
     timed = True if on_cuda else "a CPU computes the step: its time is not host work"
-    C.seed_all(0)
 
-    def build():
-        with torch.device(dev):
-            unet = UNet2DConditionModel(**cfg)
-        return unet.to(dtype=dt).requires_grad_(False).train()
-
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
-    noisy = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
-    tsteps = torch.randint(0, 1000, (1,), generator=g).to(dev)
-    emb = torch.nn.Parameter((torch.randn(1, 77, cfg["cross_attention_dim"], generator=g) * 0.5).to(dev, dt))
-
-    def make_step(unet, params, extra=None):
-        opt = torch.optim.AdamW(params, lr=1e-4)
+    def make_step(m, params, extra=None):
+        # foreach=True: what AdamW picks on a GPU by default (the CPU default loops per parameter)
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            pred = unet(noisy, tsteps, encoder_hidden_states=emb).sample
-            loss = F.mse_loss(pred.float(), noise.float())
+            loss = forward_loss(m)
             if extra is not None:
                 loss = loss + extra()
             loss.backward()
             opt.step()
         return step
 
-    unet = build()
-
     def mk_none():
-        return make_step(unet, [emb]), timed
+        return make_step(model, base_params), timed
 
     def mk_clora():
         from clora_fast import patch
         backend = "triton" if (bench.triton and not on_cuda) else "auto"
-        ctl = controller_with_past(patch(unet, rank=4, backend=backend), 2)
+        ctl = controller_with_past(patch(model, rank=4, backend=backend), 2)
         why = timed if (on_cuda or bench.triton) else REF_NOTE
-        return make_step(unet, [emb] + list(ctl.trainable_parameters()), ctl.penalty), why
+        return make_step(model, base_params + list(ctl.trainable_parameters()), ctl.penalty), why
 
     def mk_peft():
         from clora_fast import unpatch
-        unpatch(unet)
-        names = [n for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
-        m, params = inject_peft(unet, names, 4)
-        return make_step(m, [emb] + params), timed
+        unpatch(model)
+        m, params = inject_peft(model, kv_names, 4)
+        return make_step(m, base_params + params), timed
 
-    bench.measure("sd_step", name.split("_")[0] + "_unet", {"none": mk_none, "clora": mk_clora, "peft": mk_peft},
+    bench.measure(section, case, {"none": mk_none, "clora": mk_clora, "peft": mk_peft},
                   sequential=True, rounds=5, calls=10)
+
+
+def _record_na(bench: Bench, section: str, case: str, why: str):
+    for m in STEP_METHODS:
+        bench.record(section=section, case=case, method=m, launches=None, ops=None, host_us=None, status=why,
+                     device=str(bench.device))
+
+
+def sd_step(bench: Bench):
+    """Whole SD UNet training steps (the tiny UNet with --quick, else SD-1.5; 8x8 latents, batch 1, 77 tokens)."""
+    name = "tiny_unet.json" if bench.quick else "sd15_unet.json"
+    case = name.split("_")[0] + "_unet"
+    try:
+        from diffusers import UNet2DConditionModel
+    except Exception as e:  # noqa: BLE001
+        return _record_na(bench, "sd_step", case, f"n/a (diffusers not importable: {C.describe_exc(e)})")
+    cfg = C.load_json_config(name)
+    dev = bench.device
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    C.seed_all(0)
+    with torch.device(dev):
+        unet = UNet2DConditionModel(**cfg)
+    unet = unet.to(dtype=dt).requires_grad_(False).train()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
+    noisy = torch.randn(1, cfg["in_channels"], 8, 8, generator=g).to(dev, dt)
+    tsteps = torch.randint(0, 1000, (1,), generator=g).to(dev)
+    emb = torch.nn.Parameter((torch.randn(1, 77, cfg["cross_attention_dim"], generator=g) * 0.5).to(dev, dt))
+    kv = [n for n, _ in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))]
+    _training_steps(bench, "sd_step", case, unet,
+                    lambda m: F.mse_loss(m(noisy, tsteps, encoder_hidden_states=emb).sample.float(), noise.float()),
+                    [emb], kv)
+
+
+def vit_step(bench: Bench):
+    """Whole ViT training steps (transformers; ViT-B/16 layers on 32x32 images - 5 tokens - or a 2-layer
+    toy with --quick; batch 2), the patch embedding trained in 'none' so that backward runs through every
+    block."""
+    case = "vit_tiny" if bench.quick else "vit_b16_img32"
+    try:
+        from transformers import ViTConfig, ViTForImageClassification
+    except Exception as e:  # noqa: BLE001
+        return _record_na(bench, "vit_step", case, f"n/a (transformers not importable: {C.describe_exc(e)})")
+    dev = bench.device
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    if bench.quick:
+        cfg = ViTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, num_labels=10)
+    else:
+        cfg = ViTConfig(image_size=32, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                        intermediate_size=3072, num_labels=10)
+    C.seed_all(0)
+    with torch.device(dev):
+        vit = ViTForImageClassification(cfg)
+    vit = vit.to(dtype=dt).requires_grad_(False).train()
+    base = list(vit.vit.embeddings.parameters())
+    for p_ in base:
+        p_.requires_grad_(True)
+    g = torch.Generator().manual_seed(0)
+    pix = torch.randn(2, 3, 32, 32, generator=g).to(dev, dt)
+    labels = torch.randint(0, 10, (2,), generator=g).to(dev)
+    kv = [n for n, m in vit.named_modules() if isinstance(m, torch.nn.Linear)
+          and n.rsplit(".", 1)[-1] in ("k_proj", "v_proj", "key", "value")]
+    _training_steps(bench, "vit_step", case, vit,
+                    lambda m: F.cross_entropy(m(pixel_values=pix).logits.float(), labels), base, kv)
 
 
 def report(bench: Bench) -> str:
@@ -364,14 +408,15 @@ def check_targets(bench: Bench) -> C.Targets:
                      f"launches ours {lo} / PEFT {lp} / dense {ld} (PEFT/ours {lp / lo:.2f}x)"
                      + (f"; host us ours {ho:.0f} / PEFT {hp:.0f} / dense {hd:.0f} (PEFT/ours {hp / ho:.2f}x)"
                         if ho and hp and hd else ""))
-    case = next((c for (sec, c, _) in rows if sec == "sd_step"), None)
-    ln, lc, lp = (get("sd_step", case, m, "launches") for m in STEP_METHODS)
-    if ln and lc and REF_NOTE not in get("sd_step", case, "clora", "status"):
-        hn, hc, hp = (get("sd_step", case, m, "host_us") for m in STEP_METHODS)
-        tg.check(f"SD UNet training step ({case}): clora launches vs no adapters", lc <= 1.03 * ln,
-                 f"launches none {ln} / clora {lc} / PEFT {lp} (clora/none {lc / ln:.3f}x)"
-                 + (f"; wall ms none {hn / 1e3:.2f} / clora {hc / 1e3:.2f} / PEFT {hp / 1e3:.2f}" if hn and hc and hp
-                    else ""))
+    for section, what in (("sd_step", "SD UNet"), ("vit_step", "ViT")):
+        case = next((c for (sec, c, _) in rows if sec == section), None)
+        ln, lc, lp = (get(section, case, m, "launches") for m in STEP_METHODS)
+        if ln and lc and REF_NOTE not in get(section, case, "clora", "status"):
+            hn, hc, hp = (get(section, case, m, "host_us") for m in STEP_METHODS)
+            tg.check(f"{what} training step ({case}): clora launches vs no adapters and PEFT", lc < lp,
+                     f"launches none {ln} / clora {lc} / PEFT {lp} (clora/none {lc / ln:.3f}x)"
+                     + (f"; wall ms none {hn / 1e3:.2f} / clora {hc / 1e3:.2f} / PEFT {hp / 1e3:.2f}"
+                        if hn and hc and hp else ""))
     lg, lp = get("unet_kv_all", "sd32_k32", "grouped", "launches"), get("unet_kv_all", "sd32_k32", "peft", "launches")
     if lg and lp:
         tg.check("whole-UNet K/V: one grouped call vs 32 PEFT layers", lg < lp,
@@ -386,15 +431,15 @@ def main(argv=None):
 
 def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=60.0)
-    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty,sd_step")
+    p.add_argument("--sections", default="kv_layer,unet_kv_all,penalty,sd_step,vit_step")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)
     C.seed_all(0)
     bench = Bench(args, device)
     for sec in args.sections.split(","):
-        if sec == "sd_step":
-            sd_step(bench)
+        if sec in ("sd_step", "vit_step"):
+            globals()[sec](bench)
         else:
             getattr(bench, sec)()
     tg = check_targets(bench)

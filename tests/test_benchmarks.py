@@ -269,7 +269,8 @@ def test_bench_host_counts_launches(tmp_path, interpret):
     expected = {("kv_layer", c, m) for c in ("sd", "vit") for m in mod.KV_METHODS} | \
         {("unet_kv_all", "sd32_k32", m) for m in mod.UNET_METHODS} | {("penalty", "sd32_k32", m) for m in mod.PEN_METHODS}
     diffusers = importlib.util.find_spec("diffusers") is not None
-    expected |= {("sd_step", "tiny_unet", m) for m in mod.STEP_METHODS}
+    expected |= {("sd_step", "tiny_unet", m) for m in mod.STEP_METHODS} | \
+        {("vit_step", "vit_tiny", m) for m in mod.STEP_METHODS}
     assert set(got) == expected and len(rows) == len(expected)
     for key, r in got.items():
         if (key[2] == "fused" and not interpret) or (key[0] == "sd_step" and not diffusers):
@@ -289,9 +290,12 @@ def test_bench_host_counts_launches(tmp_path, interpret):
         n_none, n_clora, n_peft = (got[("sd_step", "tiny_unet", m)]["launches"] for m in mod.STEP_METHODS)
         assert n_clora <= 1.05 * n_none < n_peft, (n_none, n_clora, n_peft)
     if interpret:
+        n_none, n_clora, n_peft = (got[("vit_step", "vit_tiny", m)]["launches"] for m in mod.STEP_METHODS)
+        assert n_none < n_clora < n_peft, (n_none, n_clora, n_peft)
+    if interpret:
         assert got[("unet_kv_all", "sd32_k32", "grouped")]["launches"] <= 8
         assert got[("penalty", "sd32_k32", "packed")]["launches"] <= 6
         assert any(k.startswith("triton:") for k in got[("penalty", "sd32_k32", "packed")]["ops"])
     for head in ("## kv_layer / sd", "## unet_kv_all / sd32_k32", "## penalty / sd32_k32", "## sd_step / tiny_unet",
-                 "### Targets"):
+                 "## vit_step / vit_tiny", "### Targets"):
         assert head in md
