@@ -40,6 +40,30 @@ def _check_projection(backend, dtype, device):
     return max(_rel_err(got, ref) for got, ref in zip(*outs))
 
 
+def _check_merged(impl, dtype, device):
+    """The merged-weight strategy (the one "auto" takes for a layer's K/V on CUDA) through one of its two
+    autograd Functions ("python", or "cpp": the host extension clora_fast._host) vs the float64 reference."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, 33, generator=g).to(device, dtype)
+    w, wv = ((torch.randn(19, 33, generator=g) / 33 ** 0.5).to(device, dtype) for _ in range(2))
+    bias = [torch.randn(19, generator=g).to(device, dtype) for _ in range(2)]
+    fac = [(torch.randn(4, 33, generator=g) / 33 ** 0.5).to(device, dtype) for _ in range(2)] + \
+          [(torch.randn(19, 4, generator=g) / 2).to(device, dtype) for _ in range(2)]
+    outs, saved = [], ops.MERGED_IMPL
+    try:
+        for im, dt, bk in ((impl, dtype, "auto"), ("python", torch.float64, "reference")):
+            ops.MERGED_IMPL = im
+            ps = [t.detach().to(dt).requires_grad_() for t in fac]
+            xs = x.to(dt).requires_grad_()
+            k, v = ops.lora_kv_projection(xs, (w.to(dt), wv.to(dt)), ps[:2], ps[2:], scale=0.5,
+                                          biases=[t.to(dt) for t in bias], backend=bk, strategy="merged")
+            loss = (k.double() * v.double()).sum()
+            outs.append([k, v] + list(torch.autograd.grad(loss, [xs] + ps)))
+    finally:
+        ops.MERGED_IMPL = saved
+    return max(_rel_err(got, ref) for got, ref in zip(*outs))
+
+
 def _check_penalty(backend, dtype, device):
     g = torch.Generator().manual_seed(1)
     shapes = [(77, 33), (20, 65)]
@@ -79,6 +103,22 @@ def main(argv=None) -> int:
                 ok &= passed
                 print(f"  [{'ok' if passed else 'FAIL'}] {backend:9s} {str(dtype)[6:]:8s} {name:10s} {msg}"
                       f"  ({time.perf_counter() - t0:.2f}s)")
+    impls = ["python"] + (["cpp"] if ops._cpp_merged() is not None else [])
+    print("merged strategy (one layer's K/V on CUDA): "
+          + ("C++ autograd Function of clora_fast._host" if "cpp" in impls
+             else "Python autograd Function (the C++ host extension clora_fast._host is not built)"))
+    for impl in impls:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            t0 = time.perf_counter()
+            try:
+                err = _check_merged(impl, dtype, device)
+                passed = err <= TOL[dtype]
+                msg = f"max rel err {err:.2e} (tol {TOL[dtype]:.0e})"
+            except Exception as e:  # report every failure, keep checking the rest
+                passed, msg = False, f"{type(e).__name__}: {e}"
+            ok &= passed
+            print(f"  [{'ok' if passed else 'FAIL'}] merged/{impl:6s} {str(dtype)[6:]:8s} {'projection':10s} {msg}"
+                  f"  ({time.perf_counter() - t0:.2f}s)")
     print("selfcheck passed" if ok else "selfcheck FAILED")
     return 0 if ok else 1
 

@@ -22,3 +22,21 @@ def test_selfcheck_reports_a_wrong_backend(monkeypatch, capsys):
     monkeypatch.setattr(selfcheck.clora_fast, "available_backends", lambda: ["reference"])
     assert selfcheck.main([]) == 1
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_selfcheck_checks_both_merged_functions(monkeypatch, capsys):
+    """The merged strategy is checked through the Python Function and the C++ one (here a wrong stand-in
+    for the host extension, which must be reported while the Python one passes)."""
+    from clora_fast import ops
+    real = ops._MergedLoRAFunction.apply
+
+    def wrong_cpp(x, Ws, As, Bs, bias, pad, scales, split, grad_enabled):
+        outs = real(x, bias, tuple(scales), split, len(Ws), len(As), *Ws, *As, *Bs)
+        return [o * 1.5 for o in outs]
+
+    monkeypatch.setattr(ops, "_CPP_MERGED", [wrong_cpp])
+    monkeypatch.setattr(selfcheck.clora_fast, "available_backends", lambda: ["reference"])
+    assert selfcheck.main([]) == 1
+    out = capsys.readouterr().out
+    assert "C++ autograd Function of clora_fast._host" in out
+    assert "[FAIL] merged/cpp" in out and "[ok] merged/python float32" in out
