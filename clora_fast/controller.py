@@ -112,6 +112,11 @@ def _fmt(t: Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def _rows(t: Tensor, start: int, stop: int) -> Tensor:
+    """``t[start:stop]``, or ``t`` itself when that is all of it (no view, no slice node in autograd)."""
+    return t if start == 0 and stop == t.shape[0] else t[start:stop]
+
+
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -303,7 +308,7 @@ class CLoRAController(nn.Module):
         bundle = self._bundles[b]
         r = self.rank
         As, Bs = self._flat_factors()
-        return As[b][pos * r:(pos + 1) * r], Bs[b][bundle.offsets[pos]:bundle.offsets[pos + 1]]
+        return _rows(As[b], pos * r, (pos + 1) * r), _rows(Bs[b], bundle.offsets[pos], bundle.offsets[pos + 1])
 
     def _flat_factors(self) -> Tuple[List[Tensor], List[Tensor]]:
         """The flat A and B parameters per bundle as plain lists (``ParameterList`` indexing costs
@@ -434,8 +439,23 @@ class CLoRAController(nn.Module):
         self._check_input(x, sk.in_features, "project_pair", sk.name, sv.name)
         if self._active is None:
             return self.project(ik, x), self.project(iv, x)
-        self._sync_bundle_device(self._site_bundle[ik][0])
-        self._sync_bundle_device(self._site_bundle[iv][0])
+        (b, pk), (bv_, pv) = self._site_bundle[ik], self._site_bundle[iv]
+        self._sync_bundle_device(b)
+        self._sync_bundle_device(bv_)
+        if b == bv_ and pv == pk + 1:
+            # K and V are consecutive rows of one bundle: one row block each of the folded weights, biases and
+            # flat factors, one segmented call.  A slice of a flat parameter costs a zero-filled gradient of the
+            # whole parameter in backward: two per layer here instead of four.
+            bundle, r = self._bundles[b], self.rank
+            lo, mid, hi = bundle.offsets[pk], bundle.offsets[pk + 1], bundle.offsets[pk + 2]
+            wcat, bcat = self._bundle_weights(bundle)
+            As, Bs = self._flat_factors()
+            dt = self._compute_dtype(x)
+            k, v = ops.segmented_lora_projection(
+                x, _rows(wcat, lo, hi), _rows(As[b], pk * r, (pk + 2) * r).to(dt), _rows(Bs[b], lo, hi).to(dt),
+                (0, mid - lo, hi - lo), self.scale, bias=None if bcat is None else _rows(bcat, lo, hi),
+                backend=self.backend, split=True)
+            return k, v
         ak, bk = self.current_factors(ik)
         av, bv = self.current_factors(iv)
         dt = self._compute_dtype(x)

@@ -406,3 +406,38 @@ def test_fold_keeps_float64_weights_in_float64():
         assert ctrl.folded_weight(i).dtype == torch.float64
         assert torch.equal(ctrl.folded_weight(i), expect)
         assert not torch.equal(expect.float().double(), expect)   # fp32 rounding would have shown
+
+
+@pytest.mark.parametrize("group", ["g", None])
+def test_project_pair_launches_and_gradient_slices(monkeypatch, group):
+    """project_pair (the per-layer K/V path: grouped=False, or a fallback) takes the layer's rows of the
+    flat parameters as one block (K and V consecutive in a group) or the whole per-site parameters: at most
+    one slice node per flat parameter (each costs a zero-filled gradient of the whole parameter), and the
+    merged K/V fwd+bwd stays within 12 launches; the result equals two single projections."""
+    from clora_fast._launches import count_launches
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", "merged")
+    g = torch.Generator().manual_seed(0)
+    sites = [Site(f"l{i // 2}.{'kv'[i % 2]}", torch.randn(16, IN, generator=g), None, group) for i in range(6)]
+    c = CLoRAController(sites, rank=3, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.begin_concept()
+    randomize(c, seed=3)
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    gy = torch.randn(2, 5, 16)
+
+    def step():
+        x.grad = None
+        for p in c.trainable_parameters():
+            p.grad = None
+        k, v = c.project_pair(2, 3, x)
+        torch.autograd.backward([k, v], [gy, gy])
+        return k, v
+
+    k, v = step()
+    n, ops_ = count_launches(step)
+    assert ops_.get("slice_backward", 0) == (2 if group else 0), ops_
+    assert n <= 12, ops_
+    torch.testing.assert_close(k, c.project(2, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, c.project(3, x), rtol=1e-5, atol=1e-5)
