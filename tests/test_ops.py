@@ -384,9 +384,9 @@ def test_merged_kv_launch_counts(merged_impl):
         flat = step(lambda: ops.segmented_lora_projection(x, Wc, Ac, Bc, (0, n, 2 * n), 0.5,
                                                           bias=bc,
                                                           strategy="merged", split=True))
-        assert dense == 5, dense                      # 2 forward GEMMs, 2 dx GEMMs, one add
-        assert ours <= (11 if bs is None else 13), ours
-        assert flat <= 10, flat
+        assert 4 <= dense <= 6, dense                 # 2 forward GEMMs, 2 dx GEMMs, one add (5 on torch 2.14)
+        assert ours <= dense + (6 if bs is None else 8), (ours, dense)      # 11 / 13 on torch 2.14
+        assert flat <= dense + 5, (flat, dense)                             # 10
         assert peft >= 1.9 * ours, (peft, ours)
 
 
