@@ -437,7 +437,14 @@ def test_project_pair_launches_and_gradient_slices(monkeypatch, group):
 
     k, v = step()
     n, ops_ = count_launches(step)
+    w = [torch.randn(16, IN) for _ in range(2)]
+
+    def dense():
+        x.grad = None
+        torch.autograd.backward([nn.functional.linear(x, w[0]), nn.functional.linear(x, w[1])], [gy, gy])
+    dense()
+    n_dense, _ = count_launches(dense)
     assert ops_.get("slice_backward", 0) == (2 if group else 0), ops_
-    assert n <= 12, ops_
+    assert n <= n_dense + 7, (n, n_dense, ops_)          # 12 vs 5 on torch 2.14 (per-site parameters: 11)
     torch.testing.assert_close(k, c.project(2, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, c.project(3, x), rtol=1e-5, atol=1e-5)
