@@ -86,6 +86,24 @@ def check_lora_shapes(x_in: int, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
 _TRITON_OK: Optional[bool] = None
 
 
+def layout_overlap(layout, pasts):
+    """The first two layers of a packed-penalty ``layout`` (entries ``(f, a_row, b_row, r)``; layer ``l``
+    owns rows ``a_row:a_row+r`` of ``flat_As[f]`` and ``b_row:b_row+out_l`` of ``flat_Bs[f]``) that share
+    rows of a flat buffer, as ``(name, f, (start, stop, layer), (start, stop, layer))`` with the first span
+    starting first; None when every layer owns its rows (its gradient is written there)."""
+    spans: dict = {}
+    for l, (f, a, b, r) in enumerate(layout):
+        for name, start, stop in (("flat_As", a, a + r), ("flat_Bs", b, b + pasts[l].shape[0])):
+            if stop > start:                               # an empty span owns no row
+                spans.setdefault((name, f), []).append((start, stop, l))
+    for (name, f), iv in spans.items():
+        iv.sort()
+        for first, second in zip(iv, iv[1:]):              # sorted by start: an overlap shows between neighbours
+            if second[0] < first[1]:
+                return name, f, first, second
+    return None
+
+
 def triton_available() -> bool:
     """Whether triton imports (checked once per process: on the hot path of every op)."""
     global _TRITON_OK

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from . import reference as _reference
 from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_device, check_same_dtype,
-                        check_scale, check_tensor, interpreting, resolve_backend)
+                        check_scale, check_tensor, interpreting, layout_overlap, resolve_backend)
 
 __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
            "grouped_forgetting_penalty", "packed_forgetting_penalty", "PackedForgettingPenalty", "split_columns"]
@@ -894,14 +894,12 @@ def _check_penalty_args(past, lora_A, lora_B, suffix=""):
 
 def _check_rows_disjoint(layout, pasts) -> None:
     """Every layer of a packed layout owns its rows of the flat buffers (its gradient is written there)."""
-    owner: dict = {}
-    for l, (f, a, b, r) in enumerate(layout):
-        for role, start, stop in (("flat_As", a, a + r), ("flat_Bs", b, b + pasts[l].shape[0])):
-            for row in range(start, stop):
-                prev = owner.setdefault((role, f, row), l)
-                if prev != l:
-                    raise ValueError(f"layout[{prev}] and layout[{l}] share row {row} of {role}[{f}]; "
-                                     f"every layer needs rows of its own")
+    hit = layout_overlap(layout, pasts)
+    if hit is not None:
+        role, f, first, second = hit
+        lo, hi = sorted((first[2], second[2]))
+        raise ValueError(f"layout[{lo}] and layout[{hi}] share row {second[0]} of {role}[{f}]; "
+                         f"every layer needs rows of its own")
 
 
 def _penalty_backend(backend: str, pasts, roles) -> str:

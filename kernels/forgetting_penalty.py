@@ -117,6 +117,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._validate import layout_overlap
 from ._precision import fp32_dot_precision
 
 __all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward", "grouped_forgetting_penalty_packed"]
@@ -712,16 +713,11 @@ def _check_packed(pasts, flat_As, flat_Bs, layout):
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be a contiguous 2-D tensor, got "
                                  f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    spans: dict = {}
-    for l, (fi, a_row, b_row, r) in enumerate(layout):
-        spans.setdefault(("flat_As", fi), []).append((a_row, a_row + r, l))
-        spans.setdefault(("flat_Bs", fi), []).append((b_row, b_row + pasts[l].shape[0], l))
-    for (name, fi), iv in spans.items():      # each layer writes its own rows: no two may share one
-        iv.sort()
-        for (s0, e0, l0), (s1, e1, l1) in zip(iv, iv[1:]):
-            if s1 < e0:
-                raise ValueError(f"layout[{l0}] and layout[{l1}] overlap in {name}[{fi}] (rows {s0}:{e0} and "
-                                 f"{s1}:{e1}); every layer needs rows of its own")
+    hit = layout_overlap(layout, pasts)       # each layer writes its own rows: no two may share one
+    if hit is not None:
+        name, fi, (s0, e0, l0), (s1, e1, l1) = hit
+        raise ValueError(f"layout[{l0}] and layout[{l1}] overlap in {name}[{fi}] (rows {s0}:{e0} and "
+                         f"{s1}:{e1}); every layer needs rows of its own")
     for l, (fi, a_row, b_row, r) in enumerate(layout):
         if not (0 <= fi < min(len(flat_As), len(flat_Bs))):
             raise ValueError(f"layout[{l}] names flat buffer {fi}; there are {len(flat_As)}")
