@@ -754,17 +754,11 @@ def _all_2d_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
 
 
 def _merged_applies(dev: torch.device, backend: str, strategy: str) -> bool:
-    """The call takes the merged strategy with no cast: no autocast, not compiling (as :func:`_pick_strategy`
-    decides for equal segments; an unknown backend raises the checked path's error)."""
+    """The call (equal segments) takes the merged strategy with no cast: no autocast, not compiling, and
+    :func:`_pick_strategy` picks "merged" (an unknown backend or strategy raises the checked path's error)."""
     if (dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)) or _compiling():
         return False
-    if strategy == "merged":
-        resolve_backend(backend, dev)
-        return True
-    forced = os.environ.get("CLORA_FAST_STRATEGY", "")
-    if strategy != "auto" or forced == "fused":
-        return False
-    return forced == "merged" or (dev.type == "cuda" and resolve_backend(backend, dev) != "reference")
+    return _pick_strategy(strategy, resolve_backend(backend, dev), dev, True) == "merged"
 
 
 def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):

@@ -81,6 +81,24 @@ def _check_penalty(backend, dtype, device):
     return max(_rel_err(gt, rf) for gt, rf in zip(*outs))
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _report(label: str, name: str, dtype, check) -> bool:
+    """Run one check (``check() -> max relative error``), print its line, return whether it passed
+    (an exception is a failure that is reported, and the other checks go on)."""
+    t0 = time.perf_counter()
+    try:
+        err = check()
+        passed = err <= TOL[dtype]
+        msg = f"max rel err {err:.2e} (tol {TOL[dtype]:.0e})"
+    except Exception as e:  # report every failure, keep checking the rest
+        passed, msg = False, f"{type(e).__name__}: {e}"
+    print(f"  [{'ok' if passed else 'FAIL'}] {label} {str(dtype)[6:]:8s} {name:10s} {msg}"
+          f"  ({time.perf_counter() - t0:.2f}s)")
+    return passed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clora_fast.selfcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,34 +109,16 @@ def main(argv=None) -> int:
     print(f"available backends: {', '.join(backends)}")
     ok = True
     for backend in backends:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in DTYPES:
             for name, fn in (("projection", _check_projection), ("penalty", _check_penalty)):
-                t0 = time.perf_counter()
-                try:
-                    err = fn(backend, dtype, device)
-                    passed = err <= TOL[dtype]
-                    msg = f"max rel err {err:.2e} (tol {TOL[dtype]:.0e})"
-                except Exception as e:  # report every failure, keep checking the rest
-                    passed, msg = False, f"{type(e).__name__}: {e}"
-                ok &= passed
-                print(f"  [{'ok' if passed else 'FAIL'}] {backend:9s} {str(dtype)[6:]:8s} {name:10s} {msg}"
-                      f"  ({time.perf_counter() - t0:.2f}s)")
+                ok &= _report(f"{backend:9s}", name, dtype, lambda: fn(backend, dtype, device))
     impls = ["python"] + (["cpp"] if ops._cpp_merged() is not None else [])
     print("merged strategy (one layer's K/V on CUDA): "
           + ("C++ autograd Function of clora_fast._host" if "cpp" in impls
              else "Python autograd Function (the C++ host extension clora_fast._host is not built)"))
     for impl in impls:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            t0 = time.perf_counter()
-            try:
-                err = _check_merged(impl, dtype, device)
-                passed = err <= TOL[dtype]
-                msg = f"max rel err {err:.2e} (tol {TOL[dtype]:.0e})"
-            except Exception as e:  # report every failure, keep checking the rest
-                passed, msg = False, f"{type(e).__name__}: {e}"
-            ok &= passed
-            print(f"  [{'ok' if passed else 'FAIL'}] merged/{impl:6s} {str(dtype)[6:]:8s} {'projection':10s} {msg}"
-                  f"  ({time.perf_counter() - t0:.2f}s)")
+        for dtype in DTYPES:
+            ok &= _report(f"merged/{impl:6s}", "projection", dtype, lambda: _check_merged(impl, dtype, device))
     print("selfcheck passed" if ok else "selfcheck FAILED")
     return 0 if ok else 1
 
