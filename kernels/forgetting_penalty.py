@@ -734,6 +734,31 @@ def _check_packed(pasts, flat_As, flat_Bs, layout):
 _PACKED: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 
 
+def _packed_layout_scales(layout, scales, n: int):
+    """``layout`` as int tuples and ``scales`` as a tuple of n floats."""
+    layout = tuple(tuple(int(v) for v in e) for e in layout)
+    if isinstance(scales, (int, float)):
+        scales = [float(scales)] * n
+    return layout, tuple(float(s) for s in scales)
+
+
+def _packed_entry(pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic):
+    """Check a packed layout and build what its launches reuse: ``(plan, flat index of the bases, dA rows all
+    covered, dB rows all covered, per-layer element offsets of dA / dB in the flat gradients)``."""
+    layout, scales = _packed_layout_scales(layout, scales, len(pasts))
+    _check_packed(pasts, flat_As, flat_Bs, layout)
+    As = [flat_As[f][a:a + r] for f, a, _, r in layout]
+    Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
+    _check(pasts, As, Bs, scales)
+    fa = next((f for f, *_ in layout), 0)
+    plan = _Plan(pasts, As, Bs, scales, device, interpret, precision, deterministic, None, None, None,
+                 bases=(pasts[next((l for l, p in enumerate(pasts) if p.numel() > 0), 0)], flat_As[fa], flat_Bs[fa]))
+    covered_a = sum(r * p.shape[1] for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_As)
+    covered_b = sum(p.shape[0] * r for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_Bs)
+    offs = [(f, a * p.shape[1], b * r) for (f, a, b, r), p in zip(layout, pasts)]
+    return plan, fa, covered_a, covered_b, offs
+
+
 def grouped_forgetting_penalty_packed(
     pasts: Sequence[torch.Tensor], flat_As: Sequence[torch.Tensor], flat_Bs: Sequence[torch.Tensor],
     layout: Sequence[Tuple[int, int, int, int]], scales: Union[float, Sequence[float]], *,
@@ -762,41 +787,25 @@ def grouped_forgetting_penalty_packed(
     precision = _precision(flat_As[0].dtype, flat_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
     flats = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (*flat_As, *flat_Bs))
-    if prepared is not None:
+    args = (pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic)
+    if prepared is not None:        # pasts, layout and scales fixed (and checked) by the caller
         key = (device, interpret, precision, deterministic, flats, tuple(p.data_ptr() for p in pasts))
-        cache = prepared
+        entry = prepared.get(key)
+        if entry is None:
+            if len(prepared) >= _MAX_PLANS:
+                prepared.clear()
+            entry = prepared[key] = _packed_entry(*args)
     else:
-        cache = _PACKED
-    if prepared is None or key not in prepared:
-        layout = tuple(tuple(int(v) for v in e) for e in layout)
-        if isinstance(scales, (int, float)):
-            scales = [float(scales)] * len(pasts)
-        scales = tuple(float(s) for s in scales)
-    if prepared is None:
+        layout, scales = _packed_layout_scales(layout, scales, len(pasts))
         key = (device, interpret, precision, deterministic, scales, layout, flats,
                tuple((p.data_ptr(), p.shape, p.stride(), p.dtype) for p in pasts))
-    entry = cache.get(key)
-    if entry is None:
-        _check_packed(pasts, flat_As, flat_Bs, layout)
-        As = [flat_As[f][a:a + r] for f, a, _, r in layout]
-        Bs = [flat_Bs[f][b:b + p.shape[0]] for (f, _, b, _), p in zip(layout, pasts)]
-        _check(pasts, As, Bs, scales)
-        fa = next((f for f, *_ in layout), 0)
-        plan = _Plan(pasts, As, Bs, scales, device, interpret, precision, deterministic, None, None, None,
-                     bases=(pasts[next((l for l, p in enumerate(pasts) if p.numel() > 0), 0)],
-                            flat_As[fa], flat_Bs[fa]))
-        covered_a = sum(r * p.shape[1] for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_As)
-        covered_b = sum(p.shape[0] * r for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_Bs)
-        # element offsets of each layer's dA / dB inside the flat gradient buffers
-        offs = [(f, a * p.shape[1], b * r) for (f, a, b, r), p in zip(layout, pasts)]
-        entry = (plan, fa, covered_a, covered_b, offs)
-        if prepared is not None and len(prepared) >= _MAX_PLANS:
-            prepared.clear()
-        cache[key] = entry
-        if len(_PACKED) > _MAX_PLANS:
-            _PACKED.popitem(last=False)
-    elif prepared is None:
-        _PACKED.move_to_end(key)
+        entry = _PACKED.get(key)
+        if entry is None:
+            entry = _PACKED[key] = _packed_entry(*args)
+            if len(_PACKED) > _MAX_PLANS:
+                _PACKED.popitem(last=False)
+        else:
+            _PACKED.move_to_end(key)
     plan, fa, covered_a, covered_b, offs = entry
     f32 = torch.float32
     new = torch.empty if (covered_a and not _poison()) else torch.zeros
