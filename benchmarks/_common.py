@@ -468,6 +468,14 @@ def try_device_time(timer: Timer, make: Callable[[], tuple], **kw) -> Optional[f
         return None
 
 
+def paired_ratios(pairs) -> Tuple[Optional[float], List[float]]:
+    """``(median, ratios)`` of the per-round ratios ``other / base`` of ``(base, other)`` times measured back
+    to back in each round (rounds missing a side are left out): the median cancels the machine's drift
+    between rounds.  The median (upper) is None with fewer than two rounds."""
+    rs = [o / b for b, o in pairs if b and o]
+    return (sorted(rs)[len(rs) // 2] if len(rs) > 1 else None), rs
+
+
 def try_graph_time(timer: Timer, make: Callable[[], tuple]) -> Optional[float]:
     """:meth:`Timer.graph_ms` of a freshly built case; None on a CPU, over budget or when the capture fails
     (the reason is printed)."""

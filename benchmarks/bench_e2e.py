@@ -415,17 +415,15 @@ class E2E:
         none, peft, ours = (self.get("sd_unet", "train", v) for v in ("none", "peft", "clora"))
         tn, tp, to = ((x or {}).get("time_ms") for x in (none, peft, ours))
         rounds_n, rounds_o = ((x or {}).get("rounds_ms") or [] for x in (none, ours))
-        paired = [o / n for n, o in zip(rounds_n, rounds_o) if n and o]
-        ratio_sd = to / tn if to and tn else None
-        if len(paired) > 1:
-            # each round times both variants back to back: the median of the per-round ratios cancels the
-            # machine's slow drift, which moved whole rounds by up to +-10% on the H100
-            ratio_sd = sorted(paired)[len(paired) // 2]
+        # each round times both variants back to back: the median of the per-round ratios cancels the
+        # machine's slow drift, which moved whole rounds by up to +-10% on the H100
+        ratio_sd, paired = C.paired_ratios(zip(rounds_n, rounds_o))
+        if ratio_sd is not None:
             spread = (f"; median of {len(paired)} per-round ratios {C.fmt_ratio(ratio_sd)} (all: "
                       f"{', '.join(C.fmt_ratio(x) for x in paired)}); rounds none {', '.join(map(C.fmt_ms, rounds_n))}, "
                       f"clora {', '.join(map(C.fmt_ms, rounds_o))} ms")
         else:
-            spread = ""
+            ratio_sd, spread = (to / tn if to and tn else None), ""
         tg.check("SD-1.5 training step within 3% of the no-adapter step", (ratio_sd <= 1.03) if ratio_sd else None,
                  f"clora {C.fmt_ms(to)} ms vs none {C.fmt_ms(tn)} ms ({C.fmt_ratio(to / tn if to and tn else None)})"
                  + spread)

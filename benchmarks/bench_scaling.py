@@ -205,10 +205,6 @@ def _main(argv):
                     rounds.setdefault((rnd, m), {})[T] = t
                 if rnd == 0:
                     dev_ms[(T, m)] = C.try_device_time(timer, make)
-    paired = {}
-    for (_, m), d in rounds.items():
-        if T0 in d and Tmax in d:
-            paired.setdefault(m, []).append(d[Tmax] / d[T0])
     for (T, m), ts in reps.items():
         ts = sorted(ts)
         res[(T, m)] = ts[len(ts) // 2]
@@ -249,11 +245,12 @@ def _main(argv):
     tg = C.Targets(device)
     t_max, _ = ours(Tmax)
     ratio = t_max / t_base if t_max and t_base else None
-    pr = sorted(paired.get(m_base, []))
+    # T0 and Tmax timed back to back in each round: the median ratio cancels the host's drift
+    med, pr = C.paired_ratios((d.get(T0), d.get(Tmax)) for (_, m), d in rounds.items() if m == m_base)
     how = "medians of interleaved repeats"
-    if len(pr) > 1:   # T0 and Tmax timed back to back in each round: the median ratio cancels the host's drift
-        ratio = pr[len(pr) // 2]
-        how = f"median of {len(pr)} per-round ratios ({', '.join(f'{x:.3f}' for x in pr)})"
+    if med is not None:
+        ratio = med
+        how = f"median of {len(pr)} per-round ratios ({', '.join(f'{x:.3f}' for x in sorted(pr))})"
     d0, d1 = dev_ms.get((T0, m_base)), dev_ms.get((Tmax, m_base))
     kern = f"; GPU kernels alone {C.fmt_ms(d0)} -> {C.fmt_ms(d1)} ms ({d1 / d0:.3f}x)" if d0 and d1 else ""
     if d0 and d1:
