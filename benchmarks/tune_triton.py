@@ -72,16 +72,25 @@ def shapes(gpu: bool):
     return [("sd_unet_kv_all_b2", 2 * 77, 768, offs, 16), ("vit_b16_kv_b128", 128 * 197, 768, [0, 768, 1536], 16)]
 
 
+PEN_KNOBS = ("block_o", "block_i", "num_warps", "num_stages", "deterministic", "reduce_block", "fused_reduce")
+
+
+def _tiles(bo, bi, warps, stages):
+    return dict(block_o=bo, block_i=bi, num_warps=warps, num_stages=stages)
+
+
 def penalty_cases(gpu: bool):
-    """(name, P dtype, A/B dtype, precision, [configs]); config = (block_o, block_i, warps, stages, det).
-    The first config of each case is the launcher's default."""
+    """(name, P dtype, A/B dtype, precision, [configs]); a config is a dict of launcher keywords
+    (``PEN_KNOBS``; absent = the launcher's default).  The first config of each case is the default
+    (partial sums reduced inside the main launch); ``fused_reduce=False`` is the two-launch variant."""
     if not gpu:
-        return [("tiny_pen", torch.float32, torch.float32, None, [(None, None, None, None, True),
-                                                                  (16, 16, 4, 1, True), ("rblk", 64)])]
-    bf16 = [(None, None, None, None, True), (None, None, None, None, False), ("rblk", 512), ("rblk", 256),
-            (128, 64, 8, 4, True), (128, 32, 4, 4, True), (64, 64, 4, 4, True)]
-    ieee = [(None, None, None, None, True), (64, 32, 4, 3, True)]
-    tf32 = [(None, None, None, None, True), (None, None, None, None, False)]
+        return [("tiny_pen", torch.float32, torch.float32, None,
+                 [{}, dict(fused_reduce=False), _tiles(16, 16, 4, 1), dict(reduce_block=64)])]
+    bf16 = [{}, dict(fused_reduce=False), dict(deterministic=False), dict(deterministic=False, fused_reduce=False),
+            dict(reduce_block=512), dict(reduce_block=8192), _tiles(128, 64, 8, 4), _tiles(128, 32, 4, 4),
+            _tiles(64, 64, 4, 4), _tiles(256, 32, 8, 3)]
+    ieee = [{}, _tiles(64, 32, 4, 3)]
+    tf32 = [{}, dict(fused_reduce=False), dict(deterministic=False)]
     return [("sd32_bf16P_bf16AB", torch.bfloat16, torch.bfloat16, None, bf16),
             ("sd32_fp32P_fp32AB_ieee", torch.float32, torch.float32, "ieee", ieee),
             ("sd32_fp32P_fp32AB_tf32", torch.float32, torch.float32, "tf32", tf32)]
@@ -114,14 +123,7 @@ def penalty_sweep(args, t0, gpu, dev):
         for i, cfg in enumerate(cfgs):
             if time.perf_counter() - t0 > args.budget:
                 break
-            rblk = None
-            if cfg[0] == "rblk":        # the default tiles with another reduce chunk
-                bo = bi = w = st = None
-                det, rblk = True, cfg[1]
-            else:
-                bo, bi, w, st, det = cfg
-            kw = dict(input_precision=prec, deterministic=det, block_o=bo, block_i=bi, num_warps=w, num_stages=st,
-                      reduce_block=rblk)
+            kw = dict(cfg, input_precision=prec)
             fn = lambda kw=kw: FP.grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, **kw)  # noqa: E731
             try:
                 loss = fn()[0]
@@ -136,8 +138,7 @@ def penalty_sweep(args, t0, gpu, dev):
             gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
             row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
                        bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
-                       config=dict(block_o=bo or "default", block_i=bi or "default", num_warps=w or "default",
-                                   num_stages=st or "default", deterministic=det, reduce_block=rblk or "default"),
+                       config={k: cfg.get(k, "default") for k in PEN_KNOBS},
                        device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
             rows.append(row)
             C.print_flush(json.dumps(row))
@@ -236,13 +237,12 @@ def main(argv=None):
         md.append(f"| {name} | {kind} | {f(heur)} | {f(best)} | {best['config'] if best else '-'} | {len(sel)} |\n")
     pen = [r for r in rows if r["kernel"] == "penalty"]
     if pen:
-        md += ["\n## penalty kernels (main + reduce), GPU kernel time after an L2 flush (torch.profiler)\n\n",
-               "| case | config (block_o, block_i, warps, stages, deterministic, reduce block) | default | kernels ms | GB/s | "
+        md += ["\n## penalty kernels (main [+ reduce]), GPU kernel time after an L2 flush (torch.profiler)\n\n",
+               f"| case | config ({', '.join(PEN_KNOBS)}) | default | kernels ms | GB/s | "
                "% of copy BW | status |\n", "|---|---|---|---|---|---|---|\n"]
         for r in pen:
             c = r["config"]
-            md.append(f"| {r['shape']} | {c['block_o']}, {c['block_i']}, {c['num_warps']}, {c['num_stages']}, "
-                      f"{c['deterministic']}, {c['reduce_block']} | {'yes' if r['heuristic'] else ''} | "
+            md.append(f"| {r['shape']} | {', '.join(str(c[k]) for k in PEN_KNOBS)} | {'yes' if r['heuristic'] else ''} | "
                       f"{r['time_ms'] and round(r['time_ms'], 4)} | {r.get('gbps') and round(r['gbps'])} | "
                       f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r['status']} |\n")
     with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:

@@ -13,8 +13,8 @@ sum of earlier concepts' adapters), current factors ``A`` ``[r, in]``,
     dB    = s * G @ A^T                  [out, r]    fp32
 
 The grouped launcher sums ``loss`` over all layers and returns every layer's
-``dA``/``dB``, with ONE main launch (plus one tiny reduction launch) for the
-whole model.  ``P`` is read exactly once per call; nothing of size
+``dA``/``dB``, with ONE launch for the whole model (the partial sums reduced
+inside it; or a main and a reduce launch, ``fused_reduce=False``).  ``P`` is read exactly once per call; nothing of size
 ``[out, in]`` is written.
 
 Kernels
@@ -29,10 +29,19 @@ Kernels
   the chunk is the whole ``in`` dimension (the usual case) and is then stored
   straight into the output; otherwise it is a partial.
 
-``_penalty_reduce_kernel`` -- sums partials in a fixed order: the per-row-block
-  ``dA`` partials ``[n_row_blocks, r, in]``, the per-column-chunk ``dB``
-  partials ``[n_col_chunks, out, r]`` (only when ``in`` was split) and the
-  per-program loss partials, always in the same order.
+Partial sums (``_sum_partials``, in a fixed order): the per-row-block ``dA``
+  partials ``[n_row_blocks, r, in]``, the per-column-chunk ``dB`` partials
+  ``[n_col_chunks, out, r]`` (only when ``in`` was split) and the per-program
+  loss partials.  By default (``fused_reduce``) the main kernel reduces them
+  itself: the last program of a layer to finish (an ``acq_rel`` arrival
+  counter per layer, self-resetting) sums that layer's partials, the last
+  program of the grid sums the loss partials.  This saves a launch and the
+  reduce kernel's own latency-bound time (24 us of 77 on the H100 run B,
+  ``benchmarks/RESULTS.md``); the tail work per layer is at most
+  ``n_row_blocks * r * in`` floats read from L2.  ``_penalty_reduce_kernel``
+  (``fused_reduce=False``, and always when a layer has no program, i.e. an
+  empty layer whose gradients are zeros) does the same sums in a second
+  launch.  Both give the same bits.
 
 Reduction choice: by default (``deterministic=True``) the per-row-block ``dA``
 partials go through an fp32 workspace: ``n_row_blocks * r * in * 4`` bytes
@@ -40,7 +49,7 @@ written, then read once by the reduce kernel, i.e. ``8 r / (BO * sizeof(P))``
 extra bytes per byte of ``P`` *if* they reach HBM (``r = 16``, ``BO = 128``:
 25 % for fp32 ``P``, 50 % for bf16).  ``P`` is loaded with
 ``eviction_policy="evict_first"`` so that the workspace (a few MB for a whole
-UNet) tends to stay in L2 until the reduce kernel reads it.  The result is
+UNet) tends to stay in L2 until it is reduced.  The result is
 bit-identical from run to run.  ``deterministic=False`` instead adds the
 ``dA`` partials with fp32 atomics into one zeroed ``[r, in]`` slot per layer
 (no per-row-block partials; the order of the additions, hence the last bits,
@@ -140,10 +149,11 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 def _penalty_main_kernel(
     layer_tab, tile_tab, scale_tab, out_tab,
     p_base, a_base, b_base, ws_ptr,
-    loss_ws_off,
+    loss_ws_off, cnt_ptr, n_prog, n_layers,
     NF: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
     VEC_P: tl.constexpr, P_UNIT: tl.constexpr, VEC_A: tl.constexpr, A_UNIT: tl.constexpr,
     PRECISION: tl.constexpr, DA_ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
 ):
     """Penalty, dA, dB for one (layer, row block, column chunk).
 
@@ -164,7 +174,18 @@ def _penalty_main_kernel(
         loss part = sum(loss_acc)                                 -> ws[loss_ws_off + pid]
 
     ``out_tab`` holds the data pointers of the outputs: ``2*l`` -> dA_l, ``2*l+1``
-    -> dB_l (fp32, contiguous).  All loads are upcast to fp32 at once.
+    -> dB_l, ``2*n_layers`` -> loss (fp32, contiguous).  All loads are upcast to fp32 at once.
+
+    ``FUSED_REDUCE``: the partial sums are reduced inside this launch instead of by
+    ``_penalty_reduce_kernel``.  ``cnt_ptr`` is an int32 ``[1 + n_layers]`` arrival counter
+    (zero on entry, left zero on exit).  After its stores a program increments its layer's
+    counter (``acq_rel``, GPU scope, after a CTA barrier so that every thread's stores are
+    ordered before it); the program that arrives last for the layer (``n_rb * n_cs``
+    programs) sums the layer's ``dA`` / ``dB`` partials exactly as the reduce kernel would
+    (``_sum_partials``: same order, bit-identical), then every program increments counter 0
+    and the last one over the grid sums the ``n_prog`` loss partials.  Partials are read
+    with ``.cg`` (L2, never a stale L1 line).  The last arriver resets the counter it
+    consumed, so the buffer can be reused by the next launch on the same stream.
     """
     pid = tl.program_id(0)
     lay = tl.load(tile_tab + 3 * pid)
@@ -274,6 +295,53 @@ def _penalty_main_kernel(
                  db_part, mask=db_mask)
     tl.store(ws_ptr + loss_ws_off + pid, tl.sum(loss_acc, axis=0))
 
+    if FUSED_REDUCE:
+        n_arrive = n_rb * n_cs
+        if n_arrive > 1:
+            tl.debug_barrier()          # every thread's partial stores before the release below
+            seen = tl.atomic_add(cnt_ptr + 1 + lay, 1, sem="acq_rel", scope="gpu")
+            if seen == n_arrive - 1:    # last of the layer: all its partials are visible
+                if n_rb > 1:
+                    n_da = n_rb
+                    if DA_ATOMIC:
+                        n_da = 1
+                    _sum_partials(ws_ptr, da_ws, n_da, r * n_in, 0, r * n_in, da_out, 0, RBLOCK, True)
+                if n_cs > 1:
+                    db_out = tl.load(out_tab + 2 * lay + 1).to(tl.pointer_type(tl.float32))
+                    _sum_partials(ws_ptr, db_ws, n_cs, n_out * r, 0, n_out * r, db_out, 0, RBLOCK, True)
+                tl.atomic_xchg(cnt_ptr + 1 + lay, 0, sem="relaxed", scope="gpu")
+        tl.debug_barrier()
+        seen_all = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if seen_all == n_prog - 1:      # last program of the grid: every loss partial is visible
+            loss_out = tl.load(out_tab + 2 * n_layers).to(tl.pointer_type(tl.float32))
+            _sum_partials(ws_ptr, loss_ws_off, 1, 0, 0, n_prog, loss_out, 1, RBLOCK, True)
+            tl.atomic_xchg(cnt_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_partials(ws_ptr, src, n_parts, pstride, start, end, out, is_sum, BLOCK: tl.constexpr,
+                  FROM_L2: tl.constexpr):
+    """``acc[j] = sum_{k < n_parts} ws[src + k * pstride + j]`` for ``j in [start, end)``, k in
+    increasing order (deterministic); stores ``out[j] = acc[j]`` or, when ``is_sum``, the scalar
+    ``out[0] = sum_j acc[j]``.  ``FROM_L2``: load with ``.cg`` (partials written by other
+    programs of the same launch)."""
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for c0 in range(start, end, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        m = offs < end
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(0, n_parts):
+            ptrs = ws_ptr + src + k * pstride + offs
+            if FROM_L2:
+                acc += tl.load(ptrs, mask=m, other=0.0, cache_modifier=".cg")
+            else:
+                acc += tl.load(ptrs, mask=m, other=0.0)
+        if is_sum == 0:
+            tl.store(out + offs, acc, mask=m)
+        total += acc
+    if is_sum != 0:
+        tl.store(out, tl.sum(total, axis=0))
+
 
 @triton.jit
 def _penalty_reduce_kernel(red_tab, out_tab, ws_ptr, NRF: tl.constexpr, BLOCK: tl.constexpr):
@@ -298,18 +366,7 @@ def _penalty_reduce_kernel(red_tab, out_tab, ws_ptr, NRF: tl.constexpr, BLOCK: t
     slot = tl.load(e + 5)
     is_sum = tl.load(e + 6)
     out = tl.load(out_tab + slot).to(tl.pointer_type(tl.float32))
-    total = tl.zeros([BLOCK], dtype=tl.float32)
-    for c0 in range(start, end, BLOCK):
-        offs = c0 + tl.arange(0, BLOCK)
-        m = offs < end
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, n_parts):
-            acc += tl.load(ws_ptr + src + k * pstride + offs, mask=m, other=0.0)
-        if is_sum == 0:
-            tl.store(out + offs, acc, mask=m)
-        total += acc
-    if is_sum != 0:
-        tl.store(out, tl.sum(total, axis=0))
+    _sum_partials(ws_ptr, src, n_parts, pstride, start, end, out, is_sum, BLOCK, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +378,24 @@ def _interpreting() -> bool:
 
 def _poison() -> bool:
     return os.environ.get("CLORA_FAST_POISON", "0") == "1"
+
+
+def _fused_reduce(requested: Optional[bool]) -> bool:
+    """Where the partial sums are reduced: ``True`` inside the main launch (one launch per call),
+    ``False`` by a second kernel.  Default from ``CLORA_FAST_PENALTY_REDUCE`` (``fused`` |
+    ``separate``; unset: ``fused``)."""
+    if requested is not None:
+        return bool(requested)
+    mode = os.environ.get("CLORA_FAST_PENALTY_REDUCE", "fused")
+    if mode not in ("fused", "separate"):
+        raise ValueError(f"CLORA_FAST_PENALTY_REDUCE must be 'fused' or 'separate', got {mode!r}")
+    return mode == "fused"
+
+
+# the current stream's handle and the capture state, as cheaply as Triton's own launcher gets them
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+    (lambda index: torch.cuda.current_stream(index).cuda_stream)
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def _empty(shape, device, poison: bool) -> torch.Tensor:
@@ -373,7 +448,8 @@ class _Plan:
     """Device tables and sizes for one (layers, dtypes, config) combination."""
 
     def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits, bases=None, num_warps=None, num_stages=None, reduce_block=None):
+                 block_o, block_i, col_splits, bases=None, num_warps=None, num_stages=None, reduce_block=None,
+                 fused_reduce=True):
         L = len(pasts)
         outs = [int(p.shape[0]) for p in pasts]
         ins = [int(p.shape[1]) for p in pasts]
@@ -482,6 +558,11 @@ class _Plan:
         red.append([self.loss_ws, 1, 0, 0, self.n_prog, 2 * L, 1])
         self.n_red = len(red)
         self.rblk = rblk
+        # the reduction inside the main launch needs a program per layer (an empty layer's zero
+        # gradients come from the reduce kernel)
+        self.fused = bool(fused_reduce) and all(n > 0 for n in n_rb)
+        self.n_layers = L
+        self._counters: dict = {}
 
         self.layer_tab = torch.tensor(rows, dtype=torch.int64).reshape(L, _NF).to(device)
         self.tile_tab = torch.tensor([t[1:] for t in tiles] or [[0, 0, 0]], dtype=torch.int32).to(device)
@@ -490,6 +571,22 @@ class _Plan:
         self.da_shapes = [(r, i) for r, i in zip(ranks, ins)]
         self.db_shapes = [(o, r) for o, r in zip(outs, ranks)]
         self.out_tabs: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+    def counters(self, device) -> torch.Tensor:
+        """The zeroed int32 ``[1 + L]`` arrival counters of the fused reduction, one buffer per
+        stream (the kernel leaves them zero; two streams never share one).  Under CUDA-graph
+        capture a fresh buffer per capture (its zero fill is captured with the launch), so no
+        buffer is shared between a graph and eager launches."""
+        if device.type == "cuda":
+            if _capturing():
+                return torch.zeros(self.n_layers + 1, dtype=torch.int32, device=device)
+            key = _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+        else:
+            key = None
+        t = self._counters.get(key)
+        if t is None:
+            t = self._counters[key] = torch.zeros(self.n_layers + 1, dtype=torch.int32, device=device)
+        return t
 
     def out_table(self, ptrs: Tuple[int, ...], device) -> torch.Tensor:
         t = self.out_tabs.get(ptrs)
@@ -526,7 +623,8 @@ def _layers_key(pasts, lora_As, lora_Bs) -> tuple:
 
 
 def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-          block_o, block_i, col_splits, num_warps=None, num_stages=None, reduce_block=None) -> _Plan:
+          block_o, block_i, col_splits, num_warps=None, num_stages=None, reduce_block=None,
+          fused_reduce=True) -> _Plan:
     """The cached plan; inputs are validated only when a new plan is built (a cache hit means
     the same addresses, shapes, strides and dtypes as an earlier validated call)."""
     try:
@@ -534,13 +632,13 @@ def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, determi
     except AttributeError:          # not tensors: let _check name the culprit
         layers = None
     key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, num_warps, num_stages,
-           reduce_block, tuple(scales), layers)
+           reduce_block, fused_reduce, tuple(scales), layers)
     plan = _PLANS.get(key) if layers is not None else None
     if plan is None:
         _check(pasts, lora_As, lora_Bs, scales)
         plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                      block_o, block_i, col_splits, num_warps=num_warps, num_stages=num_stages,
-                     reduce_block=reduce_block)
+                     reduce_block=reduce_block, fused_reduce=fused_reduce)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -604,18 +702,31 @@ def _check(pasts, lora_As, lora_Bs, scales):
 # launchers
 # ----------------------------------------------------------------------------------------------
 def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret) -> None:
+    fused = plan.fused and plan.n_prog > 0
+    cnt = plan.counters(ws.device) if fused else ws
+    try:
+        _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, deterministic, interpret, fused)
+    except BaseException:
+        # a launch that failed part-way (an interpreter error, Ctrl-C) may leave counts behind:
+        # never reuse that buffer
+        plan._counters.clear()
+        raise
+    if not fused:
+        _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
+
+
+def _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, deterministic, interpret, fused):
     if plan.n_prog > 0:
         _penalty_main_kernel[(plan.n_prog,)](
             plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
-            p_base, a_base, b_base, ws, plan.loss_ws,
+            p_base, a_base, b_base, ws, plan.loss_ws, cnt, plan.n_prog, plan.n_layers,
             NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
             VEC_A=plan.vec_a, A_UNIT=plan.a_unit,
             # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
             PRECISION="ieee" if precision == "bf16" else precision, DA_ATOMIC=not deterministic,
-            BF16_DOT=precision == "bf16" and not interpret, num_warps=plan.num_warps,
-            num_stages=plan.num_stages,
+            BF16_DOT=precision == "bf16" and not interpret, FUSED_REDUCE=fused, RBLOCK=plan.rblk,
+            num_warps=plan.num_warps, num_stages=plan.num_stages,
         )
-    _penalty_reduce_kernel[(plan.n_red,)](plan.red_tab, out_tab, ws, NRF=_NRF, BLOCK=plan.rblk, num_warps=4)
 
 
 def _workspace(plan, device, deterministic: bool, poison: bool) -> torch.Tensor:
@@ -640,7 +751,7 @@ def grouped_forgetting_penalty_forward(
     scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
     deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None,
     col_splits: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-    reduce_block: Optional[int] = None,
+    reduce_block: Optional[int] = None, fused_reduce: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
 
@@ -657,8 +768,10 @@ def grouped_forgetting_penalty_forward(
     sizes, powers of two >= 16) and ``col_splits`` (split ``in`` into that many chunks
     per layer; default: only on a GPU, to fill it when there are few row blocks), ``num_warps`` /
     ``num_stages`` (GPU launch parameters; defaults from the config table, 3 stages), ``reduce_block``
-    (elements per program of the partial-sum reduction, a power of two; default 2048 on a GPU).
-    Two launches: the main kernel, then the deterministic partial reduction.
+    (elements per program of the partial-sum reduction, a power of two; default 2048 on a GPU),
+    ``fused_reduce`` (default True, or ``CLORA_FAST_PENALTY_REDUCE``): the partial sums are
+    reduced by the last program of each layer inside the main launch, one launch per call;
+    False: by a second, reduce kernel.  Both sum in the same order: the same bits.
     """
     pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
     if isinstance(scales, (int, float)):
@@ -675,7 +788,7 @@ def grouped_forgetting_penalty_forward(
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
     plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits, num_warps, num_stages, reduce_block)
+                 block_o, block_i, col_splits, num_warps, num_stages, reduce_block, _fused_reduce(fused_reduce))
 
     f32 = torch.float32
     dAs = [torch.empty(sa, dtype=f32, device=device) for sa in plan.da_shapes]
@@ -742,7 +855,7 @@ def _packed_layout_scales(layout, scales, n: int):
     return layout, tuple(float(s) for s in scales)
 
 
-def _packed_entry(pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic):
+def _packed_entry(pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic, fused):
     """Check a packed layout and build what its launches reuse: ``(plan, flat index of the bases, dA rows all
     covered, dB rows all covered, per-layer element offsets of dA / dB in the flat gradients)``."""
     layout, scales = _packed_layout_scales(layout, scales, len(pasts))
@@ -752,7 +865,8 @@ def _packed_entry(pasts, flat_As, flat_Bs, layout, scales, device, interpret, pr
     _check(pasts, As, Bs, scales)
     fa = next((f for f, *_ in layout), 0)
     plan = _Plan(pasts, As, Bs, scales, device, interpret, precision, deterministic, None, None, None,
-                 bases=(pasts[next((l for l, p in enumerate(pasts) if p.numel() > 0), 0)], flat_As[fa], flat_Bs[fa]))
+                 bases=(pasts[next((l for l, p in enumerate(pasts) if p.numel() > 0), 0)], flat_As[fa], flat_Bs[fa]),
+                 fused_reduce=fused)
     covered_a = sum(r * p.shape[1] for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_As)
     covered_b = sum(p.shape[0] * r for (_, _, _, r), p in zip(layout, pasts)) == sum(t.numel() for t in flat_Bs)
     offs = [(f, a * p.shape[1], b * r) for (f, a, b, r), p in zip(layout, pasts)]
@@ -763,6 +877,7 @@ def grouped_forgetting_penalty_packed(
     pasts: Sequence[torch.Tensor], flat_As: Sequence[torch.Tensor], flat_Bs: Sequence[torch.Tensor],
     layout: Sequence[Tuple[int, int, int, int]], scales: Union[float, Sequence[float]], *,
     input_precision: Optional[str] = None, deterministic: bool = True, prepared: Optional[dict] = None,
+    fused_reduce: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """The grouped penalty over factors packed by rows in a few flat buffers.
 
@@ -776,7 +891,8 @@ def grouped_forgetting_penalty_packed(
 
     ``prepared``: a dict the caller owns for one fixed ``(pasts, layout, scales)`` whose
     shapes, strides and dtypes it has checked (``ops.PackedForgettingPenalty``); the tables are
-    cached there, keyed by the flat buffers and the pasts' addresses only.
+    cached there, keyed by the flat buffers and the pasts' addresses only.  ``input_precision``,
+    ``deterministic``, ``fused_reduce``: as in :func:`grouped_forgetting_penalty_forward`.
     """
     pasts, flat_As, flat_Bs = list(pasts), list(flat_As), list(flat_Bs)
     if not pasts:
@@ -786,10 +902,11 @@ def grouped_forgetting_penalty_packed(
     _check_device_mode(device, interpret)
     precision = _precision(flat_As[0].dtype, flat_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
+    fused = _fused_reduce(fused_reduce)
     flats = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in (*flat_As, *flat_Bs))
-    args = (pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic)
+    args = (pasts, flat_As, flat_Bs, layout, scales, device, interpret, precision, deterministic, fused)
     if prepared is not None:        # pasts, layout and scales fixed (and checked) by the caller
-        key = (device, interpret, precision, deterministic, flats, tuple(p.data_ptr() for p in pasts))
+        key = (device, interpret, precision, deterministic, fused, flats, tuple(p.data_ptr() for p in pasts))
         entry = prepared.get(key)
         if entry is None:
             if len(prepared) >= _MAX_PLANS:
@@ -797,7 +914,7 @@ def grouped_forgetting_penalty_packed(
             entry = prepared[key] = _packed_entry(*args)
     else:
         layout, scales = _packed_layout_scales(layout, scales, len(pasts))
-        key = (device, interpret, precision, deterministic, scales, layout, flats,
+        key = (device, interpret, precision, deterministic, fused, scales, layout, flats,
                tuple((p.data_ptr(), p.shape, p.stride(), p.dtype) for p in pasts))
         entry = _PACKED.get(key)
         if entry is None:

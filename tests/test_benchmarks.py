@@ -249,7 +249,7 @@ def test_tune_triton_sweep_runs_and_checks_results(tmp_path):
         _check_timed(r)
     assert sum(r["heuristic"] for r in rows) == 3
     md = (tmp_path / "tune.md").read_text()
-    assert len(_md_rows(md, "tiny_kv")) == 2 and len(_md_rows(md, "tiny_pen")) == 3
+    assert len(_md_rows(md, "tiny_kv")) == 2 and len(_md_rows(md, "tiny_pen")) == 4
 
 
 @pytest.mark.parametrize("interpret", [False, True])

@@ -551,6 +551,16 @@ def test_prepared_packed_penalty_matches_function(device):
             pen([fa[0][:3], fa[1]], fb)
         with pytest.raises(TypeError, match="flat_As must be a list or tuple, got Tensor"):
             pen(fa[0], fb)
+    if "triton" in backends_for(device):
+        # a training step's penalty: ONE kernel launch (partials reduced inside it), then the gradient
+        # scaling of backward (one _foreach_mul for all flat buffers); no reduce launch
+        from clora_fast._launches import count_launches
+        pen = ops.PackedForgettingPenalty(pasts, layout, scales=scales, backend="triton")
+        fa, fb = [[t.clone().requires_grad_() for t in ts] for ts in flats()]
+        pen(fa, fb)                 # tables and arrival counters built (a copy to the GPU once)
+        _, by_op = count_launches(lambda: pen(fa, fb).backward())
+        # (+ zero fills of the flat gradients: this layout leaves rows of them to no layer; + the seed)
+        assert by_op == {"triton:_penalty_main_kernel": 1, "zeros": 4, "ones_like": 1, "_foreach_mul": 1}, by_op
     with pytest.raises(ValueError, match="layout has 2 entries for 3 pasts"):
         ops.PackedForgettingPenalty(pasts, layout[:2])
     with pytest.raises(TypeError, match=r"scales\[1\] must be a float, got str"):

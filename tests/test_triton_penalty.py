@@ -234,6 +234,8 @@ def test_grouped_empty_and_zero_layers(device):
     ref = sum(float(reference.forgetting_penalty(p.double().cpu(), a.double().cpu(), b.double().cpu(), s))
               for p, a, b, s in zip(pasts, As, Bs, scales))
     assert abs(float(loss) - ref) <= _rtol(device, F32) * ref
+    # an empty layer has no program to reduce its zero gradients: the reduce kernel does it
+    assert not next(reversed(fpk._PLANS.values())).fused
     # nothing but empty / zero-size layers: loss 0, no main launch needed
     loss, dAs, dBs = grouped_forgetting_penalty_forward(pasts[:1], As[:1], Bs[:1], [1.0])
     assert float(loss) == 0.0 and torch.equal(dAs[0], torch.zeros(4, 9, device=device))
@@ -250,16 +252,86 @@ class _CountingKernel:
         return self.kernel[grid]
 
 
-def test_grouped_is_one_main_launch(device, monkeypatch):
-    """All layers in ONE main launch (one program per row block x column chunk) + one reduce launch."""
+def test_grouped_is_one_launch(device, monkeypatch):
+    """All layers in ONE launch (one program per row block x column chunk), the partial sums
+    reduced inside it; fused_reduce=False (or CLORA_FAST_PENALTY_REDUCE=separate): + one reduce launch."""
     main = _CountingKernel(fpk._penalty_main_kernel)
     red = _CountingKernel(fpk._penalty_reduce_kernel)
     monkeypatch.setattr(fpk, "_penalty_main_kernel", main)
     monkeypatch.setattr(fpk, "_penalty_reduce_kernel", red)
     pasts, As, Bs, scales = _layers(device, F32, F32)
-    grouped_forgetting_penalty_forward(pasts, As, Bs, scales, block_o=32, block_i=16, col_splits=2)
+    kw = dict(block_o=32, block_i=16, col_splits=2)
+    grouped_forgetting_penalty_forward(pasts, As, Bs, scales, **kw)
     n_prog = sum(-(-o // 32) * min(2, -(-n // 16)) for o, n, _, _ in LAYERS)
-    assert main.grids == [(n_prog,)] and len(red.grids) == 1
+    assert main.grids == [(n_prog,)] and red.grids == []
+    grouped_forgetting_penalty_forward(pasts, As, Bs, scales, fused_reduce=False, **kw)
+    assert main.grids == [(n_prog,)] * 2 and len(red.grids) == 1
+    monkeypatch.setenv("CLORA_FAST_PENALTY_REDUCE", "separate")
+    grouped_forgetting_penalty_forward(pasts, As, Bs, scales, **kw)
+    assert len(red.grids) == 2
+    monkeypatch.setenv("CLORA_FAST_PENALTY_REDUCE", "both")
+    with pytest.raises(ValueError, match="CLORA_FAST_PENALTY_REDUCE must be 'fused' or 'separate', got 'both'"):
+        grouped_forgetting_penalty_forward(pasts, As, Bs, scales, **kw)
+
+
+@pytest.mark.parametrize("cfg", [dict(block_o=16, block_i=16), dict(block_o=32, block_i=16, col_splits=3),
+                                 dict(block_o=16, block_i=32, col_splits=2, deterministic=False), {}],
+                         ids=["rowblocks", "colsplits", "atomic", "default"])
+def test_fused_reduce_equals_separate_bitwise(device, cfg):
+    """The in-launch reduction (last arriving program per layer / of the grid) sums the same partials
+    in the same order as the reduce kernel: the same bits for every gradient (and the loss, whose
+    final tl.sum may group differently on a GPU with another warp count); the arrival counters are
+    left at zero for the next launch.  fp32 atomics (deterministic=False) vary in the last bits on a GPU."""
+    pasts, As, Bs, scales = _layers(device, F32, F32, seed=3)
+    pasts.append(_make(200, 40, 4, F32, F32, device, seed=9)[0])    # many row blocks: a long tail sum
+    As.append(_make(200, 40, 4, F32, F32, device, seed=9)[1])
+    Bs.append(_make(200, 40, 4, F32, F32, device, seed=9)[2])
+    scales.append(0.7)
+    sep = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, fused_reduce=False, **cfg)
+    for _ in range(3):      # the counters must come back to zero after every launch
+        fused = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, fused_reduce=True, **cfg)
+        plan = next(reversed(fpk._PLANS.values()))
+        assert plan.fused and all(int(c.abs().sum()) == 0 for c in plan._counters.values())
+        exact = cfg.get("deterministic", True) or device.type == "cpu"
+        for a, b in zip([*sep[1], *sep[2]], [*fused[1], *fused[2]]):
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+        if device.type == "cpu":
+            assert torch.equal(sep[0], fused[0])
+        else:
+            torch.testing.assert_close(sep[0], fused[0], rtol=1e-6, atol=0)
+
+
+def test_fused_reduce_packed_and_failed_launch(device, monkeypatch):
+    """The packed entry reduces in its one launch too; a launch that fails part-way drops the
+    arrival counters (it may have left counts), and the next call starts from fresh zeroed ones."""
+    pasts, flat_As, flat_Bs, layout = _packed_case(device)
+    sep = fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, 1.0, fused_reduce=False)
+    fused = fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout, 1.0)
+    for a, b in zip([*sep[1], *sep[2]], [*fused[1], *fused[2]]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(sep[0], fused[0], rtol=1e-6, atol=0)
+
+    pasts2, As, Bs, scales = _layers(device, F32, F32)
+    kw = dict(block_o=16, block_i=16)
+    good = grouped_forgetting_penalty_forward(pasts2, As, Bs, scales, **kw)
+    plan = next(reversed(fpk._PLANS.values()))
+    real = fpk._launch_main
+
+    def half_launch(plan_, p, a, b, ws, cnt, *args):
+        cnt.add_(1)                 # some programs arrived, then the launch died
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(fpk, "_launch_main", half_launch)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        grouped_forgetting_penalty_forward(pasts2, As, Bs, scales, **kw)
+    assert plan._counters == {}
+    monkeypatch.setattr(fpk, "_launch_main", real)
+    again = grouped_forgetting_penalty_forward(pasts2, As, Bs, scales, **kw)
+    for a, b in zip([again[0], *again[1], *again[2]], [good[0], *good[1], *good[2]]):
+        assert torch.equal(a, b)
 
 
 def test_grouped_plan_cache(device):
@@ -360,19 +432,26 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from clora_fast.kernels import forgetting_penalty as fpk
-for vec_p in (8, 1):
+for vec_p, fused in ((8, False), (1, False), (8, True)):
     sig = {"layer_tab": "*i64", "tile_tab": "*i32", "scale_tab": "*fp32", "out_tab": "*i64", "p_base": "*bf16",
-           "a_base": "*fp32", "b_base": "*fp32", "ws_ptr": "*fp32", "loss_ws_off": "i64"}
+           "a_base": "*fp32", "b_base": "*fp32", "ws_ptr": "*fp32", "loss_ws_off": "i64", "cnt_ptr": "*i32",
+           "n_prog": "i32", "n_layers": "i32"}
     cst = dict(NF=fpk._NF, RP=16, BO=128, BI=64, VEC_P=vec_p, P_UNIT=True, VEC_A=4, A_UNIT=True,
-               PRECISION="tf32", DA_ATOMIC=False, BF16_DOT=False)
+               PRECISION="tf32", DA_ATOMIC=False, BF16_DOT=False, FUSED_REDUCE=fused, RBLOCK=2048)
     sig.update({k: "constexpr" for k in cst})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
     ck = triton.compile(ASTSource(fn=fpk._penalty_main_kernel, signature=sig, constexprs=cst, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
     ptx = ck.asm["ptx"]
+    if fused:
+        # every arrival (acq_rel atomic) must follow a CTA barrier with no global store in between
+        arrivals = [m.start() for m in re.finditer(r"atom\.global\.gpu\.acq_rel\.add", ptx)]
+        ordered = sum(1 for a in arrivals if "st.global" not in ptx[ptx.rfind("bar.sync", 0, a):a])
+        print("FUSED", len(arrivals), ordered, len(re.findall(r"ld\.global\.cg", ptx)))
+        continue
     vec = re.findall(r"cp\.async\.cg\.shared\.global[^;]*?, 0x10\b|ld\.global\S*\.v4\.b32", ptx)
     scalar16 = re.findall(r"ld\.global\S*\.b16\s", ptx)
-    print("RESULT", vec_p, len(vec), len(scalar16))
+    print("RESULT", vec_p, len(vec), len(scalar16), len(re.findall(r"\batom\.", ptx)))
 """
 
 
@@ -380,7 +459,10 @@ def test_sm90_compile_vectorises_past_loads():
     """Compile the main kernel for sm_90 (no GPU needed; a subprocess without the interpreter).
     With the offset-table alignment hints (VEC_P = 8) the bf16 P tile must be read with
     16-byte transfers (cp.async.cg ... 16 / ld.global.v4) and no 2-byte loads; without them
-    (VEC_P = 1, the unaligned fallback) 2-byte loads appear -- which shows the check can fail."""
+    (VEC_P = 1, the unaligned fallback) 2-byte loads appear -- which shows the check can fail.
+    The fused reduction: two arrivals (layer, grid), each an acq_rel GPU-scope atomic after a
+    CTA barrier with no global store between them (the release covers every thread's partials),
+    partials read through L2 (ld.global.cg); without it, no atomic at all."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -390,13 +472,18 @@ def test_sm90_compile_vectorises_past_loads():
         if "ptxas" in proc.stderr.lower() or "GPUTarget" in proc.stderr:
             pytest.skip(f"cannot compile for sm_90 here: {proc.stderr[-300:]}")
         raise AssertionError(proc.stderr[-3000:])
-    results = {}
+    results, fused = {}, None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
-            v, n_vec, n_b16 = (int(x) for x in line.split()[1:])
-            results[v] = (n_vec, n_b16)
+            v, n_vec, n_b16, n_atom = (int(x) for x in line.split()[1:])
+            results[v] = (n_vec, n_b16, n_atom)
+        elif line.startswith("FUSED"):
+            fused = tuple(int(x) for x in line.split()[1:])
     assert results[8][0] > 0 and results[8][1] == 0, f"P loads not 16-byte vectorised: {results}"
     assert results[1][1] > 0, f"fallback unexpectedly vectorised: {results}"
+    assert results[8][2] == 0, f"atomics without the fused reduction: {results}"
+    n_arrivals, n_ordered, n_cg = fused
+    assert n_arrivals == 2 and n_ordered == 2 and n_cg > 0, f"fused reduction code: {fused}"
 
 
 @pytest.mark.gpu
@@ -446,6 +533,57 @@ def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
             m.fp32_precision = old
         else:
             m.allow_tf32 = old
+
+
+@pytest.mark.gpu
+def test_gpu_fused_reduce_sd_shapes_repeatable():
+    """The in-launch reduction at the 32 SD-1.5 K/V shapes (hundreds of programs finishing in any
+    order, every layer with several row blocks and column chunks): 20 launches, each bit-identical
+    to the two-launch reduction -- a missing release/acquire would show as a stale partial -- and
+    the arrival counters back at zero."""
+    dev = torch.device("cuda")
+    outs = [320] * 10 + [640] * 10 + [1280] * 12
+    g = torch.Generator().manual_seed(1)
+    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
+    As = [_rand((16, 768), BF16, dev, g, 0.02) for _ in outs]
+    Bs = [_rand((o, 16), BF16, dev, g, 0.02) for o in outs]
+    for kw in ({}, dict(col_splits=3), dict(block_o=64)):
+        sep = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, fused_reduce=False, **kw)
+        for _ in range(20):
+            fused = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, fused_reduce=True, **kw)
+            assert all(torch.equal(a, b) for a, b in zip([*sep[1], *sep[2]], [*fused[1], *fused[2]])), kw
+            torch.testing.assert_close(fused[0], sep[0], rtol=1e-6, atol=0)
+        plan = next(reversed(fpk._PLANS.values()))
+        torch.cuda.synchronize()
+        assert plan.fused and all(int(c.abs().sum()) == 0 for c in plan._counters.values())
+
+
+@pytest.mark.gpu
+def test_gpu_fused_reduce_in_cuda_graph():
+    """Captured in a CUDA graph (its own zeroed counters, captured with the launch) the penalty
+    replays to the eager result, and eager launches before and after the capture stay right."""
+    dev = torch.device("cuda")
+    outs = [320, 640, 1280, 77]
+    g = torch.Generator().manual_seed(2)
+    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
+    As = [_rand((16, 768), BF16, dev, g, 0.02) for _ in outs]
+    Bs = [_rand((o, 16), BF16, dev, g, 0.02) for o in outs]
+    want = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip([*want[1], *want[2]], [*got[1], *got[2]]))
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    after = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip([want[0], *want[1], *want[2]], [after[0], *after[1], *after[2]]))
 
 
 @pytest.mark.gpu
