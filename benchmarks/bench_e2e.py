@@ -13,9 +13,13 @@ Training step = forward, loss, backward, optimizer (AdamW) step:
                 forgetting penalty added to the loss
   ViT  frozen backbone, trainable classification head; peft / clora add LoRA on K and V of every block.
 Inference: UNet forward (no grad) unpatched vs patched with the concepts merged (controller.merge()),
-and with the past folded but not merged.
+and with the past folded but not merged; and the whole ``pipe(prompt)`` (text encoder, denoising loop
+with classifier-free guidance, VAE decode) the same three ways: on a GPU an SD-1.5-shaped pipeline
+(UNet, VAE, CLIP text encoder from benchmarks/configs/sd15_*.json, random weights, 512x512, DDIM),
+on a CPU the builtin tiny pipeline; the prompt names a personalized token when one exists.
 
 Run: python benchmarks/bench_e2e.py [--quick|--cpu] [--out DIR] [--gpu-budget S] [--skip-sd] [--skip-vit]
+     [--skip-pipe]
 """
 from __future__ import annotations
 
@@ -32,17 +36,21 @@ import _common as C  # noqa: E402
 TRAIN_VARIANTS = ["none", "peft", "clora", "none_repeat"]  # none_repeat: the baseline again (noise floor)
 SD_TRAIN_VARIANTS = TRAIN_VARIANTS + ["clora_ungrouped"]  # + one launch per projection (patch(grouped=False))
 INFER_VARIANTS = ["unpatched", "clora_merged", "clora_folded_unmerged"]
+PIPE_PROMPT = "a photo of {}"
 
 
 def settings(profile):
     if profile == "gpu":
         return dict(sd_cfg="sd15_unet.json", latent=64, sd_batch=2, tokens=77, vit="b16", image=224,
-                    vit_batch=64, dtype="bf16", rank=16, n_past=2, infer_batch=2)
+                    vit_batch=64, dtype="bf16", rank=16, n_past=2, infer_batch=2, pipe="sd15", pipe_res=512,
+                    pipe_steps=10)
     if profile == "cpu":
         return dict(sd_cfg="sd15_unet.json", latent=8, sd_batch=1, tokens=77, vit="b16", image=224,
-                    vit_batch=2, dtype="fp32", rank=16, n_past=2, infer_batch=1)
+                    vit_batch=2, dtype="fp32", rank=16, n_past=2, infer_batch=1, pipe="builtin", pipe_res=32,
+                    pipe_steps=4)
     return dict(sd_cfg="tiny_unet.json", latent=8, sd_batch=1, tokens=8, vit="tiny", image=32,
-                vit_batch=2, dtype="fp32", rank=4, n_past=2, infer_batch=1)
+                vit_batch=2, dtype="fp32", rank=4, n_past=2, infer_batch=1, pipe="builtin", pipe_res=32,
+                pipe_steps=2)
 
 
 def peak_mem(device):
@@ -387,6 +395,100 @@ class E2E:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
+    # --------------------------------------------------------- pipe() inference
+    def build_pipe(self):
+        """A ``StableDiffusionPipeline`` with random weights: the builtin tiny one, or (``pipe="sd15"``)
+        the SD-1.5-shaped one assembled from benchmarks/configs with the builtin CLIP tokenizer, its
+        modules built directly on the device."""
+        st, dev, dt = self.st, self.device, self.dtype
+        from clora_fast import builtin
+        if st["pipe"] == "builtin":
+            return builtin.build_pipeline("builtin", device=dev, dtype=dt)
+        import diffusers
+        from transformers import CLIPTextConfig, CLIPTextModel
+        C.seed_all(0)
+        with torch.device(dev):
+            unet = diffusers.UNet2DConditionModel(**C.load_json_config("sd15_unet.json"))
+            vae = diffusers.AutoencoderKL(**C.load_json_config("sd15_vae.json"))
+            text_encoder = CLIPTextModel(CLIPTextConfig(**C.load_json_config("sd15_text_encoder.json")))
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=builtin.clip_tokenizer(77), unet=unet,
+            scheduler=diffusers.DDIMScheduler(**C.load_json_config("sd15_scheduler.json")), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        for m in (unet, vae, text_encoder):
+            m.eval()
+        return pipe.to(dtype=dt)
+
+    def run_pipe(self):
+        """``pipe(prompt)`` unpatched, patched with 2 concepts folded (not merged), and merged; on a GPU in
+        alternating rounds (patch / unpatch each round), the target on the per-round ratios."""
+        st, dev = self.st, self.device
+        meta = dict(model="sd_pipe", kind="infer", pipe=st["pipe"], resolution=st["pipe_res"], steps=st["pipe_steps"])
+        try:
+            pipe = self.build_pipe()
+        except Exception as e:  # noqa: BLE001
+            for v in INFER_VARIANTS:
+                self.record(variant=v, time_ms=None, status=f"n/a (building the {st['pipe']} pipeline: "
+                            f"{C.describe_exc(e)})", **meta)
+            return
+        res = st["pipe_res"]
+        lat = res // pipe.vae_scale_factor
+        gen = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, pipe.unet.config.in_channels, lat, lat, generator=gen).to(dev, pipe.unet.dtype)
+
+        def infer(prompt):
+            def run():
+                with torch.no_grad():
+                    pipe(prompt, num_inference_steps=st["pipe_steps"], guidance_scale=7.5, latents=latents,
+                         height=res, width=res, output_type="np")
+            return run
+
+        rounds = 2 if dev.type == "cuda" else 1
+        rep = 1000 if dev.type == "cuda" else (20 if self.args.quick else 1000)
+        times = {v: [] for v in INFER_VARIANTS}
+        whys, peaks = {}, {}
+        why_patch = self.cl.has_patch()
+        for _ in range(rounds):
+            t, why, pk = self.time_step(infer(PIPE_PROMPT.format("dog")), rep)
+            times["unpatched"].append(t)
+            whys.setdefault("unpatched", why)
+            peaks.setdefault("unpatched", pk)
+            if why_patch is not None:
+                continue
+            try:
+                ctl = self.cl.pkg.patch(pipe, rank=st["rank"], backend=self.args.clora_backend)
+            except Exception as e:  # noqa: BLE001
+                why_patch = f"clora_fast.patch(pipe) failed: {C.describe_exc(e)}"
+                continue
+            try:
+                controller_with_past(ctl, st["n_past"])
+                ctl.end_concept()
+                prompt = PIPE_PROMPT.format(f"<c{st['n_past'] + 1}>")      # the last concept's token
+                for v in ("clora_folded_unmerged", "clora_merged"):
+                    if v == "clora_merged":
+                        ctl.merge()
+                    t, why, pk = self.time_step(infer(prompt), rep)
+                    times[v].append(t)
+                    whys.setdefault(v, why)
+                    peaks.setdefault(v, pk)
+                ctl.unmerge()
+            except Exception as e:  # noqa: BLE001
+                why_patch = f"clora_fast on the pipeline failed: {C.describe_exc(e)}"
+            finally:
+                self.cl.pkg.unpatch(pipe)
+            del ctl
+        for v in INFER_VARIANTS:
+            ts = sorted(x for x in times[v] if x is not None)
+            t = ts[len(ts) // 2] if ts else None
+            status = "ok" if t is not None else (f"n/a ({why_patch})" if v != "unpatched" and why_patch
+                                                 else whys.get(v) or "n/a")
+            self.record(variant=v, time_ms=t, status=status, peak_mib=peaks.get(v) if t else None,
+                        rounds_ms=times[v], **meta)
+        del pipe
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ----------------------------------------------------------------- report
     def get(self, model, kind, variant):
         for r in self.rows:
@@ -400,6 +502,9 @@ class E2E:
               f"- SD UNet config {st['sd_cfg']}, latents {st['latent']}x{st['latent']}, batch {st['sd_batch']}, "
               f"{st['tokens']} tokens; ViT {st['vit']} {st['image']}^2 batch {st['vit_batch']}; {st['dtype']}; "
               f"rank {st['rank']}; clora with {st['n_past']} past concepts folded + penalty.\n",
+              f"- sd_pipe: `pipe(prompt)` of the {st['pipe']} pipeline, {st['pipe_res']}x{st['pipe_res']}, "
+              f"{st['pipe_steps']} DDIM steps, guidance 7.5 (two UNet rows per step), VAE decode included; ms per "
+              "call.\n",
               "- median ms per training step (forward, loss, backward, AdamW step); peak = "
               "torch.cuda.max_memory_allocated over one step (GPU only).\n\n"]
         hdr = ["model", "kind", "variant", "ms/step", "steps/s", "vs none/unpatched", "peak MiB", "backend", "status"]
@@ -438,6 +543,13 @@ class E2E:
                  f"grouped {C.fmt_ms(to)} ms vs ungrouped {C.fmt_ms(tu_)} ms")
         tg.check("merged inference within 3% of unpatched (zero overhead)", (tm / tu <= 1.03) if tm and tu else None,
                  f"merged {C.fmt_ms(tm)} ms vs unpatched {C.fmt_ms(tu)} ms")
+        pu, pm = (self.get("sd_pipe", "infer", v) or {} for v in ("unpatched", "clora_merged"))
+        ratio_p, paired = C.paired_ratios(zip(pu.get("rounds_ms") or [], pm.get("rounds_ms") or []))
+        if ratio_p is None and pm.get("time_ms") and pu.get("time_ms"):
+            ratio_p = pm["time_ms"] / pu["time_ms"]
+        tg.check("pipe() with merged concepts within 3% of unpatched", (ratio_p <= 1.03) if ratio_p else None,
+                 f"merged {C.fmt_ms(pm.get('time_ms'))} ms vs unpatched {C.fmt_ms(pu.get('time_ms'))} ms per call"
+                 + (f"; per-round ratios {', '.join(C.fmt_ratio(x) for x in paired)}" if paired else ""))
         vn, vp, vo = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none", "peft", "clora"))
         tg.check("ViT-B/16 training step: clora faster than PEFT (info)", (vo < vp) if vo and vp else None,
                  f"none {C.fmt_ms(vn)}, peft {C.fmt_ms(vp)}, clora {C.fmt_ms(vo)} ms")
@@ -453,6 +565,7 @@ def _main(argv):
     p = C.base_parser(__doc__.splitlines()[1], default_budget=110.0)
     p.add_argument("--skip-sd", action="store_true")
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--skip-pipe", action="store_true", help="no pipe() inference section")
     p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default by profile: GPU bf16, CPU fp32)")
     p.add_argument("--clora-backend", default="auto", help="backend of the clora_fast controller (auto, triton, "
                    "cuda, reference)")
@@ -465,6 +578,8 @@ def _main(argv):
         e.run_sd()
     if not args.skip_vit:
         e.run_vit()
+    if not args.skip_pipe:
+        e.run_pipe()
     e.out.write_md(e.report())
     e.out.close()
     if args.plot:

@@ -152,11 +152,16 @@ def test_bench_e2e_quick(e2e_run):
     md = (out / "e2e.md").read_text()
     keys = {(r["model"], r["kind"], r["variant"]): r for r in rows}
     expected = {("sd_unet", "train", v) for v in mod.SD_TRAIN_VARIANTS} | \
-               {("sd_unet", "infer", v) for v in mod.INFER_VARIANTS} | {("vit", "train", v) for v in mod.TRAIN_VARIANTS}
+               {("sd_unet", "infer", v) for v in mod.INFER_VARIANTS} | {("vit", "train", v) for v in mod.TRAIN_VARIANTS} | \
+               {("sd_pipe", "infer", v) for v in mod.INFER_VARIANTS}
     assert set(keys) == expected and len(rows) == len(expected)
     for k in [("sd_unet", "train", "none"), ("sd_unet", "train", "peft"), ("sd_unet", "infer", "unpatched"),
-              ("vit", "train", "none"), ("vit", "train", "peft")]:
+              ("vit", "train", "none"), ("vit", "train", "peft"), ("sd_pipe", "infer", "unpatched")]:
         _check_timed(keys[k])
+    # pipe(): the builtin pipeline's whole call; the target line compares merged with unpatched
+    assert keys[("sd_pipe", "infer", "unpatched")]["pipe"] == "builtin"
+    line = next(x for x in md.splitlines() if "pipe() with merged concepts within 3% of unpatched" in x)
+    assert "merged n/a" not in line and "unpatched n/a" not in line
     # the alternating rounds of none / clora are kept in order (the target takes the per-round ratios)
     r = keys[("sd_unet", "train", "none")]
     assert r["rounds_ms"] == [r["time_ms"]] and r["times_ms"] == [r["time_ms"]]
@@ -172,6 +177,21 @@ def test_bench_e2e_quick(e2e_run):
     for model, kind, variant in expected:
         assert any(line.startswith(f"| {model} | {kind} | {variant} |") for line in md.splitlines())
     assert "### Targets" in md
+
+
+def test_sd15_pipeline_configs_are_sd15(common):
+    """The shipped SD-1.5 component configs build modules with SD-1.5's exact parameter counts (on the
+    meta device: no memory, no weights); the scheduler config builds a DDIM scheduler."""
+    diffusers = pytest.importorskip("diffusers")
+    from transformers import CLIPTextConfig, CLIPTextModel
+    import torch
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**common.load_json_config("sd15_unet.json"))
+        vae = diffusers.AutoencoderKL(**common.load_json_config("sd15_vae.json"))
+        te = CLIPTextModel(CLIPTextConfig(**common.load_json_config("sd15_text_encoder.json")))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (unet, vae, te)]
+    assert counts == [859_520_964, 83_653_863, 123_060_480]
+    assert type(diffusers.DDIMScheduler(**common.load_json_config("sd15_scheduler.json"))).__name__ == "DDIMScheduler"
 
 
 def test_sd15_kv_shapes_match_diffusers(common):
