@@ -72,7 +72,8 @@ def shapes(gpu: bool):
     return [("sd_unet_kv_all_b2", 2 * 77, 768, offs, 16), ("vit_b16_kv_b128", 128 * 197, 768, [0, 768, 1536], 16)]
 
 
-PEN_KNOBS = ("block_o", "block_i", "num_warps", "num_stages", "deterministic", "reduce_block", "fused_reduce")
+PEN_KNOBS = ("block_o", "block_i", "num_warps", "num_stages", "deterministic", "reduce_block", "fused_reduce",
+             "col_splits", "maxnreg")
 
 
 def _tiles(bo, bi, warps, stages):
@@ -86,9 +87,14 @@ def penalty_cases(gpu: bool):
     if not gpu:
         return [("tiny_pen", torch.float32, torch.float32, None,
                  [{}, dict(fused_reduce=False), _tiles(16, 16, 4, 1), dict(reduce_block=64)])]
+    # the default tiles take ~245 registers at 8 warps (ptxas, sm_90): one program per SM, and the 32 SD layers
+    # give 200 row blocks x 2 column chunks = 400 programs, 3.03 waves on 132 SMs; hence the rows with other
+    # column splits (waves), a register cap (2 programs per SM, some spills) and 4-warp tiles (2 per SM)
     bf16 = [{}, dict(fused_reduce=False), dict(deterministic=False), dict(deterministic=False, fused_reduce=False),
-            dict(reduce_block=512), dict(reduce_block=8192), _tiles(128, 64, 8, 4), _tiles(128, 32, 4, 4),
-            _tiles(64, 64, 4, 4), _tiles(256, 32, 8, 3)]
+            dict(col_splits=1), dict(col_splits=3), dict(col_splits=4), dict(maxnreg=128), dict(maxnreg=168),
+            dict(maxnreg=128, col_splits=1), dict(reduce_block=512), dict(reduce_block=8192), _tiles(128, 64, 8, 4),
+            _tiles(128, 64, 8, 5), _tiles(128, 32, 4, 4), _tiles(64, 64, 4, 3), _tiles(64, 64, 4, 4),
+            _tiles(256, 32, 8, 3)]
     ieee = [{}, _tiles(64, 32, 4, 3)]
     tf32 = [{}, dict(fused_reduce=False), dict(deterministic=False)]
     return [("sd32_bf16P_bf16AB", torch.bfloat16, torch.bfloat16, None, bf16),
@@ -135,10 +141,12 @@ def penalty_sweep(args, t0, gpu, dev):
                 status = "ok"
             except Exception as e:  # noqa: BLE001
                 ms, status = None, f"n/a ({C.describe_exc(e)})"
+            ck = getattr(next(reversed(FP._PLANS.values()), None), "compiled", None)   # the plan fn() used
             gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
             row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
                        bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
                        config={k: cfg.get(k, "default") for k in PEN_KNOBS},
+                       regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
                        device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
             rows.append(row)
             C.print_flush(json.dumps(row))
@@ -239,12 +247,13 @@ def main(argv=None):
     if pen:
         md += ["\n## penalty kernels (main [+ reduce]), GPU kernel time after an L2 flush (torch.profiler)\n\n",
                f"| case | config ({', '.join(PEN_KNOBS)}) | default | kernels ms | GB/s | "
-               "% of copy BW | status |\n", "|---|---|---|---|---|---|---|\n"]
+               "% of copy BW | registers / spills | status |\n", "|---|---|---|---|---|---|---|---|\n"]
         for r in pen:
             c = r["config"]
             md.append(f"| {r['shape']} | {', '.join(str(c[k]) for k in PEN_KNOBS)} | {'yes' if r['heuristic'] else ''} | "
                       f"{r['time_ms'] and round(r['time_ms'], 4)} | {r.get('gbps') and round(r['gbps'])} | "
-                      f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r['status']} |\n")
+                      f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r.get('regs')} / {r.get('spills')} | "
+                      f"{r['status']} |\n")
     with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:
         for r in rows:
             fh.write(json.dumps(r) + "\n")

@@ -449,7 +449,7 @@ class _Plan:
 
     def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                  block_o, block_i, col_splits, bases=None, num_warps=None, num_stages=None, reduce_block=None,
-                 fused_reduce=True):
+                 fused_reduce=True, maxnreg=None):
         L = len(pasts)
         outs = [int(p.shape[0]) for p in pasts]
         ins = [int(p.shape[1]) for p in pasts]
@@ -459,6 +459,10 @@ class _Plan:
         if num_warps is not None:
             self.num_warps = int(num_warps)
         self.num_stages = 1 if interpret else (3 if num_stages is None else int(num_stages))
+        # a register cap per thread (ptxas .maxnreg): the default configs use ~245 of 255 at 8 warps, i.e. one
+        # program per SM; a cap of 128 allows two (with some spills, see tune_triton.py)
+        self.launch_opts = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
+        self.compiled = None        # the main kernel's last compiled binary (GPU): n_regs, n_spills for reports
         self.deterministic = deterministic
         bo, bi = self.bo, self.bi
         esize = pasts[0].element_size()
@@ -624,7 +628,7 @@ def _layers_key(pasts, lora_As, lora_Bs) -> tuple:
 
 def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
           block_o, block_i, col_splits, num_warps=None, num_stages=None, reduce_block=None,
-          fused_reduce=True) -> _Plan:
+          fused_reduce=True, maxnreg=None) -> _Plan:
     """The cached plan; inputs are validated only when a new plan is built (a cache hit means
     the same addresses, shapes, strides and dtypes as an earlier validated call)."""
     try:
@@ -632,13 +636,13 @@ def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, determi
     except AttributeError:          # not tensors: let _check name the culprit
         layers = None
     key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, num_warps, num_stages,
-           reduce_block, fused_reduce, tuple(scales), layers)
+           reduce_block, fused_reduce, maxnreg, tuple(scales), layers)
     plan = _PLANS.get(key) if layers is not None else None
     if plan is None:
         _check(pasts, lora_As, lora_Bs, scales)
         plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                      block_o, block_i, col_splits, num_warps=num_warps, num_stages=num_stages,
-                     reduce_block=reduce_block, fused_reduce=fused_reduce)
+                     reduce_block=reduce_block, fused_reduce=fused_reduce, maxnreg=maxnreg)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -717,7 +721,7 @@ def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic,
 
 def _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, deterministic, interpret, fused):
     if plan.n_prog > 0:
-        _penalty_main_kernel[(plan.n_prog,)](
+        plan.compiled = _penalty_main_kernel[(plan.n_prog,)](
             plan.layer_tab, plan.tile_tab, plan.scale_tab, out_tab,
             p_base, a_base, b_base, ws, plan.loss_ws, cnt, plan.n_prog, plan.n_layers,
             NF=_NF, RP=plan.rp, BO=plan.bo, BI=plan.bi, VEC_P=plan.vec_p, P_UNIT=plan.p_unit,
@@ -725,7 +729,7 @@ def _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, dete
             # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
             PRECISION="ieee" if precision == "bf16" else precision, DA_ATOMIC=not deterministic,
             BF16_DOT=precision == "bf16" and not interpret, FUSED_REDUCE=fused, RBLOCK=plan.rblk,
-            num_warps=plan.num_warps, num_stages=plan.num_stages,
+            num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.launch_opts,
         )
 
 
@@ -751,7 +755,7 @@ def grouped_forgetting_penalty_forward(
     scales: Union[float, Sequence[float]], *, input_precision: Optional[str] = None,
     deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None,
     col_splits: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
-    reduce_block: Optional[int] = None, fused_reduce: Optional[bool] = None,
+    reduce_block: Optional[int] = None, fused_reduce: Optional[bool] = None, maxnreg: Optional[int] = None,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
 
@@ -771,7 +775,8 @@ def grouped_forgetting_penalty_forward(
     (elements per program of the partial-sum reduction, a power of two; default 2048 on a GPU),
     ``fused_reduce`` (default True, or ``CLORA_FAST_PENALTY_REDUCE``): the partial sums are
     reduced by the last program of each layer inside the main launch, one launch per call;
-    False: by a second, reduce kernel.  Both sum in the same order: the same bits.
+    False: by a second, reduce kernel.  Both sum in the same order: the same bits.  ``maxnreg``:
+    a cap on the main kernel's registers per thread (GPU; default none).
     """
     pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
     if isinstance(scales, (int, float)):
@@ -788,7 +793,8 @@ def grouped_forgetting_penalty_forward(
     precision = _precision(lora_As[0].dtype, lora_Bs[0].dtype, input_precision)
     deterministic = bool(deterministic)
     plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
-                 block_o, block_i, col_splits, num_warps, num_stages, reduce_block, _fused_reduce(fused_reduce))
+                 block_o, block_i, col_splits, num_warps, num_stages, reduce_block, _fused_reduce(fused_reduce),
+                 maxnreg)
 
     f32 = torch.float32
     dAs = [torch.empty(sa, dtype=f32, device=device) for sa in plan.da_shapes]

@@ -103,10 +103,12 @@ def test_single_matches_float64(device, out_f, in_f, r, p_dtype, ab_dtype):
 
 
 @pytest.mark.parametrize("cfg", [dict(block_o=16, block_i=16), dict(block_o=32, block_i=16, col_splits=3),
-                                 dict(block_o=16, block_i=32, col_splits=2, deterministic=False)],
-                         ids=["rowblocks", "colsplits", "atomic"])
+                                 dict(block_o=16, block_i=32, col_splits=2, deterministic=False),
+                                 dict(block_o=16, block_i=16, maxnreg=128)],
+                         ids=["rowblocks", "colsplits", "atomic", "maxnreg"])
 def test_single_multi_block_paths(device, cfg):
-    """Several row blocks (dA partials + reduce), column splits (dB partials) and atomic dA."""
+    """Several row blocks (dA partials + reduce), column splits (dB partials), atomic dA, and a register
+    cap (a GPU launch option; the interpreter ignores it)."""
     past, A, B = _make(77, 70, 6, F32, F32, device, seed=3)
     got = forgetting_penalty_forward(past, A, B, 1.3, **cfg)
     _check_against_float64(got, past, A, B, 1.3)
