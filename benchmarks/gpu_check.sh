@@ -26,7 +26,8 @@
 # which CI runs; PYTEST_MARK= runs everything).
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (host 8%, then ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
-# a hard `timeout` above it. TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
+# a hard `timeout` above it (NCU_S seconds, default 50, are kept back for the Nsight Compute profiles of
+# benchmarks/profile_kernels.py when ncu is on the PATH; NCU_S=0 skips them). TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
 # after them (TUNE_ARGS e.g. --skip-projection). OPS_ARGS / E2E_ARGS / SCALING_ARGS go to one benchmark only
 # (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"), OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET fix one benchmark's
 # --gpu-budget instead of its share. Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.
@@ -176,10 +177,13 @@ else
 fi
 
 # ---------------------------------------------------------------- 6. benchmarks
+# seconds kept back from the benchmarks for the kernel profiles (6b) when ncu is there
+NCU_S=${NCU_S:-50}
+command -v ncu >/dev/null 2>&1 || NCU_S=0
 run_bench() {  # name share_percent fixed_overhead_s [extra args]
   local name=$1 share=$2 over=$3; shift 3
   local l budget hard
-  l=$(left)
+  l=$(( $(left) - NCU_S ))
   budget=$(( (l - 60) * share / 100 - over ))
   [ $budget -lt 15 ] && budget=15
   local own_budget="$(echo "$name" | tr a-z A-Z)_BUDGET"   # OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET: fixed s
@@ -209,7 +213,28 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
   case " $BENCHES " in *" scaling "*) run_bench scaling 90 15 ;; esac
 fi
 
-# ---------------------------------------------------------------- 6b. optional block-config sweep
+# ---------------------------------------------------------------- 6b. kernel profiles (Nsight Compute)
+# NCU_S seconds (default 50, 0 = off; off without ncu) for one warm launch per case of NCU_CASES (default: the
+# penalty's main kernel, bf16 and controller fp32): benchmarks/profile_kernels.py runs it, ncu reads the
+# counters (clocks left alone), the summary (occupancy, throughputs, warp stalls) goes into RESULTS_gpu.md.
+if [ "$NCU_S" -gt 0 ] && [ "$(left)" -gt 20 ]; then
+  cases=(${NCU_CASES:-penalty_bf16 penalty_ctl})
+  for case in "${cases[@]}"; do
+    per=$(( NCU_S / ${#cases[@]} ))
+    [ "$(left)" -lt $(( per + 10 )) ] && { say "ncu $case: SKIPPED, $(left)s left"; continue; }
+    kern=$("$PY" benchmarks/profile_kernels.py --kernel-of "$case")
+    say "ncu $case ($kern, at most ${per}s)"
+    timeout "$per" ncu --clock-control none --kernel-name "regex:$kern" --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section SchedulerStats --csv --page details \
+      "$PY" benchmarks/profile_kernels.py --case "$case" > "$RES/ncu_$case.csv" 2> "$RES/ncu_$case.err"
+    say "ncu $case exit code $?"
+    "$PY" benchmarks/profile_kernels.py --summarize "$RES/ncu_$case.csv" > "$RES/ncu_$case.md" 2>&1
+    sed -n '1,40p' "$RES/ncu_$case.md" | grep -v "^<details" | head -n 30
+  done
+fi
+
+# ---------------------------------------------------------------- 6c. optional block-config sweep
 if [ "${TUNE_S:-0}" -gt 0 ] && [ "$(left)" -gt 30 ]; then
   tb=$(( TUNE_S < $(left) - 20 ? TUNE_S : $(left) - 20 ))
   say "tune_triton: --budget ${tb}s"
@@ -229,7 +254,7 @@ fi
   echo "## Targets"
   echo
   cat "$RES"/bench_*.log 2>/dev/null | grep -E "^(PASS|MISS|N/A|INFO) " | sed 's/^/- /'
-  for f in "$RES"/host*.md "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md "$RES"/tune.md; do
+  for f in "$RES"/host*.md "$RES"/ops*.md "$RES"/scaling*.md "$RES"/e2e*.md "$RES"/ncu_*.md "$RES"/tune.md; do
     [ -f "$f" ] || continue
     echo
     sed 's/^# /## /' "$f"

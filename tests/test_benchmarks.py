@@ -319,3 +319,35 @@ def test_bench_host_counts_launches(tmp_path, interpret):
     for head in ("## kv_layer / sd", "## unet_kv_all / sd32_k32", "## penalty / sd32_k32", "## sd_step / tiny_unet",
                  "## vit_step / vit_tiny", "### Targets"):
         assert head in md
+
+
+_NCU_CSV = '''==PROF== Connected to process 1234 (/usr/bin/python3)
+==PROF== Profiling "_penalty_main_kernel": 0%....50%....100% - 38 passes
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","1234","python3","127.0.0.1","_penalty_main_kernel","1","7","(256, 1, 1)","(400, 1, 1)","0","9.0","GPU Speed Of Light Throughput","DRAM Throughput","%","31.20"
+"0","1234","python3","127.0.0.1","_penalty_main_kernel","1","7","(256, 1, 1)","(400, 1, 1)","0","9.0","GPU Speed Of Light Throughput","Duration","us","39.71"
+"0","1234","python3","127.0.0.1","_penalty_main_kernel","1","7","(256, 1, 1)","(400, 1, 1)","0","9.0","Occupancy","Achieved Occupancy","%","11.9"
+"0","1234","python3","127.0.0.1","_penalty_main_kernel","1","7","(256, 1, 1)","(400, 1, 1)","0","9.0","Launch Statistics","Registers Per Thread","register/thread","245"
+'''
+
+
+def test_profile_kernels_driver_and_summary(tmp_path):
+    """The Nsight Compute driver runs each case (here in the interpreter, tiny shapes) and names a kernel
+    that exists; the summary turns ncu's details CSV (after its log lines) into a table with the key metrics
+    first, and says so when there is no CSV (ncu failed)."""
+    pytest.importorskip("triton")
+    mod = _load("profile_kernels")
+    from clora_fast.kernels import forgetting_penalty as FP
+    for case in mod.CASES:
+        assert mod.main(["--case", case, "--warmup", "1"]) == 0
+        assert hasattr(FP, mod.KERNEL[case])
+    f = tmp_path / "ncu.csv"
+    f.write_text(_NCU_CSV)
+    md = mod.summarize(str(f))
+    assert "## _penalty_main_kernel (launch 0; grid (400, 1, 1), block (256, 1, 1))" in md
+    lines = md.split("<details>")[0].splitlines()
+    key = [x for x in lines if x.startswith("| ") and "metric" not in x]
+    assert key[0].startswith("| GPU Speed Of Light Throughput | Duration | 39.71 | us |")
+    assert any("| Achieved Occupancy | 11.9 | % |" in x for x in key) and "all 4 metrics" in md
+    f.write_text("==ERROR== Failed to initialize the profiler\n")
+    assert "no CSV table" in mod.summarize(str(f))
