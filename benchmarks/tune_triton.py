@@ -73,7 +73,7 @@ def shapes(gpu: bool):
 
 
 PEN_KNOBS = ("block_o", "block_i", "num_warps", "num_stages", "deterministic", "reduce_block", "fused_reduce",
-             "col_splits", "maxnreg")
+             "col_splits", "maxnreg", "da_trans")
 
 
 def _tiles(bo, bi, warps, stages):
@@ -92,14 +92,18 @@ def penalty_cases(gpu: bool):
     # column splits (waves), a register cap (2 programs per SM, some spills) and 4-warp tiles (2 per SM)
     bf16 = [{}, dict(fused_reduce=False), dict(deterministic=False), dict(deterministic=False, fused_reduce=False),
             dict(col_splits=1), dict(col_splits=3), dict(col_splits=4), dict(maxnreg=128), dict(maxnreg=168),
-            dict(maxnreg=128, col_splits=1), dict(reduce_block=512), dict(reduce_block=8192), _tiles(128, 64, 8, 4),
+            dict(maxnreg=128, col_splits=1), dict(da_trans=True), dict(da_trans=True, col_splits=3),
+            dict(da_trans=True, **_tiles(64, 64, 8, 3)), dict(reduce_block=512), dict(reduce_block=8192), _tiles(128, 64, 8, 4),
             _tiles(128, 64, 8, 5), _tiles(128, 32, 4, 4), _tiles(64, 64, 4, 3), _tiles(64, 64, 4, 4),
             _tiles(256, 32, 8, 3)]
-    ieee = [{}, _tiles(64, 32, 4, 3)]
-    tf32 = [{}, dict(fused_reduce=False), dict(deterministic=False)]
+    ieee = [{}, _tiles(64, 32, 4, 3), dict(da_trans=True)]
+    tf32 = [{}, dict(fused_reduce=False), dict(deterministic=False), dict(da_trans=True)]
+    # the controller's dtypes (fp32 past and factors) also with 3xTF32 products (about fp32 accuracy on the
+    # tensor cores) against full-fp32 FMA products ("ieee", torch's default) and plain TF32
     return [("sd32_bf16P_bf16AB", torch.bfloat16, torch.bfloat16, None, bf16),
             ("sd32_fp32P_fp32AB_ieee", torch.float32, torch.float32, "ieee", ieee),
-            ("sd32_fp32P_fp32AB_tf32", torch.float32, torch.float32, "tf32", tf32)]
+            ("sd32_fp32P_fp32AB_tf32", torch.float32, torch.float32, "tf32", tf32),
+            ("sd32_fp32P_fp32AB_tf32x3", torch.float32, torch.float32, "tf32x3", [{}])]
 
 
 def penalty_sweep(args, t0, gpu, dev):

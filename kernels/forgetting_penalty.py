@@ -102,6 +102,12 @@ operand precision (``input_precision``, chosen per call unless given):
   ``r = 16``; enable TF32 (as training usually does) or use bf16 factors for
   the bandwidth-bound path.
 
+The dA product ``B^T @ W`` has only ``RP`` (16) rows: on sm_90 Triton runs it as ``mma.sync`` with
+both operands re-read from shared memory every step, while the other two use the warp-group MMA;
+``da_trans=True`` computes it as ``(W^T @ B)^T`` instead (``BI`` rows: warp-group MMA for all three;
+ptxas for sm_90a at the bf16 default tiles: 222 registers instead of 245, 58 instead of 62 KB of
+shared memory).  Which is faster was not measured yet (``benchmarks/tune_triton.py`` times both).
+
 Explicit rank-loop FMAs were not used: extracting a rank column from a
 register tile is not expressible in Triton, and the ``dA``/``dB`` reductions
 would become ``r`` separate cross-thread reductions per tile.  Under the
@@ -153,7 +159,7 @@ def _penalty_main_kernel(
     NF: tl.constexpr, RP: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
     VEC_P: tl.constexpr, P_UNIT: tl.constexpr, VEC_A: tl.constexpr, A_UNIT: tl.constexpr,
     PRECISION: tl.constexpr, DA_ATOMIC: tl.constexpr, BF16_DOT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, RBLOCK: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, RBLOCK: tl.constexpr, DA_TRANS: tl.constexpr,
 ):
     """Penalty, dA, dB for one (layer, row block, column chunk).
 
@@ -269,14 +275,20 @@ def _penalty_main_kernel(
             loss_acc += tl.sum(w * m, axis=1)
             w_h = w.to(tl.bfloat16)
             db_acc = tl.dot(w_h, tl.trans(a), db_acc)                                 # [BO, RP]
-            da_part = tl.dot(tl.trans(b), w_h) * two_s                                # [RP, BI]
+            if DA_TRANS:    # (W^T @ B)^T: M = BI rows for the MMA instead of M = RP (see module doc)
+                da_part = tl.trans(tl.dot(tl.trans(w_h), b)) * two_s                  # [RP, BI]
+            else:
+                da_part = tl.dot(tl.trans(b), w_h) * two_s                            # [RP, BI]
         else:
             a = a.to(tl.float32)
             m = tl.dot(b, a, input_precision=PRECISION) * s                          # [BO, BI]
             w = (p * p) * m                                                           # G / 2
             loss_acc += tl.sum(w * m, axis=1)
             db_acc = tl.dot(w, tl.trans(a), db_acc, input_precision=PRECISION)       # [BO, RP]
-            da_part = tl.dot(tl.trans(b), w, input_precision=PRECISION) * two_s      # [RP, BI]
+            if DA_TRANS:
+                da_part = tl.trans(tl.dot(tl.trans(w), b, input_precision=PRECISION)) * two_s
+            else:
+                da_part = tl.dot(tl.trans(b), w, input_precision=PRECISION) * two_s  # [RP, BI]
         da_mask = kmask[:, None] & cmask[None, :]
         if da_direct:
             tl.store(da_rows_out + cols[None, :], da_part, mask=da_mask)
@@ -449,7 +461,7 @@ class _Plan:
 
     def __init__(self, pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                  block_o, block_i, col_splits, bases=None, num_warps=None, num_stages=None, reduce_block=None,
-                 fused_reduce=True, maxnreg=None):
+                 fused_reduce=True, maxnreg=None, da_trans=False):
         L = len(pasts)
         outs = [int(p.shape[0]) for p in pasts]
         ins = [int(p.shape[1]) for p in pasts]
@@ -463,6 +475,7 @@ class _Plan:
         # program per SM; a cap of 128 allows two (with some spills, see tune_triton.py)
         self.launch_opts = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
         self.compiled = None        # the main kernel's last compiled binary (GPU): n_regs, n_spills for reports
+        self.da_trans = bool(da_trans)
         self.deterministic = deterministic
         bo, bi = self.bo, self.bi
         esize = pasts[0].element_size()
@@ -628,7 +641,7 @@ def _layers_key(pasts, lora_As, lora_Bs) -> tuple:
 
 def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
           block_o, block_i, col_splits, num_warps=None, num_stages=None, reduce_block=None,
-          fused_reduce=True, maxnreg=None) -> _Plan:
+          fused_reduce=True, maxnreg=None, da_trans=False) -> _Plan:
     """The cached plan; inputs are validated only when a new plan is built (a cache hit means
     the same addresses, shapes, strides and dtypes as an earlier validated call)."""
     try:
@@ -636,13 +649,13 @@ def _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, determi
     except AttributeError:          # not tensors: let _check name the culprit
         layers = None
     key = (device, interpret, precision, deterministic, block_o, block_i, col_splits, num_warps, num_stages,
-           reduce_block, fused_reduce, maxnreg, tuple(scales), layers)
+           reduce_block, fused_reduce, maxnreg, da_trans, tuple(scales), layers)
     plan = _PLANS.get(key) if layers is not None else None
     if plan is None:
         _check(pasts, lora_As, lora_Bs, scales)
         plan = _Plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                      block_o, block_i, col_splits, num_warps=num_warps, num_stages=num_stages,
-                     reduce_block=reduce_block, fused_reduce=fused_reduce, maxnreg=maxnreg)
+                     reduce_block=reduce_block, fused_reduce=fused_reduce, maxnreg=maxnreg, da_trans=da_trans)
         _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
@@ -729,6 +742,7 @@ def _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, dete
             # the interpreter computes bf16 dots on raw bits: exact fp32 dots there instead
             PRECISION="ieee" if precision == "bf16" else precision, DA_ATOMIC=not deterministic,
             BF16_DOT=precision == "bf16" and not interpret, FUSED_REDUCE=fused, RBLOCK=plan.rblk,
+            DA_TRANS=plan.da_trans,
             num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.launch_opts,
         )
 
@@ -756,6 +770,7 @@ def grouped_forgetting_penalty_forward(
     deterministic: bool = True, block_o: Optional[int] = None, block_i: Optional[int] = None,
     col_splits: Optional[int] = None, num_warps: Optional[int] = None, num_stages: Optional[int] = None,
     reduce_block: Optional[int] = None, fused_reduce: Optional[bool] = None, maxnreg: Optional[int] = None,
+    da_trans: bool = False,
 ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
     """Sum over layers of ``sum(P_l^2 * (s_l B_l @ A_l)^2)`` and every layer's gradients.
 
@@ -776,7 +791,8 @@ def grouped_forgetting_penalty_forward(
     ``fused_reduce`` (default True, or ``CLORA_FAST_PENALTY_REDUCE``): the partial sums are
     reduced by the last program of each layer inside the main launch, one launch per call;
     False: by a second, reduce kernel.  Both sum in the same order: the same bits.  ``maxnreg``:
-    a cap on the main kernel's registers per thread (GPU; default none).
+    a cap on the main kernel's registers per thread (GPU; default none).  ``da_trans``: compute
+    each dA partial as ``(W^T @ B)^T`` (all products on sm_90's warp-group MMA; see module doc).
     """
     pasts, lora_As, lora_Bs = list(pasts), list(lora_As), list(lora_Bs)
     if isinstance(scales, (int, float)):
@@ -794,7 +810,7 @@ def grouped_forgetting_penalty_forward(
     deterministic = bool(deterministic)
     plan = _plan(pasts, lora_As, lora_Bs, scales, device, interpret, precision, deterministic,
                  block_o, block_i, col_splits, num_warps, num_stages, reduce_block, _fused_reduce(fused_reduce),
-                 maxnreg)
+                 maxnreg, bool(da_trans))
 
     f32 = torch.float32
     dAs = [torch.empty(sa, dtype=f32, device=device) for sa in plan.da_shapes]

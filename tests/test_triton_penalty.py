@@ -104,11 +104,12 @@ def test_single_matches_float64(device, out_f, in_f, r, p_dtype, ab_dtype):
 
 @pytest.mark.parametrize("cfg", [dict(block_o=16, block_i=16), dict(block_o=32, block_i=16, col_splits=3),
                                  dict(block_o=16, block_i=32, col_splits=2, deterministic=False),
-                                 dict(block_o=16, block_i=16, maxnreg=128)],
-                         ids=["rowblocks", "colsplits", "atomic", "maxnreg"])
+                                 dict(block_o=16, block_i=16, maxnreg=128),
+                                 dict(block_o=16, block_i=16, col_splits=2, da_trans=True)],
+                         ids=["rowblocks", "colsplits", "atomic", "maxnreg", "da_trans"])
 def test_single_multi_block_paths(device, cfg):
-    """Several row blocks (dA partials + reduce), column splits (dB partials), atomic dA, and a register
-    cap (a GPU launch option; the interpreter ignores it)."""
+    """Several row blocks (dA partials + reduce), column splits (dB partials), atomic dA, a register
+    cap (a GPU launch option; the interpreter ignores it) and dA as (W^T B)^T."""
     past, A, B = _make(77, 70, 6, F32, F32, device, seed=3)
     got = forgetting_penalty_forward(past, A, B, 1.3, **cfg)
     _check_against_float64(got, past, A, B, 1.3)
@@ -434,17 +435,22 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from clora_fast.kernels import forgetting_penalty as fpk
-for vec_p, fused in ((8, False), (1, False), (8, True)):
+for vec_p, fused, da_trans in ((8, False, False), (1, False, False), (8, True, False), (8, False, True)):
     sig = {"layer_tab": "*i64", "tile_tab": "*i32", "scale_tab": "*fp32", "out_tab": "*i64", "p_base": "*bf16",
            "a_base": "*fp32", "b_base": "*fp32", "ws_ptr": "*fp32", "loss_ws_off": "i64", "cnt_ptr": "*i32",
            "n_prog": "i32", "n_layers": "i32"}
     cst = dict(NF=fpk._NF, RP=16, BO=128, BI=64, VEC_P=vec_p, P_UNIT=True, VEC_A=4, A_UNIT=True,
-               PRECISION="tf32", DA_ATOMIC=False, BF16_DOT=False, FUSED_REDUCE=fused, RBLOCK=2048)
+               PRECISION="tf32", DA_ATOMIC=False, BF16_DOT=False, FUSED_REDUCE=fused, RBLOCK=2048,
+               DA_TRANS=da_trans)
     sig.update({k: "constexpr" for k in cst})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
     ck = triton.compile(ASTSource(fn=fpk._penalty_main_kernel, signature=sig, constexprs=cst, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
     ptx = ck.asm["ptx"]
+    if da_trans:
+        # every product on the warp-group MMA (no mma.sync for the 16-row dA product)
+        print("DATRANS", len(re.findall(r"\bmma\.sync", ptx)), len(re.findall(r"wgmma\.mma_async", ptx)))
+        continue
     if fused:
         # every arrival (acq_rel atomic) must follow a CTA barrier with no global store in between
         arrivals = [m.start() for m in re.finditer(r"atom\.global\.gpu\.acq_rel\.add", ptx)]
@@ -464,7 +470,7 @@ def test_sm90_compile_vectorises_past_loads():
     (VEC_P = 1, the unaligned fallback) 2-byte loads appear -- which shows the check can fail.
     The fused reduction: two arrivals (layer, grid), each an acq_rel GPU-scope atomic after a
     CTA barrier with no global store between them (the release covers every thread's partials),
-    partials read through L2 (ld.global.cg); without it, no atomic at all."""
+    partials read through L2 (ld.global.cg); without it, no atomic at all.  da_trans: no mma.sync."""
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -474,18 +480,21 @@ def test_sm90_compile_vectorises_past_loads():
         if "ptxas" in proc.stderr.lower() or "GPUTarget" in proc.stderr:
             pytest.skip(f"cannot compile for sm_90 here: {proc.stderr[-300:]}")
         raise AssertionError(proc.stderr[-3000:])
-    results, fused = {}, None
+    results, fused, da_trans = {}, None, None
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT"):
             v, n_vec, n_b16, n_atom = (int(x) for x in line.split()[1:])
             results[v] = (n_vec, n_b16, n_atom)
         elif line.startswith("FUSED"):
             fused = tuple(int(x) for x in line.split()[1:])
+        elif line.startswith("DATRANS"):
+            da_trans = tuple(int(x) for x in line.split()[1:])
     assert results[8][0] > 0 and results[8][1] == 0, f"P loads not 16-byte vectorised: {results}"
     assert results[1][1] > 0, f"fallback unexpectedly vectorised: {results}"
     assert results[8][2] == 0, f"atomics without the fused reduction: {results}"
     n_arrivals, n_ordered, n_cg = fused
     assert n_arrivals == 2 and n_ordered == 2 and n_cg > 0, f"fused reduction code: {fused}"
+    assert da_trans[0] == 0 and da_trans[1] > 0, f"da_trans: (mma.sync, wgmma) = {da_trans}"
 
 
 @pytest.mark.gpu
@@ -558,6 +567,28 @@ def test_gpu_fused_reduce_sd_shapes_repeatable():
         plan = next(reversed(fpk._PLANS.values()))
         torch.cuda.synchronize()
         assert plan.fused and all(int(c.abs().sum()) == 0 for c in plan._counters.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ab_dtype,precision", [(BF16, "bf16"), (F32, "ieee"), (F32, "tf32")])
+def test_gpu_da_trans_matches_float64(ab_dtype, precision):
+    """dA as (W^T B)^T (warp-group MMA on sm_90) at the SD shapes: within the same float64 bounds as the
+    default product order, and close to it."""
+    dev = torch.device("cuda")
+    outs = [320, 640, 1280]
+    g = torch.Generator().manual_seed(3)
+    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
+    As = [_rand((16, 768), ab_dtype, dev, g, 0.02) for _ in outs]
+    Bs = [_rand((o, 16), ab_dtype, dev, g, 0.02) for o in outs]
+    base = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, input_precision=precision)
+    got = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, input_precision=precision, da_trans=True)
+    floor = 4e-3 if precision == "tf32" else 2e-5
+    for l in range(len(outs)):
+        single = forgetting_penalty_forward(pasts[l], As[l], Bs[l], 1.0, input_precision=precision, da_trans=True)
+        _check_against_float64(single, pasts[l], As[l], Bs[l], 1.0, floor=floor)
+        torch.testing.assert_close(got[1][l], base[1][l], rtol=floor, atol=floor * float(base[1][l].abs().max()))
+    for a, b in zip(got[2], base[2]):      # dB: the same products either way
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
 
 
 @pytest.mark.gpu
