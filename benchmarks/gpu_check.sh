@@ -177,13 +177,13 @@ else
 fi
 
 # ---------------------------------------------------------------- 6. benchmarks
-# seconds kept back from the benchmarks for the kernel profiles (6b) when ncu is there
+# seconds kept back from the benchmarks for the kernel profiles (6b) when ncu is there (and TUNE_S for 6c)
 NCU_S=${NCU_S:-50}
 command -v ncu >/dev/null 2>&1 || NCU_S=0
 run_bench() {  # name share_percent fixed_overhead_s [extra args]
   local name=$1 share=$2 over=$3; shift 3
   local l budget hard
-  l=$(( $(left) - NCU_S ))
+  l=$(( $(left) - NCU_S - ${TUNE_S:-0} ))     # kept back for the profiles (6b) and the sweep (6c)
   budget=$(( (l - 60) * share / 100 - over ))
   [ $budget -lt 15 ] && budget=15
   local own_budget="$(echo "$name" | tr a-z A-Z)_BUDGET"   # OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET: fixed s
