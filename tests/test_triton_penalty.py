@@ -497,6 +497,19 @@ def test_sm90_compile_vectorises_past_loads():
     assert da_trans[0] == 0 and da_trans[1] > 0, f"da_trans: (mma.sync, wgmma) = {da_trans}"
 
 
+SD_OUTS = [320] * 10 + [640] * 10 + [1280] * 12      # the 32 SD-1.5 attn2 K/V projections (in = 768)
+
+
+def _sd_layers(outs, p_dtype, ab_dtype, seed):
+    """CUDA pasts [o, 768], A [16, 768], B [o, 16] (std 0.02) for the given output widths."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(seed)
+    pasts = [_rand((o, 768), p_dtype, dev, g, 0.02) for o in outs]
+    As = [_rand((16, 768), ab_dtype, dev, g, 0.02) for _ in outs]
+    Bs = [_rand((o, 16), ab_dtype, dev, g, 0.02) for o in outs]
+    return pasts, As, Bs
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("p_dtype,ab_dtype", [(F32, F32), (BF16, BF16), (BF16, F32)])
 @pytest.mark.parametrize("precision", ["ieee", "tf32", "bf16"])
@@ -505,12 +518,8 @@ def test_gpu_sd_like_grouped(p_dtype, ab_dtype, precision):
     'bf16' = native bf16 tensor-core products (the default for bf16 factors)."""
     if precision == "bf16" and ab_dtype != BF16:
         pytest.skip("native bf16 products need bf16 factors")
-    dev = torch.device("cuda")
-    outs = [320] * 10 + [640] * 10 + [1280] * 12
-    g = torch.Generator().manual_seed(0)
-    pasts = [_rand((o, 768), p_dtype, dev, g, 0.02) for o in outs]
-    As = [_rand((16, 768), ab_dtype, dev, g, 0.02) for _ in outs]
-    Bs = [_rand((o, 16), ab_dtype, dev, g, 0.02) for o in outs]
+    outs = SD_OUTS
+    pasts, As, Bs = _sd_layers(outs, p_dtype, ab_dtype, seed=0)
     scales = [1.0] * len(outs)
     m = torch.backends.cuda.matmul
     new_api = hasattr(m, "fp32_precision")
@@ -552,12 +561,7 @@ def test_gpu_fused_reduce_sd_shapes_repeatable():
     order, every layer with several row blocks and column chunks): 20 launches, each bit-identical
     to the two-launch reduction -- a missing release/acquire would show as a stale partial -- and
     the arrival counters back at zero."""
-    dev = torch.device("cuda")
-    outs = [320] * 10 + [640] * 10 + [1280] * 12
-    g = torch.Generator().manual_seed(1)
-    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
-    As = [_rand((16, 768), BF16, dev, g, 0.02) for _ in outs]
-    Bs = [_rand((o, 16), BF16, dev, g, 0.02) for o in outs]
+    pasts, As, Bs = _sd_layers(SD_OUTS, BF16, BF16, seed=1)
     for kw in ({}, dict(col_splits=3), dict(block_o=64)):
         sep = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, fused_reduce=False, **kw)
         for _ in range(20):
@@ -574,12 +578,8 @@ def test_gpu_fused_reduce_sd_shapes_repeatable():
 def test_gpu_da_trans_matches_float64(ab_dtype, precision):
     """dA as (W^T B)^T (warp-group MMA on sm_90) at the SD shapes: within the same float64 bounds as the
     default product order, and close to it."""
-    dev = torch.device("cuda")
     outs = [320, 640, 1280]
-    g = torch.Generator().manual_seed(3)
-    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
-    As = [_rand((16, 768), ab_dtype, dev, g, 0.02) for _ in outs]
-    Bs = [_rand((o, 16), ab_dtype, dev, g, 0.02) for o in outs]
+    pasts, As, Bs = _sd_layers(outs, BF16, ab_dtype, seed=3)
     base = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, input_precision=precision)
     got = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, input_precision=precision, da_trans=True)
     floor = 4e-3 if precision == "tf32" else 2e-5
@@ -595,12 +595,7 @@ def test_gpu_da_trans_matches_float64(ab_dtype, precision):
 def test_gpu_fused_reduce_in_cuda_graph():
     """Captured in a CUDA graph (its own zeroed counters, captured with the launch) the penalty
     replays to the eager result, and eager launches before and after the capture stay right."""
-    dev = torch.device("cuda")
-    outs = [320, 640, 1280, 77]
-    g = torch.Generator().manual_seed(2)
-    pasts = [_rand((o, 768), BF16, dev, g, 0.02) for o in outs]
-    As = [_rand((16, 768), BF16, dev, g, 0.02) for _ in outs]
-    Bs = [_rand((o, 16), BF16, dev, g, 0.02) for o in outs]
+    pasts, As, Bs = _sd_layers([320, 640, 1280, 77], BF16, BF16, seed=2)
     want = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
