@@ -124,6 +124,11 @@ def env_info(device: torch.device) -> dict:
         info["merged_impl"] = "cpp" if (_ops.MERGED_IMPL != "python" and _ops._cpp_merged() is not None) else "python"
     except Exception as e:  # noqa: BLE001 - an older clora_fast
         info["merged_impl"] = f"n/a ({type(e).__name__})"
+    try:   # where the Triton penalty reduces its partial sums (inside its launch, or a second kernel)
+        from clora_fast.kernels import forgetting_penalty as _fp
+        info["penalty_reduce"] = "fused" if _fp._fused_reduce(None) else "separate"
+    except Exception as e:  # noqa: BLE001 - an older clora_fast, or no Triton
+        info["penalty_reduce"] = f"n/a ({type(e).__name__})"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         props = torch.cuda.get_device_properties(device)
@@ -544,7 +549,7 @@ def md_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 def md_env(info: dict, peaks: dict) -> str:
     keys = ["date_utc", "commit", "device", "gpu", "cpu", "torch", "triton", "peft", "diffusers", "transformers",
-            "timm", "python", "cpu_threads", "merged_impl"]
+            "timm", "python", "cpu_threads", "merged_impl", "penalty_reduce"]
     s = "- " + "; ".join(f"{k}: {info[k]}" for k in keys if k in info) + "\n"
     if peaks:
         s += "- measured ceilings in this run: " + ", ".join(

@@ -158,6 +158,8 @@ def test_bench_e2e_quick(e2e_run):
     for k in [("sd_unet", "train", "none"), ("sd_unet", "train", "peft"), ("sd_unet", "infer", "unpatched"),
               ("vit", "train", "none"), ("vit", "train", "peft"), ("sd_pipe", "infer", "unpatched")]:
         _check_timed(keys[k])
+    # the environment line names the paths that ran (merged Function, penalty reduction)
+    assert "merged_impl: " in md and ("penalty_reduce: fused" in md or "penalty_reduce: separate" in md)
     # pipe(): the builtin pipeline's whole call; the target line compares merged with unpatched
     assert keys[("sd_pipe", "infer", "unpatched")]["pipe"] == "builtin"
     line = next(x for x in md.splitlines() if "pipe() with merged concepts within 3% of unpatched" in x)
