@@ -14,8 +14,8 @@ sum of earlier concepts' adapters), current factors ``A`` ``[r, in]``,
 
 The grouped launcher sums ``loss`` over all layers and returns every layer's
 ``dA``/``dB``, with ONE launch for the whole model (the partial sums reduced
-inside it; or a main and a reduce launch, ``fused_reduce=False``).  ``P`` is read exactly once per call; nothing of size
-``[out, in]`` is written.
+inside it; or a main and a reduce launch, ``fused_reduce=False``).  ``P`` is
+read exactly once per call; nothing of size ``[out, in]`` is written.
 
 Kernels
 -------
@@ -45,7 +45,7 @@ Partial sums (``_sum_partials``, in a fixed order): the per-row-block ``dA``
 
 Reduction choice: by default (``deterministic=True``) the per-row-block ``dA``
 partials go through an fp32 workspace: ``n_row_blocks * r * in * 4`` bytes
-written, then read once by the reduce kernel, i.e. ``8 r / (BO * sizeof(P))``
+written, then read once when they are summed, i.e. ``8 r / (BO * sizeof(P))``
 extra bytes per byte of ``P`` *if* they reach HBM (``r = 16``, ``BO = 128``:
 25 % for fp32 ``P``, 50 % for bf16).  ``P`` is loaded with
 ``eviction_policy="evict_first"`` so that the workspace (a few MB for a whole
@@ -53,8 +53,9 @@ UNet) tends to stay in L2 until it is reduced.  The result is
 bit-identical from run to run.  ``deterministic=False`` instead adds the
 ``dA`` partials with fp32 atomics into one zeroed ``[r, in]`` slot per layer
 (no per-row-block partials; the order of the additions, hence the last bits,
-varies).  Which one is faster on an H100 was NOT measured (no GPU was
-available when this was written): benchmark both.  When a layer has a single
+varies).  On the H100 (``benchmarks/RESULTS.md``, run B, with the separate
+reduce kernel) the atomics were faster: 45 vs 64 us for main + reduce over
+the 32 SD projections; the default stays bit-reproducible.  When a layer has a single
 row block, ``dA`` is stored straight into the output either way; ``dB`` and
 the loss never use atomics.
 
