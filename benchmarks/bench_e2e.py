@@ -472,10 +472,11 @@ class E2E:
                     times[v].append(t)
                     whys.setdefault(v, why)
                     peaks.setdefault(v, pk)
-                ctl.unmerge()
             except Exception as e:  # noqa: BLE001
                 why_patch = f"clora_fast on the pipeline failed: {C.describe_exc(e)}"
             finally:
+                if ctl.merged:          # the base weights back bit for bit before the next round
+                    ctl.unmerge()
                 self.cl.pkg.unpatch(pipe)
             del ctl
         for v in INFER_VARIANTS:
