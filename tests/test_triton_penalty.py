@@ -562,7 +562,7 @@ def test_gpu_fused_reduce_sd_shapes_repeatable():
     to the two-launch reduction -- a missing release/acquire would show as a stale partial -- and
     the arrival counters back at zero."""
     pasts, As, Bs = _sd_layers(SD_OUTS, BF16, BF16, seed=1)
-    for kw in ({}, dict(col_splits=3), dict(block_o=64)):
+    for kw in ({}, dict(col_splits=3), dict(block_o=64), dict(maxnreg=128), dict(da_trans=True)):
         sep = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, fused_reduce=False, **kw)
         for _ in range(20):
             fused = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, fused_reduce=True, **kw)
