@@ -607,10 +607,16 @@ class _Plan:
         return t
 
     def out_table(self, ptrs: Tuple[int, ...], device) -> torch.Tensor:
+        """The device table of output addresses ``ptrs`` (cached per address tuple: the caching
+        allocator hands out the same blocks step after step; a miss costs one pinned copy).  Under
+        CUDA-graph capture the table is written by captured fills instead and not cached (see
+        :func:`_table_by_fills`)."""
         t = self.out_tabs.get(ptrs)
         if t is not None:
             self.out_tabs.move_to_end(ptrs)
             return t
+        if device.type == "cuda" and _capturing():
+            return _table_by_fills(ptrs, device)
         host = torch.tensor(ptrs, dtype=torch.int64)
         if device.type == "cuda":
             t = host.pin_memory().to(device, non_blocking=True)
@@ -620,6 +626,20 @@ class _Plan:
         if len(self.out_tabs) > 8:
             self.out_tabs.popitem(last=False)
         return t
+
+
+def _table_by_fills(ptrs: Sequence[int], device) -> torch.Tensor:
+    """An int64 device tensor holding ``ptrs``, written by one fill per entry: capturable in a CUDA
+    graph, where a host->device copy is not (a pageable copy synchronizes; a pinned one needs a
+    host block the graph keeps for as long as it lives).  The graph owns the table (it lives in the
+    graph's memory pool and is rewritten at every replay, 2L+1 tiny kernels), so it is never cached:
+    an eager call that later gets the same addresses must not find a table that was never written
+    outside the graph.  Build the plan with one eager call before capturing (its tables are copied
+    from the host once)."""
+    t = torch.empty(len(ptrs), dtype=torch.int64, device=device)
+    for i, v in enumerate(ptrs):
+        t[i].fill_(v)
+    return t
 
 
 def _align4(n: int) -> int:
@@ -961,7 +981,8 @@ def grouped_forgetting_penalty_packed(
             ptrs += (dA_flat[f].data_ptr() + 4 * oa, dB_flat[f].data_ptr() + 4 * ob)
         ptrs.append(loss.data_ptr())
         out_tab = plan.out_table(tuple(ptrs), device)
-        plan.out_tabs[("packed",) + outs] = out_tab
+        if not (device.type == "cuda" and _capturing()):      # a graph's table is never cached
+            plan.out_tabs[("packed",) + outs] = out_tab
     ws = _workspace(plan, device, deterministic, _poison())
     p_base = pasts[plan.base[0]]
     _launch_on(device, plan, p_base, flat_As[fa], flat_Bs[fa], ws, out_tab, precision, deterministic, interpret)

@@ -593,8 +593,9 @@ def test_gpu_da_trans_matches_float64(ab_dtype, precision):
 
 @pytest.mark.gpu
 def test_gpu_fused_reduce_in_cuda_graph():
-    """Captured in a CUDA graph (its own zeroed counters, captured with the launch) the penalty
-    replays to the eager result, and eager launches before and after the capture stay right."""
+    """Captured in a CUDA graph (its own zeroed counters and output-address table, written by captured
+    kernels, never cached) the penalty replays to the eager result, grouped and packed, and eager
+    launches before and after the capture stay right."""
     pasts, As, Bs = _sd_layers([320, 640, 1280, 77], BF16, BF16, seed=2)
     want = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
     side = torch.cuda.Stream()
@@ -611,6 +612,18 @@ def test_gpu_fused_reduce_in_cuda_graph():
         assert all(torch.equal(a, b) for a, b in zip([*want[1], *want[2]], [*got[1], *got[2]]))
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     after = grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip([want[0], *want[1], *want[2]], [after[0], *after[1], *after[2]]))
+    # the packed entry (the controller's call): same, and its cached tables are not the graph's
+    flat_A, flat_B = torch.cat(As), torch.cat(Bs)
+    layout = [(0, 16 * l, sum(p.shape[0] for p in pasts[:l]), 16) for l in range(len(pasts))]
+    want = fpk.grouped_forgetting_penalty_packed(pasts, [flat_A], [flat_B], layout, 1.0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = fpk.grouped_forgetting_penalty_packed(pasts, [flat_A], [flat_B], layout, 1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip([want[0], *want[1], *want[2]], [got[0], *got[1], *got[2]]))
+    after = fpk.grouped_forgetting_penalty_packed(pasts, [flat_A], [flat_B], layout, 1.0)
     assert all(torch.equal(a, b) for a, b in zip([want[0], *want[1], *want[2]], [after[0], *after[1], *after[2]]))
 
 
@@ -669,3 +682,11 @@ def test_packed_bad_layout(device):
         fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, layout[:3], 1.0)
     with pytest.raises(ValueError, match=r"layout\[0\] and layout\[1\] overlap in flat_Bs\[0\]"):
         fpk.grouped_forgetting_penalty_packed(pasts, flat_As, flat_Bs, [layout[0], (0, 5, 19, 2)] + layout[2:], 1.0)
+
+
+def test_table_by_fills_holds_every_address():
+    """The capture-safe output table (one fill per entry) holds the same int64 values a host copy would,
+    including addresses above 2^32 and 2^62."""
+    ptrs = (0, 1, 2 ** 32 + 5, 140_737_488_355_328, 2 ** 62 + 3)
+    t = fpk._table_by_fills(ptrs, torch.device("cpu"))
+    assert t.dtype == torch.int64 and t.tolist() == list(ptrs)
