@@ -104,6 +104,32 @@ def inject_peft(model, names, r):
     return model, params
 
 
+class Rounds:
+    """Times of variants measured in alternating rounds (both sides of a comparison back to back in each
+    round): per variant the times in round order, the first reason a round gave none, and the peak memory
+    of the last timed round."""
+
+    def __init__(self, variants):
+        self.times = {v: [] for v in variants}
+        self.whys, self.peaks = {}, {}
+
+    def add(self, variant, t, why, peak) -> None:
+        self.times[variant].append(t)
+        self.whys.setdefault(variant, why)
+        if t is not None:
+            self.peaks[variant] = peak
+
+    def fields(self, variant, why_missing=None) -> dict:
+        """A result row's fields: the median time (None when no round timed it, the status then says why:
+        ``why_missing`` when given, else the round's own reason), peak, sorted times and times by round."""
+        ts = sorted(x for x in self.times[variant] if x is not None)
+        t = ts[len(ts) // 2] if ts else None
+        status = "ok" if t is not None else (f"n/a ({why_missing})" if why_missing
+                                             else self.whys.get(variant) or "n/a")
+        return dict(time_ms=t, status=status, peak_mib=self.peaks.get(variant), times_ms=ts,
+                    rounds_ms=self.times[variant])
+
+
 class E2E:
     def __init__(self, args, device, profile):
         self.args, self.device, self.profile = args, device, profile
@@ -187,16 +213,11 @@ class E2E:
         # target compares the two, and a single pair of measurements drifted by up to 15% on the H100
         rounds = 5 if dev.type == "cuda" else 1
         rep_round = rep * 3 // rounds if dev.type == "cuda" else rep     # the time of 3 rounds at `rep`
-        times = {"none": [], "clora": []}
-        peaks, whys = {}, {}
+        timed = Rounds(("none", "clora"))
         backend = None
         why_patch = self.cl.has_patch()
         for rnd in range(rounds):
-            t, why, pk = self.time_step(make_step([emb]), rep_round)
-            times["none"].append(t)
-            if t is not None:
-                peaks["none"] = pk
-            whys.setdefault("none", why)
+            timed.add("none", *self.time_step(make_step([emb]), rep_round))
             if why_patch is not None:
                 continue
             try:
@@ -206,24 +227,17 @@ class E2E:
                 continue
             try:
                 controller_with_past(ctl, st["n_past"])
-                t, w2, pk = self.time_step(make_step([emb] + list(ctl.trainable_parameters()), ctl.penalty),
-                                           rep_round)
-                times["clora"].append(t)
-                if t is not None:
-                    peaks["clora"] = pk
-                whys.setdefault("clora", w2)
+                timed.add("clora", *self.time_step(make_step([emb] + list(ctl.trainable_parameters()), ctl.penalty),
+                                                 rep_round))
                 backend = resolved_backend(ctl, dev)
             finally:
                 self.cl.pkg.unpatch(unet)
             del ctl
         for v in ("none", "clora"):
-            ts = sorted(x for x in times[v] if x is not None)
-            t = ts[len(ts) // 2] if ts else None
-            status = "ok" if t is not None else (f"n/a ({why_patch})" if v == "clora" and why_patch
-                                                 else whys.get(v) or "n/a")
-            extra = dict(backend=backend, rank=st["rank"]) if v == "clora" and t is not None else {}
-            self.record(model="sd_unet", kind="train", variant=v, time_ms=t, status=status, peak_mib=peaks.get(v),
-                        batch=B, latent=S, n_kv=len(kv_names), times_ms=ts, rounds_ms=times[v], **extra)
+            row = timed.fields(v, why_patch if v == "clora" else None)
+            extra = dict(backend=backend, rank=st["rank"]) if v == "clora" and row["time_ms"] is not None else {}
+            self.record(model="sd_unet", kind="train", variant=v, batch=B, latent=S, n_kv=len(kv_names), **row,
+                        **extra)
 
         # inference, unpatched
         x_inf = noisy[:1].expand(st["infer_batch"], -1, -1, -1).contiguous()
@@ -446,14 +460,10 @@ class E2E:
 
         rounds = 2 if dev.type == "cuda" else 1
         rep = 1000 if dev.type == "cuda" else (20 if self.args.quick else 1000)
-        times = {v: [] for v in INFER_VARIANTS}
-        whys, peaks = {}, {}
+        timed = Rounds(INFER_VARIANTS)
         why_patch = self.cl.has_patch()
         for _ in range(rounds):
-            t, why, pk = self.time_step(infer(PIPE_PROMPT.format("dog")), rep)
-            times["unpatched"].append(t)
-            whys.setdefault("unpatched", why)
-            peaks.setdefault("unpatched", pk)
+            timed.add("unpatched", *self.time_step(infer(PIPE_PROMPT.format("dog")), rep))
             if why_patch is not None:
                 continue
             try:
@@ -468,10 +478,7 @@ class E2E:
                 for v in ("clora_folded_unmerged", "clora_merged"):
                     if v == "clora_merged":
                         ctl.merge()
-                    t, why, pk = self.time_step(infer(prompt), rep)
-                    times[v].append(t)
-                    whys.setdefault(v, why)
-                    peaks.setdefault(v, pk)
+                    timed.add(v, *self.time_step(infer(prompt), rep))
             except Exception as e:  # noqa: BLE001
                 why_patch = f"clora_fast on the pipeline failed: {C.describe_exc(e)}"
             finally:
@@ -480,12 +487,7 @@ class E2E:
                 self.cl.pkg.unpatch(pipe)
             del ctl
         for v in INFER_VARIANTS:
-            ts = sorted(x for x in times[v] if x is not None)
-            t = ts[len(ts) // 2] if ts else None
-            status = "ok" if t is not None else (f"n/a ({why_patch})" if v != "unpatched" and why_patch
-                                                 else whys.get(v) or "n/a")
-            self.record(variant=v, time_ms=t, status=status, peak_mib=peaks.get(v) if t else None,
-                        rounds_ms=times[v], **meta)
+            self.record(variant=v, **timed.fields(v, why_patch if v != "unpatched" else None), **meta)
         del pipe
         if dev.type == "cuda":
             torch.cuda.empty_cache()
