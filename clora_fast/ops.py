@@ -773,16 +773,15 @@ def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
     if (r < 1 or w_k.shape[1] != K or w_v.shape != w_k.shape or a_k.shape[1] != K or a_v.shape != a_k.shape
             or b_k.shape != (n, r) or b_v.shape != (n, r)):
         return None
-    bias = None
     if biases is not None:
         if type(biases) not in (tuple, list) or len(biases) != 2:
             return None
         for t in biases:
             if not isinstance(t, Tensor) or t.shape != (n,) or t.dtype != x.dtype or t.device != x.device:
                 return None
-        bias = torch.cat(biases)
     if not _merged_applies(x.device, backend, strategy):
         return None
+    bias = None if biases is None else torch.cat(biases)     # only once the fast path is taken
     s = float(scale)
     return _merged(x, (w_k, w_v), (a_k, a_v), (b_k, b_v), bias, (s, s), True)
 
@@ -1019,7 +1018,7 @@ def packed_forgetting_penalty(pasts: Sequence[Tensor], flat_As: Sequence[Tensor]
     is ``[out_l, in_l]``.  Gradients flow to the flat buffers as wholes (one fp32 buffer
     each, zero on rows no layer uses), so a controller whose parameters are the flat
     buffers pays no per-layer view, gradient cast or accumulation: on the triton backend
-    one call is two kernel launches plus a few allocations.  Validation runs once per
+    one call is one kernel launch plus a few allocations.  Validation runs once per
     distinct (layout, shapes, dtypes, devices).  For fixed pasts, layout and scales called
     every step (a training loop), :class:`PackedForgettingPenalty` skips even that lookup.
     """

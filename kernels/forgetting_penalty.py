@@ -927,8 +927,8 @@ def grouped_forgetting_penalty_packed(
     Layer ``l`` with ``layout[l] = (f, a_row, b_row, r)`` uses ``A = flat_As[f][a_row:a_row+r]``
     and ``B = flat_Bs[f][b_row:b_row+out_l]`` (flat buffers contiguous 2-D, e.g. a
     controller's flat parameters).  Returns ``(loss, [dA_flat_f], [dB_flat_f])``: fp32
-    gradients of the whole flat buffers (zero on rows no layer uses), written by the same two
-    launches as :func:`grouped_forgetting_penalty_forward`.  A call with the same
+    gradients of the whole flat buffers (zero on rows no layer uses), written by the same launch(es)
+    as :func:`grouped_forgetting_penalty_forward`.  A call with the same
     buffers, pasts and layout as an earlier one reuses its tables without building a
     view per layer (the host cost of a training step is a few dozen microseconds).
 
