@@ -27,7 +27,8 @@
 # Budget: DEADLINE_S (default 440 s) for the whole script; pytest gets at most TEST_TIMEOUT (150 s); the
 # benchmarks share what is left (host 8%, then ops 45%, e2e 35%, scaling 20%), each with --gpu-budget for its measuring and
 # a hard `timeout` above it (NCU_S seconds, default 50, are kept back for the Nsight Compute profiles of
-# benchmarks/profile_kernels.py when ncu is on the PATH; NCU_S=0 skips them). TUNE_S=S adds benchmarks/tune_triton.py (block-config sweep) with that budget
+# benchmarks/profile_kernels.py when ncu is on the PATH; NCU_S=0 skips them). TUNE_S=S adds
+# benchmarks/tune_triton.py (block-config sweep) with that budget, also kept back from the benchmarks,
 # after them (TUNE_ARGS e.g. --skip-projection). OPS_ARGS / E2E_ARGS / SCALING_ARGS go to one benchmark only
 # (e.g. OPS_ARGS="--dtypes bf16 --ranks 16"), OPS_BUDGET / E2E_BUDGET / SCALING_BUDGET fix one benchmark's
 # --gpu-budget instead of its share. Tests run under pytest-xdist (PYTEST_WORKERS, default 8; 0 = serial) when it is importable.

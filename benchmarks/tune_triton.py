@@ -145,7 +145,8 @@ def penalty_sweep(args, t0, gpu, dev):
                 status = "ok"
             except Exception as e:  # noqa: BLE001
                 ms, status = None, f"n/a ({C.describe_exc(e)})"
-            ck = getattr(next(reversed(FP._PLANS.values()), None), "compiled", None)   # the plan fn() used
+            # the plan fn() used (a failed config may not have made one: no registers then)
+            ck = getattr(next(reversed(FP._PLANS.values()), None), "compiled", None) if ms else None
             gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
             row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
                        bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
