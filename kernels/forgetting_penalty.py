@@ -740,7 +740,7 @@ def _check(pasts, lora_As, lora_Bs, scales):
 # launchers
 # ----------------------------------------------------------------------------------------------
 def _launch(plan, p_base, a_base, b_base, ws, out_tab, precision, deterministic, interpret) -> None:
-    fused = plan.fused and plan.n_prog > 0
+    fused = plan.fused              # (implies programs: a plan with an empty layer never fuses)
     cnt = plan.counters(ws.device) if fused else ws
     try:
         _launch_main(plan, p_base, a_base, b_base, ws, cnt, out_tab, precision, deterministic, interpret, fused)
