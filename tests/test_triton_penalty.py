@@ -286,9 +286,8 @@ def test_fused_reduce_equals_separate_bitwise(device, cfg):
     final tl.sum may group differently on a GPU with another warp count); the arrival counters are
     left at zero for the next launch.  fp32 atomics (deterministic=False) vary in the last bits on a GPU."""
     pasts, As, Bs, scales = _layers(device, F32, F32, seed=3)
-    pasts.append(_make(200, 40, 4, F32, F32, device, seed=9)[0])    # many row blocks: a long tail sum
-    As.append(_make(200, 40, 4, F32, F32, device, seed=9)[1])
-    Bs.append(_make(200, 40, 4, F32, F32, device, seed=9)[2])
+    for t, seq in zip(_make(200, 40, 4, F32, F32, device, seed=9), (pasts, As, Bs)):   # many row blocks:
+        seq.append(t)                                                                  # a long tail sum
     scales.append(0.7)
     sep = grouped_forgetting_penalty_forward(pasts, As, Bs, scales, fused_reduce=False, **cfg)
     for _ in range(3):      # the counters must come back to zero after every launch
