@@ -2,6 +2,7 @@
 argument, what it got, and what was expected."""
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional, Sequence
 
@@ -57,8 +58,11 @@ def check_scale(name: str, s) -> float:
     if isinstance(s, Tensor):
         if s.numel() != 1:
             raise ValueError(f"{name} must be a Python float, got a tensor of shape {tuple(s.shape)}")
+        if s.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad, but the LoRA scale is a constant of the "
+                            f"ops (no gradient flows to it); pass a float or {name}.detach()")
         s = s.item()
-    if isinstance(s, bool) or not isinstance(s, (int, float)):
+    if isinstance(s, bool) or not isinstance(s, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(s).__name__}")
     return float(s)
 

@@ -27,7 +27,9 @@ go through plain autograd Functions; ``torch.compile`` always takes the custom o
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import numbers
 import os
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -68,6 +70,74 @@ def _projection_launchers(backend: str):
 
 def _penalty_launchers(backend: str):
     return _launchers("penalty", backend)
+
+
+# ---------------------------------------------------------------------------
+# Differentiable once
+# ---------------------------------------------------------------------------
+
+_TWICE_MSG = ("clora_fast's ops are differentiable once: the gradients they return (their backward ran with "
+              "create_graph=True) cannot be differentiated again (no double backward / gradgradcheck); "
+              "compute second derivatives with the 'reference' formulas in plain PyTorch instead")
+try:   # what torch.autograd.function.once_differentiable uses
+    from torch._C import _functions as _torch_functions
+    _DelayedError = _torch_functions.DelayedError
+except (ImportError, AttributeError):  # pragma: no cover - every torch >= 2.4 has it
+    _DelayedError = None
+
+
+def _poison(out, anchors):
+    """``out`` (a backward's result: tensors, None, nested tuples/lists) with every tensor
+    ``g`` replaced by ``g + z``, where ``z`` is an exact zero whose gradient node raises
+    ``_TWICE_MSG`` and which hangs off ``anchors`` (the forward's saved inputs and the incoming
+    gradients that require grad): differentiating a returned gradient with respect to anything
+    it depends on reaches that node and raises."""
+    anchors = [t for t in anchors if isinstance(t, Tensor) and t.requires_grad and t.numel() > 0]
+    if not anchors:
+        return out                                        # nothing it depends on can be differentiated
+    if _DelayedError is None:  # pragma: no cover
+        raise RuntimeError(_TWICE_MSG)
+    with torch.enable_grad():
+        probe = sum(t.reshape(-1)[:1].sum().to(torch.float32) for t in anchors)
+        e = _DelayedError(_TWICE_MSG.encode(), 1)(probe)
+        zero = torch.nan_to_num(e - e.detach(), 0.0, 0.0, 0.0)
+
+        def rebuild(o):
+            if isinstance(o, Tensor):
+                return o + zero.to(o.dtype)
+            if isinstance(o, (tuple, list)):
+                return type(o)(rebuild(v) for v in o)
+            return o
+
+        return rebuild(out)
+
+
+def _once_differentiable(backward):
+    """A backward (``(ctx, *grads) -> grads``) whose results carry no wrong graph: run with
+    ``create_graph=True`` (grad mode on inside backward), it computes without recording and
+    returns gradients whose differentiation raises a clear error (see :func:`_poison`; every
+    Function using it saves its differentiable inputs).  The kernels' gradients are not
+    themselves differentiable, and a partially recorded graph (saved ``xa``, gradients computed
+    in the forward pass) would give silently wrong second derivatives.  Unlike
+    ``torch.autograd.function.once_differentiable`` this also fires for ``grad(gA.sum(), A)``
+    after ``gA = grad(loss, A, create_graph=True)`` (there the error node is not on any path to
+    ``A``, and the second derivative silently misses this op's term)."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if not torch.is_grad_enabled():                  # the usual backward: nothing to guard
+            return backward(ctx, *grads)
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        return _poison(out, (*ctx.saved_tensors, *_flat_tensors(grads)))
+    return wrapper
+
+
+def _flat_tensors(xs):
+    for x in xs:
+        if isinstance(x, Tensor):
+            yield x
+        elif isinstance(x, (tuple, list)):
+            yield from _flat_tensors(x)
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +212,8 @@ def _segmented_backward(ctx, grad_y, grad_xa):
     return _segmented_grads(ctx, grad_y, _segmented_lora_backward_op)
 
 
-_segmented_lora_op.register_autograd(_segmented_backward, setup_context=_segmented_setup_context)
+_segmented_lora_op.register_autograd(_once_differentiable(_segmented_backward),
+                                     setup_context=_segmented_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -158,23 +229,23 @@ def _penalty_op(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, back
 
 @_penalty_op.register_fake
 def _(past, lora_A, lora_B, scale, backend):
-    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    acc = _reference._penalty_acc(past, lora_A, lora_B)
     return (past.new_empty((), dtype=acc), lora_A.new_empty(lora_A.shape, dtype=acc),
             lora_B.new_empty(lora_B.shape, dtype=acc))
 
 
 def _penalty_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(output[1], output[2])
+    ctx.save_for_backward(output[1], output[2], inputs[1], inputs[2])     # the factors: see _poison
     ctx.dtypes = (inputs[1].dtype, inputs[2].dtype)
 
 
 def _penalty_backward(ctx, grad_loss, _grad_dA, _grad_dB):
-    dA, dB = ctx.saved_tensors
+    dA, dB = ctx.saved_tensors[:2]
     return (None, (grad_loss * dA).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None,
             (grad_loss * dB).to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None, None, None)
 
 
-_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup_context)
+_penalty_op.register_autograd(_once_differentiable(_penalty_backward), setup_context=_penalty_setup_context)
 
 
 @torch.library.custom_op("clora_fast::grouped_forgetting_penalty", mutates_args=())
@@ -187,7 +258,7 @@ def _grouped_penalty_op(pasts: List[Tensor], lora_As: List[Tensor], lora_Bs: Lis
 
 @_grouped_penalty_op.register_fake
 def _(pasts, lora_As, lora_Bs, scales, backend):
-    acc = torch.float64 if pasts[0].dtype == torch.float64 else torch.float32
+    acc = _reference._penalty_acc(*pasts, *lora_As, *lora_Bs)
     return (pasts[0].new_empty((), dtype=acc), [a.new_empty(a.shape, dtype=acc) for a in lora_As],
             [b.new_empty(b.shape, dtype=acc) for b in lora_Bs])
 
@@ -195,19 +266,20 @@ def _(pasts, lora_As, lora_Bs, scales, backend):
 def _grouped_penalty_setup_context(ctx, inputs, output):
     _, dAs, dBs = output
     ctx.n = len(dAs)
-    ctx.save_for_backward(*dAs, *dBs)
+    ctx.save_for_backward(*dAs, *dBs, *inputs[1], *inputs[2])           # the factors: see _poison
     ctx.dtypes = ([a.dtype for a in inputs[1]], [b.dtype for b in inputs[2]])
 
 
 def _grouped_penalty_backward(ctx, grad_loss, _grad_dAs, _grad_dBs):
-    saved = list(ctx.saved_tensors)
+    saved = list(ctx.saved_tensors[:2 * ctx.n])
     scaled = torch._foreach_mul(saved, grad_loss)    # one fused launch for all 2L gradients
     dAs = [g.to(dt) for g, dt in zip(scaled[:ctx.n], ctx.dtypes[0])]
     dBs = [g.to(dt) for g, dt in zip(scaled[ctx.n:], ctx.dtypes[1])]
     return [None] * ctx.n, dAs, dBs, None, None
 
 
-_grouped_penalty_op.register_autograd(_grouped_penalty_backward, setup_context=_grouped_penalty_setup_context)
+_grouped_penalty_op.register_autograd(_once_differentiable(_grouped_penalty_backward),
+                                     setup_context=_grouped_penalty_setup_context)
 
 
 # ---------------------------------------------------------------------------
@@ -234,6 +306,7 @@ class _SegmentedLoRAFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_y):
         return _segmented_grads(ctx, grad_y, _launch_segmented_backward)
 
@@ -279,6 +352,7 @@ class _PenaltyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_loss):
         return _penalty_backward(ctx, grad_loss, None, None)
 
@@ -292,6 +366,7 @@ class _GroupedPenaltyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_loss):
         _, dAs, dBs, _, _ = _grouped_penalty_backward(ctx, grad_loss, None, None)
         return (None, None, None) + (None,) * ctx.n + tuple(dAs) + tuple(dBs)
@@ -322,14 +397,15 @@ class _PackedPenaltyFunction(torch.autograd.Function):
     def forward(ctx, pasts, layout, scales, backend, prepared, n_flat, *flats):
         flat_As, flat_Bs = flats[:n_flat], flats[n_flat:]
         loss, dA_flat, dB_flat = _launch_packed_penalty(pasts, flat_As, flat_Bs, layout, scales, backend, prepared)
-        ctx.save_for_backward(*dA_flat, *dB_flat)
+        ctx.save_for_backward(*dA_flat, *dB_flat, *flats)                 # the factors: see _poison
         ctx.dtypes = [t.dtype for t in flats]
         ctx.n_fixed = 6
         return loss
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, grad_loss):
-        grads = torch._foreach_mul(list(ctx.saved_tensors), grad_loss)    # one launch for all buffers
+        grads = torch._foreach_mul(list(ctx.saved_tensors[:len(ctx.dtypes)]), grad_loss)   # one launch, all buffers
         grads = [g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         return (None,) * ctx.n_fixed + tuple(g if need else None
                                              for g, need in zip(grads, ctx.needs_input_grad[ctx.n_fixed:]))
@@ -451,6 +527,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         return y.split_with_sizes((n,) * L + ((Lr,) if keep_xa else ()), -1)[:L]
 
     @staticmethod
+    @_once_differentiable
     def backward(ctx, *grads):
         x, *tensors = ctx.saved_tensors
         scales, nW, nA, n, r = ctx.scales, ctx.nW, ctx.nA, ctx.n, ctx.r
@@ -553,6 +630,7 @@ def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
 
 
 _STRATEGIES = ("auto", "fused", "merged")
+_TRITON_MAX_RANK = 128          # kernels/lora_projection.py pads the rank to a power of two <= 128
 
 
 def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: bool, offsets=None) -> str:
@@ -673,7 +751,7 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
         raise ValueError("x must have at least 1 dimension [..., in], got a 0-dim tensor")
     offsets, equal = _check_offsets(seg_offsets, weight.shape[0])
     L = len(offsets) - 1
-    if isinstance(scales, (int, float, Tensor)):
+    if isinstance(scales, (numbers.Real, Tensor)):
         scales = [check_scale("scales[0]", scales)] * L
     else:
         scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
@@ -689,6 +767,9 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     backend, (x, weight, lora_A, lora_B, bias) = _prepare(
         [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
     strategy = _pick_strategy(strategy, backend, x.device, equal, offsets)
+    if backend == "triton" and strategy == "fused" and r > _TRITON_MAX_RANK:
+        raise ValueError(f"lora_A has rank {r}, above the {_TRITON_MAX_RANK} the fused Triton projection kernels "
+                         f"support; use strategy='merged' (equal segments) or backend='reference'")
     compiling = _compiling()
     if strategy == "merged" and not compiling:
         return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
@@ -714,6 +795,8 @@ def lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, *
     ``strategy``: see :func:`segmented_lora_projection`.
     """
     check_tensor("weight", weight, ndim=2)
+    if type(scale) is not float:
+        scale = check_scale("scale", scale)
     return segmented_lora_projection(x, weight, lora_A, lora_B, (0, weight.shape[0]), [scale],
                                      bias=bias, backend=backend, strategy=strategy)
 
@@ -841,6 +924,8 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
                          f"{tuple(a_v.shape)}")
     check_lora_shapes(x.shape[-1], w_k, a_k, b_k, None, "[0] (K)")
     check_lora_shapes(x.shape[-1], w_v, a_v, b_v, None, "[1] (V)")
+    named = [("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
+             ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v)]
     bias = None
     if biases is not None:
         bk, bv = _pair("biases", biases)
@@ -849,6 +934,13 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
         if bk.shape[0] != w_k.shape[0] or bv.shape[0] != w_v.shape[0]:
             raise ValueError(f"biases must have shapes [{w_k.shape[0]}] and [{w_v.shape[0]}], got "
                              f"{tuple(bk.shape)} and {tuple(bv.shape)}")
+        named += [("biases[0]", bk), ("biases[1]", bv)]
+    # K and V are concatenated below: check them pairwise first (torch.cat would promote mixed dtypes
+    # silently and name no argument for a device mismatch)
+    check_same_device(named)
+    for i in range(1, len(named), 2):
+        check_same_dtype(named[i:i + 2])
+    if biases is not None:
         bias = torch.cat([bk, bv])
     if w_k.shape[0] == w_v.shape[0] and not _compiling():
         # the merged strategy takes K and V as they are: no concatenated weight or factors at all
@@ -941,7 +1033,7 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
     if len(lora_As) != n or len(lora_Bs) != n:
         raise ValueError(f"pasts, lora_As and lora_Bs must have the same length, got {n}, {len(lora_As)}, "
                          f"{len(lora_Bs)}")
-    if isinstance(scales, (int, float, Tensor)):
+    if isinstance(scales, (numbers.Real, Tensor)):
         scales = [scales] * n
     if len(scales) != n:
         raise ValueError(f"scales has {len(scales)} entries for {n} layers")
@@ -971,7 +1063,7 @@ def _packed_structure(pasts, flat_As, flat_Bs, layout, scales):
                          f"{len(flat_Bs)}")
     if len(layout) != n:
         raise ValueError(f"layout has {len(layout)} entries for {n} pasts")
-    if isinstance(scales, (int, float, Tensor)):
+    if isinstance(scales, (numbers.Real, Tensor)):
         scales = [scales] * n
     if len(scales) != n:
         raise ValueError(f"scales has {len(scales)} entries for {n} layers")

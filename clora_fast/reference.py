@@ -40,11 +40,16 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     return y + torch.cat(parts, dim=-1)
 
 
+def _penalty_acc(*tensors) -> torch.dtype:
+    """The penalty's working (and result) dtype: float64 when any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0) -> Tensor:
     """``sum((past * (scale * lora_B @ lora_A)) ** 2)`` as a 0-dim float32 tensor.
 
-    Computed in float32 (float64 if the inputs are float64), like the kernels."""
-    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    Computed in float32 (float64 if any input is float64), like the kernels."""
+    acc = _penalty_acc(past, lora_A, lora_B)
     m = scale * (lora_B.to(acc) @ lora_A.to(acc))
     return (past.to(acc) * m).square().sum().to(acc)
 
@@ -61,8 +66,8 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
 
 def forgetting_penalty_grads(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0):
     """Closed-form ``(loss, dL/dA, dL/dB)`` in float32: with ``M = s*B@A`` and
-    ``G = 2 * past**2 * M``: ``dA = s * B.T @ G``, ``dB = s * G @ A.T``."""
-    acc = torch.float64 if past.dtype == torch.float64 else torch.float32
+    ``G = 2 * past**2 * M``: ``dA = s * B.T @ G``, ``dB = s * G @ A.T``.  float64 if any input is."""
+    acc = _penalty_acc(past, lora_A, lora_B)
     p, a, b = past.to(acc), lora_A.to(acc), lora_B.to(acc)
     m = scale * (b @ a)
     p2 = p.square()

@@ -19,6 +19,7 @@
 // Device-generic: the same code runs on CPU and CUDA tensors.
 #include <torch/extension.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <optional>
 #include <vector>
@@ -43,6 +44,32 @@ Tensor mm_scaled(const Tensor& a, const Tensor& b, double s, Tensor out = Tensor
 // Segment l of `parts`: the l-th tensor, or rows [l*rows, (l+1)*rows) of the one stacked tensor.
 Tensor segment(at::TensorList parts, int64_t L, int64_t rows, int64_t l) {
   return static_cast<int64_t>(parts.size()) == L ? parts[l] : parts[0].narrow(0, l * rows, rows);
+}
+
+// The gradients are not differentiable again: when backward runs with create_graph=True (grad mode on), they
+// are computed without recording and handed back through a DelayedError node, so differentiating them raises
+// this message instead of giving silently wrong second derivatives (clora_fast.ops._once_differentiable).
+constexpr const char* kTwiceMsg =
+    "clora_fast's ops are differentiable once: the gradients they return (their backward ran with "
+    "create_graph=True) cannot be differentiated again (no double backward / gradgradcheck); "
+    "compute second derivatives with the 'reference' formulas in plain PyTorch instead";
+
+// Every gradient g becomes g + z, z an exact zero whose node raises kTwiceMsg and which hangs off `anchors` (the
+// saved inputs and incoming gradients that require grad): differentiating a returned gradient with respect to
+// anything it depends on reaches that node.  Called with grad mode on (create_graph=True).
+variable_list poison(variable_list grads, const variable_list& anchors) {
+  Tensor probe;
+  for (const auto& t : anchors) {
+    if (!t.defined() || !t.requires_grad() || t.numel() == 0) continue;
+    Tensor one = t.reshape({-1}).narrow(0, 0, 1).sum().to(at::kFloat);
+    probe = probe.defined() ? probe + one : one;
+  }
+  if (!probe.defined()) return grads;   // nothing the gradients depend on can be differentiated
+  Tensor e = torch::autograd::DelayedError(kTwiceMsg, 1).apply({probe})[0];
+  Tensor zero = at::nan_to_num(e - e.detach(), 0.0, 0.0, 0.0);
+  for (auto& g : grads)
+    if (g.defined()) g = g + zero.to(g.scalar_type());
+  return grads;
 }
 
 struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
@@ -111,6 +138,18 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!at::GradMode::is_enabled()) return gradients(ctx, std::move(grads));
+    variable_list anchors = ctx->get_saved_variables();       // x, Ws, As, Bs
+    anchors.insert(anchors.end(), grads.begin(), grads.end());
+    variable_list out;
+    {
+      at::NoGradGuard no_grad;
+      out = gradients(ctx, std::move(grads));
+    }
+    return poison(std::move(out), anchors);
+  }
+
+  static variable_list gradients(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const auto scales = ctx->saved_data["scales"].toDoubleVector();
     const bool split = ctx->saved_data["split"].toBool();

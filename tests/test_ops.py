@@ -7,6 +7,7 @@ same dtype, plus a small floor.
 """
 import re
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import Phase, given, settings, strategies as st
@@ -106,6 +107,70 @@ def test_gradcheck_reference_float64():
     assert torch.autograd.gradcheck(
         lambda a, b: ops.grouped_forgetting_penalty([p, p[:3]], [a, a], [b, b[:3]], scales=[0.7, 2.0],
                                                     backend="reference"), (a, b))
+
+
+_TWICE = "differentiable once"
+
+
+def _double_backward_cases(backend, dtype=torch.float64):
+    """(name, f(x, a, b) -> scalar) through every autograd Function / custom op of the library."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 6, generator=g, dtype=dtype)
+    p = torch.randn(5, 6, generator=g, dtype=dtype)
+    flat = [(0, 0, 0, 2)]
+    return [
+        ("fused projection", lambda x, a, b: ops.lora_projection(x, w, a, b, scale=0.7, backend=backend,
+                                                                 strategy="fused").square().sum()),
+        ("merged projection", lambda x, a, b: ops.lora_projection(x, w, a, b, scale=0.7, backend=backend,
+                                                                  strategy="merged").square().sum()),
+        ("merged K/V", lambda x, a, b: sum(t.square().sum() for t in ops.lora_kv_projection(
+            x, (w, w), (a, a), (b, b), scale=0.7, backend=backend, strategy="merged"))),
+        ("penalty", lambda x, a, b: ops.forgetting_penalty(p, a, b, scale=0.8, backend=backend)),
+        ("grouped penalty", lambda x, a, b: ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=0.8,
+                                                                           backend=backend)),
+        ("packed penalty", lambda x, a, b: ops.packed_forgetting_penalty([p], [a], [b], flat, scales=0.8,
+                                                                         backend=backend)),
+    ]
+
+
+@pytest.mark.parametrize("custom_op", [False, True], ids=["function", "custom_op"])
+def test_double_backward_raises_instead_of_wrong_values(merged_impl, custom_op, monkeypatch):
+    """create_graph=True: the first-order gradients are the usual ones, and differentiating them again
+    raises a clear error (before, the penalties' saved gradients and the fused path's saved xa gave
+    silently wrong second derivatives, and the merged path raised an unrelated out= error)."""
+    if custom_op:   # the custom-op path torch.compile takes, run eagerly
+        monkeypatch.setattr(ops, "_compiling", lambda: True)
+    g = torch.Generator().manual_seed(4)
+    x0, a0, b0 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 6), (2, 6), (5, 2)))
+    for name, f in _double_backward_cases("reference"):
+        if custom_op and name.startswith("merged"):
+            continue                                 # the merged strategy is eager only
+        x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        gx, ga, gb = torch.autograd.grad(f(x, a, b), (x, a, b), create_graph=True, allow_unused=True)
+        x1, a1, b1 = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        expect = torch.autograd.grad(f(x1, a1, b1), (x1, a1, b1), allow_unused=True)
+        for got, exp in zip((gx, ga, gb), expect):
+            assert (got is None) == (exp is None), name
+            if got is not None:
+                torch.testing.assert_close(got, exp, rtol=0, atol=0, msg=name)
+        with pytest.raises(RuntimeError, match=_TWICE):
+            torch.autograd.grad((ga.square().sum() + a.sum()), a)
+        # the plain backward right after is unaffected
+        x2, a2, b2 = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        f(x2, a2, b2).backward()
+        torch.testing.assert_close(a2.grad, expect[1], rtol=0, atol=0, msg=name)
+
+
+def test_double_backward_raises_triton():
+    g = torch.Generator().manual_seed(5)
+    x0, a0, b0 = (torch.randn(*s, generator=g) for s in ((4, 6), (2, 6), (5, 2)))
+    for name, f in _double_backward_cases("triton", torch.float32):
+        if name.startswith("merged"):
+            continue                                 # covered above: the merged strategy is backend-independent
+        x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
+        _, ga, _ = torch.autograd.grad(f(x, a, b), (x, a, b), create_graph=True, allow_unused=True)
+        with pytest.raises(RuntimeError, match=_TWICE):
+            torch.autograd.grad(ga.sum(), a)
 
 
 # ---------------------------------------------------------------------------
@@ -755,6 +820,61 @@ def test_kv_and_segment_errors():
     with pytest.raises(TypeError, match=r"scales\[0\] must be a float, got str"):
         ops.segmented_lora_projection(x, w, a, b, (0, 8), ["1"])
 
+
+
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_kv_pairs_checked_before_concatenation(strategy, merged_impl):
+    """K and V are concatenated on the fused path: mixed dtypes between them must not be promoted
+    silently, and a device mismatch must name the argument."""
+    x, w, a, b = _ok()
+    bias = torch.zeros(8)
+    with pytest.raises(TypeError, match=r"mixed dtypes: lora_Bs\[0\] is torch.float32 but lora_Bs\[1\] is torch.float16"):
+        ops.lora_kv_projection(x, (w, w), (a, a), (b, b.half()), backend="reference", strategy=strategy)
+    with pytest.raises(TypeError, match=r"mixed dtypes: biases\[0\] is torch.float32 but biases\[1\] is torch.float16"):
+        ops.lora_kv_projection(x, (w, w), (a, a), (b, b), biases=(bias, bias.half()), backend="reference",
+                               strategy=strategy)
+    with pytest.raises(RuntimeError, match=r"x is on cpu but lora_Bs\[1\] is on meta"):
+        ops.lora_kv_projection(x, (w, w), (a, a), (b, b.to("meta")), backend="reference", strategy=strategy)
+
+
+def test_scale_errors_and_number_types():
+    x, w, a, b = _ok()
+    s = torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(TypeError, match=r"scale is a tensor that requires grad"):
+        ops.lora_projection(x, w, a, b, scale=s, backend="reference")
+    with pytest.raises(TypeError, match=r"scale is a tensor that requires grad"):
+        ops.forgetting_penalty(torch.randn(8, 16), a, b, scale=s, backend="reference")
+    p = torch.randn(8, 16)
+    expect = ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=2.0, backend="reference")
+    got = ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=np.float32(2.0), backend="reference")
+    torch.testing.assert_close(got, expect, rtol=0, atol=0)
+    torch.testing.assert_close(ops.lora_projection(x, w, a, b, scale=np.float64(0.5), backend="reference"),
+                               ops.lora_projection(x, w, a, b, scale=0.5, backend="reference"), rtol=0, atol=0)
+
+
+def test_triton_rank_limit_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 16, generator=g), torch.randn(8, 16, generator=g)
+    a, b = torch.randn(130, 16, generator=g), torch.randn(8, 130, generator=g)
+    with pytest.raises(ValueError, match=r"lora_A has rank 130, above the 128 the fused Triton projection"):
+        ops.lora_projection(x, w, a, b, backend="triton", strategy="fused")
+    y = ops.lora_projection(x, w, a, b, backend="triton", strategy="merged")      # the merged GEMMs have no limit
+    torch.testing.assert_close(y, x @ w.T + (x @ a.T) @ b.T, rtol=1e-5, atol=1e-4)
+
+
+def test_reference_penalty_precision_follows_float64_factors():
+    """float64 factors with a float32 past: computed (and returned) in float64, so gradcheck holds."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(7, 6, generator=g)
+    a = torch.randn(2, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert ops.forgetting_penalty(p, a, b, backend="reference").dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda a, b: ops.forgetting_penalty(p, a, b, scale=0.7, backend="reference"),
+                                    (a, b))
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.grouped_forgetting_penalty([p, p[:3]], [a, a], [b, b[:3]], scales=[0.7, 2.0],
+                                                    backend="reference"), (a, b))
 
 def test_penalty_errors():
     p = torch.randn(8, 16)
