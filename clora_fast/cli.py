@@ -24,6 +24,7 @@ does ``python -m clora_fast.cli train ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -190,6 +191,39 @@ def _crash_point() -> Optional[Tuple[int, int]]:
         return int(a), int(b)
     except ValueError:
         raise CLIError(f"CLORA_FAST_CRASH_AT must be '<concept_position>:<step>', got {spec!r}") from None
+
+
+@contextlib.contextmanager
+def _seeded_rngs(seed: int):
+    """Seed the global RNGs (torch CPU and CUDA, numpy, random) with ``seed`` for the block and
+    restore their previous states afterwards (``main()`` may run in-process: tests, notebooks).
+    The library draws from the global torch RNG where no generator is passed (the LoRA ``A``
+    init in ``begin_concept``, a new token's embedding row, ancestral schedulers)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        _seed_all(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
 
 
 def _positive(name):
@@ -370,7 +404,9 @@ def _train_parser(sub):
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="training image size (default: the model's native size)")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds everything random (each concept's LoRA/token init, batches, noise, sample grids): "
+                        "the same seed and settings give the same bank")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     p.add_argument("--prompts", default=None,
                    help="JSON {dirname: prompt} or lines 'dirname: prompt', each with {token}")
@@ -409,7 +445,8 @@ def _bank_state(out: Path) -> str:
 
 def cmd_train(args) -> int:
     try:
-        return _cmd_train(args)
+        with _seeded_rngs(args.seed):
+            return _cmd_train(args)
     finally:
         _reset_accelerate_state()
 
@@ -512,6 +549,10 @@ def _cmd_train(args) -> int:
         images = load_images(files[folder], resolution)
         lat_mean, lat_std = encode_images(pipe, images)
 
+        # the new concept's random init (LoRA A, token embedding row) comes from the global RNG:
+        # seeded per concept, the same on every process, so that a resumed run starts each
+        # concept exactly as an uninterrupted run with the same --seed does
+        _seed_all(args.seed + 1000 * pos)
         cl.begin_concept(token)
         bar = tqdm(total=args.steps, desc=f"concept {pos + 1}/{len(folders)} {token}",
                    disable=args.no_progress or not is_main, leave=True)
@@ -581,7 +622,7 @@ def _sample_parser(sub):
     p.add_argument("--prompt", required=True, help="e.g. 'a photo of <digit3>'")
     p.add_argument("--out", required=True, help="PNG to write (a grid when --num-images > 1)")
     p.add_argument("--steps", type=_positive("--steps"), default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the initial noise (and any other randomness)")
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--resolution", type=_positive("--resolution"), default=None)
@@ -592,6 +633,11 @@ def _sample_parser(sub):
 
 
 def cmd_sample(args) -> int:
+    with _seeded_rngs(args.seed):
+        return _cmd_sample(args)
+
+
+def _cmd_sample(args) -> int:
     import torch
 
     bank = Path(args.bank)
