@@ -234,3 +234,29 @@ def test_load_does_not_discard_an_active_concept_silently(tmp_path):
         src.trainable_parameters()[1].add_(1.0)
     src.load_bank(tmp_path / "ckpt")
     assert same(snapshot(src), snapshot(CLoRAController.load_state(tmp_path / "ckpt", sites())))
+
+
+def test_files_get_the_umask_mode_not_0600(tmp_path):
+    """Bank files (and exports, which use the same atomic write) are created like open() creates
+    files: mode 0o666 & ~umask (the temporary file of the atomic write is 0600)."""
+    import stat
+
+    from clora_fast.bank import atomic_write_bytes
+    old = os.umask(0o027)
+    try:
+        c = trained(n=2, active=True)
+        c.save(tmp_path / "bank")
+        c.export_lora(tmp_path / "lora.safetensors")
+        atomic_write_bytes(tmp_path / "x.bin", b"x")
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "bank").iterdir()) + [tmp_path / "lora.safetensors", tmp_path / "x.bin"]
+    assert len(files) == 7          # manifest, past, 3 concepts (one active), 2 exports
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o640, f
+    os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "x.bin", b"y")       # replacing an existing file
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o644
