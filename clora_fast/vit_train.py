@@ -188,16 +188,30 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
       state dict of a ViTModel/ViTForImageClassification); neither: :func:`tiny_vit_config`.
     * ``framework="timm"``: ``timm_model`` name (e.g. ``"vit_tiny_patch16_224"``) built with
       ``pretrained=False, num_classes=0, **timm_kwargs``; ``checkpoint`` = optional
-      ``.safetensors`` state dict to load (head keys ignored)."""
+      ``.safetensors`` state dict to load (head keys ignored).
+
+    Arguments that do not apply are refused, never ignored: ``model`` together with
+    ``checkpoint`` or ``config`` (the folder already holds both), ``timm_model``/``timm_kwargs``
+    with ``framework="transformers"``, ``model``/``config`` with ``framework="timm"``."""
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path to a .safetensors file, got {type(checkpoint).__name__}")
     if framework == "transformers":
         from transformers import ViTConfig, ViTModel
+        if timm_model is not None or timm_kwargs:
+            raise ValueError("timm_model/timm_kwargs apply to framework='timm' only; got them with "
+                             "framework='transformers'")
         if model is not None:
+            if checkpoint is not None:
+                raise ValueError(f"give either model (a folder, {str(model)!r}) or checkpoint (+ config, "
+                                 f"{str(checkpoint)!r}), not both: the folder's own weights would be used "
+                                 f"and the checkpoint ignored")
+            if config is not None:
+                raise ValueError(f"give either model (a folder, {str(model)!r}, which holds its own config.json) "
+                                 f"or config, not both")
             if not os.path.isdir(model):
                 raise FileNotFoundError(f"model={model!r}: expected a local folder with config.json and "
                                         f"model.safetensors")
             return ViTModel.from_pretrained(model, use_safetensors=True, add_pooling_layer=False)
-        if model is not None and checkpoint is not None:
-            raise ValueError("give either model (a folder) or checkpoint (+ config), not both")
         if config is None:
             cfg = tiny_vit_config()
         elif isinstance(config, ViTConfig):
@@ -219,10 +233,13 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
         import timm
         if not timm_model:
             raise ValueError("framework='timm' needs timm_model (e.g. 'vit_tiny_patch16_224')")
+        if model is not None or config is not None:
+            raise ValueError("model/config apply to framework='transformers' only; for timm give timm_model "
+                             "(+ timm_kwargs, checkpoint)")
         net = timm.create_model(timm_model, pretrained=False, num_classes=0, **(timm_kwargs or {}))
         if checkpoint is not None:
             from safetensors.torch import load_file
-            if not checkpoint.endswith(".safetensors") or not os.path.isfile(checkpoint):
+            if not str(checkpoint).endswith(".safetensors") or not os.path.isfile(checkpoint):
                 raise FileNotFoundError(f"checkpoint={checkpoint!r}: expected an existing .safetensors file")
             sd = {k: v for k, v in load_file(checkpoint).items() if not k.startswith("head.")}
             missing, unexpected = net.load_state_dict(sd, strict=False)
@@ -555,7 +572,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--timm-kwargs", default="{}", help='JSON kwargs for timm.create_model, e.g. '
                      '\'{"img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4}\'')
     src.add_argument("--checkpoint", help="state dict (.safetensors) to load: timm model, or a transformers "
-                                          "ViT (with --config)")
+                                          "ViT (with --config or the default config; not with --model, whose "
+                                          "folder has its own weights)")
     data = p.add_argument_group("data")
     data.add_argument("--data", default="digits",
                       help="'digits' (scikit-learn, shipped) or a .safetensors file with x_train, y_train, "
@@ -612,9 +630,12 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
             tasks = load_digits_tasks(args.tasks, image_size=args.image_size, seed=args.seed, class_order=order)
         else:
             tasks = load_tasks_file(args.data, n_tasks=args.tasks, class_order=order)
+        timm_kwargs = json.loads(args.timm_kwargs)
+        if not isinstance(timm_kwargs, dict):
+            raise ValueError(f"--timm-kwargs must be a JSON object, got {args.timm_kwargs!r}")
         if args.framework == "timm":
-            backbone = build_backbone(framework="timm", timm_model=args.timm_model,
-                                      timm_kwargs=json.loads(args.timm_kwargs), checkpoint=args.checkpoint)
+            backbone = build_backbone(framework="timm", timm_model=args.timm_model, model=args.model,
+                                      config=args.config, timm_kwargs=timm_kwargs, checkpoint=args.checkpoint)
         else:
             cfg = args.config
             if args.model is None and cfg is None:
@@ -622,6 +643,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
                 cfg = tiny_vit_config(image_size=x0.shape[-1], num_channels=x0.shape[1],
                                       patch_size=2 if x0.shape[-1] <= 16 else 4)
             backbone = build_backbone(framework="transformers", model=args.model, config=cfg,
+                                      timm_model=args.timm_model, timm_kwargs=timm_kwargs,
                                       checkpoint=args.checkpoint)
         backbone.to(args.device)
         summary: Dict = {"tasks": [t.classes for t in tasks], "methods": {}}

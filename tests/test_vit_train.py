@@ -343,3 +343,33 @@ def test_task_incremental_accuracy_is_reported_and_not_below_class_incremental(d
     assert all(t >= c for rc, rt in zip(res.acc, res.acc_til) for c, t in zip(rc, rt))
     m = vt.accuracy_metrics(res.acc_til)
     assert res.final_avg_acc_til == m["final_avg_acc"] and res.avg_forgetting_til == m["avg_forgetting"]
+
+
+# ---------------------------------------------------------------- audit regressions
+def test_build_backbone_refuses_arguments_it_would_ignore(tmp_path, capsys):
+    from safetensors.torch import save_file
+    bb = tiny_backbone(seed=3)
+    bb.save_pretrained(tmp_path / "vit", safe_serialization=True)
+    other = tiny_backbone(seed=4)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "other.safetensors"))
+    folder, ckpt, missing = str(tmp_path / "vit"), str(tmp_path / "other.safetensors"), str(tmp_path / "no.safetensors")
+    # the folder's weights would be used and the checkpoint ignored: refused
+    with pytest.raises(ValueError, match="either model .* or checkpoint .* not both"):
+        vt.build_backbone(model=folder, checkpoint=ckpt)
+    with pytest.raises(ValueError, match="not both"):
+        vt.build_backbone(model=folder, checkpoint=missing)
+    with pytest.raises(ValueError, match="either model .* or config, not both"):
+        vt.build_backbone(model=folder, config=vt.tiny_vit_config())
+    with pytest.raises(ValueError, match="apply to framework='transformers' only"):
+        vt.build_backbone(framework="timm", timm_model="vit_tiny_patch16_224", model=folder)
+    with pytest.raises(ValueError, match="apply to framework='timm' only"):
+        vt.build_backbone(model=folder, timm_model="vit_tiny_patch16_224")
+    # a nonexistent checkpoint (with a config, or the default one) is an error, not a random init
+    with pytest.raises(FileNotFoundError, match="expected an existing .safetensors file"):
+        vt.build_backbone(checkpoint=missing)
+    assert vt.cli_main(["--model", folder, "--checkpoint", missing, "--tasks", "2", "--epochs", "1",
+                        "--method", "linear_probe", "--quiet"]) == 1
+    assert "not both" in capsys.readouterr().err
+    assert vt.cli_main(["--checkpoint", missing, "--tasks", "2", "--epochs", "1", "--method", "linear_probe",
+                        "--quiet"]) == 1
+    assert "expected an existing .safetensors file" in capsys.readouterr().err
