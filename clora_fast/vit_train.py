@@ -23,13 +23,36 @@ LoRA: the same, penalty weight 0), ``"linear_probe"`` (frozen backbone, only the
 train), ``"finetune"`` (every backbone weight trains, no regularisation).
 
 Python API: :func:`run_continual`, :func:`make_class_incremental_tasks`,
-:func:`load_digits_tasks`, :func:`build_backbone`, :func:`pretrain_backbone`.
+:func:`load_digits_tasks`, :func:`build_backbone`, :func:`pretrain_backbone`,
+:func:`save_backbone` / :func:`load_backbone`, :func:`load_head`.
 Command line: ``clora-fast train-vit ...`` (:func:`cli_main`).
+
+``train-vit --output OUT`` writes (every file atomically; safetensors and JSON only)::
+
+    OUT/backbone.safetensors       the backbone weights every method started from (after
+                                   --pretrain-epochs), i.e. the base weights the banks were made for
+    OUT/backbone.json              how to rebuild it (framework, ViTConfig or timm name + kwargs, sha256)
+    OUT/<method>_head.safetensors  the trained classifier head (class ids in its metadata)
+    OUT/<method>_bank/             clora / lora: the controller's concept bank (one concept per task)
+    OUT/results.json               metrics, written last
+
+Reloading a trained C-LoRA model::
+
+    from clora_fast import vit_train as vt
+    import clora_fast
+    backbone = vt.load_backbone("OUT")                   # same weights, bit for bit
+    ctrl = clora_fast.load(backbone, "OUT/clora_bank")   # every task folded in
+    head = vt.load_head("OUT/clora_head.safetensors")
+    logits = head(vt.FeatureExtractor(backbone)(images))  # columns: head.class_ids
+
+(``finetune`` changes the backbone itself and saves only its head: that head does not fit
+the saved backbone.)
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -44,7 +67,8 @@ from torch.nn import functional as F
 
 __all__ = ["Task", "ContinualResult", "FeatureExtractor", "GrowingHead", "CosineLinear", "METHODS", "HEADS",
            "make_class_incremental_tasks", "load_digits_tasks", "load_tasks_file", "build_backbone",
-           "tiny_vit_config", "pretrain_backbone", "run_continual", "accuracy_metrics", "cli_main"]
+           "tiny_vit_config", "pretrain_backbone", "run_continual", "accuracy_metrics", "save_backbone",
+           "load_backbone", "load_head", "cli_main"]
 
 METHODS = ("clora", "lora", "linear_probe", "finetune")
 HEADS = ("linear", "cosine")
@@ -557,6 +581,115 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
 
 
 # --------------------------------------------------------------------------------------------
+# saving / reloading what train-vit writes
+# --------------------------------------------------------------------------------------------
+BACKBONE_WEIGHTS = "backbone.safetensors"
+BACKBONE_SPEC = "backbone.json"
+_BACKBONE_FORMAT = "clora_fast.vit_backbone"
+
+
+def _atomic_write_json(path: str, obj) -> None:
+    from clora_fast.bank import atomic_write_bytes
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def _tensors_bytes(tensors: Dict[str, Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+    from safetensors.torch import save
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_backbone(backbone: nn.Module, folder: str, *, timm_model: Optional[str] = None,
+                  timm_kwargs: Optional[dict] = None) -> Dict:
+    """Write ``backbone``'s weights (``backbone.safetensors``) and what rebuilds it
+    (``backbone.json``) into ``folder``, atomically; :func:`load_backbone` reads them back.
+    A transformers ViT's config is stored whole; a timm model needs its ``timm_model`` name and
+    ``timm_kwargs`` (as given to :func:`build_backbone`). Returns the spec written."""
+    from clora_fast.bank import atomic_write_bytes
+    inner = FeatureExtractor(backbone)
+    if inner.kind == "timm":
+        if not timm_model:
+            raise ValueError("save_backbone: a timm backbone needs timm_model (and timm_kwargs) to be rebuilt")
+        spec: Dict = {"framework": "timm", "timm_model": timm_model, "timm_kwargs": dict(timm_kwargs or {})}
+    else:
+        if timm_model is not None or timm_kwargs:
+            raise ValueError("save_backbone: timm_model/timm_kwargs given for a transformers backbone")
+        spec = {"framework": "transformers",
+                "config": json.loads(inner.backbone.config.to_json_string(use_diff=False))}
+    data = _tensors_bytes(inner.backbone.state_dict(), metadata={"format": "pt"})
+    spec = {"format": _BACKBONE_FORMAT, "version": 1, **spec, "weights": BACKBONE_WEIGHTS,
+            "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    os.makedirs(folder, exist_ok=True)
+    atomic_write_bytes(os.path.join(folder, BACKBONE_WEIGHTS), data)
+    _atomic_write_json(os.path.join(folder, BACKBONE_SPEC), spec)  # last: names the weights it checks
+    return spec
+
+
+def load_backbone(folder: str) -> nn.Module:
+    """Rebuild the backbone :func:`save_backbone` (or ``train-vit --output``) wrote into
+    ``folder``: same architecture, same weights bit for bit (checked against the stored sha256),
+    on the CPU in eval mode. A bank saved by the same run then loads into it with
+    ``clora_fast.load(backbone, folder + "/clora_bank")``."""
+    spec_path = os.path.join(folder, BACKBONE_SPEC)
+    if not os.path.isfile(spec_path):
+        raise FileNotFoundError(f"{spec_path!r} does not exist (written by train-vit --output or save_backbone)")
+    with open(spec_path) as f:
+        spec = json.load(f)
+    if not isinstance(spec, dict) or spec.get("format") != _BACKBONE_FORMAT:
+        raise ValueError(f"{spec_path!r} is not a clora_fast backbone spec")
+    weights = os.path.join(folder, os.path.basename(str(spec.get("weights", BACKBONE_WEIGHTS))))
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"backbone weights {weights!r} do not exist")
+    with open(weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if spec.get("sha256") and digest != spec["sha256"]:
+        raise ValueError(f"backbone weights {weights!r} do not match {spec_path!r} (sha256 {digest[:12]} != "
+                         f"{str(spec['sha256'])[:12]}): the file changed or belongs to another run")
+    if spec.get("framework") == "timm":
+        net = build_backbone(framework="timm", timm_model=spec["timm_model"], timm_kwargs=spec.get("timm_kwargs"),
+                             checkpoint=weights)
+    elif spec.get("framework") == "transformers":
+        net = build_backbone(framework="transformers", config=dict(spec["config"]), checkpoint=weights)
+    else:
+        raise ValueError(f"{spec_path!r}: unknown framework {spec.get('framework')!r}")
+    return net.eval()
+
+
+def _save_head(head: GrowingHead, path: str) -> None:
+    from clora_fast.bank import atomic_write_bytes
+    # one metadata key only: safetensors writes several in a random order (bytes would differ run to run);
+    # the kind (bias or not) and the blocks' sizes are in the tensors themselves
+    atomic_write_bytes(path, _tensors_bytes(head.state_dict(), metadata={"class_ids": json.dumps(head.class_ids)}))
+
+
+def load_head(path: str, *, cosine_scale: float = 16.0) -> GrowingHead:
+    """The :class:`GrowingHead` saved by ``train-vit --output`` (``<method>_head.safetensors``),
+    frozen, in eval mode; its logit columns are ``head.class_ids``. ``linear`` or ``cosine`` is
+    read from the tensors (cosine blocks have no bias); ``cosine_scale`` is the one
+    :func:`run_continual` uses."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"head file {path!r} does not exist")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    if "class_ids" not in meta or "blocks.0.weight" not in sd:
+        raise ValueError(f"{path!r} is not a head saved by train-vit (no class_ids metadata or no blocks)")
+    class_ids = json.loads(meta["class_ids"])
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    sizes = [int(sd[f"blocks.{i}.weight"].shape[0]) for i in range(n_blocks)]
+    if sum(sizes) != len(class_ids):
+        raise ValueError(f"head file {path!r}: blocks of {sizes} columns but {len(class_ids)} class ids")
+    kind = "linear" if "blocks.0.bias" in sd else "cosine"
+    head = GrowingHead(int(sd["blocks.0.weight"].shape[1]), kind=kind, cosine_scale=cosine_scale)
+    i = 0
+    for n in sizes:
+        head.add_task(class_ids[i:i + n])
+        i += n
+    head.load_state_dict(sd)
+    return head.requires_grad_(False).eval()
+
+
+# --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
@@ -603,14 +736,20 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     out = p.add_argument_group("output")
-    out.add_argument("--output", help="folder: results.json, and per C-LoRA/LoRA method the saved "
-                                       "controller (<method>_bank/) and heads (<method>_head.safetensors)")
+    out.add_argument("--output", help="folder: backbone.safetensors + backbone.json (the backbone the methods "
+                                       "started from), per method its head (<method>_head.safetensors), per "
+                                       "C-LoRA/LoRA method its bank (<method>_bank/), results.json. Reload (Python, "
+                                       "from clora_fast.vit_train import load_backbone, load_head): "
+                                       "clora_fast.load(load_backbone(OUT), OUT/clora_bank); "
+                                       "load_head(OUT/clora_head.safetensors)")
     out.add_argument("--quiet", action="store_true")
     return p
 
 
 def cli_main(argv: Optional[List[str]] = None) -> int:
-    """``clora-fast train-vit`` entry point. Returns the process exit code."""
+    """``clora-fast train-vit`` entry point. Returns the process exit code. With ``--output``
+    it writes the folder described in the module docstring (reload with :func:`load_backbone`,
+    ``clora_fast.load`` and :func:`load_head`)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2): return the code, do not exit
@@ -651,6 +790,11 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
             summary["pretrain"] = pretrain_backbone(backbone, tasks[0], epochs=args.pretrain_epochs,
                                                     lr=args.pretrain_lr, seed=args.seed, device=args.device,
                                                     log=log)
+        if args.output:  # the base weights every method starts from (and every bank is made for)
+            os.makedirs(args.output, exist_ok=True)
+            save_backbone(backbone, args.output,
+                          timm_model=args.timm_model if args.framework == "timm" else None,
+                          timm_kwargs=timm_kwargs if args.framework == "timm" else None)
         for m in methods:
             res = run_continual(backbone, tasks, method=m, rank=args.rank, alpha=args.alpha,
                                 penalty_weight=args.penalty_weight if m == "clora" else None,
@@ -659,17 +803,12 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
                                 device=args.device, log=log)
             summary["methods"][m] = res.to_dict()
             if args.output:
-                os.makedirs(args.output, exist_ok=True)
-                from safetensors.torch import save_file
-                save_file({k: v.detach().cpu().contiguous() for k, v in res.head.state_dict().items()},
-                          os.path.join(args.output, f"{m}_head.safetensors"),
-                          metadata={"class_ids": json.dumps(res.head.class_ids)})
+                _save_head(res.head, os.path.join(args.output, f"{m}_head.safetensors"))
                 if res.controller is not None:
                     res.controller.save(os.path.join(args.output, f"{m}_bank"))
         if args.output:
-            with open(os.path.join(args.output, "results.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as e:
+            _atomic_write_json(os.path.join(args.output, "results.json"), summary)
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
         print(f"train-vit: error: {e}", file=sys.stderr)
         return 1
     table = {m: {k: round(r[k], 4) for k in ("final_avg_acc", "avg_forgetting", "final_avg_acc_til",

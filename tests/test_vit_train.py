@@ -346,6 +346,74 @@ def test_task_incremental_accuracy_is_reported_and_not_below_class_incremental(d
 
 
 # ---------------------------------------------------------------- audit regressions
+def _tiny_cfg_file(tmp_path):
+    cfg = vt.tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32).to_dict()
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def _capture_runs(monkeypatch):
+    runs = {}
+    real = vt.run_continual
+
+    def spy(*a, **kw):
+        res = real(*a, **kw)
+        runs[res.method] = res
+        return res
+    monkeypatch.setattr(vt, "run_continual", spy)
+    return runs
+
+
+def test_cli_output_backbone_reloads_with_its_banks(tmp_path, capsys, monkeypatch):
+    """train-vit --output saves the backbone the banks were made for (here a random init changed by
+    pre-training, so no one could rebuild it otherwise): backbone + bank + head reload and give
+    the trained model's outputs."""
+    import clora_fast
+    runs = _capture_runs(monkeypatch)
+    out = tmp_path / "run"
+    rc = vt.cli_main(["--config", _tiny_cfg_file(tmp_path), "--tasks", "2", "--epochs", "1", "--rank", "2",
+                      "--method", "clora,lora", "--pretrain-epochs", "1", "--batch-size", "128",
+                      "--output", str(out), "--quiet"])
+    assert rc == 0
+    capsys.readouterr()
+    assert (out / "backbone.safetensors").exists() and (out / "backbone.json").exists()
+    x = vt.load_digits_tasks(2)[1].x_test[:16]
+    for m in ("clora", "lora"):
+        bb = vt.load_backbone(str(out))
+        ctrl = clora_fast.load(bb, str(out / f"{m}_bank"))  # raised BankError: adapted base weights differ
+        assert [c.name for c in ctrl.concepts] == ["task0", "task1"]
+        head = vt.load_head(str(out / f"{m}_head.safetensors"))
+        res = runs[m]
+        assert head.class_ids == res.head.class_ids
+        with torch.no_grad():
+            f_new, f_old = vt.FeatureExtractor(bb)(x), vt.FeatureExtractor(res.model.eval())(x)
+            torch.testing.assert_close(f_new, f_old, rtol=0, atol=0)
+            torch.testing.assert_close(head(f_new), res.head(f_old), rtol=0, atol=0)
+    # the weights file is checked against the spec
+    spec = json.loads((out / "backbone.json").read_text())
+    spec["sha256"] = "0" * 64
+    (out / "backbone.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="do not match"):
+        vt.load_backbone(str(out))
+
+
+def test_cli_output_timm_backbone_reloads(tmp_path, capsys):
+    pytest.importorskip("timm")
+    import clora_fast
+    kw = json.dumps(dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=1, num_heads=2))
+    out = tmp_path / "run"
+    rc = vt.cli_main(["--framework", "timm", "--timm-model", "vit_tiny_patch16_224", "--timm-kwargs", kw,
+                      "--tasks", "2", "--epochs", "1", "--rank", "2", "--method", "clora", "--batch-size", "128",
+                      "--output", str(out), "--quiet"])
+    assert rc == 0
+    capsys.readouterr()
+    bb = vt.load_backbone(str(out))
+    ctrl = clora_fast.load(bb, str(out / "clora_bank"))
+    assert len(ctrl.concepts) == 2
+
+
 def test_build_backbone_refuses_arguments_it_would_ignore(tmp_path, capsys):
     from safetensors.torch import save_file
     bb = tiny_backbone(seed=3)
