@@ -46,7 +46,8 @@ Reloading a trained C-LoRA model::
     logits = head(vt.FeatureExtractor(backbone)(images))  # columns: head.class_ids
 
 (``finetune`` changes the backbone itself and saves only its head: that head does not fit
-the saved backbone.)
+the saved backbone.) ``--seed`` seeds torch, numpy and ``random`` before the backbone's random
+init, so the same command gives the same results and files.
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def build_backbone(*, framework: str = "transformers", model: Optional[str] = No
 
     Arguments that do not apply are refused, never ignored: ``model`` together with
     ``checkpoint`` or ``config`` (the folder already holds both), ``timm_model``/``timm_kwargs``
-    with ``framework="transformers"``, ``model``/``config`` with ``framework="timm"``."""
+    with ``framework="transformers"``, ``model``/``config`` with ``framework="timm"``. The seed
+    of a random init is the caller's: seed torch's RNG first (``clora-fast train-vit`` does)."""
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a path to a .safetensors file, got {type(checkpoint).__name__}")
     if framework == "transformers":
@@ -689,6 +691,18 @@ def load_head(path: str, *, cosine_scale: float = 16.0) -> GrowingHead:
     return head.requires_grad_(False).eval()
 
 
+def _seed_everything(seed: int) -> None:
+    """Seed every RNG a run draws from before anything random is made (torch, numpy, random)."""
+    import random
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2 ** 32)
+    except ImportError:  # pragma: no cover
+        pass
+    torch.manual_seed(seed)
+
+
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
@@ -733,7 +747,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--pretrain-lr", type=float, default=1e-3)
     tr.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"))
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0,
+                    help="seeds the digits train/test split, the backbone's random init, pre-training and "
+                         "every method")
     tr.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     out = p.add_argument_group("output")
     out.add_argument("--output", help="folder: backbone.safetensors + backbone.json (the backbone the methods "
@@ -772,6 +788,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
         timm_kwargs = json.loads(args.timm_kwargs)
         if not isinstance(timm_kwargs, dict):
             raise ValueError(f"--timm-kwargs must be a JSON object, got {args.timm_kwargs!r}")
+        _seed_everything(args.seed)  # the backbone's random init (config / timm) is part of the run
         if args.framework == "timm":
             backbone = build_backbone(framework="timm", timm_model=args.timm_model, model=args.model,
                                       config=args.config, timm_kwargs=timm_kwargs, checkpoint=args.checkpoint)

@@ -414,6 +414,37 @@ def test_cli_output_timm_backbone_reloads(tmp_path, capsys):
     assert len(ctrl.concepts) == 2
 
 
+def test_cli_same_seed_same_results_and_files(tmp_path, capsys):
+    """--seed covers the backbone's random init: two runs in one process (the global RNG in a
+    different state each time) give the same metrics and the same bank/backbone files."""
+    cfg = _tiny_cfg_file(tmp_path)
+
+    def run(name, seed):
+        out = tmp_path / name
+        rc = vt.cli_main(["--config", cfg, "--tasks", "2", "--epochs", "1", "--rank", "2", "--seed", str(seed),
+                          "--method", "linear_probe,clora", "--batch-size", "128", "--output", str(out), "--quiet"])
+        assert rc == 0
+        capsys.readouterr()
+        res = json.loads((out / "results.json").read_text())
+        for r in res["methods"].values():
+            r.pop("wall_s")
+        return out, res
+
+    torch.manual_seed(123)
+    o1, r1 = run("a", 0)
+    torch.rand(7)  # a different global RNG state before the second run
+    o2, r2 = run("b", 0)
+    assert r1 == r2
+    assert (o1 / "backbone.safetensors").read_bytes() == (o2 / "backbone.safetensors").read_bytes()
+    names = [sorted(p.name for p in (o / "clora_bank").iterdir()) for o in (o1, o2)]
+    assert names[0] == names[1]  # data files are named by their content's sha256
+    assert (o1 / "clora_bank" / "manifest.json").read_text() == (o2 / "clora_bank" / "manifest.json").read_text()
+    for m in ("clora", "linear_probe"):
+        assert (o1 / f"{m}_head.safetensors").read_bytes() == (o2 / f"{m}_head.safetensors").read_bytes()
+    o3, _ = run("c", 1)
+    assert (o1 / "backbone.safetensors").read_bytes() != (o3 / "backbone.safetensors").read_bytes()
+
+
 def test_build_backbone_refuses_arguments_it_would_ignore(tmp_path, capsys):
     from safetensors.torch import save_file
     bb = tiny_backbone(seed=3)
