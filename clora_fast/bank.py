@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -225,6 +226,16 @@ def read_manifest(path) -> Dict[str, Any]:
             raise BankError(f"{mf}: field {key!r} is missing or malformed (got {m.get(key)!r:.80})")
     if m["rank"] < 1:
         raise BankError(f"{mf}: rank must be >= 1, got {m['rank']}")
+    if not (math.isfinite(m["alpha"]) and m["alpha"] > 0):
+        raise BankError(f"{mf}: field 'alpha' must be a positive finite number, got {m['alpha']!r}")
+    if not (math.isfinite(m["penalty_weight"]) and m["penalty_weight"] >= 0):
+        raise BankError(f"{mf}: field 'penalty_weight' must be a finite number >= 0, got {m['penalty_weight']!r}")
+    if m["next_idx"] < 0:
+        raise BankError(f"{mf}: field 'next_idx' must be >= 0, got {m['next_idx']}")
+    if m.get("past") is not None and not isinstance(m["past"], str):
+        raise BankError(f"{mf}: field 'past' must be a file stem (a string) or null, got {m['past']!r:.80}")
+    if m.get("adapter") is not None and not isinstance(m["adapter"], dict):
+        raise BankError(f"{mf}: field 'adapter' must be an object or null, got {m['adapter']!r:.80}")
     return m
 
 
@@ -307,6 +318,89 @@ def _expect(cond: bool, msg: str) -> None:
         raise BankError(msg)
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_entries(m: Dict[str, Any], data: Dict[str, Any], where: str) -> None:
+    """Type and consistency checks of the manifest's concept, retired and adapter token entries
+    (before any of them is used: a malformed value is a :class:`BankError` naming the field)."""
+    def bad(field: str, value, why: str) -> BankError:
+        return BankError(f"{where}: manifest field {field!r} {why} (got {value!r:.80})")
+
+    next_idx = m["next_idx"]
+    used_idx: Dict[int, str] = {}
+    names: Dict[str, str] = {}
+    files: Dict[str, str] = {}
+
+    def claim_idx(field: str, idx) -> None:
+        if not _is_int(idx) or idx < 0 or idx >= next_idx:
+            raise bad(field, idx, f"must be a concept index in 0..next_idx-1 = {next_idx - 1}")
+        if idx in used_idx:
+            raise bad(field, idx, f"repeats the concept index of {used_idx[idx]!r}")
+        used_idx[idx] = field
+
+    def claim_name(field: str, name) -> None:
+        if not isinstance(name, str) or not name.strip():
+            raise bad(field, name, "must be a non-empty string")
+        if name in names:
+            raise bad(field, name, f"repeats the concept name of {names[name]!r} (concept names are unique)")
+        names[name] = field
+
+    for j, c in enumerate(m["concepts"]):
+        f = f"concepts[{j}]"
+        if not isinstance(c, dict):
+            raise bad(f, c, "must be an object")
+        claim_idx(f"{f}.idx", c.get("idx"))
+        claim_name(f"{f}.name", c.get("name"))
+        if not _is_num(c.get("scale")) or c["scale"] <= 0:
+            raise bad(f"{f}.scale", c.get("scale"), "must be a positive finite number")
+        if not isinstance(c.get("active"), bool):
+            raise bad(f"{f}.active", c.get("active"), "must be true or false")
+        stem = c.get("file")
+        if not isinstance(stem, str) or stem not in data:
+            raise bad(f"{f}.file", stem, "must name a concept file listed in 'files'")
+        if stem == m.get("past"):
+            raise bad("past", stem, f"names the file of {f} (the past and a concept cannot share a file)")
+        if stem in files:
+            raise bad(f"{f}.file", stem, f"names the file of {files[stem]!r} too")
+        files[stem] = f
+    for j, x in enumerate(m["retired"]):
+        f = f"retired[{j}]"
+        if not isinstance(x, dict):
+            raise bad(f, x, "must be an object {'idx', 'name'}")
+        claim_idx(f"{f}.idx", x.get("idx"))
+        claim_name(f"{f}.name", x.get("name"))
+    # the integration's token section (diffusers: {"tokens": {idx: token}, "retired_tokens": [token]}):
+    # a token belongs to one concept; a retired token belongs to none
+    ad = m.get("adapter")
+    if isinstance(ad, dict) and "tokens" in ad:
+        tokens = ad["tokens"]
+        if not isinstance(tokens, dict):
+            raise bad("adapter.tokens", tokens, "must be an object {concept index: token}")
+        owner: Dict[str, str] = {}
+        held = {c["idx"] for c in m["concepts"]}
+        for k, tok in tokens.items():
+            f = f"adapter.tokens[{k}]"
+            if not (isinstance(k, str) and re.fullmatch(r"\d+", k) and int(k) in held):
+                raise bad(f, k, f"must be keyed by the index of a concept the bank holds {sorted(held)}")
+            if not isinstance(tok, str) or not tok:
+                raise bad(f, tok, "must be a non-empty string")
+            if tok in owner:
+                raise bad(f, tok, f"maps the token of concept {owner[tok]} to a second concept")
+            owner[tok] = k
+        retired_tokens = ad.get("retired_tokens", [])
+        if not isinstance(retired_tokens, list) or not all(isinstance(t, str) for t in retired_tokens):
+            raise bad("adapter.retired_tokens", retired_tokens, "must be a list of strings")
+        both = sorted(set(retired_tokens) & set(owner))
+        if both:
+            raise bad("adapter.retired_tokens", both, "names tokens that 'adapter.tokens' gives to concepts")
+
+
 def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
     from .controller import Concept
@@ -328,6 +422,7 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     r = ctrl.rank
     # the past
     pasts: List[Optional[Tensor]] = [None] * ctrl.num_sites
+    _check_entries(m, data, where)
     if m.get("past") is not None:
         _expect(m["past"] in data, f"{where}: the manifest names a past file that is not listed")
         tp = data[m["past"]]
@@ -344,14 +439,7 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     active = None
     active_factors = None
     extras: Dict[int, Dict[str, Tensor]] = {}
-    seen = set()
     for j, c in enumerate(m["concepts"]):
-        _expect(isinstance(c, dict) and isinstance(c.get("idx"), int) and isinstance(c.get("name"), str)
-                and isinstance(c.get("scale"), (int, float)) and isinstance(c.get("active"), bool)
-                and c.get("file") in data, f"{where}: concept entry {j} is malformed")
-        _expect(c["idx"] not in seen and c["idx"] < m["next_idx"], f"{where}: concept index {c['idx']} repeated or "
-                                                                   f"out of range")
-        seen.add(c["idx"])
         t = data[c["file"]]
         As, Bs = [], []
         for s in ctrl.sites:
@@ -366,14 +454,14 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
             Bs.append(b.float())
         extras[c["idx"]] = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
         if c["active"]:
-            _expect(active is None and j == len(m["concepts"]) - 1, f"{where}: more than one active concept")
+            _expect(active is None and j == len(m["concepts"]) - 1,
+                    f"{where}: manifest field 'concepts[{j}].active': only the last concept may be active "
+                    f"(at most one concept is being learned)")
             active = (c["idx"], c["name"])
             active_factors = (As, Bs)
         else:
             concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs))
     retired = m["retired"]
-    _expect(all(isinstance(x, dict) and isinstance(x.get("idx"), int) and isinstance(x.get("name"), str)
-                for x in retired), f"{where}: retired list is malformed")
     # the stored past must be the fold of the stored factors
     refold = ctrl._refold(concepts)
     for i, s in enumerate(ctrl.sites):

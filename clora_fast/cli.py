@@ -707,13 +707,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         # the builtin model's ops are far too small for intra-op threads to pay off, and on a
         # busy machine OpenMP spin-waiting makes 2 threads 10-40x slower than 1 (measured)
         threads = 1
+    from clora_fast.bank import BankError
+
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         if args.command == "train":
             return cmd_train(args)
         return cmd_sample(args)
-    except CLIError as e:
+    except (CLIError, BankError) as e:      # BankError: a corrupt / incompatible bank (a ValueError)
         print(f"clora-fast: error: {e}", file=sys.stderr)
         return 2
     finally:

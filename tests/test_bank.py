@@ -260,3 +260,60 @@ def test_files_get_the_umask_mode_not_0600(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.bin").stat().st_mode) == 0o644
+
+
+_MALFORMED = {
+    # name: (edit of the manifest dict, the field the error must name)
+    "file_list": (lambda m: m["concepts"][0].__setitem__("file", []), "'concepts[0].file'"),
+    "file_dict": (lambda m: m["concepts"][1].__setitem__("file", {}), "'concepts[1].file'"),
+    "file_of_past": (lambda m: m["concepts"][0].__setitem__("file", "past"), "'past'"),
+    "file_shared": (lambda m: m["concepts"][1].__setitem__("file", m["concepts"][0]["file"]), "'concepts[1].file'"),
+    "past_list": (lambda m: m.__setitem__("past", []), "'past'"),
+    "past_dict": (lambda m: m.__setitem__("past", {"a": 1}), "'past'"),
+    "alpha_nan": (lambda m: m.__setitem__("alpha", float("nan")), "'alpha'"),
+    "alpha_inf": (lambda m: m.__setitem__("alpha", float("inf")), "'alpha'"),
+    "alpha_zero": (lambda m: m.__setitem__("alpha", 0.0), "'alpha'"),
+    "penalty_nan": (lambda m: m.__setitem__("penalty_weight", float("nan")), "'penalty_weight'"),
+    "penalty_negative": (lambda m: m.__setitem__("penalty_weight", -1.0), "'penalty_weight'"),
+    "next_idx_negative": (lambda m: m.__setitem__("next_idx", -1), "'next_idx'"),
+    "idx_negative": (lambda m: m["concepts"][0].__setitem__("idx", -5), "'concepts[0].idx'"),
+    "idx_bool": (lambda m: m["concepts"][0].__setitem__("idx", False), "'concepts[0].idx'"),
+    "idx_repeated": (lambda m: m["concepts"][1].__setitem__("idx", 0), "'concepts[1].idx'"),
+    "idx_of_retired": (lambda m: m["concepts"][1].__setitem__("idx", 1), "'retired[0].idx'"),
+    "scale_nan": (lambda m: m["concepts"][0].__setitem__("scale", float("nan")), "'concepts[0].scale'"),
+    "name_repeated": (lambda m: m["concepts"][1].__setitem__("name", m["concepts"][0]["name"]),
+                      "'concepts[1].name'"),
+    "name_empty": (lambda m: m["concepts"][0].__setitem__("name", ""), "'concepts[0].name'"),
+    "retired_name_of_concept": (lambda m: m["retired"][0].__setitem__("name", m["concepts"][0]["name"]),
+                                "'retired[0].name'"),
+    "retired_not_object": (lambda m: m.__setitem__("retired", [1]), "'retired[0]'"),
+    "token_twice": (lambda m: m.__setitem__("adapter", {"tokens": {"0": "<k0>", "2": "<k0>"}}),
+                    "'adapter.tokens[2]'"),
+    "token_of_unheld_concept": (lambda m: m.__setitem__("adapter", {"tokens": {"1": "<k1>"}}),
+                                "'adapter.tokens[1]'"),
+    "token_also_retired": (lambda m: m.__setitem__("adapter", {"tokens": {"0": "<k0>"},
+                                                               "retired_tokens": ["<k0>"]}),
+                           "'adapter.retired_tokens'"),
+    "tokens_list": (lambda m: m.__setitem__("adapter", {"tokens": ["<k0>"]}), "'adapter.tokens'"),
+    "adapter_list": (lambda m: m.__setitem__("adapter", []), "'adapter'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_MALFORMED))
+def test_malformed_manifest_values_are_a_bank_error_naming_the_field(tmp_path, case):
+    """Unhashable, non-finite, negative or repeated manifest values: a BankError that names the
+    field (not a TypeError, not a silent load), and the controller is left as it was."""
+    import re as _re
+    src = trained()
+    src.remove_concept(1)
+    path = tmp_path / "bank"
+    src.save(path)
+    m = json.loads((path / MANIFEST).read_text())
+    edit, field = _MALFORMED[case]
+    edit(m)
+    (path / MANIFEST).write_text(json.dumps(m))
+    dst = trained(n=1, active=True, seed=0)
+    before = snapshot(dst)
+    with pytest.raises(BankError, match=_re.escape(f"manifest field {field}") + "|" + _re.escape(f"field {field}")):
+        dst.load_bank(path, replace_active=True)
+    assert same(before, snapshot(dst))

@@ -425,3 +425,51 @@ def test_train_same_seed_gives_bit_identical_banks(tmp_path, concepts, monkeypat
     assert _names(tmp_path / "c") == ["<alpha>"]
     assert cli.main([*argv, "--out", str(tmp_path / "c")]) == 0
     _assert_same_banks(tmp_path / "a", tmp_path / "c")
+
+
+@pytest.fixture(scope="module")
+def two_concept_bank(tmp_path_factory):
+    """A bank of <alpha>, <beta> (rank 2) trained once for the sample tests; copy it before changing it."""
+    root = tmp_path_factory.mktemp("two_concept_bank")
+    folders = [_concept(root / "data", "alpha", seed=1), _concept(root / "data", "beta", seed=2)]
+    bank = root / "bank"
+    assert cli.main(["train", "--concepts", *folders, "--out", str(bank), *FAST, "--rank", "2",
+                     "--samples-per-concept", "0"]) == 0
+    return bank
+
+
+def _copy_bank(bank, dst):
+    import shutil
+    shutil.copytree(bank, dst)
+    return dst
+
+
+SAMPLE_FAST = ["--steps", "1", "--resolution", "16", "--backend", "reference"]
+
+
+def test_sample_corrupt_manifest_is_a_clean_error(tmp_path, two_concept_bank, capsys):
+    """A BankError (a malformed manifest value) ends as 'clora-fast: error: ...', exit status 2."""
+    bank = _copy_bank(two_concept_bank, tmp_path / "bank")
+    m = _manifest(bank)
+    m["concepts"][0]["file"] = []
+    (bank / "manifest.json").write_text(json.dumps(m))
+    capsys.readouterr()
+    rc = cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--out",
+                   str(tmp_path / "x.png"), *SAMPLE_FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("clora-fast: error:") and "'concepts[0].file'" in err
+    assert not (tmp_path / "x.png").exists()
+    m["concepts"][0]["file"] = "concept-0"
+    m["alpha"] = float("nan")
+    (bank / "manifest.json").write_text(json.dumps(m))
+    rc = cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--out",
+                   str(tmp_path / "x.png"), *SAMPLE_FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("clora-fast: error:") and "'alpha'" in err
+    # resuming training from it: the same clean error, the bank untouched
+    before = (bank / "manifest.json").read_bytes()
+    data = two_concept_bank.parent / "data"
+    rc = cli.main(["train", "--concepts", str(data / "alpha"), str(data / "beta"), "--out", str(bank), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("clora-fast: error:") and "'alpha'" in err
+    assert (bank / "manifest.json").read_bytes() == before
