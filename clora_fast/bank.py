@@ -17,6 +17,10 @@ leaves a complete bank (the old or the new one).
 Loading reads the manifest, checks every file's size and sha256, parses the tensors,
 checks shapes, the base model identity (site names and shapes, a hash of the adapted
 base weights' bytes) and the rank, and only then changes the controller.
+
+Extra state of the integration that a load finds but the adapter does not take up (token
+embeddings of a bank opened with a bare UNet or without an adapter) is kept with the
+controller and written back by the next save (see ``_remember_unloaded_extra``).
 """
 from __future__ import annotations
 
@@ -279,6 +283,7 @@ def save_controller(ctrl, path) -> None:
     if past:
         files["past"] = past
     extra_state = getattr(ctrl.adapter, "extra_state", None)
+    carry = getattr(ctrl, _CARRY_ATTR, None)
     concepts = []
     entries = [(c.idx, c.name, c.scale, c.lora_A, c.lora_B, False) for c in ctrl.concepts]
     if ctrl._active is not None:
@@ -294,23 +299,62 @@ def save_controller(ctrl, path) -> None:
         for i, s in enumerate(ctrl.sites):
             t[f"{s.name}.lora_A"] = As[i]
             t[f"{s.name}.lora_B"] = Bs[i]
-        if extra_state is not None:
-            for k, v in extra_state(idx).items():
-                t[f"extra.{k}"] = v.detach().float()
+        extra = extra_state(idx) if extra_state is not None else {}
+        if not extra and carry is not None:
+            extra = carry[1].get(idx, {})       # loaded from a bank, not taken up by the adapter
+        for k, v in extra.items():
+            t[f"extra.{k}"] = v.detach().float()
         stem = f"concept-{idx}"
         files[stem] = t
         concepts.append({"idx": idx, "name": name, "scale": scale, "active": active, "file": stem})
     from . import __version__
     extra_meta = getattr(ctrl.adapter, "extra_meta", None)
+    adapter_meta = extra_meta() if extra_meta is not None else None
+    if carry is not None:
+        adapter_meta = _carried_meta(carry[0], {e[0] for e in entries})
     manifest = {
         "format": FORMAT, "version": VERSION, "producer": f"clora_fast {__version__}",
         "rank": ctrl.rank, "alpha": ctrl.alpha, "penalty_weight": ctrl.penalty_weight,
         "sites": _site_table(ctrl), "identity": ctrl._identity(),
         "concepts": concepts, "past": "past" if past else None,
         "retired": list(ctrl._retired), "next_idx": ctrl._next_idx,
-        "adapter": extra_meta() if extra_meta is not None else None,
+        "adapter": adapter_meta,
     }
     write_bank(path, manifest, files)
+
+
+# The integration's per-concept extra state (token embeddings) that a load found in the bank but
+# the adapter did not take up (a bank with tokens opened with a bare UNet, or with no adapter):
+# kept on the controller as (bank's adapter meta, {concept idx: {key: tensor}}) so that saving
+# the controller again writes it back instead of silently dropping every concept's tokens.
+_CARRY_ATTR = "_bank_unloaded_extra"
+
+
+def _remember_unloaded_extra(ctrl, meta, extras: Dict[int, Dict[str, Tensor]]) -> None:
+    ext = getattr(ctrl.adapter, "extra_state", None)
+    kept = {idx: {k: v.detach().float().cpu().clone() for k, v in t.items()}
+            for idx, t in extras.items() if t and not (ext(idx) if ext is not None else {})}
+    # no adapter (or one without extra state) ignores the bank's adapter meta too: keep it as well
+    ignored = meta is not None and getattr(ctrl.adapter, "load_extra_state", None) is None
+    object.__setattr__(ctrl, _CARRY_ATTR, (meta, kept) if kept or ignored else None)
+
+
+def _carried_meta(meta, held) -> Any:
+    """The kept adapter meta for the concepts now ``held``: a concept removed since the load gives
+    its token up (``tokens`` {idx: token} -> ``retired_tokens``), as the adapter does on removal."""
+    import copy
+    meta = copy.deepcopy(meta)
+    if isinstance(meta, dict) and isinstance(meta.get("tokens"), dict):
+        gone = [k for k in meta["tokens"] if not (k.isdigit() and int(k) in held)]
+        if gone:
+            retired = meta.get("retired_tokens")
+            retired = list(retired) if isinstance(retired, list) else []
+            for k in gone:
+                tok = meta["tokens"].pop(k)
+                if tok not in retired:
+                    retired.append(tok)
+            meta["retired_tokens"] = retired
+    return meta
 
 
 def _expect(cond: bool, msg: str) -> None:
@@ -492,3 +536,4 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     load = getattr(ctrl.adapter, "load_extra_state", None)
     if load is not None:
         load(m.get("adapter"), extras)
+    _remember_unloaded_extra(ctrl, m.get("adapter"), extras)
