@@ -292,6 +292,7 @@ class CLoRAController(nn.Module):
     def folded_weight(self, site: Union[int, str]) -> Tensor:
         """``Wf = W0 + P`` of ``site`` in the weight's dtype (W0 itself when P = 0)."""
         i = self.site_index(site)
+        self._refresh_sites()
         if self._past[i] is None and not self.merged:
             return self.sites[i].weight.detach()
         b, pos = self._site_bundle[i]
@@ -331,6 +332,15 @@ class CLoRAController(nn.Module):
         raise KeyError(f"no concept with index {idx}; known: {[c.idx for c in self.concepts]}")
 
     # ------------------------------------------------------------------ device / weights
+    def _refresh_sites(self) -> None:
+        """Re-point the sites at the model's live parameters (the adapter's ``refresh_sites`` hook):
+        after ``load_state_dict(assign=True)``, a conversion that replaces parameters, or timm's fused
+        ``qkv`` moved to new storage, the tensors taken at patch time would be stale - merge() would
+        write into dead storage and the projections would use the old weights.  Identity checks only."""
+        hook = getattr(self.adapter, "refresh_sites", None)
+        if hook is not None:
+            hook()
+
     def _device(self) -> torch.device:
         return self.sites[0].weight.device
 
@@ -382,7 +392,9 @@ class CLoRAController(nn.Module):
         key = (self._version, tuple(_tensor_key(self.sites[i].weight) for i in bundle.site_ids),
                tuple(_tensor_key(self.sites[i].bias) for i in bundle.site_ids))
         if bundle.wcat is None or bundle.wcat_key != key:
-            with torch.no_grad():
+            # normal tensors even when the first forward after a change runs under torch.inference_mode
+            # (an evaluation before training): inference tensors could not be saved for backward later
+            with torch.inference_mode(False), torch.no_grad():
                 ws = [self._folded(i) for i in bundle.site_ids]
                 bundle.wcat = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
                 if bundle.has_bias:
@@ -502,6 +514,13 @@ class CLoRAController(nn.Module):
                                                   bundle.offsets, self.scale, bias=bcat, backend=self.backend,
                                                   split=True))
 
+    def invalidate_caches(self) -> None:
+        """Forget the cached folded weights (and an integration's cached K/V).  The caches follow every
+        change autograd can see (in-place ops, ``load_state_dict``, optimizer steps, new parameter objects,
+        ``.to()``); call this after writing base weights through ``.data`` (e.g. an EMA ``copy_to`` of
+        weights that differ), which bypasses the version counters the caches are keyed on."""
+        self._bump()
+
     # ------------------------------------------------------------------ concepts
     def _bump(self) -> None:
         self._version += 1
@@ -532,6 +551,7 @@ class CLoRAController(nn.Module):
         if name in self._all_names():
             raise ValueError(f"a concept named {name!r} already exists (or existed and was removed); "
                              f"concept names are unique")
+        self._refresh_sites()
         self._sync_device()
         As, Bs = [], []
         for bundle in self._bundles:
@@ -572,8 +592,11 @@ class CLoRAController(nn.Module):
         return params
 
     def _fold_into(self, pasts: List[Optional[Tensor]], A: List[Tensor], B: List[Tensor], scale: float) -> None:
+        # s*B@A in float64, rounded once to float32: the same P whatever autocast region or TF32 setting
+        # end_concept() runs under (autocast never casts float64; float64 GEMMs never use TF32), so a
+        # saved bank always matches the fp32 refold its loader checks
         for i in range(self.num_sites):
-            upd = scale * (B[i].detach().float() @ A[i].detach().float())
+            upd = (scale * (B[i].detach().double() @ A[i].detach().double())).float()
             pasts[i] = upd if pasts[i] is None else pasts[i] + upd
 
     def _refold(self, concepts: List[Concept]) -> List[Optional[Tensor]]:
@@ -613,6 +636,7 @@ class CLoRAController(nn.Module):
         if self.merged:
             raise RuntimeError("the controller is merged: call unmerge() before remove_concept()")
         c = self.concept(idx)
+        self._refresh_sites()
         remaining = [k for k in self.concepts if k.idx != idx]
         self._past = self._refold(remaining)
         self.concepts = remaining
@@ -627,6 +651,7 @@ class CLoRAController(nn.Module):
     def penalty(self) -> Tensor:
         """``penalty_weight * sum_sites ||P ⊙ (s B A)||_F^2`` in one grouped launch (0-dim fp32).
         Exactly 0 (a constant) when no concept is active or nothing is folded yet."""
+        self._refresh_sites()
         dev = self._device()
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
             return torch.zeros((), dtype=torch.float32, device=dev)
@@ -656,6 +681,7 @@ class CLoRAController(nn.Module):
             raise RuntimeError(f"concept {self._active[0]} is still active: call end_concept() before merge()")
         if self.merged:
             raise RuntimeError("already merged")
+        self._refresh_sites()
         self._sync_device()
         backup = [s.weight.detach().clone() for s in self.sites]
         with torch.no_grad():
@@ -671,6 +697,7 @@ class CLoRAController(nn.Module):
         """Restore the exact base weights saved by :meth:`merge`."""
         if not self.merged:
             raise RuntimeError("not merged")
+        self._refresh_sites()
         with torch.no_grad():
             for s, b in zip(self.sites, self._merged_backup):
                 s.weight.copy_(b)
@@ -738,6 +765,7 @@ class CLoRAController(nn.Module):
         """Write the concept bank (folder): manifest.json + safetensors files, atomically, each
         with a sha256 checksum. Includes the active concept (resumable)."""
         from .bank import save_controller
+        self._refresh_sites()
         save_controller(self, path)
 
     def load_bank(self, path, *, replace_active: bool = False) -> None:
@@ -747,6 +775,7 @@ class CLoRAController(nn.Module):
         holds that same concept (same index and name: a rollback to its checkpoint) or
         ``replace_active=True``, that is an error (save or end_concept() first)."""
         from .bank import load_into_controller
+        self._refresh_sites()
         load_into_controller(self, path, replace_active=replace_active)
 
     @classmethod
@@ -778,10 +807,21 @@ class CLoRAController(nn.Module):
         else:
             self._active = active
             As, Bs = active_factors
-            self.lora_A = nn.ParameterList(
-                [nn.Parameter(torch.cat([As[i] for i in b.site_ids], 0).to(self.param_dtype)) for b in self._bundles])
-            self.lora_B = nn.ParameterList(
-                [nn.Parameter(torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype)) for b in self._bundles])
+            newA = [torch.cat([As[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
+            newB = [torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
+            old = list(self.lora_A) + list(self.lora_B)
+            if len(old) == len(newA) + len(newB) and all(
+                    o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+                    for o, n in zip(old, newA + newB)):
+                # same layout (e.g. a rollback to a checkpoint of the concept being learned): load into the
+                # existing parameters, as nn.Module.load_state_dict does, so an optimizer built over
+                # trainable_parameters() keeps training them
+                with torch.no_grad():
+                    for o, n in zip(old, newA + newB):
+                        o.copy_(n)
+            else:
+                self.lora_A = nn.ParameterList([nn.Parameter(a) for a in newA])
+                self.lora_B = nn.ParameterList([nn.Parameter(b) for b in newB])
         self._bump()
 
     def extra_repr(self) -> str:

@@ -449,3 +449,61 @@ def test_project_pair_launches_and_gradient_slices(monkeypatch, group):
     assert n <= n_dense + 7, (n, n_dense, ops_)          # 12 vs 5 on torch 2.14 (per-site parameters: 11)
     torch.testing.assert_close(k, c.project(2, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, c.project(3, x), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_ignores_autocast_and_tf32_and_the_bank_reloads(tmp_path):
+    """end_concept() inside an autocast region folded s*B@A in bf16: P was 0.5% off and the saved bank
+    failed its own fold check on load. The fold is now exact (float64, rounded once to float32)."""
+    sites = make_sites()
+    c = CLoRAController(sites, rank=2, backend="reference")
+    factors = []
+    for t in range(2):
+        c.begin_concept()
+        randomize(c, seed=t)
+        factors.append([tuple(f.detach().clone() for f in c.current_factors(i)) for i in range(c.num_sites)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            c.end_concept()
+    for i in range(c.num_sites):
+        P = sum((c.scale * (B.double() @ A.double())).float() for A, B in (f[i] for f in factors))
+        torch.testing.assert_close(c.past(i), P, rtol=1e-6, atol=1e-7)
+    c.save(tmp_path / "bank")
+    c2 = CLoRAController.load_state(tmp_path / "bank", make_sites())
+    for i in range(c.num_sites):
+        assert torch.equal(c2.past(i), c.past(i))
+
+
+def test_rollback_loads_into_the_optimizers_parameters(tmp_path):
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    c.begin_concept("<a>")
+    randomize(c)
+    c.save(tmp_path / "ckpt")
+    saved = [p.detach().clone() for p in c.trainable_parameters()]
+    params = c.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=0.1)
+    x = torch.randn(5, IN)
+
+    def step():
+        opt.zero_grad()
+        sum(y.square().sum() for y in c.project_group("g", x)).backward()
+        opt.step()
+
+    step()
+    c.load_bank(tmp_path / "ckpt")                 # roll back the concept being learned
+    assert all(p is q for p, q in zip(c.trainable_parameters(), params))
+    assert all(torch.equal(p, s) for p, s in zip(c.trainable_parameters(), saved))
+    step()                                         # the optimizer still trains the controller's factors
+    assert not all(torch.equal(p, s) for p, s in zip(c.trainable_parameters(), saved))
+
+
+def test_invalidate_caches_after_writes_through_data():
+    sites = make_sites()
+    c = CLoRAController(sites, rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    x = torch.randn(3, IN)
+    y0 = c.project(0, x)
+    sites[0].weight.data.mul_(2.0)            # invisible to the version counter
+    c.invalidate_caches()
+    torch.testing.assert_close(c.project(0, x), x @ (sites[0].weight + c.past(0)).T)
+    assert not torch.equal(c.project(0, x), y0)

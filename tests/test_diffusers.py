@@ -695,3 +695,126 @@ def test_training_learns_and_penalty_protects_the_past():
         cl.end_concept()
         cl.remove_concept(cl.concepts[-1].idx)
     assert overlap[1e6] < 0.5 * overlap[0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the patched UNet follows what happens to the model after patching
+# ---------------------------------------------------------------------------------------------
+def _reference_with_past(unet_sd, cl, kind="sd1"):
+    """An unpatched UNet with the given weights and every site's P added: what the patched one must compute."""
+    ref = tiny_unet(kind)
+    ref.load_state_dict(unet_sd)
+    with torch.no_grad():
+        for i, s in enumerate(cl.sites):
+            ref.get_submodule(s.name).weight += cl.past(i)
+    return ref
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_base_weights_loaded_after_patch_are_followed(assign):
+    """load_state_dict while patched (in place, or assign=True: new parameter objects): the grouped no-grad
+    cache and the folded weights follow, and merge()/unmerge() write into the live parameters."""
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    cl.end_concept()
+    with torch.no_grad():
+        run_unet(unet, inputs)                                  # builds the no-grad cache for these inputs
+    sd2 = {k: v * 1.5 if ".attn2.to_" in k else v.clone() for k, v in unet.state_dict().items()}
+    unet.load_state_dict(sd2, assign=assign)
+    ref = _reference_with_past(sd2, cl)
+    with torch.no_grad():
+        expect = run_unet(ref, inputs)
+        torch.testing.assert_close(run_unet(unet, inputs), expect, rtol=1e-5, atol=1e-5)   # same ehs object
+    site = cl.sites[0]
+    assert site.weight is unet.get_submodule(site.name).weight
+    cl.merge()
+    torch.testing.assert_close(unet.get_submodule(site.name).weight, ref.get_submodule(site.name).weight)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), expect, rtol=1e-5, atol=1e-5)
+    cl.unmerge()
+    assert torch.equal(unet.get_submodule(site.name).weight, sd2[site.name + ".weight"])
+
+
+def test_inference_mode_before_training_and_inference_tensors_written_in_place():
+    unet = tiny_unet("sd1")
+    sample, ehs, kw = unet_inputs(unet)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl)
+    with torch.inference_mode():                 # "accuracy before training": the first forward after a change
+        buf = ehs.clone()
+        o1 = unet(sample, 10, encoder_hidden_states=buf).sample
+        buf.copy_(torch.randn_like(buf))         # a new prompt in the same (inference) buffer: no stale K/V
+        o2 = unet(sample, 10, encoder_hidden_states=buf).sample
+        o3 = unet(sample, 10, encoder_hidden_states=buf.clone()).sample
+    assert not torch.equal(o1, o2) and torch.equal(o2, o3)
+    out = unet(sample, 10, encoder_hidden_states=ehs).sample   # training right after: nothing cached is an
+    (out.square().mean() + cl.penalty()).backward()           # inference tensor
+    assert all(p.grad is not None for p in cl.trainable_parameters())
+
+
+def test_lora_module_swapped_in_after_patch_is_an_error():
+    peft = pytest.importorskip("peft")
+    unet = tiny_unet("sd1")
+    cl = D.patch(unet, rank=2, backend="reference")
+    cl.begin_concept()
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["attn2.to_k"], init_lora_weights=False))
+    with pytest.raises(RuntimeError, match=r"attn2.to_k was replaced after clora_fast.patch"):
+        run_unet(unet, unet_inputs(unet))
+    with pytest.raises(RuntimeError, match=r"was replaced after clora_fast.patch"):
+        cl.merge() if cl.active_concept is None else cl.penalty()
+
+
+def test_module_processor_weights_stay_in_the_unet():
+    """An nn.Module processor (IP-Adapter) keeps its weights in the UNet's state_dict/parameters and
+    follows .to() while patched (Attention.set_processor drops a module processor replaced by a plain object)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    unet = tiny_unet("sd1")
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if ".attn2." in name:
+            attn = unet.get_submodule(name[:-len(".processor")])
+            proc = IPAdapterAttnProcessor2_0(hidden_size=attn.to_q.out_features, cross_attention_dim=32,
+                                             num_tokens=(4,), scale=1.0)
+        procs[name] = proc
+    unet.set_attn_processor(procs)
+    sd0 = {k: v.clone() for k, v in unet.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    sample, ehs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)
+    img = [torch.randn(2, 1, 4, 32, generator=g)]
+    with torch.no_grad():
+        ref = unet(sample, 10, encoder_hidden_states=ehs, added_cond_kwargs={"image_embeds": img}).sample
+    cl = D.patch(unet, rank=2, backend="reference")
+    assert set(unet.state_dict()) == set(sd0)
+    cl.begin_concept()
+    with torch.no_grad():
+        got = unet(sample, 10, encoder_hidden_states=ehs, added_cond_kwargs={"image_embeds": img}).sample
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    unet.to(torch.float64)
+    inner = unet.get_submodule(attn2_names(unet)[0]).processor.inner
+    assert inner.to_k_ip[0].weight.dtype == torch.float64
+    cl.end_concept()
+    D.unpatch(unet)
+    unet.to(torch.float32)
+    assert {k: v for k, v in unet.state_dict().items()}.keys() == sd0.keys()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in sd0.items())
+    assert isinstance(unet.get_submodule(attn2_names(unet)[0]).processor, IPAdapterAttnProcessor2_0)
+
+
+def test_torch_compile_of_patched_unet():
+    """dynamo builds _ProjFn objects without __init__ (its attribute lookup used to recurse)."""
+    torch._dynamo.reset()
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=4, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    with torch.no_grad():
+        ref = run_unet(unet, inputs)
+        got = run_unet(torch.compile(unet, backend="aot_eager"), inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -613,6 +613,65 @@ def test_model_converted_after_patching(fw):
     assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
 
 
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+@pytest.mark.parametrize("change", ["to", "deepcopy", "assign"])
+def test_merge_right_after_a_conversion_uses_the_live_weights(fw, change):
+    """merge()/unmerge() (no forward in between) after model.to(), deepcopy or load_state_dict(assign=True):
+    the sites were stale until the next forward, so merge wrote W0+P into dead storage (timm's qkv row views)
+    or into replaced parameters, and the merged model silently lost every concept."""
+    m, x = make(fw, layers=2)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    if change == "to":
+        m.to(torch.float64)
+        x = x.double()
+    elif change == "deepcopy":
+        m = copy.deepcopy(m)
+        ctrl = vit.get_controller(m)
+    else:
+        m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    ctrl.merge()                                   # no forward since the change
+    with torch.no_grad():
+        merged = run(m, x)
+    ctrl.unmerge()
+    assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+    with torch.no_grad():
+        folded = run(m, x)
+    torch.testing.assert_close(merged, folded, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_inference_mode_evaluation_before_training(fw):
+    """An evaluation under torch.inference_mode() right after begin_concept (or a bank load) must not
+    leave inference tensors in the controller's caches: training right after would fail."""
+    m, x = make(fw, layers=2)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    ctrl.begin_concept("t1")
+    with torch.inference_mode():
+        run(m, x)
+    (run(m, x).square().sum() + ctrl.penalty()).backward()
+    assert all(p.grad is not None for p in ctrl.trainable_parameters())
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_patching_a_part_of_a_patched_model_is_an_error(fw):
+    m, x = make(fw, layers=2)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    part = m.vit if fw == "hf" else m.blocks
+    with pytest.raises(RuntimeError, match="already patched by clora_fast as part of another model"):
+        vit.patch(part, rank=2)
+    clora_fast.unpatch(m)
+    vit.patch(part, rank=2)                   # fine once the whole model is unpatched
+    with pytest.raises(RuntimeError, match="already patched by clora_fast as part of another model"):
+        vit.patch(m, rank=2)
+
 # ---------------------------------------------------------------- penalty, dtypes
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_penalty_is_one_grouped_call_over_every_site(fw, monkeypatch):

@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..controller import CLoRAController, Site
+from ..controller import _tensor_key, CLoRAController, Site
 
 logger = logging.getLogger("clora_fast")
 
@@ -242,6 +242,8 @@ class _ProjFn:
         return self._call.kv(self._role, x)
 
     def __getattr__(self, name):  # weight, bias, in_features, out_features, ...
+        if name in _ProjFn.__slots__:   # not set yet (an object built without __init__, e.g. by dynamo)
+            raise AttributeError(name)
         return getattr(self._linear, name)
 
 
@@ -309,18 +311,45 @@ def _processor_class(inner_cls: type) -> type:
             return CLoRAAttnProcessor.__call__(self, attn, *args, **kwargs)
 
         __call__.__signature__ = sig
-        cls = type(f"CLoRA{inner_cls.__name__}", (CLoRAAttnProcessor,), {"__call__": __call__})
+        if issubclass(inner_cls, nn.Module):     # e.g. IP-Adapter processors, which hold weights
+            cls = type(f"CLoRA{inner_cls.__name__}", (_ModuleProcessor,), {"__call__": __call__})
+        else:
+            cls = type(f"CLoRA{inner_cls.__name__}", (CLoRAAttnProcessor,), {"__call__": __call__})
         _PROCESSOR_CLASSES[inner_cls] = cls
     return cls
 
 
+class _ModuleProcessor(CLoRAAttnProcessor, nn.Module):
+    """The wrapper of a processor that is an ``nn.Module`` (``Attention.set_processor`` would drop a
+    module processor's weights from the UNet for a plain object): it holds the replaced processor's
+    parameters, buffers and submodules under the same names, so the UNet's ``state_dict()`` keys,
+    ``parameters()`` and ``.to()`` conversions are exactly as before patching."""
+
+    def __init__(self, adapter, layer, inner):
+        nn.Module.__init__(self)
+        d = self.__dict__                      # plain attributes: not submodules of their own
+        d["adapter"], d["layer"], d["inner"] = adapter, layer, inner
+        self._parameters.update(inner._parameters)
+        self._buffers.update(inner._buffers)
+        self._modules.update(inner._modules)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        # a conversion may replace parameter/buffer objects in this module's dicts: the inner one uses them too
+        inner = self.__dict__["inner"]
+        inner._parameters.update(self._parameters)
+        inner._buffers.update(self._buffers)
+        return out
+
+
 class _Layer:
-    __slots__ = ("name", "attn", "k_site", "v_site", "group", "gpos", "orig_processor")
+    __slots__ = ("name", "attn", "k_site", "v_site", "group", "gpos", "orig_processor", "linears")
 
     def __init__(self, name, attn, k_site, v_site, group):
         self.name, self.attn, self.k_site, self.v_site, self.group = name, attn, k_site, v_site, group
         self.gpos = None
         self.orig_processor = None
+        self.linears = (attn.to_k, attn.to_v)       # the adapted modules (replacing them is an error)
 
 
 # ------------------------------------------------------------------------------------ adapter
@@ -439,7 +468,27 @@ class DiffusersAdapter:
             logger.debug(msg, *args)
 
     # -- grouped K/V ------------------------------------------------------------------------
+    def refresh_sites(self) -> None:
+        """Re-point the sites at the live ``to_k``/``to_v`` parameters (``load_state_dict(assign=True)`` or a
+        conversion that replaces parameter objects); a replaced ``to_k``/``to_v`` module (e.g. PEFT's
+        ``add_adapter`` / ``load_lora_weights`` wrapping it) is an error: its adapter would be skipped."""
+        sites = self.sites
+        for layer in self.layers:
+            attn = layer.attn
+            for site_i, proj, orig in ((layer.k_site, attn.to_k, layer.linears[0]),
+                                       (layer.v_site, attn.to_v, layer.linears[1])):
+                if proj is not orig:
+                    raise RuntimeError(
+                        f"{layer.name}.{'to_k' if site_i == layer.k_site else 'to_v'} was replaced after "
+                        f"clora_fast.patch (now a {type(proj).__name__}, e.g. by PEFT's add_adapter / "
+                        f"load_lora_weights): it would be skipped. Call clora_fast.unpatch(...) first, then "
+                        f"add the other adapter and patch again (or merge it into the weights first)")
+                site = sites[site_i]
+                if site.weight is not proj.weight or site.bias is not proj.bias:
+                    site.weight, site.bias = proj.weight, proj.bias
+
     def _check_processors(self) -> None:
+        self.refresh_sites()
         for layer in self.layers:
             if not isinstance(layer.attn.processor, CLoRAAttnProcessor) or layer.attn.processor.adapter is not self:
                 raise RuntimeError(
@@ -481,8 +530,11 @@ class DiffusersAdapter:
         grad = torch.is_grad_enabled()
         key = (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device)
         c = self._cache
-        if c is not None and not grad and not c["grad"] and c["x"] is x and c["key"] == key:
-            return None  # same prompt embeddings, same weights: reuse (denoising loop)
+        if (c is not None and not grad and not c["grad"] and c["x"] is x and key[0] is not None
+                and c["key"] == key and c["weights"] == self._weights_key()):
+            # same prompt embeddings (not written in place: an inference tensor has no version, so it is never
+            # reused), same adapters, same base weights and biases: reuse (denoising loop)
+            return None
         outs = {}
         for group in ctrl.groups:
             bundle_in = ctrl.group_in_features(group)
@@ -491,8 +543,14 @@ class DiffusersAdapter:
                                                "%d: per-layer K/V", x.shape[-1], group, bundle_in)
                 continue
             outs[group] = ctrl.project_group(group, x)
-        self._cache = {"x": x, "key": key, "grad": grad, "outs": outs}
+        self._cache = {"x": x, "key": key, "grad": grad, "outs": outs,
+                       "weights": None if grad else self._weights_key()}
         return None
+
+    def _weights_key(self):
+        """Identity and version of every adapted base weight and bias (computed only where a cache may be
+        reused: a training forward never pays for it)."""
+        return tuple(_tensor_key(t) for s in self.sites for t in (s.weight, s.bias))
 
     def _cached(self, layer: _Layer, x: Tensor):
         """(K, V) of ``layer`` from the grouped cache when it applies to ``x``, else None."""

@@ -370,6 +370,12 @@ class ViTAdapter:
         for c in self._calls:
             c.clear()
 
+    def refresh_sites(self) -> None:
+        """Re-point every site at the live parameters (the controller calls this before merge,
+        unmerge, begin_concept, penalty, save, ...: not only the forward sees a converted model)."""
+        for c in self._calls:
+            _refresh_sites(c)
+
 
 # --------------------------------------------------------------------------------------------
 # public API
@@ -399,6 +405,13 @@ def _prepare(model, what: str) -> ViTAdapter:
         raise TypeError(f"{what}: model must be a torch.nn.Module (transformers ViT or timm "
                         f"VisionTransformer), got {type(model).__module__}.{type(model).__name__}")
     framework, blocks = find_attention_blocks(model)
+    for blk in blocks:
+        for lin in blk.linears.values():
+            if isinstance(lin.__dict__.get("forward"), (_ProjForward, _QKVForward)):
+                raise RuntimeError(
+                    f"{what}: {type(model).__name__} contains attention layers that are already patched by "
+                    f"clora_fast as part of another model (or a sub-model of it): patching them again would "
+                    f"disconnect the first controller. Call clora_fast.unpatch(...) on that model first")
     if not blocks:
         raise ValueError(
             f"{what}: found no self-attention layers to adapt in {type(model).__module__}."
