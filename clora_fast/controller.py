@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -553,6 +554,7 @@ class CLoRAController(nn.Module):
                              f"concept names are unique")
         self._refresh_sites()
         self._sync_device()
+        self._warn_trainable_base()
         As, Bs = [], []
         for bundle in self._bundles:
             dev = self.sites[bundle.site_ids[0]].weight.device
@@ -579,6 +581,18 @@ class CLoRAController(nn.Module):
         self._bump()
         logger.debug("begin_concept %d (%s)", idx, name)
         return idx
+
+    def _warn_trainable_base(self) -> None:
+        """The adapted projections compute with ``W0 + P`` built without autograd (W0 is frozen in C-LoRA):
+        a base weight or bias that requires grad would silently get no gradient from them."""
+        hook = getattr(self.adapter, "base_parameters", None)
+        params = list(hook()) if hook is not None else [t for s in self.sites for t in (s.weight, s.bias)]
+        if any(isinstance(p, Tensor) and p.requires_grad for p in params):
+            warnings.warn("clora_fast: the adapted K/V projections' base weights/biases require grad, but C-LoRA "
+                          "keeps them frozen: they get no gradient from the adapted projections while a concept is "
+                          "active. Freeze them (e.g. model.requires_grad_(False), then train "
+                          "controller.trainable_parameters() and your head) to silence this warning",
+                          UserWarning, stacklevel=3)
 
     def trainable_parameters(self) -> List[Tensor]:
         """The active concept's A and B (flat per group) and whatever the adapter trains for it

@@ -639,12 +639,11 @@ def test_bank_between_pipeline_and_bare_unet(tmp_path, caplog):
     assert "tokens are not loaded" in caplog.text
     with torch.no_grad():
         assert torch.equal(unet(sample, 10, encoder_hidden_states=ehs).sample, want)
-    cl2.save(tmp_path / "from_unet")
+    cl2.save(tmp_path / "from_unet")             # re-saved through the bare UNet: the token embeddings are kept
     pipe2 = tiny_pipe()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="clora_fast"):
-        cl3 = clora_fast.load(pipe2, tmp_path / "from_unet")
-    assert "without personalized tokens" in caplog.text and "<c1>" not in pipe2.tokenizer.get_vocab()
+    cl3 = clora_fast.load(pipe2, tmp_path / "from_unet")
+    assert "<c1>" in pipe2.tokenizer.get_vocab()
+    assert torch.equal(D.get_adapter(pipe2).token_embedding(0), D.get_adapter(pipe).token_embedding(0))
     with pytest.raises(ValueError, match="already exists"):
         cl3.begin_concept("<c1>")
     cl3.begin_concept("<c2>")
@@ -818,3 +817,33 @@ def test_torch_compile_of_patched_unet():
         ref = run_unet(unet, inputs)
         got = run_unet(torch.compile(unet, backend="aot_eager"), inputs)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rollback_keeps_the_optimizers_parameters_token_row_included(tmp_path):
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    randomize(cl)
+    cl.save(tmp_path / "ckpt")
+    saved = [p.detach().clone() for p in cl.trainable_parameters()]
+    params = cl.trainable_parameters()
+    assert len(params) == 3                        # flat A, flat B, the token row
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    cl.load_bank(tmp_path / "ckpt")
+    assert all(p is q for p, q in zip(cl.trainable_parameters(), params))
+    assert all(torch.equal(p, s) for p, s in zip(cl.trainable_parameters(), saved))
+
+
+def test_trainable_base_weights_are_warned_about():
+    unet = tiny_unet("sd1")
+    cl = D.patch(unet, rank=2, backend="reference")
+    with pytest.warns(UserWarning, match="base weights/biases require grad"):
+        cl.begin_concept()
+    cl.end_concept()
+    unet.requires_grad_(False)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cl.begin_concept()

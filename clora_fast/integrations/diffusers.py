@@ -487,6 +487,9 @@ class DiffusersAdapter:
                 if site.weight is not proj.weight or site.bias is not proj.bias:
                     site.weight, site.bias = proj.weight, proj.bias
 
+    def base_parameters(self) -> List[Tensor]:
+        return [p for layer in self.layers for lin in layer.linears for p in (lin.weight, lin.bias) if p is not None]
+
     def _check_processors(self) -> None:
         self.refresh_sites()
         for layer in self.layers:
@@ -690,6 +693,7 @@ class DiffusersAdapter:
         for slot in self.slots:
             slot.emb.clora_rows.clear()
             slot.emb.clora_retired.clear()
+        prev_tokens, prev_rows = self.tokens, self.rows
         self.tokens, self.retired = {}, []
         self.rows = [dict() for _ in self.slots]
         for tok in old + [t for t in retired if t not in old]:
@@ -702,8 +706,13 @@ class DiffusersAdapter:
             for s, slot in enumerate(self.slots):
                 tid = slot.add_token(tok)
                 slot.emb.clora_retired.pop(tid, None)
-                t = per_concept[idx][f"token_embedding.{s}"]
-                row = nn.Parameter(t.detach().float().to(slot.base.weight.device), requires_grad=(idx == active))
+                t = per_concept[idx][f"token_embedding.{s}"].detach().float().to(slot.base.weight.device)
+                row = prev_rows[s].get(idx) if idx == active and prev_tokens.get(idx) == tok else None
+                if row is not None and row.shape == t.shape and row.dtype == t.dtype and row.device == t.device:
+                    with torch.no_grad():      # a rollback of the concept being learned: the optimizer keeps
+                        row.copy_(t)           # training this very parameter (as the controller's A and B)
+                else:
+                    row = nn.Parameter(t, requires_grad=(idx == active))
                 self.rows[s][idx] = row
                 slot.emb.clora_rows[tid] = row
             self.tokens[idx] = tok

@@ -370,6 +370,11 @@ class ViTAdapter:
         for c in self._calls:
             c.clear()
 
+    def base_parameters(self) -> List[torch.Tensor]:
+        """The model's parameters behind the sites (timm: the whole fused qkv weight and bias)."""
+        return [p for blk in self.blocks for lin in blk.linears.values() for p in (lin.weight, lin.bias)
+                if p is not None and lin in self._installed]
+
     def refresh_sites(self) -> None:
         """Re-point every site at the live parameters (the controller calls this before merge,
         unmerge, begin_concept, penalty, save, ...: not only the forward sees a converted model)."""
