@@ -504,6 +504,9 @@ def _cmd_train(args) -> int:
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     if resolution % pipe.vae_scale_factor:
         raise CLIError(f"--resolution {resolution} must be a multiple of the VAE factor {pipe.vae_scale_factor}")
+    if args.samples_per_concept > 0 and resolution % _sample_multiple(pipe):
+        raise CLIError(f"--resolution {resolution}: the sample grids need a multiple of {_sample_multiple(pipe)} "
+                       f"(or pass --samples-per-concept 0)")
 
     patch, load, _unpatch = _api()
     if state == "bank":
@@ -616,7 +619,12 @@ def _training_scheduler(pipe):
 
 
 def _sample_parser(sub):
-    p = sub.add_parser("sample", help="generate images with every concept of a bank merged in")
+    p = sub.add_parser(
+        "sample", help="generate images with every concept of a bank merged in",
+        description="Generate images with every finished concept of a bank merged into the model. "
+                    "A bank saved mid-training (with an unfinished concept) samples with its finished "
+                    "concepts only (a note says so); a prompt that uses the token of the unfinished "
+                    "concept, or of a concept removed from the bank, is an error.")
     p.add_argument("--bank", required=True)
     p.add_argument("--model", default="builtin", help="the model the bank was trained on")
     p.add_argument("--prompt", required=True, help="e.g. 'a photo of <digit3>'")
@@ -625,11 +633,31 @@ def _sample_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seeds the initial noise (and any other randomness)")
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
     p.add_argument("--guidance-scale", type=float, default=1.0)
-    p.add_argument("--resolution", type=_positive("--resolution"), default=None)
+    p.add_argument("--resolution", type=_positive("--resolution"), default=None,
+                   help="image size, a multiple of the model's VAE factor (default: the model's native size)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     p.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="CPU threads for torch (default: 1 for the builtin model on CPU)")
     return p
+
+
+def _prompt_token_ids(tokenizer, prompt: str) -> Tuple[List[int], List[int]]:
+    """(ids the text encoder sees: truncated to the model's length as the pipeline does, all ids)."""
+    full = list(tokenizer(prompt, truncation=False).input_ids)
+    kept = list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+    return kept, full
+
+
+def _token_id(tokenizer, token: str) -> Optional[int]:
+    """The id of a personalized token as the tokenizer reads it in a prompt (None: not a token)."""
+    ids = tokenizer(token, add_special_tokens=False).input_ids
+    return int(ids[0]) if len(ids) == 1 else None
+
+
+def _sample_multiple(pipe) -> int:
+    """Image sizes a Stable Diffusion pipeline call accepts are multiples of this (its
+    ``check_inputs`` wants multiples of 8; the latents need multiples of the VAE factor)."""
+    return math.lcm(8, int(pipe.vae_scale_factor))
 
 
 def cmd_sample(args) -> int:
@@ -647,14 +675,45 @@ def _cmd_sample(args) -> int:
         raise CLIError(f"--out must be a .png file, got {args.out!r}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = _load_model(args.model, device)
+    if args.resolution is not None and args.resolution % _sample_multiple(pipe):
+        raise CLIError(f"--resolution {args.resolution} must be a multiple of {_sample_multiple(pipe)} (the "
+                       f"pipeline needs a multiple of 8, the VAE of model {args.model!r} one of "
+                       f"{pipe.vae_scale_factor})")
     _patch, load, _unpatch = _api()
     try:
         cl = load(pipe, str(bank), backend=args.backend)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
+    unfinished = cl.active_name
+    if unfinished is not None:
+        # a checkpoint saved mid-concept: sample with the finished concepts; the unfinished one is
+        # dropped here in memory (its token becomes unusable), the bank on disk is not changed
+        idx = cl.active_concept
+        cl.end_concept()
+        cl.remove_concept(idx)
     names = _read_bank_names(cl)
-    used = [n for n in names if n in args.prompt]
-    unknown = sorted(set(re.findall(r"<[a-z0-9_\-]+>", args.prompt.lower())) - set(names))
+    tok = pipe.tokenizer
+    kept, full = _prompt_token_ids(tok, args.prompt)
+    # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>')
+    removed = [r["name"] for r in cl._retired if r["name"] != unfinished]
+    for name, why in [(n, "was removed from the bank") for n in removed] + \
+                     ([(unfinished, "is unfinished in the bank (saved mid-training)")] if unfinished else []):
+        tid = _token_id(tok, name) if name in tok.get_vocab() else None
+        if tid is not None and tid in full:
+            raise CLIError(f"the prompt {args.prompt!r} uses the token {name!r} of a concept that {why}; "
+                           f"the bank's usable concepts are {names}")
+    if unfinished is not None:
+        print(f"clora-fast: note: the bank {args.bank!r} holds an unfinished concept {unfinished!r} (saved "
+              f"mid-training): it is not used, sampling with the {len(names)} finished concept(s)",
+              file=sys.stderr)
+    ids = {n: _token_id(tok, n) for n in names}
+    used = [n for n in names if ids[n] is not None and ids[n] in kept]
+    cut = [n for n in names if ids[n] is not None and ids[n] in full and n not in used]
+    if cut:
+        print(f"clora-fast: warning: the prompt is longer than the model's {tok.model_max_length} tokens: "
+              f"{cut} fall in the part that is cut off and are not used", file=sys.stderr)
+    known = {n.lower() for n in names} | {n.lower() for n in removed}
+    unknown = sorted(set(re.findall(r"<[a-z0-9_\-]+>", args.prompt.lower())) - known)
     if unknown:
         print(f"clora-fast: warning: prompt tokens {unknown} are not in the bank (it holds {names})",
               file=sys.stderr)

@@ -473,3 +473,80 @@ def test_sample_corrupt_manifest_is_a_clean_error(tmp_path, two_concept_bank, ca
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("clora-fast: error:") and "'alpha'" in err
     assert (bank / "manifest.json").read_bytes() == before
+
+
+def _sample(capsys, bank, prompt, out, *extra):
+    capsys.readouterr()
+    rc = cli.main(["sample", "--bank", str(bank), "--prompt", prompt, "--out", str(out), *SAMPLE_FAST, *extra])
+    o = capsys.readouterr()
+    return rc, o.out, o.err
+
+
+def test_sample_bank_with_an_unfinished_concept(tmp_path, two_concept_bank, capsys):
+    """A bank saved mid-concept samples with its finished concepts (and says so); a prompt with the
+    unfinished concept's token is a clear error, not a RuntimeError from merge()."""
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    pipe = build_pipeline()
+    pipe.unet.requires_grad_(False)
+    cl = clora_fast.load(pipe, str(two_concept_bank), backend="reference")
+    cl.begin_concept("<wip>")
+    with torch.no_grad():
+        for p in cl.trainable_parameters():
+            p.add_(0.5)
+    cl.save(str(tmp_path / "wip"))
+    before = (tmp_path / "wip" / "manifest.json").read_bytes()
+    rc, out, err = _sample(capsys, tmp_path / "wip", "a photo of <alpha>", tmp_path / "a.png")
+    assert rc == 0, err
+    assert "unfinished concept '<wip>'" in err and "2 finished concept(s)" in err
+    assert "concepts used: ['<alpha>']" in out
+    assert (tmp_path / "wip" / "manifest.json").read_bytes() == before      # the bank is not changed
+    # the same image as the bank without the unfinished concept
+    assert _sample(capsys, two_concept_bank, "a photo of <alpha>", tmp_path / "b.png")[0] == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    rc, out, err = _sample(capsys, tmp_path / "wip", "a photo of <wip>", tmp_path / "c.png")
+    assert rc == 2 and err.startswith("clora-fast: error:") and "'<wip>'" in err and "unfinished" in err
+    assert not (tmp_path / "c.png").exists()
+    assert "unfinished concept" in subprocess.run(
+        [sys.executable, "-m", "clora_fast.cli", "sample", "--help"], capture_output=True, text=True,
+        env=dict(os.environ, COLUMNS="200")).stdout
+
+
+def test_sample_removed_concept_token_and_bad_resolution(tmp_path, two_concept_bank, capsys):
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    pipe = build_pipeline()
+    cl = clora_fast.load(pipe, str(two_concept_bank), backend="reference")
+    cl.remove_concept(0)
+    cl.save(str(tmp_path / "rm"))
+    rc, out, err = _sample(capsys, tmp_path / "rm", "a photo of <alpha>", tmp_path / "a.png")
+    assert rc == 2 and err.startswith("clora-fast: error:") and "'<alpha>'" in err and "removed" in err
+    assert "Traceback" not in err and not (tmp_path / "a.png").exists()
+    rc, out, err = _sample(capsys, tmp_path / "rm", "a photo of <beta>", tmp_path / "a.png")
+    assert rc == 0 and "concepts used: ['<beta>']" in out
+    for res in ("7", "12"):             # not a multiple of the VAE factor (2) / of the pipeline's 8
+        rc, out, err = _sample(capsys, two_concept_bank, "a photo of <beta>", tmp_path / "r.png", "--resolution", res)
+        assert rc == 2 and err.startswith("clora-fast: error: --resolution") and "multiple of 8" in err
+        assert not (tmp_path / "r.png").exists()
+
+
+def test_sample_concepts_used_matches_the_tokenizer(tmp_path, two_concept_bank, capsys):
+    """The tokenizer lower-cases: '<Alpha>' is the concept <alpha>, and the summary says so."""
+    rc, out, err = _sample(capsys, two_concept_bank, "a photo of <Alpha> and <BETA>", tmp_path / "a.png")
+    assert rc == 0 and "concepts used: ['<alpha>', '<beta>']" in out
+    assert "not in the bank" not in err
+    rc, out, err = _sample(capsys, two_concept_bank, "a photo of <alphas>", tmp_path / "a.png")
+    assert rc == 0 and "concepts used: none" in out and "['<alphas>'] are not in the bank" in err
+
+
+def test_train_resolution_the_sample_grids_cannot_use(tmp_path, concepts, capsys):
+    """--resolution 12 trains (a multiple of the VAE factor 2) but the pipeline samples only
+    multiples of 8: refused before training when grids are asked for, accepted without them."""
+    bank = tmp_path / "bank"
+    rc = cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--resolution", "12"])
+    assert rc == 2 and "the sample grids need a multiple of 8" in capsys.readouterr().err
+    assert not bank.exists()
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--resolution", "12",
+                     "--samples-per-concept", "0", "--rank", "2"]) == 0
