@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "__version__"]
+__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "save_pipeline", "__version__"]
 
 
 def available_backends() -> list:
@@ -67,3 +67,11 @@ def unpatch(obj) -> None:
 def load(obj, path, **kwargs):
     """Patch ``obj`` and load a concept bank saved with ``controller.save(path)``."""
     return _integration_for(obj).load(obj, path, **kwargs)
+
+
+def save_pipeline(pipe, path, **kwargs) -> None:
+    """Save a patched diffusers pipeline with every finished concept baked in (merged UNet, the concepts'
+    tokens in the tokenizer and text encoder): ``from_pretrained(path)`` needs no clora_fast.  See
+    :func:`clora_fast.integrations.diffusers.save_pipeline`."""
+    from .integrations import diffusers as _diffusers
+    return _diffusers.save_pipeline(pipe, path, **kwargs)

@@ -847,3 +847,27 @@ def test_trainable_base_weights_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cl.begin_concept()
+
+
+def test_save_pipeline_bakes_concepts_in_and_save_pretrained_is_guarded(tmp_path):
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    for name, seed in (("<c1>", 1), ("<c2>", 2), ("<c3>", 3)):
+        cl.begin_concept(name)
+        randomize(cl, seed=seed)
+        cl.end_concept()
+    cl.remove_concept(1)                                  # a retired token is left out of the saved pipeline
+    want = generate(pipe, "a photo of <c1> and <c3>")
+    with pytest.raises(RuntimeError, match="personalized tokens"):
+        pipe.save_pretrained(tmp_path / "plain")
+    clora_fast.save_pipeline(pipe, tmp_path / "baked")
+    assert not cl.merged and D.get_adapter(pipe) is not None     # the patched pipeline is as it was
+    torch.testing.assert_close(generate(pipe, "a photo of <c1> and <c3>"), want, rtol=0, atol=0)
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "baked", safety_checker=None,
+                                                     requires_safety_checker=False)
+    loaded.set_progress_bar_config(disable=True)
+    assert "<c2>" not in loaded.tokenizer.get_vocab()
+    torch.testing.assert_close(generate(loaded, "a photo of <c1> and <c3>"), want, rtol=1e-4, atol=1e-4)
+    cl.begin_concept("<c4>")
+    with pytest.raises(RuntimeError, match="still being learned"):
+        clora_fast.save_pipeline(pipe, tmp_path / "again")

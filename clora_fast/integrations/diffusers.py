@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -191,6 +192,8 @@ class _TextSlot:
 
     def install(self) -> None:
         self.tokenizer = copy.deepcopy(self.orig_tokenizer)
+        self.tokenizer._clora_base_len = len(self.orig_tokenizer)
+        self.tokenizer.save_pretrained = types.MethodType(_guarded_save_pretrained, self.tokenizer)
         self.emb = PersonalizedEmbedding(self.base)
         _set_module(self.encoder, self.path, self.emb)
         setattr(self.pipe, self.tok_attr, self.tokenizer)
@@ -228,6 +231,19 @@ class _TextSlot:
         v = torch.randn(self.dim, dtype=torch.float32, device=w.device)
         v = v / v.norm() * mean_norm
         return nn.Parameter(v)
+
+
+def _guarded_save_pretrained(tok, *args, **kwargs):
+    """``save_pretrained`` of a patched pipeline's tokenizer: refused once it holds personalized tokens, whose
+    embeddings live outside the text encoder's weights (a ``pipe.save_pretrained`` would write a tokenizer
+    the saved text encoder cannot encode: an IndexError at the first prompt with a concept's token)."""
+    if len(tok) != tok._clora_base_len:
+        raise RuntimeError(
+            "this tokenizer holds clora_fast's personalized tokens, whose embeddings are not part of the text "
+            "encoder's weights: saving it (e.g. pipe.save_pretrained) would write a pipeline that cannot encode "
+            "them. Use clora_fast.save_pipeline(pipe, path) (every finished concept baked in: merged UNet, tokens "
+            "in the tokenizer and text encoder), or export_lora + export_textual_inversion, or unpatch first")
+    return type(tok).save_pretrained(tok, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ processors
@@ -789,3 +805,56 @@ def export_textual_inversion(obj, path, which: int) -> None:
     if ad is None:
         raise ValueError(f"export_textual_inversion: {type(obj).__name__} is not patched by clora_fast")
     ad.export_textual_inversion(path, which)
+
+
+def save_pipeline(obj, path, **save_kwargs) -> None:
+    """``pipe.save_pretrained(path, **save_kwargs)`` with every finished concept baked in: the UNet's K/V
+    weights are ``W0 + P`` (merged), each finished concept's token is added to the tokenizer(s) and its
+    learned embedding appended to the text encoder(s) (``vocab_size`` grown to match), so that
+    ``DiffusionPipeline.from_pretrained(path)`` reproduces the patched pipeline without clora_fast (removed
+    concepts' tokens are left out).  The patched pipeline is left exactly as it was, also when saving fails."""
+    unet, pipe = _resolve(obj)
+    ad = _adapter_of(unet)
+    if ad is None:
+        raise ValueError(f"save_pipeline: this {type(obj).__name__} is not patched by clora_fast")
+    if pipe is None:
+        raise TypeError("save_pipeline: pass the pipeline (a bare UNet has no tokenizer or text encoder; use "
+                        "unet.save_pretrained after controller.merge())")
+    ctrl = ad.controller
+    if ctrl.active_concept is not None:
+        raise RuntimeError(f"save_pipeline: concept {ctrl.active_concept} ({ctrl.active_name!r}) is still being "
+                           f"learned: call end_concept() first (only finished concepts are baked in)")
+    merged_here = False
+    swapped = []
+    try:
+        if not ctrl.merged and ctrl.has_past:
+            ctrl.merge()
+            merged_here = True
+        live = sorted(ad.tokens.items())
+        for s, slot in enumerate(ad.slots):
+            tok = copy.deepcopy(slot.orig_tokenizer)
+            tok.add_tokens([t for _, t in live])
+            base = slot.base
+            ids = [tok.convert_tokens_to_ids(t) for _, t in live]
+            n = max(base.num_embeddings, len(tok))
+            emb = nn.Embedding(n, base.embedding_dim, padding_idx=base.padding_idx, device=base.weight.device,
+                               dtype=base.weight.dtype)
+            with torch.no_grad():
+                emb.weight[:base.num_embeddings].copy_(base.weight)
+                for (idx, _), tid in zip(live, ids):
+                    emb.weight[tid].copy_(ad.rows[s][idx])
+            cfg = slot.encoder.config
+            swapped.append((slot, getattr(cfg, "vocab_size", None)))
+            _set_module(slot.encoder, slot.path, emb)
+            if hasattr(cfg, "vocab_size"):
+                cfg.vocab_size = n
+            setattr(pipe, slot.tok_attr, tok)
+        pipe.save_pretrained(path, **save_kwargs)
+    finally:
+        for slot, vocab in swapped:
+            _set_module(slot.encoder, slot.path, slot.emb)
+            if vocab is not None:
+                slot.encoder.config.vocab_size = vocab
+            setattr(pipe, slot.tok_attr, slot.tokenizer)
+        if merged_here:
+            ctrl.unmerge()
