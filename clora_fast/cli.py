@@ -328,6 +328,10 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
         [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
     ).input_ids.to(device)
+    token = getattr(cl, "active_name", None)
+    tid = pipe.tokenizer.get_vocab().get(token) if isinstance(token, str) else None
+    if tid is not None and tid not in ids[0].tolist():
+        raise CLIError(_prompt_cut_message(prompt, token, pipe.tokenizer, ""))
     n = lat_mean.shape[0]
     num_t = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
@@ -541,6 +545,7 @@ def _cmd_train(args) -> int:
             raise CLIError(str(e)) from None
         done = []
 
+    _check_prompts_fit(pipe.tokenizer, folders[len(done):], tokens[len(done):], prompts[len(done):])
     samples_dir = Path(args.samples_dir) if args.samples_dir else out.with_name(out.name + "_samples")
     from tqdm.auto import tqdm
 
@@ -598,6 +603,27 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _prompt_cut_message(prompt: str, token: str, tokenizer, where: str) -> str:
+    n = len(tokenizer(prompt, truncation=False, verbose=False).input_ids)
+    return (f"the training prompt {prompt!r}{where} is {n} tokens long: the text encoder reads only the first "
+            f"{tokenizer.model_max_length}, so the concept's token {token!r} would be cut off and never "
+            f"trained; shorten the prompt or put {{token}} earlier (--prompts)")
+
+
+def _check_prompts_fit(tokenizer, folders: Sequence[str], tokens: Sequence[str], prompts: Sequence[str]) -> None:
+    """Refuse (before any training) a prompt whose concept token falls in the part that the
+    tokenizer's truncation to ``model_max_length`` cuts off."""
+    import copy
+
+    tok = copy.deepcopy(tokenizer)                # the concepts' tokens are not added yet
+    tok.add_tokens([t for t in tokens if t not in tok.get_vocab()])
+    for folder, token, prompt in zip(folders, tokens, prompts):
+        tid = tok.convert_tokens_to_ids(token)
+        ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
+        if tid not in ids:
+            raise CLIError(_prompt_cut_message(prompt, token, tok, f" of concept folder {folder!r}"))
+
+
 def _load_model(model: str, device):
     from clora_fast.builtin import load_pipeline
 
@@ -643,7 +669,7 @@ def _sample_parser(sub):
 
 def _prompt_token_ids(tokenizer, prompt: str) -> Tuple[List[int], List[int]]:
     """(ids the text encoder sees: truncated to the model's length as the pipeline does, all ids)."""
-    full = list(tokenizer(prompt, truncation=False).input_ids)
+    full = list(tokenizer(prompt, truncation=False, verbose=False).input_ids)
     kept = list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
     return kept, full
 

@@ -550,3 +550,34 @@ def test_train_resolution_the_sample_grids_cannot_use(tmp_path, concepts, capsys
     assert not bank.exists()
     assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--resolution", "12",
                      "--samples-per-concept", "0", "--rank", "2"]) == 0
+
+
+def test_train_refuses_a_prompt_whose_token_is_cut_off(tmp_path, concepts, capsys, monkeypatch):
+    """A training prompt longer than the text encoder's 77 tokens with the concept's token in the
+    cut-off part: a clear error naming the prompt, before anything is trained."""
+    long = "a very very detailed photo, " * 15 + "of {token}"
+    pl = tmp_path / "p.txt"
+    pl.write_text(f"beta: {long}\n")
+    bank = tmp_path / "bank"
+    capsys.readouterr()
+    rc = cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--prompts", str(pl)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("clora-fast: error: the training prompt")
+    assert repr(long.format(token="<beta>")) in err and "'<beta>' would be cut off" in err
+    assert str(concepts[1]) in err
+    assert not bank.exists()                       # refused before the first concept was trained
+    # the same prompt with the token early enough trains
+    pl.write_text("beta: {token}, " + long.replace(" of {token}", "") + "\n")
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--prompts", str(pl),
+                     "--rank", "2", "--samples-per-concept", "0"]) == 0
+    # train_concept itself checks too (library use)
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+    pipe = build_pipeline()
+    pipe.unet.requires_grad_(False)
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<gamma>")
+    lat = torch.zeros(1, pipe.unet.config.in_channels, 4, 4)
+    with pytest.raises(cli.CLIError, match="'<gamma>' would be cut off"):
+        cli.train_concept(pipe, cl, lat, None, long.format(token="<gamma>"), steps=1, lr=1e-3, batch_size=1,
+                          generator=torch.Generator().manual_seed(0))
