@@ -42,8 +42,13 @@ def _integration_for(obj):
     if _diffusers.can_patch(obj):
         return _diffusers
     from .integrations import vit as _vit
-    if _vit.can_patch(obj):
-        return _vit
+    if _vit.can_patch(obj) or _vit._is_hf_vit(obj) or _vit._is_timm_model(obj):
+        return _vit          # a ViT with nothing adaptable gets the integration's own error: what it found
+    if type(obj).__module__.startswith("peft."):
+        raise TypeError(
+            f"clora_fast.patch got a PEFT {type(obj).__name__}: patch the model itself (e.g. "
+            f"peft_model.base_model.model), whose attention K/V projections must be plain nn.Linear (merge and "
+            f"unload PEFT adapters on them first)")
     raise TypeError(
         f"clora_fast.patch does not know how to adapt a {type(obj).__module__}.{type(obj).__name__}: "
         "expected a diffusers pipeline with a .unet, a UNet2DConditionModel, a transformers ViT "

@@ -795,3 +795,22 @@ def test_gpu_vit_b16_kernels_vs_float64(fw, dtype):
         for a, b, c in zip(g, tg, g64):
             ek, et = (a - c).abs().max(), (b - c).abs().max()
             assert ek <= 2 * et + 1e-3 * c.abs().max(), (float(ek), float(et))
+
+
+def test_other_adapters_on_projections_clear_errors():
+    peft = pytest.importorskip("peft")
+    m, x = make("hf", layers=2)
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=2, target_modules=["k_proj", "v_proj"]))
+    with pytest.raises(TypeError, match="got a PEFT PeftModel: patch the model itself"):
+        clora_fast.patch(pm)
+    with pytest.raises(ValueError, match=r"not plain nn.Linear .*vit.layers.0.attention.k_proj \(peft"):
+        clora_fast.patch(pm.base_model.model)
+    # a LoRA on Q only leaves K and V adaptable
+    m2, x2 = make("hf", layers=2)
+    pm2 = peft.get_peft_model(m2, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    ctrl = clora_fast.patch(pm2.base_model.model, rank=2, backend="reference")
+    assert len(ctrl.sites) == 4
+    ctrl.begin_concept("t0")
+    with torch.no_grad():
+        y = pm2(x2).logits
+    assert y.shape == (x2.shape[0], 3)

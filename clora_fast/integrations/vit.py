@@ -121,17 +121,35 @@ def find_attention_blocks(model: nn.Module) -> Tuple[Optional[str], List[Attenti
         cls_name = type(mod).__name__
         if not cls_name.endswith("Attention"):
             continue
-        if all(_is_linear(getattr(mod, a, None)) for a in ("q_proj", "k_proj", "v_proj")) and \
+        # K and V must be plain linears (they are adapted); Q is only computed, whatever wraps it
+        if hasattr(mod, "q_proj") and all(_is_linear(getattr(mod, a, None)) for a in ("k_proj", "v_proj")) and \
                 type(mod).__module__.startswith("transformers."):
             blocks.append(AttentionBlock(name, mod, "hf",
                                          {"q": mod.q_proj, "k": mod.k_proj, "v": mod.v_proj}))
             framework = framework or "transformers"
-        elif all(_is_linear(getattr(mod, a, None)) for a in ("query", "key", "value")) and \
+        elif hasattr(mod, "query") and all(_is_linear(getattr(mod, a, None)) for a in ("key", "value")) and \
                 type(mod).__module__.startswith("transformers."):
             blocks.append(AttentionBlock(name, mod, "hf_legacy",
                                          {"q": mod.query, "k": mod.key, "v": mod.value}))
             framework = framework or "transformers"
     return framework, blocks
+
+
+def _wrapped_projections(model: nn.Module) -> List[str]:
+    """``"<module>.<attr> (<type>)"`` for every K/V (or timm qkv) projection that is not a plain ``nn.Linear``
+    (e.g. wrapped by PEFT's LoRA or quantized): the reason such attention blocks are not adaptable."""
+    out = []
+    for name, mod in model.named_modules():
+        attrs = ()
+        if _timm_attention_classes() and isinstance(mod, _timm_attention_classes()):
+            attrs = ("qkv",)
+        elif type(mod).__name__.endswith("Attention") and type(mod).__module__.startswith("transformers."):
+            attrs = ("k_proj", "v_proj") if hasattr(mod, "k_proj") else ("key", "value")
+        for a in attrs:
+            sub = getattr(mod, a, None)
+            if isinstance(sub, nn.Module) and not _is_linear(sub):
+                out.append(f"{name}.{a} ({type(sub).__module__}.{type(sub).__name__})")
+    return out
 
 
 def _is_hf_vit(obj) -> bool:
@@ -418,10 +436,14 @@ def _prepare(model, what: str) -> ViTAdapter:
                     f"clora_fast as part of another model (or a sub-model of it): patching them again would "
                     f"disconnect the first controller. Call clora_fast.unpatch(...) on that model first")
     if not blocks:
+        wrapped = _wrapped_projections(model)
+        why = (f"; these projections are not plain nn.Linear (another adapter such as PEFT's LoRA, or "
+               f"quantization, wraps them: merge/unload it first): {', '.join(wrapped[:4])}"
+               f"{' ...' if len(wrapped) > 4 else ''}") if wrapped else ""
         raise ValueError(
             f"{what}: found no self-attention layers to adapt in {type(model).__module__}."
-            f"{type(model).__name__} (looked for transformers ViTAttention.{{q,k,v}}_proj, "
-            f"ViTSelfAttention.{{query,key,value}} and timm Attention.qkv, all plain nn.Linear)")
+            f"{type(model).__name__} (looked for transformers ViTAttention.{{k,v}}_proj, "
+            f"ViTSelfAttention.{{key,value}} and timm Attention.qkv, all plain nn.Linear){why}")
     return ViTAdapter(model, framework, blocks)
 
 
