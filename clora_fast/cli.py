@@ -488,7 +488,10 @@ def _cmd_train(args) -> int:
         prompts_cfg.get(Path(f).name, "a photo of {token}").format(token=tok)
         for f, tok in zip(folders, tokens)
     ]
-    out = Path(args.out)
+    # absolute and normalised: '--out .' or 'x/..' name a folder too (the grids go beside it)
+    out = Path(os.path.abspath(args.out))
+    if not out.name:
+        raise CLIError(f"--out {args.out!r} is the file system root: choose a folder for the concept bank")
     state = _bank_state(out)
     crash_at = _crash_point()
 

@@ -581,3 +581,18 @@ def test_train_refuses_a_prompt_whose_token_is_cut_off(tmp_path, concepts, capsy
     with pytest.raises(cli.CLIError, match="'<gamma>' would be cut off"):
         cli.train_concept(pipe, cl, lat, None, long.format(token="<gamma>"), steps=1, lr=1e-3, batch_size=1,
                           generator=torch.Generator().manual_seed(0))
+
+
+def test_train_out_dot_is_the_current_folder(tmp_path, concepts, monkeypatch, capsys):
+    """'--out .' (an empty current folder) is the bank; the grids go to ../<folder>_samples."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.main(["train", "--concepts", concepts[0], "--out", ".", *FAST, "--rank", "2"]) == 0
+    assert _names(work) == ["<alpha>"]
+    assert [p.name for p in (tmp_path / "work_samples").iterdir()] == ["after_01_alpha.png"]
+    capsys.readouterr()
+    assert cli.main(["train", "--concepts", concepts[0], "--out", "../work", *FAST]) == 0    # resumes it
+    assert "nothing to train" in capsys.readouterr().out
+    assert cli.main(["train", "--concepts", concepts[0], "--out", "/", *FAST]) == 2
+    assert "root" in capsys.readouterr().err
