@@ -745,12 +745,17 @@ class CLoRAController(nn.Module):
         from safetensors.torch import save
         from .bank import atomic_write_bytes
         factors = self.export_factors(which)
-        if prefix is None:
-            prefix = getattr(self.adapter, "lora_key_prefix", "")
-        tensors = {}
-        for name, (A, B) in factors.items():
-            tensors[f"{prefix}{name}.lora_A.weight"] = (A if dtype is None else A.to(dtype)).detach().cpu().contiguous()
-            tensors[f"{prefix}{name}.lora_B.weight"] = (B if dtype is None else B.to(dtype)).detach().cpu().contiguous()
+        hook = getattr(self.adapter, "lora_tensors", None)
+        if prefix is None and hook is not None:     # the integration's own key layout (e.g. PEFT's for a ViT)
+            tensors = hook(factors)
+        else:
+            if prefix is None:
+                prefix = getattr(self.adapter, "lora_key_prefix", "")
+            tensors = {}
+            for name, (A, B) in factors.items():
+                tensors[f"{prefix}{name}.lora_A.weight"] = A
+                tensors[f"{prefix}{name}.lora_B.weight"] = B
+        tensors = {k: (t if dtype is None else t.to(dtype)).detach().cpu().contiguous() for k, t in tensors.items()}
         atomic_write_bytes(path, save(tensors, metadata={"format": "pt"}))
 
     # ------------------------------------------------------------------ save / load

@@ -814,3 +814,27 @@ def test_other_adapters_on_projections_clear_errors():
     with torch.no_grad():
         y = pm2(x2).logits
     assert y.shape == (x2.shape[0], 3)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_export_lora_loads_into_peft(fw, tmp_path):
+    peft = pytest.importorskip("peft")
+    m, x = make(fw, layers=2)
+    base = copy.deepcopy(m)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    for t in range(2):
+        ctrl.begin_concept(f"t{t}")
+        randomize_factors(ctrl, std=0.2, seed=t + 1)
+        ctrl.end_concept()
+    with torch.no_grad():
+        want = run(m, x)
+    ctrl.export_lora(tmp_path / "lora.safetensors")
+    from safetensors.torch import load_file
+    sd = load_file(tmp_path / "lora.safetensors")
+    r = 2 * 2 * (2 if fw == "timm" else 1)         # rank x concepts (timm: K and V side by side in qkv)
+    target = ["qkv"] if fw == "timm" else ["k_proj", "v_proj"]
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, target_modules=target))
+    res = peft.set_peft_model_state_dict(pm, sd)
+    assert not res.unexpected_keys
+    with torch.no_grad():
+        torch.testing.assert_close(run(pm, x), want, rtol=1e-5, atol=1e-5)

@@ -393,6 +393,30 @@ class ViTAdapter:
         return [p for blk in self.blocks for lin in blk.linears.values() for p in (lin.weight, lin.bias)
                 if p is not None and lin in self._installed]
 
+    def lora_tensors(self, factors) -> Dict[str, torch.Tensor]:
+        """``controller.export_lora`` in PEFT's layout for this model: ``get_peft_model(model,
+        LoraConfig(r=R, lora_alpha=R, target_modules=[...]))`` then ``set_peft_model_state_dict`` loads it and
+        reproduces the adapted K/V.  transformers: ``k_proj``/``v_proj`` (or ``key``/``value``), R = rank x
+        exported concepts; timm: the fused ``qkv`` (K and V side by side, zero rows for Q), R = twice that."""
+        pre = "base_model.model."
+        out = {}
+        for blk in self.blocks:
+            prefix = f"{blk.name}." if blk.name else ""
+            if blk.layout == "timm":
+                (ak, bk), (av, bv) = factors[f"{prefix}qkv.k"], factors[f"{prefix}qkv.v"]
+                d, rk = bk.shape[0], ak.shape[0]
+                B = bk.new_zeros((3 * d, rk + av.shape[0]))
+                B[d:2 * d, :rk] = bk
+                B[2 * d:, rk:] = bv
+                out[f"{pre}{prefix}qkv.lora_A.weight"] = torch.cat([ak, av], 0)
+                out[f"{pre}{prefix}qkv.lora_B.weight"] = B
+            else:
+                for attr in (("k_proj", "v_proj") if blk.layout == "hf" else ("key", "value")):
+                    A, B = factors[f"{prefix}{attr}"]
+                    out[f"{pre}{prefix}{attr}.lora_A.weight"] = A
+                    out[f"{pre}{prefix}{attr}.lora_B.weight"] = B
+        return out
+
     def refresh_sites(self) -> None:
         """Re-point every site at the live parameters (the controller calls this before merge,
         unmerge, begin_concept, penalty, save, ...: not only the forward sees a converted model)."""
