@@ -25,6 +25,7 @@ def token_bank(tmp_path_factory):
     """A pipeline bank of <ca>, <cb>, <cc> (finished) and <cd> (active), with token embeddings."""
     path = tmp_path_factory.mktemp("carry") / "bank"
     pipe = build_pipeline()
+    pipe.unet.requires_grad_(False)
     cl = clora_fast.patch(pipe, rank=2, backend="reference")
     for t, name in enumerate(["<ca>", "<cb>", "<cc>", "<cd>"]):
         cl.begin_concept(name)
@@ -68,7 +69,7 @@ def test_bare_unet_resave_keeps_token_embeddings(tmp_path, token_bank):
 def test_bare_unet_remove_concept_then_resave(tmp_path, token_bank):
     """Dropping a concept with a bare UNet: its token is retired, the others' embeddings stay."""
     src, rows = token_bank
-    cl = clora_fast.load(build_pipeline().unet, src, backend="reference")
+    cl = clora_fast.load(build_pipeline().unet.requires_grad_(False), src, backend="reference")
     cl.remove_concept(1)
     cl.end_concept()                                   # the active <cd> finished on the bare UNet
     cl.begin_concept("<ce>")                           # a concept learned on the bare UNet: no token
