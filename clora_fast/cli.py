@@ -663,7 +663,8 @@ def _sample_parser(sub):
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
-                   help="image size, a multiple of the model's VAE factor (default: the model's native size)")
+                   help="image size, a multiple of 8 and of the model's VAE factor (default: the model's "
+                        "native size)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     p.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="CPU threads for torch (default: 1 for the builtin model on CPU)")
@@ -675,12 +676,6 @@ def _prompt_token_ids(tokenizer, prompt: str) -> Tuple[List[int], List[int]]:
     full = list(tokenizer(prompt, truncation=False, verbose=False).input_ids)
     kept = list(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
     return kept, full
-
-
-def _token_id(tokenizer, token: str) -> Optional[int]:
-    """The id of a personalized token as the tokenizer reads it in a prompt (None: not a token)."""
-    ids = tokenizer(token, add_special_tokens=False).input_ids
-    return int(ids[0]) if len(ids) == 1 else None
 
 
 def _sample_multiple(pipe) -> int:
@@ -723,11 +718,13 @@ def _cmd_sample(args) -> int:
     names = _read_bank_names(cl)
     tok = pipe.tokenizer
     kept, full = _prompt_token_ids(tok, args.prompt)
-    # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>')
+    # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>'); a
+    # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
+    added = tok.get_added_vocab()
     removed = [r["name"] for r in cl._retired if r["name"] != unfinished]
     for name, why in [(n, "was removed from the bank") for n in removed] + \
                      ([(unfinished, "is unfinished in the bank (saved mid-training)")] if unfinished else []):
-        tid = _token_id(tok, name) if name in tok.get_vocab() else None
+        tid = added.get(name)
         if tid is not None and tid in full:
             raise CLIError(f"the prompt {args.prompt!r} uses the token {name!r} of a concept that {why}; "
                            f"the bank's usable concepts are {names}")
@@ -735,7 +732,7 @@ def _cmd_sample(args) -> int:
         print(f"clora-fast: note: the bank {args.bank!r} holds an unfinished concept {unfinished!r} (saved "
               f"mid-training): it is not used, sampling with the {len(names)} finished concept(s)",
               file=sys.stderr)
-    ids = {n: _token_id(tok, n) for n in names}
+    ids = {n: added.get(n) for n in names}
     used = [n for n in names if ids[n] is not None and ids[n] in kept]
     cut = [n for n in names if ids[n] is not None and ids[n] in full and n not in used]
     if cut:
