@@ -489,22 +489,21 @@ class DiffusersAdapter:
         conversion that replaces parameter objects); a replaced ``to_k``/``to_v`` module (e.g. PEFT's
         ``add_adapter`` / ``load_lora_weights`` wrapping it) is an error: its adapter would be skipped."""
         sites = self.sites
-        for layer in self.layers:
-            attn = layer.attn
-            for site_i, proj, orig in ((layer.k_site, attn.to_k, layer.linears[0]),
-                                       (layer.v_site, attn.to_v, layer.linears[1])):
-                if proj is not orig:
-                    raise RuntimeError(
-                        f"{layer.name}.{'to_k' if site_i == layer.k_site else 'to_v'} was replaced after "
-                        f"clora_fast.patch (now a {type(proj).__name__}, e.g. by PEFT's add_adapter / "
-                        f"load_lora_weights): it would be skipped. Call clora_fast.unpatch(...) first, then "
-                        f"add the other adapter and patch again (or merge it into the weights first)")
+        for layer in self.layers:            # on every UNet forward: plain dict lookups, no nn.Module.__getattr__
+            mods = layer.attn._modules
+            k, v = mods.get("to_k"), mods.get("to_v")
+            if k is not layer.linears[0] or v is not layer.linears[1]:
+                proj, which = (k, "to_k") if k is not layer.linears[0] else (v, "to_v")
+                raise RuntimeError(
+                    f"{layer.name}.{which} was replaced after clora_fast.patch (now a {type(proj).__name__}, e.g. "
+                    f"by PEFT's add_adapter / load_lora_weights): it would be skipped. Call clora_fast.unpatch(...) "
+                    f"first, then add the other adapter and patch again (or merge it into the weights first)")
+            for site_i, lin in ((layer.k_site, k), (layer.v_site, v)):
+                params = lin._parameters
+                w, b = params.get("weight"), params.get("bias")
                 site = sites[site_i]
-                if site.weight is not proj.weight or site.bias is not proj.bias:
-                    site.weight, site.bias = proj.weight, proj.bias
-
-    def base_parameters(self) -> List[Tensor]:
-        return [p for layer in self.layers for lin in layer.linears for p in (lin.weight, lin.bias) if p is not None]
+                if site.weight is not w or site.bias is not b:
+                    site.weight, site.bias = w, b
 
     def _check_processors(self) -> None:
         self.refresh_sites()

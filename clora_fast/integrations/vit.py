@@ -200,8 +200,8 @@ def _refresh_sites(call: "_GroupCall") -> None:
         w = qkv.weight
         k_site = call.sites[0]
         if (k_site.weight.device == w.device and k_site.weight.dtype == w.dtype
-                and k_site.weight.data_ptr() == w[call.d:].data_ptr()):
-            return
+                and k_site.weight.data_ptr() == w.data_ptr() + call.d * w.stride(0) * w.element_size()):
+            return                                          # still rows d: of the live qkv weight (no view built)
         wd = w.detach()
         bd = None if qkv.bias is None else qkv.bias.detach()
         for site, lo in zip(call.sites, (call.d, 2 * call.d)):
