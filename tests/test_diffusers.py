@@ -871,3 +871,13 @@ def test_save_pipeline_bakes_concepts_in_and_save_pretrained_is_guarded(tmp_path
     cl.begin_concept("<c4>")
     with pytest.raises(RuntimeError, match="still being learned"):
         clora_fast.save_pipeline(pipe, tmp_path / "again")
+
+
+def test_lora_scale_kwarg_is_reported_not_silently_ignored(caplog):
+    unet = tiny_unet("sd1")
+    sample, ehs, kw = unet_inputs(unet)
+    cl = D.patch(unet, rank=2, backend="reference")
+    cl.begin_concept()
+    with caplog.at_level(logging.WARNING, logger="clora_fast"), torch.no_grad():
+        unet(sample, 10, encoder_hidden_states=ehs, cross_attention_kwargs={"scale": 0.5})
+    assert "scales diffusers/PEFT LoRA layers only" in caplog.text

@@ -533,6 +533,12 @@ class DiffusersAdapter:
     def _pre_hook(self, module, args, kwargs):
         self._check_processors()
         ctrl = self.controller
+        cak = kwargs.get("cross_attention_kwargs")
+        if cak and cak.get("scale", 1.0) != 1.0 and not ctrl.pristine and "lora_scale" not in self._logged:
+            self._logged.add("lora_scale")
+            logger.warning("clora_fast: cross_attention_kwargs['scale'] = %s scales diffusers/PEFT LoRA layers only; "
+                           "the C-LoRA concepts (folded past and the active adapter) apply at full strength",
+                           cak.get("scale"))
         if ctrl.pristine or not self.grouped or not ctrl.groups:
             self._cache = None
             return None
