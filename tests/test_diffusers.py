@@ -319,7 +319,8 @@ def test_classic_attn_processor_kept():
     with torch.no_grad():
         ref = run_unet(unet, inputs)
     cl = D.patch(unet, rank=2, backend="reference")
-    assert type(unet.get_submodule(attn2_names(unet)[0]).processor).__name__ == "CLoRAAttnProcessor"
+    proc = unet.get_submodule(attn2_names(unet)[0]).processor
+    assert type(proc).__name__ == "CLoRA_AttnProcessor" and isinstance(proc, D.CLoRAAttnProcessor)
     cl.begin_concept()
     with torch.no_grad():
         torch.testing.assert_close(run_unet(unet, inputs), ref, rtol=1e-5, atol=1e-6)
@@ -881,3 +882,29 @@ def test_lora_scale_kwarg_is_reported_not_silently_ignored(caplog):
     with caplog.at_level(logging.WARNING, logger="clora_fast"), torch.no_grad():
         unet(sample, 10, encoder_hidden_states=ehs, cross_attention_kwargs={"scale": 0.5})
     assert "scales diffusers/PEFT LoRA layers only" in caplog.text
+
+
+def test_torch_save_of_a_patched_unet(tmp_path):
+    """Pickling a patched UNet (torch.save(model)) finds the processor classes, also in a process that has not
+    built them yet (module __getattr__)."""
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=2, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    cl.end_concept()
+    with torch.no_grad():
+        want = run_unet(unet, inputs)
+    torch.save(unet, tmp_path / "unet.pt")
+    name = type(unet.get_submodule(attn2_names(unet)[0]).processor).__name__
+    assert name == "CLoRA_AttnProcessor2_0"
+    cls = D.__dict__.pop(name)                          # as in a fresh process
+    D._PROCESSOR_CLASSES.clear()
+    try:
+        u2 = torch.load(tmp_path / "unet.pt", weights_only=False)
+    finally:
+        D.__dict__.setdefault(name, cls)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(u2, inputs), want, rtol=0, atol=0)
+    assert D.get_controller(u2) is not None and D.get_controller(u2) is not cl
+    D.unpatch(u2)

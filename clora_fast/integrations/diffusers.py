@@ -327,12 +327,22 @@ def _processor_class(inner_cls: type) -> type:
             return CLoRAAttnProcessor.__call__(self, attn, *args, **kwargs)
 
         __call__.__signature__ = sig
-        if issubclass(inner_cls, nn.Module):     # e.g. IP-Adapter processors, which hold weights
-            cls = type(f"CLoRA{inner_cls.__name__}", (_ModuleProcessor,), {"__call__": __call__})
-        else:
-            cls = type(f"CLoRA{inner_cls.__name__}", (CLoRAAttnProcessor,), {"__call__": __call__})
+        name = f"CLoRA_{inner_cls.__name__}"     # e.g. CLoRA_AttnProcessor2_0 (never the base class's name)
+        base = _ModuleProcessor if issubclass(inner_cls, nn.Module) else CLoRAAttnProcessor   # IP-Adapter: weights
+        cls = type(name, (base,), {"__call__": __call__, "__module__": __name__, "__qualname__": name})
         _PROCESSOR_CLASSES[inner_cls] = cls
+        globals()[name] = cls                  # pickle (torch.save of a patched UNet) finds the class by name
     return cls
+
+
+def __getattr__(name: str):
+    """Processor classes by name for unpickling in a process that has not built them yet."""
+    if name.startswith("CLoRA_"):
+        from diffusers.models import attention_processor as ap
+        inner = getattr(ap, name[len("CLoRA_"):], None)
+        if isinstance(inner, type):
+            return _processor_class(inner)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _ModuleProcessor(CLoRAAttnProcessor, nn.Module):
