@@ -117,6 +117,17 @@ def randomize(ctrl, std=0.2, seed=1):
             p.add_((torch.randn(p.shape, generator=g) * std).to(p.device))
 
 
+def unet_with_a_past(rank=2, kind="sd1"):
+    """(unet, inputs, controller): a patched tiny UNet with one finished concept (random factors) in P."""
+    unet = tiny_unet(kind)
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=rank, backend="reference")
+    cl.begin_concept()
+    randomize(cl)
+    cl.end_concept()
+    return unet, inputs, cl
+
+
 def attn2_names(unet):
     return [n for n, m in unet.named_modules() if n.endswith("attn2")]
 
@@ -714,12 +725,7 @@ def _reference_with_past(unet_sd, cl, kind="sd1"):
 def test_base_weights_loaded_after_patch_are_followed(assign):
     """load_state_dict while patched (in place, or assign=True: new parameter objects): the grouped no-grad
     cache and the folded weights follow, and merge()/unmerge() write into the live parameters."""
-    unet = tiny_unet("sd1")
-    inputs = unet_inputs(unet)
-    cl = D.patch(unet, rank=4, backend="reference")
-    cl.begin_concept()
-    randomize(cl)
-    cl.end_concept()
+    unet, inputs, cl = unet_with_a_past(rank=4)
     with torch.no_grad():
         run_unet(unet, inputs)                                  # builds the no-grad cache for these inputs
     sd2 = {k: v * 1.5 if ".attn2.to_" in k else v.clone() for k, v in unet.state_dict().items()}
@@ -887,12 +893,7 @@ def test_lora_scale_kwarg_is_reported_not_silently_ignored(caplog):
 def test_torch_save_of_a_patched_unet(tmp_path):
     """Pickling a patched UNet (torch.save(model)) finds the processor classes, also in a process that has not
     built them yet (module __getattr__)."""
-    unet = tiny_unet("sd1")
-    inputs = unet_inputs(unet)
-    cl = D.patch(unet, rank=2, backend="reference")
-    cl.begin_concept()
-    randomize(cl)
-    cl.end_concept()
+    unet, inputs, cl = unet_with_a_past(rank=2)
     with torch.no_grad():
         want = run_unet(unet, inputs)
     torch.save(unet, tmp_path / "unet.pt")

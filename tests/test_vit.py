@@ -99,6 +99,16 @@ def make(fw, **kw):
     return build(**kw), inp()
 
 
+def patched_with_a_past(fw, layers=2):
+    """(model, x, controller) with one finished concept "t0" (random factors) folded into P."""
+    m, x = make(fw, layers=layers)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    return m, x, ctrl
+
+
 def randomize_factors(ctrl, std=0.3, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -591,11 +601,7 @@ def test_one_training_step_changes_outputs_and_only_adapter():
 def test_model_converted_after_patching(fw):
     """model.to(dtype/device) after patch: timm's fused qkv gets new storage, so the K/V row
     views must follow (on CPU a dtype change stands in for a device move)."""
-    m, x = make(fw, layers=2)
-    ctrl = vit.patch(m, rank=2, backend="reference")
-    ctrl.begin_concept("t0")
-    randomize_factors(ctrl, seed=1)
-    ctrl.end_concept()
+    m, x, ctrl = patched_with_a_past(fw)
     ctrl.begin_concept("t1")
     randomize_factors(ctrl, seed=2)
     y32 = run(m, x).detach()
@@ -620,11 +626,7 @@ def test_merge_right_after_a_conversion_uses_the_live_weights(fw, change):
     """merge()/unmerge() (no forward in between) after model.to(), deepcopy or load_state_dict(assign=True):
     the sites were stale until the next forward, so merge wrote W0+P into dead storage (timm's qkv row views)
     or into replaced parameters, and the merged model silently lost every concept."""
-    m, x = make(fw, layers=2)
-    ctrl = vit.patch(m, rank=2, backend="reference")
-    ctrl.begin_concept("t0")
-    randomize_factors(ctrl, seed=1)
-    ctrl.end_concept()
+    m, x, ctrl = patched_with_a_past(fw)
     if change == "to":
         m.to(torch.float64)
         x = x.double()
@@ -648,11 +650,7 @@ def test_merge_right_after_a_conversion_uses_the_live_weights(fw, change):
 def test_inference_mode_evaluation_before_training(fw):
     """An evaluation under torch.inference_mode() right after begin_concept (or a bank load) must not
     leave inference tensors in the controller's caches: training right after would fail."""
-    m, x = make(fw, layers=2)
-    ctrl = vit.patch(m, rank=2, backend="reference")
-    ctrl.begin_concept("t0")
-    randomize_factors(ctrl, seed=1)
-    ctrl.end_concept()
+    m, x, ctrl = patched_with_a_past(fw)
     ctrl.begin_concept("t1")
     with torch.inference_mode():
         run(m, x)
