@@ -808,8 +808,11 @@ def _compiling() -> bool:
 
 def _adjacent_rows(a: Tensor, b: Tensor) -> bool:
     """True when ``b`` directly follows ``a`` in memory, so ``cat([a, b])`` is a free view."""
+    # row stride == row length checked explicitly: is_contiguous() ignores the stride of a size-1 dimension
+    # (a [1, K] view with stride (1, 1) is "contiguous", and as_strided with its strides would read wrong rows)
     return (a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[1] and a.dtype == b.dtype
             and a.device == b.device and a.is_contiguous() and b.is_contiguous()
+            and a.stride() == (a.shape[1], 1) and b.stride() == (b.shape[1], 1)
             and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
             and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size())
 

@@ -272,6 +272,11 @@ def _penalty_main_kernel(
             # bf16 factors on a GPU: exact bf16 x bf16 products, fp32 accumulation; W is
             # rounded to bf16 for the two gradient products (as a bf16 autograd would)
             m = tl.dot(b, a) * s                                                      # [BO, BI]
+            # padded positions (rows past `out`, columns past the chunk) hold inf * 0 = NaN when A or B has an
+            # inf: zeroed, so the loss is inf (not NaN) and the valid gradient rows are the reference's (one
+            # select per element; unconditional: 250 registers at the bf16 default tiles, 254 as a tail-only
+            # branch, 245 without it - ptxas, sm_90a)
+            m = tl.where(rmask[:, None] & cmask[None, :], m, 0.0)
             w = (p * p) * m                                                           # G / 2
             loss_acc += tl.sum(w * m, axis=1)
             w_h = w.to(tl.bfloat16)
@@ -283,6 +288,7 @@ def _penalty_main_kernel(
         else:
             a = a.to(tl.float32)
             m = tl.dot(b, a, input_precision=PRECISION) * s                          # [BO, BI]
+            m = tl.where(rmask[:, None] & cmask[None, :], m, 0.0)
             w = (p * p) * m                                                           # G / 2
             loss_acc += tl.sum(w * m, axis=1)
             db_acc = tl.dot(w, tl.trans(a), db_acc, input_precision=PRECISION)       # [BO, RP]

@@ -180,6 +180,9 @@ def _seg_lora_fwd_kernel(
     scale = tl.load(scale_ptr + seg)
     b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
     bt = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)  # [R_PAD, BN]
+    # the padded rank columns of acc_a are inf * 0 = NaN when x holds an inf: zero them, or the NaN would reach
+    # every output column through the (zero) padded rows of bt instead of the reference's inf / NaN pattern
+    acc_a = tl.where(mask_r[None, :], acc_a, 0.0)
     acc = tl.dot(acc_a * scale, bt, acc, input_precision=PREC)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)

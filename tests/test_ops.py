@@ -895,3 +895,19 @@ def test_penalty_errors():
         ops.grouped_forgetting_penalty(p, [a], [b])
     with pytest.raises(ValueError, match=r"scales has 3 entries for 2 layers"):
         ops.grouped_forgetting_penalty([p, p], [a, a], [b, b], scales=[1.0, 1.0, 1.0])
+
+
+def test_kv_adjacent_rows_need_a_row_stride_of_k():
+    """w_k [1, K] with stride (1, 1) is 'contiguous' (size-1 dims are ignored) and w_v follows it in memory:
+    the stacked weight must not be a view with w_k's strides (it read V's rows from the wrong place)."""
+    K, nv = 6, 3
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(K + nv * K, generator=g)
+    w_k, w_v = s[:K].view(K, 1).t(), s[K:].view(nv, K)
+    assert w_k.is_contiguous() and w_k.stride() == (1, 1)
+    x = torch.randn(4, K, generator=g)
+    a_k, a_v = torch.randn(2, K, generator=g), torch.randn(2, K, generator=g)
+    b_k, b_v = torch.randn(1, 2, generator=g), torch.randn(nv, 2, generator=g)
+    _, v = ops.lora_kv_projection(x, (w_k, w_v), (a_k, a_v), (b_k, b_v), scale=0.5, backend="reference",
+                                  strategy="fused")
+    torch.testing.assert_close(v, x @ w_v.T + 0.5 * (x @ a_v.T) @ b_v.T, rtol=1e-5, atol=1e-5)

@@ -689,3 +689,18 @@ def test_table_by_fills_holds_every_address():
     ptrs = (0, 1, 2 ** 32 + 5, 140_737_488_355_328, 2 ** 62 + 3)
     t = fpk._table_by_fills(ptrs, torch.device("cpu"))
     assert t.dtype == torch.int64 and t.tolist() == list(ptrs)
+
+
+@pytest.mark.parametrize("where", ["A", "B"])
+def test_inf_factor_gives_inf_loss_not_nan(where):
+    """An inf in A or B on a tail tile (out/in not multiples of the tile): M at the padded positions was
+    inf * 0 = NaN and made the loss NaN and spoiled the valid gradient rows; now as the reference."""
+    g = torch.Generator().manual_seed(0)
+    P = torch.randn(3, 5, generator=g) + 3.0
+    A, B = torch.randn(2, 5, generator=g), torch.randn(3, 2, generator=g)
+    (A if where == "A" else B)[1, 1] = float("inf")
+    got = forgetting_penalty_forward(P, A, B, 1.0)
+    want = reference.forgetting_penalty_grads(P, A, B, 1.0)
+    assert got[0].item() == want[0].item() == float("inf")
+    for g_, w_ in zip(got[1:], want[1:]):
+        assert torch.equal(torch.isnan(g_), torch.isnan(w_)) and torch.equal(torch.isinf(g_), torch.isinf(w_))

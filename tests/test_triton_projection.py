@@ -486,3 +486,16 @@ def test_kernels_compile_for_sm90(aot_report, dt, r):
 
 if __name__ == "__main__" and "--aot" in __import__("sys").argv:
     _aot_main()
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_inf_in_x_gives_the_reference_pattern(device, r):
+    """An inf in x: the padded rank columns of x @ A^T were inf * 0 = NaN and reached every output column
+    through the zero-padded rows of B (a whole NaN row instead of the reference's inf / NaN pattern)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, generator=g)
+    x[0, 1] = float("inf")
+    w, a, b = torch.randn(4, 3, generator=g), torch.randn(r, 3, generator=g), torch.randn(4, r, generator=g)
+    y, _ = segmented_lora_forward(*(t.to(device) for t in (x, w, a, b)), (0, 4), (1.0,))
+    want = reference.segmented_lora_forward(x, w, a, b, (0, 4), (1.0,))[0]
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(want)) and torch.equal(torch.isinf(y.cpu()), torch.isinf(want))
