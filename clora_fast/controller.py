@@ -555,6 +555,7 @@ class CLoRAController(nn.Module):
         self._refresh_sites()
         self._sync_device()
         self._warn_trainable_base()
+        self._warn_distributed()
         As, Bs = [], []
         for bundle in self._bundles:
             dev = self.sites[bundle.site_ids[0]].weight.device
@@ -581,6 +582,37 @@ class CLoRAController(nn.Module):
         self._bump()
         logger.debug("begin_concept %d (%s)", idx, name)
         return idx
+
+    def all_reduce_grads(self, group=None) -> None:
+        """Average the gradients of :meth:`trainable_parameters` over the processes of ``torch.distributed``
+        (multi-GPU training with DDP / accelerate).  The controller's parameters are not the model's (the
+        model's ``parameters()`` / ``state_dict()`` stay as they were), so ``DDP(model)`` does not synchronize
+        them: call this after ``backward()`` and before ``optimizer.step()`` on every process.  A no-op
+        without an initialized process group of more than one process.  (Every process must start a concept
+        from the same A and token row: seed the global RNG identically before :meth:`begin_concept`.)"""
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size(group)
+        if world == 1:
+            return
+        for p in self.trainable_parameters():      # a few tensors: flat A and B per group, token rows
+            if p.grad is None:                     # every process takes part in every all-reduce
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+            p.grad.div_(world)
+
+    def _warn_distributed(self) -> None:
+        try:
+            import torch.distributed as dist
+            multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        except Exception:  # pragma: no cover
+            multi = False
+        if multi and not getattr(self, "_warned_distributed", False):
+            self._warned_distributed = True
+            warnings.warn("clora_fast: torch.distributed runs several processes, but the controller's parameters are "
+                          "not part of the model, so DDP / accelerate do not synchronize their gradients: call "
+                          "controller.all_reduce_grads() after backward() on every process", UserWarning, stacklevel=3)
 
     def _warn_trainable_base(self) -> None:
         """The adapted projections compute with ``W0 + P`` built without autograd (W0 is frozen in C-LoRA):
