@@ -318,8 +318,13 @@ class CLoRAController(nn.Module):
         rebuilt whenever ``lora_A`` / ``lora_B`` are replaced (they are never changed in place)."""
         c = self._factor_cache
         la, lb = self.lora_A, self.lora_B
-        if c is None or c[0] is not la or c[1] is not lb:
-            c = self._factor_cache = (la, lb, list(la), list(lb))
+        pa, pb = la._parameters, lb._parameters
+        # the lists themselves, and the parameters in them (load_state_dict(assign=True), a conversion with
+        # overwrite_module_params_on_conversion, or `lora_B[0] = nn.Parameter(...)` replace those in place)
+        if (c is None or c[0] is not la or c[1] is not lb or len(pa) != len(c[2]) or len(pb) != len(c[3])
+                or any(p is not q for p, q in zip(pa.values(), c[2]))
+                or any(p is not q for p, q in zip(pb.values(), c[3]))):
+            c = self._factor_cache = (la, lb, list(pa.values()), list(pb.values()))
         return c[2], c[3]
 
     def concept(self, idx: int) -> Concept:
@@ -862,11 +867,10 @@ class CLoRAController(nn.Module):
             newB = [torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
             old = list(self.lora_A) + list(self.lora_B)
             if len(old) == len(newA) + len(newB) and all(
-                    o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
-                    for o, n in zip(old, newA + newB)):
+                    o.shape == n.shape and o.device == n.device for o, n in zip(old, newA + newB)):
                 # same layout (e.g. a rollback to a checkpoint of the concept being learned): load into the
-                # existing parameters, as nn.Module.load_state_dict does, so an optimizer built over
-                # trainable_parameters() keeps training them
+                # existing parameters (in their dtype, e.g. after controller.half()), as nn.Module.load_state_dict
+                # does, so an optimizer built over trainable_parameters() keeps training them
                 with torch.no_grad():
                     for o, n in zip(old, newA + newB):
                         o.copy_(n)

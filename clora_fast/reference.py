@@ -6,6 +6,7 @@ autograd.  Shapes use the PyTorch/PEFT convention: ``weight`` is ``[out, in]``,
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -40,6 +41,14 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     return y + torch.cat(parts, dim=-1)
 
 
+def _no_autocast(t: Tensor):
+    """A region without autocast for ``t``'s device (autocast would recast the fp32 products to bf16/fp16)."""
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _penalty_acc(*tensors) -> torch.dtype:
     """The penalty's working (and result) dtype: float64 when any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -48,10 +57,11 @@ def _penalty_acc(*tensors) -> torch.dtype:
 def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float = 1.0) -> Tensor:
     """``sum((past * (scale * lora_B @ lora_A)) ** 2)`` as a 0-dim float32 tensor.
 
-    Computed in float32 (float64 if any input is float64), like the kernels."""
+    Computed in float32 (float64 if any input is float64), like the kernels, also inside an autocast region."""
     acc = _penalty_acc(past, lora_A, lora_B)
-    m = scale * (lora_B.to(acc) @ lora_A.to(acc))
-    return (past.to(acc) * m).square().sum().to(acc)
+    with _no_autocast(past):
+        m = scale * (lora_B.to(acc) @ lora_A.to(acc))
+        return (past.to(acc) * m).square().sum().to(acc)
 
 
 def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor],
@@ -69,11 +79,12 @@ def forgetting_penalty_grads(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     ``G = 2 * past**2 * M``: ``dA = s * B.T @ G``, ``dB = s * G @ A.T``.  float64 if any input is."""
     acc = _penalty_acc(past, lora_A, lora_B)
     p, a, b = past.to(acc), lora_A.to(acc), lora_B.to(acc)
-    m = scale * (b @ a)
-    p2 = p.square()
-    loss = (p2 * m.square()).sum()
-    g = 2.0 * p2 * m
-    return loss, scale * (b.T @ g), scale * (g @ a.T)
+    with _no_autocast(past):
+        m = scale * (b @ a)
+        p2 = p.square()
+        loss = (p2 * m.square()).sum()
+        g = 2.0 * p2 * m
+        return loss, scale * (b.T @ g), scale * (g @ a.T)
 
 
 # ---------------------------------------------------------------------------

@@ -546,3 +546,45 @@ def test_all_reduce_grads_averages_over_processes(tmp_path):
         assert not torch.equal(l0, l1)                # different data per process
         torch.testing.assert_close(s0, (l0 + l1) / 2)
         assert torch.equal(s0, s1)
+
+
+def test_replaced_factor_parameters_are_used():
+    """load_state_dict(assign=True) (or `lora_B[0] = nn.Parameter(...)`) replaces the parameters inside the
+    ParameterLists: the projections and the penalty must use (and give gradients to) the new ones."""
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    c.begin_concept()
+    c.end_concept()
+    c.begin_concept()
+    x = torch.randn(3, IN)
+    c.project_group("g", x)                                   # fills the factor cache
+    sd = {k: torch.randn_like(v) * 0.3 for k, v in c.state_dict().items() if k.startswith("lora_")}
+    c.load_state_dict(sd, assign=True, strict=False)
+    params = c.trainable_parameters()
+    assert all(torch.equal(p, sd[k]) for p, k in zip(params, ("lora_A.0", "lora_B.0")))
+    for i in range(c.num_sites):
+        torch.testing.assert_close(c.project(i, x), expected(c, i, x).float(), rtol=1e-5, atol=1e-5)
+    (sum(y.square().sum() for y in c.project_group("g", x)) + c.penalty()).backward()
+    assert all(p.grad is not None for p in params)
+
+
+def test_rollback_after_half_keeps_the_parameters(tmp_path):
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    c.begin_concept("<a>")
+    randomize(c)
+    c.half()
+    c.save(tmp_path / "ckpt")
+    params = c.trainable_parameters()
+    c.load_bank(tmp_path / "ckpt")
+    assert all(p is q and p.dtype == torch.float16 for p, q in zip(c.trainable_parameters(), params))
+
+
+def test_reference_penalty_is_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    p, a, b = torch.randn(8, 12, generator=g), torch.randn(2, 12, generator=g), torch.randn(8, 2, generator=g)
+    want = R.forgetting_penalty_grads(p, a, b, 0.7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = R.forgetting_penalty_grads(p, a, b, 0.7)
+        loss = R.forgetting_penalty(p, a, b, 0.7)
+    for u, v in zip(got, want):
+        assert u.dtype == torch.float32 and torch.equal(u, v)
+    assert torch.equal(loss, R.forgetting_penalty(p, a, b, 0.7))
