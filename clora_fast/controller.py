@@ -879,6 +879,68 @@ class CLoRAController(nn.Module):
                 self.lora_B = nn.ParameterList([nn.Parameter(b) for b in newB])
         self._bump()
 
+    # ------------------------------------------------------------------ nn.Module state_dict
+    _STATE_FORMAT = "clora_fast.controller/1"
+
+    def get_extra_state(self) -> Dict[str, Any]:
+        """The controller's whole state for ``state_dict()`` (plain types and tensors: ``torch.load`` with
+        ``weights_only=True`` reads it): the folded pasts, every finished concept's factors and metadata,
+        the removed concepts, the next index and the active concept (its factors are the ``lora_A.*`` /
+        ``lora_B.*`` entries).  Without it a ``state_dict()`` held only the active factors, so saving it
+        lost everything learned.  An integration's own per-concept state (diffusers token embeddings) is
+        not in it: :meth:`save` / :meth:`load_bank` keep that too."""
+        return {
+            "format": self._STATE_FORMAT, "sites": [s.name for s in self.sites], "rank": self.rank,
+            "alpha": self.alpha, "next_idx": self._next_idx,
+            "active": None if self._active is None else [self._active[0], self._active[1]],
+            "retired": [dict(r) for r in self._retired],
+            "past": list(self._past),
+            "concepts": [{"idx": c.idx, "name": c.name, "scale": c.scale, "lora_A": list(c.lora_A),
+                          "lora_B": list(c.lora_B)} for c in self.concepts],
+        }
+
+    def set_extra_state(self, state) -> None:
+        """Install :meth:`get_extra_state`'s state (``load_state_dict``), after checking that it belongs to a
+        controller over the same sites and rank; a clear error, and no change, otherwise."""
+        def bad(msg):
+            return ValueError(f"load_state_dict: the controller state {msg}")
+        if not isinstance(state, dict) or state.get("format") != self._STATE_FORMAT:
+            raise bad(f"is not a {self._STATE_FORMAT} state (got {type(state).__name__})")
+        if state["sites"] != [s.name for s in self.sites]:
+            raise bad(f"is for other sites ({len(state['sites'])} sites, first {state['sites'][:2]}) than this "
+                      f"controller's ({self.num_sites}, first {self.site_names[:2]})")
+        if state["rank"] != self.rank or float(state["alpha"]) != self.alpha:
+            raise bad(f"has rank {state['rank']}, alpha {state['alpha']}; this controller rank {self.rank}, "
+                      f"alpha {self.alpha}")
+        has_extra = getattr(self.adapter, "extra_state", None) is not None and getattr(self.adapter, "slots", None)
+        if has_extra and (state["concepts"] or state["active"] is not None):
+            raise bad("cannot carry this integration's personalized token embeddings: use controller.save() and "
+                      "load_bank() (or clora_fast.load) for a pipeline")
+        dev = self._device()
+        shapes = [(s.out_features, s.in_features) for s in self.sites]
+
+        def check(t, shape, what):
+            if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise bad(f"has {what} of shape {got}, expected {shape}")
+            return None if t is None else t.detach().to(dev, torch.float32)
+
+        r = self.rank
+        pasts = [check(p, sh, f"past of {s.name!r}") for p, sh, s in zip(state["past"], shapes, self.sites)]
+        concepts = []
+        for c in state["concepts"]:
+            As = [check(a, (r, sh[1]), f"concept {c['idx']} lora_A") for a, sh in zip(c["lora_A"], shapes)]
+            Bs = [check(b, (sh[0], r), f"concept {c['idx']} lora_B") for b, sh in zip(c["lora_B"], shapes)]
+            concepts.append(Concept(int(c["idx"]), str(c["name"]), float(c["scale"]), As, Bs))
+        active, factors = None, None
+        if state["active"] is not None:
+            active = (int(state["active"][0]), str(state["active"][1]))
+            # placeholders of the right layout: the lora_A.* / lora_B.* entries are loaded into them next
+            factors = ([torch.zeros(r, sh[1], device=dev) for sh in shapes],
+                       [torch.zeros(sh[0], r, device=dev) for sh in shapes])
+        self._set_state(pasts, concepts, [dict(x) for x in state["retired"]], int(state["next_idx"]), active,
+                        factors)
+
     def extra_repr(self) -> str:
         return (f"sites={self.num_sites}, rank={self.rank}, alpha={self.alpha}, penalty_weight={self.penalty_weight}, "
                 f"backend={self.backend!r}, concepts={[c.idx for c in self.concepts]}, active={self.active_concept}, "

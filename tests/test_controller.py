@@ -588,3 +588,27 @@ def test_reference_penalty_is_fp32_under_autocast():
     for u, v in zip(got, want):
         assert u.dtype == torch.float32 and torch.equal(u, v)
     assert torch.equal(loss, R.forgetting_penalty(p, a, b, 0.7))
+
+
+def test_state_dict_round_trip_holds_everything(tmp_path):
+    """state_dict() held only the active factors: saving it lost the past and every finished concept."""
+    src = CLoRAController(make_sites(), rank=2, backend="reference")
+    for t in range(3):
+        src.begin_concept(f"<t{t}>")
+        randomize(src, seed=t)
+        if t < 2:
+            src.end_concept()
+    src.remove_concept(0)
+    torch.save(src.state_dict(), tmp_path / "ctrl.pt")
+    dst = CLoRAController(make_sites(), rank=2, backend="reference")
+    dst.load_state_dict(torch.load(tmp_path / "ctrl.pt", weights_only=True))
+    assert [c.idx for c in dst.concepts] == [1] and dst.active_concept == 2 and dst.active_name == "<t2>"
+    for i in range(src.num_sites):
+        assert torch.equal(dst.past(i), src.past(i))
+        for u, v in zip(dst.current_factors(i), src.current_factors(i)):
+            assert torch.equal(u, v)
+    x = torch.randn(3, IN)
+    assert torch.equal(dst.penalty(), src.penalty())
+    assert all(torch.equal(u, v) for u, v in zip(dst.project_group("g", x), src.project_group("g", x)))
+    with pytest.raises(ValueError, match="has rank 2, alpha 2.0; this controller rank 3"):
+        CLoRAController(make_sites(), rank=3).load_state_dict(src.state_dict())
