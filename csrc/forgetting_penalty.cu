@@ -16,6 +16,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <mutex>
+#include <unordered_map>
 #include <cuda_runtime_api.h>
 
 #include <cmath>
@@ -89,8 +92,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> grouped
                 " is too large for the CUDA penalty kernel: it needs ", smem, " bytes of shared memory, the "
                 "device allows ", dev_max, " (use backend='triton' or 'reference')");
     if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(forgetting_penalty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
+      // The limit is one setting per function and device: only ever raised, under a lock, so that a
+      // thread launching with a smaller rank can never lower it between another thread's set and launch.
+      static std::mutex mu;
+      static std::unordered_map<int, size_t> raised_to;
+      std::lock_guard<std::mutex> lock(mu);
+      size_t& cur = raised_to[device.index()];
+      if (smem > cur) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(forgetting_penalty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+        cur = smem;
+      }
     }
     // Layers without work (r == 0, or empty) keep their table entry; a block never maps to them
     // because their work range is empty and binary search returns the last layer starting <= w.

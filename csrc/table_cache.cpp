@@ -9,10 +9,13 @@
 #include "common.h"
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
 #include <mutex>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 namespace clora_fast {
 namespace {
@@ -31,6 +34,15 @@ std::unordered_map<std::string, at::Tensor>& cache() {
   return *c;
 }
 
+// Tables uploaded while the stream is being captured into a CUDA graph: the graph's copy node reads the
+// pinned staging buffer at every replay, so staging and device copies stay alive for the process (a few
+// bytes per distinct captured table) and never enter the eager cache (an eager hit before the first
+// replay would read a table that was never copied).
+std::vector<std::pair<at::Tensor, at::Tensor>>& captured() {
+  static auto* c = new std::vector<std::pair<at::Tensor, at::Tensor>>();
+  return *c;
+}
+
 }  // namespace
 
 at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& device) {
@@ -40,16 +52,26 @@ at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& devi
   const int64_t tag[2] = {static_cast<int64_t>(device.index()), static_cast<int64_t>(stream.id())};
   key.append(reinterpret_cast<const char*>(tag), sizeof(tag));
 
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  const bool capturing = status != cudaStreamCaptureStatusNone;
+
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& c = cache();
-  auto it = c.find(key);
-  if (it != c.end()) return it->second;
+  if (!capturing) {
+    auto it = c.find(key);
+    if (it != c.end()) return it->second;
+  }
 
   const int64_t n = static_cast<int64_t>(host.size());
   at::Tensor staged = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   if (n > 0) std::memcpy(staged.data_ptr<int64_t>(), host.data(), n * sizeof(int64_t));
   at::Tensor on_device = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   on_device.copy_(staged, /*non_blocking=*/true);
+  if (capturing) {
+    captured().emplace_back(staged, on_device);
+    return on_device;
+  }
   if (c.size() >= kMaxEntries) c.clear();
   c.emplace(std::move(key), on_device);
   return on_device;
