@@ -147,7 +147,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:                      # file systems without modes (some FUSE/CIFS mounts): keep going
+            pass
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -852,6 +852,7 @@ class CLoRAController(nn.Module):
         """Install verified state (used by the bank loader)."""
         if self.merged:
             self.unmerge()
+        previous = self._active
         self._past = pasts
         self.concepts = concepts
         self._retired = retired
@@ -866,9 +867,9 @@ class CLoRAController(nn.Module):
             newA = [torch.cat([As[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
             newB = [torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
             old = list(self.lora_A) + list(self.lora_B)
-            if len(old) == len(newA) + len(newB) and all(
+            if active == previous and len(old) == len(newA) + len(newB) and all(
                     o.shape == n.shape and o.device == n.device for o, n in zip(old, newA + newB)):
-                # same layout (e.g. a rollback to a checkpoint of the concept being learned): load into the
+                # the concept being learned, same layout (a rollback to its checkpoint): load into the
                 # existing parameters (in their dtype, e.g. after controller.half()), as nn.Module.load_state_dict
                 # does, so an optimizer built over trainable_parameters() keeps training them
                 with torch.no_grad():
@@ -912,10 +913,20 @@ class CLoRAController(nn.Module):
         if state["rank"] != self.rank or float(state["alpha"]) != self.alpha:
             raise bad(f"has rank {state['rank']}, alpha {state['alpha']}; this controller rank {self.rank}, "
                       f"alpha {self.alpha}")
-        has_extra = getattr(self.adapter, "extra_state", None) is not None and getattr(self.adapter, "slots", None)
-        if has_extra and (state["concepts"] or state["active"] is not None):
+        has_tokens = getattr(self.adapter, "extra_state", None) is not None and getattr(self.adapter, "slots", None)
+        if has_tokens and (state["concepts"] or state["active"] is not None or state["retired"]
+                           or self.concepts or self._active is not None or self._retired):
             raise bad("cannot carry this integration's personalized token embeddings: use controller.save() and "
                       "load_bank() (or clora_fast.load) for a pipeline")
+        n = self.num_sites
+        if len(state["past"]) != n or any(len(c["lora_A"]) != n or len(c["lora_B"]) != n for c in state["concepts"]):
+            raise bad(f"does not hold one past and one factor pair per site ({n} sites)")
+        next_idx = int(state["next_idx"])
+        idxs = [int(c["idx"]) for c in state["concepts"]] + [int(r["idx"]) for r in state["retired"]]
+        if state["active"] is not None:
+            idxs.append(int(state["active"][0]))
+        if len(set(idxs)) != len(idxs) or any(i < 0 or i >= next_idx for i in idxs):
+            raise bad(f"has concept indices {sorted(idxs)} that repeat or fall outside 0..next_idx-1 = {next_idx - 1}")
         dev = self._device()
         shapes = [(s.out_features, s.in_features) for s in self.sites]
 
@@ -938,8 +949,9 @@ class CLoRAController(nn.Module):
             # placeholders of the right layout: the lora_A.* / lora_B.* entries are loaded into them next
             factors = ([torch.zeros(r, sh[1], device=dev) for sh in shapes],
                        [torch.zeros(sh[0], r, device=dev) for sh in shapes])
-        self._set_state(pasts, concepts, [dict(x) for x in state["retired"]], int(state["next_idx"]), active,
-                        factors)
+        self._set_state(pasts, concepts, [dict(x) for x in state["retired"]], next_idx, active, factors)
+        # token embeddings a bank load kept for a bare UNet belonged to the previous concepts
+        object.__setattr__(self, "_bank_unloaded_extra", None)
 
     def extra_repr(self) -> str:
         return (f"sites={self.num_sites}, rank={self.rank}, alpha={self.alpha}, penalty_weight={self.penalty_weight}, "

@@ -35,11 +35,11 @@ std::unordered_map<std::string, at::Tensor>& cache() {
 }
 
 // Tables uploaded while the stream is being captured into a CUDA graph: the graph's copy node reads the
-// pinned staging buffer at every replay, so staging and device copies stay alive for the process (a few
-// bytes per distinct captured table) and never enter the eager cache (an eager hit before the first
-// replay would read a table that was never copied).
-std::vector<std::pair<at::Tensor, at::Tensor>>& captured() {
-  static auto* c = new std::vector<std::pair<at::Tensor, at::Tensor>>();
+// pinned staging buffer at every replay, so staging and device copies are kept for the process (one pair
+// per distinct table per capture: a few hundred bytes each) and never enter the eager cache (an eager hit
+// before the first replay would read a table that was never copied).
+std::unordered_map<std::string, std::pair<at::Tensor, at::Tensor>>& captured() {
+  static auto* c = new std::unordered_map<std::string, std::pair<at::Tensor, at::Tensor>>();
   return *c;
 }
 
@@ -53,12 +53,19 @@ at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& devi
   key.append(reinterpret_cast<const char*>(tag), sizeof(tag));
 
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
+  unsigned long long capture_id = 0;
+  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id));
   const bool capturing = status != cudaStreamCaptureStatusNone;
+  if (capturing) {   // per capture: one upload per distinct table within a graph, a fresh one for every graph
+    key.append(reinterpret_cast<const char*>(&capture_id), sizeof(capture_id));
+  }
 
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& c = cache();
-  if (!capturing) {
+  if (capturing) {
+    auto it = captured().find(key);
+    if (it != captured().end()) return it->second.second;
+  } else {
     auto it = c.find(key);
     if (it != c.end()) return it->second;
   }
@@ -69,7 +76,7 @@ at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& devi
   at::Tensor on_device = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   on_device.copy_(staged, /*non_blocking=*/true);
   if (capturing) {
-    captured().emplace_back(staged, on_device);
+    captured().emplace(std::move(key), std::make_pair(staged, on_device));
     return on_device;
   }
   if (c.size() >= kMaxEntries) c.clear();

@@ -612,3 +612,21 @@ def test_state_dict_round_trip_holds_everything(tmp_path):
     assert all(torch.equal(u, v) for u, v in zip(dst.project_group("g", x), src.project_group("g", x)))
     with pytest.raises(ValueError, match="has rank 2, alpha 2.0; this controller rank 3"):
         CLoRAController(make_sites(), rank=3).load_state_dict(src.state_dict())
+
+
+def test_replace_active_and_bad_states_do_not_reuse_or_half_install(tmp_path):
+    other = CLoRAController(make_sites(), rank=2, backend="reference")
+    other.begin_concept("<other>")
+    randomize(other, seed=5)
+    other.save(tmp_path / "other")
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    c.begin_concept("<mine>")
+    params = c.trainable_parameters()
+    c.load_bank(tmp_path / "other", replace_active=True)      # another concept: fresh parameters
+    assert c.active_name == "<other>" and all(p is not q for p, q in zip(c.trainable_parameters(), params))
+    state = other.state_dict()
+    state["_extra_state"]["past"] = state["_extra_state"]["past"][:1]
+    before = c.get_extra_state()
+    with pytest.raises(ValueError, match="one past and one factor pair per site"):
+        c.load_state_dict(state)
+    assert c.get_extra_state()["active"] == before["active"] and len(c._past) == c.num_sites

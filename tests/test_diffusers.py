@@ -909,3 +909,27 @@ def test_torch_save_of_a_patched_unet(tmp_path):
         torch.testing.assert_close(run_unet(u2, inputs), want, rtol=0, atol=0)
     assert D.get_controller(u2) is not None and D.get_controller(u2) is not cl
     D.unpatch(u2)
+
+
+def test_patched_tokenizer_pickles_and_state_dict_does_not_mix_banks(tmp_path):
+    """The save_pretrained guard on a patched tokenizer keeps it picklable (DataLoader workers); a bare-UNet
+    controller that loaded a token bank forgets those tokens when load_state_dict installs other concepts."""
+    import json
+    import pickle
+    from clora_fast.bank import MANIFEST
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<ca>")
+    randomize(cl)
+    cl.end_concept()
+    tok = pickle.loads(pickle.dumps(pipe.tokenizer))
+    assert "<ca>" in tok.get_vocab()
+    with pytest.raises(RuntimeError, match="personalized tokens"):
+        tok.save_pretrained(tmp_path / "tok")
+    cl.save(tmp_path / "tokbank")
+    other, _, _ = unet_with_a_past(rank=2)
+    bare = clora_fast.load(tiny_unet("sd1"), tmp_path / "tokbank", backend="reference")
+    bare.load_state_dict(D.get_controller(other).state_dict())
+    bare.save(tmp_path / "out")
+    m = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    assert not (m.get("adapter") or {}).get("tokens")

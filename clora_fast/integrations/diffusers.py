@@ -41,7 +41,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -192,8 +191,7 @@ class _TextSlot:
 
     def install(self) -> None:
         self.tokenizer = copy.deepcopy(self.orig_tokenizer)
-        self.tokenizer._clora_base_len = len(self.orig_tokenizer)
-        self.tokenizer.save_pretrained = types.MethodType(_guarded_save_pretrained, self.tokenizer)
+        self.tokenizer.save_pretrained = _GuardedSave(self.tokenizer, len(self.orig_tokenizer))
         self.emb = PersonalizedEmbedding(self.base)
         _set_module(self.encoder, self.path, self.emb)
         setattr(self.pipe, self.tok_attr, self.tokenizer)
@@ -233,17 +231,25 @@ class _TextSlot:
         return nn.Parameter(v)
 
 
-def _guarded_save_pretrained(tok, *args, **kwargs):
+class _GuardedSave:
     """``save_pretrained`` of a patched pipeline's tokenizer: refused once it holds personalized tokens, whose
     embeddings live outside the text encoder's weights (a ``pipe.save_pretrained`` would write a tokenizer
-    the saved text encoder cannot encode: an IndexError at the first prompt with a concept's token)."""
-    if len(tok) != tok._clora_base_len:
-        raise RuntimeError(
-            "this tokenizer holds clora_fast's personalized tokens, whose embeddings are not part of the text "
-            "encoder's weights: saving it (e.g. pipe.save_pretrained) would write a pipeline that cannot encode "
-            "them. Use clora_fast.save_pipeline(pipe, path) (every finished concept baked in: merged UNet, tokens "
-            "in the tokenizer and text encoder), or export_lora + export_textual_inversion, or unpatch first")
-    return type(tok).save_pretrained(tok, *args, **kwargs)
+    the saved text encoder cannot encode: an IndexError at the first prompt with a concept's token).  A
+    module-level class, so the tokenizer still pickles (DataLoader workers, multiprocessing)."""
+
+    def __init__(self, tok, base_len: int):
+        self.tok, self.base_len = tok, base_len
+
+    def __call__(self, *args, **kwargs):
+        tok = self.tok
+        if len(tok) != self.base_len:
+            raise RuntimeError(
+                "this tokenizer holds clora_fast's personalized tokens, whose embeddings are not part of the text "
+                "encoder's weights: saving it (e.g. pipe.save_pretrained) would write a pipeline that cannot encode "
+                "them. Use clora_fast.save_pipeline(pipe, path) (every finished concept baked in: merged UNet, "
+                "tokens in the tokenizer and text encoder), or export_lora + export_textual_inversion, or unpatch "
+                "first")
+        return type(tok).save_pretrained(tok, *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ processors
