@@ -6,7 +6,7 @@ over them and routes the model's projections through :meth:`CLoRAController.proj
 (one site), :meth:`CLoRAController.project_pair` (K and V of one layer in one launch)
 or :meth:`CLoRAController.project_group` (every site of a group, one launch).
 
-Math (docs: /work/shared/DESIGN.md section 1), per site with frozen base weight ``W0``:
+Math (docs/ARCHITECTURE.md; the method: README.md), per site with frozen base weight ``W0``:
 
     W_t = W0 + P_t + s * B_t @ A_t          P_{t+1} = P_t + s * B_t @ A_t      s = alpha / rank
 

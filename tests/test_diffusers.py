@@ -933,3 +933,17 @@ def test_patched_tokenizer_pickles_and_state_dict_does_not_mix_banks(tmp_path):
     bare.save(tmp_path / "out")
     m = json.loads((tmp_path / "out" / MANIFEST).read_text())
     assert not (m.get("adapter") or {}).get("tokens")
+
+
+def test_deepcopy_after_a_training_step():
+    """An EMA / checkpoint copy right after a training step: the grouped K/V cache of that forward is attached
+    to its graph, and copy.deepcopy refused to copy the UNet."""
+    import copy
+    unet, inputs, cl = unet_with_a_past(rank=2)
+    cl.begin_concept()
+    randomize(cl)
+    run_unet(unet, inputs).square().mean().backward()
+    twin = copy.deepcopy(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(twin, inputs), run_unet(unet, inputs), rtol=0, atol=0)
+    assert D.get_controller(twin) is not cl

@@ -449,6 +449,13 @@ class DiffusersAdapter:
         self.rows: List[Dict[int, nn.Parameter]] = [dict() for _ in self.slots]
         self.retired: List[str] = []   # tokens of removed concepts (still in the tokenizer, unusable)
 
+    def __getstate__(self):
+        # copy.deepcopy / pickle of a patched UNet: the grouped K/V of the last forward are a per-call cache
+        # (attached to that forward's autograd graph after a training step, which deepcopy refuses to copy)
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
     # -- install ---------------------------------------------------------------------------
     def install(self, controller: CLoRAController) -> None:
         self.controller = controller
