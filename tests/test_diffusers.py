@@ -947,3 +947,24 @@ def test_deepcopy_after_a_training_step():
     with torch.no_grad():
         torch.testing.assert_close(run_unet(twin, inputs), run_unet(unet, inputs), rtol=0, atol=0)
     assert D.get_controller(twin) is not cl
+
+
+def test_save_pipeline_sdxl_two_text_encoders(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+    pipe = tiny_sdxl_pipe()
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    randomize(cl)
+    cl.end_concept()
+
+    def gen(p):
+        g = torch.Generator().manual_seed(0)
+        return p("a photo of <c1>", num_inference_steps=1, height=16, width=16, generator=g, output_type="pt").images
+
+    with torch.no_grad():
+        want = gen(pipe)
+    clora_fast.save_pipeline(pipe, tmp_path / "sdxl")
+    loaded = StableDiffusionXLPipeline.from_pretrained(tmp_path / "sdxl")
+    loaded.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(gen(loaded), want, rtol=1e-4, atol=1e-4)
