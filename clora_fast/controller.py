@@ -701,11 +701,13 @@ class CLoRAController(nn.Module):
     # ------------------------------------------------------------------ penalty
     def penalty(self) -> Tensor:
         """``penalty_weight * sum_sites ||P ⊙ (s B A)||_F^2`` in one grouped launch (0-dim fp32).
-        Exactly 0 (a constant) when no concept is active or nothing is folded yet."""
+        Exactly 0 when no concept is active or nothing is folded yet (while a concept is active, a zero that
+        supports ``.backward()`` on its own, like the penalty of later concepts; no kernel runs)."""
         self._refresh_sites()
         dev = self._device()
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
-            return torch.zeros((), dtype=torch.float32, device=dev)
+            return torch.zeros((), dtype=torch.float32, device=dev,
+                               requires_grad=self._active is not None and torch.is_grad_enabled())
         self._sync_device()
         # The factors go in as the flat per-bundle parameters with a row layout: the gradient
         # lands in each flat parameter as one tensor (no per-site views in the autograd graph).

@@ -630,3 +630,14 @@ def test_replace_active_and_bad_states_do_not_reuse_or_half_install(tmp_path):
     with pytest.raises(ValueError, match="one past and one factor pair per site"):
         c.load_state_dict(state)
     assert c.get_extra_state()["active"] == before["active"] and len(c._past) == c.num_sites
+
+
+def test_penalty_of_the_first_concept_supports_backward_alone():
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    assert not c.penalty().requires_grad                 # no concept: a plain constant
+    c.begin_concept()
+    pen = c.penalty()
+    assert pen.item() == 0.0
+    pen.backward()                                       # e.g. the penalty's own backward in an accumulation loop
+    with torch.no_grad():
+        assert not c.penalty().requires_grad
