@@ -417,7 +417,10 @@ class E2E:
         st, dev, dt = self.st, self.device, self.dtype
         from clora_fast import builtin
         if st["pipe"] == "builtin":
-            return builtin.build_pipeline("builtin", device=dev, dtype=dt)
+            pipe = builtin.build_pipeline("builtin", device=dev, dtype=dt)
+            for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+                m.requires_grad_(False)               # inference only (and no frozen-weights warning)
+            return pipe
         import diffusers
         from transformers import CLIPTextConfig, CLIPTextModel
         C.seed_all(0)
@@ -431,7 +434,7 @@ class E2E:
             feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         for m in (unet, vae, text_encoder):
-            m.eval()
+            m.eval().requires_grad_(False)
         return pipe.to(dtype=dt)
 
     def run_pipe(self):
