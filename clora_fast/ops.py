@@ -980,6 +980,15 @@ def _check_penalty_args(past, lora_A, lora_B, suffix=""):
     check_same_dtype([(f"lora_A{suffix}", lora_A), (f"lora_B{suffix}", lora_B)])
 
 
+def _layer_scales(scales, n: int):
+    """``scales`` of the grouped penalties: one number (or 1-element tensor) for every layer, or one per layer."""
+    if isinstance(scales, (numbers.Real, Tensor)):
+        scales = [scales] * n
+    if len(scales) != n:
+        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
+    return scales
+
+
 def _check_rows_disjoint(layout, pasts) -> None:
     """Every layer of a packed layout owns its rows of the flat buffers (its gradient is written there)."""
     hit = layout_overlap(layout, pasts)
@@ -1036,11 +1045,7 @@ def grouped_forgetting_penalty(pasts: Sequence[Tensor], lora_As: Sequence[Tensor
     if len(lora_As) != n or len(lora_Bs) != n:
         raise ValueError(f"pasts, lora_As and lora_Bs must have the same length, got {n}, {len(lora_As)}, "
                          f"{len(lora_Bs)}")
-    if isinstance(scales, (numbers.Real, Tensor)):
-        scales = [scales] * n
-    if len(scales) != n:
-        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
-    scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(scales)]
+    scales = [check_scale(f"scales[{i}]", s) for i, s in enumerate(_layer_scales(scales, n))]
     for i in range(n):
         _check_penalty_args(pasts[i], lora_As[i], lora_Bs[i], f"s[{i}]")
     backend = _penalty_backend(backend, pasts, [("lora_As", lora_As)])
@@ -1066,11 +1071,7 @@ def _packed_structure(pasts, flat_As, flat_Bs, layout, scales):
                          f"{len(flat_Bs)}")
     if len(layout) != n:
         raise ValueError(f"layout has {len(layout)} entries for {n} pasts")
-    if isinstance(scales, (numbers.Real, Tensor)):
-        scales = [scales] * n
-    if len(scales) != n:
-        raise ValueError(f"scales has {len(scales)} entries for {n} layers")
-    return tuple(tuple(int(v) for v in e) for e in layout), scales
+    return tuple(tuple(int(v) for v in e) for e in layout), _layer_scales(scales, n)
 
 
 def _validate_packed(pasts, flat_As, flat_Bs, layout, backend: str) -> str:
