@@ -55,7 +55,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import sys
 import time
@@ -691,18 +690,6 @@ def load_head(path: str, *, cosine_scale: float = 16.0) -> GrowingHead:
     return head.requires_grad_(False).eval()
 
 
-def _seed_everything(seed: int) -> None:
-    """Seed every RNG a run draws from before anything random is made (torch, numpy, random)."""
-    import random
-    random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % 2 ** 32)
-    except ImportError:  # pragma: no cover
-        pass
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
@@ -788,7 +775,8 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
         timm_kwargs = json.loads(args.timm_kwargs)
         if not isinstance(timm_kwargs, dict):
             raise ValueError(f"--timm-kwargs must be a JSON object, got {args.timm_kwargs!r}")
-        _seed_everything(args.seed)  # the backbone's random init (config / timm) is part of the run
+        from clora_fast.cli import _seed_all
+        _seed_all(args.seed)  # torch, numpy, random: the backbone's random init (config / timm) is part of the run
         if args.framework == "timm":
             backbone = build_backbone(framework="timm", timm_model=args.timm_model, model=args.model,
                                       config=args.config, timm_kwargs=timm_kwargs, checkpoint=args.checkpoint)
