@@ -118,6 +118,14 @@ def _rows(t: Tensor, start: int, stop: int) -> Tensor:
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
+def _world_size(group=None) -> int:
+    """Processes in ``torch.distributed``'s (default) group; 1 without an initialized process group."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -293,7 +301,6 @@ class CLoRAController(nn.Module):
     def folded_weight(self, site: Union[int, str]) -> Tensor:
         """``Wf = W0 + P`` of ``site`` in the weight's dtype (W0 itself when P = 0)."""
         i = self.site_index(site)
-        self._refresh_sites()
         if self._past[i] is None and not self.merged:
             return self.sites[i].weight.detach()
         b, pos = self._site_bundle[i]
@@ -596,9 +603,7 @@ class CLoRAController(nn.Module):
         without an initialized process group of more than one process.  (Every process must start a concept
         from the same A and token row: seed the global RNG identically before :meth:`begin_concept`.)"""
         import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        world = dist.get_world_size(group)
+        world = _world_size(group)
         if world == 1:
             return
         for p in self.trainable_parameters():      # a few tensors: flat A and B per group, token rows
@@ -608,12 +613,7 @@ class CLoRAController(nn.Module):
             p.grad.div_(world)
 
     def _warn_distributed(self) -> None:
-        try:
-            import torch.distributed as dist
-            multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        except Exception:  # pragma: no cover
-            multi = False
-        if multi and not getattr(self, "_warned_distributed", False):
+        if _world_size() > 1 and not getattr(self, "_warned_distributed", False):
             self._warned_distributed = True
             warnings.warn("clora_fast: torch.distributed runs several processes, but the controller's parameters are "
                           "not part of the model, so DDP / accelerate do not synchronize their gradients: call "
@@ -953,7 +953,8 @@ class CLoRAController(nn.Module):
                        [torch.zeros(sh[0], r, device=dev) for sh in shapes])
         self._set_state(pasts, concepts, [dict(x) for x in state["retired"]], next_idx, active, factors)
         # token embeddings a bank load kept for a bare UNet belonged to the previous concepts
-        object.__setattr__(self, "_bank_unloaded_extra", None)
+        from .bank import _CARRY_ATTR
+        object.__setattr__(self, _CARRY_ATTR, None)
 
     def extra_repr(self) -> str:
         return (f"sites={self.num_sites}, rank={self.rank}, alpha={self.alpha}, penalty_weight={self.penalty_weight}, "

@@ -419,7 +419,7 @@ class ViTAdapter:
 
     def refresh_sites(self) -> None:
         """Re-point every site at the live parameters (the controller calls this before merge,
-        unmerge, begin_concept, penalty, save, ...: not only the forward sees a converted model)."""
+        unmerge, begin_concept, remove_concept, penalty, save and load: not only the forward sees a converted model)."""
         for c in self._calls:
             _refresh_sites(c)
 
