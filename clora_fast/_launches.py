@@ -9,7 +9,7 @@ than FLOPs or bytes.  :func:`count_launches` runs a function under a ``TorchDisp
   count is the same on the CPU as on a GPU and can be checked in CPU tests (library GEMMs count one
   each; cuBLAS may add a split-K reduction kernel of its own);
 * Triton kernel launches (``JITFunction.run``, and the interpreter's ``InterpretedFunction.run``
-  under ``TRITON_INTERPRET=1``), as ``"triton:<kernel name>"``.
+  under ``TRITON_INTERPRET=1``; ``GridExecutor.__call__`` on Triton 3.0), as ``"triton:<kernel name>"``.
 
 Kernels of the CUDA C++ extension (called through pybind, not the dispatcher) are not counted.
 """
@@ -53,7 +53,14 @@ def _triton_launches(ops: Counter, mode: _Counter) -> Iterator[None]:
         classes.append(InterpretedFunction)
     except Exception:  # noqa: BLE001 - no triton, or a layout without the interpreter class
         pass
-    saved = [(cls, cls.__dict__["run"]) for cls in classes if "run" in cls.__dict__]
+    saved = [(cls, "run", cls.__dict__["run"]) for cls in classes if "run" in cls.__dict__]
+    if classes and "run" not in classes[-1].__dict__:
+        # Triton 3.0's interpreter: `kernel[grid](...)` calls a GridExecutor, and `run` is set per instance
+        try:
+            from triton.runtime.interpreter import GridExecutor
+            saved.append((GridExecutor, "__call__", GridExecutor.__dict__["__call__"]))
+        except Exception:  # noqa: BLE001
+            pass
 
     def wrap(run):
         def counted(self, *args, **kwargs):
@@ -67,13 +74,13 @@ def _triton_launches(ops: Counter, mode: _Counter) -> Iterator[None]:
                 mode.paused -= 1
         return counted
 
-    for cls, run in saved:
-        cls.run = wrap(run)
+    for cls, attr, run in saved:
+        setattr(cls, attr, wrap(run))
     try:
         yield
     finally:
-        for cls, run in saved:
-            cls.run = run
+        for cls, attr, run in saved:
+            setattr(cls, attr, run)
 
 
 def count_launches(fn: Callable[[], object]) -> Tuple[int, Dict[str, int]]:

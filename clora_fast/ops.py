@@ -144,7 +144,9 @@ def _flat_tensors(xs):
 # Custom ops: segmented LoRA projection
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("clora_fast::segmented_lora", mutates_args=())
+@torch.library.custom_op("clora_fast::segmented_lora", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor? bias, int[] seg_offsets, float[] scales, "
+    "str backend) -> (Tensor, Tensor)"))
 def _segmented_lora_op(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, bias: Optional[Tensor],
                        seg_offsets: List[int], scales: List[float], backend: str) -> Tuple[Tensor, Tensor]:
     launch = _projection_launchers(backend)
@@ -159,7 +161,9 @@ def _(x, weight, lora_A, lora_B, bias, seg_offsets, scales, backend):
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=acc))
 
 
-@torch.library.custom_op("clora_fast::segmented_lora_backward", mutates_args=())
+@torch.library.custom_op("clora_fast::segmented_lora_backward", mutates_args=(), schema=(
+    "(Tensor grad_y, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor xa, int[] seg_offsets, "
+    "float[] scales, str backend, bool need_dx, bool need_dA, bool need_dB) -> (Tensor, Tensor, Tensor)"))
 def _segmented_lora_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                                 xa: Tensor, seg_offsets: List[int], scales: List[float], backend: str,
                                 need_dx: bool, need_dA: bool, need_dB: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -220,7 +224,8 @@ _segmented_lora_op.register_autograd(_once_differentiable(_segmented_backward),
 # Custom ops: forgetting penalty (gradients computed in the forward pass)
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("clora_fast::forgetting_penalty", mutates_args=())
+@torch.library.custom_op("clora_fast::forgetting_penalty", mutates_args=(), schema=(
+    "(Tensor past, Tensor lora_A, Tensor lora_B, float scale, str backend) -> (Tensor, Tensor, Tensor)"))
 def _penalty_op(past: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, backend: str
                 ) -> Tuple[Tensor, Tensor, Tensor]:
     loss, dA, dB = _penalty_launchers(backend).forgetting_penalty_forward(past, lora_A, lora_B, scale)
@@ -248,7 +253,9 @@ def _penalty_backward(ctx, grad_loss, _grad_dA, _grad_dB):
 _penalty_op.register_autograd(_once_differentiable(_penalty_backward), setup_context=_penalty_setup_context)
 
 
-@torch.library.custom_op("clora_fast::grouped_forgetting_penalty", mutates_args=())
+@torch.library.custom_op("clora_fast::grouped_forgetting_penalty", mutates_args=(), schema=(
+    "(Tensor[] pasts, Tensor[] lora_As, Tensor[] lora_Bs, float[] scales, str backend) "
+    "-> (Tensor, Tensor[], Tensor[])"))
 def _grouped_penalty_op(pasts: List[Tensor], lora_As: List[Tensor], lora_Bs: List[Tensor], scales: List[float],
                         backend: str) -> Tuple[Tensor, List[Tensor], List[Tensor]]:
     loss, dAs, dBs = _penalty_launchers(backend).grouped_forgetting_penalty_forward(
@@ -633,6 +640,13 @@ _STRATEGIES = ("auto", "fused", "merged")
 _TRITON_MAX_RANK = 128          # kernels/lora_projection.py pads the rank to a power of two <= 128
 
 
+@torch.compiler.assume_constant_result
+def _forced_strategy() -> str:
+    """``CLORA_FAST_STRATEGY`` (read per call; a constant inside a torch.compile graph: torch 2.4's dynamo
+    cannot trace ``os.environ.get`` of an unset variable)."""
+    return os.environ.get("CLORA_FAST_STRATEGY", "")
+
+
 def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: bool, offsets=None) -> str:
     """The projection strategy for a call (``equal``: all segments have one size)."""
     if strategy not in _STRATEGIES:
@@ -641,7 +655,7 @@ def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: boo
         raise ValueError(f"strategy='merged' needs segments of one size, got seg_offsets {list(offsets)}")
     if strategy != "auto":
         return strategy
-    forced = os.environ.get("CLORA_FAST_STRATEGY", "")
+    forced = _forced_strategy()
     if forced in ("fused", "merged"):           # tests and experiments: override "auto" process-wide
         return "merged" if forced == "merged" and equal else "fused"
     if equal and backend != "reference" and device.type == "cuda":

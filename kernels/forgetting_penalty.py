@@ -121,8 +121,9 @@ Outputs are allocated with ``torch.empty``; set ``CLORA_FAST_POISON=1`` to
 fill outputs and workspaces with NaN first, so any entry a kernel fails to
 write shows up in tests.
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognises constexpr
+# parameters only by their evaluated annotation (a string "tl.constexpr" is taken for a tensor).
 import collections
 import functools
 import math

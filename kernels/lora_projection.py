@@ -77,8 +77,9 @@ dtype of ``lora_A``/``lora_B``; all freshly allocated with ``torch.empty``
 (set ``CLORA_FAST_POISON=1`` to fill them with NaN before the kernels run, so
 an unwritten entry shows up in tests).
 """
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: Triton 3.0's interpreter recognises constexpr
+# parameters only by their evaluated annotation (a string "tl.constexpr" is taken for a tensor).
 import contextlib
 import functools
 import os

@@ -540,7 +540,7 @@ def test_all_reduce_grads_averages_over_processes(tmp_path):
     per-process gradients on both (DDP(model) would not touch them: they are not the model's parameters)."""
     import torch.multiprocessing as mp
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["warned"] and r1["warned"]
     for l0, l1, s0, s1 in zip(r0["local"], r1["local"], r0["synced"], r1["synced"]):
         assert not torch.equal(l0, l1)                # different data per process

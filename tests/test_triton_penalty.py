@@ -462,7 +462,7 @@ for vec_p, fused, da_trans in ((8, False, False), (1, False, False), (8, True, F
 """
 
 
-def test_sm90_compile_vectorises_past_loads():
+def test_sm90_compile_vectorises_past_loads(sm90_compiler):
     """Compile the main kernel for sm_90 (no GPU needed; a subprocess without the interpreter).
     With the offset-table alignment hints (VEC_P = 8) the bf16 P tile must be read with
     16-byte transfers (cp.async.cg ... 16 / ld.global.v4) and no 2-byte loads; without them
