@@ -172,7 +172,7 @@ setup(
     package_dir={"clora_fast": "clora_fast", "clora_fast.kernels": "kernels"},
     package_data={"clora_fast": ["configs/*.json", "configs/*/*.json", "assets/*"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "safetensors>=0.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "safetensors>=0.4.5", "numpy", "tqdm"],   # floors: docs/COMPATIBILITY.md
     extras_require={
         "triton": ["triton>=3.0"],
         "test": [
@@ -181,8 +181,8 @@ setup(
             "peft>=0.13",
             "diffusers>=0.30",
             "transformers>=4.45",
-            "timm>=1.0",
-            "accelerate>=0.30",
+            "timm>=1.0.9",
+            "accelerate>=0.34",
             "scikit-learn>=1.3",
             "matplotlib>=3.7",
         ],

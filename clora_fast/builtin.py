@@ -91,20 +91,33 @@ def clip_vocab_and_merges() -> Tuple[Dict[str, int], Tuple[str, ...]]:
     return vocab, merges
 
 
-def clip_tokenizer(model_max_length: int = 77):
-    """A fresh ``transformers.CLIPTokenizer`` with the real CLIP vocabulary (offline).
-
-    Built with ``vocab=``/``merges=`` objects: in transformers 5.x the
-    ``vocab_file=``/``merges_file=`` arguments are silently ignored.
-    """
+def clip_tokenizer_from(vocab: Dict[str, int], merges, **kwargs):
+    """A ``transformers.CLIPTokenizer`` from an in-memory BPE vocabulary and merges (pairs or
+    ``"a b"`` strings); ``kwargs`` go to the constructor.  transformers 5.x takes ``vocab=`` /
+    ``merges=`` objects (its ``vocab_file=`` / ``merges_file=`` are silently ignored); 4.x takes
+    only the files, written here to a temporary folder."""
     from transformers import CLIPTokenizer
 
+    pairs = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    try:
+        return CLIPTokenizer(vocab=dict(vocab), merges=pairs, **kwargs)
+    except TypeError:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            vocab_file, merges_file = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
+            with open(vocab_file, "w", encoding="utf-8") as f:
+                json.dump(dict(vocab), f)
+            with open(merges_file, "w", encoding="utf-8") as f:   # 4.x skips the first ("#version") line
+                f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in pairs))
+            return CLIPTokenizer(vocab_file=vocab_file, merges_file=merges_file, **kwargs)
+
+
+def clip_tokenizer(model_max_length: int = 77):
+    """A fresh ``transformers.CLIPTokenizer`` with the real CLIP vocabulary (offline), built by
+    :func:`clip_tokenizer_from` and checked against CLIP's ids."""
     vocab, merges = clip_vocab_and_merges()
-    tok = CLIPTokenizer(
-        vocab=dict(vocab),
-        merges=[tuple(m.split(" ")) for m in merges],
-        model_max_length=model_max_length,
-    )
+    tok = clip_tokenizer_from(vocab, merges, model_max_length=model_max_length)
     # guard against a transformers version that builds something else silently
     probe = tok("a photo of a cat").input_ids
     if probe != [49406, 320, 1125, 539, 320, 2368, 49407]:

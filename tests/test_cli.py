@@ -534,6 +534,9 @@ def test_sample_removed_concept_token_and_bad_resolution(tmp_path, two_concept_b
 
 def test_sample_concepts_used_matches_the_tokenizer(tmp_path, two_concept_bank, capsys):
     """The tokenizer lower-cases: '<Alpha>' is the concept <alpha>, and the summary says so."""
+    import transformers
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x's slow CLIPTokenizer matches added tokens case-sensitively")
     rc, out, err = _sample(capsys, two_concept_bank, "a photo of <Alpha> and <BETA>", tmp_path / "a.png")
     assert rc == 0 and "concepts used: ['<alpha>', '<beta>']" in out
     assert "not in the bank" not in err

@@ -40,6 +40,7 @@ Public API (the lead's :func:`clora_fast.patch` dispatches here when
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -74,12 +75,19 @@ def _is_linear(m) -> bool:
     return type(m) is nn.Linear
 
 
+@functools.lru_cache(maxsize=None)
 def _timm_attention_classes() -> tuple:
-    try:
-        from timm.layers import Attention  # type: ignore
-    except Exception:  # timm missing or broken: nothing of timm can be in the model anyway
-        return ()
-    return (Attention,)
+    """timm's ViT ``Attention`` class: ``timm.layers`` since timm 1.0.1x, ``timm.models.vision_transformer``
+    before (timm 1.0.9 has it only there)."""
+    found = []
+    for mod_name in ("timm.layers", "timm.models.vision_transformer"):
+        try:
+            cls = getattr(importlib.import_module(mod_name), "Attention")
+        except Exception:  # noqa: BLE001 - timm missing, broken or laid out otherwise
+            continue
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
 
 
 def _timm_attention_ok(mod: nn.Module) -> bool:

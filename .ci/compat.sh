@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The test suite on another dependency stack, in a throw-away venv and a clean clone of HEAD (the working
+# tree and its built extensions are left alone). Not part of CI (each stack downloads 3-5 GB of wheels);
+# run it when a floor in setup.py or the README changes, and record the result in docs/COMPATIBILITY.md.
+#
+#   bash .ci/compat.sh floor     # the declared minimums: torch 2.4.1, Triton 3.0.0, transformers 4.45.2, ...
+#   bash .ci/compat.sh image     # the lent GPU machines' image: torch 2.11.0, Triton 3.6.0, transformers 5.17
+#   PYTHON=python3.9 bash .ci/compat.sh floor     # another interpreter (default: python3)
+#
+# Exit code: pytest's (5 = no test collected is turned into 1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+stack=${1:?usage: bash .ci/compat.sh floor|image}
+case "$stack" in
+  floor)   # setup.py's floors (install_requires and the [test] extra)
+    pins=("torch==2.4.1" "torchvision==0.19.1" "triton==3.0.0" "transformers==4.45.2" "diffusers==0.30.3"
+          "peft==0.13.2" "timm==1.0.9" "accelerate==0.34.2" "safetensors==0.4.5" "numpy<2"
+          "huggingface_hub<0.26") ;;
+  image)   # what the device machines run (device README); numpy < 2.4: Triton 3.6's interpreter breaks on 2.4
+    pins=("torch==2.11.0" "torchvision==0.26.0" "triton==3.6.0" "transformers==5.17.0" "diffusers==0.42.1"
+          "peft==0.21.0" "timm==1.0.29" "numpy<2.4") ;;
+  *) echo "unknown stack '$stack' (floor or image)" >&2; exit 2 ;;
+esac
+PY=${PYTHON:-python3}
+WORK=${COMPAT_DIR:-$(mktemp -d /tmp/clora_compat.XXXXXX)}
+echo "== stack $stack with $($PY --version) in $WORK"
+git clone -q . "$WORK/src"
+"$PY" -m venv "$WORK/venv"
+. "$WORK/venv/bin/activate"
+python -m pip install -q --upgrade pip setuptools wheel
+pip install -q "${pins[@]}" pytest hypothesis scikit-learn matplotlib tqdm pybind11 ninja open_clip_torch
+cd "$WORK/src"
+pip install -q --no-build-isolation --no-deps -e .
+python - <<'EOF'
+import importlib.metadata as md
+print("versions:", ", ".join(f"{p} {md.version(p)}" for p in
+      ("torch", "triton", "transformers", "diffusers", "peft", "timm", "numpy", "huggingface_hub")))
+EOF
+set +e
+HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests
+rc=$?
+set -e
+echo "== stack $stack: pytest exit $rc"
+[ "$rc" -eq 5 ] && exit 1
+exit "$rc"
