@@ -113,6 +113,11 @@ else
 fi
 export PYTHONPATH="$FARM:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONSAFEPATH=1
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "ERROR: $PY is older than Python 3.11: PYTHONSAFEPATH (which keeps the repo's kernel-less clora_fast/ off"\
+      "sys.path) does not exist there"
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 DIFFUSERS_OFFLINE=1
 export MPLBACKEND=Agg
