@@ -300,7 +300,7 @@ def test_autocast_bf16_and_gradient_checkpointing():
     g0 = grads()
     unet.enable_gradient_checkpointing()                     # diffusers default: non-reentrant
     g1 = grads()
-    if inspect.signature(unet.enable_gradient_checkpointing).parameters:    # newer diffusers take the function; 0.30 does not
+    if inspect.signature(unet.enable_gradient_checkpointing).parameters:  # takes the function (not in 0.30)
         unet.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
         g2 = grads()
     else:

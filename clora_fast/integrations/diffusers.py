@@ -817,7 +817,8 @@ def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = Non
     ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, scale baked into B so alpha = rank)
     of one concept (``which`` = its index) or of all finished concepts (``"merged"``), which
     ``pipe.load_lora_weights(folder, weight_name=file_name)`` accepts (older diffusers need the
-    ``weight_name`` form offline; newer ones also take the file's path). ``obj``: a patched pipeline/UNet or its controller."""
+    ``weight_name`` form offline; newer ones also take the file's path).
+    ``obj``: a patched pipeline/UNet or its controller."""
     ctrl = obj if isinstance(obj, CLoRAController) else get_controller(obj)
     if ctrl is None:
         raise ValueError(f"export_lora: {type(obj).__name__} is not patched by clora_fast")
