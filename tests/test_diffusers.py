@@ -3,6 +3,7 @@ StableDiffusionPipeline built offline (random weights, a small hand-written BPE 
 import functools
 import inspect
 import logging
+import sys
 
 import pytest
 import torch
@@ -627,6 +628,9 @@ def test_gpu_cross_768_unet_triton_bf16_grouped_matches_reference(monkeypatch):
         assert (a - b).norm() <= 5e-2 * b.norm() + 1e-6
 
 
+@pytest.mark.xfail(sys.version_info[:3] == (3, 13, 0), strict=False,
+                   reason="CPython 3.13.0 never collects a reference cycle through diffusers' transformer blocks "
+                          "(shown without clora_fast; docs/COMPATIBILITY.md)")
 def test_patched_unet_is_garbage_collected():
     import gc
     import weakref
