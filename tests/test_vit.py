@@ -845,3 +845,19 @@ def test_export_lora_loads_into_peft(fw, tmp_path):
     assert not res.unexpected_keys
     with torch.no_grad():
         torch.testing.assert_close(run(pm, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_patched_model_is_garbage_collected(fw):
+    """A patched model (with a trained step and a past concept) is freed once the last reference to it and to
+    its controller goes: nothing of clora_fast (caches, hooks, wrapped projections) keeps it alive."""
+    import gc
+    import weakref
+    m, x, ctrl = patched_with_a_past(fw)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    run(m, x).float().square().sum().backward()
+    ref = weakref.ref(m)
+    del m, ctrl
+    gc.collect()
+    assert ref() is None
