@@ -135,6 +135,7 @@ import triton
 import triton.language as tl
 
 from .._validate import layout_overlap
+from . import _triton_compat
 from ._precision import fp32_dot_precision
 
 __all__ = ["forgetting_penalty_forward", "grouped_forgetting_penalty_forward", "grouped_forgetting_penalty_packed"]
@@ -484,6 +485,8 @@ class _Plan:
         self.launch_opts = {} if maxnreg is None else {"maxnreg": int(maxnreg)}
         self.compiled = None        # the main kernel's last compiled binary (GPU): n_regs, n_spills for reports
         self.da_trans = bool(da_trans)
+        if self.da_trans and precision == "tf32x3" and not interpret and _triton_compat.hopper_compiler_abort(device):
+            _triton_compat.refuse("the penalty kernel with da_trans=True and precision 'tf32x3'")
         self.deterministic = deterministic
         bo, bi = self.bo, self.bi
         esize = pasts[0].element_size()

@@ -89,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _triton_compat
 from ._precision import fp32_dot_precision
 
 __all__ = ["segmented_lora_forward", "segmented_lora_backward"]
@@ -627,6 +628,8 @@ def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
     interpret = _interpreting()
     prec = _dot_precision(x.dtype)
     r_pad = _rank_pad(r)
+    if r_pad >= 128 and x.element_size() == 2 and not interpret and _triton_compat.hopper_compiler_abort(dev):
+        _triton_compat.refuse(f"the fused projection forward at rank {r} with {x.dtype} (ranks <= 64 compile)")
     seg_sizes = [b - a for a, b in zip(seg_offsets, seg_offsets[1:])]
     cfg = _fwd_config(M, K, seg_sizes, r_pad, x.element_size(), interpret, prec)
     tiles = _tile_table(seg_offsets, cfg["BLOCK_N"], dev)

@@ -36,3 +36,46 @@ def test_compat_script_refuses_an_unknown_stack():
     subprocess.run(["bash", "-n", SCRIPT], check=True)
     res = subprocess.run(["bash", SCRIPT, "nightly"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "unknown stack 'nightly'" in res.stderr
+
+
+# ---------------------------------------------------------------- Triton 3.0 / 3.1 on Hopper
+def test_hopper_compiler_abort_is_old_triton_on_sm90_only(monkeypatch):
+    import torch
+
+    from clora_fast.kernels import _triton_compat as tc
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda", 0)
+    for version, want in (((3, 0), True), ((3, 1), True), ((3, 2), False), ((3, 6), False)):
+        monkeypatch.setattr(tc, "TRITON_VERSION", version)
+        assert tc.hopper_compiler_abort(cuda) is want, version
+        assert tc.hopper_compiler_abort(torch.device("cpu")) is False
+    monkeypatch.setattr(tc, "TRITON_VERSION", (3, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert tc.hopper_compiler_abort(cuda) is False        # the bug is in the Hopper (wgmma) code path only
+
+
+def test_launchers_refuse_the_configs_old_triton_aborts_on(monkeypatch):
+    """Where hopper_compiler_abort holds, the projection forward at rank > 64 with 16-bit operands and the
+    penalty with da_trans + tf32x3 raise a clear error before compiling (the compiler would abort the
+    process); rank 64 and the other penalty precisions pass the check."""
+    import pytest
+    import torch
+
+    from clora_fast.kernels import _triton_compat as tc
+    from clora_fast.kernels import forgetting_penalty as fpk
+    from clora_fast.kernels import lora_projection as lp
+    monkeypatch.setattr(tc, "hopper_compiler_abort", lambda device: True)
+    monkeypatch.setattr(lp, "_interpreting", lambda: False)
+    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    a, b = torch.randn(65, 8, dtype=torch.bfloat16), torch.randn(4, 65, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"aborts the process compiling the fused projection forward at rank 65 "
+                                           r"with torch.bfloat16.*Triton 3\.2"):
+        lp._forward(x, w, a, b, (0, 4), (1.0,), None)
+    # rank 64 passes the check (and runs: TRITON_INTERPRET is set for the whole test session)
+    lp._forward(x, w, a[:64], b[:, :64].contiguous(), (0, 4), (1.0,), None)
+    past, A, B = torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
+    args = ([past], [A], [B], (1.0,), torch.device("cpu"), False)
+    with pytest.raises(RuntimeError, match="aborts the process compiling the penalty kernel with da_trans=True"):
+        fpk._Plan(*args, "tf32x3", True, None, None, None, da_trans=True)
+    for precision, da_trans in (("tf32", True), ("tf32x3", False)):
+        fpk._Plan(*args, precision, True, None, None, None, da_trans=da_trans)
