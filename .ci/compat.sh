@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The test suite on another dependency stack, in a throw-away venv and a clean clone of HEAD (the working
-# tree and its built extensions are left alone). Not part of CI (each stack downloads 3-5 GB of wheels);
-# run it when a floor in setup.py or the README changes, and record the result in docs/COMPATIBILITY.md.
+# tree and its built extensions are left alone); each stack downloads 3-5 GB of wheels. CI runs the floor
+# stack after the README's tests (.ci/run); run a stack by hand when a floor in setup.py or the README
+# changes, and record the result in docs/COMPATIBILITY.md.
 #
 #   bash .ci/compat.sh floor     # the declared minimums: torch 2.4.1, Triton 3.0.0, transformers 4.45.2, ...
 #   bash .ci/compat.sh image     # the lent GPU machines' image: torch 2.11.0, Triton 3.6.0, transformers 5.17
 #   PYTHON=python3.9 bash .ci/compat.sh floor     # another interpreter (default: python3)
 #
-# Exit code: pytest's (5 = no test collected is turned into 1).
+# Exit code: pytest's (5 = no test collected is turned into 1); 3 when the stack could not be installed
+# (registry unreachable, a wheel gone), so that CI can tell "could not test" from "tests failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stack=${1:?usage: bash .ci/compat.sh floor|image}
@@ -24,13 +26,21 @@ esac
 PY=${PYTHON:-python3}
 WORK=${COMPAT_DIR:-$(mktemp -d /tmp/clora_compat.XXXXXX)}
 echo "== stack $stack with $($PY --version) in $WORK"
+# the test tools: at most the versions these runs used (reproducible; older ones where Python needs them)
+tools=("pytest<=9.2.0" "hypothesis<=6.170.17" "scikit-learn<=1.9.1" "matplotlib<=3.11.2" "tqdm<=4.70.1"
+       "pybind11<=3.1.0" "ninja<=1.13.2" "open_clip_torch<=3.3.0")
 git clone -q . "$WORK/src"
-"$PY" -m venv "$WORK/venv"
-. "$WORK/venv/bin/activate"
-python -m pip install -q --upgrade pip setuptools wheel
-pip install -q "${pins[@]}" pytest hypothesis scikit-learn matplotlib tqdm pybind11 ninja open_clip_torch
+install() {
+  "$PY" -m venv "$WORK/venv" && . "$WORK/venv/bin/activate" &&
+  python -m pip install -q --upgrade pip setuptools wheel &&
+  pip install -q "${pins[@]}" "${tools[@]}" &&
+  (cd "$WORK/src" && pip install -q --no-build-isolation --no-deps -e .)
+}
+if ! install; then
+  echo "== stack $stack: could not be installed" >&2
+  exit 3
+fi
 cd "$WORK/src"
-pip install -q --no-build-isolation --no-deps -e .
 python - <<'EOF'
 import importlib.metadata as md
 print("versions:", ", ".join(f"{p} {md.version(p)}" for p in
