@@ -7,6 +7,8 @@
 #   bash .ci/compat.sh floor     # the declared minimums: torch 2.4.1, Triton 3.0.0, transformers 4.45.2, ...
 #   bash .ci/compat.sh image     # the lent GPU machines' image: torch 2.11.0, Triton 3.6.0, transformers 5.17
 #   PYTHON=python3.9 bash .ci/compat.sh floor     # another interpreter (default: python3)
+#   COMPAT_DIR=/tmp/x bash .ci/compat.sh floor    # keep the venv and the clone there (default: a temporary
+#                                                 # folder, removed at the end)
 #
 # Exit code: pytest's (5 = no test collected is turned into 1); 3 when the stack could not be installed
 # (registry unreachable, a wheel gone), so that CI can tell "could not test" from "tests failed".
@@ -24,7 +26,12 @@ case "$stack" in
   *) echo "unknown stack '$stack' (floor or image)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
-WORK=${COMPAT_DIR:-$(mktemp -d /tmp/clora_compat.XXXXXX)}
+if [ -n "${COMPAT_DIR:-}" ]; then
+  WORK=$COMPAT_DIR                     # kept (venv and clone) for a rerun
+else
+  WORK=$(mktemp -d /tmp/clora_compat.XXXXXX)
+  trap 'rm -rf "$WORK"' EXIT           # 5-6 GB: removed however the script ends
+fi
 echo "== stack $stack with $($PY --version) in $WORK"
 # the test tools: at most the versions these runs used (reproducible; older ones where Python needs them)
 tools=("pytest<=9.2.0" "hypothesis<=6.170.17" "scikit-learn<=1.9.1" "matplotlib<=3.11.2" "tqdm<=4.70.1"
