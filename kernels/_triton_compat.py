@@ -5,8 +5,8 @@ conversion is only supported on Ampere") on a few of our kernel configurations f
 where a ``tl.dot`` result feeds the next ``tl.dot`` on the warp-group MMA.  Found by compiling the
 launchers' configurations (SD whole-UNet and ViT-B shapes, ranks 16-128, fp32/bf16/fp16, every penalty
 option) for sm_90 with Triton 3.0, 3.1 and 3.2 on the CPU (docs/COMPATIBILITY.md): 3.2 compiles all of
-them, 3.0 and 3.1 abort on exactly the two cases the launchers refuse.  The launchers raise a clear error instead of letting the
-compiler abort: an ``assert`` in C++ cannot be caught from Python.
+them, 3.0 and 3.1 abort on exactly the two cases the launchers refuse.  The launchers raise a clear error
+instead of letting the compiler abort: an ``assert`` in C++ cannot be caught from Python.
 """
 import re
 

@@ -54,7 +54,7 @@ def test_hopper_compiler_abort_is_old_triton_on_sm90_only(monkeypatch):
     assert tc.hopper_compiler_abort(cuda) is False        # the bug is in the Hopper (wgmma) code path only
 
 
-def test_launchers_refuse_the_configs_old_triton_aborts_on(monkeypatch):
+def test_launchers_refuse_the_configs_old_triton_aborts_on(monkeypatch, device):
     """Where hopper_compiler_abort holds, the projection forward at rank > 64 with 16-bit operands and the
     penalty with da_trans + tf32x3 raise a clear error before compiling (the compiler would abort the
     process); rank 64 and the other penalty precisions pass the check."""
@@ -66,13 +66,13 @@ def test_launchers_refuse_the_configs_old_triton_aborts_on(monkeypatch):
     from clora_fast.kernels import lora_projection as lp
     monkeypatch.setattr(tc, "hopper_compiler_abort", lambda device: True)
     monkeypatch.setattr(lp, "_interpreting", lambda: False)
-    x, w = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
-    a, b = torch.randn(65, 8, dtype=torch.bfloat16), torch.randn(4, 65, dtype=torch.bfloat16)
+    x, w = (torch.randn(*s, dtype=torch.bfloat16, device=device) for s in ((3, 8), (4, 8)))
+    a, b = (torch.randn(*s, dtype=torch.bfloat16, device=device) for s in ((65, 8), (4, 65)))
     with pytest.raises(RuntimeError, match=r"aborts the process compiling the fused projection forward at rank 65 "
                                            r"with torch.bfloat16.*Triton 3\.2"):
-        lp._forward(x, w, a, b, (0, 4), (1.0,), None)
-    # rank 64 passes the check (and runs: TRITON_INTERPRET is set for the whole test session)
-    lp._forward(x, w, a[:64], b[:, :64].contiguous(), (0, 4), (1.0,), None)
+        lp.segmented_lora_forward(x, w, a, b, (0, 4), (1.0,))
+    # rank 64 passes the check and runs (interpreted on the CPU: TRITON_INTERPRET is set for the session)
+    lp.segmented_lora_forward(x, w, a[:64], b[:, :64].contiguous(), (0, 4), (1.0,))
     past, A, B = torch.randn(4, 8), torch.randn(2, 8), torch.randn(4, 2)
     args = ([past], [A], [B], (1.0,), torch.device("cpu"), False)
     with pytest.raises(RuntimeError, match="aborts the process compiling the penalty kernel with da_trans=True"):
