@@ -16,8 +16,8 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 # a few tests spell out transformers 5.x module names (vit.layers.{i}.attention.{k,v}_proj); 4.x names
 # them vit.encoder.layer.{i}.attention.attention.{key,value} (the integration handles both)
-needs_hf5 = pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5,
-                               reason="spells out transformers 5.x ViT module names")
+HF5 = int(transformers.__version__.split(".")[0]) >= 5
+needs_hf5 = pytest.mark.skipif(not HF5, reason="spells out transformers 5.x ViT module names")
 
 torch.set_num_threads(1)  # tiny shapes: threads only add contention on 2 shared cores
 
@@ -838,8 +838,7 @@ def test_export_lora_loads_into_peft(fw, tmp_path):
     from safetensors.torch import load_file
     sd = load_file(tmp_path / "lora.safetensors")
     r = 2 * 2 * (2 if fw == "timm" else 1)         # rank x concepts (timm: K and V side by side in qkv)
-    hf5 = int(transformers.__version__.split(".")[0]) >= 5
-    target = ["qkv"] if fw == "timm" else (["k_proj", "v_proj"] if hf5 else ["key", "value"])
+    target = ["qkv"] if fw == "timm" else (["k_proj", "v_proj"] if HF5 else ["key", "value"])
     pm = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=r, target_modules=target))
     res = peft.set_peft_model_state_dict(pm, sd)
     assert not res.unexpected_keys

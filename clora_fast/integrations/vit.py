@@ -92,8 +92,7 @@ def _timm_attention_classes() -> tuple:
 
 def _timm_attention_ok(mod: nn.Module) -> bool:
     """True for timm attention modules whose forward calls ``self.qkv(x)`` on a fused q|k|v linear."""
-    classes = _timm_attention_classes()
-    if not classes or not isinstance(mod, classes):
+    if not isinstance(mod, _timm_attention_classes()):     # () without timm: never
         return False
     qkv = getattr(mod, "qkv", None)
     if not _is_linear(qkv) or qkv.out_features % 3 != 0:
@@ -149,7 +148,7 @@ def _wrapped_projections(model: nn.Module) -> List[str]:
     out = []
     for name, mod in model.named_modules():
         attrs = ()
-        if _timm_attention_classes() and isinstance(mod, _timm_attention_classes()):
+        if isinstance(mod, _timm_attention_classes()):
             attrs = ("qkv",)
         elif type(mod).__name__.endswith("Attention") and type(mod).__module__.startswith("transformers."):
             attrs = ("k_proj", "v_proj") if hasattr(mod, "k_proj") else ("key", "value")
