@@ -820,6 +820,196 @@ def test_module_processor_weights_stay_in_the_unet():
     assert isinstance(unet.get_submodule(attn2_names(unet)[0]).processor, IPAdapterAttnProcessor2_0)
 
 
+def _with_ip_adapter(unet):
+    """IP-Adapter processors (random weights) on every attn2 of ``unet``; (sample, ehs, image_embeds)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    procs = {}
+    for name, proc in unet.attn_processors.items():
+        if ".attn2." in name:
+            attn = unet.get_submodule(name[:-len(".processor")])
+            torch.manual_seed(len(procs))
+            proc = IPAdapterAttnProcessor2_0(hidden_size=attn.to_q.out_features, cross_attention_dim=32,
+                                             num_tokens=(4,), scale=1.0)
+            for p in proc.parameters():
+                torch.nn.init.normal_(p, std=0.2)
+        procs[name] = proc
+    unet.set_attn_processor(procs)
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g), [torch.randn(2, 1, 4, 32, generator=g)]
+
+
+def test_ip_adapter_scale_reaches_the_wrapped_processor():
+    """pipe.set_ip_adapter_scale finds the wrapped IP-Adapter processors (diffusers checks isinstance) and the
+    scale it writes is the one the wrapped processor uses: the output changes exactly as unpatched (it used to
+    be a silent no-op on a patched pipe)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    outs = {}
+    for patched in (False, True):
+        pipe = tiny_pipe()
+        sample, ehs, img = _with_ip_adapter(pipe.unet)
+        if patched:
+            cl = D.patch(pipe, rank=2, backend="reference")
+            cl.begin_concept("<ipa>")
+            randomize(cl)
+        run = lambda: pipe.unet(sample, 10, encoder_hidden_states=ehs,  # noqa: E731
+                                added_cond_kwargs={"image_embeds": img}).sample
+        with torch.no_grad():
+            full = run()
+            pipe.set_ip_adapter_scale(0.0)
+            off = run()
+        procs = [p for k, p in pipe.unet.attn_processors.items() if ".attn2." in k]
+        assert all(isinstance(p, IPAdapterAttnProcessor2_0) for p in procs)
+        if patched:
+            assert all(isinstance(p, D.CLoRAAttnProcessor) and p.inner.scale == [0.0] and p.scale == [0.0]
+                       for p in procs)
+            D.unpatch(pipe)
+        outs[patched] = (full - off).abs().max()
+    assert outs[False] > 0.05 and outs[True] > 0.05
+
+
+def test_module_processor_follows_load_state_dict_assign():
+    """A processor with a parameter of its own: load_state_dict(assign=True) on the patched UNet replaces the
+    parameter the wrapped processor computes with (the wrapper shares its dicts), also after unpatch."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    class GatedProc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Parameter(torch.ones(()))
+            self.p = AttnProcessor2_0()
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+            out = self.p(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return hidden_states + self.gate * (out - hidden_states)
+
+    def make():
+        u = tiny_unet("sd1")
+        u.set_attn_processor({k: (GatedProc() if ".attn2." in k else v) for k, v in u.attn_processors.items()})
+        return u
+
+    sample, ehs, _ = unet_inputs(tiny_unet("sd1"))
+    run = lambda u: u(sample, 10, encoder_hidden_states=ehs).sample  # noqa: E731
+    u = make()
+    sd = {k: (torch.full_like(v, 0.25) if k.endswith("processor.gate") else v.clone()) for k, v in u.state_dict().items()}
+    ref = make()
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        want = run(ref)
+    cl = D.patch(u, rank=2, backend="reference")
+    cl.begin_concept()              # an active concept that changes nothing (B = 0): the wrapper path runs
+    u.load_state_dict(sd, assign=True)
+    with torch.no_grad():
+        torch.testing.assert_close(run(u), want, rtol=0, atol=0)
+    cl.end_concept()
+    D.unpatch(u)
+    with torch.no_grad():
+        torch.testing.assert_close(run(u), want, rtol=0, atol=0)
+
+
+def test_text_encoder_weights_loaded_while_patched_are_kept():
+    """text_encoder.load_state_dict(assign=True) while patched: the new token embedding weight is used, baked in by
+    save_pipeline and kept by unpatch (the personalized embedding shares the replaced module's parameters)."""
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    randomize(cl)
+    cl.end_concept()
+    new = {k: v * 1.5 for k, v in pipe.text_encoder.state_dict().items()}
+    pipe.text_encoder.load_state_dict(new, assign=True)
+    key = next(k for k in new if "token_embedding" in k)
+    ids, got = encode(pipe, "a photo of dog")
+    D.unpatch(pipe)
+    assert torch.equal(pipe.text_encoder.state_dict()[key], new[key])
+    torch.testing.assert_close(pipe.text_encoder(ids)[0], got, rtol=0, atol=0)
+
+
+def test_pipelines_sharing_the_patched_components(tmp_path):
+    """A pipeline made from the patched one's components (from_pipe / **components) shares the patched tokenizer;
+    unpatch and save_pipeline through it leave it with the tokenizer it should have, and pipe.save_pretrained is
+    refused before anything is written."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+    pipe = tiny_pipe()
+    tok0 = pipe.tokenizer
+    cl = D.patch(pipe, rank=2, backend="reference")
+    p2 = StableDiffusionImg2ImgPipeline(**pipe.components)
+    p2.set_progress_bar_config(disable=True)
+    cl.begin_concept("<c1>")
+    randomize(cl)
+    cl.end_concept()
+    assert p2.tokenizer is pipe.tokenizer and "<c1>" in p2.tokenizer.get_vocab()
+    with pytest.raises(RuntimeError, match="personalized tokens"):
+        pipe.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()              # refused before a single component was written
+    clora_fast.save_pipeline(p2, tmp_path / "baked")
+    assert p2.tokenizer is pipe.tokenizer                  # what p2 had before, not another copy
+    other = tiny_pipe(seed=3)
+    other.unet = pipe.unet
+    with pytest.raises(RuntimeError, match="is not the text encoder clora_fast patched"):
+        clora_fast.save_pipeline(other, tmp_path / "other")
+    D.unpatch(p2)
+    assert pipe.tokenizer is tok0 and p2.tokenizer is tok0
+    assert "save_pretrained" not in pipe.__dict__
+    pipe.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "model_index.json").exists()
+
+
+def test_unpatch_of_a_merged_controller_after_another_lora_wrapped_to_k():
+    """The forward refuses a to_k wrapped by PEFT and says to unpatch: unpatch must then work while merged too,
+    restoring W0 in the wrapped module."""
+    peft = pytest.importorskip("peft")
+    unet, inputs, cl = unet_with_a_past(rank=2)
+    k_name = attn2_names(unet)[0] + ".to_k"
+    w0 = unet.get_submodule(k_name).weight.detach().clone()
+    cl.merge()
+    unet.add_adapter(peft.LoraConfig(r=2, target_modules=["attn2.to_k"], init_lora_weights=False))
+    with pytest.raises(RuntimeError, match="was replaced after clora_fast.patch"):
+        run_unet(unet, inputs)
+    D.unpatch(unet)
+    assert D.get_adapter(unet) is None
+    assert torch.equal(unet.get_submodule(k_name).base_layer.weight, w0)
+
+
+def test_concept_tokens_that_clash_with_multi_vector_textual_inversion():
+    """'<x>' next to '<x>_1' would be expanded by diffusers' prompt conversion ('<x>' -> '<x> <x>_1'): refused,
+    in either order, before anything changes."""
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<toy>")
+    cl.end_concept()
+    n = len(pipe.tokenizer)
+    with pytest.raises(ValueError, match="clashes with the existing token '<toy>'"):
+        cl.begin_concept("<toy>_1")
+    cl.begin_concept("<car>_1")
+    cl.end_concept()
+    with pytest.raises(ValueError, match="clashes with the existing token '<car>_1'"):
+        cl.begin_concept("<car>")
+    assert len(pipe.tokenizer) == n + 1 and cl.active_concept is None
+    assert pipe.maybe_convert_prompt("a <toy> and <car>_1", pipe.tokenizer) == "a <toy> and <car>_1"
+
+
+def test_pipeline_with_a_torch_compiled_unet():
+    """pipe.unet = torch.compile(pipe.unet) (diffusers' idiom), before or after patching: the patched UNet is found
+    through the wrapper for get_controller / unpatch / save_pipeline / patch."""
+    torch._dynamo.reset()
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    assert D.get_controller(pipe) is cl
+    clora_fast.unpatch(pipe)
+    assert D.get_controller(pipe) is None
+    cl2 = clora_fast.patch(pipe, rank=2, backend="reference")
+    assert D.get_adapter(pipe).unet is pipe.unet._orig_mod
+    cl2.begin_concept("<c1>")
+    randomize(cl2)
+    cl2.end_concept()
+    sample, ehs, _ = unet_inputs(pipe.unet._orig_mod)
+    with torch.no_grad():
+        want = pipe.unet._orig_mod(sample, 10, encoder_hidden_states=ehs).sample
+        torch.testing.assert_close(pipe.unet(sample, 10, encoder_hidden_states=ehs).sample, want, rtol=1e-5, atol=1e-5)
+    clora_fast.unpatch(pipe)
+    torch._dynamo.reset()
+
+
 def test_torch_compile_of_patched_unet():
     """dynamo builds _ProjFn objects without __init__ (its attribute lookup used to recurse)."""
     torch._dynamo.reset()

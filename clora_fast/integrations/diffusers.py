@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -72,14 +73,24 @@ def _unet_class():
     return UNet2DConditionModel
 
 
+def _unwrap(m):
+    """The module behind a ``torch.compile`` wrapper (``pipe.unet = torch.compile(pipe.unet)``, the usual
+    diffusers idiom); anything else as it is."""
+    while isinstance(m, nn.Module) and type(m).__name__ == "OptimizedModule" and isinstance(
+            m.__dict__.get("_orig_mod", m._modules.get("_orig_mod")), nn.Module):
+        m = m._orig_mod
+    return m
+
+
 def _resolve(obj) -> Tuple[Any, Optional[Any]]:
-    """(unet, pipe or None) of a pipeline or a bare UNet; raises TypeError otherwise."""
+    """(unet, pipe or None) of a pipeline or a bare UNet (either may be a ``torch.compile`` wrapper);
+    raises TypeError otherwise."""
     cls = _unet_class()
     if cls is None:
         raise TypeError("clora_fast.integrations.diffusers needs the diffusers package (pip install diffusers)")
-    if isinstance(obj, cls):
-        return obj, None
-    unet = getattr(obj, "unet", None)
+    if isinstance(_unwrap(obj), cls):
+        return _unwrap(obj), None
+    unet = _unwrap(getattr(obj, "unet", None))
     if isinstance(unet, cls):
         return unet, obj
     raise TypeError(f"expected a diffusers pipeline with a .unet (UNet2DConditionModel) or a UNet2DConditionModel, "
@@ -91,7 +102,7 @@ def can_patch(obj) -> bool:
     cls = _unet_class()
     if cls is None:
         return False
-    return isinstance(obj, cls) or isinstance(getattr(obj, "unet", None), cls)
+    return isinstance(_unwrap(obj), cls) or isinstance(_unwrap(getattr(obj, "unet", None)), cls)
 
 
 def get_controller(obj) -> Optional[CLoRAController]:
@@ -118,11 +129,15 @@ def get_adapter(obj) -> Optional["DiffusersAdapter"]:
 class PersonalizedEmbedding(nn.Embedding):
     """The text encoder's input embedding while patched: the original weight (the very same
     Parameter, so ``state_dict`` is unchanged) plus one separate row per personalized token.
-    A prompt without personalized tokens gives bit-identical embeddings."""
+    A prompt without personalized tokens gives bit-identical embeddings.
+
+    It shares the replaced module's parameter dict (the dict object itself): a weight that
+    ``load_state_dict(assign=True)`` or a conversion puts here is the replaced module's weight
+    too, so :func:`unpatch`, :func:`save_pipeline` and new token rows use the live weight."""
 
     def __init__(self, base: nn.Embedding):
         nn.Module.__init__(self)
-        self.weight = base.weight
+        self.__dict__["_parameters"] = base._parameters
         self.num_embeddings = base.num_embeddings
         self.embedding_dim = base.embedding_dim
         self.padding_idx = base.padding_idx
@@ -210,6 +225,15 @@ class _TextSlot:
         if self.has_token(token) or len(self.tokenizer(token, add_special_tokens=False).input_ids) == 1:
             raise ValueError(f"the token {token!r} already exists in pipe.{self.tok_attr}; a concept needs a new "
                              f"token (e.g. '<c1>')")
+        # diffusers' pipelines expand a prompt's added token "<x>" into "<x> <x>_1 <x>_2 ..." while "<x>_1", ... are
+        # added tokens too (multi-vector textual inversion, maybe_convert_prompt): "<x>" next to "<x>_1" would make
+        # the pipeline encode other prompts than training did
+        m = re.fullmatch(r"(.+)_[0-9]+", token)
+        for other in ([f"{token}_1"] + ([m.group(1)] if m else [])):
+            if self.has_token(other):
+                raise ValueError(f"the token {token!r} clashes with the existing token {other!r} of pipe.{self.tok_attr}: "
+                                 f"diffusers pipelines expand '<x>' into '<x> <x>_1 ...' when '<x>_1' is a token "
+                                 f"(multi-vector textual inversion); choose a name without that pattern")
         trial = copy.deepcopy(self.tokenizer)
         trial.add_tokens([token])
         tid = trial.convert_tokens_to_ids(token)
@@ -231,6 +255,33 @@ class _TextSlot:
         return nn.Parameter(v)
 
 
+_TOKEN_SAVE_REFUSAL = (
+    "this tokenizer holds clora_fast's personalized tokens, whose embeddings are not part of the text "
+    "encoder's weights: saving it (e.g. pipe.save_pretrained) would write a pipeline that cannot encode "
+    "them. Use clora_fast.save_pipeline(pipe, path) (every finished concept baked in: merged UNet, "
+    "tokens in the tokenizer and text encoder), or export_lora + export_textual_inversion, or unpatch "
+    "first")
+
+
+def _holds_personalized_tokens(tok) -> bool:
+    guard = getattr(tok, "__dict__", {}).get("save_pretrained")
+    return isinstance(guard, _GuardedSave) and len(tok) != guard.base_len
+
+
+class _GuardedPipeSave:
+    """``save_pretrained`` of the patched pipeline itself: the tokenizer's own guard (below) would refuse only
+    when the pipeline reaches it, after other components were written; this refuses before anything is."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def __call__(self, *args, **kwargs):
+        pipe = self.pipe
+        if any(_holds_personalized_tokens(getattr(pipe, t, None)) for t, _ in _TEXT_SLOTS):
+            raise RuntimeError(_TOKEN_SAVE_REFUSAL)
+        return type(pipe).save_pretrained(pipe, *args, **kwargs)
+
+
 class _GuardedSave:
     """``save_pretrained`` of a patched pipeline's tokenizer: refused once it holds personalized tokens, whose
     embeddings live outside the text encoder's weights (a ``pipe.save_pretrained`` would write a tokenizer
@@ -243,12 +294,7 @@ class _GuardedSave:
     def __call__(self, *args, **kwargs):
         tok = self.tok
         if len(tok) != self.base_len:
-            raise RuntimeError(
-                "this tokenizer holds clora_fast's personalized tokens, whose embeddings are not part of the text "
-                "encoder's weights: saving it (e.g. pipe.save_pretrained) would write a pipeline that cannot encode "
-                "them. Use clora_fast.save_pipeline(pipe, path) (every finished concept baked in: merged UNet, "
-                "tokens in the tokenizer and text encoder), or export_lora + export_textual_inversion, or unpatch "
-                "first")
+            raise RuntimeError(_TOKEN_SAVE_REFUSAL)
         return type(tok).save_pretrained(tok, *args, **kwargs)
 
 
@@ -305,18 +351,43 @@ class _LayerCall:
 
 
 class CLoRAAttnProcessor:
-    """Wraps the processor an ``attn2`` had; a plain object holding a reference to the adapter."""
+    """Wraps the processor an ``attn2`` had; a plain object holding a reference to the adapter.
+
+    The wrapper classes built by :func:`_processor_class` also subclass the replaced processor's class, so
+    diffusers' own ``isinstance`` checks still see it (``pipe.set_ip_adapter_scale`` finds an IP-Adapter
+    processor), and every attribute other than ``adapter``/``layer``/``inner`` is read from and written to
+    the replaced processor (``proc.scale = [0.5]`` reaches the code that uses it)."""
+    _OWN = ("adapter", "layer", "inner")
 
     def __init__(self, adapter, layer, inner):
-        self.adapter = adapter
-        self.layer = layer
-        self.inner = inner
+        d = self.__dict__
+        d["adapter"], d["layer"], d["inner"] = adapter, layer, inner
 
     def __call__(self, attn, *args, **kwargs):
         ad = self.adapter
         if ad.controller.pristine:
             return self.inner(attn, *args, **kwargs)
         return self.inner(_AttnProxy(attn, _LayerCall(ad, self.layer)), *args, **kwargs)
+
+    def __getattr__(self, name):
+        # only reached for names this object does not hold: the replaced processor's attributes (and, while an
+        # object is being unpickled or deep-copied, before its __dict__ is filled: nothing)
+        inner = self.__dict__.get("inner")
+        if inner is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def __setattr__(self, name, value):
+        if name in CLoRAAttnProcessor._OWN or "inner" not in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["inner"], name, value)
+
+    def __delattr__(self, name):
+        if name in CLoRAAttnProcessor._OWN:
+            del self.__dict__[name]
+        else:
+            delattr(self.__dict__["inner"], name)
 
 
 _PROCESSOR_CLASSES: Dict[type, type] = {}
@@ -335,7 +406,12 @@ def _processor_class(inner_cls: type) -> type:
         __call__.__signature__ = sig
         name = f"CLoRA_{inner_cls.__name__}"     # e.g. CLoRA_AttnProcessor2_0 (never the base class's name)
         base = _ModuleProcessor if issubclass(inner_cls, nn.Module) else CLoRAAttnProcessor   # IP-Adapter: weights
-        cls = type(name, (base,), {"__call__": __call__, "__module__": __name__, "__qualname__": name})
+        # also a subclass of the replaced class (diffusers' isinstance checks); our methods come first in the MRO
+        bases = (base,) if issubclass(base, inner_cls) else (base, inner_cls)
+        try:
+            cls = type(name, bases, {"__call__": __call__, "__module__": __name__, "__qualname__": name})
+        except TypeError:   # a class that cannot be mixed in (metaclass / layout conflict): the wrapper alone
+            cls = type(name, (base,), {"__call__": __call__, "__module__": __name__, "__qualname__": name})
         _PROCESSOR_CLASSES[inner_cls] = cls
         globals()[name] = cls                  # pickle (torch.save of a patched UNet) finds the class by name
     return cls
@@ -353,25 +429,26 @@ def __getattr__(name: str):
 
 class _ModuleProcessor(CLoRAAttnProcessor, nn.Module):
     """The wrapper of a processor that is an ``nn.Module`` (``Attention.set_processor`` would drop a
-    module processor's weights from the UNet for a plain object): it holds the replaced processor's
-    parameters, buffers and submodules under the same names, so the UNet's ``state_dict()`` keys,
-    ``parameters()`` and ``.to()`` conversions are exactly as before patching."""
+    module processor's weights from the UNet for a plain object): it shares the replaced processor's
+    parameter, buffer and submodule dicts (the very dict objects), so the UNet's ``state_dict()`` keys,
+    ``parameters()``, ``.to()`` conversions and ``load_state_dict(assign=True)`` act on the replaced
+    processor's own tensors, exactly as before patching."""
 
     def __init__(self, adapter, layer, inner):
         nn.Module.__init__(self)
         d = self.__dict__                      # plain attributes: not submodules of their own
         d["adapter"], d["layer"], d["inner"] = adapter, layer, inner
-        self._parameters.update(inner._parameters)
-        self._buffers.update(inner._buffers)
-        self._modules.update(inner._modules)
+        for k in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            d[k] = inner.__dict__[k]
 
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        # a conversion may replace parameter/buffer objects in this module's dicts: the inner one uses them too
-        inner = self.__dict__["inner"]
-        inner._parameters.update(self._parameters)
-        inner._buffers.update(self._buffers)
-        return out
+    def __getattr__(self, name):
+        return CLoRAAttnProcessor.__getattr__(self, name)
+
+    def __setattr__(self, name, value):
+        CLoRAAttnProcessor.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        CLoRAAttnProcessor.__delattr__(self, name)
 
 
 class _Layer:
@@ -443,6 +520,8 @@ class DiffusersAdapter:
         self.controller: Optional[CLoRAController] = None
         self._hook = None
         self._cache = None
+        self._prev_save = None              # the pipeline's own instance-level save_pretrained, if it had one
+        self._uninstalling = False
         self._logged = set()
         # concept idx -> token string; per slot: concept idx -> row
         self.tokens: Dict[int, str] = {}
@@ -475,6 +554,9 @@ class DiffusersAdapter:
             for slot in self.slots:
                 slot.install()
                 slots_done.append(slot)
+            if self.slots:
+                self._prev_save = self.pipe.__dict__.get("save_pretrained")
+                object.__setattr__(self.pipe, "save_pretrained", _GuardedPipeSave(self.pipe))
         except BaseException:
             for slot in slots_done:
                 slot.uninstall()
@@ -489,7 +571,11 @@ class DiffusersAdapter:
     def uninstall(self) -> None:
         ctrl = self.controller
         if ctrl is not None and ctrl.merged:
-            ctrl.unmerge()
+            self._uninstalling = True       # unmerge into the adapted modules even if another LoRA wrapped them
+            try:
+                ctrl.unmerge()
+            finally:
+                self._uninstalling = False
         for layer in self.layers:
             if layer.orig_processor is not None:
                 layer.attn.set_processor(layer.orig_processor)
@@ -498,6 +584,11 @@ class DiffusersAdapter:
             self._hook = None
         for slot in self.slots:
             slot.uninstall()
+        if self.slots and self.pipe is not None:
+            if self._prev_save is None:
+                self.pipe.__dict__.pop("save_pretrained", None)
+            else:
+                object.__setattr__(self.pipe, "save_pretrained", self._prev_save)
         self._cache = None
         self.unet.__dict__.pop(_ADAPTER_ATTR, None)
 
@@ -515,7 +606,9 @@ class DiffusersAdapter:
         for layer in self.layers:            # on every UNet forward: plain dict lookups, no nn.Module.__getattr__
             mods = layer.attn._modules
             k, v = mods.get("to_k"), mods.get("to_v")
-            if k is not layer.linears[0] or v is not layer.linears[1]:
+            if (k is not layer.linears[0] or v is not layer.linears[1]) and self._uninstalling:
+                k, v = layer.linears        # unpatch of a merged controller: restore W0 in the adapted modules
+            elif k is not layer.linears[0] or v is not layer.linears[1]:
                 proj, which = (k, "to_k") if k is not layer.linears[0] else (v, "to_v")
                 raise RuntimeError(
                     f"{layer.name}.{which} was replaced after clora_fast.patch (now a {type(proj).__name__}, e.g. "
@@ -782,11 +875,17 @@ def unpatch(obj) -> None:
     """Undo :func:`patch`: processors, tokenizer(s), text-encoder embeddings and weights are
     exactly as before (a merged controller is unmerged first). Learned concepts are dropped
     (save them first)."""
-    unet, _ = _resolve(obj)
+    unet, pipe = _resolve(obj)
     ad = _adapter_of(unet)
     if ad is None:
         raise ValueError(f"this {type(obj).__name__} is not patched by clora_fast")
     ad.uninstall()
+    if pipe is not None and pipe is not ad.pipe:
+        # another pipeline over the patched components (e.g. from_pipe after patching) got the patched
+        # tokenizer copies: it gets the originals back too
+        for slot in ad.slots:
+            if getattr(pipe, slot.tok_attr, None) is slot.tokenizer:
+                setattr(pipe, slot.tok_attr, slot.orig_tokenizer)
 
 
 def load(obj, path, *, backend: str = "auto", grouped: bool = True,
@@ -854,6 +953,10 @@ def save_pipeline(obj, path, **save_kwargs) -> None:
     if ctrl.active_concept is not None:
         raise RuntimeError(f"save_pipeline: concept {ctrl.active_concept} ({ctrl.active_name!r}) is still being "
                            f"learned: call end_concept() first (only finished concepts are baked in)")
+    for slot in ad.slots:
+        if getattr(pipe, slot.enc_attr, None) is not slot.encoder:
+            raise RuntimeError(f"save_pipeline: pipe.{slot.enc_attr} is not the text encoder clora_fast patched (the "
+                               f"personalized token embeddings live there): pass the pipeline that shares it")
     merged_here = False
     swapped = []
     try:
@@ -874,17 +977,17 @@ def save_pipeline(obj, path, **save_kwargs) -> None:
                 for (idx, _), tid in zip(live, ids):
                     emb.weight[tid].copy_(ad.rows[s][idx])
             cfg = slot.encoder.config
-            swapped.append((slot, getattr(cfg, "vocab_size", None)))
+            swapped.append((slot, getattr(cfg, "vocab_size", None), getattr(pipe, slot.tok_attr, None)))
             _set_module(slot.encoder, slot.path, emb)
             if hasattr(cfg, "vocab_size"):
                 cfg.vocab_size = n
             setattr(pipe, slot.tok_attr, tok)
         pipe.save_pretrained(path, **save_kwargs)
     finally:
-        for slot, vocab in swapped:
+        for slot, vocab, tok in swapped:
             _set_module(slot.encoder, slot.path, slot.emb)
             if vocab is not None:
                 slot.encoder.config.vocab_size = vocab
-            setattr(pipe, slot.tok_attr, slot.tokenizer)
+            setattr(pipe, slot.tok_attr, tok)             # what this pipeline had (the patched copy, or not)
         if merged_here:
             ctrl.unmerge()
