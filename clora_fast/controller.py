@@ -142,6 +142,8 @@ class CLoRAController(nn.Module):
     compute dtype at use (autocast or the input's dtype).
     """
 
+    _unpatched = False      # class default: also for controllers pickled before the attribute existed
+
     def __init__(self, sites: Sequence[Site], *, rank: int = 16, alpha: Optional[float] = None,
                  penalty_weight: Optional[float] = None, backend: str = "auto", adapter=None,
                  param_dtype: torch.dtype = torch.float32):
@@ -184,6 +186,9 @@ class CLoRAController(nn.Module):
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
         if param_dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise ValueError(f"param_dtype must be a floating dtype, got {param_dtype!r}")
+        if param_dtype == torch.float64 and backend in ("triton", "cuda"):
+            raise ValueError(f"param_dtype=torch.float64 needs backend 'reference' (or 'auto', which takes it for "
+                             f"float64): the {backend!r} kernels compute in fp32/fp16/bf16")
 
         self.sites: List[Site] = sites
         self._index = {s.name: i for i, s in enumerate(sites)}
@@ -237,6 +242,7 @@ class CLoRAController(nn.Module):
         self._penalty_layout = None     # (state key, ops.PackedForgettingPenalty) of penalty()
         self._dev_key = None
         self._factor_cache = None       # (lora_A, lora_B, [A per bundle], [B per bundle]): see _flat_factors
+        self._unpatched = False         # set by the integration's unpatch(): the model no longer calls us
 
     # ------------------------------------------------------------------ properties
     @property
@@ -534,6 +540,20 @@ class CLoRAController(nn.Module):
         weights that differ), which bypasses the version counters the caches are keyed on."""
         self._bump()
 
+    def _mark_unpatched(self) -> None:
+        """Called by the integration's ``unpatch()``: the model no longer calls this controller.  What only
+        reads or saves the learned state (``save``, ``export_lora``, ``state_dict``, ``end_concept``) still
+        works; what would act on the model or train (``begin_concept``, ``penalty``, ``merge``,
+        ``remove_concept``, ``load_bank``) raises instead of silently writing the unpatched model's weights
+        or training adapters the model never uses (zero gradients)."""
+        self._unpatched = True
+
+    def _check_attached(self, what: str) -> None:
+        if self._unpatched:
+            raise RuntimeError(f"{what}(): this controller's model was unpatched (clora_fast.unpatch), so the model no "
+                               f"longer uses it. Save its concepts with controller.save(path) and continue on the "
+                               f"model with clora_fast.load(model, path) (or patch it again)")
+
     # ------------------------------------------------------------------ concepts
     def _bump(self) -> None:
         self._version += 1
@@ -551,6 +571,7 @@ class CLoRAController(nn.Module):
         """Start learning a new concept: fresh trainable A (Kaiming-uniform), B (zeros) at
         every site. Returns the concept's index (stable; used by :meth:`remove_concept`).
         Default name ``"<c{idx+1}>"``; integrations may add it as a personalized token."""
+        self._check_attached("begin_concept")
         if self._active is not None:
             raise RuntimeError(f"concept {self._active[0]} ({self._active[1]!r}) is still active: "
                                f"call end_concept() before begin_concept()")
@@ -568,29 +589,33 @@ class CLoRAController(nn.Module):
         self._sync_device()
         self._warn_trainable_base()
         self._warn_distributed()
-        As, Bs = [], []
-        for bundle in self._bundles:
-            dev = self.sites[bundle.site_ids[0]].weight.device
-            A = torch.empty(len(bundle.site_ids) * self.rank, bundle.in_features, dtype=self.param_dtype, device=dev)
-            for p in range(len(bundle.site_ids)):
-                nn.init.kaiming_uniform_(A[p * self.rank:(p + 1) * self.rank], a=math.sqrt(5))
-            B = torch.zeros(bundle.n_out, self.rank, dtype=self.param_dtype, device=dev)
-            As.append(nn.Parameter(A))
-            Bs.append(nn.Parameter(B))
-        self.lora_A = nn.ParameterList(As)
-        self.lora_B = nn.ParameterList(Bs)
-        self._active = (idx, name)
-        self._next_idx += 1
-        hook = getattr(self.adapter, "on_begin_concept", None)
-        if hook is not None:
-            try:
-                hook(name, idx)
-            except BaseException:
-                self._active = None
-                self._next_idx -= 1
-                self.lora_A = nn.ParameterList()
-                self.lora_B = nn.ParameterList()
-                raise
+        # trainable tensors even when called under torch.inference_mode (an evaluation block that starts the next
+        # concept): inference tensors could not be saved for backward at the first training step
+        with torch.inference_mode(False):
+            As, Bs = [], []
+            for bundle in self._bundles:
+                dev = self.sites[bundle.site_ids[0]].weight.device
+                A = torch.empty(len(bundle.site_ids) * self.rank, bundle.in_features, dtype=self.param_dtype,
+                                device=dev)
+                for p in range(len(bundle.site_ids)):
+                    nn.init.kaiming_uniform_(A[p * self.rank:(p + 1) * self.rank], a=math.sqrt(5))
+                B = torch.zeros(bundle.n_out, self.rank, dtype=self.param_dtype, device=dev)
+                As.append(nn.Parameter(A))
+                Bs.append(nn.Parameter(B))
+            self.lora_A = nn.ParameterList(As)
+            self.lora_B = nn.ParameterList(Bs)
+            self._active = (idx, name)
+            self._next_idx += 1
+            hook = getattr(self.adapter, "on_begin_concept", None)      # e.g. a trainable token embedding row
+            if hook is not None:
+                try:
+                    hook(name, idx)
+                except BaseException:
+                    self._active = None
+                    self._next_idx -= 1
+                    self.lora_A = nn.ParameterList()
+                    self.lora_B = nn.ParameterList()
+                    raise
         self._bump()
         logger.debug("begin_concept %d (%s)", idx, name)
         return idx
@@ -684,6 +709,7 @@ class CLoRAController(nn.Module):
 
     def remove_concept(self, idx: int) -> None:
         """Forget a finished concept: P is refolded from the remaining concepts (in order)."""
+        self._check_attached("remove_concept")
         if self.merged:
             raise RuntimeError("the controller is merged: call unmerge() before remove_concept()")
         c = self.concept(idx)
@@ -703,6 +729,8 @@ class CLoRAController(nn.Module):
         """``penalty_weight * sum_sites ||P ⊙ (s B A)||_F^2`` in one grouped launch (0-dim fp32).
         Exactly 0 when no concept is active or nothing is folded yet (while a concept is active, a zero that
         supports ``.backward()`` on its own, like the penalty of later concepts; no kernel runs)."""
+        if self._unpatched:
+            self._check_attached("penalty")
         self._refresh_sites()
         dev = self._device()
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
@@ -730,6 +758,7 @@ class CLoRAController(nn.Module):
     def merge(self) -> None:
         """Write ``W0 + P`` into the base weights (zero-overhead inference); an exact copy of W0
         is kept and :meth:`unmerge` restores it bit for bit."""
+        self._check_attached("merge")
         if self._active is not None:
             raise RuntimeError(f"concept {self._active[0]} is still active: call end_concept() before merge()")
         if self.merged:
@@ -833,6 +862,7 @@ class CLoRAController(nn.Module):
         holds that same concept (same index and name: a rollback to its checkpoint) or
         ``replace_active=True``, that is an error (save or end_concept() first)."""
         from .bank import load_into_controller
+        self._check_attached("load_bank")
         self._refresh_sites()
         load_into_controller(self, path, replace_active=replace_active)
 
@@ -852,6 +882,10 @@ class CLoRAController(nn.Module):
 
     def _set_state(self, pasts, concepts, retired, next_idx, active, active_factors) -> None:
         """Install verified state (used by the bank loader)."""
+        with torch.inference_mode(False):     # an active concept's factors must be trainable (see begin_concept)
+            self._set_state_impl(pasts, concepts, retired, next_idx, active, active_factors)
+
+    def _set_state_impl(self, pasts, concepts, retired, next_idx, active, active_factors) -> None:
         if self.merged:
             self.unmerge()
         previous = self._active

@@ -59,6 +59,7 @@ def test_default_penalty_weight_and_scale():
 @pytest.mark.parametrize("kw, msg", [
     (dict(rank=0), "rank"), (dict(rank=9), "rank=9 exceeds"), (dict(alpha=-1.0), "alpha"),
     (dict(penalty_weight=float("nan")), "penalty_weight"), (dict(backend="gpu"), "backend"),
+    (dict(param_dtype=torch.float64, backend="triton"), "param_dtype=torch.float64 needs backend 'reference'"),
 ])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -641,3 +642,26 @@ def test_penalty_of_the_first_concept_supports_backward_alone():
     pen.backward()                                       # e.g. the penalty's own backward in an accumulation loop
     with torch.no_grad():
         assert not c.penalty().requires_grad
+
+
+def test_begin_concept_and_rollback_under_inference_mode_give_trainable_factors(tmp_path):
+    """begin_concept (or loading a bank whose concept is active) inside torch.inference_mode (an evaluation block
+    that starts the next concept): the factors are normal tensors, so the first training step works."""
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    x = torch.randn(3, IN)
+    with torch.inference_mode():
+        c.project(0, x)
+        c.begin_concept()
+    assert not any(p.is_inference() for p in c.trainable_parameters())
+    randomize(c, seed=2)
+    c.save(tmp_path / "bank")
+    c2 = CLoRAController(make_sites(), rank=2, backend="reference")
+    with torch.inference_mode():
+        c2.load_bank(tmp_path / "bank")
+    for ctrl in (c, c2):
+        assert ctrl.active_concept is not None and not any(p.is_inference() for p in ctrl.trainable_parameters())
+        (ctrl.project(0, x).square().sum() + ctrl.penalty()).backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctrl.trainable_parameters())

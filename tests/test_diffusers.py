@@ -1010,6 +1010,27 @@ def test_pipeline_with_a_torch_compiled_unet():
     torch._dynamo.reset()
 
 
+def test_controller_of_an_unpatched_pipeline_refuses_to_act(tmp_path):
+    """After unpatch the model no longer calls the controller: merge would write W0 + P into the plain model and a
+    new concept would train adapters nothing uses. Those raise; saving what was learned still works."""
+    unet, inputs, cl = unet_with_a_past(rank=2)
+    cl.begin_concept()
+    randomize(cl)
+    D.unpatch(unet)
+    sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    cl.end_concept()                                       # the learned factors are still the controller's to keep
+    for what, call in (("merge", cl.merge), ("begin_concept", cl.begin_concept), ("penalty", cl.penalty),
+                       ("remove_concept", lambda: cl.remove_concept(0)),
+                       ("load_bank", lambda: cl.load_bank(tmp_path / "bank"))):
+        with pytest.raises(RuntimeError, match=rf"{what}\(\): this controller's model was unpatched"):
+            call()
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in sd.items())
+    cl.save(tmp_path / "bank")
+    cl2 = D.load(unet, tmp_path / "bank", backend="reference")
+    assert [c.idx for c in cl2.concepts] == [0, 1]
+    D.unpatch(unet)
+
+
 def test_torch_compile_of_patched_unet():
     """dynamo builds _ProjFn objects without __init__ (its attribute lookup used to recurse)."""
     torch._dynamo.reset()

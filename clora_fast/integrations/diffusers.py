@@ -591,6 +591,8 @@ class DiffusersAdapter:
                 object.__setattr__(self.pipe, "save_pretrained", self._prev_save)
         self._cache = None
         self.unet.__dict__.pop(_ADAPTER_ATTR, None)
+        if ctrl is not None:
+            ctrl._mark_unpatched()
 
     def _log_once(self, key, msg, *args):
         if key not in self._logged:
