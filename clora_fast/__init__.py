@@ -12,7 +12,7 @@ from __future__ import annotations
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "save_pipeline", "__version__"]
+__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "save_pipeline", "export_lora", "__version__"]
 
 
 def available_backends() -> list:
@@ -72,6 +72,18 @@ def unpatch(obj) -> None:
 def load(obj, path, **kwargs):
     """Patch ``obj`` and load a concept bank saved with ``controller.save(path)``."""
     return _integration_for(obj).load(obj, path, **kwargs)
+
+
+def export_lora(obj, path, which="merged", *, dtype=None) -> None:
+    """Write the concepts of a patched model (or of a controller) as a plain LoRA safetensors file: diffusers'
+    format for a pipeline / UNet (``pipe.load_lora_weights``), PEFT's for a ViT (``set_peft_model_state_dict``).
+    ``which``: a concept index, or ``"merged"`` (every finished concept, rank T*r).  See
+    :meth:`clora_fast.controller.CLoRAController.export_lora`."""
+    from .controller import CLoRAController
+    ctrl = obj if isinstance(obj, CLoRAController) else _integration_for(obj).get_controller(obj)
+    if ctrl is None:
+        raise ValueError(f"export_lora: this {type(obj).__name__} is not patched by clora_fast")
+    ctrl.export_lora(path, which, dtype=dtype)
 
 
 def save_pipeline(pipe, path, **kwargs) -> None:

@@ -489,7 +489,9 @@ def test_export_loads_in_diffusers_with_same_outputs(tmp_path):
         merged = pipe.unet(sample, 10, encoder_hidden_states=ehs).sample
     cl.unmerge()
     path = tmp_path / "merged_lora.safetensors"
-    D.export_lora(pipe, path, "merged")
+    clora_fast.export_lora(pipe, path, "merged")            # the top-level function (= D.export_lora)
+    with pytest.raises(ValueError, match="not patched by clora_fast"):
+        clora_fast.export_lora(tiny_unet("sd1"), tmp_path / "x.safetensors")
     for t in range(2):
         D.export_textual_inversion(pipe, tmp_path / f"c{t + 1}.safetensors", t)
     from safetensors.torch import load_file
