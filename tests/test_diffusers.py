@@ -1033,6 +1033,31 @@ def test_controller_of_an_unpatched_pipeline_refuses_to_act(tmp_path):
     D.unpatch(unet)
 
 
+def test_model_offload_and_sequential_offload_hooks():
+    """Model offload (accelerate moves the UNet to the input's device inside its wrapped forward, after the
+    pre-hook): the grouped pre-pass is skipped when the weights are elsewhere, the processors compute K/V per layer.
+    Hooks on the projections themselves (sequential offload) would be bypassed: an error, unless merged."""
+    accelerate_hooks = pytest.importorskip("accelerate.hooks")
+    unet, inputs, cl = unet_with_a_past(rank=2)
+    ad = D.get_adapter(unet)
+    sample, ehs, _ = inputs
+    with torch.no_grad():
+        ad._pre_hook(unet, (), {"encoder_hidden_states": ehs})
+        assert ad._cache is not None and ad._cache["outs"]
+        ad._pre_hook(unet, (), {"encoder_hidden_states": torch.empty(ehs.shape, device="meta")})
+        assert ad._cache is None
+        want = run_unet(unet, inputs)
+    accelerate_hooks.add_hook_to_module(unet.get_submodule(attn2_names(unet)[0]).to_k, accelerate_hooks.ModelHook())
+    with pytest.raises(RuntimeError, match="has an accelerate hook"):
+        run_unet(unet, inputs)
+    cl.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), want, rtol=1e-5, atol=1e-5)
+    cl.unmerge()
+    accelerate_hooks.remove_hook_from_module(unet, recurse=True)
+    D.unpatch(unet)
+
+
 def test_torch_compile_of_patched_unet():
     """dynamo builds _ProjFn objects without __init__ (its attribute lookup used to recurse)."""
     torch._dynamo.reset()

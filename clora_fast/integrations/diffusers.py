@@ -651,6 +651,14 @@ class DiffusersAdapter:
     def _pre_hook(self, module, args, kwargs):
         self._check_processors()
         ctrl = self.controller
+        if not ctrl.pristine and "_hf_hook" in self.layers[0].linears[0].__dict__:
+            # accelerate hooks on the projections themselves (pipe.enable_sequential_cpu_offload, device_map): they
+            # bring the weights in around to_k.forward, which the adapters do not call (they read the weights)
+            raise RuntimeError(
+                f"{self.layers[0].name}.to_k has an accelerate hook ({type(self.layers[0].linears[0]._hf_hook).__name__}"
+                f", e.g. from pipe.enable_sequential_cpu_offload() or a device_map): the C-LoRA adapters read the "
+                f"weights directly, which such hooks keep offloaded. Use pipe.enable_model_cpu_offload(), or "
+                f"controller.merge() for inference (merged, the hooked modules run as they are)")
         cak = kwargs.get("cross_attention_kwargs")
         if cak and cak.get("scale", 1.0) != 1.0 and not ctrl.pristine and "lora_scale" not in self._logged:
             self._logged.add("lora_scale")
@@ -667,6 +675,13 @@ class DiffusersAdapter:
         if getattr(self.unet, "encoder_hid_proj", None) is not None:
             self._log_once("hid_proj", "clora_fast: the UNet has an encoder_hid_proj: cross-attention K/V are "
                                        "computed per layer")
+            self._cache = None
+            return None
+        if self.sites[0].weight.device != x.device:
+            # accelerate's model offload (pipe.enable_model_cpu_offload) moves the UNet to the input's device in its
+            # wrapped forward, i.e. after this pre-hook: the processors compute K/V per layer once it has
+            self._log_once("offload", "clora_fast: the UNet's weights are not on encoder_hidden_states' device when "
+                                      "its forward starts (model offload?): cross-attention K/V are computed per layer")
             self._cache = None
             return None
         grad = torch.is_grad_enabled()
