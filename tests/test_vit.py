@@ -2,6 +2,8 @@
 (fused qkv). Tiny configs, CPU."""
 import copy
 import math
+import re
+import types
 
 import pytest
 import torch
@@ -451,8 +453,12 @@ def test_unpatch_restores_bit_identically(fw, merge):
     assert all(torch.equal(sd[k], sd0[k]) for k in sd0)
     assert [(n, type(mod)) for n, mod in m.named_modules()] == mods0
     assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert all(not mod._forward_hooks for mod in m.modules())  # the checkpointing input hook is gone too
     assert torch.equal(run(m, x), ref)
     assert vit.get_controller(m) is None
+    with pytest.raises(RuntimeError, match=r"merge\(\): this controller's model was unpatched"):
+        ctrl.merge()                          # would write W0 + P into the unpatched model
+    assert torch.equal(run(m, x), ref)
     vit.patch(m, rank=2)  # can be patched again
 
 
@@ -580,6 +586,77 @@ def test_hf_gradient_checkpointing_same_grads():
     assert n_calls == [2, 4]  # checkpointing recomputed both blocks in backward
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _enable_checkpointing(fw, m, reentrant):
+    """Gradient checkpointing of the model's blocks, reentrant or not; returns an undo for timm's global flag."""
+    if fw == "hf":  # transformers >= 5.2x renames it activation_checkpointing_enable (kwargs dict: 1st arg)
+        (getattr(m, "activation_checkpointing_enable", None) or m.gradient_checkpointing_enable)(
+            {"use_reentrant": reentrant})
+        return lambda: None
+    m.set_grad_checkpointing(True)
+    if not hasattr(timm.layers, "set_reentrant_ckpt"):   # older timm: always torch's reentrant default
+        if not reentrant:
+            pytest.skip("this timm has no set_reentrant_ckpt")
+        return lambda: None
+    before = timm.layers.use_reentrant_ckpt()
+    timm.layers.set_reentrant_ckpt(reentrant)
+    return lambda: timm.layers.set_reentrant_ckpt(before)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_reentrant_gradient_checkpointing_frozen_backbone_same_grads(fw):
+    """Reentrant checkpointing (transformers 4.x's default; timm's with set_reentrant_ckpt(True)) of a frozen
+    backbone: nothing entering a block requires grad, so torch's reentrant checkpoint would record no graph and
+    the adapters would silently get no gradient. While a concept trains the patch embedding's output is made to
+    require grad: same A/B grads as without checkpointing (the input itself does not require grad here)."""
+    grads, n_calls = [], []
+    for ckpt in (False, True):
+        m, _ = make(fw, layers=2)
+        m.train().requires_grad_(False)
+        undo = _enable_checkpointing(fw, m, reentrant=True) if ckpt else (lambda: None)
+        try:
+            ctrl = vit.patch(m, rank=2, backend="reference")
+            ctrl.begin_concept()
+            randomize_factors(ctrl)
+            calls = []
+            orig = ctrl.project_group
+            ctrl.project_group = lambda g, xx, _o=orig: (calls.append(g), _o(g, xx))[1]
+            x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+            (run(m, x).square().sum() + ctrl.penalty()).backward()
+        finally:
+            undo()
+        assert all(p.grad is not None for p in ctrl.trainable_parameters()), "adapters got no gradient"
+        grads.append([p.grad.clone() for p in ctrl.trainable_parameters()])
+        n_calls.append(len(calls))
+    assert n_calls == [2, 4]  # checkpointing recomputed both blocks in backward
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_checkpointing_input_hook_only_acts_when_needed(fw):
+    """The embedding output is made to require grad only under grad mode, with a concept active and reentrant
+    checkpointing: no extra backward work otherwise (non-reentrant checkpointing needs no help)."""
+    m, x = make(fw, layers=1)
+    m.train().requires_grad_(False)
+    emb = m.get_input_embeddings() if fw == "hf" else m.patch_embed
+    seen = []
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    emb.register_forward_hook(lambda mod, a, out: seen.append(out.requires_grad))  # runs after the adapter's
+    for reentrant in (False, True):
+        undo = _enable_checkpointing(fw, m, reentrant)
+        try:
+            seen.clear()
+            run(m, x)                          # no concept active: nothing to train
+            ctrl.begin_concept()
+            with torch.no_grad():
+                run(m, x)
+            run(m, x)
+            ctrl.end_concept()
+        finally:
+            undo()
+        assert seen == [False, False, reentrant], (reentrant, seen)
 
 
 # ---------------------------------------------------------------- training moves only A/B
@@ -747,6 +824,106 @@ def test_torch_compile_patched_model(fw):
     torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, ctrl.trainable_parameters()):
         torch.testing.assert_close(b.grad, a, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- projections with their own forward
+def _last_v_projection(m):
+    """(qualified name, module) of the last block's V projection (timm: its fused qkv), any layout."""
+    blk = vit.find_attention_blocks(m)[1][-1]
+    attr = next(a for a in ("qkv", "v_proj", "value") if isinstance(getattr(blk.module, a, None), nn.Linear))
+    return f"{blk.name}.{attr}", getattr(blk.module, attr)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm", "legacy"])
+def test_projection_with_its_own_forward_is_refused(fw, tmp_path):
+    """An instance-level forward on a projection (a user's wrapper, an accelerate hook) would be replaced by the
+    adapter's and deleted on unpatch: patch/load refuse, naming the module, before changing anything."""
+    m, x = make(fw)
+    vit.patch(copy.deepcopy(m), rank=2).save(tmp_path / "bank")
+    name, lin = _last_v_projection(m)
+    calls = []
+    wrapper = lambda inp, _f=lin.forward: (calls.append(1), _f(inp))[1]  # noqa: E731
+    lin.forward = wrapper
+    y = run(m, x).detach()
+    attempts = [lambda: vit.patch(m, rank=2), lambda: vit.load(m, tmp_path / "bank")]
+    if fw != "legacy":  # the replica is no transformers/timm model: clora_fast.patch does not dispatch it here
+        attempts.append(lambda: clora_fast.patch(m, rank=2))
+    for fn in attempts:
+        with pytest.raises(RuntimeError, match=rf"{re.escape(name)} has its own forward \(<function .*lambda.*\).*"
+                                               rf"bypass it while patched.*del module.forward"):
+            fn()
+        assert vit.get_controller(m) is None
+        assert lin.__dict__["forward"] is wrapper
+        assert all("forward" not in mod.__dict__ for mod in m.modules() if mod is not lin)
+        assert all(not mod._forward_hooks for mod in m.modules())
+    calls.clear()
+    assert torch.equal(run(m, x), y) and calls == [1]
+    del lin.forward
+    vit.patch(m, rank=2)        # fine once the wrapper is gone
+    vit.unpatch(m)
+    # the class's own forward bound on the instance (what accelerate's remove_hook_from_module leaves) is
+    # harmless: accepted, and put back on unpatch
+    lin.forward = types.MethodType(type(lin).forward, lin)
+    vit.patch(m, rank=2).begin_concept()
+    assert not isinstance(lin.__dict__["forward"], types.MethodType)
+    vit.unpatch(m)
+    assert lin.__dict__["forward"].__self__ is lin and lin.__dict__["forward"].__func__ is nn.Linear.forward
+    assert torch.equal(run(m, x), y)
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_accelerate_hook_on_projection_is_refused(fw):
+    hooks = pytest.importorskip("accelerate.hooks")
+    m, x = make(fw)
+    name, lin = _last_v_projection(m)
+    hooks.add_hook_to_module(lin, hooks.ModelHook())
+    hooked = lin.__dict__["forward"]
+    with pytest.raises(RuntimeError, match=rf"{re.escape(name)} has its own forward "
+                                           rf"\(an accelerate hook, ModelHook.*remove_hook_from_module"):
+        vit.patch(m, rank=2)
+    assert vit.get_controller(m) is None and lin.__dict__["forward"] is hooked
+    assert all(not mod._forward_hooks for mod in m.modules())
+    hooks.remove_hook_from_module(lin)       # leaves the bound class forward on the instance: fine
+    had = "forward" in lin.__dict__
+    vit.patch(m, rank=2)
+    vit.unpatch(m)
+    assert ("forward" in lin.__dict__) == had
+    # what cpu_offload / dispatch_model / device_map=... install on every leaf module
+    offloaded, _ = make(fw)
+    y = run(offloaded, x).detach()
+    pytest.importorskip("accelerate").cpu_offload(offloaded, execution_device="cpu")
+    with pytest.raises(RuntimeError, match="an accelerate hook, AlignDevicesHook.*does not support offloaded"):
+        vit.patch(offloaded, rank=2)
+    assert vit.get_controller(offloaded) is None
+    torch.testing.assert_close(run(offloaded, x), y)
+
+
+# ---------------------------------------------------------------- tracing
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_trace_or_export_of_unmerged_model_clear_error(fw):
+    """torch.jit.trace / torch.export cannot record the adapted projections: a clear error saying to merge()
+    (instead of torch-internal ones); after merge() the timm model traces and exports like a plain one."""
+    can_export = hasattr(torch, "export") and hasattr(torch.compiler, "is_exporting")  # torch >= 2.5
+    m, x, ctrl = patched_with_a_past(fw, layers=1)
+    ctrl.begin_concept("t1")
+    msg = r"torch.jit.trace / torch.export of a model with unmerged C-LoRA adapters.*controller.merge\(\) first"
+    for state in ("active", "folded"):
+        with pytest.raises(RuntimeError, match=msg):
+            torch.jit.trace(m, x, check_trace=False, strict=False)
+        if can_export:
+            with pytest.raises(RuntimeError, match=msg):
+                torch.export.export(m, (x,), strict=False)  # strict (dynamo) export wraps the error
+        if state == "active":
+            randomize_factors(ctrl, seed=3)
+            ctrl.end_concept()
+    if fw == "timm":
+        with torch.no_grad():
+            y = run(m, x)
+        ctrl.merge()
+        traced = torch.jit.trace(m, x)
+        torch.testing.assert_close(traced(x), y, rtol=1e-5, atol=1e-5)
+        if can_export:
+            torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), y, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- GPU (skipped without CUDA)

@@ -21,9 +21,12 @@ separately; the first of the two calls computes both (one launch) and hands
 the other output to the second call if it gets the very same input tensor.
 
 Patching never writes the model's weights and never changes its module tree:
-the projections' ``forward`` is overridden on the instance, and
-:func:`unpatch` deletes the overrides, so ``state_dict()`` keys and values are
-unchanged while patched and after.  The controller is *not* a submodule of the
+the projections' ``forward`` is overridden on the instance (a projection that
+already has an instance ``forward``, e.g. an accelerate offloading hook, is
+refused), the input embedding gets one forward hook for reentrant gradient
+checkpointing (:class:`_CheckpointInputRequiresGrad`), and :func:`unpatch`
+removes them all, so ``state_dict()`` keys and values are unchanged while
+patched and after.  The controller is *not* a submodule of the
 model (the model's ``parameters()``/``state_dict()`` stay as they were): train
 ``controller.trainable_parameters()``; get it back with :func:`get_controller`.
 It follows the base weights when the model is moved (``model.to(...)``).
@@ -42,6 +45,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import types
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -228,8 +232,19 @@ def _refresh_and_project_eager(call: "_GroupCall", x):
 _refresh_and_project_compiled = torch.compiler.disable(_refresh_and_project_eager)
 
 
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
+
+
 def _kv(call: "_GroupCall", x):
     """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
+    if torch.jit.is_tracing() or _is_exporting():
+        # the grouped projection (data-pointer cache, custom autograd) cannot be recorded into a graph:
+        # torch.jit.trace / torch.export would fail deep inside with errors that do not say what to do
+        raise RuntimeError(
+            "clora_fast: torch.jit.trace / torch.export of a model with unmerged C-LoRA adapters is not "
+            "supported (the adapted K/V projections cannot be recorded into a graph); for inference call "
+            "controller.end_concept() (if a concept is active) and controller.merge() first: the merged model "
+            "computes plain linears and traces/exports like an unpatched one (or clora_fast.unpatch(model))")
     if torch.compiler.is_compiling():
         return _refresh_and_project_compiled(call, x)
     _refresh_sites(call)
@@ -311,6 +326,82 @@ class _QKVForward:
         return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
 
 
+@functools.lru_cache(maxsize=None)
+def _timm_use_reentrant_ckpt():
+    """timm's ``use_reentrant_ckpt`` (whether its ``checkpoint``/``checkpoint_seq`` are reentrant, set by
+    ``timm.layers.set_reentrant_ckpt`` or ``TIMM_REENTRANT_CKPT``), or ``None`` for a timm without it (timm
+    1.0.9 calls torch's checkpoint without ``use_reentrant``: torch's reentrant default)."""
+    try:
+        return getattr(importlib.import_module("timm.layers"), "use_reentrant_ckpt", None)
+    except Exception:  # noqa: BLE001 - timm missing or broken
+        return None
+
+
+def _reentrant_checkpointing(ckpt_modules: List[nn.Module]) -> bool:
+    """True when one of ``ckpt_modules`` (the modules carrying a checkpointing flag) would checkpoint now
+    with torch's *reentrant* checkpoint, or may (unknown ``use_reentrant``: assumed reentrant)."""
+    for m in ckpt_modules:
+        if getattr(m, "gradient_checkpointing", False) and m.training:
+            # transformers: _gradient_checkpointing_func = functools.partial(checkpoint, **kwargs); 4.x
+            # defaults to use_reentrant=True, 5.x to False
+            kw = getattr(getattr(m, "_gradient_checkpointing_func", None), "keywords", None)
+            if not (isinstance(kw, dict) and kw.get("use_reentrant") is False):
+                return True
+        elif getattr(m, "grad_checkpointing", False):   # timm checkpoints in eval mode too
+            fn = _timm_use_reentrant_ckpt()
+            if fn is None or fn():
+                return True
+    return False
+
+
+class _CheckpointInputRequiresGrad:
+    """Forward hook on the model's input embedding (transformers: ``get_input_embeddings()``, the patch
+    embedding; timm: ``patch_embed``) while patched.
+
+    With a frozen backbone nothing that enters a checkpointed block requires grad, and torch's *reentrant*
+    checkpoint then records no graph for the block at all: the adapters inside it get no gradient and the
+    concept silently learns nothing (torch only warns "None of the inputs have requires_grad=True").
+    transformers 4.x checkpoints reentrantly by default and calls ``enable_input_require_grads()`` only for
+    PEFT models; timm does with ``set_reentrant_ckpt(True)``. So, only while a concept trains under reentrant
+    checkpointing, the embedding output is made to require grad (what ``enable_input_require_grads`` does);
+    otherwise nothing is done (it would cost the input gradient of the first block). A callable object,
+    not a closure, so ``copy.deepcopy``/pickling of a patched model stay consistent."""
+
+    def __init__(self, adapter: "ViTAdapter"):
+        self.adapter = adapter
+
+    def __call__(self, module, args, output):
+        ctrl = self.adapter.controller
+        if (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and not output.requires_grad
+                and ctrl is not None and ctrl.active_concept is not None
+                and _reentrant_checkpointing(self.adapter._ckpt_modules)):
+            output.requires_grad_(True)
+
+
+def _checkpointing_modules(model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module]]:
+    """(input embeddings, modules carrying a checkpointing flag) of the transformers/timm models in
+    ``model`` (the root or any submodule): see :class:`_CheckpointInputRequiresGrad`."""
+    try:
+        from transformers import PreTrainedModel  # type: ignore
+    except Exception:  # noqa: BLE001 - transformers missing or broken
+        PreTrainedModel = ()
+    embeddings, flags = [], []
+    for mod in model.modules():
+        if hasattr(mod, "gradient_checkpointing") or hasattr(mod, "grad_checkpointing"):
+            flags.append(mod)
+        emb = None
+        if hasattr(mod, "grad_checkpointing") and isinstance(getattr(mod, "patch_embed", None), nn.Module):
+            emb = mod.patch_embed                                             # timm
+        elif PreTrainedModel and isinstance(mod, PreTrainedModel):
+            try:
+                emb = mod.get_input_embeddings()
+            except Exception:  # noqa: BLE001 - NotImplementedError, ... : no embedding to hook
+                emb = None
+        if isinstance(emb, nn.Module) and not any(e is emb for e in embeddings):
+            embeddings.append(emb)
+    return embeddings, flags
+
+
 class ViTAdapter:
     """Builds the :class:`Site` list of a ViT and installs/uninstalls the projection overrides
     (the adapter protocol of docs/ARCHITECTURE.md)."""
@@ -321,7 +412,10 @@ class ViTAdapter:
         self.blocks = blocks
         self.controller = None
         self._installed: List[nn.Module] = []
+        self._rebind: List[nn.Module] = []   # had their class forward bound on the instance: put back on uninstall
         self._calls: List[_GroupCall] = []
+        self._ckpt_modules: List[nn.Module] = []
+        self._input_hooks: list = []      # RemovableHandles of the _CheckpointInputRequiresGrad hooks
 
     @staticmethod
     def _group(blk: AttentionBlock) -> str:
@@ -364,15 +458,20 @@ class ViTAdapter:
             if blk.layout == "timm":
                 qkv = blk.linears["qkv"]
                 call = _GroupCall(controller, self._group(blk), [qkv], timm=True)
+                self._rebind += [qkv] if _own_class_forward(qkv) else []
                 qkv.forward = _QKVForward(qkv, call)
                 self._installed.append(qkv)
             else:
                 lins = [blk.linears["k"], blk.linears["v"]]
                 call = _GroupCall(controller, self._group(blk), lins)
                 for slot, lin in enumerate(lins):
+                    self._rebind += [lin] if _own_class_forward(lin) else []
                     lin.forward = _ProjForward(call, slot)
                     self._installed.append(lin)
             self._calls.append(call)
+        embeddings, self._ckpt_modules = _checkpointing_modules(self.model)
+        if self._ckpt_modules:  # models that cannot checkpoint get no hook
+            self._input_hooks = [e.register_forward_hook(_CheckpointInputRequiresGrad(self)) for e in embeddings]
 
     def uninstall(self) -> None:
         """Remove every override (unmerging first if merged): the model is then bit-identical
@@ -381,9 +480,16 @@ class ViTAdapter:
             self.controller.unmerge()
         for mod in self._installed:
             mod.__dict__.pop("forward", None)
-        self._installed = []
+        for mod in self._rebind:
+            mod.forward = types.MethodType(type(mod).forward, mod)
+        self._installed, self._rebind = [], []
+        for h in self._input_hooks:
+            h.remove()
+        self._input_hooks, self._ckpt_modules = [], []
         self.on_state_change()
         self._calls = []
+        if self.controller is not None:
+            self.controller._mark_unpatched()      # merge() etc. would now write / train a model that ignores it
 
     # -- optional protocol hooks -------------------------------------------------------------
     def identity(self) -> str:
@@ -454,6 +560,21 @@ def _check_rank(rank, specs) -> int:
     return rank
 
 
+def _own_class_forward(mod: nn.Module) -> bool:
+    """True if ``mod``'s instance ``forward`` is just its class's forward bound to it (what
+    ``accelerate.hooks.remove_hook_from_module`` leaves behind): harmless, and put back by unpatch."""
+    f = mod.__dict__.get("forward")
+    return getattr(f, "__self__", None) is mod and getattr(f, "__func__", None) is type(mod).forward
+
+
+def _overridden_linears(blk: AttentionBlock) -> List[Tuple[str, nn.Linear]]:
+    """(attribute name, linear) of the projections whose forward :meth:`ViTAdapter.install` overrides."""
+    if blk.layout == "timm":
+        return [("qkv", blk.linears["qkv"])]
+    attrs = ("k_proj", "v_proj") if blk.layout == "hf" else ("key", "value")
+    return [(attr, blk.linears[role]) for attr, role in zip(attrs, ("k", "v"))]
+
+
 def _prepare(model, what: str) -> ViTAdapter:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: model must be a torch.nn.Module (transformers ViT or timm "
@@ -466,6 +587,28 @@ def _prepare(model, what: str) -> ViTAdapter:
                     f"{what}: {type(model).__name__} contains attention layers that are already patched by "
                     f"clora_fast as part of another model (or a sub-model of it): patching them again would "
                     f"disconnect the first controller. Call clora_fast.unpatch(...) on that model first")
+    for blk in blocks:
+        prefix = f"{blk.name}." if blk.name else ""
+        for attr, lin in _overridden_linears(blk):
+            if "forward" in lin.__dict__ and not _own_class_forward(lin):
+                # install() sets the instance forward and uninstall() deletes it: an accelerate hook
+                # (device_map=..., cpu_offload, dispatch_model) or a user's wrapper there would be bypassed
+                # while patched and lost on unpatch
+                hook = getattr(lin, "_hf_hook", None)
+                if hook is not None:
+                    found = (f"an accelerate hook, {type(hook).__name__}, as device_map=..., cpu_offload or "
+                             f"dispatch_model install")
+                    fix = ("clora_fast does not support offloaded or dispatched models: load the model on one "
+                           "device without device_map/offloading, or remove the hooks first "
+                           "(accelerate.hooks.remove_hook_from_module(model, recurse=True))")
+                else:
+                    fwd = repr(lin.__dict__["forward"])
+                    found = fwd if len(fwd) <= 100 else fwd[:97] + "..."
+                    fix = ("remove it first (del module.forward); to observe or change the projection's output "
+                           "use module.register_forward_hook(...), which patching keeps")
+                raise RuntimeError(
+                    f"{what}: {prefix}{attr} has its own forward ({found}): the C-LoRA adapter replaces the "
+                    f"projection's forward, so it would bypass it while patched and delete it on unpatch; {fix}")
     if not blocks:
         wrapped = _wrapped_projections(model)
         why = (f"; these projections are not plain nn.Linear (another adapter such as PEFT's LoRA, or "
@@ -493,7 +636,8 @@ def patch(model: nn.Module, *, rank: int = 16, alpha: Optional[float] = None,
     Returns the :class:`~clora_fast.controller.CLoRAController` (also
     :func:`get_controller(model) <get_controller>`). Raises ``ValueError`` when no attention
     layer is found or ``rank`` exceeds ``min(in, out)`` of a projection, ``RuntimeError``
-    when the model is already patched."""
+    when the model is already patched or a K/V (timm: qkv) projection has its own instance
+    ``forward`` (an accelerate offloading hook, a user's wrapper), which patching would replace."""
     if get_controller(model) is not None:
         raise RuntimeError(f"patch: this {type(model).__name__} is already patched by clora_fast; "
                            f"call clora_fast.unpatch(model) first")
