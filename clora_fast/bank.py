@@ -12,7 +12,9 @@ their content's sha256, so a new save never overwrites a file the previous manif
 references: every file is written to a temporary file, fsynced and ``os.replace``d into
 place, the manifest last; files of the previous save that the new manifest no longer
 references are deleted only after the new manifest is in place. A crash at any point
-leaves a complete bank (the old or the new one).
+leaves a complete bank (the old or the new one). Overlapping saves into one folder are
+serialised by a lock file (``.clora_fast.lock``, there only while a save runs; see
+``_bank_lock``); loading takes no lock.
 
 Loading reads the manifest, checks every file's size and sha256, parses the tensors,
 checks shapes, the base model identity (site names and shapes, a hash of the adapted
@@ -24,21 +26,30 @@ controller and written back by the next save (see ``_remember_unloaded_extra``).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+try:                           # POSIX: saves into one bank folder are serialised with flock (see _bank_lock)
+    import fcntl
+except ImportError:            # pragma: no cover - Windows: no advisory lock (see _bank_lock)
+    fcntl = None
+
 FORMAT = "clora_fast.bank"
 VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".clora_fast.lock"     # a dot file: not a data file (_DATA_RE), ignored by the foreign-folder check
 _DATA_RE = re.compile(r"^(past|concept-\d+)-[0-9a-f]{12}\.safetensors$")
 _MAX_MANIFEST_BYTES = 64 << 20
 
@@ -97,10 +108,14 @@ def check_identity(stored: Dict[str, Any], current: Dict[str, Any]) -> None:
     # same structure, other dtype: compare the fingerprint with a dtype-sized tolerance
     fs, fc = stored.get("fingerprint"), current["fingerprint"]
     if not isinstance(fs, list) or len(fs) != len(fc):
-        raise BankError("bank manifest identity fingerprint is malformed")
-    for a_site, b_site in zip(fs, fc):
-        if len(a_site) != len(b_site):
-            raise BankError("bank manifest identity fingerprint is malformed")
+        raise BankError(f"bank manifest field 'identity.fingerprint' is malformed: expected a list of {len(fc)} "
+                        f"lists (one per adapted projection), got {fs!r:.80}")
+    for j, (a_site, b_site) in enumerate(zip(fs, fc)):
+        # finite numbers only: a string would raise a bare TypeError below, and a NaN would pass every
+        # comparison (a NaN difference is never "> tolerance")
+        if not isinstance(a_site, list) or len(a_site) != len(b_site) or not all(_is_num(a) for a in a_site):
+            raise BankError(f"bank manifest field 'identity.fingerprint[{j}]' is malformed: expected a list of "
+                            f"{len(b_site)} finite numbers, got {a_site!r:.80}")
         for a, b in zip(a_site, b_site):
             if abs(a - b) > 1e-2 * max(abs(a), abs(b)) + 1e-3:
                 raise BankError(
@@ -171,9 +186,101 @@ def _serialize(tensors: Dict[str, Tensor]) -> bytes:
                 metadata={"format": "pt"})  # one key: safetensors orders metadata randomly
 
 
+def _not_a_bank_manifest(mf: Path) -> Optional[str]:
+    """Why the existing ``mf`` (a folder's manifest.json) is not a clora_fast bank's manifest, or None
+    when it is one: another tool's manifest.json (a web app's) must not be overwritten by a save."""
+    if not mf.is_file():
+        return "is not a file"
+    try:
+        if mf.stat().st_size > _MAX_MANIFEST_BYTES:
+            return f"is implausibly large for a bank manifest ({mf.stat().st_size} bytes)"
+        m = json.loads(mf.read_bytes().decode("utf-8"))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "is not valid JSON (if it is a damaged bank of yours, delete it first)"
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else None
+        return f"has format {fmt!r:.80}, not {FORMAT!r}"
+    return None
+
+
+_HELD: Dict[str, int] = {}          # bank folder (real path) -> the thread of this process saving into it
+_HELD_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _held(key: str, me: int):
+    with _HELD_GUARD:
+        _HELD[key] = me
+    try:
+        yield
+    finally:
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
+
+
+@contextlib.contextmanager
+def _bank_lock(path: Path):
+    """Hold an exclusive lock of the bank folder ``path`` (``flock`` of ``path/.clora_fast.lock``) for a save.
+
+    Two overlapping saves into one folder (two processes, or two threads) would otherwise interleave: save B
+    completes and deletes save A's new data files as unreferenced, then A writes the manifest that names
+    them, and the bank cannot be loaded.  A second save waits for the first (a blocking lock) and then runs
+    whole: the last save wins and the folder always holds a complete bank.  It waits rather than fails
+    because a failed checkpoint save would lose the state it was saving.  Loading takes no lock: a save
+    replaces every file atomically, the manifest last, so readers never wait.
+
+    The lock file is removed before the lock is released (the folder keeps its documented layout); a save
+    that was waiting then holds the lock of a removed file, sees that the path is gone (or is a newer lock
+    file) and locks again.  Where ``fcntl`` is missing (Windows), or the file system cannot lock (ENOLCK,
+    some network mounts), no lock is taken and overlapping saves into one folder are the caller's to avoid.
+    """
+    # one thread cannot wait for itself: a save started from inside another save of the same folder (a
+    # callback, a hook) would block forever on the flock; refuse it clearly instead
+    key, me = os.path.realpath(path), threading.get_ident()
+    with _HELD_GUARD:
+        if _HELD.get(key) == me:
+            raise RuntimeError(f"a save into the bank {str(path)!r} is already in progress in this thread (a save "
+                               f"started from inside another save would wait for itself forever)")
+    if fcntl is None:
+        with _held(key, me):
+            yield
+        return
+    lock = path / LOCK
+    while True:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException as e:                       # interrupted while waiting, or no locking here
+            os.close(fd)
+            if not (isinstance(e, OSError) and e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)):
+                raise
+            fd = None                                    # a file system without flock: go on unlocked
+            break
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)                                     # the lock of a removed lock file: lock again
+    try:
+        with _held(key, me):
+            yield
+    finally:
+        if fd is not None:
+            try:
+                os.unlink(lock)
+            except OSError:
+                pass
+            os.close(fd)                                 # releases the lock
+
+
 def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]]) -> Dict[str, str]:
     """Write a bank folder. ``files`` maps a stem ("past", "concept-3") to its tensors; the
-    manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> file name."""
+    manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> file name.
+    Overlapping saves into one folder are serialised (see :func:`_bank_lock`)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
@@ -182,7 +289,17 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
         if entries and MANIFEST not in entries:
             raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not empty and is "
                                   f"not a clora_fast bank (no {MANIFEST})")
+        why = _not_a_bank_manifest(path / MANIFEST) if MANIFEST in entries else None
+        if why is not None:
+            raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not a clora_fast "
+                                  f"bank (its {str(path / MANIFEST)!r} {why})")
     path.mkdir(parents=True, exist_ok=True)
+    with _bank_lock(path):
+        return _write_bank_locked(path, manifest, files)
+
+
+def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]]) -> Dict[str, str]:
+    """:func:`write_bank`'s writes, under the folder's lock: data files, the manifest, then the cleanup."""
     table = {}
     for stem, tensors in files.items():
         data = _serialize(tensors)

@@ -252,6 +252,37 @@ def _nonneg_float(name):
     return conv
 
 
+def _check_backend(backend: str, device) -> None:
+    """Refuse, before the model loads, a --backend that cannot run on ``device`` (cuda without the built
+    extension or a GPU, triton on the CPU without TRITON_INTERPRET=1): the library raises only at the
+    first projection.  The library's own resolution decides, so the CLI and the ops agree."""
+    import torch
+
+    from clora_fast._validate import resolve_backend
+
+    device = torch.device(device)
+    try:
+        resolve_backend(backend, device)
+    except (ValueError, RuntimeError) as e:
+        raise CLIError(f"--backend {backend} cannot run on this machine's {device.type} device: {e}") from None
+
+
+def _check_output_path(flag: str, path: Path, *, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: an existing file where a folder
+    goes or an existing folder where a file goes (--out x.png that is a folder), or a parent that is a
+    file.  Missing parent folders are fine (they are created)."""
+    if path.exists():
+        if folder and not path.is_dir():
+            raise CLIError(f"{flag} {str(path)!r} exists and is not a folder")
+        if not folder and path.is_dir():
+            raise CLIError(f"{flag} {str(path)!r} is an existing folder, not a file: choose a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise CLIError(f"{flag} {str(path)!r} cannot be written: {str(parent)!r} is a file, not a folder")
+
+
 # --------------------------------------------------------------------------- generation
 
 
@@ -493,6 +524,10 @@ def _cmd_train(args) -> int:
     if not out.name:
         raise CLIError(f"--out {args.out!r} is the file system root: choose a folder for the concept bank")
     state = _bank_state(out)
+    samples_dir = Path(args.samples_dir) if args.samples_dir else out.with_name(out.name + "_samples")
+    if args.samples_per_concept > 0:      # else never written
+        _check_output_path("--samples-dir" if args.samples_dir else "--samples-dir (default <out>_samples)",
+                           samples_dir, folder=True)
     crash_at = _crash_point()
 
     try:
@@ -500,6 +535,7 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         raise CLIError(f"--mixed-precision {args.mixed_precision}: {e}") from None
     device = accelerator.device
+    _check_backend(args.backend, device)
     is_main = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
 
@@ -549,7 +585,6 @@ def _cmd_train(args) -> int:
         done = []
 
     _check_prompts_fit(pipe.tokenizer, folders[len(done):], tokens[len(done):], prompts[len(done):])
-    samples_dir = Path(args.samples_dir) if args.samples_dir else out.with_name(out.name + "_samples")
     from tqdm.auto import tqdm
 
     for pos in range(len(done), len(folders)):
@@ -697,7 +732,9 @@ def _cmd_sample(args) -> int:
         raise CLIError(f"--bank {args.bank!r} does not exist")
     if not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must be a .png file, got {args.out!r}")
+    _check_output_path("--out", Path(args.out), folder=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    _check_backend(args.backend, device)
     pipe = _load_model(args.model, device)
     if args.resolution is not None and args.resolution % _sample_multiple(pipe):
         raise CLIError(f"--resolution {args.resolution} must be a multiple of {_sample_multiple(pipe)} (the "

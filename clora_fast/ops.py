@@ -341,7 +341,7 @@ class _SplitColumns(torch.autograd.Function):
 def split_columns(y: Tensor, offsets: Sequence[int]) -> Tuple[Tensor, ...]:
     """``tuple(y[..., o_l:o_{l+1}])`` (views) whose gradients are gathered with one
     concatenation instead of a zero-filled ``y``-sized gradient per slice."""
-    offsets = tuple(int(o) for o in offsets)
+    offsets = _int_offsets("offsets", offsets)
     if offsets[0] != 0 or offsets[-1] != y.shape[-1] or any(b <= a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"offsets must increase strictly from 0 to y.shape[-1]={y.shape[-1]}, got {list(offsets)}")
     lead = y.shape[:-1]
@@ -663,25 +663,51 @@ def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: boo
     return "fused"
 
 
+# (offsets, n_rows) -> (all segments equal, the checked tuple of python ints); a hit counts only when the
+# caller's tuple is that very object or all ints: (0, 20.0, 40) and (0, True, 2) hash and compare equal to
+# int tuples.  A controller passes the same tuple object every call: the hot paths test identity only.
 _OFFSETS_OK: dict = {}
+
+
+def _all_ints(offsets: tuple) -> bool:
+    """Whether every entry is a python ``int`` (the cheap test of the hot paths; bool is not int here)."""
+    for o in offsets:
+        if type(o) is not int:
+            return False
+    return True
+
+
+def _int_offsets(name: str, offsets) -> Tuple[int, ...]:
+    """``offsets`` as a tuple of python ints.  Integers only (numbers.Integral: numpy integers too): a
+    float such as 20.7 would otherwise be truncated to 20 silently, and a bool or a tensor is a bug."""
+    out = []
+    for o in offsets:
+        if type(o) is not int:
+            if isinstance(o, bool) or not isinstance(o, numbers.Integral):
+                raise ValueError(f"{name} must hold integers, got {o!r} ({type(o).__name__}) in "
+                                 f"{list(offsets)!r:.200}")
+            o = int(o)
+        out.append(o)
+    return tuple(out)
 
 
 def _check_offsets(seg_offsets, n_rows: int) -> Tuple[Tuple[int, ...], bool]:
     """``seg_offsets`` as a tuple of ints, checked against ``weight.shape[0] = n_rows``, and whether all
     segments have one size.  Valid tuples are remembered (a controller passes the same ones every call)."""
-    offsets = seg_offsets if type(seg_offsets) is tuple else tuple(int(o) for o in seg_offsets)
-    key = (offsets, n_rows)
-    equal = _OFFSETS_OK.get(key)
-    if equal is None:
-        offsets = tuple(int(o) for o in offsets)
-        if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows or any(
-                b <= a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={n_rows}, "
-                             f"got {list(offsets)}")
-        equal = len({b - a for a, b in zip(offsets, offsets[1:])}) == 1
-        if len(_OFFSETS_OK) > 1024:
-            _OFFSETS_OK.clear()
-        _OFFSETS_OK[key] = equal
+    offsets = seg_offsets if type(seg_offsets) is tuple else tuple(seg_offsets)
+    hit = _OFFSETS_OK.get((offsets, n_rows))
+    if hit is not None and (hit[1] is offsets or _all_ints(offsets)):
+        return offsets, hit[0]
+    # unseen, or equal to a checked tuple without being all ints: check (refuse or convert)
+    offsets = _int_offsets("seg_offsets", offsets)
+    if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows or any(
+            b <= a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={n_rows}, "
+                         f"got {list(offsets)}")
+    equal = len({b - a for a, b in zip(offsets, offsets[1:])}) == 1
+    if len(_OFFSETS_OK) > 1024:
+        _OFFSETS_OK.clear()
+    _OFFSETS_OK[(offsets, n_rows)] = (equal, offsets)
     return offsets, equal
 
 
@@ -893,8 +919,9 @@ def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backen
             or not _all_2d_like((weight, lora_A, lora_B), x.dtype, x.device)):
         return None
     N, K = weight.shape
-    if not _OFFSETS_OK.get((seg_offsets, N)):          # unseen (checked path first) or unequal segments
-        return None
+    hit = _OFFSETS_OK.get((seg_offsets, N))
+    if hit is None or not hit[0] or (hit[1] is not seg_offsets and not _all_ints(seg_offsets)):
+        return None                # unseen (checked path first), unequal segments, or 20.0 equal to 20
     L = len(seg_offsets) - 1
     r = lora_A.shape[0] // L
     if r < 1 or lora_A.shape != (L * r, K) or lora_B.shape != (N, r) or x.shape[-1] != K:

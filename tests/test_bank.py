@@ -317,3 +317,138 @@ def test_malformed_manifest_values_are_a_bank_error_naming_the_field(tmp_path, c
     with pytest.raises(BankError, match=_re.escape(f"manifest field {field}") + "|" + _re.escape(f"field {field}")):
         dst.load_bank(path, replace_active=True)
     assert same(before, snapshot(dst))
+
+
+_FOREIGN_MANIFESTS = {
+    # name: what the folder's manifest.json is (it must survive a save into the folder unchanged)
+    "web_app": '{"name": "my web app", "version": "1.0"}\n',
+    "other_format": '{"format": "something.else", "version": 1}\n',
+    "json_list": '[1, 2, 3]\n',
+    "not_json": "<html>not json</html>\n",
+    "folder": None,
+}
+
+
+@pytest.mark.parametrize("case", sorted(_FOREIGN_MANIFESTS))
+def test_refuses_to_overwrite_a_foreign_manifest(tmp_path, case):
+    """A folder with another tool's manifest.json is not a bank: a save refuses it (FileExistsError naming
+    the manifest) like any other foreign folder, and the folder is left as it was."""
+    import re as _re
+    text = _FOREIGN_MANIFESTS[case]
+    mf = tmp_path / MANIFEST
+    if text is None:
+        mf.mkdir()
+    else:
+        mf.write_text(text)
+    (tmp_path / "index.html").write_text("<html>precious</html>")
+    before = {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="not a clora_fast bank.*" + _re.escape(repr(str(mf)))):
+        trained(n=1, active=False).save(tmp_path)
+    assert {p.name: (p.read_bytes() if p.is_file() else None) for p in tmp_path.iterdir()} == before
+    if text is not None:                              # alone in its folder: refused too
+        (tmp_path / "index.html").unlink()
+        with pytest.raises(FileExistsError, match="not a clora_fast bank"):
+            trained(n=1, active=False).save(tmp_path)
+        assert mf.read_text() == text
+
+
+def test_overlapping_saves_into_one_bank_leave_a_loadable_bank(tmp_path, monkeypatch):
+    """Save B starts while save A is between its data files and its manifest (two processes or threads):
+    without a lock B completes and deletes A's new data files, then A's manifest names missing files.
+    B must wait for A's lock; the last save wins and the bank loads."""
+    import threading
+    import time
+
+    fcntl = pytest.importorskip("fcntl")
+    import clora_fast.bank as bank
+    path = tmp_path / "bank"
+    trained(n=1, active=False).save(path)
+    a, b = trained(n=2, active=False), trained(n=1, active=True)
+    writer = bank.atomic_write_bytes
+    real_flock = fcntl.flock
+    waiting = threading.Event()
+    errors = []
+
+    def save_b():
+        try:
+            b.save(path)
+        except BaseException as e:  # noqa: BLE001 - reported by the test
+            errors.append(e)
+
+    other = threading.Thread(target=save_b)
+
+    def flock(fd, op):              # B announces that it is about to wait for the bank's lock
+        if threading.current_thread() is other:
+            waiting.set()
+        return real_flock(fd, op)
+
+    def write(p, data):
+        if os.path.basename(p) == MANIFEST and threading.current_thread() is threading.main_thread() \
+                and not other.ident:
+            other.start()           # A wrote its data files and is about to write its manifest
+            deadline = time.monotonic() + 60
+            while not waiting.is_set() and other.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return writer(p, data)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(bank, "atomic_write_bytes", write)
+    a.save(path)
+    other.join(60)
+    assert not other.is_alive() and not errors
+    assert sorted(os.listdir(path)) == sorted([MANIFEST] + [e["name"] for e in read_manifest(path)["files"].values()])
+    assert same(snapshot(b), snapshot(CLoRAController.load_state(path, sites())))   # B saved last
+
+
+def test_a_save_inside_a_save_of_the_same_bank_is_refused(tmp_path, monkeypatch):
+    """One thread cannot wait for its own lock: a save into a bank started from inside a save into the
+    same bank (a hook) is a clear RuntimeError, not a hang, and the bank on disk stays loadable."""
+    import clora_fast.bank as bank
+    path = tmp_path / "bank"
+    first = trained(n=1, active=False)
+    first.save(path)
+    writer = bank.atomic_write_bytes
+    inner = []
+
+    def write(p, data):
+        if os.path.basename(p) == MANIFEST and not inner:
+            inner.append(1)
+            trained(n=2, active=False).save(path)
+        return writer(p, data)
+
+    monkeypatch.setattr(bank, "atomic_write_bytes", write)
+    with pytest.raises(RuntimeError, match="already in progress in this thread"):
+        trained(n=2, active=True).save(path)
+    monkeypatch.setattr(bank, "atomic_write_bytes", writer)
+    assert same(snapshot(first), snapshot(CLoRAController.load_state(path, sites())))
+    trained(n=2, active=True).save(path)              # the lock was released: the next save works
+    assert not [f for f in os.listdir(path) if f.startswith(".")]
+
+
+_BAD_FINGERPRINTS = {
+    # name: (edit of the stored fingerprint [sites x 9 numbers], the field the error must name)
+    "strings": (lambda f: [["x"] * len(s) for s in f], "'identity.fingerprint[0]'"),
+    "nan": (lambda f: f[:1] + [[float("nan")] * len(s) for s in f[1:]], "'identity.fingerprint[1]'"),
+    "bool": (lambda f: f[:2] + [[True] + s[1:] for s in f[2:]], "'identity.fingerprint[2]'"),
+    "short_site": (lambda f: [s[:-1] for s in f], "'identity.fingerprint[0]'"),
+    "site_not_list": (lambda f: [{"a": 1}] + f[1:], "'identity.fingerprint[0]'"),
+    "too_few_sites": (lambda f: f[:-1], "'identity.fingerprint'"),
+    "not_list": (lambda f: "abc", "'identity.fingerprint'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FINGERPRINTS))
+def test_malformed_identity_fingerprint_is_a_bank_error(tmp_path, case):
+    """The fingerprint (read when the model's dtype differs from the bank's) is type-checked: a BankError
+    naming the field, not a TypeError, and a NaN does not pass every comparison."""
+    import re as _re
+    path = tmp_path / "bank"
+    trained(active=False).save(path)
+    m = json.loads((path / MANIFEST).read_text())
+    edit, field = _BAD_FINGERPRINTS[case]
+    m["identity"]["fingerprint"] = edit(m["identity"]["fingerprint"])
+    (path / MANIFEST).write_text(json.dumps(m))
+    dst = CLoRAController(sites(dtype=torch.bfloat16), rank=3, alpha=6.0)
+    with pytest.raises(BankError, match=_re.escape(f"field {field} is malformed")):
+        dst.load_bank(path)
+    assert not dst.concepts and dst.active_concept is None

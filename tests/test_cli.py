@@ -599,3 +599,57 @@ def test_train_out_dot_is_the_current_folder(tmp_path, concepts, monkeypatch, ca
     assert "nothing to train" in capsys.readouterr().out
     assert cli.main(["train", "--concepts", concepts[0], "--out", "/", *FAST]) == 2
     assert "root" in capsys.readouterr().err
+
+
+def _no_model(*a, **k):
+    raise AssertionError("the model was loaded: the bad argument must be refused before")
+
+
+def test_bad_output_paths_are_refused_before_any_work(tmp_path, concepts, capsys, monkeypatch):
+    """An existing file as --samples-dir (or as the default <out>_samples, or above it) and an existing
+    folder as sample --out: one 'clora-fast: error:' line before the model loads, not an OSError
+    traceback after a concept was trained or the images were generated."""
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    bank = tmp_path / "bank"
+    for extra, flag in ((["--samples-dir", str(afile)], "--samples-dir 'afile'"),
+                        (["--samples-dir", str(afile / "sub")], "is a file, not a folder"),
+                        ([], "--samples-dir (default <out>_samples)")):
+        if not extra:
+            (tmp_path / "bank_samples").write_text("x")
+        rc = cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("clora-fast: error:"), err
+        assert flag.replace("'afile'", repr(str(afile))) in err
+        assert not bank.exists() and afile.read_text() == "keep"
+    out = tmp_path / "dir.png"
+    out.mkdir()
+    for target, msg in ((out, "is an existing folder, not a file"), (afile / "x.png", "is a file, not a folder")):
+        rc = cli.main(["sample", "--bank", str(tmp_path), "--prompt", "a photo of <alpha>", "--out", str(target)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("clora-fast: error: --out") and msg in err, err
+    assert not any(out.iterdir())
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_backend_that_cannot_run_here_is_refused_before_the_model_loads(tmp_path, concepts, capsys,
+                                                                         monkeypatch, backend):
+    """--backend cuda without the built extension and a GPU, --backend triton on the CPU without the
+    Triton interpreter: the library would raise only at the first projection (a traceback after the
+    model loaded); the CLI refuses up front with the library's own reason."""
+    from clora_fast import _cuda
+
+    if backend == "cuda" and _cuda.is_available() or backend == "triton" and torch.cuda.is_available():
+        pytest.skip(f"the {backend} backend can run on this machine")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    bank = tmp_path / "bank"
+    for argv in (["train", "--concepts", concepts[0], "--out", str(bank), *FAST],
+                 ["sample", "--bank", str(tmp_path), "--prompt", "a photo of <alpha>", "--out",
+                  str(tmp_path / "a.png")]):
+        rc = cli.main(argv + ["--backend", backend])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"clora-fast: error: --backend {backend} cannot run"), err
+        assert f"backend='{backend}'" in err and "Traceback" not in err
+    assert not bank.exists() and not (tmp_path / "a.png").exists()

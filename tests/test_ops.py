@@ -911,3 +911,28 @@ def test_kv_adjacent_rows_need_a_row_stride_of_k():
     _, v = ops.lora_kv_projection(x, (w_k, w_v), (a_k, a_v), (b_k, b_v), scale=0.5, backend="reference",
                                   strategy="fused")
     torch.testing.assert_close(v, x @ w_v.T + 0.5 * (x @ a_v.T) @ b_v.T, rtol=1e-5, atol=1e-5)
+
+
+def test_seg_offsets_must_be_integers(monkeypatch):
+    """A non-integer offset is refused (ValueError naming seg_offsets and the value), never truncated:
+    (0, 20.7, 40) used to run as (0, 20, 40).  An integral float or a bool compares and hashes equal to
+    an int, so it must not slip through the per-tuple cache of checked offsets either (fast path included)."""
+    monkeypatch.setattr(ops, "_OFFSETS_OK", {})
+    x, w, a, b = torch.randn(3, 6), torch.randn(40, 6), torch.randn(4, 6), torch.randn(40, 2)
+    expect = R.segmented_lora_projection(x, w, a, b, (0, 20, 40), (1.0, 1.0))
+    for strategy in ("fused", "merged"):
+        for _ in range(2):           # the second call with (0, 20, 40) is a cache hit (the fast path for merged)
+            torch.testing.assert_close(ops.segmented_lora_projection(x, w, a, b, (0, 20, 40), 1.0,
+                                                                     strategy=strategy), expect)
+        for bad in ((0, 20.7, 40), [0, 20.7, 40], (0, 20.0, 40), (0, torch.tensor(20), 40), (0, 20, 40.0)):
+            with pytest.raises(ValueError, match=r"seg_offsets must hold integers, got (20\.7|20\.0|40\.0|tensor)"):
+                ops.segmented_lora_projection(x, w, a, b, bad, 1.0, strategy=strategy)
+    with pytest.raises(ValueError, match=r"seg_offsets must hold integers, got True \(bool\)"):
+        ops.segmented_lora_projection(torch.randn(3, 6), torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, 1),
+                                      (0, True, 2), 1.0)
+    # numpy integers are integers (converted to python ints for the kernels)
+    y = ops.segmented_lora_projection(x, w, a, b, tuple(np.int64(o) for o in (0, 20, 40)), 1.0)
+    torch.testing.assert_close(y, expect)
+    # split_columns: the same rule
+    with pytest.raises(ValueError, match=r"offsets must hold integers, got 2\.5"):
+        ops.split_columns(torch.randn(2, 5), (0, 2.5, 5))
