@@ -1058,6 +1058,26 @@ def test_model_offload_and_sequential_offload_hooks():
     D.unpatch(unet)
 
 
+def test_saving_a_patched_unet_without_its_concepts_is_warned_about(tmp_path):
+    """unet.save_pretrained while patched writes W0 only (the state_dict is never changed): a warning says so
+    unless merged; unpatch removes the instance attribute it put there."""
+    import warnings as _w
+    unet, inputs, cl = unet_with_a_past(rank=2)
+    with pytest.warns(UserWarning, match="writes the base weights W0 only"):
+        unet.save_pretrained(tmp_path / "w0")
+    cl.merge()
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        unet.save_pretrained(tmp_path / "merged")
+    from diffusers import UNet2DConditionModel
+    with torch.no_grad():
+        want = run_unet(unet, inputs)
+        got = run_unet(UNet2DConditionModel.from_pretrained(tmp_path / "merged"), inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    D.unpatch(unet)
+    assert "save_pretrained" not in unet.__dict__
+
+
 def test_torch_compile_of_patched_unet():
     """dynamo builds _ProjFn objects without __init__ (its attribute lookup used to recurse)."""
     torch._dynamo.reset()

@@ -1037,3 +1037,24 @@ def test_patched_model_is_garbage_collected(fw):
     del m, ctrl
     gc.collect()
     assert ref() is None
+
+
+def test_save_pretrained_of_a_patched_transformers_vit_warns_unless_merged(tmp_path):
+    """model.save_pretrained while patched writes W0 only: warned about unless merged; the merged save reloads
+    into a plain model with the patched outputs; unpatch removes the instance attribute."""
+    import warnings as _w
+    m, x, ctrl = patched_with_a_past("hf")
+    with pytest.warns(UserWarning, match="writes the base weights W0 only"):
+        m.save_pretrained(tmp_path / "w0")
+    ctrl.merge()
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        m.save_pretrained(tmp_path / "merged")
+    want = run(m, x).detach()
+    plain = type(m).from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(run(plain, x).detach(), want, rtol=1e-5, atol=1e-5)
+    clora_fast.unpatch(m)
+    assert "save_pretrained" not in m.__dict__
+    t, _ = make("timm")                      # timm models have no save_pretrained: nothing is put there
+    vit.patch(t, rank=2)
+    assert "save_pretrained" not in t.__dict__

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from ..controller import _tensor_key, CLoRAController, Site
+from . import install_save_warning, uninstall_save_warning
 
 logger = logging.getLogger("clora_fast")
 
@@ -522,6 +523,7 @@ class DiffusersAdapter:
         self._cache = None
         self._prev_save = None              # the pipeline's own instance-level save_pretrained, if it had one
         self._uninstalling = False
+        self._unet_save = None              # install_save_warning's token for the UNet's save_pretrained
         self._logged = set()
         # concept idx -> token string; per slot: concept idx -> row
         self.tokens: Dict[int, str] = {}
@@ -557,6 +559,7 @@ class DiffusersAdapter:
             if self.slots:
                 self._prev_save = self.pipe.__dict__.get("save_pretrained")
                 object.__setattr__(self.pipe, "save_pretrained", _GuardedPipeSave(self.pipe))
+            self._unet_save = install_save_warning(self.unet, get_controller)
         except BaseException:
             for slot in slots_done:
                 slot.uninstall()
@@ -584,6 +587,8 @@ class DiffusersAdapter:
             self._hook = None
         for slot in self.slots:
             slot.uninstall()
+        uninstall_save_warning(self.unet, self._unet_save)
+        self._unet_save = None
         if self.slots and self.pipe is not None:
             if self._prev_save is None:
                 self.pipe.__dict__.pop("save_pretrained", None)

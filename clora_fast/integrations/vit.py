@@ -53,6 +53,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import install_save_warning, uninstall_save_warning
+
 __all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "find_attention_blocks",
            "ViTAdapter", "AttentionBlock"]
 
@@ -416,6 +418,7 @@ class ViTAdapter:
         self._calls: List[_GroupCall] = []
         self._ckpt_modules: List[nn.Module] = []
         self._input_hooks: list = []      # RemovableHandles of the _CheckpointInputRequiresGrad hooks
+        self._save_token = None           # install_save_warning's token for the model's save_pretrained
 
     @staticmethod
     def _group(blk: AttentionBlock) -> str:
@@ -469,6 +472,7 @@ class ViTAdapter:
                     lin.forward = _ProjForward(call, slot)
                     self._installed.append(lin)
             self._calls.append(call)
+        self._save_token = install_save_warning(self.model, get_controller)
         embeddings, self._ckpt_modules = _checkpointing_modules(self.model)
         if self._ckpt_modules:  # models that cannot checkpoint get no hook
             self._input_hooks = [e.register_forward_hook(_CheckpointInputRequiresGrad(self)) for e in embeddings]
@@ -486,6 +490,8 @@ class ViTAdapter:
         for h in self._input_hooks:
             h.remove()
         self._input_hooks, self._ckpt_modules = [], []
+        uninstall_save_warning(self.model, self._save_token)
+        self._save_token = None
         self.on_state_change()
         self._calls = []
         if self.controller is not None:
