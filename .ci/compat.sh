@@ -5,6 +5,7 @@
 # changes, and record the result in docs/COMPATIBILITY.md.
 #
 #   bash .ci/compat.sh floor     # the declared minimums: torch 2.4.1, Triton 3.0.0, transformers 4.45.2, ...
+#   bash .ci/compat.sh mid       # mid-2025 releases: torch 2.7.1, Triton 3.3.1, transformers 4.53, diffusers 0.34
 #   bash .ci/compat.sh image     # the lent GPU machines' image: torch 2.11.0, Triton 3.6.0, transformers 5.17
 #   PYTHON=python3.9 bash .ci/compat.sh floor     # another interpreter (default: python3)
 #   COMPAT_DIR=/tmp/x bash .ci/compat.sh floor    # keep the venv and the clone there (default: a temporary
@@ -14,16 +15,19 @@
 # (registry unreachable, a wheel gone), so that CI can tell "could not test" from "tests failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stack=${1:?usage: bash .ci/compat.sh floor|image}
+stack=${1:?usage: bash .ci/compat.sh floor|mid|image}
 case "$stack" in
   floor)   # setup.py's floors (install_requires and the [test] extra)
     pins=("torch==2.4.1" "torchvision==0.19.1" "triton==3.0.0" "transformers==4.45.2" "diffusers==0.30.3"
           "peft==0.13.2" "timm==1.0.9" "accelerate==0.34.2" "safetensors==0.4.5" "numpy<2"
           "huggingface_hub<0.26") ;;
+  mid)     # between the two: mid-2025 releases many users run (torch 2.7 / Triton 3.3, transformers 4.x)
+    pins=("torch==2.7.1" "torchvision==0.22.1" "triton==3.3.1" "transformers==4.53.3" "diffusers==0.34.0"
+          "peft==0.16.0" "timm==1.0.19" "accelerate==1.9.0" "numpy<2.3") ;;
   image)   # what the device machines run (device README); numpy < 2.4: Triton 3.6's interpreter breaks on 2.4
     pins=("torch==2.11.0" "torchvision==0.26.0" "triton==3.6.0" "transformers==5.17.0" "diffusers==0.42.1"
           "peft==0.21.0" "timm==1.0.29" "numpy<2.4") ;;
-  *) echo "unknown stack '$stack' (floor or image)" >&2; exit 2 ;;
+  *) echo "unknown stack '$stack' (floor, mid or image)" >&2; exit 2 ;;
 esac
 PY=${PYTHON:-python3}
 if [ -n "${COMPAT_DIR:-}" ]; then
