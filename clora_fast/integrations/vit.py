@@ -226,19 +226,13 @@ def _refresh_sites(call: "_GroupCall") -> None:
                 site.weight, site.bias = lin.weight, lin.bias
 
 
-def _refresh_and_project_eager(call: "_GroupCall", x):
-    _refresh_sites(call)
-    return call.controller.project_group(call.group, x)
-
-
-_refresh_and_project_compiled = torch.compiler.disable(_refresh_and_project_eager)
-
-
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch >= 2.5
 
 
-def _kv(call: "_GroupCall", x):
-    """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
+def _refresh_and_project_eager(call: "_GroupCall", x):
+    # checked here, where it always runs eagerly (directly, or through the torch.compiler.disable'd wrapper
+    # below): evaluated inside a frame dynamo traces, these calls made torch 2.7's dynamo run _kv eagerly
+    # and compile the controller's frames instead, which fails on their data-pointer cache checks
     if torch.jit.is_tracing() or _is_exporting():
         # the grouped projection (data-pointer cache, custom autograd) cannot be recorded into a graph:
         # torch.jit.trace / torch.export would fail deep inside with errors that do not say what to do
@@ -247,10 +241,18 @@ def _kv(call: "_GroupCall", x):
             "supported (the adapted K/V projections cannot be recorded into a graph); for inference call "
             "controller.end_concept() (if a concept is active) and controller.merge() first: the merged model "
             "computes plain linears and traces/exports like an unpatched one (or clora_fast.unpatch(model))")
-    if torch.compiler.is_compiling():
-        return _refresh_and_project_compiled(call, x)
     _refresh_sites(call)
     return call.controller.project_group(call.group, x)
+
+
+_refresh_and_project_compiled = torch.compiler.disable(_refresh_and_project_eager)
+
+
+def _kv(call: "_GroupCall", x):
+    """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
+    if torch.compiler.is_compiling():
+        return _refresh_and_project_compiled(call, x)
+    return _refresh_and_project_eager(call, x)
 
 
 class _GroupCall:
