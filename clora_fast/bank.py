@@ -58,6 +58,11 @@ class BankError(ValueError):
     """A concept bank that cannot be loaded (corrupt, tampered, incompatible)."""
 
 
+class _BankFileMissing(BankError):
+    """A data file the manifest names is not there (also what a reader sees when a save into the same
+    folder replaced the manifest and removed the previous save's files in between: see load_into_controller)."""
+
+
 # ---------------------------------------------------------------------------- identity
 def _weight_bytes(t: Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
@@ -374,7 +379,7 @@ def read_files(path, manifest: Dict[str, Any]) -> Dict[str, Dict[str, Tensor]]:
             raise BankError(f"{path / MANIFEST}: file entry {stem!r} is malformed")
         f = path / entry["name"]
         if not f.is_file():
-            raise BankError(f"bank file {str(f)!r} is missing")
+            raise _BankFileMissing(f"bank file {str(f)!r} is missing")
         data = f.read_bytes()
         if len(data) != entry.get("bytes"):
             raise BankError(f"bank file {str(f)!r} has {len(data)} bytes, the manifest says {entry.get('bytes')} "
@@ -567,9 +572,26 @@ def _check_entries(m: Dict[str, Any], data: Dict[str, Any], where: str) -> None:
 
 def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
-    from .controller import Concept
-    m = read_manifest(path)
     where = str(path)
+    for attempt in range(_READ_TRIES):
+        m = read_manifest(path)
+        _check_compatible(ctrl, m, where)
+        try:
+            data = read_files(path, m)
+            break
+        except _BankFileMissing:
+            # a save into this folder by another process may have replaced the manifest and removed the
+            # previous save's files after we read it (saves are locked, loads are not): read the new one
+            if attempt + 1 == _READ_TRIES or read_manifest(path) == m:
+                raise
+    _install(ctrl, m, data, where, replace_active)
+
+
+_READ_TRIES = 5
+
+
+def _check_compatible(ctrl, m: Dict[str, Any], where: str) -> None:
+    """The bank's manifest ``m`` fits ``ctrl``: rank, alpha, sites, base model identity."""
     if m["rank"] != ctrl.rank:
         raise BankError(f"rank mismatch: the bank at {where!r} has rank {m['rank']} but the controller has rank "
                         f"{ctrl.rank}; patch with rank={m['rank']} (or use clora_fast.load, which reads it)")
@@ -582,7 +604,11 @@ def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
         raise BankError(f"the bank at {where!r} was made for another base model: its {len(theirs)} adapted "
                         f"projections do not match this model's {len(mine)} (names/shapes)")
     check_identity(m["identity"], ctrl._identity())
-    data = read_files(path, m)
+
+
+def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where: str, replace_active: bool) -> None:
+    """Verify the bank's tensors ``data`` against ``m`` and ``ctrl`` completely, then install them."""
+    from .controller import Concept
     r = ctrl.rank
     # the past
     pasts: List[Optional[Tensor]] = [None] * ctrl.num_sites

@@ -52,6 +52,13 @@ class SimulatedCrash(RuntimeError):
     """Raised by the CLORA_FAST_CRASH_AT fault injection (tests only)."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """Training diverged (a NaN/inf loss): the concept is not saved; printed as one error line by the CLI."""
+
+
+_MAX_SEED = 2**32 - 1
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -123,8 +130,15 @@ def parse_prompts_file(path: str) -> Dict[str, str]:
     prompts: Dict[str, str] = {}
     stripped = text.lstrip()
     if stripped.startswith("{"):
+        def no_duplicates(pairs):
+            keys = [k for k, _ in pairs]
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            if dup:     # json.loads would keep the last silently (the line format refuses duplicates too)
+                raise CLIError(f"--prompts file {path!r}: {dup} given more than once")
+            return dict(pairs)
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=no_duplicates)
         except json.JSONDecodeError as e:
             raise CLIError(f"--prompts file {path!r} is not valid JSON: {e}") from None
         if not isinstance(data, dict) or not all(
@@ -147,12 +161,12 @@ def parse_prompts_file(path: str) -> Dict[str, str]:
                 raise CLIError(f"--prompts file {path!r} line {n}: {k!r} given twice")
             prompts[k] = v
     for k, v in prompts.items():
-        if "{token}" not in v:
-            raise CLIError(f"--prompts file {path!r}: the prompt for {k!r} does not contain '{{token}}': {v!r}")
         try:
-            v.format(token="<x>")
+            filled = v.format(token="\x00")
         except (KeyError, IndexError, ValueError) as e:
             raise CLIError(f"--prompts file {path!r}: bad prompt template for {k!r}: {v!r} ({e})") from None
+        if "\x00" not in filled:     # also '{{token}}', an escaped brace pair that formats to a literal '{token}'
+            raise CLIError(f"--prompts file {path!r}: the prompt for {k!r} does not contain '{{token}}': {v!r}")
     return prompts
 
 
@@ -226,6 +240,17 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _seed_arg(s):
+    """--seed: an int in [0, 2**32 - 1] (per-concept seeds add 1000 per concept: far from torch's 2**64 limit)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seed must be an integer, got {s!r}") from None
+    if not 0 <= v <= _MAX_SEED:
+        raise argparse.ArgumentTypeError(f"--seed must be in 0 .. {_MAX_SEED}, got {v}")
+    return v
+
+
 def _positive(name):
     def conv(s):
         try:
@@ -281,6 +306,9 @@ def _check_output_path(flag: str, path: Path, *, folder: bool) -> None:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise CLIError(f"{flag} {str(path)!r} cannot be written: {str(parent)!r} is a file, not a folder")
+    target = path if path.is_dir() else parent
+    if not os.access(target, os.W_OK | os.X_OK):      # read-only file system, no permission
+        raise CLIError(f"{flag} {str(path)!r} cannot be written: no write permission in {str(target)!r}")
 
 
 # --------------------------------------------------------------------------- generation
@@ -387,7 +415,7 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
             pen = cl.penalty()
             loss = diff + pen
         if not torch.isfinite(loss):
-            raise RuntimeError(
+            raise NonFiniteLoss(
                 f"clora_fast: non-finite loss at step {step} (diffusion {float(diff)}, penalty "
                 f"{float(pen)}): lower --lr or --penalty-weight"
             )
@@ -439,9 +467,9 @@ def _train_parser(sub):
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="training image size (default: the model's native size)")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=_seed_arg, default=0,
                    help="seeds everything random (each concept's LoRA/token init, batches, noise, sample grids): "
-                        "the same seed and settings give the same bank")
+                        "the same seed and settings give the same bank (0 .. 2**32-1)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     p.add_argument("--prompts", default=None,
                    help="JSON {dirname: prompt} or lines 'dirname: prompt', each with {token}")
@@ -453,6 +481,9 @@ def _train_parser(sub):
     p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--allow-new-settings", action="store_true",
+                   help="resume a bank with settings (--steps, --lr, --seed, ...) other than those its concepts were "
+                        "trained with (recorded in the bank folder's clora_fast_train.json); refused otherwise")
     p.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="CPU threads for torch (torch.set_num_threads); default: 1 for the builtin "
                         "model on CPU, else torch's default")
@@ -524,6 +555,7 @@ def _cmd_train(args) -> int:
     if not out.name:
         raise CLIError(f"--out {args.out!r} is the file system root: choose a folder for the concept bank")
     state = _bank_state(out)
+    _check_output_path("--out", out, folder=True)
     samples_dir = Path(args.samples_dir) if args.samples_dir else out.with_name(out.name + "_samples")
     if args.samples_per_concept > 0:      # else never written
         _check_output_path("--samples-dir" if args.samples_dir else "--samples-dir (default <out>_samples)",
@@ -535,6 +567,10 @@ def _cmd_train(args) -> int:
     except ValueError as e:
         raise CLIError(f"--mixed-precision {args.mixed_precision}: {e}") from None
     device = accelerator.device
+    if args.mixed_precision == "fp16" and device.type == "cpu":
+        # accelerate turns fp16 autocast off on the CPU without a word: the run would be plain fp32
+        raise CLIError("--mixed-precision fp16 does not run on the CPU (accelerate disables fp16 autocast there, "
+                       "so the run would silently be fp32): use --mixed-precision bf16 or no")
     _check_backend(args.backend, device)
     is_main = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
@@ -550,6 +586,8 @@ def _cmd_train(args) -> int:
     if args.samples_per_concept > 0 and resolution % _sample_multiple(pipe):
         raise CLIError(f"--resolution {resolution}: the sample grids need a multiple of {_sample_multiple(pipe)} "
                        f"(or pass --samples-per-concept 0)")
+    if args.samples_per_concept > 0:
+        _check_denoising_steps("--sample-steps", args.sample_steps, pipe, args.model)
 
     patch, load, _unpatch = _api()
     if state == "bank":
@@ -584,7 +622,14 @@ def _cmd_train(args) -> int:
             raise CLIError(str(e)) from None
         done = []
 
+    def settings(pos):
+        return {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                "resolution": resolution, "mixed_precision": args.mixed_precision,
+                "penalty_weight": cl.penalty_weight, "prompt": prompts[pos]}
+
+    _check_new_tokens(cl, pipe, folders[len(done):], tokens[len(done):], args.out)
     _check_prompts_fit(pipe.tokenizer, folders[len(done):], tokens[len(done):], prompts[len(done):])
+    _check_settings(out, tokens, done, settings, args.allow_new_settings)
     from tqdm.auto import tqdm
 
     for pos in range(len(done), len(folders)):
@@ -622,6 +667,7 @@ def _cmd_train(args) -> int:
         accelerator.wait_for_everyone()
         if is_main:
             cl.save(str(out))
+            _record_settings(out, token, settings(pos))     # (a crash in between: that concept is not checked)
         accelerator.wait_for_everyone()
         log(f"learned {token} from {folder} ({len(files[folder])} images, {args.steps} steps, "
             f"final loss {ema:.4f}, {time.time() - t0:.1f} s); bank saved to {out}")
@@ -639,6 +685,66 @@ def _cmd_train(args) -> int:
     if len(done) == len(folders):
         log(f"all {len(folders)} concepts are already in {out}: nothing to train")
     return 0
+
+
+def _check_new_tokens(cl, pipe, folders, tokens, out_arg) -> None:
+    """Every concept still to learn gets a token that is new to the pipeline's tokenizer(s) and was not used by a
+    concept removed from the bank (begin_concept would refuse it, after the earlier concepts had trained)."""
+    retired = {r["name"]: r["idx"] for r in cl._retired}
+    for folder, token in zip(folders, tokens):
+        if token in retired:
+            raise CLIError(f"concept folder {folder!r}: the token {token!r} belonged to concept {retired[token]}, which "
+                           f"was removed from the bank {out_arg!r} (a removed concept's token is retired for good): "
+                           f"rename the folder or use a new --out")
+        for attr in ("tokenizer", "tokenizer_2"):
+            tok = getattr(pipe, attr, None)
+            if tok is not None and token in tok.get_vocab():
+                raise CLIError(f"concept folder {folder!r}: the token {token!r} already exists in the model's {attr} "
+                               f"(e.g. a pipeline saved with its concepts baked in): rename the folder")
+
+
+# settings that decide what a concept learns: a resumed run must use the same ones (--allow-new-settings)
+SETTINGS_FILE = "clora_fast_train.json"
+_SETTING_KEYS = ("steps", "lr", "batch_size", "seed", "resolution", "mixed_precision", "penalty_weight", "prompt")
+
+
+def _read_settings(out: Path) -> Dict[str, Dict[str, object]]:
+    f = out / SETTINGS_FILE
+    if not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CLIError(f"{str(f)!r} (the training settings of the bank's concepts) cannot be read: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _check_settings(out: Path, tokens, done, settings, allow: bool) -> None:
+    """Refuse a resume whose settings differ from those the bank's last concept was trained with (the prompt is
+    per concept: recorded, not compared)."""
+    if not done or len(done) == len(tokens):
+        return
+    recorded = _read_settings(out).get(done[-1])
+    if recorded is None:
+        print(f"clora-fast: note: {out} has no record of the settings its concepts were trained with (saved by "
+              f"another program or an older version): not checked", file=sys.stderr)
+        return
+    now = settings(len(done))
+    changed = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in _SETTING_KEYS
+               if k != "prompt" and k in recorded and recorded[k] != now[k]]
+    if changed and not allow:
+        raise CLIError(f"the bank {str(out)!r} was trained with other settings than this run's ({'; '.join(changed)}):"
+                       f" the same --seed and settings give the same bank only unchanged. Rerun with the bank's "
+                       f"settings, or pass --allow-new-settings to learn the remaining concepts with these")
+
+
+def _record_settings(out: Path, token: str, values: Dict[str, object]) -> None:
+    """Add ``token``'s settings to the bank folder's settings file (atomically)."""
+    from clora_fast.bank import atomic_write_bytes
+
+    data = _read_settings(out)
+    data[token] = values
+    atomic_write_bytes(out / SETTINGS_FILE, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _prompt_cut_message(prompt: str, token: str, tokenizer, where: str) -> str:
@@ -660,6 +766,14 @@ def _check_prompts_fit(tokenizer, folders: Sequence[str], tokens: Sequence[str],
         ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
         if tid not in ids:
             raise CLIError(_prompt_cut_message(prompt, token, tok, f" of concept folder {folder!r}"))
+
+
+def _check_denoising_steps(flag: str, steps: int, pipe, model: str) -> None:
+    """A denoising loop cannot take more steps than the scheduler has training timesteps (diffusers raises
+    only once generation starts: for the grids, after a concept was trained)."""
+    n = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if n is not None and steps > int(n):
+        raise CLIError(f"{flag} {steps} is more than the {n} timesteps of model {model!r}'s scheduler")
 
 
 def _load_model(model: str, device):
@@ -694,7 +808,8 @@ def _sample_parser(sub):
     p.add_argument("--prompt", required=True, help="e.g. 'a photo of <digit3>'")
     p.add_argument("--out", required=True, help="PNG to write (a grid when --num-images > 1)")
     p.add_argument("--steps", type=_positive("--steps"), default=25)
-    p.add_argument("--seed", type=int, default=0, help="seeds the initial noise (and any other randomness)")
+    p.add_argument("--seed", type=_seed_arg, default=0,
+                   help="seeds the initial noise (and any other randomness); 0 .. 2**32-1")
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
@@ -736,6 +851,7 @@ def _cmd_sample(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_backend(args.backend, device)
     pipe = _load_model(args.model, device)
+    _check_denoising_steps("--steps", args.steps, pipe, args.model)
     if args.resolution is not None and args.resolution % _sample_multiple(pipe):
         raise CLIError(f"--resolution {args.resolution} must be a multiple of {_sample_multiple(pipe)} (the "
                        f"pipeline needs a multiple of 8, the VAE of model {args.model!r} one of "
@@ -840,6 +956,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CLIError, BankError) as e:      # BankError: a corrupt / incompatible bank (a ValueError)
         print(f"clora-fast: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:               # the concept being trained is not saved; earlier ones are
+        print(f"clora-fast: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:                     # a file system refusal met after the up-front checks (disk full, ...)
+        print(f"clora-fast: error: {e}", file=sys.stderr)
+        return 1
     finally:
         torch.set_num_threads(prev_threads)   # main() may be called in-process (tests, notebooks)
 

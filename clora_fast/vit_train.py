@@ -728,7 +728,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--head", choices=HEADS, default="linear",
                     help="classifier blocks: linear (L2P/CODA-Prompt protocol) or cosine (bounded logits)")
-    tr.add_argument("--pretrain-epochs", type=int, default=0,
+    tr.add_argument("--pretrain-epochs", type=_at_least(0, "--pretrain-epochs"), default=0,
                     help="first fully train the backbone on the first task's data (a stand-in for a "
                          "pre-trained backbone)")
     tr.add_argument("--pretrain-lr", type=float, default=1e-3)
@@ -737,7 +737,7 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0,
                     help="seeds the digits train/test split, the backbone's random init, pre-training and "
                          "every method")
-    tr.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    tr.add_argument("--threads", type=_at_least(1, "--threads"), default=None, help="torch.set_num_threads")
     out = p.add_argument_group("output")
     out.add_argument("--output", help="folder: backbone.safetensors + backbone.json (the backbone the methods "
                                        "started from), per method its head (<method>_head.safetensors), per "
@@ -749,6 +749,19 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _at_least(lo: int, name: str):
+    """argparse type: an int >= lo (``--threads 0`` was accepted and ignored, ``--pretrain-epochs -3`` too)."""
+    def conv(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
+        return v
+    return conv
+
+
 def cli_main(argv: Optional[List[str]] = None) -> int:
     """``clora-fast train-vit`` entry point. Returns the process exit code. With ``--output``
     it writes the folder described in the module docstring (reload with :func:`load_backbone`,
@@ -758,7 +771,7 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2): return the code, do not exit
         return int(e.code or 0)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -813,7 +826,8 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
                     res.controller.save(os.path.join(args.output, f"{m}_bank"))
         if args.output:
             _atomic_write_json(os.path.join(args.output, "results.json"), summary)
-    except (ValueError, TypeError, OSError, KeyError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, KeyError, RuntimeError, ArithmeticError) as e:
+        # ArithmeticError: FloatingPointError from end_concept() when a diverged run left non-finite factors
         print(f"train-vit: error: {e}", file=sys.stderr)
         return 1
     table = {m: {k: round(r[k], 4) for k in ("final_avg_acc", "avg_forgetting", "final_avg_acc_til",

@@ -452,3 +452,33 @@ def test_malformed_identity_fingerprint_is_a_bank_error(tmp_path, case):
     with pytest.raises(BankError, match=_re.escape(f"field {field} is malformed")):
         dst.load_bank(path)
     assert not dst.concepts and dst.active_concept is None
+
+
+def test_a_load_during_a_save_by_another_process_reads_the_new_bank(tmp_path, monkeypatch):
+    """Loads take no lock: a save that replaces the manifest and removes the previous save's files between a
+    reader's manifest read and its file reads made the load fail ("bank file ... is missing", which looks like
+    corruption). The reader reads the new manifest again and loads the new bank."""
+    import clora_fast.bank as bank
+    path = tmp_path / "bank"
+    trained(n=1, active=False).save(path)
+    newer = trained(n=2, active=False)
+    real = bank.read_files
+    calls = []
+
+    def read_files(p, m):
+        if not calls:
+            newer.save(path)          # "another process" saves right after this reader read the manifest
+        calls.append(1)
+        return real(p, m)
+
+    monkeypatch.setattr(bank, "read_files", read_files)
+    c = CLoRAController(sites(), rank=3, alpha=6.0, backend="reference")
+    c.load_bank(path)
+    assert len(calls) == 2 and [k.idx for k in c.concepts] == [0, 1]
+    x = torch.randn(2, IN)
+    for got, want in zip(outputs(c, x), outputs(newer, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setattr(bank, "read_files", real)
+    (path / read_manifest(path)["files"]["past"]["name"]).unlink()     # a really missing file is still an error
+    with pytest.raises(BankError, match="is missing"):
+        CLoRAController(sites(), rank=3, alpha=6.0, backend="reference").load_bank(path)

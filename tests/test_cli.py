@@ -275,6 +275,8 @@ def test_prompts_file_json_and_lines(tmp_path, concepts, monkeypatch):
         ("{\"alpha\": 3}", "JSON object of strings"),
         ("{bad json", "not valid JSON"),
         ("alpha: {token} {other}", "bad prompt template"),
+        ("alpha: a photo of {{token}}", "does not contain '{token}'"),       # an escaped brace pair: no token
+        ('{"alpha": "{token}", "alpha": "a {token}"}', "given more than once"),
     ]:
         pl.write_text(text)
         with pytest.raises(cli.CLIError, match=msg.replace("(", r"\(").replace("{", r"\{").replace("}", r"\}")):
@@ -653,3 +655,95 @@ def test_a_backend_that_cannot_run_here_is_refused_before_the_model_loads(tmp_pa
         assert rc == 2 and err.startswith(f"clora-fast: error: --backend {backend} cannot run"), err
         assert f"backend='{backend}'" in err and "Traceback" not in err
     assert not bank.exists() and not (tmp_path / "a.png").exists()
+
+
+def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, concepts, capsys, monkeypatch):
+    """The bank folder records each concept's settings; a resume with others (here --steps, --seed) would mix
+    them silently: refused with what changed, before any training, unless --allow-new-settings."""
+    bank = tmp_path / "bank"
+    fast = [*FAST, "--rank", "2", "--samples-per-concept", "0"]
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *fast, "--seed", "1"]) == 0
+    rec = json.loads((bank / cli.SETTINGS_FILE).read_text())
+    assert rec["<alpha>"]["steps"] == 2 and rec["<alpha>"]["seed"] == 1 and rec["<alpha>"]["prompt"]
+    calls = []
+    monkeypatch.setattr(cli, "STEP_HOOK", lambda pos, step: calls.append((pos, step)))
+    capsys.readouterr()
+    argv = ["train", "--concepts", *concepts, "--out", str(bank), *fast, "--steps", "3", "--seed", "2"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "steps 2 -> 3" in err and "seed 1 -> 2" in err and calls == []
+    assert cli.main(argv + ["--allow-new-settings"]) == 0
+    assert calls == [(1, 0), (1, 1), (1, 2)] and _names(bank) == ["<alpha>", "<beta>"]
+    rec = json.loads((bank / cli.SETTINGS_FILE).read_text())
+    assert rec["<alpha>"]["steps"] == 2 and rec["<beta>"]["steps"] == 3
+
+
+def test_tokens_that_cannot_be_learned_are_refused_before_training(tmp_path, concepts, capsys, monkeypatch):
+    """A folder whose token belonged to a concept removed from the bank, or already exists in the model's
+    tokenizer, used to fail at its begin_concept - after the earlier concepts had trained."""
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+    bank = tmp_path / "bank"
+    fast = [*FAST, "--rank", "2", "--samples-per-concept", "0"]
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *fast]) == 0
+    pipe = build_pipeline()
+    cl = clora_fast.load(pipe, str(bank), backend="reference")
+    cl.remove_concept(0)
+    cl.save(str(bank))
+    calls = []
+    monkeypatch.setattr(cli, "STEP_HOOK", lambda pos, step: calls.append((pos, step)))
+    capsys.readouterr()
+    bank2 = tmp_path / "b2"
+    assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *fast, "--allow-new-settings"]) == 2
+    assert "was removed from the bank" in capsys.readouterr().err and calls == []
+    real = cli._load_model
+
+    def with_beta(model, device):
+        p = real(model, device)
+        p.tokenizer.add_tokens(["<beta>"])
+        return p
+
+    monkeypatch.setattr(cli, "_load_model", with_beta)
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank2), *fast]) == 2
+    assert "already exists in the model's tokenizer" in capsys.readouterr().err
+    assert calls == [] and not bank2.exists()
+
+
+def test_more_refusals_before_any_work(tmp_path, concepts, capsys, monkeypatch):
+    """fp16 autocast on the CPU (accelerate turns it off silently), more denoising steps than the scheduler has,
+    an unwritable --out, seeds out of range; and file system / divergence errors met later are one line."""
+    def run(*argv):
+        return cli.main(list(argv)), capsys.readouterr().err
+
+    bank = str(tmp_path / "bank")
+    rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST, "--mixed-precision", "fp16")
+    assert rc == 2 and "fp16 does not run on the CPU" in err
+    rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST[:-2], "--sample-steps", "1001")
+    assert rc == 2 and "--sample-steps 1001 is more than the 1000 timesteps" in err
+    assert not Path(bank).exists()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access", lambda p, mode: False if "ro_dir" in str(p) else real_access(p, mode))
+    (tmp_path / "ro_dir").mkdir()
+    rc, err = run("train", "--concepts", concepts[0], "--out", str(tmp_path / "ro_dir" / "bank"), *FAST)
+    assert rc == 2 and "no write permission" in err
+    rc, err = run("sample", "--bank", str(tmp_path / "ro_dir"), "--prompt", "x", "--out",
+                  str(tmp_path / "ro_dir" / "x.png"))
+    assert rc == 2 and "no write permission" in err
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(SystemExit):
+            cli.main(["train", "--concepts", concepts[0], "--out", bank, "--seed", seed])
+        assert "--seed must be in 0 .. 4294967295" in capsys.readouterr().err
+
+    def diverge(*a, **k):
+        raise cli.NonFiniteLoss("clora_fast: non-finite loss at step 0 (diffusion nan, penalty 0.0): lower --lr")
+
+    monkeypatch.setattr(cli, "train_concept", diverge)
+    rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST)
+    assert rc == 1 and err.strip().startswith("clora-fast: error: clora_fast: non-finite loss") and "Traceback" not in err
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", bank)
+
+    monkeypatch.setattr(cli, "cmd_train", disk_full)
+    rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST)
+    assert rc == 1 and "No space left on device" in err

@@ -326,6 +326,10 @@ def test_cli_errors(capsys):
     assert "n_tasks=3 must divide the number of classes (10)" in capsys.readouterr().err
     assert vt.cli_main(["--data", "/nonexistent.safetensors", "--quiet"]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert vt.cli_main(["--threads", "0", "--quiet"]) == 2            # was accepted and ignored
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err
+    assert vt.cli_main(["--pretrain-epochs", "-3", "--quiet"]) == 2
+    assert "--pretrain-epochs must be >= 0, got -3" in capsys.readouterr().err
 
 
 def test_clora_fast_cli_dispatches_train_vit(capsys):
