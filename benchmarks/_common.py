@@ -560,12 +560,19 @@ def md_env(info: dict, peaks: dict) -> str:
 class Targets:
     """PASS/MISS lines; meaningful on a GPU only (on CPU they are printed as INFO)."""
 
-    def __init__(self, device: torch.device, info: Optional[str] = None):
+    def __init__(self, device: torch.device, info: Optional[str] = None, echo: bool = True):
         self.device = device
         self.info = info            # set: every line is INFO, for this reason (e.g. proxies of a target)
+        self.echo = echo            # print each line (off for the interim reports written after each section)
         self.lines: List[str] = []
 
-    def check(self, name: str, ok: Optional[bool], detail: str):
+    def check(self, name: str, ok: Optional[bool], detail: str, covered: Optional[Tuple[int, int]] = None):
+        """One target line.  ``covered = (k, n)``: the verdict needs all n shapes of the target and k of them
+        were measured; with k < n the line is ``N/A (partial k/n measured)`` whatever the k shapes say (a
+        budget cut must not turn into a PASS on the easy shapes)."""
+        if covered is not None and covered[0] < covered[1]:
+            ok = None
+            detail = f"(partial {covered[0]}/{covered[1]} measured) {detail}"
         if ok is None:
             tag = "N/A "
         elif self.device.type != "cuda" or self.info:
@@ -574,7 +581,8 @@ class Targets:
             tag = "PASS" if ok else "MISS"
         line = f"{tag} {name}: {detail}"
         self.lines.append(line)
-        print(line, flush=True)
+        if self.echo:
+            print(line, flush=True)
 
     def md(self) -> str:
         if not self.lines:
@@ -693,10 +701,51 @@ def print_flush(*a):
     sys.stdout.flush()
 
 
+class sigterm_exits:
+    """Context manager: while inside, SIGTERM (the hard ``timeout`` of gpu_check.sh) raises SystemExit in the
+    main thread, so that the scripts' ``finally`` blocks still write their reports; a second SIGTERM kills.
+    The previous handler is restored on exit (the smoke tests run the scripts inside pytest)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                signal.signal(signum, signal.SIG_DFL)
+                print_flush("SIGTERM: stopping, writing what was measured")
+                raise SystemExit(128 + signum)
+            try:
+                self._old = signal.signal(signal.SIGTERM, handler)
+            except (ValueError, OSError):  # not the main interpreter
+                self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            import signal
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
+def guarded(name: str, fn: Callable, *a, **kw):
+    """Run one section of a benchmark; an exception is logged with its traceback (``ERROR section ...``) and
+    the script goes on with the next section (None returned).  SystemExit / KeyboardInterrupt pass."""
+    try:
+        return fn(*a, **kw)
+    except Exception as e:  # noqa: BLE001
+        print_flush(f"ERROR section {name} failed: {describe_exc(e)}")
+        traceback.print_exc()
+        sys.stderr.flush()
+        return None
+
+
 def run_keeping_threads(fn, argv):
-    """Run a benchmark's ``fn(argv)`` and restore torch's thread count afterwards (the CPU profile sets it)."""
+    """Run a benchmark's ``fn(argv)`` and restore torch's thread count afterwards (the CPU profile sets it);
+    meanwhile SIGTERM raises SystemExit (:class:`sigterm_exits`), so the script's finally blocks run."""
     old_threads = torch.get_num_threads()
     try:
-        return fn(argv)
+        with sigterm_exits():
+            return fn(argv)
     finally:
         torch.set_num_threads(old_threads)

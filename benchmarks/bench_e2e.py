@@ -8,9 +8,11 @@ Training step = forward, loss, backward, optimizer (AdamW) step:
   SD   the UNet is frozen; a trainable prompt embedding [1, 77, 768] (the personalized token's stand-in)
        is the encoder_hidden_states, so every variant back-propagates through the whole UNet.
          none   only the embedding trains (no adapters; textual-inversion-like)
-         peft   + PEFT LoRA on every attn2.to_k / attn2.to_v
+         peft   + PEFT LoRA on every attn2.to_k / attn2.to_v (on a copy of the UNet: same weights)
          clora  + clora_fast.patch(unet): C-LoRA on the same projections, 2 past concepts folded, the
                 forgetting penalty added to the loss
+       none, clora and peft are timed in alternating rounds (5 on a GPU: each round times the three back to
+       back); the SD targets take the median of the per-round ratios, which cancels the host's drift.
   ViT  frozen backbone, trainable classification head; peft / clora add LoRA on K and V of every block.
 Inference: UNet forward (no grad) unpatched vs patched with the concepts merged (controller.merge()),
 and with the past folded but not merged; and the whole ``pipe(prompt)`` (text encoder, denoising loop
@@ -23,6 +25,7 @@ Run: python benchmarks/bench_e2e.py [--quick|--cpu] [--out DIR] [--gpu-budget S]
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -142,6 +145,7 @@ class E2E:
         self.out = C.Output(args.out, "e2e", args.tag)
         self.info = C.env_info(device)
         self.rows = []
+        self.peak_offset_mib = 0.0
         C.print_flush("env:", self.info)
 
     def record(self, **kw):
@@ -162,6 +166,8 @@ class E2E:
             reset_peak(self.device)
             step()
             peak = peak_mem(self.device)
+            if peak is not None:        # a second model resident meanwhile (the rounds' PEFT copy) is left out
+                peak -= self.peak_offset_mib
         return t, why, peak
 
     # ---------------------------------------------------------------- SD UNet
@@ -196,12 +202,13 @@ class E2E:
         kv_names = [n for n, m in unet.named_modules() if n.endswith("attn2.to_k") or n.endswith("attn2.to_v")]
         rep = 1500 if dev.type == "cuda" else (50 if self.args.quick else 3000)
 
-        def make_step(params, extra_loss=None):
+        def make_step(params, extra_loss=None, model=None):
             opt = torch.optim.AdamW(params, lr=1e-4)
+            m = unet if model is None else model
 
             def step():
                 opt.zero_grad(set_to_none=True)
-                pred = unet(noisy, tsteps, encoder_hidden_states=emb.expand(B, -1, -1)).sample
+                pred = m(noisy, tsteps, encoder_hidden_states=emb.expand(B, -1, -1)).sample
                 loss = F.mse_loss(pred.float(), noise.float())
                 if extra_loss is not None:
                     loss = loss + extra_loss()
@@ -209,15 +216,26 @@ class E2E:
                 opt.step()
             return step
 
-        # 1 + 2. no adapters and clora_fast, alternately (patch / unpatch each round; GPU: 5 rounds): the
-        # target compares the two, and a single pair of measurements drifted by up to 15% on the H100
+        # 1 + 2 + 3. no adapters, clora_fast and PEFT, alternately (patch / unpatch each round; GPU: 5 rounds):
+        # the targets compare clora with each of the other two, and a single pair of measurements drifted by
+        # up to 15% on the H100. PEFT edits a model in place: it runs on its own copy of the UNet (same weights).
         rounds = 5 if dev.type == "cuda" else 1
         rep_round = rep * 3 // rounds if dev.type == "cuda" else rep     # the time of 3 rounds at `rep`
-        timed = Rounds(("none", "clora"))
+        timed = Rounds(("none", "clora", "peft"))
         backend = None
         why_patch = self.cl.has_patch()
+        why_peft = step_peft = None
+        try:
+            unet_peft, params = inject_peft(copy.deepcopy(unet), kv_names, st["rank"])
+            step_peft = make_step([emb] + params, model=unet_peft)
+            # each variant's peak leaves out the other UNet's weights, resident meanwhile
+            self.peak_offset_mib = sum(p.numel() * p.element_size() for p in unet.parameters()) / 2**20
+        except Exception as e:  # noqa: BLE001
+            why_peft, unet_peft = f"peft: {C.describe_exc(e)}", None
         for rnd in range(rounds):
             timed.add("none", *self.time_step(make_step([emb]), rep_round))
+            if step_peft is not None:
+                timed.add("peft", *self.time_step(step_peft, rep_round))
             if why_patch is not None:
                 continue
             try:
@@ -233,11 +251,15 @@ class E2E:
             finally:
                 self.cl.pkg.unpatch(unet)
             del ctl
-        for v in ("none", "clora"):
-            row = timed.fields(v, why_patch if v == "clora" else None)
-            extra = dict(backend=backend, rank=st["rank"]) if v == "clora" and row["time_ms"] is not None else {}
+        del step_peft, unet_peft
+        self.peak_offset_mib = 0.0
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        for v in ("none", "clora", "peft"):
+            row = timed.fields(v, {"clora": why_patch, "peft": why_peft}.get(v))
+            extra = dict(backend=backend) if v == "clora" and row["time_ms"] is not None else {}
             self.record(model="sd_unet", kind="train", variant=v, batch=B, latent=S, n_kv=len(kv_names), **row,
-                        **extra)
+                        **extra, **(dict(rank=st["rank"]) if v != "none" else {}))
 
         # inference, unpatched
         x_inf = noisy[:1].expand(st["infer_batch"], -1, -1, -1).contiguous()
@@ -278,9 +300,8 @@ class E2E:
             try:
                 self.cl.pkg.unpatch(unet)
             except Exception as e:  # noqa: BLE001
-                C.print_flush(f"unpatch failed ({C.describe_exc(e)}); PEFT variant measured on a fresh copy is "
-                              "not possible, skipping it")
-                for v in ("clora_ungrouped", "none_repeat", "peft"):
+                C.print_flush(f"unpatch failed ({C.describe_exc(e)}); the variants after it are skipped")
+                for v in ("clora_ungrouped", "none_repeat"):
                     self.record(model="sd_unet", kind="train", variant=v, time_ms=None,
                                 status=f"n/a (clora_fast.unpatch failed: {C.describe_exc(e)})")
                 return
@@ -309,19 +330,10 @@ class E2E:
         self.record(model="sd_unet", kind="train", variant="clora_ungrouped", time_ms=t, status=why or "ok",
                     peak_mib=pk, batch=B, latent=S, n_kv=len(kv_names), rank=st["rank"])
 
-        # 1b. the baseline again, after the clora variants (PEFT edits the model in place): the noise floor
+        # 1b. the baseline again, after the clora variants: the noise floor
         t, why, pk = self.time_step(make_step([emb]), rep)
         self.record(model="sd_unet", kind="train", variant="none_repeat", time_ms=t, status=why or "ok",
                     peak_mib=pk, batch=B, latent=S, n_kv=len(kv_names))
-
-        # 3. PEFT LoRA on the same projections (last: it edits the model in place)
-        try:
-            unet, params = inject_peft(unet, kv_names, st["rank"])
-            t, why, pk = self.time_step(make_step([emb] + params), rep)
-        except Exception as e:  # noqa: BLE001
-            t, why, pk = None, f"n/a (peft: {C.describe_exc(e)})", None
-        self.record(model="sd_unet", kind="train", variant="peft", time_ms=t, status=why or "ok", peak_mib=pk,
-                    batch=B, latent=S, n_kv=len(kv_names), rank=st["rank"])
         del unet
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -343,6 +355,10 @@ class E2E:
 
     def run_vit(self):
         st, dev, dt = self.st, self.device, self.dtype
+        if self.timer.over_budget():            # not even the model is built
+            for v in TRAIN_VARIANTS:
+                self.record(model="vit", kind="train", variant=v, time_ms=None, status="n/a (budget)")
+            return
         try:
             model, cfg = self.build_vit()
         except Exception as e:  # noqa: BLE001
@@ -442,6 +458,10 @@ class E2E:
         alternating rounds (patch / unpatch each round), the target on the per-round ratios."""
         st, dev = self.st, self.device
         meta = dict(model="sd_pipe", kind="infer", pipe=st["pipe"], resolution=st["pipe_res"], steps=st["pipe_steps"])
+        if self.timer.over_budget():            # not even the pipeline is built
+            for v in INFER_VARIANTS:
+                self.record(variant=v, time_ms=None, status="n/a (budget)", **meta)
+            return
         try:
             pipe = self.build_pipe()
         except Exception as e:  # noqa: BLE001
@@ -502,7 +522,7 @@ class E2E:
                 return r
         return None
 
-    def report(self) -> str:
+    def report(self, echo: bool = True) -> str:
         st = self.st
         md = [f"# bench_e2e ({self.profile} profile)\n\n", C.md_env(self.info, {}),
               f"- SD UNet config {st['sd_cfg']}, latents {st['latent']}x{st['latent']}, batch {st['sd_batch']}, "
@@ -522,7 +542,7 @@ class E2E:
                          C.fmt_ratio(t / tb if t and tb else None),
                          f"{r['peak_mib']:.0f}" if r.get("peak_mib") else "n/a", r.get("backend", "-"), r["status"]])
         md.append(C.md_table(hdr, rows))
-        tg = C.Targets(self.device)
+        tg = C.Targets(self.device, echo=echo)
         none, peft, ours = (self.get("sd_unet", "train", v) for v in ("none", "peft", "clora"))
         tn, tp, to = ((x or {}).get("time_ms") for x in (none, peft, ours))
         rounds_n, rounds_o = ((x or {}).get("rounds_ms") or [] for x in (none, ours))
@@ -538,9 +558,18 @@ class E2E:
         tg.check("SD-1.5 training step within 3% of the no-adapter step", (ratio_sd <= 1.03) if ratio_sd else None,
                  f"clora {C.fmt_ms(to)} ms vs none {C.fmt_ms(tn)} ms ({C.fmt_ratio(to / tn if to and tn else None)})"
                  + spread)
-        tg.check("SD-1.5 training step faster than PEFT LoRA", (to < tp) if to and tp else None,
+        # the same per-round pairing against PEFT (timed in the same rounds, on its own copy of the UNet)
+        rounds_p = (peft or {}).get("rounds_ms") or []
+        ratio_p, paired_p = C.paired_ratios(zip(rounds_o, rounds_p))      # peft / clora per round
+        if ratio_p is not None:
+            spread_p = (f"; median of {len(paired_p)} per-round ratios peft/clora {C.fmt_ratio(ratio_p)} (all: "
+                        f"{', '.join(C.fmt_ratio(x) for x in paired_p)}); rounds peft "
+                        f"{', '.join(map(C.fmt_ms, rounds_p))} ms")
+        else:
+            ratio_p, spread_p = (tp / to if to and tp else None), ""
+        tg.check("SD-1.5 training step faster than PEFT LoRA", (ratio_p > 1.0) if ratio_p else None,
                  f"clora {C.fmt_ms(to)} ms vs peft {C.fmt_ms(tp)} ms "
-                 f"(peft/clora {C.fmt_ratio(tp / to if to and tp else None)})")
+                 f"(peft/clora {C.fmt_ratio(tp / to if to and tp else None)})" + spread_p)
         um, mg = self.get("sd_unet", "infer", "unpatched"), self.get("sd_unet", "infer", "clora_merged")
         tu, tm = (um or {}).get("time_ms"), (mg or {}).get("time_ms")
         tu_ = (self.get("sd_unet", "train", "clora_ungrouped") or {}).get("time_ms")
@@ -580,22 +609,28 @@ def _main(argv):
     C.configure_threads(args, device)
     profile = C.profile_of(args, device)
     e = E2E(args, device, profile)
-    if not args.skip_sd:
-        e.run_sd()
-    if not args.skip_vit:
-        e.run_vit()
-    if not args.skip_pipe:
-        e.run_pipe()
-    e.out.write_md(e.report())
-    e.out.close()
-    if args.plot:
-        series = {}
-        labels = []
-        for i, r in enumerate(e.rows):
-            labels.append(f"{r['model']}/{r['kind']}/{r['variant']}")
-            series.setdefault("ms per step", []).append((i, r.get("time_ms")))
-        C.save_plot(e.out.png, f"end-to-end ({device})", series, "variant", xticklabels=labels)
-    C.print_flush(f"wrote {e.out.jsonl} and {e.out.md} ({e.timer.elapsed():.1f} s)")
+    # each section on its own (an exception is logged and the next one runs); the report is written whatever
+    # happens, also on SIGTERM (gpu_check.sh's hard timeout): what was measured, the rest N/A
+    try:
+        for skip, name, fn in ((args.skip_sd, "sd", e.run_sd), (args.skip_vit, "vit", e.run_vit),
+                               (args.skip_pipe, "pipe", e.run_pipe)):
+            if not skip:
+                C.guarded(name, fn)
+                C.guarded("interim report", lambda: e.out.write_md(e.report(echo=False)))
+                C.print_flush(f"section {name} done [{e.timer.elapsed():.0f} s]")
+    finally:
+        C.guarded("report", lambda: e.out.write_md(e.report()))
+        e.out.close()
+        if args.plot:
+            def plot():
+                series = {}
+                labels = []
+                for i, r in enumerate(e.rows):
+                    labels.append(f"{r['model']}/{r['kind']}/{r['variant']}")
+                    series.setdefault("ms per step", []).append((i, r.get("time_ms")))
+                C.save_plot(e.out.png, f"end-to-end ({device})", series, "variant", xticklabels=labels)
+            C.guarded("plot", plot)
+        C.print_flush(f"wrote {e.out.jsonl} and {e.out.md} ({e.timer.elapsed():.1f} s)")
     return 0
 
 

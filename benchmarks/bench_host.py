@@ -90,6 +90,9 @@ class Bench:
         self.info = C.env_info(device)
         self.rows = []
         self.interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        self.t0 = time.perf_counter()
+        self.budget = args.budget
+        self.skipped = []       # sections not run: past --gpu-budget
         from clora_fast import ops
         from clora_fast._launches import count_launches
         self.ops, self.count = ops, count_launches
@@ -105,14 +108,25 @@ class Bench:
                       f"host {kw['host_us'] if kw['host_us'] is None else round(kw['host_us'], 1)} us "
                       f"({kw['status']})")
 
+    def over_budget(self) -> bool:
+        return time.perf_counter() - self.t0 > self.budget
+
     def measure(self, section, case, makers: dict, sequential: bool = False, rounds: int = 9, calls: int = 200):
         """Count launches of every method; time the ones whose time means something here (a maker returns
         ``(fn, True)``, or ``(fn, reason)`` when the time would not be host work).  The methods are timed in
         interleaved rounds, or one after the other right after their count (``sequential``: a maker that
-        changes the model for the next one)."""
+        changes the model for the next one).  On a GPU fewer rounds and calls (a call there waits for its
+        kernels: ~0.1-1 ms per op call, ~50-100 ms per SD-1.5 step); past ``--gpu-budget`` the methods are
+        reported as n/a (budget)."""
         fns, counts, status, times = {}, {}, {}, {}
-        rounds, calls = (3, 5) if self.quick else (rounds, calls)
+        if self.quick:
+            rounds, calls = 3, 5
+        elif self.device.type == "cuda":
+            rounds, calls = min(rounds, 5), max(5, calls // 4)
         for m, mk in makers.items():
+            if self.over_budget():
+                counts[m], status[m] = None, "n/a (budget)"
+                continue
             try:
                 fn, timed = mk()
                 fn()
@@ -126,7 +140,10 @@ class Bench:
             except Exception as e:  # noqa: BLE001 - a method not available here is reported, not fatal
                 counts[m], status[m] = None, f"n/a ({C.describe_exc(e)})"
         if fns and not sequential:
-            times = host_us(fns, self.device, rounds, calls)
+            if self.over_budget():
+                status.update({m: "counted only (not timed: budget)" for m in fns})
+            else:
+                times = host_us(fns, self.device, rounds, calls)
         for m in makers:
             n, ops = counts[m] if counts[m] is not None else (None, None)
             self.record(section=section, case=case, method=m, launches=n, ops=ops, host_us=times.get(m),
@@ -376,6 +393,8 @@ def report(bench: Bench) -> str:
     s += ("- per call: forward + backward with fixed output gradients; launches = ATen ops that reach a kernel "
           "+ Triton launches (clora_fast._launches); host us = median of interleaved rounds of the mean per call "
           "at tiny shapes (kernels ~free: host work).\n")
+    if bench.skipped:
+        s += f"- not run (past the {bench.budget:.0f} s budget): {', '.join(bench.skipped)}\n"
     by = {}
     for r in bench.rows:
         by.setdefault((r["section"], r["case"]), {})[r["method"]] = r
@@ -391,9 +410,9 @@ def report(bench: Bench) -> str:
     return s
 
 
-def check_targets(bench: Bench) -> C.Targets:
+def check_targets(bench: Bench, echo: bool = True) -> C.Targets:
     """Host-side proxies of the wall-time targets (INFO: the targets themselves are GPU wall times)."""
-    tg = C.Targets(bench.device, info="host-side proxies of GPU wall-time targets, shown as INFO")
+    tg = C.Targets(bench.device, info="host-side proxies of GPU wall-time targets, shown as INFO", echo=echo)
     rows = {(r["section"], r["case"], r["method"]): r for r in bench.rows}
 
     def get(sec, case, m, key):
@@ -437,15 +456,26 @@ def _main(argv):
     C.configure_threads(args, device)
     C.seed_all(0)
     bench = Bench(args, device)
-    for sec in args.sections.split(","):
-        if sec in ("sd_step", "vit_step"):
-            globals()[sec](bench)
-        else:
-            getattr(bench, sec)()
-    tg = check_targets(bench)
-    bench.out.write_md(report(bench) + tg.md())
-    bench.out.close()
-    C.print_flush(f"wrote {bench.out.jsonl} and {bench.out.md}")
+
+    def write(echo):
+        bench.out.write_md(report(bench) + check_targets(bench, echo=echo).md())
+
+    # each section on its own (an exception is logged, the next one runs); host.md is rewritten after each
+    # section, and once more at the end (also on SIGTERM), so a run cut short still leaves its tables
+    try:
+        for sec in args.sections.split(","):
+            if bench.over_budget():
+                C.print_flush(f"section {sec}: skipped (budget)")
+                bench.skipped.append(sec)
+                continue
+            C.guarded(sec, globals()[sec] if sec in ("sd_step", "vit_step") else getattr(bench, sec),
+                      *((bench,) if sec in ("sd_step", "vit_step") else ()))
+            C.guarded("interim report", write, False)
+            C.print_flush(f"section {sec} done [{time.perf_counter() - bench.t0:.0f} s]")
+    finally:
+        C.guarded("report", write, True)
+        bench.out.close()
+        C.print_flush(f"wrote {bench.out.jsonl} and {bench.out.md} ({time.perf_counter() - bench.t0:.1f} s)")
     return 0
 
 

@@ -146,71 +146,110 @@ def _main(argv):
     shapes = C.sd_kv_shapes_from_config(C.sd_config(profile))
     gen = torch.Generator().manual_seed(0)
     res = {}  # (T, method) -> ms
+    reps, dev_ms, rounds = {}, {}, {}      # rounds: (round, method) -> {T: ms}, for per-round paired ratios
+    # 'ours' (what the target judges): the GPU backends on a GPU (or --interpret), else the reference backend
+    ours_m = ["clora[triton]", "clora[cuda]"] if C.gpu_backends_run(device, args) else ["clora[reference]"]
+    others = [m for m in METHODS[:-1] if m not in ours_m]       # no target: timed last
+    T0, Tmax = st["Ts"][0], st["Ts"][-1]
+    probs, makes = {}, {}   # T -> Problem, T -> {method: make}
 
-    kept = {}   # T -> (Problem, {method: make}) for the first and the last T: interleaved repeats below
+    def make_of(prob, m):
+        if m == "naive":
+            return lambda: (prob.naive_step(), prob.leaves())
+        backend = m[m.index("[") + 1:-1]
 
-    def run_T(T, methods, tag=""):
+        def make():
+            why = cl.backend_status(backend, device)
+            if why:
+                raise RuntimeError(why)
+            if cl.ops is None:
+                raise RuntimeError(cl.reason_ops)
+            return prob.clora_step(cl.ops, backend), prob.leaves()
+        return make
+
+    def time_T(T, methods, tag=""):
+        """Time ``methods`` at T (one row each; the Problem of T is built once and kept until drop(T))."""
         try:
-            prob = Problem(shapes, T, st, device, gen)
+            if T not in probs:
+                probs[T] = Problem(shapes, T, st, device, gen)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             for m in methods:
                 out.row(section="scaling", T=T, method=m, repeat=bool(tag), time_ms=None,
                         status="n/a (out of memory building the problem)")
             return
-        makes = {}
+        prob = probs[T]
         for m in methods:
-            if m == "naive":
-                make = lambda prob=prob: (prob.naive_step(), prob.leaves())  # noqa: E731
-            else:
-                backend = m[m.index("[") + 1:-1]
-
-                def make(backend=backend, prob=prob):
-                    why = cl.backend_status(backend, device)
-                    if why:
-                        raise RuntimeError(why)
-                    if cl.ops is None:
-                        raise RuntimeError(cl.reason_ops)
-                    return prob.clora_step(cl.ops, backend), prob.leaves()
-            makes[m] = make
+            make = makes.setdefault(T, {}).setdefault(m, make_of(prob, m))
             t, why = C.try_time(timer, make, rep_ms=150)
             res[(T, m + tag)] = t
             out.row(section="scaling", T=T, method=m, repeat=bool(tag), time_ms=t, status=why or "ok",
                     n_layers=len(shapes), rank=st["rank"], dtype=st["dtype"], batch=st["batch"],
                     tokens=st["tokens"], naive_factor_bytes=prob.factor_bytes(), device=str(device))
-        C.print_flush(f"T={T}{tag}: " + ", ".join(f"{m}={C.fmt_ms(res.get((T, m + tag)))}" for m in methods))
-        if not tag and T in (st["Ts"][0], st["Ts"][-1]):
-            kept[T] = (prob, makes)
-        del prob
+        C.print_flush(f"T={T}{tag}: " + ", ".join(f"{m}={C.fmt_ms(res.get((T, m + tag)))}" for m in methods)
+                      + f"  [{timer.elapsed():.0f} s]")
+
+    def drop(T):
+        probs.pop(T, None)
+        makes.pop(T, None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    for T in st["Ts"]:
-        run_T(T, METHODS)
-    T0, Tmax = st["Ts"][0], st["Ts"][-1]
-    run_T(T0, METHODS[:-1], tag=" (repeat)")  # the same case twice: the spread is the noise floor
-    # The step is host-bound at these sizes (its GPU work is ~0.2 ms), so the wall time drifts with the host:
-    # time the first and the last T alternately a few more times and compare medians; also the kernels alone.
-    reps, dev_ms, rounds = {}, {}, {}      # rounds: (round, method) -> {T: ms}, for per-round paired ratios
-    for rnd in range(5 if device.type == "cuda" else 1):
+    def measure():
+        # 1. the target first: ours at the first and the last T
         for T in (T0, Tmax):
-            if T not in kept:
-                continue
-            for m, make in kept[T][1].items():
-                if m == "naive":
-                    continue
-                t, _ = C.try_time(timer, make, rep_ms=150)
-                if t is not None:
-                    reps.setdefault((T, m), [res[(T, m)]] if res.get((T, m)) else []).append(t)
-                    rounds.setdefault((rnd, m), {})[T] = t
-                if rnd == 0:
-                    dev_ms[(T, m)] = C.try_device_time(timer, make)
+            time_T(T, ours_m)
+        # 2. the step is host-bound at these sizes (its GPU work is ~0.2 ms), so the wall time drifts with the
+        # host: time ours at the first and the last T alternately a few more times (the target takes the median
+        # of the per-round ratios); also the kernels alone (round 0)
+        for rnd in range(5 if device.type == "cuda" else 1):
+            for T in (T0, Tmax):
+                for m in ours_m:
+                    make = makes.get(T, {}).get(m)
+                    if make is None:
+                        continue
+                    t, _ = C.try_time(timer, make, rep_ms=150)
+                    if t is not None:
+                        reps.setdefault((T, m), [res[(T, m)]] if res.get((T, m)) else []).append(t)
+                        rounds.setdefault((rnd, m), {})[T] = t
+                    if rnd == 0:
+                        dev_ms[(T, m)] = C.try_device_time(timer, make)
+        # 3. naive (the target line quotes it) and the other variants at the same two T, then the T between
+        for T in (T0, Tmax):
+            time_T(T, ["naive"] + others)
+        if Tmax != T0:
+            drop(Tmax)
+        for T in st["Ts"][1:-1]:
+            time_T(T, ours_m + ["naive"] + others)
+            drop(T)
+        # 4. the first T once more (the spread against step 1 is a noise floor)
+        time_T(T0, METHODS[:-1], tag=" (repeat)")
+        drop(T0)
+
+    try:
+        measure()
+    finally:
+        probs.clear()
+        makes.clear()
+        C.guarded("report", _report, args, device, profile, st, info, out, timer, shapes, res, reps, dev_ms,
+                  rounds)
+        out.close()
+        if args.plot:
+            C.guarded("plot", lambda: C.save_plot(
+                out.png, f"per-step time vs past concepts T ({device}, {st['dtype']}, r={st['rank']})",
+                {m: [(T, res.get((T, m))) for T in st["Ts"]] for m in METHODS}, "past concepts T", logx=True))
+        C.print_flush(f"wrote {out.jsonl} and {out.md} ({timer.elapsed():.1f} s)")
+    return 0
+
+
+def _report(args, device, profile, st, info, out, timer, shapes, res, reps, dev_ms, rounds):
+    """scaling.md from what was measured (also after a cut-short run); prints the target line."""
+    T0, Tmax = st["Ts"][0], st["Ts"][-1]
     for (T, m), ts in reps.items():
         ts = sorted(ts)
         res[(T, m)] = ts[len(ts) // 2]
         out.row(section="scaling_interleaved", T=T, method=m, times_ms=ts, median_ms=res[(T, m)],
                 device_ms=dev_ms.get((T, m)), status="ok", device=str(device))
-    kept.clear()
 
     # ours = fastest GPU backend (on CPU: reference)
     cands = ["clora[triton]", "clora[cuda]"] if C.gpu_backends_run(device, args) else ["clora[reference]"]
@@ -262,13 +301,6 @@ def _main(argv):
              f"{C.fmt_ms(n_base)} -> {C.fmt_ms(res.get((Tmax, 'naive')))} ms" if ratio else "no data")
     md.append(tg.md())
     out.write_md("".join(md))
-    out.close()
-    if args.plot:
-        series = {m: [(T, res.get((T, m))) for T in st["Ts"]] for m in METHODS}
-        C.save_plot(out.png, f"per-step time vs past concepts T ({device}, {st['dtype']}, r={st['rank']})", series,
-                    "past concepts T", logx=True)
-    C.print_flush(f"wrote {out.jsonl} and {out.md} ({timer.elapsed():.1f} s)")
-    return 0
 
 
 if __name__ == "__main__":

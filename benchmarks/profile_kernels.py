@@ -10,7 +10,9 @@ steady-state launch with its tables cached and its binary compiled):
         python benchmarks/profile_kernels.py --case penalty_bf16 > ncu.csv
     python benchmarks/profile_kernels.py --summarize ncu.csv > ncu.md
 
-``benchmarks/gpu_check.sh`` does both for every case (``NCU_S`` seconds, when ``ncu`` is on the PATH).
+``benchmarks/gpu_check.sh`` does both for every case, last and only with the time left before its deadline
+(at most ``NCU_S`` seconds, ``NCU_CASE_S`` = 45 per case: python and CUDA start under ncu, the warm-up launches
+and ncu's replay passes), with ``ncu`` from the PATH, /opt/nvidia/nsight-compute*/ or /usr/local/cuda*/bin/.
 
 Cases (the grouped forgetting penalty over the 32 SD-1.5 cross-attention K/V projections, rank 16, the
 launcher's default configuration; kernel ``_penalty_main_kernel``):

@@ -5,12 +5,18 @@ The kernels pick one block config by heuristic (``_fwd_config`` / ``_bwd_config`
 ``kernels/lora_projection.py``; Triton's multi-config autotune needs a GPU at import time and
 re-tunes per shape, so it is not used).  This script times the forward and the backward of
 ``segmented_lora_forward`` / ``segmented_lora_backward`` under a list of candidate configs
-(``triton.testing.do_bench``, median ms, kernels only: the launches are queued back to back),
+(``triton.testing.do_bench`` with ``return_mode="median"`` where this Triton has it, else its mean; ms,
+kernels only: the launches are queued back to back),
 checks each result against the default config's, and prints the fastest next to the heuristic's
 choice, so that the heuristic can be revised from measurements.
 
 Shapes: the whole-UNet K/V launch (SD-1.5's 32 cross-attention projections, 77 tokens x batch 2)
 and one ViT-B/16 layer's K and V (197 tokens x batch 128), bf16, rank 16.
+
+The penalty sweep interleaves its cases (bf16, and the controller's fp32 with ieee / tf32 / 3xTF32
+products): every case's default config first, then the next config of each case in turn, so that a short
+budget reaches the fp32 cases too.  tune.jsonl gets a line per timed config as it goes; tune.md is written
+at the end, also when the budget, an error or SIGTERM stops the sweep.
 
 Run: python benchmarks/tune_triton.py [--out DIR] [--budget S]
 On a machine without a GPU it runs the same sweep on tiny shapes in the Triton interpreter
@@ -106,8 +112,9 @@ def penalty_cases(gpu: bool):
             ("sd32_fp32P_fp32AB_tf32x3", torch.float32, torch.float32, "tf32x3", [{}])]
 
 
-def penalty_sweep(args, t0, gpu, dev):
-    """Grouped penalty over the 32 SD-1.5 K/V projections (r 16): kernel time per launch config."""
+def penalty_sweep(args, t0, gpu, dev, emit):
+    """Grouped penalty over the 32 SD-1.5 K/V projections (r 16): kernel time per launch config; ``emit(row)``
+    takes each row as it is measured."""
     from clora_fast.kernels import forgetting_penalty as FP
     timer = C.Timer(dev, 1e9, quick=not gpu)
     peaks_bw = None
@@ -121,41 +128,68 @@ def penalty_sweep(args, t0, gpu, dev):
         K, r = 768, 16
     else:
         outs, K, r = [20, 37, 9], 24, 4
-    rows = []
-    for name, pdt, abdt, prec, cfgs in penalty_cases(gpu):
-        g = torch.Generator(device=dev).manual_seed(1)
-        pasts = [(torch.randn(o, K, device=dev, generator=g) * 0.02).to(pdt) for o in outs]
-        As = [(torch.randn(r, K, device=dev, generator=g) * 0.02).to(abdt) for _ in outs]
-        Bs = [(torch.randn(o, r, device=dev, generator=g) * 0.02).to(abdt) for o in outs]
-        nbytes = sum(p.numel() * p.element_size() + 2 * (a.numel() * a.element_size() + b.numel() * b.element_size())
-                     for p, a, b in zip(pasts, As, Bs))
-        ref = None
-        for i, cfg in enumerate(cfgs):
-            if time.perf_counter() - t0 > args.budget:
-                break
-            kw = dict(cfg, input_precision=prec)
-            fn = lambda kw=kw: FP.grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, **kw)  # noqa: E731
-            try:
-                loss = fn()[0]
-                ref = loss if ref is None else ref
-                rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-30)
-                if rel > 1e-2:
-                    raise RuntimeError(f"loss differs from the default config's by {rel:.2g}")
-                ms = timer.device_ms(fn, iters=5, flush=True) if gpu else timer(fn)
-                status = "ok"
-            except Exception as e:  # noqa: BLE001
-                ms, status = None, f"n/a ({C.describe_exc(e)})"
-            # the plan fn() used (a failed config may not have made one: no registers then)
-            ck = getattr(next(reversed(FP._PLANS.values()), None), "compiled", None) if ms else None
-            gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
-            row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
-                       bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
-                       config={k: cfg.get(k, "default") for k in PEN_KNOBS},
-                       regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
-                       device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
-            rows.append(row)
-            C.print_flush(json.dumps(row))
-    return rows
+    cases = penalty_cases(gpu)
+    data, refs = {}, {}
+
+    def case_data(name, pdt, abdt):
+        if name not in data:
+            g = torch.Generator(device=dev).manual_seed(1)
+            pasts = [(torch.randn(o, K, device=dev, generator=g) * 0.02).to(pdt) for o in outs]
+            As = [(torch.randn(r, K, device=dev, generator=g) * 0.02).to(abdt) for _ in outs]
+            Bs = [(torch.randn(o, r, device=dev, generator=g) * 0.02).to(abdt) for o in outs]
+            nbytes = sum(p.numel() * p.element_size() + 2 * (a.numel() * a.element_size()
+                                                             + b.numel() * b.element_size())
+                         for p, a, b in zip(pasts, As, Bs))
+            data[name] = (pasts, As, Bs, nbytes)
+        return data[name]
+
+    # round robin over the cases: config i of every case before config i+1 of any (the defaults first)
+    schedule = [(c, i) for i in range(max(len(c[4]) for c in cases)) for c in cases if i < len(c[4])]
+    for (name, pdt, abdt, prec, cfgs), i in schedule:
+        if time.perf_counter() - t0 > args.budget:
+            break
+        cfg = cfgs[i]
+        pasts, As, Bs, nbytes = case_data(name, pdt, abdt)
+        ref = refs.get(name)
+        kw = dict(cfg, input_precision=prec)
+        fn = lambda kw=kw: FP.grouped_forgetting_penalty_forward(pasts, As, Bs, 1.0, **kw)  # noqa: E731
+        try:
+            loss = fn()[0]
+            ref = refs[name] = loss if ref is None else ref
+            rel = abs(float(loss) - float(ref)) / max(abs(float(ref)), 1e-30)
+            if rel > 1e-2:
+                raise RuntimeError(f"loss differs from the default config's by {rel:.2g}")
+            ms = timer.device_ms(fn, iters=5, flush=True) if gpu else timer(fn)
+            status = "ok"
+        except Exception as e:  # noqa: BLE001
+            ms, status = None, f"n/a ({C.describe_exc(e)})"
+        # the plan fn() used (a failed config may not have made one: no registers then)
+        ck = getattr(next(reversed(FP._PLANS.values()), None), "compiled", None) if ms else None
+        gbps = nbytes / (ms * 1e-3) / 1e9 if ms else None
+        row = dict(shape=name, kernel="penalty", heuristic=i == 0, time_ms=ms, status=status, gbps=gbps,
+                   bw_frac=(gbps / peaks_bw) if gbps and peaks_bw else None, copy_gbps=peaks_bw,
+                   config={k: cfg.get(k, "default") for k in PEN_KNOBS},
+                   regs=getattr(ck, "n_regs", None), spills=getattr(ck, "n_spills", None),
+                   device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
+        emit(row)
+
+
+def _bench_fn():
+    """ms of ``fn`` by ``triton.testing.do_bench``: the median where this Triton takes ``return_mode``
+    (3.x), else its default (the mean)."""
+    import inspect
+
+    import triton.testing
+    try:
+        median = "return_mode" in inspect.signature(triton.testing.do_bench).parameters
+    except (TypeError, ValueError):
+        median = False
+
+    def bench(fn):
+        if median:
+            return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=5, rep=20))
+    return bench
 
 
 def main(argv=None):
@@ -173,18 +207,42 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     rows = []
+    jsonl = open(os.path.join(args.out, "tune.jsonl"), "w")
+
+    def emit(row):
+        """Keep a measured row: in the table, and in tune.jsonl at once (a killed sweep keeps its lines)."""
+        rows.append(row)
+        jsonl.write(json.dumps(row) + "\n")
+        jsonl.flush()
+        C.print_flush(json.dumps(row))
+
+    gpu_bench = _bench_fn() if gpu else None
 
     def bench(fn):
         if gpu:
-            import triton.testing
-            return float(triton.testing.do_bench(fn, warmup=5, rep=20))
+            return gpu_bench(fn)
         t = time.perf_counter()
         fn()
         return (time.perf_counter() - t) * 1e3
 
+    # the two sweeps each on their own (an error is logged, the other runs); tune.md is written at the end
+    # whatever happens, SIGTERM (gpu_check.sh's hard timeout) included
+    try:
+        with C.sigterm_exits():
+            if not args.skip_projection:
+                C.guarded("projection sweep", _projection_sweep, args, t0, gpu, dev, dtype, LP, bench, emit)
+            if not args.skip_penalty:
+                C.guarded("penalty sweep", penalty_sweep, args, t0, gpu, dev, emit)
+    finally:
+        jsonl.close()
+        _write_md(args, rows)
+    return 0
+
+
+def _projection_sweep(args, t0, gpu, dev, dtype, LP, bench, emit):
     orig_fwd, orig_bwd = LP._fwd_config, LP._bwd_config
     try:
-        for name, M, K, offs, r in ([] if args.skip_projection else shapes(gpu)):
+        for name, M, K, offs, r in shapes(gpu):
             g = torch.Generator(device=dev).manual_seed(0)
             L, N = len(offs) - 1, offs[-1]
             x = torch.randn(M, K, device=dev, generator=g).to(dtype)
@@ -230,14 +288,12 @@ def main(argv=None):
                     row = dict(shape=name, kernel=kind, config=cfg, heuristic=cfg == heur, time_ms=ms,
                                tflops=(fl / (ms * 1e-3) / 1e12) if ms else None, status=status,
                                device=torch.cuda.get_device_name(0) if gpu else "cpu (interpreter)")
-                    rows.append(row)
-                    C.print_flush(json.dumps(row))
+                    emit(row)
     finally:
         LP._fwd_config, LP._bwd_config = orig_fwd, orig_bwd
 
-    if not args.skip_penalty:
-        rows += penalty_sweep(args, t0, gpu, dev)
 
+def _write_md(args, rows):
     md = ["# tune_triton: block-config sweep of the fused projection kernels\n\n",
           f"- device: {rows[0]['device'] if rows else 'n/a'}; commit {C.git_commit()}; bf16 on GPU, rank 16\n\n",
           "| shape | kernel | heuristic ms (TFLOP/s) | best ms (TFLOP/s) | best config | configs timed |\n",
@@ -249,6 +305,8 @@ def main(argv=None):
         f = lambda r: f"{r['time_ms']:.4g} ({r['tflops']:.3g})" if r and r["time_ms"] else "n/a"  # noqa: E731
         md.append(f"| {name} | {kind} | {f(heur)} | {f(best)} | {best['config'] if best else '-'} | {len(sel)} |\n")
     pen = [r for r in rows if r["kernel"] == "penalty"]
+    order = list(dict.fromkeys(r["shape"] for r in pen))
+    pen.sort(key=lambda r: order.index(r["shape"]))       # the sweep interleaves the cases: table by case
     if pen:
         md += ["\n## penalty kernels (main [+ reduce]), GPU kernel time after an L2 flush (torch.profiler)\n\n",
                f"| case | config ({', '.join(PEN_KNOBS)}) | default | kernels ms | GB/s | "
@@ -259,13 +317,9 @@ def main(argv=None):
                       f"{r['time_ms'] and round(r['time_ms'], 4)} | {r.get('gbps') and round(r['gbps'])} | "
                       f"{r.get('bw_frac') and round(100 * r['bw_frac'], 1)} | {r.get('regs')} / {r.get('spills')} | "
                       f"{r['status']} |\n")
-    with open(os.path.join(args.out, "tune.jsonl"), "w") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
     with open(os.path.join(args.out, "tune.md"), "w") as fh:
         fh.write("".join(md))
     print("".join(md))
-    return 0
 
 
 if __name__ == "__main__":

@@ -356,3 +356,119 @@ def test_profile_kernels_driver_and_summary(tmp_path):
     assert any("| Achieved Occupancy | 11.9 | % |" in x for x in key) and "all 4 metrics" in md
     f.write_text("==ERROR== Failed to initialize the profiler\n")
     assert "no CSV table" in mod.summarize(str(f))
+
+
+def _fake_ops_bench(mod, common, cases):
+    """A bench_ops.Bench on a (pretend) CUDA device without measuring anything: ``cases`` maps a case name to
+    {method: ms or None}; the rows look like the ones the script records."""
+    import argparse
+    import torch
+    b = mod.Bench.__new__(mod.Bench)
+    b.device, b.args, b.profile = torch.device("cuda"), argparse.Namespace(interpret=False), "gpu"
+    b.sd_cfg = common.sd_config("gpu")
+    b.st = mod.profile_settings("gpu", b.sd_cfg)
+    b.T, b.peaks, b.results, b.info = 10, {"copy_gbps": 3000.0, "gemm_tflops_bf16": 700.0}, [], {}
+    for case, times in cases.items():
+        sec, model = case.split("/")[:2]
+        dt, r, mode = ("bf16", 16, "fwdgrad") if sec == "penalty" else (case.split("/")[3], 16, case.split("/")[5])
+        for meth, t in times.items():
+            b.results.append(dict(section=sec, case=case, model=model if sec != "unet_kv_all" else "sd_all32",
+                                  dtype=dt, rank=r, mode=mode, method=meth, time_ms=t,
+                                  status="ok" if t else "n/a (budget)"))
+    return b
+
+
+def test_bench_ops_targets_judge_only_full_coverage(common):
+    """A target line is PASS/MISS only when every shape it judges was measured: a budget cut that leaves
+    the ViT b128 case or two of the three whole-UNet batches out gives 'N/A (partial k/n measured)', even
+    though the measured shapes alone would PASS (the old check judged whichever cases had data)."""
+    mod = _load("bench_ops")
+    good = {"dense": 1.0, "clora[triton]": 1.05, "peft": 2.0}
+    cases = {"kv_layer/vit_b16/b64/bf16/r16/fwdbwd": good,
+             "kv_layer/vit_b16/b128/bf16/r16/fwdbwd": {"dense": None, "clora[triton]": None, "peft": None}}
+    for o in (320, 640, 1280):
+        for bt in (1, 2, 8):
+            cases[f"kv_layer/sd_attn2_out{o}/b{bt}/bf16/r16/fwdbwd"] = {"dense": 0.3, "clora[triton]": 0.5,
+                                                                      "peft": 2.0}
+    cases["unet_kv_all/sd32/b2/bf16/r16/fwdbwd"] = {"grouped[triton]": 1.0, "separate[triton]": 10.0}
+    cases["unet_kv_all/sd32/b1/bf16/r16/fwdbwd"] = {"grouped[triton]": None, "separate[triton]": None}
+    lines = {line.split(":")[0]: line for line in mod.check_targets(_fake_ops_bench(mod, common, cases),
+                                                                     echo=False).lines}
+    for name, k, n in (("ViT-B K/V fwd+bwd <= 1.10x dense", 1, 2), ("ViT-B K/V fwd+bwd >= 1.5x faster than PEFT", 1, 2),
+                       ("grouped whole-UNet K/V launch faster than 32 separate", 1, 3)):
+        line = lines[f"N/A  {name}"]
+        assert f"(partial {k}/{n} measured)" in line, line
+        assert not any(x.startswith(("PASS", "MISS")) and name in x for x in lines.values())
+    # all 9 SD shapes measured: judged (4x faster than PEFT on every one)
+    assert "PASS SD cross-attn K/V per layer fwd+bwd >= 3x faster than PEFT" in lines
+    # the penalty case never started: its two lines say so instead of disappearing
+    assert "N/A  penalty fwd+grad over all SD projections >= 10x faster than naive" in lines
+    assert "N/A  penalty >= 70% of HBM bandwidth roofline" in lines
+    # every shape in: the verdict is given
+    cases["kv_layer/vit_b16/b128/bf16/r16/fwdbwd"] = good
+    for bt in (1, 8):
+        cases[f"unet_kv_all/sd32/b{bt}/bf16/r16/fwdbwd"] = {"grouped[triton]": 1.0, "separate[triton]": 10.0}
+    lines = mod.check_targets(_fake_ops_bench(mod, common, cases), echo=False).lines
+    assert "PASS ViT-B K/V fwd+bwd <= 1.10x dense" in "\n".join(lines)
+    assert "PASS grouped whole-UNet K/V launch faster than 32 separate" in "\n".join(lines)
+    # the report is written from such partial rows too (methods never reached are not an error)
+    b = _fake_ops_bench(mod, common, cases)
+    md = mod.report(b, common.sd_kv_shapes_from_config(b.sd_cfg))
+    assert "## kv_layer" in md and "## unet_kv_all" in md
+
+
+def test_bench_ops_gpu_order_targets_first(common):
+    """On the GPU profile the first cases measured are one per target: the whole-UNet launch (batch 2), the
+    penalty over all SD projections, the 11 per-layer K/V shapes, then the other UNet batches; the variants
+    without a target (reference backends, eager) are deferred."""
+    mod = _load("bench_ops")
+    b = _fake_ops_bench(mod, common, {})
+    cases = b.all_cases(["kv_layer", "unet_kv_all", "penalty"])
+    first = [name for prio, _, name, _ in cases if prio[0] == 0]
+    assert first[:2] == ["unet_kv_all/b2", "penalty/sd_all32"]
+    assert len(first) == 15 and first[-2:] == ["unet_kv_all/b1", "unet_kv_all/b8"]
+    assert sorted(first[2:13]) == sorted([f"kv_layer/vit_b16/b{x}" for x in (64, 128)]
+                                         + [f"kv_layer/sd_attn2_out{o}/b{x}" for o in (320, 640, 1280)
+                                            for x in (1, 2, 8)])
+    assert [name for prio, _, name, _ in cases][:15] == first
+    assert {"clora[reference]", "eager", "separate[reference]"} <= mod.DEFERRED
+    assert not mod.DEFERRED & {"dense", "clora[triton]", "peft", "naive", "grouped[triton]", "separate[triton]",
+                               "packed[triton]"}
+
+
+def test_bench_e2e_peft_target_on_paired_rounds():
+    """The SD step vs PEFT target takes the median of per-round ratios (both timed in the same rounds), not the
+    medians of the two sides: here clora wins 4 of 5 rounds while its own median is the higher one."""
+    import torch
+    mod = _load("bench_e2e")
+    e = mod.E2E.__new__(mod.E2E)
+    e.device, e.profile, e.info, e.st = torch.device("cuda"), "gpu", {}, mod.settings("gpu")
+    rounds = {"none": [80.0, 90.0, 100.0, 110.0, 120.0], "clora": [81.0, 91.0, 101.0, 111.0, 200.0],
+              "peft": [82.0, 92.0, 102.0, 112.0, 70.0]}
+    e.rows = [dict(model="sd_unet", kind="train", variant=v, time_ms=sorted(ts)[2], status="ok", rounds_ms=ts)
+              for v, ts in rounds.items()]
+    md = e.report(echo=False)
+    line = next(x for x in md.splitlines() if "SD-1.5 training step faster than PEFT LoRA" in x)
+    assert line.startswith("- PASS") and "per-round ratios peft/clora" in line, line
+
+
+def test_sigterm_exits_and_guarded_sections(common, capsys):
+    """SIGTERM inside sigterm_exits raises SystemExit (the scripts' finally blocks write their reports), the
+    previous handler comes back after; guarded() logs a failing section and goes on."""
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    ran = []
+    with pytest.raises(SystemExit):
+        with common.sigterm_exits():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                import time
+                time.sleep(5)       # the handler interrupts this
+            finally:
+                ran.append("finally")
+    assert ran == ["finally"] and signal.getsignal(signal.SIGTERM) == before
+
+    def boom():
+        raise RuntimeError("broken section")
+    assert common.guarded("demo", boom) is None
+    assert "ERROR section demo failed: RuntimeError: broken section" in capsys.readouterr().out
