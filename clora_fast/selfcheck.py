@@ -103,7 +103,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m clora_fast.selfcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)          # the device must exist here (cuda without a GPU: one line, not N FAILs)
+    except (RuntimeError, AssertionError) as e:
+        print(f"selfcheck: --device {args.device!r} cannot be used here: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     backends = clora_fast.available_backends()
     print(f"clora_fast {clora_fast.__version__}  torch {torch.__version__}  device {device}")
     print(f"available backends: {', '.join(backends)}")

@@ -40,3 +40,13 @@ def test_selfcheck_checks_both_merged_functions(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "C++ autograd Function of clora_fast._host" in out
     assert "[FAIL] merged/cpp" in out and "[ok] merged/python float32" in out
+
+
+def test_selfcheck_device_that_cannot_be_used(capsys):
+    """A bogus device, or cuda without a GPU: one clear line and exit 2 (a traceback, or every check listed as
+    FAIL, before)."""
+    assert selfcheck.main(["--device", "bogus"]) == 2
+    assert "--device 'bogus' cannot be used here" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert selfcheck.main(["--device", "cuda"]) == 2
+        assert "--device 'cuda' cannot be used here" in capsys.readouterr().err
