@@ -568,8 +568,19 @@ class DiffusersAdapter:
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+            self._restore_saves()
             raise
         object.__setattr__(self.unet, _ADAPTER_ATTR, self)
+
+    def _restore_saves(self) -> None:
+        """Take back the ``save_pretrained`` guards that install put on the pipeline and the UNet."""
+        uninstall_save_warning(self.unet, self._unet_save)
+        self._unet_save = None
+        if self.pipe is not None and isinstance(self.pipe.__dict__.get("save_pretrained"), _GuardedPipeSave):
+            if self._prev_save is None:
+                self.pipe.__dict__.pop("save_pretrained", None)
+            else:
+                object.__setattr__(self.pipe, "save_pretrained", self._prev_save)
 
     def uninstall(self) -> None:
         ctrl = self.controller
@@ -587,13 +598,7 @@ class DiffusersAdapter:
             self._hook = None
         for slot in self.slots:
             slot.uninstall()
-        uninstall_save_warning(self.unet, self._unet_save)
-        self._unet_save = None
-        if self.slots and self.pipe is not None:
-            if self._prev_save is None:
-                self.pipe.__dict__.pop("save_pretrained", None)
-            else:
-                object.__setattr__(self.pipe, "save_pretrained", self._prev_save)
+        self._restore_saves()
         self._cache = None
         self.unet.__dict__.pop(_ADAPTER_ATTR, None)
         if ctrl is not None:
