@@ -632,6 +632,26 @@ def _cmd_train(args) -> int:
     _check_settings(out, tokens, done, settings, args.allow_new_settings)
     from tqdm.auto import tqdm
 
+    def grid_path(pos):
+        return samples_dir / f"after_{pos + 1:02d}_{tokens[pos].strip('<>')}.png"
+
+    def write_grid(pos):
+        # "after concept pos": one row per concept learned so far, each from its own prompt and seed
+        rows = []
+        for j in range(pos + 1):
+            ims = generate(pipe, [prompts[j]] * args.samples_per_concept, steps=args.sample_steps,
+                           seed=args.seed + j, guidance_scale=args.guidance_scale, resolution=resolution)
+            rows.append((tokens[j], ims))
+        _atomic_save_image(make_grid(rows, resolution), grid_path(pos))
+        return grid_path(pos)
+
+    if done and is_main and args.samples_per_concept > 0:
+        # a run stopped between saving a concept and writing its grid: the model is exactly in the
+        # state "after" that last saved concept now, so its grid can still be made (earlier ones cannot)
+        last = len(done) - 1
+        if not grid_path(last).exists():
+            log(f"sample grid: {write_grid(last)} (missing from the run that learned {tokens[last]})")
+
     for pos in range(len(done), len(folders)):
         folder, token, prompt = folders[pos], tokens[pos], prompts[pos]
         t0 = time.time()
@@ -673,15 +693,7 @@ def _cmd_train(args) -> int:
             f"final loss {ema:.4f}, {time.time() - t0:.1f} s); bank saved to {out}")
 
         if is_main and args.samples_per_concept > 0:
-            grid_path = samples_dir / f"after_{pos + 1:02d}_{token.strip('<>')}.png"
-            rows = []
-            for j in range(pos + 1):
-                ims = generate(pipe, [prompts[j]] * args.samples_per_concept, steps=args.sample_steps,
-                               seed=args.seed + j, guidance_scale=args.guidance_scale,
-                               resolution=resolution)
-                rows.append((tokens[j], ims))
-            _atomic_save_image(make_grid(rows, resolution), grid_path)
-            log(f"sample grid: {grid_path}")
+            log(f"sample grid: {write_grid(pos)}")
     if len(done) == len(folders):
         log(f"all {len(folders)} concepts are already in {out}: nothing to train")
     return 0

@@ -112,6 +112,40 @@ def test_crash_mid_concept_then_resume(tmp_path, concepts, monkeypatch, capsys):
     assert "nothing to train" in capsys.readouterr().out
 
 
+def test_crash_before_the_grid_then_resume_makes_the_missing_grid(tmp_path, concepts, monkeypatch, capsys):
+    """A run stopped after a concept was saved but before its sample grid was written: the resumed run
+    writes that grid first (the same picture an uninterrupted run gives) and then goes on."""
+    ref = tmp_path / "ref"
+    assert cli.main(["train", "--concepts", *concepts[:1], "--out", str(ref), *FAST, "--rank", "2"]) == 0
+    ref_grid = (tmp_path / "ref_samples" / "after_01_alpha.png").read_bytes()
+
+    bank = tmp_path / "bank"
+    real_make_grid = cli.make_grid
+
+    def broken(*a, **k):
+        raise RuntimeError("boom: crash while drawing the grid")
+
+    monkeypatch.setattr(cli, "make_grid", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "2"])
+    assert _names(bank) == ["<alpha>"]
+    assert not (tmp_path / "bank_samples" / "after_01_alpha.png").exists()
+
+    monkeypatch.setattr(cli, "make_grid", real_make_grid)
+    capsys.readouterr()
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "missing from the run that learned <alpha>" in out
+    grids = sorted(p.name for p in (tmp_path / "bank_samples").glob("*.png"))
+    assert grids == ["after_01_alpha.png", "after_02_beta.png"]
+    assert (tmp_path / "bank_samples" / "after_01_alpha.png").read_bytes() == ref_grid
+
+    # with every grid present, a finished bank is left alone
+    capsys.readouterr()
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST]) == 0
+    assert "missing" not in capsys.readouterr().out
+
+
 def test_resume_rejects_other_order_and_rank(tmp_path, concepts, capsys):
     bank = tmp_path / "bank"
     assert cli.main(["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2"]) == 0
