@@ -926,6 +926,26 @@ def test_trace_or_export_of_unmerged_model_clear_error(fw):
             torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_jit_script_of_a_patched_model_is_a_clear_error():
+    """torch.jit.script of a patched timm ViT (timm models script) fails with what to do, not with a TorchScript
+    internals error (or a script of the class's forward without the adapters); the documented recipe gives
+    a plain scriptable model with the concept in its weights, and unpatch makes it scriptable again."""
+    m, x, ctrl = patched_with_a_past("timm", layers=1)
+    with torch.no_grad():
+        y = run(m, x)
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile a model patched by clora_fast"):
+        torch.jit.script(m)
+    torch.testing.assert_close(run(m, x), y)          # nothing changed on the way
+    ctrl.merge()
+    with pytest.raises(RuntimeError, match=r"torch.jit.script cannot compile"):
+        torch.jit.script(m)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    clora_fast.unpatch(m)
+    m.load_state_dict(sd)
+    scripted = torch.jit.script(m)
+    torch.testing.assert_close(scripted(x), y, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- GPU (skipped without CUDA)
 def _gpu_models(fw, dtype):
     if fw == "hf":

@@ -248,6 +248,17 @@ def _refresh_and_project_eager(call: "_GroupCall", x):
 _refresh_and_project_compiled = torch.compiler.disable(_refresh_and_project_eager)
 
 
+def _refuse_script():
+    # torch.jit.script calls ``__prepare_scriptable__`` on every submodule before compiling anything; the
+    # adapted modules' forwards call back into Python (and a script would compile the class's forward,
+    # i.e. silently without the adapters), so refuse here with what to do instead
+    raise RuntimeError(
+        "clora_fast: torch.jit.script cannot compile a model patched by clora_fast (its adapted K/V projections "
+        "call back into Python). Use torch.compile (supported), or torch.jit.trace / torch.export after "
+        "controller.merge(); for a plain model with the finished concepts in its weights: controller.merge(), "
+        "copy model.state_dict(), clora_fast.unpatch(model), then model.load_state_dict(that copy)")
+
+
 def _kv(call: "_GroupCall", x):
     """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
     if torch.compiler.is_compiling():
@@ -465,6 +476,7 @@ class ViTAdapter:
                 call = _GroupCall(controller, self._group(blk), [qkv], timm=True)
                 self._rebind += [qkv] if _own_class_forward(qkv) else []
                 qkv.forward = _QKVForward(qkv, call)
+                qkv.__prepare_scriptable__ = _refuse_script
                 self._installed.append(qkv)
             else:
                 lins = [blk.linears["k"], blk.linears["v"]]
@@ -472,6 +484,7 @@ class ViTAdapter:
                 for slot, lin in enumerate(lins):
                     self._rebind += [lin] if _own_class_forward(lin) else []
                     lin.forward = _ProjForward(call, slot)
+                    lin.__prepare_scriptable__ = _refuse_script
                     self._installed.append(lin)
             self._calls.append(call)
         self._save_token = install_save_warning(self.model, get_controller)
@@ -486,6 +499,7 @@ class ViTAdapter:
             self.controller.unmerge()
         for mod in self._installed:
             mod.__dict__.pop("forward", None)
+            mod.__dict__.pop("__prepare_scriptable__", None)
         for mod in self._rebind:
             mod.forward = types.MethodType(type(mod).forward, mod)
         self._installed, self._rebind = [], []
