@@ -1234,3 +1234,55 @@ def test_save_pipeline_sdxl_two_text_encoders(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     with torch.no_grad():
         torch.testing.assert_close(gen(loaded), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers API calls on a patched pipeline / UNet (one finished concept, one active)
+# ---------------------------------------------------------------------------------------------
+def _past_and_active(unet_or_pipe, rank=2, tokens=(None, None)):
+    cl = D.patch(unet_or_pipe, rank=rank, backend="reference")
+    cl.begin_concept(tokens[0])
+    randomize(cl)
+    cl.end_concept()
+    cl.begin_concept(tokens[1])
+    randomize(cl, seed=3)
+    return cl
+
+
+def _folded_reference(unet, cl, kind="sd1"):
+    """A plain (unpatched) UNet with W0 + P (+ s*B@A of the active concept) in every to_k / to_v."""
+    ref = tiny_unet(kind)
+    ref.load_state_dict({k: v.detach().float() for k, v in unet.state_dict().items()})
+    with torch.no_grad():
+        for i, s in enumerate(cl.sites):
+            w = ref.get_submodule(s.name).weight
+            w += cl.past(i).float()
+            if cl.active_concept is not None:
+                A, B = cl.current_factors(i)
+                w += cl.scale * B.detach().float() @ A.detach().float()
+    return ref
+
+
+def test_fuse_qkv_projections_after_patch():
+    """fuse_qkv_projections() after patch: the fused processors would skip the adapters, so the forward refuses and
+    says unfuse_qkv_projections() brings them back (it does: the outputs are the adapted ones again). Unpatching
+    while fused must not leave the clora_fast processors in the UNet's saved processors, where a later
+    unfuse_qkv_projections() would put them back into the unpatched UNet."""
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    cl = _past_and_active(unet)
+    with torch.no_grad():
+        want = run_unet(_folded_reference(unet, cl), inputs)
+        plain = run_unet(tiny_unet("sd1"), inputs)
+    unet.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match=r"fuse_qkv_projections.*unfuse_qkv_projections\(\)"):
+        run_unet(unet, inputs)
+    unet.unfuse_qkv_projections()
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), want, rtol=1e-5, atol=1e-5)
+    unet.fuse_qkv_projections()
+    D.unpatch(unet)
+    unet.unfuse_qkv_projections()
+    assert not any(isinstance(p, D.CLoRAAttnProcessor) for p in unet.attn_processors.values())
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), plain, rtol=0, atol=0)

@@ -452,6 +452,12 @@ class _ModuleProcessor(CLoRAAttnProcessor, nn.Module):
         CLoRAAttnProcessor.__delattr__(self, name)
 
 
+def _is_fused(proc) -> bool:
+    """A processor of ``fuse_qkv_projections()`` (``FusedAttnProcessor2_0``...): it uses the fused ``to_kv`` /
+    ``to_qkv`` module, a copy of the weights made when fusing, never ``to_k`` / ``to_v``."""
+    return type(proc).__name__.startswith("Fused")
+
+
 class _Layer:
     __slots__ = ("name", "attn", "k_site", "v_site", "group", "gpos", "orig_processor", "linears")
 
@@ -593,6 +599,7 @@ class DiffusersAdapter:
         for layer in self.layers:
             if layer.orig_processor is not None:
                 layer.attn.set_processor(layer.orig_processor)
+        self._scrub_saved_processors()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -603,6 +610,16 @@ class DiffusersAdapter:
         self.unet.__dict__.pop(_ADAPTER_ATTR, None)
         if ctrl is not None:
             ctrl._mark_unpatched()
+
+    def _scrub_saved_processors(self) -> None:
+        """``unet.fuse_qkv_projections()`` keeps the processors it replaced in ``unet.original_attn_processors`` and
+        ``unfuse_qkv_projections()`` puts them back: after unpatch those must be the replaced processors, not this
+        adapter's wrappers (which would apply the concepts again to the unpatched UNet)."""
+        saved = self.unet.__dict__.get("original_attn_processors")
+        if isinstance(saved, dict):
+            for name, proc in list(saved.items()):
+                if isinstance(proc, CLoRAAttnProcessor) and proc.adapter is self:
+                    saved[name] = proc.inner
 
     def _log_once(self, key, msg, *args):
         if key not in self._logged:
@@ -636,11 +653,23 @@ class DiffusersAdapter:
     def _check_processors(self) -> None:
         self.refresh_sites()
         for layer in self.layers:
-            if not isinstance(layer.attn.processor, CLoRAAttnProcessor) or layer.attn.processor.adapter is not self:
+            proc = layer.attn.processor
+            if not isinstance(proc, CLoRAAttnProcessor) or proc.adapter is not self:
+                if _is_fused(proc):
+                    raise RuntimeError(
+                        f"the attention processor of {layer.name} was replaced by {type(proc).__name__} "
+                        f"(fuse_qkv_projections() after clora_fast.patch): its fused K/V projection holds W0 only, "
+                        f"the C-LoRA adapters would be skipped. Call unet.unfuse_qkv_projections() (or "
+                        f"pipe.unfuse_qkv_projections()) to put the clora_fast processors back (for inference "
+                        f"without adapter overhead use controller.merge() instead of fusing)")
                 raise RuntimeError(
-                    f"the attention processor of {layer.name} was replaced after clora_fast.patch (e.g. by "
-                    f"set_attn_processor / fuse_qkv_projections / enable_xformers...): the C-LoRA adapters would be "
-                    f"skipped. Call clora_fast.unpatch(...) first, change processors, then patch again")
+                    f"the attention processor of {layer.name} was replaced after clora_fast.patch (now a "
+                    f"{type(proc).__name__}, e.g. by set_attn_processor / enable_attention_slicing / "
+                    f"enable_xformers_memory_efficient_attention): the C-LoRA adapters would be skipped. Choose "
+                    f"processors before patching (patch wraps whatever attn2 has). To keep what was learned: "
+                    f"controller.save(path), clora_fast.unpatch(...), change the processors, then "
+                    f"clora_fast.load(..., path) (an active concept comes back as new parameters: make a new "
+                    f"optimizer)")
         for slot in self.slots:
             if slot.encoder.get_input_embeddings() is not slot.emb:
                 raise RuntimeError(
