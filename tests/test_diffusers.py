@@ -1252,7 +1252,9 @@ def _past_and_active(unet_or_pipe, rank=2, tokens=(None, None)):
 def _folded_reference(unet, cl, kind="sd1"):
     """A plain (unpatched) UNet with W0 + P (+ s*B@A of the active concept) in every to_k / to_v."""
     ref = tiny_unet(kind)
-    ref.load_state_dict({k: v.detach().float() for k, v in unet.state_dict().items()})
+    sd = {k: v.detach().float() for k, v in unet.state_dict().items()
+          if not k.endswith((".to_kv.weight", ".to_kv.bias", ".to_qkv.weight", ".to_qkv.bias"))}   # fused copies
+    ref.load_state_dict(sd)
     with torch.no_grad():
         for i, s in enumerate(cl.sites):
             w = ref.get_submodule(s.name).weight
@@ -1286,3 +1288,19 @@ def test_fuse_qkv_projections_after_patch():
     assert not any(isinstance(p, D.CLoRAAttnProcessor) for p in unet.attn_processors.values())
     with torch.no_grad():
         torch.testing.assert_close(run_unet(unet, inputs), plain, rtol=0, atol=0)
+
+
+def test_patch_after_fuse_and_unfuse_qkv_projections():
+    """diffusers' unfuse_qkv_projections() puts the unfused processors back but leaves attn.fused_projections True:
+    such a UNet computes with to_k / to_v again and can be patched; one still fused is refused."""
+    unet = tiny_unet("sd1")
+    inputs = unet_inputs(unet)
+    unet.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match="fused projections"):
+        D.patch(unet)
+    unet.unfuse_qkv_projections()
+    cl = _past_and_active(unet)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), run_unet(_folded_reference(unet, cl), inputs),
+                                   rtol=1e-5, atol=1e-5)
+    D.unpatch(unet)

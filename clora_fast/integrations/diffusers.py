@@ -499,10 +499,12 @@ class DiffusersAdapter:
                         or not lin.weight.is_floating_point():
                     raise TypeError(f"{name}.{proj} must be a plain torch.nn.Linear with a floating weight to be "
                                     f"adapted, got {type(lin).__name__} (unload other LoRA/quantization first)")
-            if getattr(attn, "fused_projections", False):
-                raise RuntimeError(f"{name} has fused projections (fuse_qkv_projections); call "
-                                   f"unet.unfuse_qkv_projections() before patching")
             proc = attn.processor
+            # the processor, not attn.fused_projections: diffusers' unfuse_qkv_projections() puts the unfused
+            # processors back (they use to_k / to_v again) but leaves that flag True
+            if _is_fused(proc):
+                raise RuntimeError(f"{name} has fused projections ({type(proc).__name__}, fuse_qkv_projections); "
+                                   f"call unet.unfuse_qkv_projections() before patching")
             if isinstance(proc, CLoRAAttnProcessor):
                 raise RuntimeError(f"{name} already has a clora_fast processor")
             in_dims.setdefault(attn.to_k.in_features, []).append(name)
