@@ -31,6 +31,7 @@ token embedding), ``extra_meta() -> dict`` (JSON), ``check_extra_state(meta, per
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -126,6 +127,14 @@ def _world_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
+def _tensor_bytes(t: Tensor) -> bytes:
+    """The exact bytes of ``t`` (on the CPU; bfloat16 as int16, which numpy lacks)."""
+    t = t.detach().contiguous().cpu()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -143,6 +152,7 @@ class CLoRAController(nn.Module):
     """
 
     _unpatched = False      # class default: also for controllers pickled before the attribute existed
+    _dist_checked = None    # all_reduce_grads: the state whose parameters were found equal on every process
 
     def __init__(self, sites: Sequence[Site], *, rank: int = 16, alpha: Optional[float] = None,
                  penalty_weight: Optional[float] = None, backend: str = "auto", adapter=None,
@@ -626,12 +636,52 @@ class CLoRAController(nn.Module):
         model's ``parameters()`` / ``state_dict()`` stay as they were), so ``DDP(model)`` does not synchronize
         them: call this after ``backward()`` and before ``optimizer.step()`` on every process.  A no-op
         without an initialized process group of more than one process.  (Every process must start a concept
-        from the same A and token row: seed the global RNG identically before :meth:`begin_concept`.)"""
+        from the same A and token row: seed the global RNG identically before :meth:`begin_concept`.)
+
+        It checks what would otherwise train silently out of step, and raises the same error on every process:
+        processes that train different parameters (another concept, or none: a concept begun or ended on some
+        processes only), and, at the first call of a concept (or after a state change such as
+        :meth:`load_bank`), parameters whose values differ between the processes (a concept begun without
+        seeding every process alike: averaged gradients would then train a different concept on each).  The
+        cost: one all-gather of five integers per call, plus a hash of the parameters at that first call."""
         import torch.distributed as dist
         world = _world_size(group)
         if world == 1:
             return
-        for p in self.trainable_parameters():      # a few tensors: flat A and B per group, token rows
+        params = self.trainable_parameters()
+        dev = params[0].device if params else self._device()
+        key = (self._active, self._version, tuple(id(p) for p in params))
+        shapes = hashlib.sha256(repr([(tuple(p.shape), str(p.dtype)) for p in params]).encode()).digest()
+        meta = torch.tensor([-1 if self._active is None else self._active[0], len(params),
+                             sum(p.numel() for p in params), int.from_bytes(shapes[:7], "little"),
+                             int(key != self._dist_checked)], dtype=torch.int64, device=dev)
+        metas = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta, group=group)
+        rows = [m.tolist() for m in metas]
+        if any(r[:4] != rows[0][:4] for r in rows):
+            def what(r):
+                return ("no active concept" if r[0] < 0 else f"concept {r[0]}") + f" ({r[1]} tensors, {r[2]} values)"
+            raise RuntimeError(
+                "all_reduce_grads(): the processes do not train the same parameters (" +
+                "; ".join(f"rank {j}: {what(r)}" for j, r in enumerate(rows)) + "): call begin_concept(), "
+                "end_concept(), remove_concept() and load_bank() alike on every process")
+        if any(r[4] for r in rows):
+            h = hashlib.sha256()
+            for p in params:
+                h.update(_tensor_bytes(p))
+            digest = torch.tensor([int.from_bytes(h.digest()[:7], "little")], dtype=torch.int64, device=dev)
+            digests = [torch.empty_like(digest) for _ in range(world)]
+            dist.all_gather(digests, digest, group=group)
+            differ = [j for j, d in enumerate(digests) if not torch.equal(d, digests[0])]
+            if differ:
+                raise RuntimeError(
+                    f"all_reduce_grads(): the parameters of concept {rows[0][0]} differ between the processes (rank "
+                    f"0 and rank(s) {differ}): averaging their gradients would train a different concept on each. "
+                    f"Seed the global RNG identically on every process before begin_concept() (torch.manual_seed), "
+                    f"or make them equal once after it: for p in controller.trainable_parameters(): "
+                    f"torch.distributed.broadcast(p.data, src=0)")
+            self._dist_checked = key
+        for p in params:                           # a few tensors: flat A and B per group, token rows
             if p.grad is None:                     # every process takes part in every all-reduce
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
