@@ -20,8 +20,9 @@ pre-hook on the UNet computes every layer's K and V in one segmented launch
 (:meth:`CLoRAController.project_group`) *before* the UNet runs, i.e. outside any
 gradient-checkpointed block, and keeps them; each processor takes its slice when it gets
 that very tensor (same object and version, same controller state). The pre-hook result is
-reused across UNet calls only under ``torch.no_grad`` (denoising loops pass the same
-``prompt_embeds`` every step). Otherwise (another tensor, e.g. under reentrant
+reused across UNet calls only under ``torch.no_grad`` with no concept active (denoising loops pass the
+same ``prompt_embeds`` every step; an active concept's factors may be written through ``.data``, e.g. by
+an EMA ``copy_to``, which no version counter sees). Otherwise (another tensor, e.g. under reentrant
 checkpointing, ``norm_cross`` set, an ``encoder_hid_proj``, ``grouped=False``) each layer
 computes its K and V in one launch of its own (:meth:`CLoRAController.project_pair`);
 ``logging.getLogger("clora_fast")`` says so at debug level.
@@ -729,9 +730,11 @@ class DiffusersAdapter:
         key = (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device)
         c = self._cache
         if (c is not None and not grad and not c["grad"] and c["x"] is x and key[0] is not None
-                and c["key"] == key and c["weights"] == self._weights_key()):
+                and ctrl.active_concept is None and c["key"] == key and c["weights"] == self._weights_key()):
             # same prompt embeddings (not written in place: an inference tensor has no version, so it is never
-            # reused), same adapters, same base weights and biases: reuse (denoising loop)
+            # reused), same adapters, same base weights and biases: reuse (denoising loop). Never while a concept
+            # is active: its factors are trainable parameters, which an EMA copy_to / restore (or any write
+            # through .data) changes without a version bump (a validation run would use stale K/V)
             return None
         outs = {}
         for group in ctrl.groups:
