@@ -209,6 +209,75 @@ def test_inconsistent_past_is_refused(tmp_path):
         CLoRAController(sites(), rank=3, alpha=6.0).load_bank(path)
 
 
+def _rewrite_past(path, change):
+    """Apply ``change(dict of past tensors)`` to the bank's past file and re-checksum it in the manifest."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+    f = _victim(path, "past")
+    t = load_file(str(f))
+    change(t)
+    save_file(t, str(f), metadata={"format": "pt"})
+    m = json.loads((path / MANIFEST).read_text())
+    data = f.read_bytes()
+    m["files"]["past"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (path / MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("chunk", [256, 3])
+def test_past_check_accepts_every_real_fold_and_refuses_a_missing_concept(tmp_path, monkeypatch, chunk):
+    """The load's check of P against its factors (float64 GEMMs over chunks of concepts, elementwise rounding
+    bound): a long stack whose updates nearly cancel (P tiny next to the partial sums, the worst case for
+    the fp32 running sum) loads, whatever the chunking; P without its last concept, or off by 1e-3 of its
+    largest entry, is refused."""
+    from clora_fast import bank as bank_mod
+    monkeypatch.setattr(bank_mod, "_FOLD_CHUNK", chunk)
+    c = CLoRAController(sites(), rank=3, alpha=6.0, backend="reference")
+    g = torch.Generator().manual_seed(5)
+    for t in range(24):
+        c.begin_concept(f"<c{t}>")
+        with torch.no_grad():
+            if t % 2 == 0:
+                prev = [torch.randn(p.shape, generator=g) * 30 for p in c.trainable_parameters()]
+                for p, v in zip(c.trainable_parameters(), prev):
+                    p.copy_(v)
+            else:   # A the same, B negated (+0.1%): this concept takes the previous one back out of P
+                for j, (p, v) in enumerate(zip(c.trainable_parameters(), prev)):
+                    p.copy_(v if j < len(prev) // 2 else -1.001 * v)
+        c.end_concept()
+    path = tmp_path / "bank"
+    c.save(path)
+    fresh = CLoRAController(sites(), rank=3, alpha=6.0)
+    fresh.load_bank(path)
+    assert len(fresh.concepts) == 24
+
+    last = c.concepts[-1]
+
+    def drop_last(t):
+        for i, site in enumerate(c.sites):
+            t[site.name] = t[site.name] - (last.scale * last.lora_B[i].double() @ last.lora_A[i].double()).float()
+
+    bad = tmp_path / "bad"
+    c.save(bad)
+    _rewrite_past(bad, drop_last)
+    with pytest.raises(BankError, match="does not match the fold"):
+        CLoRAController(sites(), rank=3, alpha=6.0).load_bank(bad)
+
+    # no cancellation: a small error in one entry is caught too
+    plain = trained(n=3, active=False)
+    path2 = tmp_path / "plain"
+    plain.save(path2)
+    CLoRAController(sites(), rank=3, alpha=6.0).load_bank(path2)
+
+    def nudge(t):
+        k = next(iter(t))
+        t[k][0, 0] += 1e-3 * float(t[k].abs().max())
+
+    _rewrite_past(path2, nudge)
+    with pytest.raises(BankError, match="does not match the fold"):
+        CLoRAController(sites(), rank=3, alpha=6.0).load_bank(path2)
+
+
 def test_empty_controller_round_trip(tmp_path):
     c = CLoRAController(sites(), rank=2)
     c.save(tmp_path / "b")
