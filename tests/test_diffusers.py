@@ -1349,3 +1349,34 @@ def test_ema_of_the_trainable_parameters():
         o1, o2 = run_unet(unet, inputs), run_unet(unet, inputs)
     del cl.project_group
     assert calls["n"] == 1 and torch.equal(o1, o2)
+
+
+def test_token_rows_follow_the_pipeline_to_device_and_stay_float32():
+    """pipe.to(dtype) / pipe.to(device) after begin_concept: the personalized token rows are the optimizer's
+    parameters (same objects, like A and B) and stay float32 master weights (cast at use); they follow the text
+    encoder's device (they stayed behind: every forward copied them over and their gradients were on the old
+    device, which a multi-GPU all_reduce of trainable_parameters() cannot take)."""
+    pipe = tiny_pipe()
+    cl = _past_and_active(pipe, tokens=("<c1>", "<c2>"))
+    prompt = "a photo of <c1> and <c2>"
+    with torch.no_grad():
+        want = generate(pipe, prompt)
+    ad = D.get_adapter(pipe)
+    rows = [ad.token_embedding(0), ad.token_embedding(1)]
+    params = cl.trainable_parameters()
+    assert params[-1] is rows[1]
+    pipe.to(torch.bfloat16)
+    assert all(r.dtype == torch.float32 for r in rows) and all(p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        got = generate(pipe, prompt)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    ids, _ = encode(pipe, prompt)
+    (pipe.text_encoder(ids)[0].float().square().mean()).backward()
+    assert rows[1].grad is not None and rows[1].grad.dtype == torch.float32
+    pipe.to(torch.float32)
+    pipe.text_encoder.to("meta")
+    assert [r.device.type for r in rows] == ["meta", "meta"] and rows[1].grad.device.type == "meta"
+    assert cl.trainable_parameters()[-1] is rows[1] and ad.token_embedding(0) is rows[0]
+    emb = pipe.text_encoder.get_input_embeddings()
+    assert all(r.device.type == "meta" for r in emb.clora_rows.values())

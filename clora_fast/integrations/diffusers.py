@@ -151,6 +151,29 @@ class PersonalizedEmbedding(nn.Embedding):
         object.__setattr__(self, "clora_rows", {})            # token id -> Parameter [dim]
         object.__setattr__(self, "clora_retired", {})         # token id -> token string
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() / .half() of the text encoder or the pipeline: the token rows (not parameters of this
+        # module) follow the weight's device; they stay float32 (master weights, cast at use, like A and B)
+        out = super()._apply(fn, *args, **kwargs)
+        self._follow_weight()
+        return out
+
+    def _follow_weight(self) -> None:
+        """Move the token rows to the embedding weight's device, in place (the very Parameter objects that the
+        adapter and an optimizer hold), with their gradients."""
+        dev = self.weight.device
+        for row in self.clora_rows.values():
+            if row.device != dev:
+                grad = None if row.grad is None else row.grad.to(dev)
+                with torch.no_grad():
+                    new = row.data.to(dev)
+                    if torch._has_compatible_shallow_copy_type(row, new):      # cpu <-> cuda (as Module._apply)
+                        row.grad = None
+                        row.data = new
+                    else:                                                     # e.g. to / from "meta"
+                        torch.utils.swap_tensors(row, nn.Parameter(new, requires_grad=row.requires_grad))
+                    row.grad = grad
+
     def _plain(self, ids):
         return nn.functional.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
                                        self.scale_grad_by_freq, self.sparse)
@@ -159,6 +182,7 @@ class PersonalizedEmbedding(nn.Embedding):
         rows, retired = self.clora_rows, self.clora_retired
         if not rows and not retired:
             return self._plain(input_ids)
+        self._follow_weight()           # weights moved without .to() (load_state_dict(assign=True), accelerate)
         special = torch.tensor(sorted(list(rows) + list(retired)), device=input_ids.device, dtype=input_ids.dtype)
         hit = torch.isin(input_ids, special)
         if not bool(hit.any()):
