@@ -12,9 +12,11 @@ their content's sha256, so a new save never overwrites a file the previous manif
 references: every file is written to a temporary file, fsynced and ``os.replace``d into
 place, the manifest last; files of the previous save that the new manifest no longer
 references are deleted only after the new manifest is in place. A crash at any point
-leaves a complete bank (the old or the new one). Overlapping saves into one folder are
-serialised by a lock file (``.clora_fast.lock``, there only while a save runs; see
-``_bank_lock``); loading takes no lock.
+leaves a complete bank (the old or the new one): a killed save leaves at most unreferenced
+data files and dot-prefixed temporary files, which the next save removes (a folder holding only
+data files, from a first save killed before its manifest, is taken as a bank to complete).
+Overlapping saves into one folder are serialised by a lock file (``.clora_fast.lock``, there
+only while a save runs; see ``_bank_lock``); loading takes no lock.
 
 Loading reads the manifest, checks every file's size and sha256, parses the tensors,
 checks shapes, the base model identity (site names and shapes, a hash of the adapted
@@ -51,6 +53,8 @@ VERSION = 1
 MANIFEST = "manifest.json"
 LOCK = ".clora_fast.lock"     # a dot file: not a data file (_DATA_RE), ignored by the foreign-folder check
 _DATA_RE = re.compile(r"^(past|concept-\d+)-[0-9a-f]{12}\.safetensors$")
+# atomic_write_bytes' temporary files of a bank's files: left behind only by a writer killed mid-save
+_TMP_RE = re.compile(r"^\.(manifest\.json|(past|concept-\d+)-[0-9a-f]{12}\.safetensors)\..+\.tmp$")
 _MAX_MANIFEST_BYTES = 64 << 20
 
 
@@ -250,7 +254,7 @@ def _bank_lock(path: Path):
                                f"started from inside another save would wait for itself forever)")
     if fcntl is None:
         with _held(key, me):
-            yield
+            yield False
         return
     lock = path / LOCK
     while True:
@@ -272,7 +276,7 @@ def _bank_lock(path: Path):
         os.close(fd)                                     # the lock of a removed lock file: lock again
     try:
         with _held(key, me):
-            yield
+            yield fd is not None
     finally:
         if fd is not None:
             try:
@@ -291,7 +295,9 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
         raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
     if path.is_dir():
         entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
-        if entries and MANIFEST not in entries:
+        # only data files and no manifest: a first save into the folder is running (another process, under the
+        # lock) or was killed before its manifest; this save completes the bank (and removes the orphans)
+        if entries and MANIFEST not in entries and not all(_DATA_RE.match(e) for e in entries):
             raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not empty and is "
                                   f"not a clora_fast bank (no {MANIFEST})")
         why = _not_a_bank_manifest(path / MANIFEST) if MANIFEST in entries else None
@@ -299,7 +305,14 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
             raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not a clora_fast "
                                   f"bank (its {str(path / MANIFEST)!r} {why})")
     path.mkdir(parents=True, exist_ok=True)
-    with _bank_lock(path):
+    with _bank_lock(path) as locked:
+        if locked:     # no other save runs: temporary files here are a killed writer's (never read, often large)
+            for p in path.iterdir():
+                if _TMP_RE.match(p.name):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
         return _write_bank_locked(path, manifest, files)
 
 
@@ -378,9 +391,11 @@ def read_files(path, manifest: Dict[str, Any]) -> Dict[str, Dict[str, Tensor]]:
                 or not _DATA_RE.match(entry["name"]) or not isinstance(entry.get("sha256"), str):
             raise BankError(f"{path / MANIFEST}: file entry {stem!r} is malformed")
         f = path / entry["name"]
-        if not f.is_file():
-            raise _BankFileMissing(f"bank file {str(f)!r} is missing")
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # (also removed by a concurrent save between a check and the read: the caller reads the new manifest)
+            raise _BankFileMissing(f"bank file {str(f)!r} is missing") from None
         if len(data) != entry.get("bytes"):
             raise BankError(f"bank file {str(f)!r} has {len(data)} bytes, the manifest says {entry.get('bytes')} "
                             f"(truncated or modified)")
