@@ -1380,3 +1380,37 @@ def test_token_rows_follow_the_pipeline_to_device_and_stay_float32():
     assert cl.trainable_parameters()[-1] is rows[1] and ad.token_embedding(0) is rows[0]
     emb = pipe.text_encoder.get_input_embeddings()
     assert all(r.device.type == "meta" for r in emb.clora_rows.values())
+
+
+def test_controlnet_pipeline_adapts_the_unet_only():
+    """StableDiffusionControlNetPipeline: patch adapts its UNet (the ControlNet keeps its processors and runs on the
+    personalized prompt embeddings); active-concept outputs equal the merged ones after end_concept; unpatch
+    restores the pipeline bit for bit."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    base = tiny_pipe()
+    torch.manual_seed(5)
+    cn = ControlNetModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         cross_attention_dim=32, attention_head_dim=8, layers_per_block=1, norm_num_groups=8,
+                         conditioning_embedding_out_channels=(16, 32)).eval()
+    comps = {k: v for k, v in base.components.items() if k in inspect.signature(
+        StableDiffusionControlNetPipeline.__init__).parameters}
+    pipe = StableDiffusionControlNetPipeline(**comps, controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def gen(prompt):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return pipe(prompt, image=image, num_inference_steps=2, height=16, width=16, generator=g,
+                        output_type="pt").images
+
+    before = gen("a photo of dog")
+    cn_procs = dict(cn.attn_processors)
+    cl = _past_and_active(pipe, tokens=("<c1>", "<c2>"))
+    assert all(cn.attn_processors[k] is v for k, v in cn_procs.items())
+    active = gen("a photo of <c1> and <c2>")
+    cl.end_concept()
+    cl.merge()
+    torch.testing.assert_close(gen("a photo of <c1> and <c2>"), active, rtol=1e-4, atol=1e-5)
+    D.unpatch(pipe)
+    assert torch.equal(gen("a photo of dog"), before)
