@@ -667,9 +667,11 @@ class DiffusersAdapter:
             elif k is not layer.linears[0] or v is not layer.linears[1]:
                 proj, which = (k, "to_k") if k is not layer.linears[0] else (v, "to_v")
                 raise RuntimeError(
-                    f"{layer.name}.{which} was replaced after clora_fast.patch (now a {type(proj).__name__}, e.g. "
-                    f"by PEFT's add_adapter / load_lora_weights): it would be skipped. Call clora_fast.unpatch(...) "
-                    f"first, then add the other adapter and patch again (or merge it into the weights first)")
+                    f"{layer.name}.{which} was replaced after clora_fast.patch (now a "
+                    f"{type(proj).__module__}.{type(proj).__name__}, e.g. by PEFT's add_adapter / load_lora_weights): "
+                    f"it would be skipped. pipe.unload_lora_weights() (after pipe.fuse_lora() to keep that LoRA in the "
+                    f"weights; not while merged) puts the plain module back; or call clora_fast.unpatch(...) first, "
+                    f"then add the other adapter and patch again")
             for site_i, lin in ((layer.k_site, k), (layer.v_site, v)):
                 params = lin._parameters
                 w, b = params.get("weight"), params.get("bias")
