@@ -1078,3 +1078,205 @@ def test_save_pretrained_of_a_patched_transformers_vit_warns_unless_merged(tmp_p
     t, _ = make("timm")                      # timm models have no save_pretrained: nothing is put there
     vit.patch(t, rank=2)
     assert "save_pretrained" not in t.__dict__
+
+
+# ---------------------------------------------------------------- model families: folded-weight reference
+# Every supported ViT family is checked against the same model run *unpatched* with its K/V weights set to
+# W0 + P + s*B@A (torch.func.functional_call, so the reference's gradients w.r.t. A and B come from plain
+# autograd through the weights): outputs and LoRA gradients in train and eval, the merged/unmerged model,
+# and unpatch bit-identical. The K/V parameters are named here independently of the integration's discovery:
+# transformers ``*.k_proj``/``*.v_proj`` (or ``*.key``/``*.value``), timm the K and V rows of ``*.qkv``.
+def _kv_params(model):
+    """[(parameter name, row lo, row hi)] of every K and V weight, in module order (lo None: the whole weight)."""
+    out = []
+    for n, p in model.named_parameters():
+        if n.endswith(("k_proj.weight", "v_proj.weight", ".key.weight", ".value.weight")):
+            out.append((n, None, None))
+        elif n.endswith("qkv.weight"):
+            d = p.shape[0] // 3
+            out += [(n, d, 2 * d), (n, 2 * d, 3 * d)]
+    return out
+
+
+class _Call(nn.Module):
+    def __init__(self, m, fn):
+        super().__init__()
+        self.m, self.fn = m, fn
+
+    def forward(self, x):
+        return self.fn(self.m, x)
+
+
+def _folded_reference(m0, fn, kv, deltas, x):
+    """fn(m0, x) with every K/V weight (rows) of ``kv`` replaced by W0 + delta (differentiable in delta)."""
+    params = dict(m0.named_parameters())
+    new = {}
+    for (name, lo, hi), dlt in zip(kv, deltas):
+        w = new.get(name, params[name])
+        new[name] = w + dlt if lo is None else torch.cat([w[:lo], w[lo:hi] + dlt, w[hi:]], 0)
+    return torch.func.functional_call(_Call(m0, fn), {f"m.{k}": v for k, v in new.items()}, (x,))
+
+
+def _site_grads(ctrl, i):
+    b, pos = ctrl._site_bundle[i]
+    bundle, r = ctrl._bundles[b], ctrl.rank
+    return (ctrl.lora_A[b].grad[pos * r:(pos + 1) * r],
+            ctrl.lora_B[b].grad[bundle.offsets[pos]:bundle.offsets[pos + 1]])
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits") and out.logits is not None:
+        return out.logits
+    return out[0]
+
+
+def _check_family_against_folded_weights(m, x, fn=None, train=False, n_blocks=2):
+    fn = fn or (lambda mod, inp: _first_tensor(mod(inp)))
+    m, x = m.double(), x.double()
+    m.requires_grad_(False)
+    m.train(train)
+    kv = _kv_params(m)
+    assert len(kv) == 2 * n_blocks, kv
+    m0 = copy.deepcopy(m)
+    if getattr(m0, "grad_checkpointing", False):   # the reference swaps weights only for the forward: no recompute
+        m0.set_grad_checkpointing(False)
+    y_orig = fn(m, x).detach()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    ctrl = clora_fast.patch(m, rank=2, alpha=4.0, backend="reference", penalty_weight=0.0)
+    assert ctrl.num_sites == len(kv)
+    params = dict(m.named_parameters())
+    for site, (n, lo, hi) in zip(ctrl.sites, kv):     # exactly the K/V rows, biases untouched
+        w = params[n] if lo is None else params[n][lo:hi]
+        assert site.weight.shape == w.shape and torch.equal(site.weight, w), n
+    assert torch.equal(fn(m, x), y_orig)
+    ctrl.begin_concept("t0")
+    randomize_factors(ctrl, std=0.2, seed=3)
+    pasts = [(ctrl.scale * B.double() @ A.double()).detach()
+             for A, B in (ctrl.current_factors(i) for i in range(ctrl.num_sites))]
+    ctrl.end_concept()
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, std=0.2, seed=5)
+    y = fn(m, x)
+    target = torch.randn_like(y)
+    ((y - target) ** 2).sum().backward()
+    As = [ctrl.current_factors(i)[0].detach().double().requires_grad_(True) for i in range(ctrl.num_sites)]
+    Bs = [ctrl.current_factors(i)[1].detach().double().requires_grad_(True) for i in range(ctrl.num_sites)]
+    yr = _folded_reference(m0, fn, kv, [p + ctrl.scale * B @ A for p, A, B in zip(pasts, As, Bs)], x)
+    ((yr - target) ** 2).sum().backward()
+    assert not torch.allclose(yr, y_orig, rtol=1e-4, atol=1e-4)     # the adapters do change the output
+    torch.testing.assert_close(y, yr, rtol=1e-6, atol=1e-6)
+    for i in range(ctrl.num_sites):
+        gA, gB = _site_grads(ctrl, i)
+        torch.testing.assert_close(gA, As[i].grad.float(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(gB, Bs[i].grad.float(), rtol=1e-4, atol=1e-5)
+    assert all(p.grad is None for p in m.parameters())
+    ctrl.end_concept()
+    with torch.no_grad():
+        deltas = [p + ctrl.scale * B.double() @ A.double() for p, A, B in zip(pasts, As, Bs)]
+        want = _folded_reference(m0, fn, kv, deltas, x)
+        torch.testing.assert_close(fn(m, x), want, rtol=1e-6, atol=1e-6)
+        ctrl.merge()
+        torch.testing.assert_close(fn(m, x), want, rtol=1e-6, atol=1e-6)
+        ctrl.unmerge()
+        torch.testing.assert_close(fn(m, x), want, rtol=1e-6, atol=1e-6)
+    clora_fast.unpatch(m)
+    assert torch.equal(fn(m, x), y_orig)
+    sd = m.state_dict()
+    assert sd.keys() == sd0.keys() and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+
+
+def _timm_vit(arch="vit_tiny_patch16_224", **kw):
+    torch.manual_seed(0)
+    args = dict(pretrained=False, img_size=16, patch_size=4, depth=2, embed_dim=D, num_heads=4, num_classes=3)
+    args.update(kw)
+    return timm.create_model(arch, **args)
+
+
+def _no_fused_attn(m):
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    return m
+
+
+def _unit_layer_scale(m):
+    with torch.no_grad():
+        for mod in m.modules():
+            if type(mod).__name__ == "LayerScale":
+                mod.gamma.fill_(1.0)           # timm's 1e-5 init would hide what the attention does
+    return m
+
+
+def _ckpt(m):
+    m.set_grad_checkpointing(True)
+    return m
+
+
+# name: (build, image size, fn(model, x) -> tensor or None for model(x), attention blocks)
+TIMM_FAMILIES = {
+    "vit_qkv_bias": (lambda: _timm_vit(qkv_bias=True), 16, None),
+    "vit_no_qkv_bias": (lambda: _timm_vit(qkv_bias=False), 16, None),
+    "vit_qk_norm": (lambda: _timm_vit(qk_norm=True), 16, None),
+    "vit_avg_no_cls": (lambda: _timm_vit(class_token=False, global_pool="avg"), 16, None),
+    "vit_reg_tokens": (lambda: _timm_vit(reg_tokens=4), 16, None),
+    "vit_map_head": (lambda: _timm_vit(class_token=False, global_pool="map"), 16, None),
+    "vit_not_fused_attn": (lambda: _no_fused_attn(_timm_vit()), 16, None),
+    "vit_dynamic_img_size": (lambda: _timm_vit(dynamic_img_size=True), 24, None),
+    "vit_features_head": (lambda: _timm_vit(), 16, lambda mod, x: mod.forward_head(mod.forward_features(x))),
+    "vit_features_only": (lambda: _timm_vit(), 16, lambda mod, x: mod.forward_features(x)),
+    "deit_distilled": (lambda: _timm_vit("deit_tiny_distilled_patch16_224"), 16, None),
+    "vit_parallel_blocks": (lambda: _unit_layer_scale(_timm_vit("vit_small_patch16_18x2_224")), 16,
+                            lambda mod, x: mod.forward_features(x), 4),
+    "vit_grad_checkpointing": (lambda: _ckpt(_timm_vit()), 16, None),
+    "naflexvit": (lambda: _unit_layer_scale(_timm_vit("naflexvit_base_patch16_gap")), 16, None),
+    "vit_hybrid_resnet_stem": (lambda: _timm_vit("vit_tiny_r_s16_p8_224", img_size=32, patch_size=1), 32, None),
+}
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("family", sorted(TIMM_FAMILIES))
+def test_timm_family_matches_folded_weights(family, train):
+    build, size, fn, *n_blocks = TIMM_FAMILIES[family]
+    m = build()
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, size, size)
+    _check_family_against_folded_weights(m, x, fn, train=train, n_blocks=n_blocks[0] if n_blocks else 2)
+
+
+# timm models whose self-attention this integration does not adapt: refused, naming the model class, the
+# unsupported attention modules and what is supported (never patched partially or silently not at all)
+TIMM_REFUSED = {
+    "eva02": (lambda: _timm_vit("eva02_tiny_patch14_224"), "EvaAttention"),
+    "vit_rope": (lambda: _timm_vit("vit_base_patch16_rope_224"), "AttentionRope"),
+    "beit": (lambda: _timm_vit("beit_base_patch16_224"), "beit.Attention"),     # q_bias/v_bias, F.linear
+    "vit_relpos": (lambda: _timm_vit("vit_relpos_small_patch16_224"), "RelPosAttention"),
+    "samvit": (lambda: _timm_vit("samvit_base_patch16", global_attn_indexes=(1,), window_size=2, num_classes=0,
+                                 ref_feat_shape=None), "vision_transformer_sam.Attention"),
+    "vit_diff_attention": (lambda: _timm_vit(attn_layer="diff"), "DiffAttention"),
+    "cait": (lambda: _timm_vit("cait_xxs24_224"), "TalkingHeadAttn"),
+    "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, depths=(1, 1),
+                                       embed_dim=16, num_heads=(1, 2), window_size=2, num_classes=3),
+             "WindowAttention"),
+    "twins": (lambda: timm.create_model("twins_svt_small", pretrained=False, img_size=64, depths=(1, 1, 1, 1),
+                                        embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2), wss=[2, 2, 2, 2]),
+              "LocallyGroupedAttn"),
+    # timm Attention blocks next to other self-attention (CSATv2's SpatialTransformerBlock): never only some
+    "csatv2_partial": (lambda: timm.create_model("csatv2", pretrained=False, num_classes=3), "SpatialTransformerBlock"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(TIMM_REFUSED))
+def test_timm_unsupported_attention_is_refused(family):
+    build, what = TIMM_REFUSED[family]
+    m = build()
+    sd0 = {k: v.clone() for k, v in m.state_dict().items()}
+    for entry in (clora_fast.patch, vit.patch):
+        with pytest.raises(ValueError) as ei:
+            entry(m, rank=2)
+        msg = str(ei.value)
+        assert type(m).__name__ in msg and what in msg and "supported" in msg, msg
+    assert vit.get_controller(m) is None and not vit.can_patch(m)
+    assert all("forward" not in mod.__dict__ for mod in m.modules())        # nothing was left installed
+    assert all(torch.equal(v, sd0[k]) for k, v in m.state_dict().items())

@@ -165,6 +165,41 @@ def _wrapped_projections(model: nn.Module) -> List[str]:
     return out
 
 
+#: timm attention *pooling* heads (a learned latent query attending over the tokens, e.g. ``global_pool='map'``):
+#: not self-attention blocks of the backbone, so they are left as they are and do not block patching
+_NOT_SELF_ATTENTION = frozenset({"AttentionPoolLatent", "AttentionPoolPrr", "AttentionPool2d", "RotAttentionPool2d"})
+
+_SUPPORTED = ("supported: timm ViTs whose blocks use timm.layers.Attention with its fused qkv linear (vit_*, deit_*, "
+              "VisionTransformerDistilled, NaFlexVit, hybrid ViTs; not EVA/EVA-02, BEiT, Swin, CaiT, relpos, SAM, "
+              "differential attention), and transformers ViTModel / ViTForImageClassification")
+
+
+def _looks_like_attention(mod: nn.Module) -> bool:
+    """A self-attention-like module: its class is named ``...Attention`` / ``...Attn`` or it holds a ``qkv``."""
+    return (type(mod).__name__.lower().endswith(("attention", "attn"))
+            or isinstance(getattr(mod, "qkv", None), (nn.Module, nn.Parameter)))
+
+
+def _unsupported_attention(model: nn.Module, blocks: List[AttentionBlock]) -> List[str]:
+    """``"<name> (<module>.<class>)"`` of every timm self-attention-like module of ``model`` that is not one of the
+    adapted ``blocks`` (nor inside or around one): patching the rest would adapt only some blocks, and a model
+    with nothing else would silently learn nothing, so :func:`patch` refuses both and names these."""
+    adapted = [blk.name for blk in blocks]
+
+    def related(name):
+        return any(name == a or not a or not name or name.startswith(a + ".") or a.startswith(name + ".")
+                   for a in adapted)
+
+    out = []
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if (not cls.__module__.startswith("timm.") or cls.__name__ in _NOT_SELF_ATTENTION
+                or not _looks_like_attention(mod) or related(name)):
+            continue
+        out.append(f"{name or '<root>'} ({cls.__module__}.{cls.__name__})")
+    return out
+
+
 def _is_hf_vit(obj) -> bool:
     try:
         from transformers import PreTrainedModel  # type: ignore
@@ -181,14 +216,15 @@ def _is_timm_model(obj) -> bool:
 def can_patch(obj) -> bool:
     """True for a transformers ViT (``config.model_type == "vit"``: ``ViTModel``,
     ``ViTForImageClassification``, ...) or a timm model (``VisionTransformer``, ...)
-    that holds at least one adaptable self-attention block, or any model this module
-    patched. Never raises."""
+    that holds at least one adaptable self-attention block and no self-attention this module
+    cannot adapt, or any model this module patched. Never raises."""
     try:
         if isinstance(obj, nn.Module) and getattr(obj, _ADAPTER_ATTR, None) is not None:
             return True  # patched by us (so clora_fast.unpatch/load find their way back)
         if not (_is_hf_vit(obj) or _is_timm_model(obj)):
             return False
-        return len(find_attention_blocks(obj)[1]) > 0
+        blocks = find_attention_blocks(obj)[1]
+        return len(blocks) > 0 and not _unsupported_attention(obj, blocks)
     except Exception:
         return False
 
@@ -631,15 +667,24 @@ def _prepare(model, what: str) -> ViTAdapter:
                 raise RuntimeError(
                     f"{what}: {prefix}{attr} has its own forward ({found}): the C-LoRA adapter replaces the "
                     f"projection's forward, so it would bypass it while patched and delete it on unpatch; {fix}")
-    if not blocks:
+    unsupported = _unsupported_attention(model, blocks)
+    if unsupported or not blocks:
         wrapped = _wrapped_projections(model)
         why = (f"; these projections are not plain nn.Linear (another adapter such as PEFT's LoRA, or "
                f"quantization, wraps them: merge/unload it first): {', '.join(wrapped[:4])}"
                f"{' ...' if len(wrapped) > 4 else ''}") if wrapped else ""
+        model_name = f"{type(model).__module__}.{type(model).__name__}"
+        if unsupported:
+            listed = f"{', '.join(unsupported[:4])}{f' and {len(unsupported) - 4} more' if len(unsupported) > 4 else ''}"
+            found = (f"{len(blocks)} adaptable attention block(s), but also " if blocks else "no adaptable attention "
+                     f"block, only ")
+            raise ValueError(
+                f"{what}: {model_name} is not supported: found {found}self-attention that clora_fast cannot adapt: "
+                f"{listed} (C-LoRA must adapt K and V of every self-attention block; {_SUPPORTED}){why}")
         raise ValueError(
-            f"{what}: found no self-attention layers to adapt in {type(model).__module__}."
-            f"{type(model).__name__} (looked for transformers ViTAttention.{{k,v}}_proj, "
-            f"ViTSelfAttention.{{key,value}} and timm Attention.qkv, all plain nn.Linear){why}")
+            f"{what}: found no self-attention layers to adapt in {model_name} (looked for transformers "
+            f"ViTAttention.{{k,v}}_proj, ViTSelfAttention.{{key,value}} and timm Attention.qkv, all plain "
+            f"nn.Linear; {_SUPPORTED}){why}")
     return ViTAdapter(model, framework, blocks)
 
 
