@@ -496,13 +496,16 @@ def _read_bank_names(cl) -> List[str]:
 
 
 def _bank_state(out: Path) -> str:
-    """'new' (nothing there, or an empty folder), 'bank' (a bank folder) or raise."""
+    """'new' (nothing there, an empty folder, or only the data files of a first save killed before its
+    manifest: that save never finished a bank), 'bank' (a bank folder) or raise."""
+    from clora_fast.bank import _DATA_RE
+
     if not out.exists():
         return "new"
     if out.is_dir():
         if (out / "manifest.json").is_file():
             return "bank"
-        if not any(p for p in out.iterdir() if not p.name.startswith(".")):
+        if all(_DATA_RE.match(p.name) for p in out.iterdir() if not p.name.startswith(".")):
             return "new"
         raise CLIError(f"--out {str(out)!r} is a folder that is not empty and holds no concept bank "
                        f"(no manifest.json): choose another --out")
@@ -511,10 +514,82 @@ def _bank_state(out: Path) -> str:
 
 def cmd_train(args) -> int:
     try:
-        with _seeded_rngs(args.seed):
-            return _cmd_train(args)
+        with _seeded_rngs(args.seed), contextlib.ExitStack() as held:
+            return _cmd_train(args, held)
     finally:
         _reset_accelerate_state()
+
+
+#: the lock file of a running ``train`` in its --out folder (a dot file: not part of the bank's layout)
+TRAIN_LOCK = ".clora_fast_train.lock"
+
+
+@contextlib.contextmanager
+def _train_lock(out: Path):
+    """Hold an exclusive ``flock`` of ``out/.clora_fast_train.lock`` for a whole ``train`` run, or refuse at once
+    with a :class:`CLIError` when another run holds it.  Two runs on one --out each trained every remaining
+    concept and saved over the other's bank (the last save won, the other run's work was lost, and a run
+    starting during the other's first save was refused as 'not a concept bank').  The lock file is removed
+    before the lock is released (as the bank's save lock: a run that opened it meanwhile sees that and locks
+    again).  Without ``fcntl`` (Windows) or on a file system that cannot lock, runs are not serialised."""
+    import errno
+
+    try:
+        import fcntl
+    except ImportError:          # pragma: no cover - Windows
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / TRAIN_LOCK
+    while True:
+        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                try:
+                    who = f" (process {int(lock.read_text().split()[0])})"
+                except (OSError, ValueError, IndexError):
+                    who = ""
+                raise CLIError(f"another clora-fast train is running on --out {str(out)!r}{who}: two runs on one "
+                               f"bank would each learn the remaining concepts and save over each other. Wait for it "
+                               f"to finish (rerunning then resumes after its last concept) or choose another --out"
+                               ) from None
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                try:
+                    os.unlink(lock)
+                except OSError:
+                    pass
+                yield                # a file system without flock: not serialised
+                return
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except OSError:
+            same = False
+        if same:
+            break
+        os.close(fd)             # the lock of a lock file removed by the run that just ended: lock again
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pass
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        except OSError:
+            pass
+        os.close(fd)
+        if created:              # a run that failed before writing anything leaves no empty --out behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
 
 
 def _reset_accelerate_state() -> None:
@@ -528,7 +603,7 @@ def _reset_accelerate_state() -> None:
         pass
 
 
-def _cmd_train(args) -> int:
+def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
     import torch
     from accelerate import Accelerator
 
@@ -574,6 +649,16 @@ def _cmd_train(args) -> int:
     _check_backend(args.backend, device)
     is_main = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
+    if is_main:
+        # one run per --out at a time, held to the end of the run (the other processes of this run only read the
+        # bank before training: a launcher stops them when this one fails); the state is read again under it
+        lock = _train_lock(out)
+        if held is not None:
+            held.enter_context(lock)
+        else:
+            with lock:
+                pass
+        state = _bank_state(out)
 
     pipe = _load_model(args.model, device)
     pipe.set_progress_bar_config(disable=True)

@@ -302,3 +302,97 @@ def test_loads_while_another_process_saves_see_complete_banks(tmp_path):
             proc.kill()
     assert proc.returncode == 0, err[-2000:]
     assert int(out.split()[-1]) > 2
+
+
+# ---------------------------------------------------------------------------- the CLI: two runs on one --out
+def _concept_folder(root, name, seed):
+    import numpy as np
+    from PIL import Image
+    d = root / name
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(d / f"{i}.png")
+    return str(d)
+
+
+CLI_FAST = ["--resolution", "16", "--steps", "2", "--samples-per-concept", "0", "--batch-size", "1",
+            "--no-progress", "--backend", "reference", "--threads", "1"]
+
+
+def _cli_run_paused(argv, started, go):
+    """``clora-fast train`` (in this process) that stops after its first optimizer step until ``go`` exists."""
+    from pathlib import Path
+
+    from clora_fast import cli
+
+    def hook(pos, step):
+        if pos == 0 and step == 0:
+            Path(started).touch()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    cli.STEP_HOOK = hook
+    sys.exit(cli.main(argv))
+
+
+def test_two_train_runs_on_one_out_folder(tmp_path, capsys):
+    """`clora-fast train` launched twice on the same --out: both runs trained every remaining concept and saved
+    over each other's bank (the last save won; a run that started during the other's first save was refused as
+    'not a concept bank').  The second run is now refused at once, naming the running one; once that one has
+    finished, a rerun resumes as usual."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("accelerate")
+    from clora_fast import cli
+    concepts = [_concept_folder(tmp_path / "data", "alpha", 1)]
+    out = tmp_path / "bank"
+    argv = ["train", "--model", "builtin", "--concepts", *concepts, "--out", str(out), *CLI_FAST]
+    started, go = tmp_path / "started", tmp_path / "go"
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")]))
+    first = subprocess.Popen([sys.executable, "-c", f"import test_multiprocess as T; "
+                                                    f"T._cli_run_paused({argv!r}, {str(started)!r}, {str(go)!r})"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not started.exists():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first run did not start training"
+            time.sleep(0.1)
+        rc = cli.main(argv)                                  # the second run, while the first one trains
+        err = capsys.readouterr().err
+        assert rc == 2 and "another clora-fast train is running" in err and str(first.pid) in err, err
+        go.touch()
+        _, first_err = first.communicate(timeout=120)
+    finally:
+        go.touch()
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, first_err[-3000:]
+    assert not (out / cli.TRAIN_LOCK).exists()
+    m = read_manifest_names(out)
+    assert m == ["<alpha>"]
+    assert cli.main(argv) == 0                               # after it: a rerun resumes (nothing left to learn)
+    assert "already in" in capsys.readouterr().out
+
+
+def read_manifest_names(out):
+    import json
+    with open(os.path.join(out, "manifest.json")) as f:
+        return [c["name"] for c in json.load(f)["concepts"]]
+
+
+def test_train_out_folder_of_a_killed_first_save_is_a_new_bank(tmp_path):
+    """A first save killed before its manifest leaves only data files: `train` refused that --out for good ('not
+    empty and holds no concept bank'); it is a bank that was never finished, so the run starts it anew."""
+    pytest.importorskip("diffusers")
+    pytest.importorskip("accelerate")
+    from clora_fast import cli
+    out = tmp_path / "bank"
+    r = _run_child(f"T._save_and_die_before_manifest({str(out)!r}, 1)")
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert cli._bank_state(out) == "new"
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(cli.CLIError, match="holds no concept bank"):
+        cli._bank_state(out)
