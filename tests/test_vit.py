@@ -1245,6 +1245,69 @@ def test_timm_family_matches_folded_weights(family, train):
     _check_family_against_folded_weights(m, x, fn, train=train, n_blocks=n_blocks[0] if n_blocks else 2)
 
 
+def _hf(config_cls, model_cls, **kw):
+    T = transformers
+    torch.manual_seed(0)
+    args = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
+                patch_size=4, num_channels=3, num_labels=3)
+    args.update(kw)
+    cfg = getattr(T, config_cls)(**args)
+    return getattr(T, model_cls)(cfg)
+
+
+def _swin():
+    torch.manual_seed(0)
+    cfg = transformers.SwinConfig(image_size=16, patch_size=2, num_channels=3, embed_dim=16, depths=[1, 1],
+                                  num_heads=[2, 2], window_size=2, drop_path_rate=0.0, num_labels=3)
+    return transformers.SwinForImageClassification(cfg)
+
+
+_MAE_NOISE = torch.rand(2, 16, generator=torch.Generator().manual_seed(3))
+
+# name: (build, image size, fn(model, x) -> tensor or None for model(x)[0]/logits, attention blocks)
+HF_FAMILIES = {
+    "vit_eager": (lambda: _hf("ViTConfig", "ViTForImageClassification", attn_implementation="eager"), 16, None),
+    "vit_sdpa": (lambda: _hf("ViTConfig", "ViTForImageClassification", attn_implementation="sdpa"), 16, None),
+    "vit_output_attentions": (lambda: _hf("ViTConfig", "ViTForImageClassification", attn_implementation="eager"),
+                              16, lambda mod, x: (lambda o: torch.cat([o.logits.flatten()] + [a.flatten() for a in
+                                                                          o.attentions]))(
+                                  mod(x, output_attentions=True))),
+    "vit_interpolate_pos_encoding": (lambda: _hf("ViTConfig", "ViTModel"), 24,
+                                     lambda mod, x: mod(x, interpolate_pos_encoding=True).last_hidden_state),
+    "deit": (lambda: _hf("DeiTConfig", "DeiTForImageClassification"), 16, None),
+    "deit_with_teacher": (lambda: _hf("DeiTConfig", "DeiTForImageClassificationWithTeacher"), 16, None),
+    "dinov2": (lambda: _hf("Dinov2Config", "Dinov2ForImageClassification"), 16, None),
+    "dinov2_with_registers": (lambda: _hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersForImageClassification"),
+                              16, None),
+    "dinov3_vit": (lambda: _hf("DINOv3ViTConfig", "DINOv3ViTModel", pos_embed_rescale=None), 16, None),
+    "beit": (lambda: _hf("BeitConfig", "BeitForImageClassification", use_relative_position_bias=True,
+                         drop_path_rate=0.0), 16, None),
+    "beit_shared_relpos": (lambda: _hf("BeitConfig", "BeitModel", use_shared_relative_position_bias=True,
+                                       drop_path_rate=0.0), 16, None),
+    "data2vec_vision": (lambda: _hf("Data2VecVisionConfig", "Data2VecVisionForImageClassification",
+                                    use_relative_position_bias=True, drop_path_rate=0.0), 16, None),
+    "clip_vision": (lambda: _hf("CLIPVisionConfig", "CLIPVisionModel"), 16, None),
+    "clip_vision_with_projection": (lambda: _hf("CLIPVisionConfig", "CLIPVisionModelWithProjection",
+                                                projection_dim=8), 16, None),
+    "siglip_vision": (lambda: _hf("SiglipVisionConfig", "SiglipVisionModel"), 16, None),
+    "vit_mae": (lambda: _hf("ViTMAEConfig", "ViTMAEModel"), 16,
+                lambda mod, x: mod(x, noise=_MAE_NOISE.to(x.dtype)).last_hidden_state),
+    "vit_msn": (lambda: _hf("ViTMSNConfig", "ViTMSNForImageClassification"), 16, None),
+    "ijepa": (lambda: _hf("IJepaConfig", "IJepaForImageClassification"), 16, None),
+    "swin": (_swin, 16, None),
+}
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("family", sorted(HF_FAMILIES))
+def test_transformers_family_matches_folded_weights(family, train):
+    build, size, fn, *n_blocks = HF_FAMILIES[family]
+    m = build()
+    torch.manual_seed(7)
+    x = torch.randn(2, 3, size, size)
+    _check_family_against_folded_weights(m, x, fn, train=train, n_blocks=n_blocks[0] if n_blocks else 2)
+
+
 # timm models whose self-attention this integration does not adapt: refused, naming the model class, the
 # unsupported attention modules and what is supported (never patched partially or silently not at all)
 TIMM_REFUSED = {
@@ -1280,3 +1343,36 @@ def test_timm_unsupported_attention_is_refused(family):
     assert vit.get_controller(m) is None and not vit.can_patch(m)
     assert all("forward" not in mod.__dict__ for mod in m.modules())        # nothing was left installed
     assert all(torch.equal(v, sd0[k]) for k, v in m.state_dict().items())
+
+
+
+# transformers models whose attention is not (or not only) in the supported families: refused by both entries
+HF_REFUSED = {
+    # the text tower uses the same CLIPAttention class as the vision tower: never adapt it silently
+    "clip_with_text_tower": (lambda: transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                         vocab_size=50, max_position_embeddings=8),
+        vision_config=dict(hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           image_size=16, patch_size=4), projection_dim=8)), "'clip'"),
+    "swinv2": (lambda: transformers.Swinv2Model(transformers.Swinv2Config(
+        image_size=16, patch_size=2, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=2)), "'swinv2'"),
+    "bert": (lambda: transformers.BertModel(transformers.BertConfig(
+        hidden_size=D, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=50)), "'bert'"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(HF_REFUSED))
+def test_transformers_unsupported_family_is_refused(family):
+    build, what = HF_REFUSED[family]
+    m = build()
+    with pytest.raises((TypeError, ValueError)) as ei:
+        clora_fast.patch(m, rank=2)
+    assert type(m).__name__ in str(ei.value)
+    for wrap in (False, True):                       # vit.patch directly, also on a user's module holding it
+        target = nn.Sequential(m) if wrap else m
+        with pytest.raises(ValueError) as ei:
+            vit.patch(target, rank=2)
+        msg = str(ei.value)
+        assert type(target).__name__ in msg and what in msg and "supported" in msg, msg
+        assert vit.get_controller(target) is None and not vit.can_patch(target)
+    assert all("forward" not in mod.__dict__ for mod in m.modules())

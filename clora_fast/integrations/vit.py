@@ -6,13 +6,18 @@ block and *translates* calls into the framework-free
 save/load, merge).  Supported layouts:
 
 * transformers 5.x (5.17 and 5.24 have the same layout): ``ViTAttention`` with
-  ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (``vit.layers.{i}.attention``).
+  ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (``vit.layers.{i}.attention``); the same layout in
+  DeiT, DINOv2 (with registers), DINOv3 ViT, BEiT, CLIP / SigLIP vision towers, ViTMAE, ViTMSN, I-JEPA and Swin
+  (``_HF_MODEL_TYPES``; Data2VecVision keeps ``query``/``key``/``value``). Other transformers models (a whole
+  ``CLIPModel`` with its text tower, Swinv2, ...) are refused, naming what was found.
 * transformers 4.x: ``ViTSelfAttention`` with ``query``/``key``/``value`` linears
   (``vit.encoder.layer.{i}.attention.attention``).
 * timm: ``timm.layers.Attention`` (used by ``VisionTransformer`` and friends) with
   one fused ``qkv`` linear ``[3*d, in]``.  Only the K rows ``[d:2d]`` and the
   V rows ``[2d:3d]`` are adapted; Q is computed densely from rows ``[0:d]`` of
-  the untouched weight.
+  the untouched weight. Other timm attention (EVA, BEiT's ``q_bias``/``v_bias``, Swin, CaiT, ...) is refused:
+  never only some blocks of a model (``_unsupported_attention``). Attention *pooling* heads (``global_pool='map'``)
+  are not self-attention blocks and stay as they are.
 
 K and V of one attention block see the same input: they form one *group* and
 are computed together in one grouped launch (``controller.project_group``).
@@ -60,8 +65,17 @@ __all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "find_atte
 
 _ADAPTER_ATTR = "_clora_vit_adapter"
 
-#: transformers ``config.model_type`` values whose attention layout this module handles
-_HF_MODEL_TYPES = ("vit",)
+#: transformers ``config.model_type`` values whose attention layout this module handles: each family's attention
+#: calls ``k_proj(h)``/``v_proj(h)`` (or ``key(h)``/``value(h)``) on the block's hidden states, and
+#: tests/test_vit.py checks each against the model with its K/V weights set to W0 + P + s*B@A
+_HF_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "beit", "data2vec-vision",
+                   "clip_vision_model", "siglip_vision_model", "vit_mae", "vit_msn", "ijepa", "swin")
+#: the modeling modules of those families: attention classes defined anywhere else in transformers are not adapted
+_HF_ATTENTION_MODULES = frozenset(f"transformers.models.{m}" for m in (
+    "vit.modeling_vit", "deit.modeling_deit", "dinov2.modeling_dinov2",
+    "dinov2_with_registers.modeling_dinov2_with_registers", "dinov3_vit.modeling_dinov3_vit", "beit.modeling_beit",
+    "data2vec.modeling_data2vec_vision", "clip.modeling_clip", "siglip.modeling_siglip", "vit_mae.modeling_vit_mae",
+    "vit_msn.modeling_vit_msn", "ijepa.modeling_ijepa", "swin.modeling_swin"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,14 +148,14 @@ def find_attention_blocks(model: nn.Module) -> Tuple[Optional[str], List[Attenti
         cls_name = type(mod).__name__
         if not cls_name.endswith("Attention"):
             continue
+        if type(mod).__module__ not in _HF_ATTENTION_MODULES:
+            continue
         # K and V must be plain linears (they are adapted); Q is only computed, whatever wraps it
-        if hasattr(mod, "q_proj") and all(_is_linear(getattr(mod, a, None)) for a in ("k_proj", "v_proj")) and \
-                type(mod).__module__.startswith("transformers."):
+        if hasattr(mod, "q_proj") and all(_is_linear(getattr(mod, a, None)) for a in ("k_proj", "v_proj")):
             blocks.append(AttentionBlock(name, mod, "hf",
                                          {"q": mod.q_proj, "k": mod.k_proj, "v": mod.v_proj}))
             framework = framework or "transformers"
-        elif hasattr(mod, "query") and all(_is_linear(getattr(mod, a, None)) for a in ("key", "value")) and \
-                type(mod).__module__.startswith("transformers."):
+        elif hasattr(mod, "query") and all(_is_linear(getattr(mod, a, None)) for a in ("key", "value")):
             blocks.append(AttentionBlock(name, mod, "hf_legacy",
                                          {"q": mod.query, "k": mod.key, "v": mod.value}))
             framework = framework or "transformers"
@@ -171,7 +185,9 @@ _NOT_SELF_ATTENTION = frozenset({"AttentionPoolLatent", "AttentionPoolPrr", "Att
 
 _SUPPORTED = ("supported: timm ViTs whose blocks use timm.layers.Attention with its fused qkv linear (vit_*, deit_*, "
               "VisionTransformerDistilled, NaFlexVit, hybrid ViTs; not EVA/EVA-02, BEiT, Swin, CaiT, relpos, SAM, "
-              "differential attention), and transformers ViTModel / ViTForImageClassification")
+              "differential attention), and transformers models of model_type "
+              f"{', '.join(repr(t) for t in _HF_MODEL_TYPES)} (ViT, DeiT, DINOv2, DINOv3 ViT, BEiT, "
+              "Data2VecVision, CLIPVisionModel(WithProjection), SiglipVisionModel, ViTMAE, ViTMSN, I-JEPA, Swin)")
 
 
 def _looks_like_attention(mod: nn.Module) -> bool:
@@ -181,9 +197,15 @@ def _looks_like_attention(mod: nn.Module) -> bool:
 
 
 def _unsupported_attention(model: nn.Module, blocks: List[AttentionBlock]) -> List[str]:
-    """``"<name> (<module>.<class>)"`` of every timm self-attention-like module of ``model`` that is not one of the
-    adapted ``blocks`` (nor inside or around one): patching the rest would adapt only some blocks, and a model
-    with nothing else would silently learn nothing, so :func:`patch` refuses both and names these."""
+    """``"<name> (<module>.<class>)"`` of every timm or transformers self-attention-like module of ``model`` that
+    is not one of the adapted ``blocks`` (nor inside or around one), and of every transformers model in it whose
+    ``model_type`` is not supported (e.g. a ``CLIPModel``: its text tower shares the vision tower's attention
+    class): patching the rest would adapt only some blocks, and a model with nothing else would silently learn
+    nothing, so :func:`patch` refuses both and names these."""
+    try:
+        from transformers import PreTrainedModel  # type: ignore
+    except Exception:  # noqa: BLE001 - transformers missing or broken
+        PreTrainedModel = None
     adapted = [blk.name for blk in blocks]
 
     def related(name):
@@ -193,7 +215,12 @@ def _unsupported_attention(model: nn.Module, blocks: List[AttentionBlock]) -> Li
     out = []
     for name, mod in model.named_modules():
         cls = type(mod)
-        if (not cls.__module__.startswith("timm.") or cls.__name__ in _NOT_SELF_ATTENTION
+        if PreTrainedModel is not None and isinstance(mod, PreTrainedModel):
+            model_type = getattr(getattr(mod, "config", None), "model_type", None)
+            if model_type not in _HF_MODEL_TYPES:
+                out.append(f"{name or '<root>'} ({cls.__module__}.{cls.__name__}, model_type {model_type!r})")
+                continue
+        if (not cls.__module__.startswith(("timm.", "transformers.")) or cls.__name__ in _NOT_SELF_ATTENTION
                 or not _looks_like_attention(mod) or related(name)):
             continue
         out.append(f"{name or '<root>'} ({cls.__module__}.{cls.__name__})")
@@ -214,8 +241,8 @@ def _is_timm_model(obj) -> bool:
 
 
 def can_patch(obj) -> bool:
-    """True for a transformers ViT (``config.model_type == "vit"``: ``ViTModel``,
-    ``ViTForImageClassification``, ...) or a timm model (``VisionTransformer``, ...)
+    """True for a transformers ViT (``config.model_type`` in :data:`_HF_MODEL_TYPES`: ``ViTModel``,
+    ``ViTForImageClassification``, ``DeiTForImageClassification``, ``Dinov2Model``, ``CLIPVisionModel``, ...) or a timm model (``VisionTransformer``, ...)
     that holds at least one adaptable self-attention block and no self-attention this module
     cannot adapt, or any model this module patched. Never raises."""
     try:
