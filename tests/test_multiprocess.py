@@ -396,3 +396,155 @@ def test_train_out_folder_of_a_killed_first_save_is_a_new_bank(tmp_path):
     (out / "notes.txt").write_text("mine")
     with pytest.raises(cli.CLIError, match="holds no concept bank"):
         cli._bank_state(out)
+
+
+# ---------------------------------------------------------------------------- DDP around patched models
+D = 32
+
+
+def _vit(fw):
+    torch.manual_seed(0)
+    if fw == "hf":
+        from transformers import ViTConfig, ViTForImageClassification
+        m = ViTForImageClassification(ViTConfig(image_size=8, patch_size=2, num_channels=1, hidden_size=D,
+                                                num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                                num_labels=3))
+    else:
+        timm = pytest.importorskip("timm")
+        m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=8, patch_size=2, in_chans=1,
+                              embed_dim=D, depth=2, num_heads=4, num_classes=3)
+    m.eval().requires_grad_(False)
+    for n, p in m.named_parameters():          # the classifier head trains (DDP needs a parameter to sync)
+        p.requires_grad_(n.startswith(("classifier.", "head.")))
+    return m
+
+
+def _vit_setup(fw, order):
+    """A patched ViT with one finished concept and the next one begun; ``order``: when DDP wraps it."""
+    import clora_fast
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    m = _vit(fw)
+    ddp = DDP(m) if order == "ddp_then_patch" else None
+    cl = clora_fast.patch(m, rank=2, backend="reference", penalty_weight=10.0)
+    if order == "patch_then_ddp":
+        ddp = DDP(m)
+    for t in range(2):
+        if t == 1 and order == "ddp_then_begin":
+            ddp = DDP(m)
+        torch.manual_seed(10 + t)              # the same A on every process
+        cl.begin_concept(f"task{t}")
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(20 + t)
+            for p in cl.trainable_parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        if t == 0:
+            cl.end_concept()
+    return m, ddp, cl
+
+
+def _vit_batch():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 3, (4,), generator=g)
+
+
+def _vit_loss(model, cl, x, y):
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    return torch.nn.functional.cross_entropy(logits, y) + cl.penalty()
+
+
+def _grads(m, cl):
+    return {"ctrl": [p.grad.clone() for p in cl.trainable_parameters()],
+            "head": [p.grad.clone() for p in m.parameters() if p.requires_grad]}
+
+
+def _ddp_vit_worker(rank, world, tmp, cases):
+    import warnings
+    warnings.simplefilter("ignore")
+    _init(rank, world, tmp)
+    res = {}
+    try:
+        x, y = _vit_batch()
+        for fw, order in cases:
+            m, ddp, cl = _vit_setup(fw, order)
+            _vit_loss(ddp, cl, x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]).backward()
+            cl.all_reduce_grads()
+            res[(fw, order)] = _grads(m, cl)
+            torch.optim.SGD(cl.trainable_parameters(), lr=0.5).step()
+            cl.end_concept()
+            bank = os.path.join(tmp, f"bank-{fw}-{order}")
+            if rank == 0:
+                cl.save(bank)                  # one process saves ...
+            dist.barrier()
+            c2 = _vit_setup(fw, "none")[2]
+            c2.end_concept()
+            c2.load_bank(bank)                 # ... every process loads: the same state as its own
+            res[(fw, order, "same_as_bank")] = all(
+                torch.equal(cl.past(i), c2.past(i)) for i in range(cl.num_sites))
+            dist.barrier()
+    finally:
+        torch.save(res, os.path.join(tmp, f"vit{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_ddp_patched_vit_gradients_match_the_single_process_batch(tmp_path):
+    """transformers and timm ViTs patched before or after DistributedDataParallel wraps them (and a concept begun
+    after wrapping): with all_reduce_grads(), both processes hold the same gradients, equal to those of one
+    process on the concatenated batch; after end_concept both hold the same state, which rank 0's bank holds."""
+    pytest.importorskip("transformers")
+    cases = [("hf", "ddp_then_patch"), ("timm", "ddp_then_begin")]
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        cases = [("hf", "ddp_then_patch"), ("hf", "ddp_then_begin")]
+    _spawn(_ddp_vit_worker, (2, str(tmp_path), cases))
+    r = [torch.load(tmp_path / f"vit{k}.pt", weights_only=False) for k in (0, 1)]
+    x, y = _vit_batch()
+    for fw, order in cases:
+        m, _, cl = _vit_setup(fw, "none")
+        _vit_loss(m, cl, x, y).backward()
+        want = _grads(m, cl)
+        for kind in ("ctrl", "head"):
+            for a, b, w in zip(r[0][(fw, order)][kind], r[1][(fw, order)][kind], want[kind]):
+                assert torch.equal(a, b), (fw, order, kind)
+                torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-6)
+        assert r[0][(fw, order, "same_as_bank")] and r[1][(fw, order, "same_as_bank")]
+
+
+# ---------------------------------------------------------------------------- DataLoader workers
+class _Prompts(torch.utils.data.Dataset):
+    """Tokenizes prompts with the tokenizer it was given (a patched pipeline's, holding a concept's token)."""
+
+    def __init__(self, tokenizer, prompts):
+        self.tokenizer, self.prompts = tokenizer, prompts
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def __getitem__(self, i):
+        return torch.tensor(self.tokenizer(self.prompts[i], add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_dataloader_workers_get_the_patched_tokenizer(start):
+    """A patched pipeline's tokenizer (with a concept's token and clora_fast's save guard) in DataLoader workers
+    (num_workers=2): it pickles, and the workers tokenize the concept's token to its one id."""
+    import multiprocessing
+    pytest.importorskip("diffusers")
+    if start not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {start!r} start method here")
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+    pipe = build_pipeline()
+    pipe.unet.requires_grad_(False)
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    torch.manual_seed(0)
+    cl.begin_concept("<zq>")
+    tid = pipe.tokenizer.convert_tokens_to_ids("<zq>")
+    copy = pickle.loads(pickle.dumps(pipe.tokenizer))
+    with pytest.raises(RuntimeError, match="personalized tokens"):
+        copy.save_pretrained("never-written")          # the guard travels with the tokenizer
+    data = _Prompts(pipe.tokenizer, ["a photo of <zq>", "<zq>"] * 2)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=2, multiprocessing_context=start)
+    got = [t.tolist() for t in loader]
+    assert all(ids[-1] == tid for ids in got) and got[1] == [tid], got
