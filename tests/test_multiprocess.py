@@ -242,7 +242,6 @@ def test_a_data_file_removed_just_before_its_read_is_retried(tmp_path, monkeypat
     new manifest like a file found missing by the check)."""
     from pathlib import Path
 
-    import clora_fast.bank as bank
     path = tmp_path / "bank"
     trained(1).save(path)
     newer = trained(2)
