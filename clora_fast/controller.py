@@ -817,8 +817,7 @@ class CLoRAController(nn.Module):
         self._sync_device()
         backup = [s.weight.detach().clone() for s in self.sites]
         with torch.no_grad():
-            folded = [(b.to(torch.promote_types(b.dtype, torch.float32)) + p.to(b.device)).to(b.dtype)
-                      if p is not None else None for b, p in zip(backup, self._past)]
+            folded = [self._merged_value(b, p) if p is not None else None for b, p in zip(backup, self._past)]
             self._merged_backup = backup
             for s, f in zip(self.sites, folded):
                 if f is not None:
@@ -826,15 +825,39 @@ class CLoRAController(nn.Module):
         self._bump()
 
     def unmerge(self) -> None:
-        """Restore the exact base weights saved by :meth:`merge`."""
+        """Restore the exact base weights saved by :meth:`merge`.
+
+        A base weight changed while merged (``fuse_lora``, ``load_state_dict``, an optimizer step on it)
+        keeps its change: W0 becomes the saved W0 plus (what the weight holds now - the ``W0 + P`` that
+        merge() wrote), with a warning; the unchanged ones are restored bit for bit."""
         if not self.merged:
             raise RuntimeError("not merged")
         self._refresh_sites()
+        changed = []
         with torch.no_grad():
-            for s, b in zip(self.sites, self._merged_backup):
-                s.weight.copy_(b)
+            for i, (s, b) in enumerate(zip(self.sites, self._merged_backup)):
+                p = self._past[i]
+                w = s.weight
+                written = b if p is None else self._merged_value(b, p)
+                if torch.equal(w, written.to(w.device, w.dtype)):
+                    w.copy_(b)
+                    continue
+                changed.append(s.name)
+                if p is not None:      # (else merge wrote nothing and the weight is W0 + change already)
+                    ft = torch.promote_types(w.dtype, torch.float32)
+                    w.copy_(b.to(w.device, ft) + (w.to(ft) - written.to(w.device, ft)))
         self._merged_backup = None
         self._bump()
+        if changed:
+            warnings.warn(f"clora_fast: {len(changed)} adapted base weight(s) changed while merged "
+                          f"({changed[:3]}{' ...' if len(changed) > 3 else ''}); unmerge() kept the change: "
+                          f"their W0 is now the W0 from before merge() plus that change (not restored bit for bit)",
+                          UserWarning, stacklevel=2)
+
+    @staticmethod
+    def _merged_value(w0: Tensor, past: Tensor) -> Tensor:
+        """``W0 + P`` as :meth:`merge` writes it (fp32 or wider sum, in W0's dtype)."""
+        return (w0.to(torch.promote_types(w0.dtype, torch.float32)) + past.to(w0.device)).to(w0.dtype)
 
     # ------------------------------------------------------------------ export
     def export_factors(self, which: Union[int, str] = "merged") -> Dict[str, Tuple[Tensor, Tensor]]:

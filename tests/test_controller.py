@@ -295,6 +295,40 @@ def test_merge_unmerge_bit_identical():
         c.unmerge()
 
 
+def test_unmerge_keeps_a_change_made_while_merged():
+    """A base weight changed while merged (fuse_lora, load_state_dict, an optimizer step) keeps that change on
+    unmerge (W0 + change, with a warning naming it) instead of being silently reset to the saved W0; the
+    others come back bit for bit, and writes that leave the merged value as it was (save() while merged
+    computes the identity on W0 by briefly unmerging) warn about nothing."""
+    import warnings
+    sites = make_sites(bias=True)
+    w0 = [s.weight.clone() for s in sites]
+    c = CLoRAController(sites, rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.merge()
+    delta = torch.randn(sites[1].weight.shape, generator=torch.Generator().manual_seed(9)) * 0.1
+    with torch.no_grad():
+        sites[1].weight.add_(delta)
+    with pytest.warns(UserWarning, match=r"1 adapted base weight\(s\) changed while merged \(\['layer0.v'\]\)"):
+        c.unmerge()
+    torch.testing.assert_close(sites[1].weight, w0[1] + delta, rtol=0, atol=1e-6)
+    for i, (s, w) in enumerate(zip(sites, w0)):
+        if i != 1:
+            assert torch.equal(s.weight, w)
+    # the kept change is the new W0: merging again folds P on top of it
+    c.merge()
+    torch.testing.assert_close(sites[1].weight, w0[1] + delta + c.past(1), rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c._identity()                 # writes W0 and then W0 + P back into the weights
+        with torch.no_grad():
+            sites[0].weight.copy_(sites[0].weight.clone())
+        c.unmerge()
+    assert all(torch.equal(s.weight, w) for i, (s, w) in enumerate(zip(sites, w0)) if i != 1)
+
+
 def test_export_factors_reconstruct_past():
     c = CLoRAController(make_sites(), rank=2, alpha=5.0)
     for t in range(2):

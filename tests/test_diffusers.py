@@ -793,6 +793,42 @@ def test_lora_module_swapped_in_after_patch_is_an_error():
         cl.merge() if cl.active_concept is None else cl.penalty()
 
 
+def test_a_lora_fused_while_merged_survives_unmerge(tmp_path):
+    """pipe.load_lora_weights + fuse_lora + unload_lora_weights on a patched, merged pipeline (a LoRA on an
+    adapted attn2.to_k): unmerge keeps the fused LoRA in W0 (with a warning) instead of silently dropping
+    it, so the unmerged model computes what the merged one did."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    unet = pipe.unet
+    cl = D.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept()
+    with torch.no_grad():
+        for p in cl.trainable_parameters():
+            p.normal_(std=0.3, generator=torch.Generator().manual_seed(p.numel()))
+    cl.end_concept()
+    name = attn2_names(unet)[0]
+    to_k = unet.get_submodule(name).to_k
+    g = torch.Generator().manual_seed(3)
+    save_file({f"unet.{name}.to_k.lora_A.weight": torch.randn(2, to_k.in_features, generator=g) * 0.3,
+               f"unet.{name}.to_k.lora_B.weight": torch.randn(to_k.out_features, 2, generator=g) * 0.3},
+              str(tmp_path / "ext.safetensors"))
+    inputs = unet_inputs(unet)
+    cl.merge()
+    with torch.no_grad():
+        before = run_unet(unet, inputs)
+    pipe.load_lora_weights(str(tmp_path), weight_name="ext.safetensors")
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    with torch.no_grad():
+        fused = run_unet(unet, inputs)
+    assert (fused - before).abs().max() > 1e-3
+    with pytest.warns(UserWarning, match=r"1 adapted base weight\(s\) changed while merged .*attn2.to_k"):
+        cl.unmerge()
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), fused, rtol=1e-5, atol=1e-5)
+
+
 def test_module_processor_weights_stay_in_the_unet():
     """An nn.Module processor (IP-Adapter) keeps its weights in the UNet's state_dict/parameters and
     follows .to() while patched (Attention.set_processor drops a module processor replaced by a plain object)."""
