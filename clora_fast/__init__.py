@@ -51,8 +51,9 @@ def _integration_for(obj):
             f"unload PEFT adapters on them first)")
     raise TypeError(
         f"clora_fast.patch does not know how to adapt a {type(obj).__module__}.{type(obj).__name__}: "
-        "expected a diffusers pipeline with a .unet, a UNet2DConditionModel, a transformers ViT "
-        "(ViTModel / ViTForImageClassification) or a timm VisionTransformer")
+        "expected a diffusers pipeline with a .unet, a UNet2DConditionModel, a transformers vision transformer "
+        "(ViT, DeiT, DINOv2/v3, BEiT, CLIP/SigLIP vision towers, ViTMAE, Swin, ...: see the README) or a timm "
+        "VisionTransformer")
 
 
 def patch(obj, **kwargs):
