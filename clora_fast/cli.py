@@ -423,9 +423,9 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
         if accelerator is not None:
             accelerator.backward(loss)
             if accelerator.num_processes > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+                # the controller's parameters are not the UNet's: average their gradients over the processes
+                # (every process takes part in every all-reduce, and processes out of step are an error)
+                cl.all_reduce_grads()
         else:
             loss.backward()
         optimizer.step()

@@ -510,6 +510,59 @@ def test_ddp_patched_vit_gradients_match_the_single_process_batch(tmp_path):
         assert r[0][(fw, order, "same_as_bank")] and r[1][(fw, order, "same_as_bank")]
 
 
+# ---------------------------------------------------------------------------- the CLI's training loop
+def _cli_train_worker(rank, world, tmp, port):
+    import warnings
+    warnings.simplefilter("ignore")
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="true",
+                      HF_HUB_OFFLINE="1")
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        from accelerate import Accelerator
+
+        import clora_fast
+        from clora_fast import cli
+        acc = Accelerator(cpu=True)
+        res["processes"] = acc.num_processes
+        pipe = cli._load_model("builtin", acc.device)
+        for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+            m.requires_grad_(False)
+        cl = clora_fast.patch(pipe, rank=2, backend="reference")
+        torch.manual_seed(1)                      # the same init on every process (as the CLI seeds it)
+        cl.begin_concept("<x>")
+        res["init"] = [p.detach().clone() for p in cl.trainable_parameters()]
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        g = torch.Generator().manual_seed(100 + rank)        # each process its own images and noise
+        imgs = torch.rand(2, 3, size, size, generator=g) * 2 - 1
+        with torch.no_grad():
+            lat = pipe.vae.encode(imgs).latent_dist
+        cli.train_concept(pipe, cl, lat.mean, lat.std, "a photo of <x>", steps=2, lr=1e-2, batch_size=1,
+                          generator=g, accelerator=acc)
+        res["trained"] = [p.detach().clone() for p in cl.trainable_parameters()]
+    finally:
+        torch.save(res, os.path.join(tmp, f"cli{rank}.pt"))
+
+
+def test_cli_training_loop_on_two_processes_keeps_them_in_step(tmp_path):
+    """clora-fast train's loop under accelerate with two CPU processes, each on its own data: the controller's
+    parameters (LoRA factors and the token row: not the UNet's, so no DDP syncs them) get averaged gradients
+    and stay identical on both processes."""
+    pytest.importorskip("accelerate")
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    _spawn(_cli_train_worker, (2, str(tmp_path), port))
+    r = [torch.load(tmp_path / f"cli{k}.pt", weights_only=False) for k in (0, 1)]
+    assert r[0]["processes"] == r[1]["processes"] == 2
+    assert len(r[0]["trained"]) == len(r[1]["trained"]) >= 3          # flat A, flat B, the token row
+    for a, b, init in zip(r[0]["trained"], r[1]["trained"], r[0]["init"]):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, init)
+
+
 # ---------------------------------------------------------------------------- DataLoader workers
 class _Prompts(torch.utils.data.Dataset):
     """Tokenizes prompts with the tokenizer it was given (a patched pipeline's, holding a concept's token)."""
