@@ -1188,11 +1188,22 @@ def _check_family_against_folded_weights(m, x, fn=None, train=False, n_blocks=2)
     assert sd.keys() == sd0.keys() and all(torch.equal(sd[k], sd0[k]) for k in sd0)
 
 
+_OMIT = object()
+
+
 def _timm_vit(arch="vit_tiny_patch16_224", **kw):
+    """A tiny timm model (skipped where this timm lacks ``arch``); a keyword set to _OMIT is not passed."""
+    if not timm.is_model(arch):
+        pytest.skip(f"timm {timm.__version__} has no {arch}")
     torch.manual_seed(0)
     args = dict(pretrained=False, img_size=16, patch_size=4, depth=2, embed_dim=D, num_heads=4, num_classes=3)
     args.update(kw)
-    return timm.create_model(arch, **args)
+    return timm.create_model(arch, **{k: v for k, v in args.items() if v is not _OMIT})
+
+
+def _timm_vit_takes(arg: str) -> bool:
+    import inspect
+    return arg in inspect.signature(timm.models.VisionTransformer.__init__).parameters
 
 
 def _no_fused_attn(m):
@@ -1252,6 +1263,8 @@ def _hf(config_cls, model_cls, **kw):
     args = dict(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16,
                 patch_size=4, num_channels=3, num_labels=3)
     args.update(kw)
+    if not (hasattr(T, config_cls) and hasattr(T, model_cls)):
+        pytest.skip(f"transformers {T.__version__} has no {model_cls}")
     cfg = getattr(T, config_cls)(**args)
     return getattr(T, model_cls)(cfg)
 
@@ -1318,7 +1331,9 @@ TIMM_REFUSED = {
     "vit_relpos": (lambda: _timm_vit("vit_relpos_small_patch16_224"), "RelPosAttention"),
     "samvit": (lambda: _timm_vit("samvit_base_patch16", global_attn_indexes=(1,), window_size=2, num_classes=0,
                                  ref_feat_shape=None), "vision_transformer_sam.Attention"),
-    "vit_diff_attention": (lambda: _timm_vit(attn_layer="diff"), "DiffAttention"),
+    "vit_diff_attention": (lambda: _timm_vit(attn_layer="diff") if _timm_vit_takes("attn_layer") else
+                           pytest.skip(f"timm {timm.__version__}: VisionTransformer has no attn_layer"),
+                           "DiffAttention"),
     "cait": (lambda: _timm_vit("cait_xxs24_224"), "TalkingHeadAttn"),
     "swin": (lambda: timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=16, depths=(1, 1),
                                        embed_dim=16, num_heads=(1, 2), window_size=2, num_classes=3),
@@ -1327,7 +1342,8 @@ TIMM_REFUSED = {
                                         embed_dims=(16, 16, 32, 32), num_heads=(1, 1, 2, 2), wss=[2, 2, 2, 2]),
               "LocallyGroupedAttn"),
     # timm Attention blocks next to other self-attention (CSATv2's SpatialTransformerBlock): never only some
-    "csatv2_partial": (lambda: timm.create_model("csatv2", pretrained=False, num_classes=3), "SpatialTransformerBlock"),
+    "csatv2_partial": (lambda: _timm_vit("csatv2", img_size=_OMIT, patch_size=_OMIT, depth=_OMIT, embed_dim=_OMIT,
+                                         num_heads=_OMIT), "SpatialTransformerBlock"),
 }
 
 
