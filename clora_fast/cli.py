@@ -264,14 +264,34 @@ def _positive(name):
     return conv
 
 
-def _nonneg_float(name):
+def _float_arg(name, lo=None, *, above=False):
+    """argparse type: a finite float, ``>= lo`` (``> lo`` with ``above``) when ``lo`` is given."""
+    bound = "" if lo is None else f" {'>' if above else '>='} {lo:g}"
+
     def conv(s):
         try:
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be a number, got {s!r}") from None
-        if not math.isfinite(v) or v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {s!r}")
+        if not math.isfinite(v) or (lo is not None and (v <= lo if above else v < lo)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number{bound}, got {s!r}")
+        return v
+
+    return conv
+
+
+def _nonneg_float(name):
+    return _float_arg(name, 0.0)
+
+
+def _nonneg_int(name):
+    def conv(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
         return v
 
     return conv
@@ -476,9 +496,10 @@ def _train_parser(sub):
     p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--sample-steps", type=_positive("--sample-steps"), default=20,
                    help="denoising steps for the per-concept sample grids")
-    p.add_argument("--samples-per-concept", type=int, default=4,
+    p.add_argument("--samples-per-concept", type=_nonneg_int("--samples-per-concept"), default=4,
                    help="images per concept in each sample grid (0: no grids)")
-    p.add_argument("--guidance-scale", type=float, default=1.0, help="guidance scale for the sample grids")
+    p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0,
+                   help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--allow-new-settings", action="store_true",
@@ -908,7 +929,7 @@ def _sample_parser(sub):
     p.add_argument("--seed", type=_seed_arg, default=0,
                    help="seeds the initial noise (and any other randomness); 0 .. 2**32-1")
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
-    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0)
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="image size, a multiple of 8 and of the model's VAE factor (default: the model's "
                         "native size)")
@@ -1059,6 +1080,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as e:                     # a file system refusal met after the up-front checks (disk full, ...)
         print(f"clora-fast: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:                # Ctrl-C: one line, not a traceback; saves are atomic, so the bank
+        if args.command == "train":          # holds exactly the concepts finished before it
+            print(f"\nclora-fast: interrupted; the bank {args.out!r} holds the concepts finished before the "
+                  f"interrupt: run the same command again to resume", file=sys.stderr)
+        else:
+            print("\nclora-fast: interrupted", file=sys.stderr)
+        return 130
     finally:
         torch.set_num_threads(prev_threads)   # main() may be called in-process (tests, notebooks)
 

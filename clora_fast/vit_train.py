@@ -55,6 +55,8 @@ import argparse
 import copy
 import hashlib
 import json
+import math
+import numbers
 import os
 import sys
 import time
@@ -492,6 +494,10 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
     for name, v in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    for name, v in (("lr", lr), ("head_lr", head_lr)):
+        # (torch's Adam checks only its default lr, not the per-group ones given here: a negative one ascended)
+        if v is not None and (isinstance(v, bool) or not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0)):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     if method == "lora" and penalty_weight not in (None, 0, 0.0):
         raise ValueError(f"method='lora' is sequential LoRA (penalty weight 0); got penalty_weight="
                          f"{penalty_weight}; use method='clora' for a penalty")
@@ -694,6 +700,7 @@ def load_head(path: str, *, cosine_scale: float = 16.0) -> GrowingHead:
 # command line
 # --------------------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
+    from clora_fast.cli import _float_arg, _seed_arg
     p = argparse.ArgumentParser(
         prog="clora-fast train-vit",
         description="Class-incremental continual learning of a ViT classifier with C-LoRA on K/V "
@@ -712,29 +719,29 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data", default="digits",
                       help="'digits' (scikit-learn, shipped) or a .safetensors file with x_train, y_train, "
                            "x_test, y_test")
-    data.add_argument("--tasks", type=int, default=5, help="number of tasks (must divide the class count)")
+    data.add_argument("--tasks", type=_at_least(1, "--tasks"), default=5, help="number of tasks (must divide the class count)")
     data.add_argument("--class-order", help="comma-separated class ids (default: sorted)")
-    data.add_argument("--image-size", type=int, default=8, help="digits only: upsample to this size")
+    data.add_argument("--image-size", type=_at_least(1, "--image-size"), default=8, help="digits only: upsample to this size")
     tr = p.add_argument_group("training")
     tr.add_argument("--method", default="clora",
                     help=f"one or more of {','.join(METHODS)}, comma-separated (each on its own copy "
                          f"of the backbone)")
-    tr.add_argument("--rank", type=int, default=8)
-    tr.add_argument("--alpha", type=float, default=None)
-    tr.add_argument("--penalty-weight", type=float, default=None, help="C-LoRA lambda (default: controller's)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--head-lr", type=float, default=None)
-    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--rank", type=_at_least(1, "--rank"), default=8)
+    tr.add_argument("--alpha", type=_float_arg("--alpha", 0.0, above=True), default=None)
+    tr.add_argument("--penalty-weight", type=_float_arg("--penalty-weight", 0.0), default=None, help="C-LoRA lambda (default: controller's)")
+    tr.add_argument("--epochs", type=_at_least(1, "--epochs"), default=10)
+    tr.add_argument("--lr", type=_float_arg("--lr", 0.0, above=True), default=3e-3)
+    tr.add_argument("--head-lr", type=_float_arg("--head-lr", 0.0, above=True), default=None)
+    tr.add_argument("--batch-size", type=_at_least(1, "--batch-size"), default=32)
     tr.add_argument("--head", choices=HEADS, default="linear",
                     help="classifier blocks: linear (L2P/CODA-Prompt protocol) or cosine (bounded logits)")
     tr.add_argument("--pretrain-epochs", type=_at_least(0, "--pretrain-epochs"), default=0,
                     help="first fully train the backbone on the first task's data (a stand-in for a "
                          "pre-trained backbone)")
-    tr.add_argument("--pretrain-lr", type=float, default=1e-3)
+    tr.add_argument("--pretrain-lr", type=_float_arg("--pretrain-lr", 0.0, above=True), default=1e-3)
     tr.add_argument("--backend", default="auto", choices=("auto", "reference", "triton", "cuda"))
     tr.add_argument("--device", default="cpu")
-    tr.add_argument("--seed", type=int, default=0,
+    tr.add_argument("--seed", type=_seed_arg, default=0,
                     help="seeds the digits train/test split, the backbone's random init, pre-training and "
                          "every method")
     tr.add_argument("--threads", type=_at_least(1, "--threads"), default=None, help="torch.set_num_threads")
@@ -830,6 +837,9 @@ def cli_main(argv: Optional[List[str]] = None) -> int:
         # ArithmeticError: FloatingPointError from end_concept() when a diverged run left non-finite factors
         print(f"train-vit: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ntrain-vit: interrupted", file=sys.stderr)
+        return 130
     table = {m: {k: round(r[k], 4) for k in ("final_avg_acc", "avg_forgetting", "final_avg_acc_til",
                                                "avg_forgetting_til")}
              for m, r in summary["methods"].items()}

@@ -781,3 +781,61 @@ def test_more_refusals_before_any_work(tmp_path, concepts, capsys, monkeypatch):
     monkeypatch.setattr(cli, "cmd_train", disk_full)
     rc, err = run("train", "--concepts", concepts[0], "--out", bank, *FAST)
     assert rc == 1 and "No space left on device" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--samples-per-concept", "-2"], "--samples-per-concept must be >= 0, got -2"),
+    (["train", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got 'nan'"),
+    (["sample", "--bank", "b", "--prompt", "x", "--out", "x.png", "--guidance-scale", "inf"],
+     "--guidance-scale must be a finite number, got 'inf'"),
+    (["train-vit", "--lr", "-1"], "--lr must be a finite number > 0, got '-1'"),
+    (["train-vit", "--head-lr", "nan"], "--head-lr must be a finite number > 0, got 'nan'"),
+    (["train-vit", "--pretrain-lr", "0"], "--pretrain-lr must be a finite number > 0, got '0'"),
+    (["train-vit", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["train-vit", "--rank", "0"], "--rank must be >= 1, got 0"),
+    (["train-vit", "--seed", "-3"], "--seed must be in 0 .. 4294967295, got -3"),
+])
+def test_bad_numbers_are_usage_errors(argv, message, concepts, tmp_path, capsys):
+    """Numbers the runs cannot use are refused by the parser (exit 2): train-vit trained with a negative --lr
+    (torch's Adam checks only its default lr: gradient ascent, exit 0), --samples-per-concept -2 meant 0."""
+    if argv[0] == "train":
+        argv = [*argv, "--concepts", *concepts, "--out", str(tmp_path / "bank")]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bank").exists()
+
+
+def test_run_continual_refuses_a_learning_rate_it_cannot_use():
+    from clora_fast import vit_train
+    tasks = vit_train.load_digits_tasks(5, image_size=8)
+    backbone = vit_train.build_backbone(framework="transformers",
+                                        config=vit_train.tiny_vit_config(image_size=8, num_channels=1, patch_size=2))
+    for kw in ({"lr": -1e-3}, {"head_lr": float("nan")}, {"lr": True}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be a finite number > 0"):
+            vit_train.run_continual(backbone, tasks, epochs=1, **kw)
+
+
+def test_ctrl_c_during_train_is_one_line_and_the_rerun_resumes(tmp_path, concepts, capsys, monkeypatch):
+    """Ctrl-C (KeyboardInterrupt) mid-training: exit 130 with one line saying the bank holds the finished
+    concepts (no traceback); the run's lock is released, and the same command resumes."""
+    bank = tmp_path / "bank"
+    argv = ["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "2", "--samples-per-concept", "0"]
+
+    def interrupt(pos, step):
+        if pos == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "STEP_HOOK", interrupt)
+    assert cli.main(argv) == 130
+    err = capsys.readouterr().err
+    assert "clora-fast: interrupted; the bank" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err
+    assert _names(bank) == ["<alpha>"]
+    monkeypatch.setattr(cli, "STEP_HOOK", None)
+    assert cli.main(argv) == 0
+    assert _names(bank) == ["<alpha>", "<beta>"]
+
