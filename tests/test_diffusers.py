@@ -1392,6 +1392,12 @@ def test_token_rows_follow_the_pipeline_to_device_and_stay_float32():
     parameters (same objects, like A and B) and stay float32 master weights (cast at use); they follow the text
     encoder's device (they stayed behind: every forward copied them over and their gradients were on the old
     device, which a multi-GPU all_reduce of trainable_parameters() cannot take)."""
+    # what bf16 alone costs this pipeline (0.01 on torch 2.14, 0.66 on the floor stack's torch 2.4 / diffusers 0.30)
+    plain = tiny_pipe()
+    with torch.no_grad():
+        ref32 = generate(plain, "a photo of a cat")
+        plain.to(torch.bfloat16)
+        bf16_err = float((generate(plain, "a photo of a cat").float() - ref32).abs().max())
     pipe = tiny_pipe()
     cl = _past_and_active(pipe, tokens=("<c1>", "<c2>"))
     prompt = "a photo of <c1> and <c2>"
@@ -1406,7 +1412,7 @@ def test_token_rows_follow_the_pipeline_to_device_and_stay_float32():
     with torch.no_grad():
         got = generate(pipe, prompt)
     assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+    assert float((got.float() - want).abs().max()) <= 2 * bf16_err + 0.02
     ids, _ = encode(pipe, prompt)
     (pipe.text_encoder(ids)[0].float().square().mean()).backward()
     assert rows[1].grad is not None and rows[1].grad.dtype == torch.float32
