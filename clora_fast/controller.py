@@ -127,14 +127,6 @@ def _world_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
-def _tensor_bytes(t: Tensor) -> bytes:
-    """The exact bytes of ``t`` (on the CPU; bfloat16 as int16, which numpy lacks)."""
-    t = t.detach().contiguous().cpu()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
-
-
 def _tensor_key(t: Optional[Tensor]):
     if t is None:
         return None
@@ -666,9 +658,10 @@ class CLoRAController(nn.Module):
                 "; ".join(f"rank {j}: {what(r)}" for j, r in enumerate(rows)) + "): call begin_concept(), "
                 "end_concept(), remove_concept() and load_bank() alike on every process")
         if any(r[4] for r in rows):
+            from .bank import _weight_bytes      # the exact bytes of a tensor (bfloat16 too)
             h = hashlib.sha256()
             for p in params:
-                h.update(_tensor_bytes(p))
+                h.update(_weight_bytes(p))
             digest = torch.tensor([int.from_bytes(h.digest()[:7], "little")], dtype=torch.int64, device=dev)
             digests = [torch.empty_like(digest) for _ in range(world)]
             dist.all_gather(digests, digest, group=group)
