@@ -319,7 +319,7 @@ def test_cli_errors(capsys):
     assert vt.cli_main(["--help"]) == 0
     assert "clora-fast train-vit" in capsys.readouterr().out
     assert vt.cli_main(["--rank", "two"]) == 2
-    assert "argument --rank: invalid int value: 'two'" in capsys.readouterr().err
+    assert "argument --rank: --rank must be an integer, got 'two'" in capsys.readouterr().err
     assert vt.cli_main(["--method", "ewc", "--quiet"]) == 2
     assert "unknown ['ewc']" in capsys.readouterr().err
     assert vt.cli_main(["--tasks", "3", "--quiet"]) == 1
