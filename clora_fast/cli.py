@@ -251,17 +251,22 @@ def _seed_arg(s):
     return v
 
 
-def _positive(name):
+def _int_at_least(lo: int, name: str):
+    """argparse type: an int >= ``lo``."""
     def conv(s):
         try:
             v = int(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
         return v
 
     return conv
+
+
+def _positive(name):
+    return _int_at_least(1, name)
 
 
 def _float_arg(name, lo=None, *, above=False):
@@ -285,16 +290,7 @@ def _nonneg_float(name):
 
 
 def _nonneg_int(name):
-    def conv(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {v}")
-        return v
-
-    return conv
+    return _int_at_least(0, name)
 
 
 def _check_backend(backend: str, device) -> None:

@@ -758,15 +758,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _at_least(lo: int, name: str):
     """argparse type: an int >= lo (``--threads 0`` was accepted and ignored, ``--pretrain-epochs -3`` too)."""
-    def conv(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {v}")
-        return v
-    return conv
+    from clora_fast.cli import _int_at_least
+    return _int_at_least(lo, name)
 
 
 def cli_main(argv: Optional[List[str]] = None) -> int:
