@@ -800,7 +800,7 @@ class CLoRAController(nn.Module):
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:
         """Write ``W0 + P`` into the base weights (zero-overhead inference); an exact copy of W0
-        is kept and :meth:`unmerge` restores it bit for bit."""
+        is kept and :meth:`unmerge` restores it bit for bit (a weight changed while merged keeps its change)."""
         self._check_attached("merge")
         if self._active is not None:
             raise RuntimeError(f"concept {self._active[0]} is still active: call end_concept() before merge()")
