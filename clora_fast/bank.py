@@ -252,21 +252,40 @@ def _bank_lock(path: Path):
         if _HELD.get(key) == me:
             raise RuntimeError(f"a save into the bank {str(path)!r} is already in progress in this thread (a save "
                                f"started from inside another save would wait for itself forever)")
+    with _flock(path / LOCK) as fd, _held(key, me):
+        yield fd is not None
+
+
+class LockBusy(OSError):
+    """A non-blocking :func:`_flock` found the lock held by another process."""
+
+
+@contextlib.contextmanager
+def _flock(lock: Path, *, blocking: bool = True):
+    """Hold an exclusive ``flock`` of the file ``lock`` (created if missing); yields its descriptor, or None where
+    no lock can be taken (no ``fcntl``: Windows; a file system without flock: ENOLCK, some network mounts).
+    Non-blocking, a lock held elsewhere raises :class:`LockBusy`.  The file is removed before the lock is
+    released, so a process that was waiting holds the lock of a removed file: it sees that (the path is gone or
+    is a newer file) and locks again."""
     if fcntl is None:
-        with _held(key, me):
-            yield False
+        yield None
         return
-    lock = path / LOCK
     while True:
         fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException as e:                       # interrupted while waiting, or no locking here
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BaseException as e:                       # held elsewhere, interrupted while waiting, no locking
             os.close(fd)
-            if not (isinstance(e, OSError) and e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)):
-                raise
-            fd = None                                    # a file system without flock: go on unlocked
-            break
+            if isinstance(e, OSError) and e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                try:
+                    os.unlink(lock)
+                except OSError:
+                    pass
+                fd = None                                # a file system without flock: go on unlocked
+                break
+            if not blocking and isinstance(e, OSError) and e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockBusy(e.errno, f"{str(lock)!r} is locked by another process") from None
+            raise
         try:
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
         except OSError:
@@ -275,8 +294,7 @@ def _bank_lock(path: Path):
             break
         os.close(fd)                                     # the lock of a removed lock file: lock again
     try:
-        with _held(key, me):
-            yield fd is not None
+        yield fd
     finally:
         if fd is not None:
             try:
@@ -587,22 +605,40 @@ def _check_entries(m: Dict[str, Any], data: Dict[str, Any], where: str) -> None:
 
 def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
-    where = str(path)
-    for attempt in range(_READ_TRIES):
-        m = read_manifest(path)
-        _check_compatible(ctrl, m, where)
-        try:
-            data = read_files(path, m)
-            break
-        except _BankFileMissing:
-            # a save into this folder by another process may have replaced the manifest and removed the
-            # previous save's files after we read it (saves are locked, loads are not): read the new one
-            if attempt + 1 == _READ_TRIES or read_manifest(path) == m:
-                raise
-    _install(ctrl, m, data, where, replace_active)
+    m, data = _read_bank(ctrl, path, str(path))
+    _install(ctrl, m, data, str(path), replace_active)
 
 
 _READ_TRIES = 5
+
+
+def _read_bank(ctrl, path, where: str):
+    """(manifest, data) of one complete save of the bank at ``path``.  Loads take no lock: a save by another
+    process may replace the manifest and remove the previous save's files while we read them; we then read
+    the new save.  After :data:`_READ_TRIES` such races in a row (saves back to back), we read under the save
+    lock, which a writer releases between saves, so the load cannot be starved (a bank folder we cannot create
+    the lock file in: the race's error)."""
+    for _ in range(_READ_TRIES):
+        m = read_manifest(path)
+        _check_compatible(ctrl, m, where)
+        try:
+            return m, read_files(path, m)
+        except _BankFileMissing as e:
+            if read_manifest(path) == m:
+                raise                        # not a race: the file is missing from the current save
+            missing = e
+    with _HELD_GUARD:
+        saving_here = _HELD.get(os.path.realpath(path)) == threading.get_ident()
+    if saving_here:                          # (this thread holds the lock: waiting for it would never end)
+        raise missing
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_flock(Path(path) / LOCK))
+        except OSError:
+            raise missing from None
+        m = read_manifest(path)
+        _check_compatible(ctrl, m, where)
+        return m, read_files(path, m)
 
 
 def _check_compatible(ctrl, m: Dict[str, Any], where: str) -> None:

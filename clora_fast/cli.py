@@ -549,23 +549,16 @@ def _train_lock(out: Path):
     starting during the other's first save was refused as 'not a concept bank').  The lock file is removed
     before the lock is released (as the bank's save lock: a run that opened it meanwhile sees that and locks
     again).  Without ``fcntl`` (Windows) or on a file system that cannot lock, runs are not serialised."""
-    import errno
+    from .bank import LockBusy, _flock
 
-    try:
-        import fcntl
-    except ImportError:          # pragma: no cover - Windows
-        yield
-        return
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    lock = out / TRAIN_LOCK
-    while True:
-        fd = os.open(str(lock), os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = out / TRAIN_LOCK
+        with contextlib.ExitStack() as stack:
+            try:
+                fd = stack.enter_context(_flock(lock, blocking=False))
+            except LockBusy:
                 try:
                     who = f" (process {int(lock.read_text().split()[0])})"
                 except (OSError, ValueError, IndexError):
@@ -574,34 +567,14 @@ def _train_lock(out: Path):
                                f"bank would each learn the remaining concepts and save over each other. Wait for it "
                                f"to finish (rerunning then resumes after its last concept) or choose another --out"
                                ) from None
-            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            if fd is not None:
                 try:
-                    os.unlink(lock)
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
                 except OSError:
                     pass
-                yield                # a file system without flock: not serialised
-                return
-            raise
-        try:
-            same = os.path.samestat(os.fstat(fd), os.stat(lock))
-        except OSError:
-            same = False
-        if same:
-            break
-        os.close(fd)             # the lock of a lock file removed by the run that just ended: lock again
-    try:
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            pass
-        yield
+            yield
     finally:
-        try:
-            os.unlink(lock)
-        except OSError:
-            pass
-        os.close(fd)
         if created:              # a run that failed before writing anything leaves no empty --out behind
             try:
                 out.rmdir()

@@ -278,6 +278,39 @@ def test_past_check_accepts_every_real_fold_and_refuses_a_missing_concept(tmp_pa
         CLoRAController(sites(), rank=3, alpha=6.0).load_bank(path2)
 
 
+def test_a_load_starved_by_back_to_back_saves_reads_under_the_save_lock(tmp_path, monkeypatch):
+    """Loads take no lock and re-read a save that replaced the one they were reading; when that happens
+    _READ_TRIES times in a row (another process saving back to back), the load reads under the save lock
+    instead of failing (the multi-process test of loads during saves failed about one run in four)."""
+    from pathlib import Path
+
+    from clora_fast import bank as B
+    path = tmp_path / "bank"
+    c = trained(active=False)
+    c.save(path)
+    real_files, real_manifest = B.read_files, B.read_manifest
+    seen = {"unlocked": 0, "locked": 0, "saves": 0}
+
+    def racing_files(p, m):
+        if (Path(p) / B.LOCK).exists():
+            seen["locked"] += 1
+            return real_files(p, m)
+        seen["unlocked"] += 1
+        raise B._BankFileMissing("removed by a newer save")          # every unlocked read loses the race
+
+    def newer_each_time(p):
+        seen["saves"] += 1
+        return dict(real_manifest(p), producer=f"save {seen['saves']}")  # another save replaced the manifest
+
+    monkeypatch.setattr(B, "read_files", racing_files)
+    monkeypatch.setattr(B, "read_manifest", newer_each_time)
+    fresh = CLoRAController(sites(), rank=3, alpha=6.0)
+    fresh.load_bank(path)
+    assert seen["unlocked"] == B._READ_TRIES and seen["locked"] == 1
+    assert [k.idx for k in fresh.concepts] == [k.idx for k in c.concepts]
+    assert not (path / B.LOCK).exists()
+
+
 def test_empty_controller_round_trip(tmp_path):
     c = CLoRAController(sites(), rank=2)
     c.save(tmp_path / "b")
