@@ -832,7 +832,7 @@ class CLoRAController(nn.Module):
                 p = self._past[i]
                 w = s.weight
                 written = b if p is None else self._merged_value(b, p)
-                if torch.equal(w, written.to(w.device, w.dtype)):
+                if self._holds_merged(w, written):
                     w.copy_(b)
                     continue
                 changed.append(s.name)
@@ -846,6 +846,13 @@ class CLoRAController(nn.Module):
                           f"({changed[:3]}{' ...' if len(changed) > 3 else ''}); unmerge() kept the change: "
                           f"their W0 is now the W0 from before merge() plus that change (not restored bit for bit)",
                           UserWarning, stacklevel=2)
+
+    @staticmethod
+    def _holds_merged(w: Tensor, written: Tensor) -> bool:
+        """Whether ``w`` still holds what merge() wrote, also after a dtype round trip (``model.half().float()``:
+        not a change of the weights, so unmerge restores the saved W0 bit for bit)."""
+        ref = written.to(w.device)
+        return any(torch.equal(w, ref.to(d).to(w.dtype)) for d in dict.fromkeys((w.dtype, torch.float16, torch.bfloat16)))
 
     @staticmethod
     def _merged_value(w0: Tensor, past: Tensor) -> Tensor:

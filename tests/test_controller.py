@@ -325,6 +325,8 @@ def test_unmerge_keeps_a_change_made_while_merged():
         c._identity()                 # writes W0 and then W0 + P back into the weights
         with torch.no_grad():
             sites[0].weight.copy_(sites[0].weight.clone())
+            sites[2].weight.copy_(sites[2].weight.half().float())        # model.half().float() while merged
+            sites[3].weight.copy_(sites[3].weight.bfloat16().float())
         c.unmerge()
     assert all(torch.equal(s.weight, w) for i, (s, w) in enumerate(zip(sites, w0)) if i != 1)
 
