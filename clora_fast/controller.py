@@ -635,7 +635,9 @@ class CLoRAController(nn.Module):
         processes only), and, at the first call of a concept (or after a state change such as
         :meth:`load_bank`), parameters whose values differ between the processes (a concept begun without
         seeding every process alike: averaged gradients would then train a different concept on each).  The
-        cost: one all-gather of five integers per call, plus a hash of the parameters at that first call."""
+        cost: one all-gather of five integers per call, read on the host (so one device synchronization per
+        call, after the backward pass; a loop that logs its loss every step has one already), plus a hash of the
+        parameters at that first call."""
         import torch.distributed as dist
         world = _world_size(group)
         if world == 1:
