@@ -852,7 +852,10 @@ class CLoRAController(nn.Module):
     @staticmethod
     def _holds_merged(w: Tensor, written: Tensor) -> bool:
         """Whether ``w`` still holds what merge() wrote, also after a dtype round trip (``model.half().float()``:
-        not a change of the weights, so unmerge restores the saved W0 bit for bit)."""
+        not a change of the weights, so unmerge restores the saved W0 bit for bit).  A weight on the meta device
+        (offloaded by accelerate) holds no values to compare: as before, the saved W0 is written back."""
+        if w.is_meta:
+            return True
         ref = written.to(w.device)
         return any(torch.equal(w, ref.to(d).to(w.dtype)) for d in dict.fromkeys((w.dtype, torch.float16, torch.bfloat16)))
 
