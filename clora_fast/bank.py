@@ -37,6 +37,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -304,10 +305,17 @@ def _flock(lock: Path, *, blocking: bool = True):
             os.close(fd)                                 # releases the lock
 
 
-def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]]) -> Dict[str, str]:
+def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]],
+               reuse: Optional[Dict[str, Dict[str, Any]]] = None,
+               stats: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """Write a bank folder. ``files`` maps a stem ("past", "concept-3") to its tensors; the
     manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> file name.
-    Overlapping saves into one folder are serialised (see :func:`_bank_lock`)."""
+    Overlapping saves into one folder are serialised (see :func:`_bank_lock`).
+
+    ``reuse`` (stem -> {"name", "sha256", "bytes", "stat"}): files an earlier save in this process wrote or
+    verified for the very same tensors; one still there with the same :func:`_stat_key` is kept without
+    serializing and hashing its tensors again. ``stats``, when given, receives stem -> {"name", "sha256",
+    "bytes", "stat"} of the file each stem now has (for the caller's next ``reuse``)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
@@ -331,13 +339,30 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
                         p.unlink()
                     except OSError:
                         pass
-        return _write_bank_locked(path, manifest, files)
+        return _write_bank_locked(path, manifest, files, reuse or {}, stats)
 
 
-def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]]) -> Dict[str, str]:
+def _stat_key(p: Path) -> Optional[Tuple[int, int, int, int]]:
+    """(size, mtime_ns, inode, device) of a file, None when it is not there: a file replaced, rewritten or
+    touched since the key was taken has another key."""
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+
+
+def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]],
+                       reuse: Dict[str, Dict[str, Any]], stats: Optional[Dict[str, Any]]) -> Dict[str, str]:
     """:func:`write_bank`'s writes, under the folder's lock: data files, the manifest, then the cleanup."""
     table = {}
     for stem, tensors in files.items():
+        known = reuse.get(stem)
+        if known is not None and known["stat"] is not None and _stat_key(path / known["name"]) == known["stat"]:
+            table[stem] = {k: known[k] for k in ("name", "sha256", "bytes")}
+            if stats is not None:
+                stats[stem] = dict(table[stem], stat=known["stat"])
+            continue
         data = _serialize(tensors)
         digest = _sha256(data)
         name = f"{stem}-{digest[:12]}.safetensors"
@@ -345,6 +370,8 @@ def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Di
         if not (target.exists() and target.stat().st_size == len(data) and _sha256(target.read_bytes()) == digest):
             atomic_write_bytes(target, data)
         table[stem] = {"name": name, "sha256": digest, "bytes": len(data)}
+        if stats is not None:
+            stats[stem] = dict(table[stem], stat=_stat_key(target))
     manifest = dict(manifest)
     manifest["files"] = table
     atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -431,15 +458,44 @@ def _site_table(ctrl) -> List[Dict[str, Any]]:
     return [{"name": s.name, "out": s.out_features, "in": s.in_features, "group": s.group} for s in ctrl.sites]
 
 
+# save_controller's memory of the files it wrote or verified, per controller (weakly: it dies with the
+# controller) and per (bank folder, stem): {"name", "sha256", "bytes", "stat", "of"}, where "of" says what the
+# file holds: the tensors themselves (a weak reference, the autograd version, the data pointer: a tensor freed
+# since, written in place or moved no longer matches) for the past and the finished concepts' factors (the
+# controller's own tensors, replaced, never written in place), and the exact bytes of a concept's extra state
+# (token rows: small, and writable through .data without a version change). The active concept is never
+# reused (its parameters change every step). A save then serializes and hashes only what changed: with T
+# concepts a save no longer costs O(T) hashing.
+_SAVED_FILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _tensor_state(tensors) -> List[Tuple[Any, int, int]]:
+    return [(weakref.ref(t), t._version, t.data_ptr()) for t in tensors]
+
+
+def _same_state(recorded, tensors) -> bool:
+    """Whether ``tensors`` are the very tensors ``recorded`` (by :func:`_tensor_state`), unchanged."""
+    tensors = list(tensors)
+    return len(recorded) == len(tensors) and all(
+        ref() is t and version == t._version and ptr == t.data_ptr() for (ref, version, ptr), t in zip(recorded, tensors))
+
+
+def _extra_bytes(extra: Dict[str, Tensor]) -> bytes:
+    return b"".join(repr((k, str(v.dtype), tuple(v.shape))).encode() + _weight_bytes(v)
+                    for k, v in sorted(extra.items()))
+
+
 def save_controller(ctrl, path) -> None:
     """Write ``ctrl``'s full state as a bank folder (see the module docstring)."""
     files: Dict[str, Dict[str, Tensor]] = {}
+    made_of: Dict[str, Any] = {}             # stem -> what its file holds, for files a later save may reuse
     past = {}
     for i, s in enumerate(ctrl.sites):
         if ctrl._past[i] is not None:
             past[s.name] = ctrl._past[i].float()
     if past:
         files["past"] = past
+        made_of["past"] = ([s.name for s in ctrl.sites], [p for p in ctrl._past if p is not None])
     extra_state = getattr(ctrl.adapter, "extra_state", None)
     carry = getattr(ctrl, _CARRY_ATTR, None)
     concepts = []
@@ -464,6 +520,8 @@ def save_controller(ctrl, path) -> None:
             t[f"extra.{k}"] = v.detach().float()
         stem = f"concept-{idx}"
         files[stem] = t
+        if not active:
+            made_of[stem] = ((idx, name, scale, [s.name for s in ctrl.sites]), [*As, *Bs], _extra_bytes(extra))
         concepts.append({"idx": idx, "name": name, "scale": scale, "active": active, "file": stem})
     from . import __version__
     extra_meta = getattr(ctrl.adapter, "extra_meta", None)
@@ -478,7 +536,19 @@ def save_controller(ctrl, path) -> None:
         "retired": list(ctrl._retired), "next_idx": ctrl._next_idx,
         "adapter": adapter_meta,
     }
-    write_bank(path, manifest, files)
+    folder = os.path.realpath(path)
+    records = _SAVED_FILES.setdefault(ctrl, {})
+    reuse = {}
+    for stem, (what, tensors, *rest) in made_of.items():
+        rec = records.get((folder, stem))
+        if rec is not None and rec["of"][0] == what and _same_state(rec["of"][1], tensors) and rec["of"][2] == rest:
+            reuse[stem] = rec
+    written: Dict[str, Any] = {}
+    write_bank(path, manifest, files, reuse=reuse, stats=written)
+    for key in [k for k in records if k[0] == folder]:
+        del records[key]                     # this save replaced the folder's files
+    for stem, (what, tensors, *rest) in made_of.items():
+        records[(folder, stem)] = dict(written[stem], of=(what, _tensor_state(tensors), rest))
 
 
 # The integration's per-concept extra state (token embeddings) that a load found in the bank but

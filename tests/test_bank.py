@@ -311,6 +311,79 @@ def test_a_load_starved_by_back_to_back_saves_reads_under_the_save_lock(tmp_path
     assert not (path / B.LOCK).exists()
 
 
+class _Rows:
+    """A minimal adapter with per-concept extra state (as the diffusers integration's token rows)."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def on_begin_concept(self, name, idx):
+        self.rows[idx] = torch.full((4,), float(idx))
+
+    def extra_state(self, idx):
+        return {"row": self.rows[idx]} if idx in self.rows else {}
+
+
+def test_a_save_serializes_only_what_changed(tmp_path, monkeypatch):
+    """Saves remember which files hold which tensors: an unchanged past and unchanged finished concepts keep
+    their files (a save with T concepts no longer serializes and hashes all T); whatever changed is written:
+    the active concept every time, a factor written in place, a token row written through .data, a file
+    touched or removed on disk, another folder. Every bank reloads to the controller's state."""
+    from clora_fast import bank as B
+    written = []
+    real = B._serialize
+
+    def counting(tensors):
+        written.append(sorted(tensors)[0].split(".")[0] if tensors else "?")
+        return real(tensors)
+
+    monkeypatch.setattr(B, "_serialize", counting)
+    ad = _Rows()
+    c = CLoRAController(sites(), rank=3, alpha=6.0, backend="reference", adapter=ad)
+    g = torch.Generator().manual_seed(3)
+    for t in range(3):
+        c.begin_concept(f"<k{t}>")
+        with torch.no_grad():
+            for p_ in c.trainable_parameters():
+                p_.add_(torch.randn(p_.shape, generator=g) * 0.3)
+        c.end_concept()
+    path = tmp_path / "bank"
+
+    def save():
+        written.clear()
+        c.save(path)
+        fresh = CLoRAController(sites(), rank=3, alpha=6.0)
+        fresh.load_bank(path)
+        assert [k.idx for k in fresh.concepts] == [k.idx for k in c.concepts]
+        for i in range(c.num_sites):
+            assert torch.equal(fresh.past(i), c.past(i))
+        return len(written)
+
+    assert save() == 4                              # past + 3 concepts
+    assert save() == 0                              # nothing changed
+    c.begin_concept("<k3>")
+    assert save() == 1                              # the active concept only
+    assert save() == 1                              # (always: it changes every step)
+    c.end_concept()
+    assert save() == 2                              # the new past and the concept just finished
+    with torch.no_grad():
+        ad.rows[1].data.add_(1.0)                   # a token row written through .data (no version change)
+    assert save() == 1
+    with torch.no_grad():
+        c.concepts[0].lora_A[0].mul_(1.0)           # a factor written in place (same values, a new version)
+    assert save() == 1
+    os.utime(next(path.glob("concept-0-*.safetensors")), ns=(1, 1))    # touched on disk
+    assert save() == 1
+    next(path.glob("concept-2-*.safetensors")).unlink()                # removed on disk
+    assert save() == 1
+    c.remove_concept(3)                             # a new past; concept 3's file goes
+    assert save() == 1
+    assert not list(path.glob("concept-3-*"))
+    written.clear()
+    c.save(tmp_path / "other")                      # another folder: everything
+    assert len(written) == 4
+
+
 def test_empty_controller_round_trip(tmp_path):
     c = CLoRAController(sites(), rank=2)
     c.save(tmp_path / "b")
