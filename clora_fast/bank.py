@@ -467,6 +467,7 @@ def _site_table(ctrl) -> List[Dict[str, Any]]:
 # reused (its parameters change every step). A save then serializes and hashes only what changed: with T
 # concepts a save no longer costs O(T) hashing.
 _SAVED_FILES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SAVED_FILES_GUARD = threading.Lock()        # saves of one controller from several threads
 
 
 def _tensor_state(tensors) -> List[Tuple[Any, int, int]]:
@@ -537,18 +538,21 @@ def save_controller(ctrl, path) -> None:
         "adapter": adapter_meta,
     }
     folder = os.path.realpath(path)
-    records = _SAVED_FILES.setdefault(ctrl, {})
-    reuse = {}
-    for stem, (what, tensors, *rest) in made_of.items():
-        rec = records.get((folder, stem))
-        if rec is not None and rec["of"][0] == what and _same_state(rec["of"][1], tensors) and rec["of"][2] == rest:
-            reuse[stem] = rec
+    with _SAVED_FILES_GUARD:
+        records = _SAVED_FILES.setdefault(ctrl, {})
+        reuse = {}
+        for stem, (what, tensors, *rest) in made_of.items():
+            rec = records.get((folder, stem))
+            if rec is not None and rec["of"][0] == what and _same_state(rec["of"][1], tensors) and \
+                    rec["of"][2] == rest:
+                reuse[stem] = rec
     written: Dict[str, Any] = {}
     write_bank(path, manifest, files, reuse=reuse, stats=written)
-    for key in [k for k in records if k[0] == folder]:
-        del records[key]                     # this save replaced the folder's files
-    for stem, (what, tensors, *rest) in made_of.items():
-        records[(folder, stem)] = dict(written[stem], of=(what, _tensor_state(tensors), rest))
+    with _SAVED_FILES_GUARD:
+        for key in [k for k in records if k[0] == folder]:
+            del records[key]                 # this save replaced the folder's files
+        for stem, (what, tensors, *rest) in made_of.items():
+            records[(folder, stem)] = dict(written[stem], of=(what, _tensor_state(tensors), rest))
 
 
 # The integration's per-concept extra state (token embeddings) that a load found in the bank but
