@@ -691,13 +691,22 @@ def _int_offsets(name: str, offsets) -> Tuple[int, ...]:
     return tuple(out)
 
 
+def _known_offsets(offsets: tuple, n_rows: int) -> Optional[bool]:
+    """Whether all segments of the already checked ``offsets`` have one size; None when they were not checked
+    (or only an equal tuple of non-ints was: (0, 20.0, 40) must go through the check)."""
+    hit = _OFFSETS_OK.get((offsets, n_rows))
+    if hit is not None and (hit[1] is offsets or _all_ints(offsets)):
+        return hit[0]
+    return None
+
+
 def _check_offsets(seg_offsets, n_rows: int) -> Tuple[Tuple[int, ...], bool]:
     """``seg_offsets`` as a tuple of ints, checked against ``weight.shape[0] = n_rows``, and whether all
     segments have one size.  Valid tuples are remembered (a controller passes the same ones every call)."""
     offsets = seg_offsets if type(seg_offsets) is tuple else tuple(seg_offsets)
-    hit = _OFFSETS_OK.get((offsets, n_rows))
-    if hit is not None and (hit[1] is offsets or _all_ints(offsets)):
-        return offsets, hit[0]
+    equal = _known_offsets(offsets, n_rows)
+    if equal is not None:
+        return offsets, equal
     # unseen, or equal to a checked tuple without being all ints: check (refuse or convert)
     offsets = _int_offsets("seg_offsets", offsets)
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != n_rows or any(
@@ -919,8 +928,7 @@ def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backen
             or not _all_2d_like((weight, lora_A, lora_B), x.dtype, x.device)):
         return None
     N, K = weight.shape
-    hit = _OFFSETS_OK.get((seg_offsets, N))
-    if hit is None or not hit[0] or (hit[1] is not seg_offsets and not _all_ints(seg_offsets)):
+    if not _known_offsets(seg_offsets, N):
         return None                # unseen (checked path first), unequal segments, or 20.0 equal to 20
     L = len(seg_offsets) - 1
     r = lora_A.shape[0] // L
