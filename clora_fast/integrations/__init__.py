@@ -28,18 +28,19 @@ class UnmergedSaveWarning:
 
 def install_save_warning(model, controller_of):
     """Put :class:`UnmergedSaveWarning` on ``model`` when its class has ``save_pretrained``; returns what
-    :func:`uninstall_save_warning` needs (the instance attribute it replaced, or None)."""
+    :func:`uninstall_save_warning` needs: ``(the instance attribute it replaced or None,)``, or None when
+    nothing was installed."""
     if not callable(getattr(type(model), "save_pretrained", None)):
         return None
     prev = model.__dict__.get("save_pretrained")
     object.__setattr__(model, "save_pretrained", UnmergedSaveWarning(model, controller_of))
-    return ("set", prev)
+    return (prev,)
 
 
 def uninstall_save_warning(model, token) -> None:
     if token is None:
         return
-    prev = token[1]
+    prev = token[0]
     if isinstance(model.__dict__.get("save_pretrained"), UnmergedSaveWarning):
         if prev is None:
             model.__dict__.pop("save_pretrained", None)
