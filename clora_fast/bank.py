@@ -196,23 +196,40 @@ def _serialize(tensors: Dict[str, Tensor]) -> bytes:
                 metadata={"format": "pt"})  # one key: safetensors orders metadata randomly
 
 
+def _parse_manifest(mf: Path) -> Dict[str, Any]:
+    """The JSON object of a bank's ``manifest.json`` ``mf`` (size-bounded, a clora_fast bank's format); a
+    :class:`BankError` whose message completes "<mf> ..." otherwise."""
+    raw = mf.read_bytes()
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise BankError(f"is implausibly large for a bank manifest ({len(raw)} bytes)")
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BankError(f"is not valid JSON (truncated or modified?): {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        fmt = m.get("format") if isinstance(m, dict) else None
+        raise BankError(f"is not a clora_fast concept bank (format {fmt!r:.80}, not {FORMAT!r})")
+    return m
+
+
 def _not_a_bank_manifest(mf: Path) -> Optional[str]:
     """Why the existing ``mf`` (a folder's manifest.json) is not a clora_fast bank's manifest, or None
     when it is one: another tool's manifest.json (a web app's) must not be overwritten by a save."""
     if not mf.is_file():
         return "is not a file"
     try:
-        if mf.stat().st_size > _MAX_MANIFEST_BYTES:
-            return f"is implausibly large for a bank manifest ({mf.stat().st_size} bytes)"
-        m = json.loads(mf.read_bytes().decode("utf-8"))
+        _parse_manifest(mf)
     except OSError as e:
         return f"cannot be read ({e.strerror or e})"
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "is not valid JSON (if it is a damaged bank of yours, delete it first)"
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        fmt = m.get("format") if isinstance(m, dict) else None
-        return f"has format {fmt!r:.80}, not {FORMAT!r}"
+    except BankError as e:
+        return str(e)
     return None
+
+
+def only_data_files(path: Path) -> bool:
+    """Whether the folder ``path`` holds nothing but bank data files (dot files aside): empty, or the files
+    of a first save into it that is running (under the lock) or was killed before its manifest."""
+    return all(_DATA_RE.match(p.name) for p in path.iterdir() if not p.name.startswith("."))
 
 
 _HELD: Dict[str, int] = {}          # bank folder (real path) -> the thread of this process saving into it
@@ -306,30 +323,30 @@ def _flock(lock: Path, *, blocking: bool = True):
 
 
 def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]],
-               reuse: Optional[Dict[str, Dict[str, Any]]] = None,
-               stats: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
+               reuse: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
     """Write a bank folder. ``files`` maps a stem ("past", "concept-3") to its tensors; the
-    manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> file name.
-    Overlapping saves into one folder are serialised (see :func:`_bank_lock`).
+    manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> {"name", "sha256", "bytes",
+    "stat"} (the file's :func:`_stat_key` after the save). Overlapping saves into one folder are serialised
+    (see :func:`_bank_lock`).
 
-    ``reuse`` (stem -> {"name", "sha256", "bytes", "stat"}): files an earlier save in this process wrote or
-    verified for the very same tensors; one still there with the same :func:`_stat_key` is kept without
-    serializing and hashing its tensors again. ``stats``, when given, receives stem -> {"name", "sha256",
-    "bytes", "stat"} of the file each stem now has (for the caller's next ``reuse``)."""
+    ``reuse`` (stem -> such an entry): files an earlier save in this process wrote or verified for the very
+    same tensors; one still there with the same :func:`_stat_key` is kept without serializing and hashing its
+    tensors again."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
     if path.is_dir():
-        entries = [p.name for p in path.iterdir() if not p.name.startswith(".")]
+        has_manifest = os.path.lexists(path / MANIFEST)
         # only data files and no manifest: a first save into the folder is running (another process, under the
         # lock) or was killed before its manifest; this save completes the bank (and removes the orphans)
-        if entries and MANIFEST not in entries and not all(_DATA_RE.match(e) for e in entries):
+        if not has_manifest and not only_data_files(path):
             raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not empty and is "
                                   f"not a clora_fast bank (no {MANIFEST})")
-        why = _not_a_bank_manifest(path / MANIFEST) if MANIFEST in entries else None
+        why = _not_a_bank_manifest(path / MANIFEST) if has_manifest else None
         if why is not None:
             raise FileExistsError(f"refusing to write a bank into {str(path)!r}: the folder is not a clora_fast "
-                                  f"bank (its {str(path / MANIFEST)!r} {why})")
+                                  f"bank (its {str(path / MANIFEST)!r} {why}; if it is a damaged bank of yours, "
+                                  f"delete it first)")
     path.mkdir(parents=True, exist_ok=True)
     with _bank_lock(path) as locked:
         if locked:     # no other save runs: temporary files here are a killed writer's (never read, often large)
@@ -339,7 +356,7 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
                         p.unlink()
                     except OSError:
                         pass
-        return _write_bank_locked(path, manifest, files, reuse or {}, stats)
+        return _write_bank_locked(path, manifest, files, reuse or {})
 
 
 def _stat_key(p: Path) -> Optional[Tuple[int, int, int, int]]:
@@ -353,15 +370,14 @@ def _stat_key(p: Path) -> Optional[Tuple[int, int, int, int]]:
 
 
 def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]],
-                       reuse: Dict[str, Dict[str, Any]], stats: Optional[Dict[str, Any]]) -> Dict[str, str]:
+                       reuse: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
     """:func:`write_bank`'s writes, under the folder's lock: data files, the manifest, then the cleanup."""
-    table = {}
+    table, stats = {}, {}
     for stem, tensors in files.items():
         known = reuse.get(stem)
         if known is not None and known["stat"] is not None and _stat_key(path / known["name"]) == known["stat"]:
             table[stem] = {k: known[k] for k in ("name", "sha256", "bytes")}
-            if stats is not None:
-                stats[stem] = dict(table[stem], stat=known["stat"])
+            stats[stem] = known["stat"]
             continue
         data = _serialize(tensors)
         digest = _sha256(data)
@@ -370,8 +386,7 @@ def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Di
         if not (target.exists() and target.stat().st_size == len(data) and _sha256(target.read_bytes()) == digest):
             atomic_write_bytes(target, data)
         table[stem] = {"name": name, "sha256": digest, "bytes": len(data)}
-        if stats is not None:
-            stats[stem] = dict(table[stem], stat=_stat_key(target))
+        stats[stem] = _stat_key(target)
     manifest = dict(manifest)
     manifest["files"] = table
     atomic_write_bytes(path / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
@@ -382,7 +397,7 @@ def _write_bank_locked(path: Path, manifest: Dict[str, Any], files: Dict[str, Di
                 p.unlink()
             except OSError:
                 pass
-    return {k: v["name"] for k, v in table.items()}
+    return {k: dict(v, stat=stats[k]) for k, v in table.items()}
 
 
 def read_manifest(path) -> Dict[str, Any]:
@@ -393,16 +408,10 @@ def read_manifest(path) -> Dict[str, Any]:
         raise BankError(f"no concept bank at {str(path)!r}: not a folder")
     if not mf.is_file():
         raise BankError(f"no concept bank at {str(path)!r}: {MANIFEST} is missing")
-    raw = mf.read_bytes()
-    if len(raw) > _MAX_MANIFEST_BYTES:
-        raise BankError(f"{mf}: manifest is implausibly large ({len(raw)} bytes)")
     try:
-        m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BankError(f"{mf}: not valid JSON (truncated or modified?): {e}") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        fmt = m.get("format") if isinstance(m, dict) else None
-        raise BankError(f"{mf}: not a clora_fast concept bank (format {fmt!r})")
+        m = _parse_manifest(mf)
+    except BankError as e:
+        raise BankError(f"{mf} {e}") from None
     if m.get("version") != VERSION:
         raise BankError(f"{mf}: bank format version {m.get('version')!r} is not supported (this clora_fast reads "
                         f"version {VERSION})")
@@ -546,8 +555,7 @@ def save_controller(ctrl, path) -> None:
             if rec is not None and rec["of"][0] == what and _same_state(rec["of"][1], tensors) and \
                     rec["of"][2] == rest:
                 reuse[stem] = rec
-    written: Dict[str, Any] = {}
-    write_bank(path, manifest, files, reuse=reuse, stats=written)
+    written = write_bank(path, manifest, files, reuse=reuse)
     with _SAVED_FILES_GUARD:
         for key in [k for k in records if k[0] == folder]:
             del records[key]                 # this save replaced the folder's files

@@ -515,14 +515,14 @@ def _read_bank_names(cl) -> List[str]:
 def _bank_state(out: Path) -> str:
     """'new' (nothing there, an empty folder, or only the data files of a first save killed before its
     manifest: that save never finished a bank), 'bank' (a bank folder) or raise."""
-    from clora_fast.bank import _DATA_RE
+    from clora_fast.bank import only_data_files
 
     if not out.exists():
         return "new"
     if out.is_dir():
         if (out / "manifest.json").is_file():
             return "bank"
-        if all(_DATA_RE.match(p.name) for p in out.iterdir() if not p.name.startswith(".")):
+        if only_data_files(out):
             return "new"
         raise CLIError(f"--out {str(out)!r} is a folder that is not empty and holds no concept bank "
                        f"(no manifest.json): choose another --out")
