@@ -1247,14 +1247,19 @@ TIMM_FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("train", [False, True])
-@pytest.mark.parametrize("family", sorted(TIMM_FAMILIES))
-def test_timm_family_matches_folded_weights(family, train):
-    build, size, fn, *n_blocks = TIMM_FAMILIES[family]
+def _check_family(table, family, train):
+    """Build ``table[family]`` = (build, image size, output fn, [blocks]) and check it against the folded weights."""
+    build, size, fn, *n_blocks = table[family]
     m = build()
     torch.manual_seed(7)
     x = torch.randn(2, 3, size, size)
     _check_family_against_folded_weights(m, x, fn, train=train, n_blocks=n_blocks[0] if n_blocks else 2)
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("family", sorted(TIMM_FAMILIES))
+def test_timm_family_matches_folded_weights(family, train):
+    _check_family(TIMM_FAMILIES, family, train)
 
 
 def _hf(config_cls, model_cls, **kw):
@@ -1315,11 +1320,7 @@ HF_FAMILIES = {
 @pytest.mark.parametrize("train", [False, True])
 @pytest.mark.parametrize("family", sorted(HF_FAMILIES))
 def test_transformers_family_matches_folded_weights(family, train):
-    build, size, fn, *n_blocks = HF_FAMILIES[family]
-    m = build()
-    torch.manual_seed(7)
-    x = torch.randn(2, 3, size, size)
-    _check_family_against_folded_weights(m, x, fn, train=train, n_blocks=n_blocks[0] if n_blocks else 2)
+    _check_family(HF_FAMILIES, family, train)
 
 
 # timm models whose self-attention this integration does not adapt: refused, naming the model class, the
