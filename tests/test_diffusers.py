@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,  # noqa: E402
                        UNet2DConditionModel)
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # noqa: E402
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 import clora_fast  # noqa: E402
@@ -315,19 +315,93 @@ def test_autocast_bf16_and_gradient_checkpointing():
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
 
 
-def test_processor_replaced_after_patch_is_an_error():
-    unet = tiny_unet("sd1")
+def test_processors_set_after_patch_keep_the_adapters():
+    """A processor set after patching (set_attn_processor, attention slicing, set_default_attn_processor) was
+    an error at the next forward ("was replaced after clora_fast.patch"; set_default_attn_processor even
+    failed in diffusers' own class check): it is now wrapped like the processors found at patch time, the
+    concept applies (outputs and gradients as before the change), and unpatch restores the last one set."""
+    unet, inputs, cl = unet_with_a_past()
+    cl.begin_concept()
+    randomize(cl, seed=5)
+    want = run_unet(unet, inputs)
+    want.square().mean().backward()
+    want_grads = [p.grad.clone() for p in cl.trainable_parameters()]
+    with torch.no_grad():
+        plain = run_unet(tiny_unet("sd1"), inputs)
+    assert (want - plain).abs().max() > 1e-3          # the adapters change the output
+
+    def check(kind):
+        for p in cl.trainable_parameters():
+            p.grad = None
+        got = run_unet(unet, inputs)
+        got.square().mean().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip([p.grad for p in cl.trainable_parameters()], want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-7)
+        procs = unet.attn_processors
+        assert all(type(procs[n + ".processor"]).__name__ == f"CLoRA_{kind.__name__}" for n in attn2_names(unet))
+        assert all(type(p) is kind for n, p in procs.items() if ".attn1." in n)
+
+    unet.set_attn_processor(AttnProcessor())
+    check(AttnProcessor)
+    unet.set_attention_slice(1)
+    check(SlicedAttnProcessor)
+    unet.set_default_attn_processor()
+    assert isinstance(unet.get_submodule(attn2_names(unet)[0]).processor, D.CLoRAAttnProcessor)   # at once
+    check(AttnProcessor)
+    D.unpatch(unet)
+    assert all(type(p) is AttnProcessor for p in unet.attn_processors.values())
+    assert "set_default_attn_processor" not in unet.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(unet, inputs), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_errors():
+    """Another patched UNet's wrapper set as a processor is an error (it would apply that UNet's adapters);
+    set_default_attn_processor refused by diffusers (a processor class it does not know) leaves the wrappers
+    in place."""
+    unet, other = tiny_unet("sd1"), tiny_unet("sd1")
     cl = D.patch(unet, rank=2)
     cl.begin_concept()
-    unet.set_attn_processor(AttnProcessor2_0())
-    with pytest.raises(RuntimeError, match="was replaced after clora_fast.patch"):
+    D.patch(other, rank=2)
+    unet.set_attn_processor(dict(other.attn_processors))
+    with pytest.raises(RuntimeError, match="another patched UNet's clora_fast wrapper"):
         run_unet(unet, unet_inputs(unet))
+    class MyProcessor(AttnProcessor2_0):          # a class outside diffusers' lists of default-able ones
+        pass
+
+    mine = tiny_unet("sd1")
+    D.patch(mine, rank=2)
+    mine.get_submodule(attn2_names(mine)[0].replace("attn2", "attn1")).set_processor(MyProcessor())
+    with pytest.raises(ValueError, match="set_default_attn_processor"):
+        mine.set_default_attn_processor()
+    assert all(isinstance(mine.get_submodule(n).processor, D.CLoRAAttnProcessor) for n in attn2_names(mine))
+    run_unet(mine, unet_inputs(mine))
     with pytest.raises(RuntimeError, match="already patched"):
         D.patch(unet)
     with pytest.raises(TypeError, match="UNet2DConditionModel"):
         D.patch(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="not patched"):
         D.unpatch(tiny_unet("sd1"))
+
+
+def test_ip_adapter_set_after_patch_is_wrapped():
+    """IP-Adapter processors set on a patched UNet: the same outputs as when they were there before patching."""
+    outs = []
+    for ip_first in (True, False):
+        unet = tiny_unet("sd1")
+        if ip_first:
+            sample, ehs, img = _with_ip_adapter(unet)
+        cl = D.patch(unet, rank=2, backend="reference")
+        if not ip_first:
+            sample, ehs, img = _with_ip_adapter(unet)
+        torch.manual_seed(3)
+        cl.begin_concept()
+        randomize(cl)
+        with torch.no_grad():
+            outs.append(unet(sample, 10, encoder_hidden_states=ehs, added_cond_kwargs={"image_embeds": img}).sample)
+        assert any(".attn2.processor.to_k_ip." in k for k in unet.state_dict())   # its weights: in the UNet
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_classic_attn_processor_kept():

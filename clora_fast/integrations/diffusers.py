@@ -324,6 +324,25 @@ class _GuardedSave:
         return type(tok).save_pretrained(tok, *args, **kwargs)
 
 
+class _SetDefaultProcessors:
+    """``unet.set_default_attn_processor()`` of a patched UNet.  diffusers' method checks the processors' exact
+    classes (a wrapper fails it: "Cannot call `set_default_attn_processor` when attention processors are of
+    type ..."): the adapted ``attn2`` get their replaced processors back for that call, and the new default
+    processors are wrapped again right after it (or the wrappers restored when diffusers refuses).  A
+    module-level class, so the UNet still pickles."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __call__(self, *args, **kwargs):
+        unet = self.unet
+        method = type(unet).set_default_attn_processor
+        ad = _adapter_of(unet)
+        if ad is None:
+            return method(unet, *args, **kwargs)
+        return ad._set_default_processors(method, *args, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ processors
 class _ProjFn:
     """What the replaced processor sees as ``attn.to_k`` / ``attn.to_v``."""
@@ -557,6 +576,7 @@ class DiffusersAdapter:
         self._prev_save = None              # the pipeline's own instance-level save_pretrained, if it had one
         self._uninstalling = False
         self._unet_save = None              # install_save_warning's token for the UNet's save_pretrained
+        self._prev_set_default = None       # the UNet's own instance-level set_default_attn_processor, if any
         self._logged = set()
         # concept idx -> token string; per slot: concept idx -> row
         self.tokens: Dict[int, str] = {}
@@ -581,9 +601,7 @@ class DiffusersAdapter:
         done, slots_done = [], []
         try:
             for layer in self.layers:
-                layer.orig_processor = layer.attn.processor
-                cls = _processor_class(type(layer.orig_processor))
-                layer.attn.set_processor(cls(self, layer, layer.orig_processor))
+                self._wrap(layer, layer.attn.processor)
                 done.append(layer)
             self._hook = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
             for slot in self.slots:
@@ -593,6 +611,9 @@ class DiffusersAdapter:
                 self._prev_save = self.pipe.__dict__.get("save_pretrained")
                 object.__setattr__(self.pipe, "save_pretrained", _GuardedPipeSave(self.pipe))
             self._unet_save = install_save_warning(self.unet, get_controller)
+            if callable(getattr(type(self.unet), "set_default_attn_processor", None)):
+                self._prev_set_default = self.unet.__dict__.get("set_default_attn_processor")
+                object.__setattr__(self.unet, "set_default_attn_processor", _SetDefaultProcessors(self.unet))
         except BaseException:
             for slot in slots_done:
                 slot.uninstall()
@@ -606,7 +627,13 @@ class DiffusersAdapter:
         object.__setattr__(self.unet, _ADAPTER_ATTR, self)
 
     def _restore_saves(self) -> None:
-        """Take back the ``save_pretrained`` guards that install put on the pipeline and the UNet."""
+        """Take back the instance attributes install put on the pipeline and the UNet: the ``save_pretrained``
+        guards and ``set_default_attn_processor``."""
+        if isinstance(self.unet.__dict__.get("set_default_attn_processor"), _SetDefaultProcessors):
+            if self._prev_set_default is None:
+                self.unet.__dict__.pop("set_default_attn_processor")
+            else:
+                object.__setattr__(self.unet, "set_default_attn_processor", self._prev_set_default)
         uninstall_save_warning(self.unet, self._unet_save)
         self._unet_save = None
         if self.pipe is not None and isinstance(self.pipe.__dict__.get("save_pretrained"), _GuardedPipeSave):
@@ -679,26 +706,52 @@ class DiffusersAdapter:
                 if site.weight is not w or site.bias is not b:
                     site.weight, site.bias = w, b
 
+    def _wrap(self, layer: _Layer, proc) -> None:
+        """Put this adapter's wrapper around ``proc`` as ``layer``'s processor (``proc`` is what unpatch restores)."""
+        layer.orig_processor = proc
+        layer.attn.set_processor(_processor_class(type(proc))(self, layer, proc))
+
+    def _set_default_processors(self, method, *args, **kwargs):
+        unwrapped = []
+        for layer in self.layers:
+            proc = layer.attn.processor
+            if isinstance(proc, CLoRAAttnProcessor) and proc.adapter is self:
+                layer.attn.set_processor(proc.inner)
+                unwrapped.append((layer, proc))
+        try:
+            out = method(self.unet, *args, **kwargs)
+        except BaseException:
+            for layer, proc in unwrapped:
+                layer.attn.set_processor(proc)
+            raise
+        self._check_processors()            # wraps the new processors now (unet.attn_processors shows them)
+        return out
+
     def _check_processors(self) -> None:
+        """Before each UNet forward: an ``attn2`` processor replaced since the last one (``set_attn_processor``,
+        ``enable_attention_slicing``, ``enable_xformers_memory_efficient_attention``, an IP-Adapter loaded after
+        patching...) is wrapped like the processors found at patch time, and is what unpatch restores.  A
+        fused-projection processor (``fuse_qkv_projections``) and another adapter's wrapper are errors."""
         self.refresh_sites()
         for layer in self.layers:
             proc = layer.attn.processor
-            if not isinstance(proc, CLoRAAttnProcessor) or proc.adapter is not self:
-                if _is_fused(proc):
-                    raise RuntimeError(
-                        f"the attention processor of {layer.name} was replaced by {type(proc).__name__} "
-                        f"(fuse_qkv_projections() after clora_fast.patch): its fused K/V projection holds W0 only, "
-                        f"the C-LoRA adapters would be skipped. Call unet.unfuse_qkv_projections() (or "
-                        f"pipe.unfuse_qkv_projections()) to put the clora_fast processors back (for inference "
-                        f"without adapter overhead use controller.merge() instead of fusing)")
+            if isinstance(proc, CLoRAAttnProcessor) and proc.adapter is self:
+                continue
+            if _is_fused(proc):
                 raise RuntimeError(
-                    f"the attention processor of {layer.name} was replaced after clora_fast.patch (now a "
-                    f"{type(proc).__name__}, e.g. by set_attn_processor / enable_attention_slicing / "
-                    f"enable_xformers_memory_efficient_attention): the C-LoRA adapters would be skipped. Choose "
-                    f"processors before patching (patch wraps whatever attn2 has). To keep what was learned: "
-                    f"controller.save(path), clora_fast.unpatch(...), change the processors, then "
-                    f"clora_fast.load(..., path) (an active concept comes back as new parameters: make a new "
-                    f"optimizer)")
+                    f"the attention processor of {layer.name} was replaced by {type(proc).__name__} "
+                    f"(fuse_qkv_projections() after clora_fast.patch): its fused K/V projection holds W0 only, "
+                    f"the C-LoRA adapters would be skipped. Call unet.unfuse_qkv_projections() (or "
+                    f"pipe.unfuse_qkv_projections()) to put the clora_fast processors back (for inference "
+                    f"without adapter overhead use controller.merge() instead of fusing)")
+            if isinstance(proc, CLoRAAttnProcessor):
+                raise RuntimeError(
+                    f"the attention processor of {layer.name} is another patched UNet's clora_fast wrapper (set from "
+                    f"that UNet's attn_processors?): it would apply that UNet's adapters. Set the processor it "
+                    f"wraps instead (its .inner), or an unpatched UNet's processors")
+            self._log_once(("adopt", type(proc)), "clora_fast: wrapping the %s set after patching",
+                           type(proc).__name__)
+            self._wrap(layer, proc)
         for slot in self.slots:
             if slot.encoder.get_input_embeddings() is not slot.emb:
                 raise RuntimeError(
