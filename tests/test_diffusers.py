@@ -385,6 +385,30 @@ def test_processor_errors():
         D.unpatch(tiny_unet("sd1"))
 
 
+def test_processor_that_reads_the_weight_itself_is_warned_about():
+    """A custom processor computing K with F.linear(x, attn.to_k.weight) gets W0 only (the adapter of to_k
+    is skipped: no gradient for its factors); that was silent, it now warns once, naming the projection."""
+    import warnings
+
+    class ReadsWeight(AttnProcessor):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+            k = attn.head_to_batch_dim(torch.nn.functional.linear(encoder_hidden_states, attn.to_k.weight))
+            v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+            out = attn.batch_to_head_dim(torch.bmm(attn.get_attention_scores(q, k, None), v))
+            return attn.to_out[1](attn.to_out[0](out)) + hidden_states
+
+    unet, inputs, cl = unet_with_a_past()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # the standard processors: no such warning
+        run_unet(unet, inputs)
+    unet.set_attn_processor({k: ReadsWeight() if ".attn2." in k else p for k, p in unet.attn_processors.items()})
+    with pytest.warns(UserWarning, match=r"ReadsWeight of down_blocks.*did not call attn.to_k\(x\)") as rec:
+        run_unet(unet, inputs)
+    assert sum("did not call" in str(w.message) for w in rec) == 1           # once, not once per layer
+    assert any("did not call attn.to_k(x) (it reads" in str(w.message) for w in rec)     # to_k only
+
+
 def test_ip_adapter_set_after_patch_is_wrapped():
     """IP-Adapter processors set on a patched UNet: the same outputs as when they were there before patching."""
     outs = []

@@ -14,6 +14,9 @@ the processor it replaced with a stand-in for the ``Attention`` module whose ``t
 masks, ``norm_cross``, residual, ``rescale_output_factor``) is the replaced processor's own
 code. While the controller is :attr:`~CLoRAController.pristine` (no concept, nothing folded,
 or merged) the replaced processor is called with the real module: bit-identical outputs.
+A processor set on an ``attn2`` after patching is wrapped the same way at the next UNet forward. A
+processor call that does not call ``attn.to_k(x)`` and ``attn.to_v(x)`` (one that reads their ``.weight``
+itself) gets W0 only for that projection: a warning says so.
 
 Whole-UNet grouping: all ``attn2`` see the same ``encoder_hidden_states``. A forward
 pre-hook on the UNet computes every layer's K and V in one segmented launch
@@ -43,6 +46,7 @@ import copy
 import inspect
 import logging
 import re
+import warnings
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -376,15 +380,18 @@ class _AttnProxy:
 
 
 class _LayerCall:
-    """K/V of one attn2 for one processor call: from the grouped cache, else both in one launch."""
-    __slots__ = ("adapter", "layer", "_x", "_pair")
+    """K/V of one attn2 for one processor call: from the grouped cache, else both in one launch.  ``used``:
+    which of K (bit 0) and V (bit 1) the processor asked for."""
+    __slots__ = ("adapter", "layer", "_x", "_pair", "used")
 
     def __init__(self, adapter, layer):
         self.adapter, self.layer = adapter, layer
         self._x = None
         self._pair = None
+        self.used = 0
 
     def kv(self, role: int, x: Tensor) -> Tensor:
+        self.used |= 1 << role
         outs = self.adapter._cached(self.layer, x)
         if outs is not None:
             return outs[role]
@@ -412,7 +419,11 @@ class CLoRAAttnProcessor:
         ad = self.adapter
         if ad.controller.pristine:
             return self.inner(attn, *args, **kwargs)
-        return self.inner(_AttnProxy(attn, _LayerCall(ad, self.layer)), *args, **kwargs)
+        call = _LayerCall(ad, self.layer)
+        out = self.inner(_AttnProxy(attn, call), *args, **kwargs)
+        if call.used != 3:
+            ad._warn_skipped(self.inner, self.layer, call.used)
+        return out
 
     def __getattr__(self, name):
         # only reached for names this object does not hold: the replaced processor's attributes (and, while an
@@ -674,6 +685,19 @@ class DiffusersAdapter:
             for name, proc in list(saved.items()):
                 if isinstance(proc, CLoRAAttnProcessor) and proc.adapter is self:
                     saved[name] = proc.inner
+
+    def _warn_skipped(self, proc, layer: _Layer, used: int) -> None:
+        """A processor call that never called ``attn.to_k(x)`` / ``attn.to_v(x)`` (one that reads their
+        ``.weight`` itself, or skips cross-attention): that projection's adapters were not applied."""
+        missing = " and ".join(n for i, n in enumerate(("attn.to_k", "attn.to_v")) if not used >> i & 1)
+        key = ("skipped", type(proc), used)
+        if key not in self._logged:
+            self._logged.add(key)
+            warnings.warn(f"clora_fast: the attention processor {type(proc).__name__} of {layer.name} did not "
+                          f"call {missing}(x) (it reads the weight itself, or skips cross-attention): the C-LoRA "
+                          f"adapters of that projection were not applied (no output change, no gradient). "
+                          f"Use a processor that computes K and V with attn.to_k(x) / attn.to_v(x)",
+                          UserWarning, stacklevel=2)
 
     def _log_once(self, key, msg, *args):
         if key not in self._logged:
