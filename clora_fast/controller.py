@@ -740,6 +740,11 @@ class CLoRAController(nn.Module):
         if not all(torch.isfinite(a).all() and torch.isfinite(b).all() for a, b in zip(As, Bs)):
             raise FloatingPointError(f"concept {idx} ({name!r}) has non-finite LoRA factors (NaN/inf); "
                                      f"refusing to fold it into the past")
+        if not any(bool(b.any()) for b in Bs):
+            warnings.warn(f"clora_fast: concept {idx} ({name!r}) ends untrained: all its B factors are still zero, "
+                          f"so s*B@A = 0 and it changes nothing. Was the optimizer built from "
+                          f"controller.trainable_parameters() after this begin_concept()? (They are new tensors "
+                          f"for every concept.)", UserWarning, stacklevel=2)
         self._fold_into(self._past, As, Bs, self.scale)
         self.concepts.append(Concept(idx, name, self.scale, As, Bs))
         self._active = None

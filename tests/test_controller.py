@@ -707,3 +707,30 @@ def test_begin_concept_and_rollback_under_inference_mode_give_trainable_factors(
         assert ctrl.active_concept is not None and not any(p.is_inference() for p in ctrl.trainable_parameters())
         (ctrl.project(0, x).square().sum() + ctrl.penalty()).backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctrl.trainable_parameters())
+
+
+def test_a_concept_ended_untrained_is_warned_about():
+    """The classic slip: an optimizer built once, before begin_concept() made the new concept's tensors,
+    trains the previous concept's (now frozen) factors; the new B stays zero and the concept changes
+    nothing. That was silent; end_concept() now warns. A concept trained by its own optimizer does not."""
+    import warnings
+    c = CLoRAController(make_sites(), rank=2, backend="reference")
+    x = torch.randn(3, 12)
+
+    def train(opt):
+        for _ in range(2):
+            opt.zero_grad()
+            (c.project_group("g", x)[0].square().sum() + c.penalty()).backward()
+            opt.step()
+
+    c.begin_concept("first")
+    opt = torch.optim.SGD(c.trainable_parameters(), lr=0.1)
+    train(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c.end_concept()
+    c.begin_concept("second")
+    train(opt)                                   # still the first concept's tensors
+    with pytest.warns(UserWarning, match=r"concept 1 \('second'\) ends untrained: all its B factors are still zero"):
+        c.end_concept()
+    assert torch.equal(c.past(0), c._refold(c.concepts[:1])[0])           # it folded nothing
