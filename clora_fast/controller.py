@@ -237,6 +237,7 @@ class CLoRAController(nn.Module):
         self._retired: List[Dict[str, Any]] = []   # removed concepts: {"idx", "name"}
         self._next_idx = 0
         self._active: Optional[Tuple[int, str]] = None
+        self._penalized = True             # penalty() computed (with a past to act on) since begin_concept
         self.lora_A = nn.ParameterList()   # one flat [L*r, in] per bundle while a concept is active
         self.lora_B = nn.ParameterList()   # one flat [N, r] per bundle
         self._merged_backup: Optional[List[Tensor]] = None
@@ -608,6 +609,7 @@ class CLoRAController(nn.Module):
             self.lora_B = nn.ParameterList(Bs)
             self._active = (idx, name)
             self._next_idx += 1
+            self._penalized = not self.has_past or self.penalty_weight == 0.0
             hook = getattr(self.adapter, "on_begin_concept", None)      # e.g. a trainable token embedding row
             if hook is not None:
                 try:
@@ -745,6 +747,12 @@ class CLoRAController(nn.Module):
                           f"so s*B@A = 0 and it changes nothing. Was the optimizer built from "
                           f"controller.trainable_parameters() after this begin_concept()? (They are new tensors "
                           f"for every concept.)", UserWarning, stacklevel=2)
+        elif not self._penalized:
+            warnings.warn(f"clora_fast: concept {idx} ({name!r}) was trained without the forgetting penalty: "
+                          f"penalty() was never called since its begin_concept(), so C-LoRA's self-regularization "
+                          f"did not keep it off the weights the past concepts use. Add controller.penalty() to the "
+                          f"loss (or make the controller with penalty_weight=0 to train without it on purpose)",
+                          UserWarning, stacklevel=2)
         self._fold_into(self._past, As, Bs, self.scale)
         self.concepts.append(Concept(idx, name, self.scale, As, Bs))
         self._active = None
@@ -786,6 +794,7 @@ class CLoRAController(nn.Module):
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
             return torch.zeros((), dtype=torch.float32, device=dev,
                                requires_grad=self._active is not None and torch.is_grad_enabled())
+        self._penalized = True
         self._sync_device()
         # The factors go in as the flat per-bundle parameters with a row layout: the gradient
         # lands in each flat parameter as one tensor (no per-site views in the autograd graph).
@@ -982,6 +991,7 @@ class CLoRAController(nn.Module):
             self.lora_B = nn.ParameterList()
         else:
             self._active = active
+            self._penalized = True         # trained before this load: how is not known
             As, Bs = active_factors
             newA = [torch.cat([As[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]
             newB = [torch.cat([Bs[i] for i in b.site_ids], 0).to(self.param_dtype) for b in self._bundles]

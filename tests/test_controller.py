@@ -734,3 +734,42 @@ def test_a_concept_ended_untrained_is_warned_about():
     with pytest.warns(UserWarning, match=r"concept 1 \('second'\) ends untrained: all its B factors are still zero"):
         c.end_concept()
     assert torch.equal(c.past(0), c._refold(c.concepts[:1])[0])           # it folded nothing
+
+
+def test_a_concept_trained_without_the_penalty_is_warned_about(tmp_path):
+    """Training with a past but never calling penalty() is plain sequential LoRA, not C-LoRA: silent before,
+    a warning at end_concept() now. Not for the first concept (no past), a controller made with
+    penalty_weight=0 (on purpose), nor a concept restored mid-training from a bank (its history is unknown)."""
+    import warnings
+    x = torch.randn(3, 12)
+
+    def train(c, with_penalty):
+        opt = torch.optim.SGD(c.trainable_parameters(), lr=0.1)
+        for _ in range(2):
+            opt.zero_grad()
+            loss = c.project_group("g", x)[0].square().sum()
+            (loss + c.penalty() if with_penalty else loss).backward()
+            opt.step()
+
+    for weight in (1.0, 0.0):
+        c = CLoRAController(make_sites(), rank=2, backend="reference", penalty_weight=weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            c.begin_concept()
+            train(c, with_penalty=False)             # no past yet: nothing to regularize against
+            c.end_concept()
+            c.begin_concept()
+            train(c, with_penalty=True)
+            c.end_concept()
+            c.begin_concept()
+            train(c, with_penalty=False)
+            if weight == 0.0:
+                c.end_concept()                      # penalty_weight=0: sequential LoRA on purpose
+        if weight:
+            c.save(tmp_path / "bank")
+            with pytest.warns(UserWarning, match=r"concept 2 \('<c3>'\) was trained without the forgetting penalty"):
+                c.end_concept()
+            c.load_bank(tmp_path / "bank")           # concept 2 active again, trained before the save
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                c.end_concept()
