@@ -687,22 +687,23 @@ def _check_entries(m: Dict[str, Any], data: Dict[str, Any], where: str) -> None:
 
 def load_into_controller(ctrl, path, *, replace_active: bool = False) -> None:
     """Verify the bank at ``path`` completely, then install it into ``ctrl``."""
-    m, data = _read_bank(ctrl, path, str(path))
+    m, data = _read_bank(path, str(path), lambda m: _check_compatible(ctrl, m, str(path)))
     _install(ctrl, m, data, str(path), replace_active)
 
 
 _READ_TRIES = 5
 
 
-def _read_bank(ctrl, path, where: str):
-    """(manifest, data) of one complete save of the bank at ``path``.  Loads take no lock: a save by another
-    process may replace the manifest and remove the previous save's files while we read them; we then read
-    the new save.  After :data:`_READ_TRIES` such races in a row (saves back to back), we read under the save
-    lock, which a writer releases between saves, so the load cannot be starved (a bank folder we cannot create
-    the lock file in: the race's error)."""
+def _read_bank(path, where: str, check=None):
+    """(manifest, data) of one complete save of the bank at ``path`` (``check(manifest)`` runs before the
+    files are read).  Loads take no lock: a save by another process may replace the manifest and remove the
+    previous save's files while we read them; we then read the new save.  After :data:`_READ_TRIES` such races
+    in a row (saves back to back), we read under the save lock, which a writer releases between saves, so the
+    load cannot be starved (a bank folder we cannot create the lock file in: the race's error)."""
     for _ in range(_READ_TRIES):
         m = read_manifest(path)
-        _check_compatible(ctrl, m, where)
+        if check is not None:
+            check(m)
         try:
             return m, read_files(path, m)
         except _BankFileMissing as e:
@@ -719,8 +720,46 @@ def _read_bank(ctrl, path, where: str):
         except OSError:
             raise missing from None
         m = read_manifest(path)
-        _check_compatible(ctrl, m, where)
+        if check is not None:
+            check(m)
         return m, read_files(path, m)
+
+
+def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
+    """What the bank at ``path`` holds, read from its manifest without a model: ``rank``, ``alpha``,
+    ``penalty_weight``, ``sites`` (the number of adapted projections), ``kind`` (the integration that wrote
+    it, or None), ``producer``, ``concepts`` [{"idx", "name", "scale", "active", "token", "bytes"}] in
+    training order, ``retired`` [{"idx", "name"}], ``next_idx``, ``files`` and ``bytes`` (the data files).
+
+    ``verify=True`` also checks what a load checks that needs no model: every file's size and sha256, the
+    tensors' presence, shapes and finiteness for every site of the manifest, and that the stored past is the
+    fold of the finished concepts' factors; ``"verified": True`` then (a :class:`BankError` says what is
+    wrong otherwise).  Not checked: that the bank fits a given base model (``clora_fast.load`` does that)."""
+    where = str(path)
+    m, data = _read_bank(path, where) if verify else (read_manifest(path), None)
+    sites = []
+    for j, d in enumerate(m["sites"]):
+        if not (isinstance(d, dict) and isinstance(d.get("name"), str) and _is_int(d.get("out"))
+                and _is_int(d.get("in")) and d["out"] > 0 and d["in"] > 0):
+            raise BankError(f"{where}: manifest field 'sites[{j}]' must be {{'name', 'out', 'in'}} with positive "
+                            f"sizes (got {d!r:.80})")
+        sites.append((d["name"], d["out"], d["in"]))
+    if verify:
+        _verify_tensors(m, data, where, sites, m["rank"], torch.device("cpu"))
+    else:
+        _check_entries(m, m["files"], where)
+    ad = m.get("adapter") if isinstance(m.get("adapter"), dict) else {}
+    tokens = ad.get("tokens", {}) if isinstance(ad.get("tokens"), dict) else {}
+    sizes = {stem: e.get("bytes") for stem, e in m["files"].items() if isinstance(e, dict)}
+    return {
+        "path": where, "producer": m.get("producer"), "kind": ad.get("kind"),
+        "rank": m["rank"], "alpha": m["alpha"], "penalty_weight": m["penalty_weight"], "sites": len(sites),
+        "concepts": [{"idx": c["idx"], "name": c["name"], "scale": c["scale"], "active": c["active"],
+                      "token": tokens.get(str(c["idx"])), "bytes": sizes.get(c["file"])} for c in m["concepts"]],
+        "retired": [{"idx": x["idx"], "name": x["name"]} for x in m["retired"]],
+        "next_idx": m["next_idx"], "files": len(sizes),
+        "bytes": sum(b for b in sizes.values() if _is_int(b)), "verified": verify,
+    }
 
 
 def _check_compatible(ctrl, m: Dict[str, Any], where: str) -> None:
@@ -768,25 +807,27 @@ def _past_matches_fold(past: Tensor, factors: List[Tuple[float, Tensor, Tensor]]
     return bool(((p - r_acc).abs() <= tol).all())
 
 
-def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where: str, replace_active: bool) -> None:
-    """Verify the bank's tensors ``data`` against ``m`` and ``ctrl`` completely, then install them."""
+def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where: str,
+                    sites: List[Tuple[str, int, int]], rank: int, fold_dev: torch.device):
+    """Check the bank's tensors ``data`` against its manifest ``m`` for the adapted projections ``sites``
+    [(name, out, in)] at rank ``rank``: every file holds every site's tensors, with the right shapes, finite,
+    and the stored past is the fold of the finished concepts' factors.  Returns (pasts per site, finished
+    concepts, active (idx, name) or None, its (As, Bs) or None, extra tensors per concept idx)."""
     from .controller import Concept
-    r = ctrl.rank
-    # the past
-    pasts: List[Optional[Tensor]] = [None] * ctrl.num_sites
+    r = rank
+    pasts: List[Optional[Tensor]] = [None] * len(sites)
     _check_entries(m, data, where)
     if m.get("past") is not None:
         _expect(m["past"] in data, f"{where}: the manifest names a past file that is not listed")
         tp = data[m["past"]]
-        _expect(set(tp) == {s.name for s in ctrl.sites}, f"{where}: the past file does not hold every site")
-        for i, s in enumerate(ctrl.sites):
-            t = tp[s.name]
-            _expect(tuple(t.shape) == (s.out_features, s.in_features) and t.dtype == torch.float32,
-                    f"{where}: past of {s.name!r} has shape {tuple(t.shape)} {t.dtype}, expected "
-                    f"{(s.out_features, s.in_features)} float32")
-            _expect(bool(torch.isfinite(t).all()), f"{where}: past of {s.name!r} is not finite")
+        _expect(set(tp) == {name for name, _, _ in sites}, f"{where}: the past file does not hold every site")
+        for i, (name, out, inp) in enumerate(sites):
+            t = tp[name]
+            _expect(tuple(t.shape) == (out, inp) and t.dtype == torch.float32,
+                    f"{where}: past of {name!r} has shape {tuple(t.shape)} {t.dtype}, expected "
+                    f"{(out, inp)} float32")
+            _expect(bool(torch.isfinite(t).all()), f"{where}: past of {name!r} is not finite")
             pasts[i] = t
-    # concepts
     concepts: List[Concept] = []
     active = None
     active_factors = None
@@ -794,14 +835,14 @@ def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where:
     for j, c in enumerate(m["concepts"]):
         t = data[c["file"]]
         As, Bs = [], []
-        for s in ctrl.sites:
-            a, b = t.get(f"{s.name}.lora_A"), t.get(f"{s.name}.lora_B")
-            _expect(a is not None and b is not None, f"{where}: concept {c['idx']} lacks factors of {s.name!r}")
-            _expect(tuple(a.shape) == (r, s.in_features) and tuple(b.shape) == (s.out_features, r),
-                    f"rank/shape mismatch in {where}: concept {c['idx']} factors of {s.name!r} have shapes "
-                    f"{tuple(a.shape)}, {tuple(b.shape)}; expected [{r}, {s.in_features}], [{s.out_features}, {r}]")
+        for name, out, inp in sites:
+            a, b = t.get(f"{name}.lora_A"), t.get(f"{name}.lora_B")
+            _expect(a is not None and b is not None, f"{where}: concept {c['idx']} lacks factors of {name!r}")
+            _expect(tuple(a.shape) == (r, inp) and tuple(b.shape) == (out, r),
+                    f"rank/shape mismatch in {where}: concept {c['idx']} factors of {name!r} have shapes "
+                    f"{tuple(a.shape)}, {tuple(b.shape)}; expected [{r}, {inp}], [{out}, {r}]")
             _expect(bool(torch.isfinite(a).all() and torch.isfinite(b).all()),
-                    f"{where}: concept {c['idx']} factors of {s.name!r} are not finite")
+                    f"{where}: concept {c['idx']} factors of {name!r} are not finite")
             As.append(a.float())
             Bs.append(b.float())
         extras[c["idx"]] = {k[len("extra."):]: v for k, v in t.items() if k.startswith("extra.")}
@@ -813,16 +854,23 @@ def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where:
             active_factors = (As, Bs)
         else:
             concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs))
-    retired = m["retired"]
     # the stored past must be the fold of the stored factors
-    fold_dev = ctrl._device() if ctrl._device().type == "cuda" else torch.device("cpu")
-    for i, s in enumerate(ctrl.sites):
+    for i, (name, _, _) in enumerate(sites):
         if pasts[i] is None or not concepts:
             _expect(pasts[i] is None and not concepts,
                     f"{where}: the folded past does not match the concepts' factors")
             continue
         _expect(_past_matches_fold(pasts[i], [(c.scale, c.lora_A[i], c.lora_B[i]) for c in concepts], fold_dev),
-                f"{where}: the folded past of {s.name!r} does not match the fold of the concepts' factors")
+                f"{where}: the folded past of {name!r} does not match the fold of the concepts' factors")
+    return pasts, concepts, active, active_factors, extras
+
+
+def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where: str, replace_active: bool) -> None:
+    """Verify the bank's tensors ``data`` against ``m`` and ``ctrl`` completely, then install them."""
+    fold_dev = ctrl._device() if ctrl._device().type == "cuda" else torch.device("cpu")
+    pasts, concepts, active, active_factors, extras = _verify_tensors(
+        m, data, where, [(s.name, s.out_features, s.in_features) for s in ctrl.sites], ctrl.rank, fold_dev)
+    retired = m["retired"]
     # the integration's extra state (tokens): verify before changing anything
     check = getattr(ctrl.adapter, "check_extra_state", None)
     if check is not None:

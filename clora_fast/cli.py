@@ -996,14 +996,70 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- info
+
+
+def _info_parser(sub):
+    p = sub.add_parser(
+        "info", help="what a concept bank holds (and, with --verify, whether it is intact)",
+        description="List a concept bank's concepts (index, name, token, scale, size; a concept saved "
+                    "mid-training is marked active) and its settings, from its manifest: no model is "
+                    "loaded. --verify also checks every file's size and sha256, the tensors' shapes and "
+                    "finiteness, and that the stored past is the fold of the concepts' factors (what a load "
+                    "checks, except that the bank fits a given model). Exit status 1 when the folder is not "
+                    "a bank or the check fails.")
+    p.add_argument("bank", help="the bank folder")
+    p.add_argument("--verify", action="store_true", help="read and check every file (slower: reads the bank)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p
+
+
+def _size(n) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"
+
+
+def cmd_info(args) -> int:
+    from clora_fast.bank import inspect_bank
+    info = inspect_bank(args.bank, verify=args.verify)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    finished = [c for c in info["concepts"] if not c["active"]]
+    active = [c for c in info["concepts"] if c["active"]]
+    print(f"{info['path']}: {info['producer'] or 'clora_fast'}" + (f", {info['kind']}" if info["kind"] else ""))
+    print(f"  rank {info['rank']}, alpha {info['alpha']:g}, penalty weight {info['penalty_weight']:g}, "
+          f"{info['sites']} adapted projections")
+    print(f"  {len(finished)} finished concept(s)" + (", 1 being learned (saved mid-training)" if active else "")
+          + f", {len(info['retired'])} removed; {info['files']} files, {_size(info['bytes'])}")
+    if info["concepts"]:
+        rows = [("idx", "name", "token", "scale", "size", "")] + [
+            (str(c["idx"]), c["name"], c["token"] or "-", f"{c['scale']:g}", _size(c["bytes"]),
+             "active" if c["active"] else "") for c in info["concepts"]]
+        widths = [max(len(r[k]) for r in rows) for k in range(5)]
+        for r in rows:
+            print("  " + "  ".join(v.rjust(w) if k in (0, 3, 4) else v.ljust(w)
+                                   for k, (v, w) in enumerate(zip(r, widths))) + (f"  {r[5]}" if r[5] else ""))
+    if info["retired"]:
+        print("  removed: " + ", ".join(f"{r['idx']} {r['name']}" for r in info["retired"]))
+    print("  verified: sizes, sha256 checksums, shapes, the folded past" if info["verified"]
+          else "  not verified (--verify reads every file and checks it)")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clora-fast", description="C-LoRA continual customization")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,train-vit}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,info,train-vit}")
     _train_parser(sub)
     _sample_parser(sub)
+    _info_parser(sub)
     sub.add_parser("train-vit", help="continual ViT classifier training (clora_fast.vit_train)", add_help=False)
     return parser
 
@@ -1024,6 +1080,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from clora_fast.bank import BankError
+
+    if args.command == "info":
+        try:
+            return cmd_info(args)
+        except (BankError, OSError) as e:       # not a bank, or one that fails the check
+            print(f"clora-fast: error: {e}", file=sys.stderr)
+            return 1
     import torch
 
     prev_threads = torch.get_num_threads()
@@ -1032,8 +1096,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # the builtin model's ops are far too small for intra-op threads to pay off, and on a
         # busy machine OpenMP spin-waiting makes 2 threads 10-40x slower than 1 (measured)
         threads = 1
-    from clora_fast.bank import BankError
-
     try:
         if threads is not None:
             torch.set_num_threads(threads)

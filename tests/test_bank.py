@@ -657,3 +657,37 @@ def test_a_load_during_a_save_by_another_process_reads_the_new_bank(tmp_path, mo
     (path / read_manifest(path)["files"]["past"]["name"]).unlink()     # a really missing file is still an error
     with pytest.raises(BankError, match="is missing"):
         CLoRAController(sites(), rank=3, alpha=6.0, backend="reference").load_bank(path)
+
+
+def test_inspect_bank_lists_the_concepts_and_verify_checks_what_a_load_checks(tmp_path):
+    """inspect_bank reads what a bank holds without a model (finished, active and removed concepts, settings,
+    file sizes); verify=True catches a damaged file and a past that is not the fold of its factors."""
+    from clora_fast.bank import inspect_bank
+    path = tmp_path / "bank"
+    c = trained(3, active=True)
+    c.remove_concept(1)
+    c.save(path)
+    info = inspect_bank(path)
+    assert [(k["idx"], k["name"], k["active"]) for k in info["concepts"]] == \
+        [(0, "<k0>", False), (2, "<k2>", False), (3, "<k3>", True)]
+    assert info["retired"] == [{"idx": 1, "name": "<k1>"}]
+    assert (info["rank"], info["alpha"], info["penalty_weight"], info["sites"], info["next_idx"]) == (3, 6.0, 7.0, 4, 4)
+    data = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    assert info["files"] == len(data) == 4
+    assert info["bytes"] == sum(os.path.getsize(path / f) for f in data)
+    assert all(k["bytes"] == os.path.getsize(_victim(path, f"concept-{k['idx']}")) for k in info["concepts"])
+    assert info["verified"] is False and inspect_bank(path, verify=True)["verified"] is True
+
+    _rewrite_past(path, lambda t: t.update({k: t[k] * 1.001 for k in t}))     # checksums fine, fold not
+    assert inspect_bank(path)["verified"] is False                              # the manifest alone: fine
+    with pytest.raises(BankError, match="does not match the fold"):
+        inspect_bank(path, verify=True)
+    trained(2, active=False).save(path)
+    f = _victim(path, "concept-1")
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(BankError, match="sha256 checksum mismatch"):
+        inspect_bank(path, verify=True)
+    with pytest.raises(BankError, match="manifest.json is missing"):
+        inspect_bank(tmp_path)

@@ -1,6 +1,7 @@
-"""clora-fast CLI: train (resumable), sample, train-vit dispatch, bad inputs."""
+"""clora-fast CLI: train (resumable), sample, info, train-vit dispatch, bad inputs."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -202,6 +203,31 @@ def test_sample_writes_png(tmp_path, concepts, capsys):
     assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <gamma>", "--out", str(out2),
                      "--steps", "1", "--resolution", "16"]) == 0
     assert "['<gamma>'] are not in the bank" in capsys.readouterr().err
+
+
+def test_info_lists_a_bank_and_verifies_it(tmp_path, concepts, capsys):
+    """clora-fast info: the concepts with their tokens and sizes, no model loaded; --json; --verify, and
+    exit status 1 for a damaged bank or a folder that is not one."""
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--concepts", *concepts, "--out", str(bank), *FAST, "--rank", "2",
+                     "--samples-per-concept", "0"]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(bank)]) == 0
+    out = capsys.readouterr().out
+    assert "2 finished concept(s), 0 removed" in out and "rank 2" in out and "diffusers.unet" in out
+    assert re.search(r"0  <alpha>\s+<alpha>\s+1\s+\d", out) and "not verified" in out
+    assert cli.main(["info", str(bank), "--verify", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [c["name"] for c in info["concepts"]] == [c["token"] for c in info["concepts"]] == ["<alpha>", "<beta>"]
+    assert info["verified"] is True
+    f = next(bank.glob("concept-1-*.safetensors"))
+    f.write_bytes(f.read_bytes()[:-1])
+    assert cli.main(["info", str(bank)]) == 0                   # the manifest alone still reads
+    capsys.readouterr()
+    assert cli.main(["info", str(bank), "--verify"]) == 1
+    assert "truncated or modified" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path)]) == 1
+    assert "no concept bank" in capsys.readouterr().err
 
 
 def test_bank_model_mismatch_is_a_clear_error(tmp_path, concepts, capsys):
