@@ -322,8 +322,13 @@ def _flock(lock: Path, *, blocking: bool = True):
             os.close(fd)                                 # releases the lock
 
 
+class _BankChanged(BankError):
+    """A compare-and-swap save (``write_bank(..., expect=m)``) found another manifest than ``m``."""
+
+
 def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor]],
-               reuse: Optional[Dict[str, Dict[str, Any]]] = None) -> Dict[str, Dict[str, Any]]:
+               reuse: Optional[Dict[str, Dict[str, Any]]] = None,
+               expect: Optional[Dict[str, Any]] = None) -> Dict[str, Dict[str, Any]]:
     """Write a bank folder. ``files`` maps a stem ("past", "concept-3") to its tensors; the
     manifest gets ``files`` = {stem: {"name", "sha256", "bytes"}}. Returns stem -> {"name", "sha256", "bytes",
     "stat"} (the file's :func:`_stat_key` after the save). Overlapping saves into one folder are serialised
@@ -331,7 +336,10 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
 
     ``reuse`` (stem -> such an entry): files an earlier save in this process wrote or verified for the very
     same tensors; one still there with the same :func:`_stat_key` is kept without serializing and hashing its
-    tensors again."""
+    tensors again.
+
+    ``expect``: write only if the folder's manifest is still this one, checked under the save lock (a
+    read-modify-write such as :func:`remove_from_bank`); :class:`_BankChanged` otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"bank path {str(path)!r} exists and is not a folder")
@@ -356,6 +364,8 @@ def write_bank(path, manifest: Dict[str, Any], files: Dict[str, Dict[str, Tensor
                         p.unlink()
                     except OSError:
                         pass
+        if expect is not None and (not (path / MANIFEST).is_file() or _parse_manifest(path / MANIFEST) != expect):
+            raise _BankChanged(f"the bank at {str(path)!r} was saved by someone else meanwhile")
         return _write_bank_locked(path, manifest, files, reuse or {})
 
 
@@ -495,8 +505,9 @@ def _extra_bytes(extra: Dict[str, Tensor]) -> bytes:
                     for k, v in sorted(extra.items()))
 
 
-def save_controller(ctrl, path) -> None:
-    """Write ``ctrl``'s full state as a bank folder (see the module docstring)."""
+def save_controller(ctrl, path, expect: Optional[Dict[str, Any]] = None) -> None:
+    """Write ``ctrl``'s full state as a bank folder (see the module docstring); ``expect``: see
+    :func:`write_bank`."""
     files: Dict[str, Dict[str, Tensor]] = {}
     made_of: Dict[str, Any] = {}             # stem -> what its file holds, for files a later save may reuse
     past = {}
@@ -555,7 +566,7 @@ def save_controller(ctrl, path) -> None:
             if rec is not None and rec["of"][0] == what and _same_state(rec["of"][1], tensors) and \
                     rec["of"][2] == rest:
                 reuse[stem] = rec
-    written = write_bank(path, manifest, files, reuse=reuse)
+    written = write_bank(path, manifest, files, reuse=reuse, expect=expect)
     with _SAVED_FILES_GUARD:
         for key in [k for k in records if k[0] == folder]:
             del records[key]                 # this save replaced the folder's files
@@ -725,6 +736,21 @@ def _read_bank(path, where: str, check=None):
         return m, read_files(path, m)
 
 
+def _manifest_sites(m: Dict[str, Any], where: str) -> List[Tuple[str, int, int, Optional[str]]]:
+    """The manifest's site table as [(name, out, in, group)], checked."""
+    sites = []
+    for j, d in enumerate(m["sites"]):
+        if not (isinstance(d, dict) and isinstance(d.get("name"), str) and _is_int(d.get("out"))
+                and _is_int(d.get("in")) and d["out"] > 0 and d["in"] > 0
+                and (d.get("group") is None or isinstance(d.get("group"), str))):
+            raise BankError(f"{where}: manifest field 'sites[{j}]' must be {{'name', 'out', 'in', 'group'}} with "
+                            f"positive sizes (got {d!r:.80})")
+        sites.append((d["name"], d["out"], d["in"], d.get("group")))
+    if len({name for name, *_ in sites}) != len(sites):
+        raise BankError(f"{where}: manifest field 'sites' repeats a site name")
+    return sites
+
+
 def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
     """What the bank at ``path`` holds, read from its manifest without a model: ``rank``, ``alpha``,
     ``penalty_weight``, ``sites`` (the number of adapted projections), ``kind`` (the integration that wrote
@@ -737,13 +763,7 @@ def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
     wrong otherwise).  Not checked: that the bank fits a given base model (``clora_fast.load`` does that)."""
     where = str(path)
     m, data = _read_bank(path, where) if verify else (read_manifest(path), None)
-    sites = []
-    for j, d in enumerate(m["sites"]):
-        if not (isinstance(d, dict) and isinstance(d.get("name"), str) and _is_int(d.get("out"))
-                and _is_int(d.get("in")) and d["out"] > 0 and d["in"] > 0):
-            raise BankError(f"{where}: manifest field 'sites[{j}]' must be {{'name', 'out', 'in'}} with positive "
-                            f"sizes (got {d!r:.80})")
-        sites.append((d["name"], d["out"], d["in"]))
+    sites = [(name, out, inp) for name, out, inp, _ in _manifest_sites(m, where)]
     if verify:
         _verify_tensors(m, data, where, sites, m["rank"], torch.device("cpu"))
     else:
@@ -760,6 +780,53 @@ def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
         "next_idx": m["next_idx"], "files": len(sizes),
         "bytes": sum(b for b in sizes.values() if _is_int(b)), "verified": verify,
     }
+
+
+def remove_from_bank(path, concept) -> Dict[str, Any]:
+    """Forget one finished concept of the bank at ``path`` without loading the model: the same bank a
+    ``clora_fast.load(model, path)``, ``remove_concept(idx)``, ``save(path)`` writes (P refolded from the
+    remaining concepts in order, the concept's name retired, its token, if any, retired with it), computed
+    from the bank alone.  ``concept``: its index (int) or name.  The bank is verified first (as by
+    ``inspect_bank(path, verify=True)``); an active (mid-training) concept stays active, and cannot itself be
+    removed.  A save by someone else between this read and this write is not overwritten: the removal is
+    redone on the new bank.  Returns the removed concept's ``{"idx", "name"}``."""
+    for _ in range(_READ_TRIES):
+        try:
+            return _remove_from_bank_once(path, concept)
+        except _BankChanged:
+            continue
+    raise BankError(f"the bank at {str(path)!r} kept being saved by someone else: nothing was removed")
+
+
+def _remove_from_bank_once(path, concept) -> Dict[str, Any]:
+    from .controller import CLoRAController, Site
+    where = str(path)
+    m, data = _read_bank(path, where)
+    sites = _manifest_sites(m, where)
+    pasts, concepts, active, active_factors, extras = _verify_tensors(
+        m, data, where, [(name, out, inp) for name, out, inp, _ in sites], m["rank"], torch.device("cpu"))
+    finished = {c.idx: c.name for c in concepts}
+    if isinstance(concept, str):
+        idx = next((i for i, n in finished.items() if n == concept), None)
+    elif _is_int(concept):
+        idx = concept if concept in finished else None
+    else:
+        raise TypeError(f"concept must be a concept index (int) or name (str), got {concept!r}")
+    if idx is None:
+        why = ("it is the concept being learned (saved mid-training): finish it first"
+               if active is not None and concept in active else
+               f"it holds {[f'{i} {n}' for i, n in finished.items()]}")
+        raise BankError(f"the bank at {where!r} has no finished concept {concept!r}: {why}")
+    ctrl = CLoRAController([Site(name, torch.zeros(out, inp), None, group) for name, out, inp, group in sites],
+                           rank=m["rank"], alpha=float(m["alpha"]), penalty_weight=float(m["penalty_weight"]),
+                           backend="reference")
+    ctrl._set_state(pasts, concepts, [dict(x) for x in m["retired"]], m["next_idx"], active, active_factors)
+    _remember_unloaded_extra(ctrl, m.get("adapter"), extras)       # the tokens: carried as by a bare model
+    stored = m["identity"]
+    ctrl._identity = lambda: stored          # the base model's identity: the bank's own (no model here)
+    ctrl.remove_concept(idx)
+    save_controller(ctrl, path, expect=m)
+    return {"idx": idx, "name": finished[idx]}
 
 
 def _check_compatible(ctrl, m: Dict[str, Any], where: str) -> None:

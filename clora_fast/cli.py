@@ -1051,15 +1051,41 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _remove_parser(sub):
+    p = sub.add_parser(
+        "remove", help="forget one concept of a bank (no model needed)",
+        description="Forget one finished concept of a concept bank: the past P is refolded from the remaining "
+                    "concepts and the concept's name (and token) is retired, exactly as loading the bank onto its "
+                    "model, remove_concept() and save() would do, computed from the bank alone. The bank is "
+                    "verified first; refused while a clora-fast train runs on that folder. Exit status 1 when "
+                    "the bank has no such finished concept or fails the check (the bank is then unchanged).")
+    p.add_argument("bank", help="the bank folder")
+    p.add_argument("concept", help="the concept's index (digits) or its name, e.g. '<digit5>'")
+    return p
+
+
+def cmd_remove(args) -> int:
+    from clora_fast.bank import remove_from_bank
+    concept = int(args.concept) if args.concept.isdigit() else args.concept
+    bank = Path(args.bank)
+    if not bank.is_dir():
+        raise CLIError(f"no concept bank at {args.bank!r}: not a folder")
+    with _train_lock(bank):
+        gone = remove_from_bank(bank, concept)
+    print(f"removed concept {gone['idx']} {gone['name']!r} from {args.bank}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clora-fast", description="C-LoRA continual customization")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,info,train-vit}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,info,remove,train-vit}")
     _train_parser(sub)
     _sample_parser(sub)
     _info_parser(sub)
+    _remove_parser(sub)
     sub.add_parser("train-vit", help="continual ViT classifier training (clora_fast.vit_train)", add_help=False)
     return parser
 
@@ -1082,10 +1108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from clora_fast.bank import BankError
 
-    if args.command == "info":
+    if args.command in ("info", "remove"):
         try:
-            return cmd_info(args)
-        except (BankError, OSError) as e:       # not a bank, or one that fails the check
+            return cmd_info(args) if args.command == "info" else cmd_remove(args)
+        except (CLIError, BankError, OSError) as e:     # not a bank, no such concept, or a failed check
             print(f"clora-fast: error: {e}", file=sys.stderr)
             return 1
     import torch

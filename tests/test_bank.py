@@ -691,3 +691,31 @@ def test_inspect_bank_lists_the_concepts_and_verify_checks_what_a_load_checks(tm
         inspect_bank(path, verify=True)
     with pytest.raises(BankError, match="manifest.json is missing"):
         inspect_bank(tmp_path)
+
+
+def test_remove_from_bank_redoes_the_removal_when_the_bank_changed_meanwhile(tmp_path, monkeypatch):
+    """A save by someone else between remove_from_bank's read and its write is not overwritten: the
+    removal is redone on the new bank (its result: the model path's removal from that new bank)."""
+    import clora_fast.bank as bank
+    path, want = tmp_path / "bank", tmp_path / "want"
+    trained(2, active=False).save(path)
+    newer = trained(4, active=False)
+    newer.save(want)
+    c = CLoRAController(sites(), rank=3, alpha=6.0, penalty_weight=7.0, backend="reference")
+    c.load_bank(want)
+    c.remove_concept(1)
+    c.save(want)
+    real, calls = bank._verify_tensors, []
+
+    def verify(*a, **kw):
+        out = real(*a, **kw)
+        if not calls:
+            newer.save(path)                 # "another process" saves after the first read
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(bank, "_verify_tensors", verify)
+    assert bank.remove_from_bank(path, "<k1>") == {"idx": 1, "name": "<k1>"}
+    assert len(calls) == 2
+    assert read_manifest(path) == read_manifest(want)
+    assert {p.name for p in path.iterdir()} == {p.name for p in want.iterdir()}

@@ -94,3 +94,53 @@ def test_bare_unet_remove_concept_then_resave(tmp_path, token_bank):
     cl.load_bank(tmp_path / "d")
     cl.save(tmp_path / "c")
     assert not _manifest(tmp_path / "c")["adapter"]["tokens"]
+
+
+def _bank_files(path):
+    """{file name: bytes} of the bank's data files and its manifest (parsed)."""
+    files = {p.name: p.read_bytes() for p in path.iterdir() if p.suffix == ".safetensors"}
+    return _manifest(path), files
+
+
+def test_remove_from_bank_without_the_model_writes_what_the_model_would(tmp_path, token_bank):
+    """clora_fast.bank.remove_from_bank (and 'clora-fast remove') forgets a concept from the bank alone; the
+    result is the bank that load(pipe) -> remove_concept -> save writes, byte for byte (P refolded, the name
+    and its token retired, the other concepts' token rows kept), and it loads onto the pipeline."""
+    import shutil
+
+    from clora_fast import cli
+    from clora_fast.bank import remove_from_bank
+    src, rows = token_bank
+    want, free, by_cli = tmp_path / "want", tmp_path / "free", tmp_path / "cli"
+    for p in (want, free, by_cli):
+        shutil.copytree(src, p)
+    _, cl, _ = _pipeline_rows(want)
+    cl.remove_concept(1)
+    cl.save(want)
+    assert remove_from_bank(free, "<cb>") == {"idx": 1, "name": "<cb>"}
+    assert _bank_files(free) == _bank_files(want)
+    assert cli.main(["remove", str(by_cli), "1"]) == 0
+    assert _bank_files(by_cli) == _bank_files(want)
+    pipe, cl, got = _pipeline_rows(free)
+    assert [c.idx for c in cl.concepts] == [0, 2] and cl.active_concept == 3
+    assert sorted(got) == [0, 2, 3] and all(torch.equal(got[i], rows[i]) for i in got)
+    assert "<cb>" in _manifest(free)["adapter"]["retired_tokens"]
+
+
+def test_remove_from_bank_refusals_leave_the_bank_unchanged(tmp_path, token_bank, capsys):
+    import shutil
+
+    from clora_fast import cli
+    from clora_fast.bank import BankError, remove_from_bank
+    path = tmp_path / "bank"
+    shutil.copytree(token_bank[0], path)
+    before = _bank_files(path)
+    with pytest.raises(BankError, match="being learned"):
+        remove_from_bank(path, "<cd>")
+    with pytest.raises(BankError, match=r"no finished concept 7: it holds \['0 <ca>', '1 <cb>', '2 <cc>'\]"):
+        remove_from_bank(path, 7)
+    with pytest.raises(TypeError, match="index \\(int\\) or name"):
+        remove_from_bank(path, 1.0)
+    assert cli.main(["remove", str(path), "<zz>"]) == 1
+    assert "no finished concept '<zz>'" in capsys.readouterr().err
+    assert _bank_files(path) == before
