@@ -380,18 +380,22 @@ class _AttnProxy:
 
 
 class _LayerCall:
-    """K/V of one attn2 for one processor call: from the grouped cache, else both in one launch.  ``used``:
-    which of K (bit 0) and V (bit 1) the processor asked for."""
-    __slots__ = ("adapter", "layer", "_x", "_pair", "used")
+    """K/V of one attn2 for one processor call: from the grouped cache, else both in one launch.  ``k_used`` /
+    ``v_used``: whether the processor asked for K / V (plain flags: no integer arithmetic on ``role``, which
+    torch.compile may trace as a symbolic int)."""
+    __slots__ = ("adapter", "layer", "_x", "_pair", "k_used", "v_used")
 
     def __init__(self, adapter, layer):
         self.adapter, self.layer = adapter, layer
         self._x = None
         self._pair = None
-        self.used = 0
+        self.k_used = self.v_used = False
 
     def kv(self, role: int, x: Tensor) -> Tensor:
-        self.used |= 1 << role
+        if role:
+            self.v_used = True
+        else:
+            self.k_used = True
         outs = self.adapter._cached(self.layer, x)
         if outs is not None:
             return outs[role]
@@ -421,8 +425,8 @@ class CLoRAAttnProcessor:
             return self.inner(attn, *args, **kwargs)
         call = _LayerCall(ad, self.layer)
         out = self.inner(_AttnProxy(attn, call), *args, **kwargs)
-        if call.used != 3:
-            ad._warn_skipped(self.inner, self.layer, call.used)
+        if not (call.k_used and call.v_used):
+            ad._warn_skipped(self.inner, self.layer, call.k_used, call.v_used)
         return out
 
     def __getattr__(self, name):
@@ -686,11 +690,11 @@ class DiffusersAdapter:
                 if isinstance(proc, CLoRAAttnProcessor) and proc.adapter is self:
                     saved[name] = proc.inner
 
-    def _warn_skipped(self, proc, layer: _Layer, used: int) -> None:
+    def _warn_skipped(self, proc, layer: _Layer, k_used: bool, v_used: bool) -> None:
         """A processor call that never called ``attn.to_k(x)`` / ``attn.to_v(x)`` (one that reads their
         ``.weight`` itself, or skips cross-attention): that projection's adapters were not applied."""
-        missing = " and ".join(n for i, n in enumerate(("attn.to_k", "attn.to_v")) if not used >> i & 1)
-        key = ("skipped", type(proc), used)
+        missing = " and ".join(n for n, used in (("attn.to_k", k_used), ("attn.to_v", v_used)) if not used)
+        key = ("skipped", type(proc), k_used, v_used)
         if key not in self._logged:
             self._logged.add(key)
             warnings.warn(f"clora_fast: the attention processor {type(proc).__name__} of {layer.name} did not "
