@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test suite on another dependency stack, in a throw-away venv and a clean clone of HEAD (the working
 # tree and its built extensions are left alone); each stack downloads 3-5 GB of wheels. CI runs the floor
-# stack after the README's tests (.ci/run); run a stack by hand when a floor in setup.py or the README
+# and image stacks after the README's tests (.ci/run); run a stack by hand when a floor in setup.py or the README
 # changes, and record the result in docs/COMPATIBILITY.md.
 #
 #   bash .ci/compat.sh floor     # the declared minimums: torch 2.4.1, Triton 3.0.0, transformers 4.45.2, ...
