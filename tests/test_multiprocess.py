@@ -56,7 +56,8 @@ def _spawn(fn, args, results, nprocs=2, timeout=TIMEOUT, grace=TEARDOWN_GRACE):
     once.)"""
     import torch.multiprocessing as mp
     tmp = args[1]
-    ctx = mp.start_processes(_traced, args=(fn, args, tmp, max(timeout - 15, timeout / 2)), nprocs=nprocs, join=False,
+    dump_after = max(timeout - 15, timeout / 2)
+    ctx = mp.start_processes(_traced, args=(fn, args, tmp, dump_after), nprocs=nprocs, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + timeout
     all_written = None
