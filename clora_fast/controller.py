@@ -747,7 +747,7 @@ class CLoRAController(nn.Module):
                           f"so s*B@A = 0 and it changes nothing. Was the optimizer built from "
                           f"controller.trainable_parameters() after this begin_concept()? (They are new tensors "
                           f"for every concept.)", UserWarning, stacklevel=2)
-        elif not self._penalized:
+        elif not getattr(self, "_penalized", True):    # (a controller unpickled from an older version: unknown)
             warnings.warn(f"clora_fast: concept {idx} ({name!r}) was trained without the forgetting penalty: "
                           f"penalty() was never called since its begin_concept(), so C-LoRA's self-regularization "
                           f"did not keep it off the weights the past concepts use. Add controller.penalty() to the "
