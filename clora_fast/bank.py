@@ -751,6 +751,14 @@ def _manifest_sites(m: Dict[str, Any], where: str) -> List[Tuple[str, int, int, 
     return sites
 
 
+def _read_verified(path, where: str):
+    """The bank at ``path`` read and checked as a load checks it, against the manifest's own site table (no
+    model): (manifest, its sites [(name, out, in, group)], :func:`_verify_tensors`' result)."""
+    m, data = _read_bank(path, where)
+    sites = _manifest_sites(m, where)
+    return m, sites, _verify_tensors(m, data, where, sites, m["rank"], torch.device("cpu"))
+
+
 def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
     """What the bank at ``path`` holds, read from its manifest without a model: ``rank``, ``alpha``,
     ``penalty_weight``, ``sites`` (the number of adapted projections), ``kind`` (the integration that wrote
@@ -762,11 +770,11 @@ def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
     fold of the finished concepts' factors; ``"verified": True`` then (a :class:`BankError` says what is
     wrong otherwise).  Not checked: that the bank fits a given base model (``clora_fast.load`` does that)."""
     where = str(path)
-    m, data = _read_bank(path, where) if verify else (read_manifest(path), None)
-    sites = [(name, out, inp) for name, out, inp, _ in _manifest_sites(m, where)]
     if verify:
-        _verify_tensors(m, data, where, sites, m["rank"], torch.device("cpu"))
+        m, sites, _ = _read_verified(path, where)
     else:
+        m = read_manifest(path)
+        sites = _manifest_sites(m, where)
         _check_entries(m, m["files"], where)
     ad = m.get("adapter") if isinstance(m.get("adapter"), dict) else {}
     tokens = ad.get("tokens", {}) if isinstance(ad.get("tokens"), dict) else {}
@@ -801,10 +809,7 @@ def remove_from_bank(path, concept) -> Dict[str, Any]:
 def _remove_from_bank_once(path, concept) -> Dict[str, Any]:
     from .controller import CLoRAController, Site
     where = str(path)
-    m, data = _read_bank(path, where)
-    sites = _manifest_sites(m, where)
-    pasts, concepts, active, active_factors, extras = _verify_tensors(
-        m, data, where, [(name, out, inp) for name, out, inp, _ in sites], m["rank"], torch.device("cpu"))
+    m, sites, (pasts, concepts, active, active_factors, extras) = _read_verified(path, where)
     finished = {c.idx: c.name for c in concepts}
     if isinstance(concept, str):
         idx = next((i for i, n in finished.items() if n == concept), None)
@@ -875,9 +880,9 @@ def _past_matches_fold(past: Tensor, factors: List[Tuple[float, Tensor, Tensor]]
 
 
 def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where: str,
-                    sites: List[Tuple[str, int, int]], rank: int, fold_dev: torch.device):
+                    sites: List[tuple], rank: int, fold_dev: torch.device):
     """Check the bank's tensors ``data`` against its manifest ``m`` for the adapted projections ``sites``
-    [(name, out, in)] at rank ``rank``: every file holds every site's tensors, with the right shapes, finite,
+    [(name, out, in, ...)] at rank ``rank``: every file holds every site's tensors, with the right shapes, finite,
     and the stored past is the fold of the finished concepts' factors.  Returns (pasts per site, finished
     concepts, active (idx, name) or None, its (As, Bs) or None, extra tensors per concept idx)."""
     from .controller import Concept
@@ -887,8 +892,8 @@ def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where
     if m.get("past") is not None:
         _expect(m["past"] in data, f"{where}: the manifest names a past file that is not listed")
         tp = data[m["past"]]
-        _expect(set(tp) == {name for name, _, _ in sites}, f"{where}: the past file does not hold every site")
-        for i, (name, out, inp) in enumerate(sites):
+        _expect(set(tp) == {site[0] for site in sites}, f"{where}: the past file does not hold every site")
+        for i, (name, out, inp, *_) in enumerate(sites):
             t = tp[name]
             _expect(tuple(t.shape) == (out, inp) and t.dtype == torch.float32,
                     f"{where}: past of {name!r} has shape {tuple(t.shape)} {t.dtype}, expected "
@@ -902,7 +907,7 @@ def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where
     for j, c in enumerate(m["concepts"]):
         t = data[c["file"]]
         As, Bs = [], []
-        for name, out, inp in sites:
+        for name, out, inp, *_ in sites:
             a, b = t.get(f"{name}.lora_A"), t.get(f"{name}.lora_B")
             _expect(a is not None and b is not None, f"{where}: concept {c['idx']} lacks factors of {name!r}")
             _expect(tuple(a.shape) == (r, inp) and tuple(b.shape) == (out, r),
@@ -922,7 +927,7 @@ def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where
         else:
             concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs))
     # the stored past must be the fold of the stored factors
-    for i, (name, _, _) in enumerate(sites):
+    for i, (name, *_) in enumerate(sites):
         if pasts[i] is None or not concepts:
             _expect(pasts[i] is None and not concepts,
                     f"{where}: the folded past does not match the concepts' factors")
