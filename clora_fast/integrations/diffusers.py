@@ -693,19 +693,23 @@ class DiffusersAdapter:
     def _warn_skipped(self, proc, layer: _Layer, k_used: bool, v_used: bool) -> None:
         """A processor call that never called ``attn.to_k(x)`` / ``attn.to_v(x)`` (one that reads their
         ``.weight`` itself, or skips cross-attention): that projection's adapters were not applied."""
-        missing = " and ".join(n for n, used in (("attn.to_k", k_used), ("attn.to_v", v_used)) if not used)
-        key = ("skipped", type(proc), k_used, v_used)
-        if key not in self._logged:
-            self._logged.add(key)
+        if self._first_time(("skipped", type(proc), k_used, v_used)):
+            missing = " and ".join(n for n, used in (("attn.to_k", k_used), ("attn.to_v", v_used)) if not used)
             warnings.warn(f"clora_fast: the attention processor {type(proc).__name__} of {layer.name} did not "
                           f"call {missing}(x) (it reads the weight itself, or skips cross-attention): the C-LoRA "
                           f"adapters of that projection were not applied (no output change, no gradient). "
                           f"Use a processor that computes K and V with attn.to_k(x) / attn.to_v(x)",
                           UserWarning, stacklevel=2)
 
+    def _first_time(self, key) -> bool:
+        """True the first time ``key`` is seen (log lines and warnings said once per adapter)."""
+        if key in self._logged:
+            return False
+        self._logged.add(key)
+        return True
+
     def _log_once(self, key, msg, *args):
-        if key not in self._logged:
-            self._logged.add(key)
+        if self._first_time(key):
             logger.debug(msg, *args)
 
     # -- grouped K/V ------------------------------------------------------------------------
