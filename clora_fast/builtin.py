@@ -1,7 +1,8 @@
-"""The builtin model: a tiny Stable-Diffusion-shaped pipeline built offline.
+"""The builtin models: tiny Stable-Diffusion-shaped pipelines built offline.
 
-``build_pipeline()`` assembles a ``StableDiffusionPipeline`` from the JSON
-configs shipped in ``clora_fast/configs/<name>/`` with random weights drawn
+``build_pipeline()`` assembles a ``StableDiffusionPipeline`` (``"builtin"``) or a
+``StableDiffusionXLPipeline`` (``"builtin-xl"``) from the JSON configs shipped in
+``clora_fast/configs/<name>/`` with random weights drawn
 from a fixed seed (so two builds are bit-identical on CPU), plus a *real*
 CLIP BPE tokenizer: the merges of OpenAI CLIP's ``bpe_simple_vocab_16e6``
 (via the MIT-licensed ``open_clip`` package, see
@@ -9,8 +10,8 @@ CLIP BPE tokenizer: the merges of OpenAI CLIP's ``bpe_simple_vocab_16e6``
 merges CLIP uses, and the 49,408-entry vocabulary is derived from them at load
 time exactly as CLIP's ``simple_tokenizer`` builds it.
 
-``load_pipeline(model)`` resolves a ``--model`` argument: ``"builtin"`` (or the
-name of another shipped config folder) or a local diffusers pipeline folder.
+``load_pipeline(model)`` resolves a ``--model`` argument: ``"builtin"``, ``"builtin-xl"``
+(the shipped config folders) or a local diffusers SD / SDXL pipeline folder.
 """
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ MERGES_FILE = ASSET_DIR / "clip_merges.txt.gz"
 #: sizes of the real CLIP BPE vocabulary
 CLIP_NUM_MERGES = 49152 - 256 - 2  # 48,894
 CLIP_VOCAB_SIZE = 49408
-_COMPONENTS = ("unet", "vae", "text_encoder", "scheduler")
 
 
 def _bytes_to_unicode() -> Dict[int, str]:
@@ -113,11 +113,13 @@ def clip_tokenizer_from(vocab: Dict[str, int], merges, **kwargs):
             return CLIPTokenizer(vocab_file=vocab_file, merges_file=merges_file, **kwargs)
 
 
-def clip_tokenizer(model_max_length: int = 77):
+def clip_tokenizer(model_max_length: int = 77, pad_token=None):
     """A fresh ``transformers.CLIPTokenizer`` with the real CLIP vocabulary (offline), built by
-    :func:`clip_tokenizer_from` and checked against CLIP's ids."""
+    :func:`clip_tokenizer_from` and checked against CLIP's ids.  ``pad_token``: default CLIP's
+    ``<|endoftext|>``; SDXL's second tokenizer pads with ``"!"``."""
     vocab, merges = clip_vocab_and_merges()
-    tok = clip_tokenizer_from(vocab, merges, model_max_length=model_max_length)
+    kw = {} if pad_token is None else {"pad_token": pad_token}
+    tok = clip_tokenizer_from(vocab, merges, model_max_length=model_max_length, **kw)
     # guard against a transformers version that builds something else silently
     probe = tok("a photo of a cat").input_ids
     if probe != [49406, 320, 1125, 539, 320, 2368, 49407]:
@@ -155,17 +157,21 @@ def _strip_meta(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def build_pipeline(name: str = "builtin", device="cpu", dtype: torch.dtype = torch.float32, seed=None):
-    """Build the tiny builtin ``StableDiffusionPipeline`` (random weights, fixed seed).
+_PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
-    name: a folder of ``clora_fast/configs/`` (``"builtin"``). The weights are
-    drawn on the CPU in float32 from ``seed`` (default: the config's, 0) without
-    touching the global RNG state, then moved to ``device``/``dtype``; two
+
+def build_pipeline(name: str = "builtin", device="cpu", dtype: torch.dtype = torch.float32, seed=None):
+    """Build a tiny builtin pipeline (random weights, fixed seed).
+
+    name: a folder of ``clora_fast/configs/``: ``"builtin"`` (a ``StableDiffusionPipeline``) or
+    ``"builtin-xl"`` (a ``StableDiffusionXLPipeline``: two text encoders, added text/time
+    conditioning).  The weights are drawn on the CPU in float32 from ``seed`` (default: the
+    config's, 0) without touching the global RNG state, then moved to ``device``/``dtype``; two
     builds with the same seed are bit-identical.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     import diffusers
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"clora_fast: builtin model name must be a non-empty string, got {name!r}")
@@ -178,10 +184,16 @@ def build_pipeline(name: str = "builtin", device="cpu", dtype: torch.dtype = tor
     meta = _read_config(folder, "pipeline")
     if seed is None:
         seed = int(meta.get("seed", 0))
+    pipe_cls = meta.get("pipeline_class", "StableDiffusionPipeline")
+    if pipe_cls not in _PIPELINE_CLASSES:
+        raise ValueError(f"clora_fast: {folder / 'pipeline.json'} names pipeline_class {pipe_cls!r}; "
+                         f"builtin models are one of {list(_PIPELINE_CLASSES)}")
+    xl = pipe_cls == "StableDiffusionXLPipeline"
 
     unet_cfg = _strip_meta(_read_config(folder, "unet"))
     vae_cfg = _strip_meta(_read_config(folder, "vae"))
     te_cfg = _strip_meta(_read_config(folder, "text_encoder"))
+    te2_cfg = _strip_meta(_read_config(folder, "text_encoder_2")) if xl else None
     sched_raw = _read_config(folder, "scheduler")
     sched_cls_name = sched_raw.get("_class_name", "DDIMScheduler")
     sched_cls = getattr(diffusers, sched_cls_name, None)
@@ -193,25 +205,36 @@ def build_pipeline(name: str = "builtin", device="cpu", dtype: torch.dtype = tor
         unet = UNet2DConditionModel(**unet_cfg)
         vae = AutoencoderKL(**vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg)) if xl else None
     scheduler = sched_cls(**_strip_meta(sched_raw))
-    tokenizer = clip_tokenizer(int(meta.get("tokenizer_model_max_length", 77)))
-    if text_encoder.config.vocab_size != len(tokenizer):
-        raise ValueError(
-            f"clora_fast: builtin text encoder vocab_size {text_encoder.config.vocab_size} "
-            f"!= tokenizer size {len(tokenizer)}"
+    max_len = int(meta.get("tokenizer_model_max_length", 77))
+    tokenizer = clip_tokenizer(max_len)
+    tokenizer_2 = clip_tokenizer(max_len, pad_token=meta.get("tokenizer_2_pad_token")) if xl else None
+    for enc, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)):
+        if enc is not None and enc.config.vocab_size != len(tok):
+            raise ValueError(
+                f"clora_fast: builtin text encoder vocab_size {enc.config.vocab_size} "
+                f"!= tokenizer size {len(tok)}"
+            )
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is not None:
+            m.eval()
+    if xl:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, add_watermarker=False,
         )
-    for m in (unet, vae, text_encoder):
-        m.eval()
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     if dtype != torch.float32:
         pipe = pipe.to(dtype=dtype)
@@ -219,12 +242,12 @@ def build_pipeline(name: str = "builtin", device="cpu", dtype: torch.dtype = tor
 
 
 def load_pipeline(model: str, device="cpu", dtype: torch.dtype = torch.float32):
-    """Resolve a ``--model`` argument to a ``StableDiffusionPipeline``.
+    """Resolve a ``--model`` argument to a ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
 
-    ``"builtin"`` (or another shipped config name) -> :func:`build_pipeline`;
-    a local folder holding a diffusers pipeline (``model_index.json``) ->
-    ``StableDiffusionPipeline.from_pretrained(model, local_files_only=True)``
-    (safetensors only, no safety checker).
+    ``"builtin"`` / ``"builtin-xl"`` (or the name of another shipped config folder) ->
+    :func:`build_pipeline`; a local folder holding a diffusers pipeline (``model_index.json``
+    naming one of those two classes) -> ``from_pretrained(model, local_files_only=True)``
+    (safetensors only, no safety checker, no watermarker).
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model):
         raise ValueError(f"clora_fast: --model must be 'builtin' or a local diffusers folder, got {model!r}")
@@ -237,24 +260,31 @@ def load_pipeline(model: str, device="cpu", dtype: torch.dtype = torch.float32):
             f"clora_fast: model {model!r} is neither a builtin model ({builtin_names()}) "
             "nor an existing local folder (nothing can be downloaded: give a local diffusers folder)"
         )
-    if not path.is_dir() or not (path / "model_index.json").is_file():
+    index = path / "model_index.json"
+    if not path.is_dir() or not index.is_file():
         raise ValueError(
             f"clora_fast: model path {model!r} is not a diffusers pipeline folder (no model_index.json)"
         )
-    from diffusers import StableDiffusionPipeline
+    try:
+        with open(index, "r", encoding="utf-8") as f:
+            cls_name = json.load(f).get("_class_name")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+        raise ValueError(f"clora_fast: {index} is not a JSON object: {e}") from None
+    if cls_name not in _PIPELINE_CLASSES:
+        raise ValueError(
+            f"clora_fast: model {model!r} is a {cls_name!r} (model_index.json); clora-fast trains and samples "
+            f"{' and '.join(_PIPELINE_CLASSES)} folders (text-to-image Stable Diffusion 1.x / 2.x / XL)"
+        )
+    import diffusers
 
     import warnings
 
+    kw = (dict(add_watermarker=False) if cls_name == "StableDiffusionXLPipeline"
+          else dict(safety_checker=None, requires_safety_checker=False))
     with warnings.catch_warnings():
         # diffusers >= 0.36 renamed torch_dtype= to dtype=; the old name still works everywhere
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path),
-            local_files_only=True,
-            use_safetensors=True,
-            safety_checker=None,
-            requires_safety_checker=False,
-            torch_dtype=dtype,
-        )
+        pipe = getattr(diffusers, cls_name).from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, torch_dtype=dtype, **kw)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -373,6 +373,46 @@ def encode_images(pipe, images):
     return torch.cat(means), torch.cat(stds)
 
 
+def _tokenizers(pipe) -> list:
+    """The pipeline's tokenizers: ``[tokenizer]``, SDXL's ``[tokenizer, tokenizer_2]``."""
+    return [pipe.tokenizer] + ([pipe.tokenizer_2] if _is_xl(pipe) else [])
+
+
+def _is_xl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def prompt_ids(pipe, prompt: str) -> list:
+    """The prompt's token ids ``[1, max_length]`` for each of the pipeline's tokenizers (padded to
+    ``model_max_length`` and truncated, as its ``encode_prompt`` does), on the UNet's device."""
+    return [tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                return_tensors="pt").input_ids.to(pipe.unet.device) for tok in _tokenizers(pipe)]
+
+
+def text_condition(pipe, ids: Sequence, size: Tuple[int, int]):
+    """``(encoder_hidden_states [1, L, D], added_cond_kwargs or None)``: what the pipeline's own call feeds
+    the UNet for one prompt (no classifier-free guidance) at image size ``size = (height, width)``, with
+    gradients (the concept's token embedding rows train).
+
+    SD 1.x / 2.x: the text encoder's last hidden state.  SDXL (as ``StableDiffusionXLPipeline.encode_prompt``
+    and ``__call__`` compute it): both encoders' penultimate hidden states concatenated, the second encoder's
+    pooled projection as ``text_embeds`` and ``time_ids = (height, width, 0, 0, height, width)`` (original
+    size = target size, no crop).  ``tests/test_cli.py`` compares both with what ``pipe()`` passes the UNet.
+    """
+    import torch
+
+    if not _is_xl(pipe):
+        return pipe.text_encoder(ids[0])[0], None
+    states, pooled = [], None
+    for enc, tok_ids in zip((pipe.text_encoder, pipe.text_encoder_2), ids):
+        out = enc(tok_ids, output_hidden_states=True)
+        pooled = out[0]                         # the last encoder's: CLIPTextModelWithProjection's text_embeds
+        states.append(out.hidden_states[-2])
+    cond = torch.cat(states, dim=-1).to(pipe.text_encoder_2.dtype)
+    time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=cond.dtype, device=cond.device)
+    return cond, {"text_embeds": pooled.to(cond.dtype), "time_ids": time_ids}
+
+
 def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: float, batch_size: int,
                   generator, accelerator=None, on_step=None, noise_scheduler=None) -> float:
     """Train the active concept of ``cl`` for ``steps`` optimizer steps; returns the final
@@ -399,14 +439,13 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
     sched = noise_scheduler if noise_scheduler is not None else _training_scheduler(pipe)
     scaling = float(getattr(pipe.vae.config, "scaling_factor", None) or 1.0)
     shift = getattr(pipe.vae.config, "shift_factor", None)
-    ids = pipe.tokenizer(
-        [prompt], padding="max_length", max_length=pipe.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    ).input_ids.to(device)
+    ids = prompt_ids(pipe, prompt)
     token = getattr(cl, "active_name", None)
-    tid = pipe.tokenizer.get_vocab().get(token) if isinstance(token, str) else None
-    if tid is not None and tid not in ids[0].tolist():
-        raise CLIError(_prompt_cut_message(prompt, token, pipe.tokenizer, ""))
+    for tok, tok_ids in zip(_tokenizers(pipe), ids):
+        tid = tok.get_vocab().get(token) if isinstance(token, str) else None
+        if tid is not None and tid not in tok_ids[0].tolist():
+            raise CLIError(_prompt_cut_message(prompt, token, tok, ""))
+    size = tuple(int(d) * int(pipe.vae_scale_factor) for d in lat_mean.shape[-2:])
     n = lat_mean.shape[0]
     num_t = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
@@ -425,8 +464,12 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
         target = sched.get_velocity(lat, noise, t) if v_pred else noise
         ctx = accelerator.autocast() if accelerator is not None else _nullcontext()
         with ctx:
-            cond = pipe.text_encoder(ids)[0].expand(batch_size, -1, -1)
-            pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond).sample
+            cond, added = text_condition(pipe, ids, size)
+            cond = cond.expand(batch_size, -1, -1)
+            if added is not None:
+                added = {k: v.expand(batch_size, -1) for k, v in added.items()}
+            pred = pipe.unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=cond,
+                             **({} if added is None else {"added_cond_kwargs": added})).sample
             diff = F.mse_loss(pred.float(), target.float())
             pen = cl.penalty()
             loss = diff + pen
@@ -652,7 +695,12 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
 
     pipe = _load_model(args.model, device)
     pipe.set_progress_bar_config(disable=True)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+    if pipe.text_encoder is None or pipe.tokenizer is None:
+        raise CLIError(f"model {args.model!r} has no text_encoder / tokenizer (e.g. an SDXL refiner): clora-fast "
+                       f"trains text-to-image pipelines that have one")
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        if m is None:
+            continue
         m.requires_grad_(False)
         m.eval()
     resolution = args.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -703,7 +751,8 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
                 "penalty_weight": cl.penalty_weight, "prompt": prompts[pos]}
 
     _check_new_tokens(cl, pipe, folders[len(done):], tokens[len(done):], args.out)
-    _check_prompts_fit(pipe.tokenizer, folders[len(done):], tokens[len(done):], prompts[len(done):])
+    for tokenizer in _tokenizers(pipe):
+        _check_prompts_fit(tokenizer, folders[len(done):], tokens[len(done):], prompts[len(done):])
     _check_settings(out, tokens, done, settings, args.allow_new_settings)
     from tqdm.auto import tqdm
 

@@ -1,4 +1,4 @@
-"""The builtin tiny SD pipeline and the offline CLIP tokenizer."""
+"""The builtin tiny SD / SDXL pipelines and the offline CLIP tokenizer."""
 import gzip
 import json
 
@@ -131,8 +131,61 @@ def test_load_pipeline_bad_paths(tmp_path):
 
 
 def test_shipped_configs_are_json_objects():
-    folder = builtin.CONFIG_DIR / "builtin"
-    for comp in ("unet", "vae", "text_encoder", "scheduler", "pipeline"):
-        with open(folder / f"{comp}.json") as f:
-            assert isinstance(json.load(f), dict)
-    assert builtin.builtin_names() == ["builtin"]
+    for name, extra in (("builtin", ()), ("builtin-xl", ("text_encoder_2",))):
+        folder = builtin.CONFIG_DIR / name
+        for comp in ("unet", "vae", "text_encoder", "scheduler", "pipeline") + extra:
+            with open(folder / f"{comp}.json") as f:
+                assert isinstance(json.load(f), dict)
+    assert builtin.builtin_names() == ["builtin", "builtin-xl"]
+
+
+def test_builtin_xl_pipeline_shape_and_determinism():
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = builtin.build_pipeline("builtin-xl")
+    assert type(pipe) is StableDiffusionXLPipeline
+    attn2 = [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")]
+    assert len(attn2) == 8 and {n.split(".")[0] for n in attn2} == {"down_blocks", "mid_block", "up_blocks"}
+    te, te2, cfg = pipe.text_encoder.config, pipe.text_encoder_2.config, pipe.unet.config
+    # SDXL's wiring: the UNet reads both encoders' states side by side, and its added embedding takes the
+    # six size/crop time ids plus the second encoder's pooled projection
+    assert cfg.cross_attention_dim == te.hidden_size + te2.hidden_size
+    assert cfg.addition_embed_type == "text_time"
+    assert pipe.unet.add_embedding.linear_1.in_features == 6 * cfg.addition_time_embed_dim + te2.projection_dim
+    assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == te.vocab_size == te2.vocab_size == 49408
+    assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
+    assert pipe.tokenizer_2("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    state = torch.random.get_rng_state()
+    again = builtin.build_pipeline("builtin-xl")
+    assert torch.equal(state, torch.random.get_rng_state())
+    for part in ("unet", "text_encoder_2", "vae"):
+        for (k, a), (_, b) in zip(getattr(pipe, part).state_dict().items(),
+                                  getattr(again, part).state_dict().items()):
+            assert torch.equal(a, b), (part, k)
+    out = pipe("a photo of a cat", num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+               output_type="np").images
+    assert out.shape == (1, 32, 32, 3)
+
+
+def test_load_pipeline_xl_folder_and_other_pipeline_classes(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = builtin.load_pipeline("builtin-xl")
+    folder = tmp_path / "xl"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    loaded = builtin.load_pipeline(str(folder))
+    assert type(loaded) is StableDiffusionXLPipeline
+    assert loaded.tokenizer_2.pad_token == "!"
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for (k, a), (_, b) in zip(getattr(loaded, part).state_dict().items(),
+                                  getattr(pipe, part).state_dict().items()):
+            assert torch.equal(a, b), (part, k)
+    # a pipeline class the CLI cannot train (another UNet input layout, no text prompt, ...) is named
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLInpaintPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="is a 'StableDiffusionXLInpaintPipeline'.*StableDiffusionXLPipeline"):
+        builtin.load_pipeline(str(folder))
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="model_index.json is not a JSON object"):
+        builtin.load_pipeline(str(folder))

@@ -865,3 +865,105 @@ def test_ctrl_c_during_train_is_one_line_and_the_rerun_resumes(tmp_path, concept
     assert cli.main(argv) == 0
     assert _names(bank) == ["<alpha>", "<beta>"]
 
+
+
+# --------------------------------------------------------------------------- SDXL (builtin-xl and SDXL folders)
+
+
+@pytest.mark.parametrize("model", ["builtin", "builtin-xl"])
+def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
+    """The training step's text conditioning (``cli.text_condition``) is bit for bit what ``pipe()`` passes
+    the UNet for the same prompt and size: SD's last hidden state; SDXL's two penultimate hidden states side
+    by side, the pooled projection and the size/crop time ids.  With a concept's token in the prompt the
+    gradient reaches that token's embedding row in every text encoder."""
+    from clora_fast.builtin import build_pipeline
+    import clora_fast
+
+    pipe = build_pipeline(model)
+    for m in pipe.components.values():
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False)
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    cl.begin_concept("<c1>")
+    prompt, size = "a photo of <c1> on a table", (16, 24)
+    seen = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
+    try:
+        pipe(prompt, num_inference_steps=1, guidance_scale=1.0, height=size[0], width=size[1], output_type="latent")
+    finally:
+        handle.remove()
+    ids = cli.prompt_ids(pipe, prompt)
+    assert len(ids) == (2 if model == "builtin-xl" else 1)
+    cond, added = cli.text_condition(pipe, ids, size)
+    assert torch.equal(cond.detach(), seen[0]["encoder_hidden_states"])
+    if model == "builtin":
+        assert added is None and seen[0].get("added_cond_kwargs") in (None, {})
+    else:
+        want = seen[0]["added_cond_kwargs"]
+        assert sorted(added) == sorted(want) == ["text_embeds", "time_ids"]
+        assert torch.equal(added["time_ids"], want["time_ids"])
+        assert added["time_ids"].tolist() == [[16, 24, 0, 0, 16, 24]]
+        assert torch.equal(added["text_embeds"].detach(), want["text_embeds"])
+    loss = cond.square().sum() + (0 if added is None else added["text_embeds"].square().sum())
+    loss.backward()
+    rows = [p for p in cl.trainable_parameters() if p.dim() == 1]     # the token embedding rows, one per encoder
+    assert len(rows) == len(ids)
+    assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in rows)
+
+
+def test_train_sample_and_resume_on_builtin_xl(tmp_path, concepts, capsys):
+    """``clora-fast train --model builtin-xl``: two concepts with their tokens in both tokenizers; the bank
+    loads onto the SDXL pipeline (and not onto the SD one), samples, and a rerun resumes."""
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--model", "builtin-xl", "--concepts", *concepts, "--out", str(bank), *FAST,
+                     "--rank", "2"]) == 0
+    assert _names(bank) == ["<alpha>", "<beta>"]
+    t = _concept_tensors(bank, 1)
+    assert sorted(k for k in t if "lora" not in k) == ["extra.token_embedding.0", "extra.token_embedding.1"]
+    assert any(float(t[k].abs().max()) > 0 for k in t if k.endswith("lora_B"))
+    assert sorted(p.name for p in (tmp_path / "bank_samples").glob("*.png")) == ["after_01_alpha.png",
+                                                                               "after_02_beta.png"]
+    pipe = build_pipeline("builtin-xl")
+    cl = clora_fast.load(pipe, str(bank), backend="reference")
+    assert cl.num_sites == 16 and len(cl.concepts) == 2
+    for tok in (pipe.tokenizer, pipe.tokenizer_2):
+        assert {"<alpha>", "<beta>"} <= set(tok.get_added_vocab())
+    capsys.readouterr()
+    out = tmp_path / "img.png"
+    assert cli.main(["sample", "--bank", str(bank), "--model", "builtin-xl", "--prompt", "a photo of <beta>",
+                     "--out", str(out), *SAMPLE_FAST]) == 0
+    assert "concepts used: ['<beta>']" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size == (16, 16)
+    # the SD builtin is another base model: a clear error, nothing written
+    assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <beta>", "--out",
+                     str(tmp_path / "x.png"), *SAMPLE_FAST]) == 2
+    assert "cannot load the bank" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert cli.main(["train", "--model", "builtin-xl", "--concepts", *concepts, "--out", str(bank), *FAST,
+                     "--rank", "2"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+
+
+def test_train_on_an_sdxl_folder_checks_both_tokenizers(tmp_path, concepts, capsys):
+    """A local SDXL pipeline folder trains too; a prompt cut off by either tokenizer is refused before
+    training (here only the second one is shorter)."""
+    from clora_fast.builtin import build_pipeline
+
+    folder = tmp_path / "xl_model"
+    build_pipeline("builtin-xl").save_pretrained(str(folder), safe_serialization=True)
+    cfg_file = folder / "tokenizer_2" / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["model_max_length"] = 4
+    cfg_file.write_text(json.dumps(cfg))
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--model", str(folder), "--concepts", concepts[0], "--out", str(bank), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "cut off" in err and "of concept folder" in err and not bank.exists()    # refused before training
+    cfg["model_max_length"] = 77
+    cfg_file.write_text(json.dumps(cfg))
+    assert cli.main(["train", "--model", str(folder), "--concepts", concepts[0], "--out", str(bank), *FAST,
+                     "--samples-per-concept", "0"]) == 0
+    assert _names(bank) == ["<alpha>"]
