@@ -3,6 +3,7 @@
 Subcommands::
 
     clora-fast train --model builtin --concepts DIR [DIR ...] --out BANK [options]
+                                    (--model: builtin, builtin-xl, or an SD 1.x/2.x/XL folder)
     clora-fast sample --bank BANK [--model builtin] --prompt "a photo of <digit3>" --out img.png
     clora-fast train-vit ...        (the ViT classifier trainer, clora_fast.vit_train)
 
@@ -10,8 +11,9 @@ Subcommands::
 customization): for each folder a new token ``<name>`` (the folder's name,
 lower-cased) and new LoRA factors on every cross-attention K/V projection are
 trained with the standard diffusion loss (VAE encode -> add noise -> UNet
-predicts the noise -> MSE) plus the C-LoRA forgetting penalty; then the
-concept is folded and the bank is saved, atomically, before the next concept
+predicts the noise or v, conditioned as the pipeline's own call conditions it,
+SDXL's added text/time conditioning included -> MSE) plus the C-LoRA
+forgetting penalty; then the concept is folded and the bank is saved, atomically, before the next concept
 starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
 are skipped (their factors are never retrained or rewritten) and training
 restarts at the first unfinished concept.  After each concept a sample grid of
@@ -512,7 +514,8 @@ def _train_parser(sub):
         help="learn concept folders one after another into a concept bank",
         description="Learn concept folders in order with C-LoRA (resumable: rerun with the same --out).",
     )
-    p.add_argument("--model", default="builtin", help="'builtin' or a local diffusers pipeline folder")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin', 'builtin-xl' (tiny SDXL-shaped) or a local diffusers SD / SDXL pipeline folder")
     p.add_argument("--concepts", nargs="+", required=True, metavar="DIR",
                    help="concept image folders, learned in this order; token = <folder name>")
     p.add_argument("--out", required=True, help="the concept bank to write (and resume from)")
