@@ -416,7 +416,8 @@ def text_condition(pipe, ids: Sequence, size: Tuple[int, int]):
 
 
 def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: float, batch_size: int,
-                  generator, accelerator=None, on_step=None, noise_scheduler=None) -> float:
+                  generator, accelerator=None, on_step=None, noise_scheduler=None,
+                  gradient_checkpointing: bool = False) -> float:
     """Train the active concept of ``cl`` for ``steps`` optimizer steps; returns the final
     (EMA) diffusion loss.
 
@@ -426,11 +427,12 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
     noise (or v), MSE, plus ``cl.penalty()``.  Only ``cl.trainable_parameters()`` train
     (AdamW).  All randomness comes from ``generator`` (a CPU torch.Generator).
     ``on_step(step, diffusion_loss, penalty, ema_loss)`` is called after each step.
+    ``gradient_checkpointing``: the UNet's blocks recompute their activations in backward (diffusers'
+    ``enable_gradient_checkpointing``; the same gradients, less memory), for these steps only; the UNet
+    runs in training mode meanwhile (diffusers < 0.33 checkpoints only then; SD UNets have no dropout).
     """
     import torch
-    import torch.nn.functional as F
 
-    device = pipe.unet.device
     params = [p for p in cl.trainable_parameters() if p.requires_grad]
     if not params:
         raise RuntimeError("clora_fast: the controller returned no trainable parameters "
@@ -448,6 +450,25 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
         if tid is not None and tid not in tok_ids[0].tolist():
             raise CLIError(_prompt_cut_message(prompt, token, tok, ""))
     size = tuple(int(d) * int(pipe.vae_scale_factor) for d in lat_mean.shape[-2:])
+    unet, was_training = pipe.unet, pipe.unet.training
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()
+    try:
+        return _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scaling, shift, steps=steps,
+                            batch_size=batch_size, generator=generator, accelerator=accelerator, on_step=on_step)
+    finally:
+        if gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+            unet.train(was_training)
+
+
+def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scaling, shift, *, steps, batch_size,
+                 generator, accelerator, on_step) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    device = pipe.unet.device
     n = lat_mean.shape[0]
     num_t = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
@@ -543,6 +564,9 @@ def _train_parser(sub):
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0,
                    help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the UNet's activations in backward: the same training, less memory (for "
+                        "large models and resolutions), more compute per step")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--allow-new-settings", action="store_true",
                    help="resume a bank with settings (--steps, --lr, --seed, ...) other than those its concepts were "
@@ -807,6 +831,7 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
             ema = train_concept(
                 pipe, cl, lat_mean, lat_std, prompt, steps=args.steps, lr=args.lr,
                 batch_size=args.batch_size, generator=gen, accelerator=accelerator, on_step=on_step,
+                gradient_checkpointing=args.gradient_checkpointing,
             )
         finally:
             bar.close()

@@ -1,5 +1,6 @@
 """The diffusers integration on tiny SD 1.x / SD 2.x / SDXL-shaped UNets and a tiny
 StableDiffusionPipeline built offline (random weights, a small hand-written BPE vocab)."""
+import contextlib
 import functools
 import inspect
 import logging
@@ -314,6 +315,61 @@ def test_autocast_bf16_and_gradient_checkpointing():
         assert a.abs().max() > 0
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["checkpoint", "save_on_cpu", "reentrant"])
+def test_gradient_checkpointing_two_forwards_then_one_backward(mode):
+    """Two UNet forwards, then one backward (two noise draws, prior preservation), under gradient checkpointing:
+    the second forward's grouped K/V replaced the first's, so the first forward's blocks, replayed in backward,
+    took K/V per layer and torch.utils.checkpoint refused the mismatched saved tensors (CheckpointError).  Also
+    under saved-tensor hooks (save_on_cpu: the replay gets detached aliases of its inputs) and reentrant
+    checkpointing (whose replay must compute its own K/V).  Gradients of the factors and of both prompts'
+    embeddings equal the unchecked run's; the grouped K/V of finished backward passes are not kept."""
+    unet, _, cl = unet_with_a_past(kind="sd1")
+    cl.begin_concept()
+    randomize(cl, seed=3)
+    ad = D.get_adapter(unet)
+    g = torch.Generator().manual_seed(5)
+    data = [(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, 32, generator=g)) for _ in range(2)]
+    params = cl.trainable_parameters()
+
+    def grads():
+        ehs = [e.clone().requires_grad_(True) for _, e in data]
+        for p in params:
+            p.grad = None
+        ctx = torch.autograd.graph.save_on_cpu() if mode == "save_on_cpu" else contextlib.nullcontext()
+        with ctx:
+            outs = [unet(x, 10, encoder_hidden_states=e).sample for (x, _), e in zip(data, ehs)]
+            w = torch.linspace(-1, 1, outs[0].numel()).view_as(outs[0])
+            ((outs[0] * w).sum() + (outs[1] * w).square().sum() + cl.penalty()).backward()
+        return [p.grad.clone() for p in params] + [e.grad for e in ehs]
+
+    want = grads()
+    unet.train()                                                 # diffusers < 0.33 checkpoints in training mode only
+    if mode == "reentrant":
+        if not inspect.signature(unet.enable_gradient_checkpointing).parameters:
+            pytest.skip("this diffusers' enable_gradient_checkpointing takes no checkpoint function")
+        unet.enable_gradient_checkpointing(functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=True))
+    else:
+        unet.enable_gradient_checkpointing()
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for n, m in unet.named_modules()
+             if n.endswith("attn2")]
+    got = grads()
+    assert len(calls) == 4 * len(hooks)                          # 2 forwards, each replayed in backward
+    for a, b in zip(got, want):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for h in hooks:
+        h.remove()
+    # after the backward, nothing of these forwards is kept past the next forward
+    unet(*data[0][:1], 10, encoder_hidden_states=data[0][1]).sample.sum().backward()
+    assert ad._pending == []
+    # forwards whose graph is dropped without a backward: at most a few kept
+    for _ in range(6):
+        unet(*data[0][:1], 10, encoder_hidden_states=data[0][1].clone().requires_grad_(True))
+    assert len(ad._pending) <= 4
+    unet.disable_gradient_checkpointing()
 
 
 def test_processors_set_after_patch_keep_the_adapters():

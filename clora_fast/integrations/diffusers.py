@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..controller import _tensor_key, CLoRAController, Site
+from ..ops import _compiling
 from . import install_save_warning, uninstall_save_warning
 
 logger = logging.getLogger("clora_fast")
@@ -69,6 +70,9 @@ def _adapter_of(unet) -> Optional["DiffusersAdapter"]:
     return unet.__dict__.get(_ADAPTER_ATTR)
 
 _TEXT_SLOTS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+# grouped K/V of earlier training forwards whose backward has not run yet: gradient checkpointing recomputes their
+# attention blocks in that backward (two forwards, then one backward), with the K/V they used then
+_PENDING_MAX = 4
 
 
 def _unet_class():
@@ -450,6 +454,14 @@ class CLoRAAttnProcessor:
             delattr(self.__dict__["inner"], name)
 
 
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    """``b`` reads exactly the elements ``a`` does, unchanged since (an alias: ``a.detach()``, a saved and
+    unpacked tensor): same memory, shape, strides, dtype and version."""
+    return (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+            and a.dtype == b.dtype and a.device == b.device and not a.is_inference() and not b.is_inference()
+            and a._version == b._version)
+
+
 _PROCESSOR_CLASSES: Dict[type, type] = {}
 
 
@@ -587,7 +599,8 @@ class DiffusersAdapter:
                     self.slots.append(_TextSlot(self.pipe, tok_attr, enc_attr))
         self.controller: Optional[CLoRAController] = None
         self._hook = None
-        self._cache = None
+        self._cache = None                  # the grouped K/V of the last UNet forward (see _pre_hook)
+        self._pending: List[dict] = []      # earlier training forwards' entries, until their backward ran
         self._prev_save = None              # the pipeline's own instance-level save_pretrained, if it had one
         self._uninstalling = False
         self._unet_save = None              # install_save_warning's token for the UNet's save_pretrained
@@ -602,7 +615,7 @@ class DiffusersAdapter:
         # copy.deepcopy / pickle of a patched UNet: the grouped K/V of the last forward are a per-call cache
         # (attached to that forward's autograd graph after a training step, which deepcopy refuses to copy)
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_cache"], state["_pending"] = None, []
         return state
 
     # -- install ---------------------------------------------------------------------------
@@ -675,7 +688,7 @@ class DiffusersAdapter:
         for slot in self.slots:
             slot.uninstall()
         self._restore_saves()
-        self._cache = None
+        self._cache, self._pending = None, []
         self.unet.__dict__.pop(_ADAPTER_ATTR, None)
         if ctrl is not None:
             ctrl._mark_unpatched()
@@ -819,23 +832,23 @@ class DiffusersAdapter:
                            "the C-LoRA concepts (folded past and the active adapter) apply at full strength",
                            cak.get("scale"))
         if ctrl.pristine or not self.grouped or not ctrl.groups:
-            self._cache = None
+            self._set_cache(None)
             return None
         x = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
         if not isinstance(x, Tensor):
-            self._cache = None
+            self._set_cache(None)
             return None
         if getattr(self.unet, "encoder_hid_proj", None) is not None:
             self._log_once("hid_proj", "clora_fast: the UNet has an encoder_hid_proj: cross-attention K/V are "
                                        "computed per layer")
-            self._cache = None
+            self._set_cache(None)
             return None
         if self.sites[0].weight.device != x.device:
             # accelerate's model offload (pipe.enable_model_cpu_offload) moves the UNet to the input's device in its
             # wrapped forward, i.e. after this pre-hook: the processors compute K/V per layer once it has
             self._log_once("offload", "clora_fast: the UNet's weights are not on encoder_hidden_states' device when "
                                       "its forward starts (model offload?): cross-attention K/V are computed per layer")
-            self._cache = None
+            self._set_cache(None)
             return None
         grad = torch.is_grad_enabled()
         key = (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device)
@@ -855,9 +868,31 @@ class DiffusersAdapter:
                                                "%d: per-layer K/V", x.shape[-1], group, bundle_in)
                 continue
             outs[group] = ctrl.project_group(group, x)
-        self._cache = {"x": x, "key": key, "grad": grad, "outs": outs,
-                       "weights": None if grad else self._weights_key()}
+        entry = {"x": x, "key": key, "grad": grad, "outs": outs, "used": set(), "done": [False],
+                 "weights": None if grad else self._weights_key()}
+        trained = [t for o in outs.values() for t in o if t.requires_grad]
+        if trained and not _compiling():
+            done = entry["done"]
+            # once backward has produced the gradients of these K/V, no recomputation can ask for them again
+            torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: done.__setitem__(0, True))
+        self._set_cache(entry)
         return None
+
+    def _set_cache(self, entry: Optional[dict]) -> None:
+        """Make ``entry`` the current grouped K/V.  The one it replaces stays available (``_pending``) while a
+        backward may still recompute the attention blocks that used it: it came from a forward with grad enabled
+        whose K/V have not received their gradients yet (gradient checkpointing replays the forward of each
+        block in backward, and that replay must take the same K/V as the forward did, or
+        ``torch.utils.checkpoint`` refuses the mismatched saved tensors).  Only an entry that some layer took
+        with grad enabled can be replayed (reentrant checkpointing runs the blocks' forward without grad, and
+        its replay computes K/V per layer).  At most ``_PENDING_MAX`` are kept (a forward whose graph is dropped
+        without a backward never completes)."""
+        old = self._cache
+        pending = [e for e in self._pending if not e["done"][0]]
+        if old is not None and old["used"] and not old["done"][0]:
+            pending.append(old)
+        self._pending = pending[-_PENDING_MAX:]
+        self._cache = entry
 
     def _weights_key(self):
         """Identity and version of every adapted base weight and bias (computed only where a cache may be
@@ -868,8 +903,8 @@ class DiffusersAdapter:
         """(K, V) of ``layer`` from the grouped cache when it applies to ``x``, else None."""
         if layer.group is None or not self.grouped:
             return None
-        c = self._cache
-        if c is None or c["x"] is not x or layer.group not in c["outs"]:
+        c = self._entry_for(layer, x)
+        if c is None or layer.group not in c["outs"]:
             logger.debug("clora_fast: %s got encoder_hidden_states other than the UNet's (or no grouped pre-pass "
                          "ran): per-layer K/V", layer.name)
             return None
@@ -878,12 +913,32 @@ class DiffusersAdapter:
             logger.debug("clora_fast: grouped K/V are stale for %s (weights or input changed): per-layer K/V",
                          layer.name)
             return None
+        if c["grad"] and torch.is_grad_enabled():
+            c["used"].add(layer.name)
         outs = c["outs"][layer.group]
         return outs[layer.gpos[0]], outs[layer.gpos[1]]
 
+    def _entry_for(self, layer: _Layer, x: Tensor) -> Optional[dict]:
+        """The grouped-K/V entry computed from ``x``: the last forward's, or (a checkpointed block replayed in
+        backward) a pending one.  Non-reentrant checkpointing under saved-tensor hooks (``save_on_cpu``,
+        activation offloading) replays a block with a detached alias of its input: it matches when it is the
+        same storage, shape and strides, and this layer took the entry's K/V with grad enabled in that forward
+        (reentrant checkpointing runs its forward without grad: its replay computes K/V per layer, as it must,
+        since it differentiates the replay's own graph)."""
+        entries = [self._cache] + self._pending[::-1] if self._pending else [self._cache]
+        for c in entries:
+            if c is not None and c["x"] is x:
+                return c
+        if not torch.is_grad_enabled():
+            return None
+        for c in entries:
+            if c is not None and layer.name in c["used"] and _same_view(c["x"], x):
+                return c
+        return None
+
     # -- adapter protocol -------------------------------------------------------------------
     def on_state_change(self) -> None:
-        self._cache = None
+        self._cache, self._pending = None, []
 
     def on_begin_concept(self, name: str, idx: int) -> None:
         if not self.slots:
