@@ -183,6 +183,17 @@ def _atomic_save_image(img, path: Path) -> None:
             tmp.unlink()
 
 
+def grid_concepts(pos: int, max_rows: int) -> List[int]:
+    """The concepts (positions) a sample grid after concept ``pos`` shows: all of ``0..pos`` when they are at most
+    ``max_rows`` (or ``max_rows`` is 0), else ``max_rows`` of them spread evenly from the first to the newest
+    (forgetting shows on the oldest), so that a grid's cost does not grow with the number of concepts."""
+    if max_rows == 0 or pos + 1 <= max_rows:
+        return list(range(pos + 1))
+    if max_rows == 1:
+        return [pos]
+    return sorted({round(i * pos / (max_rows - 1)) for i in range(max_rows)})
+
+
 def make_grid(rows: Sequence[Tuple[str, Sequence]], cell: int):
     """A labelled grid: one row per (label, [PIL images])."""
     from PIL import Image, ImageDraw
@@ -561,6 +572,11 @@ def _train_parser(sub):
                    help="denoising steps for the per-concept sample grids")
     p.add_argument("--samples-per-concept", type=_nonneg_int("--samples-per-concept"), default=4,
                    help="images per concept in each sample grid (0: no grids)")
+    p.add_argument("--sample-every", type=_positive("--sample-every"), default=1, metavar="K",
+                   help="a sample grid after every K-th concept (and after the last one)")
+    p.add_argument("--grid-rows", type=_nonneg_int("--grid-rows"), default=8, metavar="N",
+                   help="concepts per sample grid: every one learned so far up to N, then N spread evenly "
+                        "from the first to the newest (0: every one; a grid costs one row of samples each)")
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0,
                    help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
@@ -786,17 +802,21 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
     def grid_path(pos):
         return samples_dir / f"after_{pos + 1:02d}_{tokens[pos].strip('<>')}.png"
 
+    def grid_due(pos):
+        return args.samples_per_concept > 0 and ((pos + 1) % args.sample_every == 0 or pos == len(folders) - 1)
+
     def write_grid(pos):
-        # "after concept pos": one row per concept learned so far, each from its own prompt and seed
+        # "after concept pos": one row per concept learned so far (at most --grid-rows of them, always the first
+        # and the newest), each from its own prompt and seed
         rows = []
-        for j in range(pos + 1):
+        for j in grid_concepts(pos, args.grid_rows):
             ims = generate(pipe, [prompts[j]] * args.samples_per_concept, steps=args.sample_steps,
                            seed=args.seed + j, guidance_scale=args.guidance_scale, resolution=resolution)
             rows.append((tokens[j], ims))
         _atomic_save_image(make_grid(rows, resolution), grid_path(pos))
         return grid_path(pos)
 
-    if done and is_main and args.samples_per_concept > 0:
+    if done and is_main and grid_due(len(done) - 1):
         # a run stopped between saving a concept and writing its grid: the model is exactly in the
         # state "after" that last saved concept now, so its grid can still be made (earlier ones cannot)
         last = len(done) - 1
@@ -844,7 +864,7 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         log(f"learned {token} from {folder} ({len(files[folder])} images, {args.steps} steps, "
             f"final loss {ema:.4f}, {time.time() - t0:.1f} s); bank saved to {out}")
 
-        if is_main and args.samples_per_concept > 0:
+        if is_main and grid_due(pos):
             log(f"sample grid: {write_grid(pos)}")
     if len(done) == len(folders):
         log(f"all {len(folders)} concepts are already in {out}: nothing to train")

@@ -1010,3 +1010,38 @@ def test_gradient_checkpointing_same_training_recomputed(tmp_path, concepts, mod
     assert attn2_calls(False) == (attn2_calls(False)[1],) * 2
     n, layers = attn2_calls(True)
     assert n == 2 * layers
+
+
+@pytest.mark.parametrize("pos, max_rows, want", [
+    (2, 8, [0, 1, 2]), (7, 8, list(range(8))), (99, 8, [0, 14, 28, 42, 57, 71, 85, 99]), (99, 2, [0, 99]),
+    (5, 1, [5]), (4, 0, [0, 1, 2, 3, 4]), (500, 0, list(range(501)))])
+def test_grid_concepts(pos, max_rows, want):
+    assert cli.grid_concepts(pos, max_rows) == want
+    for p in range(1, 60):                       # always the newest, the first when there is room, no repeats
+        for n in range(1, 10):
+            got = cli.grid_concepts(p, n)
+            assert len(got) == min(n, p + 1) and got[-1] == p and (n == 1 or got[0] == 0)
+            assert got == sorted(set(got))
+
+
+def test_sample_every_and_grid_rows(tmp_path, capsys):
+    """--sample-every 2 --grid-rows 2 on three concepts: grids after the 2nd and the last (3rd) concept only,
+    each of two rows (the 3rd's: the first and the newest concept)."""
+    folders = [_concept(tmp_path / "data", n, seed=i) for i, n in enumerate(("a1", "b2", "c3"))]
+    bank = tmp_path / "bank"
+    assert cli.main(["train", "--concepts", *folders, "--out", str(bank), *FAST, "--rank", "2",
+                     "--sample-every", "2", "--grid-rows", "2"]) == 0
+    grids = sorted(p.name for p in (tmp_path / "bank_samples").glob("*.png"))
+    assert grids == ["after_02_b2.png", "after_03_c3.png"]
+    for g in grids:
+        with Image.open(tmp_path / "bank_samples" / g) as im:
+            assert im.size[1] == 2 * 16
+    # the rows of the last grid are concepts 1 and 3: the same images as their rows in a full grid
+    full = tmp_path / "full"
+    assert cli.main(["train", "--concepts", *folders, "--out", str(full), *FAST, "--rank", "2",
+                     "--sample-every", "3"]) == 0
+    assert sorted(p.name for p in (tmp_path / "full_samples").glob("*.png")) == ["after_03_c3.png"]
+    a = np.asarray(Image.open(tmp_path / "bank_samples" / "after_03_c3.png"))
+    b = np.asarray(Image.open(tmp_path / "full_samples" / "after_03_c3.png"))
+    assert b.shape[0] == 3 * 16
+    assert np.array_equal(a[:16], b[:16]) and np.array_equal(a[16:], b[32:])
