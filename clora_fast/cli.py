@@ -16,8 +16,10 @@ SDXL's added text/time conditioning included -> MSE) plus the C-LoRA
 forgetting penalty; then the concept is folded and the bank is saved, atomically, before the next concept
 starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
 are skipped (their factors are never retrained or rewritten) and training
-restarts at the first unfinished concept.  After each concept a sample grid of
-every concept learned so far is written to ``<out>_samples/``.
+restarts at the first unfinished concept: at its first step, or, with
+``--checkpoint-every N``, at its last checkpoint (to the same bank as an
+uninterrupted run).  After each concept (or every ``--sample-every``-th) a
+sample grid of the concepts learned so far is written to ``<out>_samples/``.
 
 Runs under ``accelerate`` (device and mixed precision come from the
 ``Accelerator``): ``accelerate launch -m clora_fast.cli train ...`` works, as
@@ -428,7 +430,8 @@ def text_condition(pipe, ids: Sequence, size: Tuple[int, int]):
 
 def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: float, batch_size: int,
                   generator, accelerator=None, on_step=None, noise_scheduler=None,
-                  gradient_checkpointing: bool = False) -> float:
+                  gradient_checkpointing: bool = False, checkpoint_every: int = 0, on_checkpoint=None,
+                  resume: Optional[dict] = None) -> float:
     """Train the active concept of ``cl`` for ``steps`` optimizer steps; returns the final
     (EMA) diffusion loss.
 
@@ -441,6 +444,10 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
     ``gradient_checkpointing``: the UNet's blocks recompute their activations in backward (diffusers'
     ``enable_gradient_checkpointing``; the same gradients, less memory), for these steps only; the UNet
     runs in training mode meanwhile (diffusers < 0.33 checkpoints only then; SD UNets have no dropout).
+    ``on_checkpoint(steps_done, optimizer, ema_loss)`` is called after every ``checkpoint_every``-th step
+    (not after the last).  ``resume``: ``{"step", "optimizer", "ema"}`` from such a checkpoint (the caller
+    restored the parameters and ``generator``): training goes on at step ``step`` with the optimizer's state
+    (its ``state_dict()["state"]``) and the loss EMA it had, as if it had never stopped.
     """
     import torch
 
@@ -451,6 +458,10 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     if accelerator is not None:
         optimizer = accelerator.prepare(optimizer)
+    if resume is not None:
+        state = optimizer.state_dict()
+        state["state"] = resume["optimizer"]
+        optimizer.load_state_dict(state)
     sched = noise_scheduler if noise_scheduler is not None else _training_scheduler(pipe)
     scaling = float(getattr(pipe.vae.config, "scaling_factor", None) or 1.0)
     shift = getattr(pipe.vae.config, "shift_factor", None)
@@ -467,7 +478,10 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
         unet.train()
     try:
         return _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scaling, shift, steps=steps,
-                            batch_size=batch_size, generator=generator, accelerator=accelerator, on_step=on_step)
+                            batch_size=batch_size, generator=generator, accelerator=accelerator, on_step=on_step,
+                            checkpoint_every=checkpoint_every, on_checkpoint=on_checkpoint,
+                            start=0 if resume is None else int(resume["step"]),
+                            ema=None if resume is None else resume["ema"])
     finally:
         if gradient_checkpointing:
             unet.disable_gradient_checkpointing()
@@ -475,7 +489,7 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
 
 
 def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scaling, shift, *, steps, batch_size,
-                 generator, accelerator, on_step) -> float:
+                 generator, accelerator, on_step, checkpoint_every, on_checkpoint, start, ema) -> float:
     import torch
     import torch.nn.functional as F
 
@@ -483,8 +497,7 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
     n = lat_mean.shape[0]
     num_t = sched.config.num_train_timesteps
     v_pred = sched.config.prediction_type == "v_prediction"
-    ema = None
-    for step in range(steps):
+    for step in range(start, steps):
         pick = torch.randint(0, n, (batch_size,), generator=generator)
         lat = lat_mean[pick]
         if lat_std is not None:
@@ -526,6 +539,8 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
         ema = d if ema is None else 0.9 * ema + 0.1 * d
         if on_step is not None:
             on_step(step, d, float(pen.detach()), ema)
+        if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps and on_checkpoint is not None:
+            on_checkpoint(step + 1, optimizer, ema)
     return float(ema)
 
 
@@ -580,6 +595,9 @@ def _train_parser(sub):
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0,
                    help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
+    p.add_argument("--checkpoint-every", type=_nonneg_int("--checkpoint-every"), default=0, metavar="N",
+                   help="save the concept's training state every N steps (0: only at concept ends); a rerun goes on "
+                        "from the last one, to the same bank as an uninterrupted run (one process)")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's activations in backward: the same training, less memory (for "
                         "large models and resolutions), more compute per step")
@@ -723,6 +741,9 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         raise CLIError("--mixed-precision fp16 does not run on the CPU (accelerate disables fp16 autocast there, "
                        "so the run would silently be fp32): use --mixed-precision bf16 or no")
     _check_backend(args.backend, device)
+    if args.checkpoint_every and accelerator.num_processes > 1:
+        raise CLIError(f"--checkpoint-every runs with one process (a checkpoint holds one process's data generator), "
+                       f"not {accelerator.num_processes}")
     is_main = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     if is_main:
@@ -836,8 +857,29 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         # concept exactly as an uninterrupted run with the same --seed does
         _seed_all(args.seed + 1000 * pos)
         cl.begin_concept(token)
-        bar = tqdm(total=args.steps, desc=f"concept {pos + 1}/{len(folders)} {token}",
-                   disable=args.no_progress or not is_main, leave=True)
+        params = [p for p in cl.trainable_parameters() if p.requires_grad]
+        bank_sig = _manifest_sig(out)
+        resume = None
+        if pos == len(done) and (out / RESUME_FILE).is_file():
+            if accelerator.num_processes > 1:
+                log(f"note: the checkpoint of {token} was made by a single-process run (--checkpoint-every): not "
+                    f"used with {accelerator.num_processes} processes, {token} starts from its first step")
+            else:
+                resume = _read_resume(out, pos=pos, token=token, settings=settings(pos), params=params,
+                                      allow_new=args.allow_new_settings, log=log)
+        if resume is not None:
+            import torch
+
+            with torch.no_grad():
+                for p, t in zip(params, resume["params"]):
+                    p.copy_(t)
+            gen.set_state(resume["generator"])
+            if resume["scaler"] and getattr(accelerator, "scaler", None) is not None:
+                accelerator.scaler.load_state_dict(resume["scaler"])
+            log(f"resuming {token} at step {resume['step']} of {args.steps} from its checkpoint")
+        bar = tqdm(total=args.steps, initial=0 if resume is None else resume["step"],
+                   desc=f"concept {pos + 1}/{len(folders)} {token}", disable=args.no_progress or not is_main,
+                   leave=True)
 
         def on_step(step, diff, pen, ema, _pos=pos):
             bar.update(1)
@@ -847,11 +889,18 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
             if crash_at is not None and crash_at == (_pos, step):
                 raise SimulatedCrash(f"simulated crash at concept {_pos} step {step} (CLORA_FAST_CRASH_AT)")
 
+        def on_checkpoint(steps_done, optimizer, ema, _pos=pos, _token=token, _params=params, _gen=gen,
+                          _sig=bank_sig):
+            _write_resume(out, pos=_pos, token=_token, steps_done=steps_done, ema=ema, params=_params,
+                          optimizer=optimizer, generator=_gen, settings=settings(_pos), bank=_sig,
+                          scaler=getattr(accelerator, "scaler", None))
+
         try:
             ema = train_concept(
                 pipe, cl, lat_mean, lat_std, prompt, steps=args.steps, lr=args.lr,
                 batch_size=args.batch_size, generator=gen, accelerator=accelerator, on_step=on_step,
-                gradient_checkpointing=args.gradient_checkpointing,
+                gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
+                on_checkpoint=on_checkpoint if is_main else None, resume=resume,
             )
         finally:
             bar.close()
@@ -860,6 +909,7 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         if is_main:
             cl.save(str(out))
             _record_settings(out, token, settings(pos))     # (a crash in between: that concept is not checked)
+            (out / RESUME_FILE).unlink(missing_ok=True)
         accelerator.wait_for_everyone()
         log(f"learned {token} from {folder} ({len(files[folder])} images, {args.steps} steps, "
             f"final loss {ema:.4f}, {time.time() - t0:.1f} s); bank saved to {out}")
@@ -885,6 +935,98 @@ def _check_new_tokens(cl, pipe, folders, tokens, out_arg) -> None:
             if tok is not None and token in tok.get_vocab():
                 raise CLIError(f"concept folder {folder!r}: the token {token!r} already exists in the model's {attr} "
                                f"(e.g. a pipeline saved with its concepts baked in): rename the folder")
+
+
+# --------------------------------------------------------------------------- mid-concept checkpoints
+
+#: A concept's training state at its last checkpoint (--checkpoint-every): the trainable tensors, the optimizer's
+#: state, the data/noise generator, the step and the loss EMA.  A dot file in the bank folder (a first concept's
+#: checkpoint precedes the bank's first save, which accepts only data files and dot files in its folder); written
+#: atomically, removed once the concept is saved in the bank.  The bank itself changes only at concept ends.
+RESUME_FILE = ".clora_fast_resume.safetensors"
+_RESUME_FORMAT = "clora_fast.train_resume"
+
+
+def _manifest_sig(out: Path) -> str:
+    """Which bank a checkpoint was made on top of: the sha256 of its manifest ('' before the first save)."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: float, params, optimizer, generator,
+                  settings: Dict[str, object], bank: str, scaler=None) -> None:
+    import torch
+    from safetensors.torch import save
+    from .bank import atomic_write_bytes
+
+    tensors = {f"param.{i}": p.detach().cpu().contiguous() for i, p in enumerate(params)}
+    for i, state in optimizer.state_dict()["state"].items():
+        for k, v in state.items():
+            tensors[f"optim.{i}.{k}"] = (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor)
+                                         else torch.tensor(v))
+    tensors["generator"] = generator.get_state()
+    meta = {"format": _RESUME_FORMAT, "version": "1", "position": str(pos), "token": token, "step": str(steps_done),
+            "ema": repr(float(ema)), "settings": json.dumps(settings, sort_keys=True), "bank": bank,
+            "params": str(len(params)),
+            # fp16's loss scaler (accelerate's GradScaler): its scale and growth tracker decide the next steps too
+            "scaler": json.dumps(scaler.state_dict() if scaler is not None else None)}
+    atomic_write_bytes(out / RESUME_FILE, save(tensors, metadata=meta))
+
+
+def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object], params, allow_new: bool,
+                 log) -> Optional[dict]:
+    """The checkpoint of concept ``pos`` (``token``) to go on from, or None (none there, or one that cannot be
+    used: a note says why, and the concept starts from its first step).  Other settings than the checkpoint's
+    are refused unless ``allow_new`` (then it is not used)."""
+    from safetensors import safe_open
+
+    f = out / RESUME_FILE
+    if not f.is_file():
+        return None
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
+        if meta.get("format") != _RESUME_FORMAT or meta.get("version") != "1":
+            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+        at, name, step = int(meta["position"]), meta["token"], int(meta["step"])
+        ema, saved, bank, n = float(meta["ema"]), json.loads(meta["settings"]), meta["bank"], int(meta["params"])
+        scaler = json.loads(meta["scaler"])
+    except Exception as e:         # noqa: BLE001 - any damage: the checkpoint is not used, training is not lost
+        log(f"note: the checkpoint {str(f)!r} cannot be read ({type(e).__name__}: {e}): {token} starts from its "
+            f"first step")
+        return None
+    if (at, name) != (pos, token):
+        return None             # a concept that finished after it (the run stopped before removing it): stale
+    why = None
+    if bank != _manifest_sig(out):
+        why = "the bank changed since it was written"
+    elif saved != json.loads(json.dumps(settings, sort_keys=True)):
+        changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+        if not allow_new:
+            raise CLIError(f"the bank {str(out)!r} holds a checkpoint of {token} at step {step}, trained with other "
+                           f"settings ({', '.join(f'{k}: {saved.get(k)!r}' for k in changed)}): rerun with those, "
+                           f"or pass --allow-new-settings to train {token} again from its first step")
+        why = f"other settings ({', '.join(changed)})"
+    elif n != len(params) or any(f"param.{i}" not in tensors or tensors[f"param.{i}"].shape != p.shape
+                                 for i, p in enumerate(params)):
+        why = "its tensors do not fit this model's adapters"
+    elif not 0 < step < int(settings["steps"]) or "generator" not in tensors:
+        why = f"step {step} out of range"
+    if why is not None:
+        log(f"note: the checkpoint of {token} at step {step} is not used ({why}): {token} starts from its first step")
+        return None
+    optim: Dict[int, Dict[str, object]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optim."):
+            _, i, key = k.split(".", 2)
+            optim.setdefault(int(i), {})[key] = v
+    return {"step": step, "ema": ema, "optimizer": optim, "generator": tensors["generator"], "scaler": scaler,
+            "params": [tensors[f"param.{i}"] for i in range(n)]}
 
 
 # settings that decide what a concept learns: a resumed run must use the same ones (--allow-new-settings)

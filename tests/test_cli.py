@@ -1045,3 +1045,129 @@ def test_sample_every_and_grid_rows(tmp_path, capsys):
     b = np.asarray(Image.open(tmp_path / "full_samples" / "after_03_c3.png"))
     assert b.shape[0] == 3 * 16
     assert np.array_equal(a[:16], b[:16]) and np.array_equal(a[16:], b[32:])
+
+
+# --------------------------------------------------------------------------- --checkpoint-every
+
+
+CKPT = [*FAST, "--rank", "2", "--samples-per-concept", "0", "--steps", "5", "--checkpoint-every", "2"]
+
+
+def _crash_at(monkeypatch, at, calls=None):
+    def hook(pos, step):
+        if calls is not None:
+            calls.append((pos, step))
+        if (pos, step) == at:
+            raise RuntimeError("boom: simulated crash")
+
+    monkeypatch.setattr(cli, "STEP_HOOK", hook)
+
+
+@pytest.mark.parametrize("crash", [(0, 4), (1, 4)])
+def test_checkpoint_every_resumes_mid_concept_to_the_same_bank(tmp_path, concepts, monkeypatch, capsys, crash):
+    """A run stopped mid-concept goes on from the concept's last checkpoint (its factors, token rows, AdamW
+    moments, data generator, loss EMA) and ends with the bank an uninterrupted run writes, bit for bit; also in
+    the first concept, before the bank's first save.  The checkpoint file is gone once the concept is saved."""
+    argv = ["train", "--concepts", *concepts, *CKPT]
+    assert cli.main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert not (tmp_path / "a" / cli.RESUME_FILE).exists()
+    bank = tmp_path / "b"
+    _crash_at(monkeypatch, crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main([*argv, "--out", str(bank)])
+    assert (bank / cli.RESUME_FILE).is_file()              # steps 0-1 and 2-3 checkpointed, then the crash
+    calls = []
+    _crash_at(monkeypatch, None, calls)
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", str(bank)]) == 0
+    token = ["<alpha>", "<beta>"][crash[0]]
+    assert f"resuming {token} at step 4 of 5 from its checkpoint" in capsys.readouterr().out
+    assert calls[0] == (crash[0], 4)                       # steps 0-3 of that concept are not run again
+    _assert_same_banks(tmp_path / "a", bank)
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (bank / "manifest.json").read_bytes()
+    assert not (bank / cli.RESUME_FILE).exists()
+
+
+def test_checkpoint_that_cannot_be_used(tmp_path, concepts, monkeypatch, capsys):
+    """A checkpoint with other settings is refused (--allow-new-settings: trained again from its first step); a
+    damaged one, or one from before the bank changed, is not used (a note says so): the concept starts over."""
+    argv = ["train", "--concepts", *concepts, *CKPT]
+    ref = tmp_path / "ref"
+    assert cli.main([*argv, "--out", str(ref)]) == 0
+    bank = tmp_path / "bank"
+
+    def crashed():
+        import shutil
+        shutil.rmtree(bank, ignore_errors=True)
+        _crash_at(monkeypatch, (1, 3))
+        with pytest.raises(RuntimeError, match="boom"):
+            cli.main([*argv, "--out", str(bank)])
+        monkeypatch.setattr(cli, "STEP_HOOK", None)
+        capsys.readouterr()
+
+    crashed()
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"beta": "a picture of {token}"}))      # <beta> only: <alpha> is finished
+    assert cli.main([*argv, "--out", str(bank), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint of <beta> at step 2" in err and "'a photo of <beta>'" in err and "--allow-new-settings" in err
+    assert cli.main([*argv, "--out", str(bank), "--prompts", str(prompts), "--allow-new-settings"]) == 0
+    assert "is not used (other settings (prompt))" in capsys.readouterr().out
+
+    crashed()
+    f = bank / cli.RESUME_FILE
+    f.write_bytes(f.read_bytes()[:100])
+    assert cli.main([*argv, "--out", str(bank)]) == 0
+    assert "cannot be read" in capsys.readouterr().out
+    _assert_same_banks(ref, bank)
+
+    crashed()
+    m = json.loads((bank / "manifest.json").read_text())
+    (bank / "manifest.json").write_text(json.dumps(m))       # the same bank, rewritten (e.g. by another tool)
+    assert cli.main([*argv, "--out", str(bank)]) == 0
+    assert "not used (the bank changed since it was written)" in capsys.readouterr().out
+    _assert_same_banks(ref, bank)
+
+
+def test_resume_file_round_trip(tmp_path):
+    """What a checkpoint holds comes back exactly: parameters, AdamW's moments and step, the generator, the EMA
+    (repr of a float), fp16's loss-scaler state."""
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.square().sum() for p in params).backward()
+    opt.step()
+    gen = torch.Generator().manual_seed(7)
+    torch.randn(3, generator=gen)
+
+    class Scaler:
+        def state_dict(self):
+            return {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                    "_growth_tracker": 17}
+
+    settings = {"steps": 9, "lr": 1e-3, "prompt": "a photo of <x>"}
+    cli._write_resume(tmp_path, pos=2, token="<x>", steps_done=4, ema=0.1 + 0.2, params=params, optimizer=opt,
+                      generator=gen, settings=settings, bank="abc", scaler=Scaler())
+    (tmp_path / "manifest.json").write_text("{}")
+    notes = []
+    assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=settings, params=params, allow_new=False,
+                            log=notes.append) is None                      # written on another bank
+    assert "the bank changed" in notes[-1]
+    cli._write_resume(tmp_path, pos=2, token="<x>", steps_done=4, ema=0.1 + 0.2, params=params, optimizer=opt,
+                      generator=gen, settings=settings, bank=cli._manifest_sig(tmp_path), scaler=Scaler())
+    got = cli._read_resume(tmp_path, pos=2, token="<x>", settings=settings, params=params, allow_new=False,
+                           log=notes.append)
+    assert got["step"] == 4 and got["ema"] == 0.1 + 0.2 and got["scaler"] == Scaler().state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(got["params"], params))
+    assert torch.equal(got["generator"], gen.get_state())
+    want = opt.state_dict()["state"]
+    assert got["optimizer"].keys() == want.keys()
+    for i in want:
+        assert sorted(got["optimizer"][i]) == sorted(want[i])
+        for k in want[i]:
+            assert torch.equal(torch.as_tensor(got["optimizer"][i][k]), torch.as_tensor(want[i][k])), (i, k)
+    # another concept's checkpoint (one that finished since) is silently stale; a later step than --steps is not used
+    assert cli._read_resume(tmp_path, pos=3, token="<y>", settings=settings, params=params, allow_new=False,
+                            log=notes.append) is None
+    assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=dict(settings, steps=4), params=params,
+                            allow_new=True, log=notes.append) is None
+    assert "other settings (steps)" in notes[-1]
