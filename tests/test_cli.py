@@ -873,12 +873,8 @@ def test_ctrl_c_during_train_is_one_line_and_the_rerun_resumes(tmp_path, concept
 # --------------------------------------------------------------------------- SDXL (builtin-xl and SDXL folders)
 
 
-@pytest.mark.parametrize("model", ["builtin", "builtin-xl"])
-def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
-    """The training step's text conditioning (``cli.text_condition``) is bit for bit what ``pipe()`` passes
-    the UNet for the same prompt and size: SD's last hidden state; SDXL's two penultimate hidden states side
-    by side, the pooled projection and the size/crop time ids.  With a concept's token in the prompt the
-    gradient reaches that token's embedding row in every text encoder."""
+def _patched_builtin(model):
+    """(pipe, controller): a builtin pipeline, frozen, patched (rank 2, reference backend), concept <c1> begun."""
     from clora_fast.builtin import build_pipeline
     import clora_fast
 
@@ -888,6 +884,16 @@ def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
             m.requires_grad_(False)
     cl = clora_fast.patch(pipe, rank=2, backend="reference")
     cl.begin_concept("<c1>")
+    return pipe, cl
+
+
+@pytest.mark.parametrize("model", ["builtin", "builtin-xl"])
+def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
+    """The training step's text conditioning (``cli.text_condition``) is bit for bit what ``pipe()`` passes
+    the UNet for the same prompt and size: SD's last hidden state; SDXL's two penultimate hidden states side
+    by side, the pooled projection and the size/crop time ids.  With a concept's token in the prompt the
+    gradient reaches that token's embedding row in every text encoder."""
+    pipe, cl = _patched_builtin(model)
     prompt, size = "a photo of <c1> on a table", (16, 24)
     seen = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
@@ -978,9 +984,6 @@ def test_gradient_checkpointing_same_training_recomputed(tmp_path, concepts, mod
     in backward, i.e. checkpointing is on (diffusers < 0.33 checkpoints only in training mode: a UNet in eval
     mode would silently keep every activation); the UNet is back in eval mode, not checkpointing, afterwards
     (the sample grids)."""
-    from clora_fast.builtin import build_pipeline
-    import clora_fast
-
     args = ["train", "--model", model, "--concepts", *concepts, "--out"]
     fast = [*FAST, "--rank", "2", "--samples-per-concept", "0"]
     assert cli.main(args + [str(tmp_path / "a"), *fast]) == 0
@@ -989,12 +992,7 @@ def test_gradient_checkpointing_same_training_recomputed(tmp_path, concepts, mod
     _assert_same_banks(tmp_path / "a", tmp_path / "b", exact=False)
 
     def attn2_calls(checkpointing):
-        pipe = build_pipeline(model)
-        for m in pipe.components.values():
-            if isinstance(m, torch.nn.Module):
-                m.requires_grad_(False)
-        cl = clora_fast.patch(pipe, rank=2, backend="reference")
-        cl.begin_concept("<c1>")
+        pipe, cl = _patched_builtin(model)
         calls = [0]
         for name, m in pipe.unet.named_modules():
             if name.endswith("attn2"):
