@@ -1265,6 +1265,7 @@ def _size(n) -> str:
 def cmd_info(args) -> int:
     from clora_fast.bank import inspect_bank
     info = inspect_bank(args.bank, verify=args.verify)
+    info["checkpoint"] = _checkpoint_info(Path(args.bank))
     if args.json:
         print(json.dumps(info))
         return 0
@@ -1287,7 +1288,28 @@ def cmd_info(args) -> int:
         print("  removed: " + ", ".join(f"{r['idx']} {r['name']}" for r in info["retired"]))
     print("  verified: sizes, sha256 checksums, shapes, the folded past" if info["verified"]
           else "  not verified (--verify reads every file and checks it)")
+    ck = info["checkpoint"]
+    if ck is not None:
+        print(f"  training checkpoint: {ck['token']} (concept {ck['position'] + 1} of the train run) at step "
+              f"{ck['step']} of {ck['steps']}" if "step" in ck else f"  training checkpoint: unreadable ({ck['error']})")
     return 0
+
+
+def _checkpoint_info(bank: Path) -> Optional[Dict[str, object]]:
+    """What the bank folder's --checkpoint-every file says (token, position, step, steps), None when there is none;
+    ``{"error": ...}`` when it cannot be read."""
+    from safetensors import safe_open
+
+    f = bank / RESUME_FILE
+    if not f.is_file():
+        return None
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            meta = sf.metadata() or {}
+        return {"token": meta["token"], "position": int(meta["position"]), "step": int(meta["step"]),
+                "steps": int(json.loads(meta["settings"])["steps"])}
+    except Exception as e:         # noqa: BLE001 - reported, never fatal here
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def _remove_parser(sub):
