@@ -397,19 +397,24 @@ def _is_xl(pipe) -> bool:
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def prompt_ids(pipe, prompt: str) -> list:
-    """The prompt's token ids ``[1, max_length]`` for each of the pipeline's tokenizers (padded to
-    ``model_max_length`` and truncated, as its ``encode_prompt`` does), on the UNet's device."""
-    return [tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                return_tensors="pt").input_ids.to(pipe.unet.device) for tok in _tokenizers(pipe)]
+def prompt_inputs(pipe, prompt: str) -> list:
+    """``(input_ids, attention_mask)``, each ``[1, max_length]``, for each of the pipeline's tokenizers (padded
+    to ``model_max_length`` and truncated, as its ``encode_prompt`` does), on the UNet's device."""
+    out = []
+    for tok in _tokenizers(pipe):
+        enc = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt")
+        out.append((enc.input_ids.to(pipe.unet.device), enc.attention_mask.to(pipe.unet.device)))
+    return out
 
 
-def text_condition(pipe, ids: Sequence, size: Tuple[int, int]):
+def text_condition(pipe, inputs: Sequence, size: Tuple[int, int]):
     """``(encoder_hidden_states [1, L, D], added_cond_kwargs or None)``: what the pipeline's own call feeds
     the UNet for one prompt (no classifier-free guidance) at image size ``size = (height, width)``, with
     gradients (the concept's token embedding rows train).
 
-    SD 1.x / 2.x: the text encoder's last hidden state.  SDXL (as ``StableDiffusionXLPipeline.encode_prompt``
+    ``inputs``: :func:`prompt_inputs`.  SD 1.x / 2.x: the text encoder's last hidden state (with the attention
+    mask where its config sets ``use_attention_mask``, as the pipeline does).  SDXL (as ``StableDiffusionXLPipeline.encode_prompt``
     and ``__call__`` compute it): both encoders' penultimate hidden states concatenated, the second encoder's
     pooled projection as ``text_embeds`` and ``time_ids = (height, width, 0, 0, height, width)`` (original
     size = target size, no crop).  ``tests/test_cli.py`` compares both with what ``pipe()`` passes the UNet.
@@ -417,10 +422,12 @@ def text_condition(pipe, ids: Sequence, size: Tuple[int, int]):
     import torch
 
     if not _is_xl(pipe):
-        return pipe.text_encoder(ids[0])[0], None
+        ids, mask = inputs[0]
+        masked = getattr(pipe.text_encoder.config, "use_attention_mask", False)
+        return pipe.text_encoder(ids, attention_mask=mask if masked else None)[0], None
     states, pooled = [], None
-    for enc, tok_ids in zip((pipe.text_encoder, pipe.text_encoder_2), ids):
-        out = enc(tok_ids, output_hidden_states=True)
+    for enc, (ids, _) in zip((pipe.text_encoder, pipe.text_encoder_2), inputs):
+        out = enc(ids, output_hidden_states=True)
         pooled = out[0]                         # the last encoder's: CLIPTextModelWithProjection's text_embeds
         states.append(out.hidden_states[-2])
     cond = torch.cat(states, dim=-1).to(pipe.text_encoder_2.dtype)
@@ -465,9 +472,9 @@ def train_concept(pipe, cl, lat_mean, lat_std, prompt: str, *, steps: int, lr: f
     sched = noise_scheduler if noise_scheduler is not None else _training_scheduler(pipe)
     scaling = float(getattr(pipe.vae.config, "scaling_factor", None) or 1.0)
     shift = getattr(pipe.vae.config, "shift_factor", None)
-    ids = prompt_ids(pipe, prompt)
+    ids = prompt_inputs(pipe, prompt)
     token = getattr(cl, "active_name", None)
-    for tok, tok_ids in zip(_tokenizers(pipe), ids):
+    for tok, (tok_ids, _) in zip(_tokenizers(pipe), ids):
         tid = tok.get_vocab().get(token) if isinstance(token, str) else None
         if tid is not None and tid not in tok_ids[0].tolist():
             raise CLIError(_prompt_cut_message(prompt, token, tok, ""))

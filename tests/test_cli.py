@@ -887,13 +887,15 @@ def _patched_builtin(model):
     return pipe, cl
 
 
-@pytest.mark.parametrize("model", ["builtin", "builtin-xl"])
+@pytest.mark.parametrize("model", ["builtin", "builtin-xl", "builtin+mask"])
 def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
     """The training step's text conditioning (``cli.text_condition``) is bit for bit what ``pipe()`` passes
     the UNet for the same prompt and size: SD's last hidden state; SDXL's two penultimate hidden states side
     by side, the pooled projection and the size/crop time ids.  With a concept's token in the prompt the
     gradient reaches that token's embedding row in every text encoder."""
-    pipe, cl = _patched_builtin(model)
+    pipe, cl = _patched_builtin(model.replace("+mask", ""))
+    if model.endswith("+mask"):                  # a text encoder that reads the padding mask (its config says so)
+        pipe.text_encoder.config.use_attention_mask = True
     prompt, size = "a photo of <c1> on a table", (16, 24)
     seen = []
     handle = pipe.unet.register_forward_pre_hook(lambda m, args, kw: seen.append(kw), with_kwargs=True)
@@ -901,11 +903,14 @@ def test_training_condition_is_what_the_pipeline_feeds_the_unet(model):
         pipe(prompt, num_inference_steps=1, guidance_scale=1.0, height=size[0], width=size[1], output_type="latent")
     finally:
         handle.remove()
-    ids = cli.prompt_ids(pipe, prompt)
+    ids = cli.prompt_inputs(pipe, prompt)
     assert len(ids) == (2 if model == "builtin-xl" else 1)
     cond, added = cli.text_condition(pipe, ids, size)
     assert torch.equal(cond.detach(), seen[0]["encoder_hidden_states"])
-    if model == "builtin":
+    if model.endswith("+mask"):                  # the mask changes the states: it was used
+        pipe.text_encoder.config.use_attention_mask = False
+        assert not torch.allclose(cli.text_condition(pipe, ids, size)[0], cond)
+    if model != "builtin-xl":
         assert added is None and seen[0].get("added_cond_kwargs") in (None, {})
     else:
         want = seen[0]["added_cond_kwargs"]
