@@ -1114,8 +1114,12 @@ def _load_model(model: str, device):
 
     try:
         pipe = load_pipeline(model, device=device)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e).replace("clora_fast: ", "")) from None
+    except (ValueError, OSError) as e:
+        msg = str(e).replace("clora_fast: ", "")
+        if ".safetensors" in msg and "no file named" in msg.lower():
+            msg += (" (model folders are read from safetensors only, never pickle: convert the .bin weights, e.g. "
+                    "from_pretrained(...) then save_pretrained(..., safe_serialization=True))")
+        raise CLIError(f"model {model!r}: {msg}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -1181,3 +1181,17 @@ def test_resume_file_round_trip(tmp_path):
     assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=dict(settings, steps=4), params=params,
                             allow_new=True, log=notes.append) is None
     assert "other settings (steps)" in notes[-1]
+
+
+def test_a_model_folder_without_safetensors_is_a_clear_error(tmp_path, two_concept_bank, capsys):
+    """Weights in pickle (.bin) files are never loaded: the error names the missing safetensors file and says how
+    to convert."""
+    from clora_fast.builtin import build_pipeline
+
+    folder = tmp_path / "bin_model"
+    build_pipeline().save_pretrained(str(folder), safe_serialization=False)
+    assert cli.main(["sample", "--bank", str(two_concept_bank), "--model", str(folder), "--prompt", "a photo of "
+                     "<alpha>", "--out", str(tmp_path / "x.png"), *SAMPLE_FAST]) == 2
+    err = capsys.readouterr().err
+    assert f"model {str(folder)!r}" in err and "safetensors only, never pickle" in err
+    assert not (tmp_path / "x.png").exists()
