@@ -13,8 +13,8 @@ lower-cased) and new LoRA factors on every cross-attention K/V projection are
 trained with the standard diffusion loss (VAE encode -> add noise -> UNet
 predicts the noise or v, conditioned as the pipeline's own call conditions it,
 SDXL's added text/time conditioning included -> MSE) plus the C-LoRA
-forgetting penalty; then the concept is folded and the bank is saved, atomically, before the next concept
-starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
+forgetting penalty; then the concept is folded and the bank is saved,
+atomically, before the next concept starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
 are skipped (their factors are never retrained or rewritten) and training
 restarts at the first unfinished concept: at its first step, or, with
 ``--checkpoint-every N``, at its last checkpoint (to the same bank as an
@@ -414,8 +414,8 @@ def text_condition(pipe, inputs: Sequence, size: Tuple[int, int]):
     gradients (the concept's token embedding rows train).
 
     ``inputs``: :func:`prompt_inputs`.  SD 1.x / 2.x: the text encoder's last hidden state (with the attention
-    mask where its config sets ``use_attention_mask``, as the pipeline does).  SDXL (as ``StableDiffusionXLPipeline.encode_prompt``
-    and ``__call__`` compute it): both encoders' penultimate hidden states concatenated, the second encoder's
+    mask where its config sets ``use_attention_mask``, as the pipeline does).  SDXL (as
+    ``StableDiffusionXLPipeline.encode_prompt`` and ``__call__`` compute it): both encoders' penultimate hidden states concatenated, the second encoder's
     pooled projection as ``text_embeds`` and ``time_ids = (height, width, 0, 0, height, width)`` (original
     size = target size, no crop).  ``tests/test_cli.py`` compares both with what ``pipe()`` passes the UNet.
     """
@@ -875,8 +875,6 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
                 resume = _read_resume(out, pos=pos, token=token, settings=settings(pos), params=params,
                                       allow_new=args.allow_new_settings, log=log)
         if resume is not None:
-            import torch
-
             with torch.no_grad():
                 for p, t in zip(params, resume["params"]):
                     p.copy_(t)
@@ -1300,9 +1298,11 @@ def cmd_info(args) -> int:
     print("  verified: sizes, sha256 checksums, shapes, the folded past" if info["verified"]
           else "  not verified (--verify reads every file and checks it)")
     ck = info["checkpoint"]
-    if ck is not None:
+    if ck is not None and "error" in ck:
+        print(f"  training checkpoint: unreadable ({ck['error']})")
+    elif ck is not None:
         print(f"  training checkpoint: {ck['token']} (concept {ck['position'] + 1} of the train run) at step "
-              f"{ck['step']} of {ck['steps']}" if "step" in ck else f"  training checkpoint: unreadable ({ck['error']})")
+              f"{ck['step']} of {ck['steps']}")
     return 0
 
 
