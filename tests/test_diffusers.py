@@ -372,6 +372,38 @@ def test_gradient_checkpointing_two_forwards_then_one_backward(mode):
     unet.disable_gradient_checkpointing()
 
 
+def test_after_gradients_fires_once_all_gradients_are_computed(monkeypatch):
+    """D._after_gradients: one hook on the common producer of views (the grouped K/V's split), or a multi-grad hook
+    for unrelated tensors; either fires once, after the backward of every consumer of the tensors."""
+    events = []
+
+    class Consumer(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t, name):
+            ctx.name = name
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            events.append(ctx.name)
+            return g * 2, None
+
+    x = torch.randn(3, 6, requires_grad=True)
+    views = [v.reshape(3, 2) for v in ops.split_columns(x * 1.0, [0, 2, 4, 6])]
+    unrelated = [torch.randn(3, requires_grad=True) * 1.0, torch.randn(3, requires_grad=True) * 1.0]
+    multi = torch.autograd.graph.register_multi_grad_hook
+    for name, ts in (("views", views), ("unrelated", unrelated)):
+        events.clear()
+        with monkeypatch.context() as m:
+            if name == "views":                  # one node hook, no per-tensor hooks
+                m.setattr(torch.autograd.graph, "register_multi_grad_hook", None)
+            D._after_gradients(ts, lambda: events.append("done"))
+        assert torch.autograd.graph.register_multi_grad_hook is multi
+        sum(Consumer.apply(t, i).sum() for i, t in enumerate(ts)).backward()
+        assert events[-1] == "done" and events.count("done") == 1 and sorted(events[:-1]) == list(range(len(ts))), \
+            (name, events)
+
+
 def test_processors_set_after_patch_keep_the_adapters():
     """A processor set after patching (set_attn_processor, attention slicing, set_default_attn_processor) was
     an error at the next forward ("was replaced after clora_fast.patch"; set_default_attn_processor even

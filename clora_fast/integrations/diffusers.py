@@ -454,6 +454,22 @@ class CLoRAAttnProcessor:
             delattr(self.__dict__["inner"], name)
 
 
+def _after_gradients(tensors: List[Tensor], fn) -> None:
+    """Call ``fn()`` in backward once the gradients of all of ``tensors`` (those the backward reaches) are
+    computed: a pre-hook on the one autograd node they all come from (the grouped K/V's split: one hook, not one
+    per tensor), else ``register_multi_grad_hook``."""
+    nodes = {t.grad_fn for t in tensors}
+    for _ in range(4):                      # per-tensor view nodes (reshape, ...) over one producer
+        if len(nodes) == 1 or None in nodes or any(len(n.next_functions) != 1 for n in nodes):
+            break
+        nodes = {n.next_functions[0][0] for n in nodes}
+    node = next(iter(nodes)) if len(nodes) == 1 else None
+    if node is not None and hasattr(node, "register_prehook"):
+        node.register_prehook(lambda grad_outputs: fn())
+    else:
+        torch.autograd.graph.register_multi_grad_hook(tensors, lambda grads: fn())
+
+
 def _same_view(a: Tensor, b: Tensor) -> bool:
     """``b`` reads exactly the elements ``a`` does, unchanged since (an alias: ``a.detach()``, a saved and
     unpacked tensor): same memory, shape, strides, dtype and version."""
@@ -874,7 +890,7 @@ class DiffusersAdapter:
         if trained and not _compiling():
             done = entry["done"]
             # once backward has produced the gradients of these K/V, no recomputation can ask for them again
-            torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: done.__setitem__(0, True))
+            _after_gradients(trained, lambda: done.__setitem__(0, True))
         self._set_cache(entry)
         return None
 
