@@ -1195,3 +1195,33 @@ def test_a_model_folder_without_safetensors_is_a_clear_error(tmp_path, two_conce
     err = capsys.readouterr().err
     assert f"model {str(folder)!r}" in err and "safetensors only, never pickle" in err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_target_follows_the_prediction_type(prediction, monkeypatch):
+    """The loss compares the UNet's output with the noise (epsilon models: SD 1.x, SDXL) or with the velocity
+    sqrt(a) noise - sqrt(1 - a) x0 (v-prediction models: SD 2.x 768)."""
+    from diffusers import DDPMScheduler
+    import torch.nn.functional as F
+
+    pipe, cl = _patched_builtin("builtin")
+    sched = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction)
+    seen = {}
+    add_noise, mse = sched.add_noise, F.mse_loss
+
+    def recording_add_noise(lat, noise, t):
+        seen["lat"], seen["noise"], seen["t"] = lat, noise, t
+        return add_noise(lat, noise, t)
+
+    def recording_mse(pred, target):
+        seen["target"] = target
+        return mse(pred, target)
+
+    monkeypatch.setattr(sched, "add_noise", recording_add_noise)
+    monkeypatch.setattr(F, "mse_loss", recording_mse)
+    cli.train_concept(pipe, cl, torch.randn(2, 4, 8, 8), None, "a photo of <c1>", steps=1, lr=1e-3, batch_size=2,
+                      generator=torch.Generator().manual_seed(0), noise_scheduler=sched)
+    a = sched.alphas_cumprod[seen["t"]].view(-1, 1, 1, 1)
+    want = seen["noise"] if prediction == "epsilon" else a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["lat"]
+    torch.testing.assert_close(seen["target"], want)
+    assert not torch.allclose(seen["noise"], a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["lat"])
