@@ -5,6 +5,8 @@ Subcommands::
     clora-fast train --model builtin --concepts DIR [DIR ...] --out BANK [options]
                                     (--model: builtin, builtin-xl, or an SD 1.x/2.x/XL folder)
     clora-fast sample --bank BANK [--model builtin] --prompt "a photo of <digit3>" --out img.png
+    clora-fast export --bank BANK [--model builtin] --out DIR [--format pipeline|lora]
+    clora-fast info BANK / clora-fast remove BANK CONCEPT
     clora-fast train-vit ...        (the ViT classifier trainer, clora_fast.vit_train)
 
 ``train`` learns the concept folders one after another (continual
@@ -35,6 +37,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -1169,6 +1172,24 @@ def _sample_multiple(pipe) -> int:
     return math.lcm(8, int(pipe.vae_scale_factor))
 
 
+def _load_finished(pipe, args):
+    """``(controller, unfinished name or None)``: the bank ``args.bank`` loaded onto ``pipe``; a concept saved
+    mid-training is dropped here in memory (its token becomes unusable), the bank on disk is not changed."""
+    _patch, load, _unpatch = _api()
+    try:
+        cl = load(pipe, str(args.bank), backend=getattr(args, "backend", "auto"))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
+    unfinished = cl.active_name
+    if unfinished is not None:
+        idx = cl.active_concept
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")            # "ends untrained" / "no penalty": it is dropped anyway
+            cl.end_concept()
+        cl.remove_concept(idx)
+    return cl, unfinished
+
+
 def cmd_sample(args) -> int:
     with _seeded_rngs(args.seed):
         return _cmd_sample(args)
@@ -1191,18 +1212,7 @@ def _cmd_sample(args) -> int:
         raise CLIError(f"--resolution {args.resolution} must be a multiple of {_sample_multiple(pipe)} (the "
                        f"pipeline needs a multiple of 8, the VAE of model {args.model!r} one of "
                        f"{pipe.vae_scale_factor})")
-    _patch, load, _unpatch = _api()
-    try:
-        cl = load(pipe, str(bank), backend=args.backend)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
-    unfinished = cl.active_name
-    if unfinished is not None:
-        # a checkpoint saved mid-concept: sample with the finished concepts; the unfinished one is
-        # dropped here in memory (its token becomes unusable), the bank on disk is not changed
-        idx = cl.active_concept
-        cl.end_concept()
-        cl.remove_concept(idx)
+    cl, unfinished = _load_finished(pipe, args)
     names = _read_bank_names(cl)
     tok = pipe.tokenizer
     kept, full = _prompt_token_ids(tok, args.prompt)
@@ -1241,6 +1251,93 @@ def _cmd_sample(args) -> int:
         img = make_grid([("", ims)], ims[0].size[0])
     _atomic_save_image(img, out)
     print(f"wrote {out} ({len(ims)} image(s); concepts used: {used or 'none'})")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _export_parser(sub):
+    p = sub.add_parser(
+        "export", help="a bank's concepts for use without clora_fast (a diffusers pipeline, or LoRA files)",
+        description="Write every finished concept of a bank in formats other tools read, without clora_fast: "
+                    "--format pipeline (default) saves the model as a diffusers pipeline with the concepts merged "
+                    "into its weights and their tokens in its tokenizer(s) and text encoder(s); --format lora "
+                    "writes the merged concepts as one diffusers LoRA file (pytorch_lora_weights.safetensors, "
+                    "rank T*r) and each concept's token embedding as a textual-inversion file, with "
+                    "concepts.json listing them. --out must be a new (or empty) folder; it is written whole or "
+                    "not at all.")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--model", default="builtin", help="the model the bank was trained on")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--format", choices=["pipeline", "lora"], default="pipeline")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="dtype of the written weights (default: the model's, fp32 for the LoRA factors)")
+    p.add_argument("--threads", type=_positive("--threads"), default=None,
+                   help="CPU threads for torch (default: 1 for the builtin model on CPU)")
+    return p
+
+
+def _token_file_stem(token: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", token.strip("<>")).strip("._")
+    return stem or "concept"
+
+
+def cmd_export(args) -> int:
+    import shutil
+    import tempfile
+
+    import torch
+
+    import clora_fast
+    from clora_fast.integrations.diffusers import export_textual_inversion
+
+    if not Path(args.bank).exists():
+        raise CLIError(f"--bank {args.bank!r} does not exist")
+    out = Path(os.path.abspath(args.out))
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"--out {args.out!r} exists and is not an empty folder: export writes a new folder")
+    _check_output_path("--out", out, folder=True)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe = _load_model(args.model, device)
+    cl, unfinished = _load_finished(pipe, args)
+    names = _read_bank_names(cl)
+    if unfinished is not None:
+        print(f"clora-fast: note: the bank {args.bank!r} holds an unfinished concept {unfinished!r} (saved "
+              f"mid-training): it is not exported", file=sys.stderr)
+    if not names:
+        raise CLIError(f"the bank {args.bank!r} holds no finished concept: nothing to export")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent)))
+    try:
+        if args.format == "pipeline":
+            if dtype is not None:
+                pipe.to(dtype=dtype)
+            clora_fast.save_pipeline(pipe, tmp, safe_serialization=True)
+            what = f"a diffusers pipeline ({type(pipe).__name__}.from_pretrained({str(out)!r}))"
+        else:
+            clora_fast.export_lora(pipe, tmp / "pytorch_lora_weights.safetensors", "merged", dtype=dtype)
+            listing = []
+            for c in cl.concepts:
+                f = f"{_token_file_stem(c.name)}.safetensors"
+                export_textual_inversion(pipe, tmp / f, c.idx)
+                listing.append({"token": c.name, "file": f})
+            listing = {"lora": "pytorch_lora_weights.safetensors", "scale": 1.0, "concepts": listing,
+                       "text_encoders": 2 if _is_xl(pipe) else 1}
+            (tmp / "concepts.json").write_text(json.dumps(listing, indent=1) + "\n")
+            what = ("pytorch_lora_weights.safetensors (pipe.load_lora_weights) and a textual-inversion file per "
+                    "concept (pipe.load_textual_inversion; listed in concepts.json)")
+        from clora_fast.bank import _umask
+
+        os.chmod(tmp, 0o777 & ~_umask())                       # mkdtemp's folder is private (0700)
+        if out.exists():
+            out.rmdir()                                        # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {out}: {what}; concepts {names}")
     return 0
 
 
@@ -1353,9 +1450,10 @@ def cmd_remove(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clora-fast", description="C-LoRA continual customization")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,info,remove,train-vit}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,info,remove,train-vit}")
     _train_parser(sub)
     _sample_parser(sub)
+    _export_parser(sub)
     _info_parser(sub)
     _remove_parser(sub)
     sub.add_parser("train-vit", help="continual ViT classifier training (clora_fast.vit_train)", add_help=False)
@@ -1399,6 +1497,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             torch.set_num_threads(threads)
         if args.command == "train":
             return cmd_train(args)
+        if args.command == "export":
+            return cmd_export(args)
         return cmd_sample(args)
     except (CLIError, BankError) as e:      # BankError: a corrupt / incompatible bank (a ValueError)
         print(f"clora-fast: error: {e}", file=sys.stderr)

@@ -1225,3 +1225,69 @@ def test_training_target_follows_the_prediction_type(prediction, monkeypatch):
     want = seen["noise"] if prediction == "epsilon" else a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["lat"]
     torch.testing.assert_close(seen["target"], want)
     assert not torch.allclose(seen["noise"], a.sqrt() * seen["noise"] - (1 - a).sqrt() * seen["lat"])
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _latents(pipe, prompt):
+    return pipe(prompt, num_inference_steps=2, guidance_scale=1.0, output_type="latent", height=16, width=16,
+                generator=torch.Generator().manual_seed(3)).images
+
+
+def test_export_pipeline_and_lora_reproduce_the_bank(tmp_path, two_concept_bank, capsys):
+    """clora-fast export: a plain diffusers pipeline (no clora_fast needed to load it) and LoRA + textual-inversion
+    files, each denoising exactly as the builtin model with the bank loaded and merged."""
+    import clora_fast
+    from diffusers import StableDiffusionPipeline
+    from clora_fast.builtin import build_pipeline
+
+    prompt = "a photo of <alpha> and <beta>"
+    ref = build_pipeline()
+    clora_fast.load(ref, str(two_concept_bank), backend="reference").merge()
+    want = _latents(ref, prompt)
+
+    assert cli.main(["export", "--bank", str(two_concept_bank), "--out", str(tmp_path / "pipe")]) == 0
+    assert "concepts ['<alpha>', '<beta>']" in capsys.readouterr().out
+    plain = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None)
+    plain.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_latents(plain, prompt), want, rtol=1e-5, atol=1e-6)
+
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    assert cli.main(["export", "--bank", str(two_concept_bank), "--out", str(out), "--format", "lora"]) == 0
+    listing = json.loads((out / "concepts.json").read_text())
+    assert listing["concepts"] == [{"token": "<alpha>", "file": "alpha.safetensors"},
+                                   {"token": "<beta>", "file": "beta.safetensors"}]
+    fresh = build_pipeline()
+    fresh.load_lora_weights(str(out), weight_name=listing["lora"])
+    fresh.load_textual_inversion([str(out / c["file"]) for c in listing["concepts"]])
+    torch.testing.assert_close(_latents(fresh, prompt), want, rtol=1e-4, atol=1e-5)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+def test_export_refusals_and_an_unfinished_concept(tmp_path, two_concept_bank, capsys):
+    """An existing non-empty --out is refused before anything is loaded; a bank saved mid-concept exports its
+    finished concepts only (with a note)."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    assert cli.main(["export", "--bank", str(two_concept_bank), "--out", str(busy)]) == 2
+    assert "not an empty folder" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    bank = _copy_bank(two_concept_bank, tmp_path / "bank")
+    pipe = build_pipeline()
+    cl = clora_fast.load(pipe, str(bank), backend="reference")
+    cl.begin_concept("<gamma>")
+    cl.save(str(bank))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["export", "--bank", str(bank), "--out", str(empty), "--format", "lora"]) == 0
+    cap = capsys.readouterr()
+    assert "unfinished concept '<gamma>'" in cap.err and "concepts ['<alpha>', '<beta>']" in cap.out
+    assert sorted(p.name for p in empty.iterdir()) == ["alpha.safetensors", "beta.safetensors", "concepts.json",
+                                                      "pytorch_lora_weights.safetensors"]
