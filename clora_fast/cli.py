@@ -1511,8 +1511,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:                # Ctrl-C: one line, not a traceback; saves are atomic, so the bank
         if args.command == "train":          # holds exactly the concepts finished before it
+            ck = (" (the concept being learned goes on from its last --checkpoint-every checkpoint)"
+                  if getattr(args, "checkpoint_every", 0) else "")
             print(f"\nclora-fast: interrupted; the bank {args.out!r} holds the concepts finished before the "
-                  f"interrupt: run the same command again to resume", file=sys.stderr)
+                  f"interrupt: run the same command again to resume{ck}", file=sys.stderr)
         else:
             print("\nclora-fast: interrupted", file=sys.stderr)
         return 130
