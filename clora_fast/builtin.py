@@ -270,6 +270,15 @@ def load_pipeline(model: str, device="cpu", dtype: torch.dtype = torch.float32):
             cls_name = json.load(f).get("_class_name")
     except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
         raise ValueError(f"clora_fast: {index} is not a JSON object: {e}") from None
+    for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+        # diffusers < 0.31 falls back to pickle (.bin) weights even with use_safetensors=True: refuse here
+        files = [f.name for f in sub.iterdir()]
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl"))]
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ValueError(
+                f"clora_fast: model {model!r}: {sub.name}/ holds its weights only as pickle ({pickles[0]}); model "
+                f"folders are read from safetensors only, never pickle: convert the weights (from_pretrained, then "
+                f"save_pretrained(..., safe_serialization=True))")
     if cls_name not in _PIPELINE_CLASSES:
         raise ValueError(
             f"clora_fast: model {model!r} is a {cls_name!r} (model_index.json); clora-fast trains and samples "

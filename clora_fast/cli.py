@@ -1117,10 +1117,7 @@ def _load_model(model: str, device):
         pipe = load_pipeline(model, device=device)
     except (ValueError, OSError) as e:
         msg = str(e).replace("clora_fast: ", "")
-        if ".safetensors" in msg and "no file named" in msg.lower():
-            msg += (" (model folders are read from safetensors only, never pickle: convert the .bin weights, e.g. "
-                    "from_pretrained(...) then save_pretrained(..., safe_serialization=True))")
-        raise CLIError(f"model {model!r}: {msg}") from None
+        raise CLIError(msg if msg.startswith("model ") else f"model {model!r}: {msg}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

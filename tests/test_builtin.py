@@ -189,3 +189,23 @@ def test_load_pipeline_xl_folder_and_other_pipeline_classes(tmp_path):
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="model_index.json is not a JSON object"):
         builtin.load_pipeline(str(folder))
+
+
+def test_load_pipeline_never_reads_pickle_weights(tmp_path, monkeypatch):
+    """A folder whose weights are pickle (.bin) only is refused before diffusers reads anything (diffusers < 0.31
+    falls back to pickle even with use_safetensors=True); safetensors beside a stale .bin is fine."""
+    import diffusers
+
+    pipe = builtin.build_pipeline()
+    pipe.save_pretrained(str(tmp_path / "bin"), safe_serialization=False)
+    calls = []
+    monkeypatch.setattr(diffusers.StableDiffusionPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a)))
+    with pytest.raises(ValueError, match=r"(text_encoder|unet|vae)/ holds its weights only as pickle .*never pickle"):
+        builtin.load_pipeline(str(tmp_path / "bin"))
+    assert calls == []
+    monkeypatch.undo()
+    pipe.save_pretrained(str(tmp_path / "bin"), safe_serialization=True)      # now both formats
+    loaded = builtin.load_pipeline(str(tmp_path / "bin"))
+    k = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    assert torch.equal(loaded.unet.state_dict()[k], pipe.unet.state_dict()[k])
