@@ -866,6 +866,7 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         # seeded per concept, the same on every process, so that a resumed run starts each
         # concept exactly as an uninterrupted run with the same --seed does
         _seed_all(args.seed + 1000 * pos)
+        cl._warned_distributed = True      # its "call all_reduce_grads()" warning: train_concept does, every step
         cl.begin_concept(token)
         params = [p for p in cl.trainable_parameters() if p.requires_grad]
         bank_sig = _manifest_sig(out)
