@@ -607,7 +607,7 @@ def _train_parser(sub):
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
     p.add_argument("--checkpoint-every", type=_nonneg_int("--checkpoint-every"), default=0, metavar="N",
                    help="save the concept's training state every N steps (0: only at concept ends); a rerun goes on "
-                        "from the last one, to the same bank as an uninterrupted run (one process)")
+                        "from the last one, to the same bank as an uninterrupted run")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's activations in backward: the same training, less memory (for "
                         "large models and resolutions), more compute per step")
@@ -751,9 +751,6 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         raise CLIError("--mixed-precision fp16 does not run on the CPU (accelerate disables fp16 autocast there, "
                        "so the run would silently be fp32): use --mixed-precision bf16 or no")
     _check_backend(args.backend, device)
-    if args.checkpoint_every and accelerator.num_processes > 1:
-        raise CLIError(f"--checkpoint-every runs with one process (a checkpoint holds one process's data generator), "
-                       f"not {accelerator.num_processes}")
     is_main = accelerator.is_main_process
     log = (lambda *a: print(*a, flush=True)) if is_main else (lambda *a: None)
     if is_main:
@@ -872,12 +869,10 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         bank_sig = _manifest_sig(out)
         resume = None
         if pos == len(done) and (out / RESUME_FILE).is_file():
-            if accelerator.num_processes > 1:
-                log(f"note: the checkpoint of {token} was made by a single-process run (--checkpoint-every): not "
-                    f"used with {accelerator.num_processes} processes, {token} starts from its first step")
-            else:
-                resume = _read_resume(out, pos=pos, token=token, settings=settings(pos), params=params,
-                                      allow_new=args.allow_new_settings, log=log)
+            # every process reads it (each takes its own data generator's state from it)
+            resume = _read_resume(out, pos=pos, token=token, settings=settings(pos), params=params,
+                                  allow_new=args.allow_new_settings, log=log,
+                                  process=(accelerator.process_index, accelerator.num_processes))
         if resume is not None:
             with torch.no_grad():
                 for p, t in zip(params, resume["params"]):
@@ -900,16 +895,20 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
 
         def on_checkpoint(steps_done, optimizer, ema, _pos=pos, _token=token, _params=params, _gen=gen,
                           _sig=bank_sig):
-            _write_resume(out, pos=_pos, token=_token, steps_done=steps_done, ema=ema, params=_params,
-                          optimizer=optimizer, generator=_gen, settings=settings(_pos), bank=_sig,
-                          scaler=getattr(accelerator, "scaler", None))
+            # on every process: the factors and the optimizer's state are the same on all of them (averaged
+            # gradients), the data generators are not: the main process writes every process's
+            generators = _gather_generator_states(accelerator, _gen)
+            if is_main:
+                _write_resume(out, pos=_pos, token=_token, steps_done=steps_done, ema=ema, params=_params,
+                              optimizer=optimizer, generators=generators, settings=settings(_pos), bank=_sig,
+                              scaler=getattr(accelerator, "scaler", None))
 
         try:
             ema = train_concept(
                 pipe, cl, lat_mean, lat_std, prompt, steps=args.steps, lr=args.lr,
                 batch_size=args.batch_size, generator=gen, accelerator=accelerator, on_step=on_step,
                 gradient_checkpointing=args.gradient_checkpointing, checkpoint_every=args.checkpoint_every,
-                on_checkpoint=on_checkpoint if is_main else None, resume=resume,
+                on_checkpoint=on_checkpoint, resume=resume,
             )
         finally:
             bar.close()
@@ -949,7 +948,7 @@ def _check_new_tokens(cl, pipe, folders, tokens, out_arg) -> None:
 # --------------------------------------------------------------------------- mid-concept checkpoints
 
 #: A concept's training state at its last checkpoint (--checkpoint-every): the trainable tensors, the optimizer's
-#: state, the data/noise generator, the step and the loss EMA.  A dot file in the bank folder (a first concept's
+#: state (the same on every process), each process's data/noise generator, the step and the loss EMA.  A dot file in the bank folder (a first concept's
 #: checkpoint precedes the bank's first save, which accepts only data files and dot files in its folder); written
 #: atomically, removed once the concept is saved in the bank.  The bank itself changes only at concept ends.
 RESUME_FILE = ".clora_fast_resume.safetensors"
@@ -966,7 +965,16 @@ def _manifest_sig(out: Path) -> str:
         return ""
 
 
-def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: float, params, optimizer, generator,
+def _gather_generator_states(accelerator, generator) -> list:
+    """Every process's data generator state (a collective: call it on every process)."""
+    state = generator.get_state()
+    if accelerator is None or accelerator.num_processes == 1:
+        return [state]
+    every = accelerator.gather(state.to(accelerator.device)).cpu()
+    return list(every.view(accelerator.num_processes, -1))
+
+
+def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: float, params, optimizer, generators,
                   settings: Dict[str, object], bank: str, scaler=None) -> None:
     import torch
     from safetensors.torch import save
@@ -977,8 +985,10 @@ def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: floa
         for k, v in state.items():
             tensors[f"optim.{i}.{k}"] = (v.detach().cpu().contiguous() if isinstance(v, torch.Tensor)
                                          else torch.tensor(v))
-    tensors["generator"] = generator.get_state()
+    for k, g in enumerate(generators):
+        tensors[f"generator.{k}"] = g.contiguous()
     meta = {"format": _RESUME_FORMAT, "version": "1", "position": str(pos), "token": token, "step": str(steps_done),
+            "processes": str(len(generators)),
             "ema": repr(float(ema)), "settings": json.dumps(settings, sort_keys=True), "bank": bank,
             "params": str(len(params)),
             # fp16's loss scaler (accelerate's GradScaler): its scale and growth tracker decide the next steps too
@@ -987,10 +997,11 @@ def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: floa
 
 
 def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object], params, allow_new: bool,
-                 log) -> Optional[dict]:
+                 log, process: Tuple[int, int] = (0, 1)) -> Optional[dict]:
     """The checkpoint of concept ``pos`` (``token``) to go on from, or None (none there, or one that cannot be
     used: a note says why, and the concept starts from its first step).  Other settings than the checkpoint's
-    are refused unless ``allow_new`` (then it is not used)."""
+    are refused unless ``allow_new`` (then it is not used).  ``process``: (this process's index, the number of
+    processes), which must be the checkpointing run's number: each process takes its own generator state."""
     from safetensors import safe_open
 
     f = out / RESUME_FILE
@@ -1005,6 +1016,7 @@ def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object]
         at, name, step = int(meta["position"]), meta["token"], int(meta["step"])
         ema, saved, bank, n = float(meta["ema"]), json.loads(meta["settings"]), meta["bank"], int(meta["params"])
         scaler = json.loads(meta["scaler"])
+        processes = int(meta["processes"])
     except Exception as e:         # noqa: BLE001 - any damage: the checkpoint is not used, training is not lost
         log(f"note: the checkpoint {str(f)!r} cannot be read ({type(e).__name__}: {e}): {token} starts from its "
             f"first step")
@@ -1024,7 +1036,9 @@ def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object]
     elif n != len(params) or any(f"param.{i}" not in tensors or tensors[f"param.{i}"].shape != p.shape
                                  for i, p in enumerate(params)):
         why = "its tensors do not fit this model's adapters"
-    elif not 0 < step < int(settings["steps"]) or "generator" not in tensors:
+    elif processes != process[1]:
+        why = f"made by a run of {processes} process(es), this one has {process[1]}"
+    elif not 0 < step < int(settings["steps"]) or f"generator.{process[0]}" not in tensors:
         why = f"step {step} out of range"
     if why is not None:
         log(f"note: the checkpoint of {token} at step {step} is not used ({why}): {token} starts from its first step")
@@ -1034,7 +1048,8 @@ def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object]
         if k.startswith("optim."):
             _, i, key = k.split(".", 2)
             optim.setdefault(int(i), {})[key] = v
-    return {"step": step, "ema": ema, "optimizer": optim, "generator": tensors["generator"], "scaler": scaler,
+    return {"step": step, "ema": ema, "optimizer": optim, "generator": tensors[f"generator.{process[0]}"],
+            "scaler": scaler,
             "params": [tensors[f"param.{i}"] for i in range(n)]}
 
 

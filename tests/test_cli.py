@@ -1149,8 +1149,8 @@ def test_checkpoint_that_cannot_be_used(tmp_path, concepts, monkeypatch, capsys)
 
 
 def test_resume_file_round_trip(tmp_path):
-    """What a checkpoint holds comes back exactly: parameters, AdamW's moments and step, the generator, the EMA
-    (repr of a float), fp16's loss-scaler state."""
+    """What a checkpoint holds comes back exactly: parameters, AdamW's moments and step, each process's own
+    generator, the EMA (repr of a float), fp16's loss-scaler state."""
     params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
     opt = torch.optim.AdamW(params, lr=1e-3)
     sum(p.square().sum() for p in params).backward()
@@ -1165,16 +1165,20 @@ def test_resume_file_round_trip(tmp_path):
 
     settings = {"steps": 9, "lr": 1e-3, "prompt": "a photo of <x>"}
     cli._write_resume(tmp_path, pos=2, token="<x>", steps_done=4, ema=0.1 + 0.2, params=params, optimizer=opt,
-                      generator=gen, settings=settings, bank="abc", scaler=Scaler())
+                      generators=[gen.get_state()], settings=settings, bank="abc", scaler=Scaler())
     (tmp_path / "manifest.json").write_text("{}")
     notes = []
     assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=settings, params=params, allow_new=False,
                             log=notes.append) is None                      # written on another bank
     assert "the bank changed" in notes[-1]
     cli._write_resume(tmp_path, pos=2, token="<x>", steps_done=4, ema=0.1 + 0.2, params=params, optimizer=opt,
-                      generator=gen, settings=settings, bank=cli._manifest_sig(tmp_path), scaler=Scaler())
+                      generators=[torch.Generator().manual_seed(1).get_state(), gen.get_state()], settings=settings,
+                      bank=cli._manifest_sig(tmp_path), scaler=Scaler())
+    assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=settings, params=params, allow_new=False,
+                            log=notes.append) is None                      # made by 2 processes, read by 1
+    assert "made by a run of 2 process(es), this one has 1" in notes[-1]
     got = cli._read_resume(tmp_path, pos=2, token="<x>", settings=settings, params=params, allow_new=False,
-                           log=notes.append)
+                           log=notes.append, process=(1, 2))               # process 1 of 2: its own generator
     assert got["step"] == 4 and got["ema"] == 0.1 + 0.2 and got["scaler"] == Scaler().state_dict()
     assert all(torch.equal(a, b) for a, b in zip(got["params"], params))
     assert torch.equal(got["generator"], gen.get_state())
@@ -1186,9 +1190,9 @@ def test_resume_file_round_trip(tmp_path):
             assert torch.equal(torch.as_tensor(got["optimizer"][i][k]), torch.as_tensor(want[i][k])), (i, k)
     # another concept's checkpoint (one that finished since) is silently stale; a later step than --steps is not used
     assert cli._read_resume(tmp_path, pos=3, token="<y>", settings=settings, params=params, allow_new=False,
-                            log=notes.append) is None
+                            log=notes.append, process=(1, 2)) is None
     assert cli._read_resume(tmp_path, pos=2, token="<x>", settings=dict(settings, steps=4), params=params,
-                            allow_new=True, log=notes.append) is None
+                            allow_new=True, log=notes.append, process=(1, 2)) is None
     assert "other settings (steps)" in notes[-1]
 
 

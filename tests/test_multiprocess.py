@@ -657,7 +657,7 @@ def test_dataloader_workers_get_the_patched_tokenizer(start):
     assert all(ids[-1] == tid for ids in got) and got[1] == [tid], got
 
 
-def _cli_rank(rank, port, tmp, argv):
+def _cli_rank(rank, port, tmp, argv, crash_at=None):
     """One process of a 2-process ``clora-fast train`` under accelerate (CPU, gloo): the environment that
     ``accelerate launch --cpu --num_processes 2`` gives each process.  Records a hash of the trained tensors at
     each end_concept, and the exit status."""
@@ -680,9 +680,17 @@ def _cli_rank(rank, port, tmp, argv):
         return end(self)
 
     CLoRAController.end_concept = recording_end
+    if crash_at is not None:                    # the same step on both processes (after its all-reduce)
+        def crash(pos, step):
+            if (pos, step) == tuple(crash_at):
+                raise RuntimeError("boom: simulated crash")
+        cli.STEP_HOOK = crash
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rc = cli.main(argv)
+        try:
+            rc = cli.main(argv)
+        except RuntimeError as e:
+            rc = f"crash: {e}"
     ours = [str(w.message) for w in caught if "clora_fast" in str(w.message)]
     with open(os.path.join(tmp, f"rc{rank}"), "w") as f:
         f.write(f"{rc}\n" + "\n".join(ours))
@@ -692,7 +700,8 @@ def test_cli_train_with_two_accelerate_processes(tmp_path):
     """`clora-fast train` in 2 processes (accelerate, CPU, gloo): each process draws other batches (its own
     data generator), the gradients are averaged every step, so both hold the same factors and token rows at
     every concept's end; only the main process writes the bank and logs; no warning tells the CLI to call the
-    all-reduce it calls.  --checkpoint-every is refused with 2 processes."""
+    all-reduce it calls.  With --checkpoint-every, a run stopped mid-concept goes on from the checkpoint (each
+    process with its own data generator's state) to the bank the uninterrupted run wrote, bit for bit."""
     pytest.importorskip("diffusers")
     pytest.importorskip("accelerate")
     import json
@@ -703,13 +712,13 @@ def test_cli_train_with_two_accelerate_processes(tmp_path):
     argv = ["train", "--model", "builtin", "--concepts", *concepts, "--out", str(out), *CLI_FAST,
             "--batch-size", "2", "--steps", "3"]
 
-    def run(args):
+    def run(args, crash_at=None):
         for f in tmp_path.glob("rc*"):
             f.unlink()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        _spawn(_cli_rank, (port, str(tmp_path), args), lambda k: str(tmp_path / f"rc{k}"), timeout=240)
+        _spawn(_cli_rank, (port, str(tmp_path), args, crash_at), lambda k: str(tmp_path / f"rc{k}"), timeout=240)
         return [[line for line in (tmp_path / f"rc{k}").read_text().split("\n") if line] for k in range(2)]
 
     got = run(argv)
@@ -721,7 +730,12 @@ def test_cli_train_with_two_accelerate_processes(tmp_path):
         assert len(hashes) == 1, f"concept {c}: the processes' factors differ"
     with open(out / "clora_fast_train.json") as f:
         assert sorted(json.load(f)) == ["<alpha>", "<beta>"]
-    got = run(["train", "--model", "builtin", "--concepts", *concepts, "--out", str(tmp_path / "ck"), *CLI_FAST,
-               "--checkpoint-every", "1"])
-    assert [g[0] for g in got] == ["2", "2"], got
-    assert not (tmp_path / "ck" / "manifest.json").exists()
+    ck = ["train", "--model", "builtin", "--concepts", *concepts, "--out", str(tmp_path / "ck"), *CLI_FAST,
+          "--batch-size", "2", "--steps", "3", "--checkpoint-every", "2"]
+    got = run(ck, crash_at=(1, 2))
+    assert [g[0] for g in got] == ["crash: boom: simulated crash"] * 2, got
+    assert read_manifest_names(tmp_path / "ck") == ["<alpha>"]
+    assert (tmp_path / "ck" / ".clora_fast_resume.safetensors").is_file()
+    got = run(ck)
+    assert [g[0] for g in got] == ["0", "0"], got
+    assert (tmp_path / "ck" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
