@@ -18,9 +18,9 @@ SDXL's added text/time conditioning included -> MSE) plus the C-LoRA
 forgetting penalty; then the concept is folded and the bank is saved,
 atomically, before the next concept starts.  A rerun with the same ``--out`` resumes: concepts already in the bank
 are skipped (their factors are never retrained or rewritten) and training
-restarts at the first unfinished concept: at its first step, or, with
-``--checkpoint-every N``, at its last checkpoint (to the same bank as an
-uninterrupted run).  After each concept (or every ``--sample-every``-th) a
+restarts at the first unfinished concept, from its last checkpoint (every
+``--checkpoint-every`` steps, default 100; to the same bank as an
+uninterrupted run) or else its first step.  After each concept (or every ``--sample-every``-th) a
 sample grid of the concepts learned so far is written to ``<out>_samples/``.
 
 Runs under ``accelerate`` (device and mixed precision come from the
@@ -605,9 +605,9 @@ def _train_parser(sub):
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0,
                    help="guidance scale for the sample grids")
     p.add_argument("--samples-dir", default=None, help="where sample grids go (default: <out>_samples)")
-    p.add_argument("--checkpoint-every", type=_nonneg_int("--checkpoint-every"), default=0, metavar="N",
-                   help="save the concept's training state every N steps (0: only at concept ends); a rerun goes on "
-                        "from the last one, to the same bank as an uninterrupted run")
+    p.add_argument("--checkpoint-every", type=_nonneg_int("--checkpoint-every"), default=100, metavar="N",
+                   help="save the concept's training state every N steps (default 100; 0: only the bank, at concept "
+                        "ends); a rerun goes on from the last one, to the same bank as an uninterrupted run")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the UNet's activations in backward: the same training, less memory (for "
                         "large models and resolutions), more compute per step")
@@ -1524,8 +1524,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:                # Ctrl-C: one line, not a traceback; saves are atomic, so the bank
         if args.command == "train":          # holds exactly the concepts finished before it
-            ck = (" (the concept being learned goes on from its last --checkpoint-every checkpoint)"
-                  if getattr(args, "checkpoint_every", 0) else "")
+            info = _checkpoint_info(Path(os.path.abspath(args.out)))
+            ck = (f" ({info['token']} goes on from its checkpoint at step {info['step']} of {info['steps']})"
+                  if info is not None and "step" in info else "")
             print(f"\nclora-fast: interrupted; the bank {args.out!r} holds the concepts finished before the "
                   f"interrupt: run the same command again to resume{ck}", file=sys.stderr)
         else:

@@ -872,7 +872,7 @@ def test_ctrl_c_during_train_is_one_line_and_the_rerun_resumes(tmp_path, concept
     monkeypatch.setattr(cli, "STEP_HOOK", lambda pos, step: (_ for _ in ()).throw(KeyboardInterrupt)
                         if (pos, step) == (1, 3) else None)
     assert cli.main(argv) == 130
-    assert "goes on from its last --checkpoint-every checkpoint" in capsys.readouterr().err
+    assert "<beta> goes on from its checkpoint at step 2 of 5" in capsys.readouterr().err
     monkeypatch.setattr(cli, "STEP_HOOK", None)
     assert cli.main(argv) == 0
     assert "resuming <beta> at step 2 of 5" in capsys.readouterr().out
