@@ -996,23 +996,29 @@ def _write_resume(out: Path, *, pos: int, token: str, steps_done: int, ema: floa
     atomic_write_bytes(out / RESUME_FILE, save(tensors, metadata=meta))
 
 
+def _open_resume(f: Path, *, tensors: bool):
+    """``(metadata, {name: tensor} or None)`` of a checkpoint file; raises when it is not one."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        meta = sf.metadata() or {}
+        data = {k: sf.get_tensor(k) for k in sf.keys()} if tensors else None
+    if meta.get("format") != _RESUME_FORMAT or meta.get("version") != "1":
+        raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+    return meta, data
+
+
 def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object], params, allow_new: bool,
                  log, process: Tuple[int, int] = (0, 1)) -> Optional[dict]:
     """The checkpoint of concept ``pos`` (``token``) to go on from, or None (none there, or one that cannot be
     used: a note says why, and the concept starts from its first step).  Other settings than the checkpoint's
     are refused unless ``allow_new`` (then it is not used).  ``process``: (this process's index, the number of
     processes), which must be the checkpointing run's number: each process takes its own generator state."""
-    from safetensors import safe_open
-
     f = out / RESUME_FILE
     if not f.is_file():
         return None
     try:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
-            tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-        if meta.get("format") != _RESUME_FORMAT or meta.get("version") != "1":
-            raise ValueError(f"format {meta.get('format')!r} version {meta.get('version')!r}")
+        meta, tensors = _open_resume(f, tensors=True)
         at, name, step = int(meta["position"]), meta["token"], int(meta["step"])
         ema, saved, bank, n = float(meta["ema"]), json.loads(meta["settings"]), meta["bank"], int(meta["params"])
         scaler = json.loads(meta["scaler"])
@@ -1419,14 +1425,11 @@ def cmd_info(args) -> int:
 def _checkpoint_info(bank: Path) -> Optional[Dict[str, object]]:
     """What the bank folder's --checkpoint-every file says (token, position, step, steps), None when there is none;
     ``{"error": ...}`` when it cannot be read."""
-    from safetensors import safe_open
-
     f = bank / RESUME_FILE
     if not f.is_file():
         return None
     try:
-        with safe_open(str(f), framework="pt") as sf:
-            meta = sf.metadata() or {}
+        meta, _ = _open_resume(f, tensors=False)
         return {"token": meta["token"], "position": int(meta["position"]), "step": int(meta["step"]),
                 "steps": int(json.loads(meta["settings"])["steps"])}
     except Exception as e:         # noqa: BLE001 - reported, never fatal here
