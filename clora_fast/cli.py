@@ -1388,8 +1388,16 @@ def _size(n) -> str:
 
 
 def cmd_info(args) -> int:
-    from clora_fast.bank import inspect_bank
-    info = inspect_bank(args.bank, verify=args.verify)
+    from clora_fast.bank import BankError, inspect_bank
+    try:
+        info = inspect_bank(args.bank, verify=args.verify)
+    except BankError as e:
+        ck = _checkpoint_info(Path(args.bank)) if Path(args.bank).is_dir() else None
+        if ck is not None and "step" in ck and not (Path(args.bank) / "manifest.json").exists():
+            # a first concept stopped before the bank's first save: only its checkpoint is there
+            raise CLIError(f"{e}; it holds a training checkpoint of {ck['token']} at step {ck['step']} of "
+                           f"{ck['steps']} (no concept finished yet: clora-fast train goes on from it)") from None
+        raise
     info["checkpoint"] = _checkpoint_info(Path(args.bank))
     if args.json:
         print(json.dumps(info))

@@ -1088,8 +1088,12 @@ def test_checkpoint_every_resumes_mid_concept_to_the_same_bank(tmp_path, concept
     with pytest.raises(RuntimeError, match="boom"):
         cli.main([*argv, "--out", str(bank)])
     assert (bank / cli.RESUME_FILE).is_file()              # steps 0-1 and 2-3 checkpointed, then the crash
-    if crash[0] == 1:                                      # (a first concept's crash leaves no bank to inspect)
-        capsys.readouterr()
+    capsys.readouterr()
+    if crash[0] == 0:                                      # no bank yet: info says what is there
+        assert cli.main(["info", str(bank)]) == 1
+        err = capsys.readouterr().err
+        assert "manifest.json is missing" in err and "checkpoint of <alpha> at step 4 of 5" in err
+    else:
         assert cli.main(["info", str(bank)]) == 0
         assert "training checkpoint: <beta> (concept 2 of the train run) at step 4 of 5" in capsys.readouterr().out
         assert cli.main(["info", str(bank), "--json"]) == 0
