@@ -1309,7 +1309,7 @@ def cmd_export(args) -> int:
     import torch
 
     import clora_fast
-    from clora_fast.integrations.diffusers import export_textual_inversion
+    from clora_fast.integrations.diffusers import export_textual_inversion, get_adapter
 
     if not Path(args.bank).exists():
         raise CLIError(f"--bank {args.bank!r} does not exist")
@@ -1337,10 +1337,16 @@ def cmd_export(args) -> int:
             what = f"a diffusers pipeline ({type(pipe).__name__}.from_pretrained({str(out)!r}))"
         else:
             clora_fast.export_lora(pipe, tmp / "pytorch_lora_weights.safetensors", "merged", dtype=dtype)
-            listing = []
+            listing, taken = [], {"pytorch_lora_weights", "concepts"}
+            tokens = get_adapter(pipe.unet).tokens
             for c in cl.concepts:
-                f = f"{_token_file_stem(c.name)}.safetensors"
-                export_textual_inversion(pipe, tmp / f, c.idx)
+                f = None
+                if c.idx in tokens:                            # (a bank trained on a bare UNet has no tokens)
+                    stem = _token_file_stem(c.name)
+                    stem = stem if stem not in taken else f"{stem}-{c.idx}"
+                    taken.add(stem)
+                    f = f"{stem}.safetensors"
+                    export_textual_inversion(pipe, tmp / f, c.idx)
                 listing.append({"token": c.name, "file": f})
             listing = {"lora": "pytorch_lora_weights.safetensors", "scale": 1.0, "concepts": listing,
                        "text_encoders": 2 if _is_xl(pipe) else 1}

@@ -1308,3 +1308,48 @@ def test_export_refusals_and_an_unfinished_concept(tmp_path, two_concept_bank, c
     assert "unfinished concept '<gamma>'" in cap.err and "concepts ['<alpha>', '<beta>']" in cap.out
     assert sorted(p.name for p in empty.iterdir()) == ["alpha.safetensors", "beta.safetensors", "concepts.json",
                                                       "pytorch_lora_weights.safetensors"]
+
+
+def test_export_lora_file_names_never_collide(tmp_path, capsys):
+    """Two tokens that sanitize to one file name get two files (the second suffixed with its index); concepts
+    without a token (a bank saved from a bare UNet) get none."""
+    import warnings
+
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    pipe = build_pipeline()
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    g = torch.Generator().manual_seed(0)
+    for name in ("<c_1>", "<c*1>"):
+        cl.begin_concept(name)
+        with torch.no_grad():
+            for p in cl.trainable_parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cl.end_concept()
+    cl.save(str(tmp_path / "bank"))
+    out = tmp_path / "lora"
+    assert cli.main(["export", "--bank", str(tmp_path / "bank"), "--out", str(out), "--format", "lora"]) == 0
+    listing = json.loads((out / "concepts.json").read_text())["concepts"]
+    assert listing == [{"token": "<c_1>", "file": "c_1.safetensors"}, {"token": "<c*1>", "file": "c_1-1.safetensors"}]
+    a, b = (load_file(str(out / c["file"])) for c in listing)
+    assert list(a) == ["<c_1>"] and list(b) == ["<c*1>"] and not torch.equal(a["<c_1>"], b["<c*1>"])
+    # a bank saved from a bare UNet has no token embeddings: the LoRA file only, "file": null in the listing
+    unet_only = build_pipeline()
+    cu = clora_fast.patch(unet_only.unet.requires_grad_(False), rank=2, backend="reference")
+    cu.begin_concept("<u>")
+    with torch.no_grad():
+        for p in cu.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cu.end_concept()
+    cu.save(str(tmp_path / "bare"))
+    assert cli.main(["export", "--bank", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_lora"),
+                     "--format", "lora"]) == 0
+    listing = json.loads((tmp_path / "bare_lora" / "concepts.json").read_text())["concepts"]
+    assert listing == [{"token": "<u>", "file": None}]
+    assert sorted(p.name for p in (tmp_path / "bare_lora").iterdir()) == ["concepts.json",
+                                                                          "pytorch_lora_weights.safetensors"]
