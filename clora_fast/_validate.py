@@ -125,12 +125,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``backend`` (auto/reference/triton/cuda) into a concrete backend for ``device``."""
+def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) -> str:
+    """Turn ``backend`` (auto/reference/triton/cuda) into a concrete backend for ``device``.  ``auto``
+    takes the reference path for ``dtypes`` the kernels do not support (float64 on a GPU)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if device.type == "cuda" and triton_available():
+        if device.type == "cuda" and triton_available() and all(d in KERNEL_DTYPES for d in dtypes):
             return "triton"
         return "reference"
     if backend == "triton":

@@ -750,12 +750,12 @@ def _prepare(named, backend: str):
     for _, t in named:
         if t is not None and t.device != dev:
             check_same_device(named)                        # raises, naming the tensors
-    backend = resolve_backend(backend, dev)
     tensors = _autocast(dev, *(t for _, t in named))
     dt = tensors[0].dtype
     for t in tensors:
         if t is not None and t.dtype != dt:
             check_same_dtype([(n, t) for (n, _), t in zip(named, tensors)])     # raises
+    backend = resolve_backend(backend, dev, dt)
     check_dtype_for_backend(named[0][0], tensors[0], backend)
     return backend, tensors
 
@@ -888,12 +888,12 @@ def _all_2d_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
     return True
 
 
-def _merged_applies(dev: torch.device, backend: str, strategy: str) -> bool:
+def _merged_applies(dev: torch.device, backend: str, strategy: str, dtype: torch.dtype) -> bool:
     """The call (equal segments) takes the merged strategy with no cast: no autocast, not compiling, and
     :func:`_pick_strategy` picks "merged" (an unknown backend or strategy raises the checked path's error)."""
     if (dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)) or _compiling():
         return False
-    return _pick_strategy(strategy, resolve_backend(backend, dev), dev, True) == "merged"
+    return _pick_strategy(strategy, resolve_backend(backend, dev, dtype), dev, True) == "merged"
 
 
 def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
@@ -914,7 +914,7 @@ def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
         for t in biases:
             if not isinstance(t, Tensor) or t.shape != (n,) or t.dtype != x.dtype or t.device != x.device:
                 return None
-    if not _merged_applies(x.device, backend, strategy):
+    if not _merged_applies(x.device, backend, strategy, x.dtype):
         return None
     bias = None if biases is None else torch.cat(biases)     # only once the fast path is taken
     s = float(scale)
@@ -943,7 +943,7 @@ def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backen
         scales = tuple(float(v) for v in scales)
     else:
         return None
-    if not _merged_applies(x.device, backend, strategy):
+    if not _merged_applies(x.device, backend, strategy, x.dtype):
         return None
     return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
 
@@ -996,7 +996,7 @@ def lora_kv_projection(x: Tensor, weights, lora_As, lora_Bs, *, scale: float = 1
         bias = torch.cat([bk, bv])
     if w_k.shape[0] == w_v.shape[0] and not _compiling():
         # the merged strategy takes K and V as they are: no concatenated weight or factors at all
-        if _pick_strategy(strategy, resolve_backend(backend, x.device), x.device, True) == "merged":
+        if _pick_strategy(strategy, resolve_backend(backend, x.device, x.dtype), x.device, True) == "merged":
             _, (x, w_k, w_v, a_k, a_v, b_k, b_v, bias) = _prepare(
                 [("x", x), ("weights[0]", w_k), ("weights[1]", w_v), ("lora_As[0]", a_k), ("lora_As[1]", a_v),
                  ("lora_Bs[0]", b_k), ("lora_Bs[1]", b_v), ("biases", bias)], backend)
@@ -1058,9 +1058,9 @@ def _penalty_backend(backend: str, pasts, roles) -> str:
     check_same_device([nt for group in named.values() for nt in group])
     for group in named.values():
         check_same_dtype(group)
-    resolved = resolve_backend(backend, pasts[0].device)
-    check_dtype_for_backend("pasts[0]", pasts[0], resolved)
     name, ts = roles[0]
+    resolved = resolve_backend(backend, pasts[0].device, pasts[0].dtype, ts[0].dtype)
+    check_dtype_for_backend("pasts[0]", pasts[0], resolved)
     check_dtype_for_backend(f"{name}[0]", ts[0], resolved)
     return resolved
 
@@ -1074,7 +1074,7 @@ def forgetting_penalty(past: Tensor, lora_A: Tensor, lora_B: Tensor, *, scale: f
     """
     _check_penalty_args(past, lora_A, lora_B)
     scale = check_scale("scale", scale)
-    backend = resolve_backend(backend, past.device)
+    backend = resolve_backend(backend, past.device, past.dtype, lora_A.dtype)
     for n, t in (("past", past), ("lora_A", lora_A)):
         check_dtype_for_backend(n, t, backend)
     if _compiling():

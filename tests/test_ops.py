@@ -112,11 +112,11 @@ def test_gradcheck_reference_float64():
 _TWICE = "differentiable once"
 
 
-def _double_backward_cases(backend, dtype=torch.float64):
+def _double_backward_cases(backend, dtype=torch.float64, device="cpu"):
     """(name, f(x, a, b) -> scalar) through every autograd Function / custom op of the library."""
     g = torch.Generator().manual_seed(3)
-    w = torch.randn(5, 6, generator=g, dtype=dtype)
-    p = torch.randn(5, 6, generator=g, dtype=dtype)
+    w = torch.randn(5, 6, generator=g, dtype=dtype).to(device)
+    p = torch.randn(5, 6, generator=g, dtype=dtype).to(device)
     flat = [(0, 0, 0, 2)]
     return [
         ("fused projection", lambda x, a, b: ops.lora_projection(x, w, a, b, scale=0.7, backend=backend,
@@ -161,10 +161,10 @@ def test_double_backward_raises_instead_of_wrong_values(merged_impl, custom_op, 
         torch.testing.assert_close(a2.grad, expect[1], rtol=0, atol=0, msg=name)
 
 
-def test_double_backward_raises_triton():
+def test_double_backward_raises_triton(device):
     g = torch.Generator().manual_seed(5)
-    x0, a0, b0 = (torch.randn(*s, generator=g) for s in ((4, 6), (2, 6), (5, 2)))
-    for name, f in _double_backward_cases("triton", torch.float32):
+    x0, a0, b0 = (torch.randn(*s, generator=g).to(device) for s in ((4, 6), (2, 6), (5, 2)))
+    for name, f in _double_backward_cases("triton", torch.float32, device):
         if name.startswith("merged"):
             continue                                 # covered above: the merged strategy is backend-independent
         x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
@@ -310,6 +310,23 @@ def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch, merge
         ops.segmented_lora_projection(x, w, torch.cat([a, a]), b, (0, 5, 20), 1.0, strategy="merged")
     with pytest.raises(ValueError, match="strategy must be one of"):
         ops.lora_projection(x, w, a, b, strategy="fast")
+
+
+def test_auto_backend_takes_reference_for_dtypes_the_kernels_lack(monkeypatch):
+    """backend='auto' on a GPU picks the kernels for fp32/fp16/bf16 and the reference path for float64
+    (which the kernels reject: before, auto picked them and float64 CUDA tensors raised a TypeError);
+    an explicit backend='triton' still names the dtype it cannot take."""
+    from clora_fast import _validate
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(_validate, "triton_available", lambda: True)
+    assert _validate.resolve_backend("auto", cuda, torch.bfloat16, torch.float32) == "triton"
+    assert _validate.resolve_backend("auto", cuda, torch.float32, torch.float64) == "reference"
+    assert _validate.resolve_backend("auto", cuda) == "triton"
+    assert _validate.resolve_backend("auto", cpu, torch.float32) == "reference"
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="x has dtype torch.float64, which the 'triton' backend does not support"):
+        ops.lora_projection(x, torch.randn(5, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64),
+                            torch.randn(5, 2, dtype=torch.float64), backend="triton", strategy="fused")
 
 
 @pytest.mark.parametrize("stacked", [False, True])
@@ -622,7 +639,10 @@ def test_prepared_packed_penalty_matches_function(device):
         from clora_fast._launches import count_launches
         pen = ops.PackedForgettingPenalty(pasts, layout, scales=scales, backend="triton")
         fa, fb = [[t.clone().requires_grad_() for t in ts] for ts in flats()]
-        pen(fa, fb)                 # tables and arrival counters built (a copy to the GPU once)
+        for _ in range(3):          # tables and arrival counters built (a copy to the GPU once), and the
+            pen(fa, fb).backward()  # caching allocator settled: the steps repeat the outputs' addresses
+            for t in fa + fb:
+                t.grad = None
         _, by_op = count_launches(lambda: pen(fa, fb).backward())
         # (+ zero fills of the flat gradients: this layout leaves rows of them to no layer; + the seed)
         assert by_op == {"triton:_penalty_main_kernel": 1, "zeros": 4, "ones_like": 1, "_foreach_mul": 1}, by_op
