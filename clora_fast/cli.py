@@ -615,10 +615,19 @@ def _train_parser(sub):
     p.add_argument("--allow-new-settings", action="store_true",
                    help="resume a bank with settings (--steps, --lr, --seed, ...) other than those its concepts were "
                         "trained with (recorded in the bank folder's clora_fast_train.json); refused otherwise")
+    _threads_option(p)
+    return p
+
+
+def _threads_option(p) -> None:
     p.add_argument("--threads", type=_positive("--threads"), default=None,
                    help="CPU threads for torch (torch.set_num_threads); default: 1 for the builtin "
                         "model on CPU, else torch's default")
-    return p
+
+
+def _bank_options(p) -> None:
+    p.add_argument("--bank", required=True)
+    p.add_argument("--model", default="builtin", help="the model the bank was trained on")
 
 
 def _read_bank_names(cl) -> List[str]:
@@ -1160,8 +1169,7 @@ def _sample_parser(sub):
                     "A bank saved mid-training (with an unfinished concept) samples with its finished "
                     "concepts only (a note says so); a prompt that uses the token of the unfinished "
                     "concept, or of a concept removed from the bank, is an error.")
-    p.add_argument("--bank", required=True)
-    p.add_argument("--model", default="builtin", help="the model the bank was trained on")
+    _bank_options(p)
     p.add_argument("--prompt", required=True, help="e.g. 'a photo of <digit3>'")
     p.add_argument("--out", required=True, help="PNG to write (a grid when --num-images > 1)")
     p.add_argument("--steps", type=_positive("--steps"), default=25)
@@ -1173,8 +1181,7 @@ def _sample_parser(sub):
                    help="image size, a multiple of 8 and of the model's VAE factor (default: the model's "
                         "native size)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
-    p.add_argument("--threads", type=_positive("--threads"), default=None,
-                   help="CPU threads for torch (default: 1 for the builtin model on CPU)")
+    _threads_option(p)
     return p
 
 
@@ -1286,14 +1293,12 @@ def _export_parser(sub):
                     "rank T*r) and each concept's token embedding as a textual-inversion file, with "
                     "concepts.json listing them. --out must be a new (or empty) folder; it is written whole or "
                     "not at all.")
-    p.add_argument("--bank", required=True)
-    p.add_argument("--model", default="builtin", help="the model the bank was trained on")
+    _bank_options(p)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--format", choices=["pipeline", "lora"], default="pipeline")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="dtype of the written weights (default: the model's, fp32 for the LoRA factors)")
-    p.add_argument("--threads", type=_positive("--threads"), default=None,
-                   help="CPU threads for torch (default: 1 for the builtin model on CPU)")
+    _threads_option(p)
     return p
 
 

@@ -78,7 +78,9 @@ host->device table build.  The outputs (per-layer ``dA``, ``dB`` and the
 loss, separate tensors because a custom op's outputs may not alias each
 other) are reached through a small int64 table of their data pointers, cached
 per output address tuple (the caching allocator hands out the same blocks
-step after step); a miss costs one pinned non-blocking copy.
+step after step, provided nothing stays allocated in between: the tables live
+in one pool per plan and stream, allocated once); a miss costs one pinned
+non-blocking copy into the least recently used slot.
 
 Precision
 ---------
@@ -598,7 +600,10 @@ class _Plan:
         self.scale_tab = torch.tensor([float(s) for s in scales], dtype=torch.float32).to(device)
         self.da_shapes = [(r, i) for r, i in zip(ranks, ins)]
         self.db_shapes = [(o, r) for o, r in zip(outs, ranks)]
-        self.out_tabs: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+        # output-address tables: key -> (stream key, slot, table); one persistent [_TAB_SLOTS, 2L+1] pool per
+        # stream holds them (see out_table)
+        self.out_tabs: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+        self._tab_pools: dict = {}
 
     def counters(self, device) -> torch.Tensor:
         """The zeroed int32 ``[1 + L]`` arrival counters of the fused reduction, one buffer per
@@ -616,26 +621,72 @@ class _Plan:
             t = self._counters[key] = torch.zeros(self.n_layers + 1, dtype=torch.int32, device=device)
         return t
 
-    def out_table(self, ptrs: Tuple[int, ...], device) -> torch.Tensor:
-        """The device table of output addresses ``ptrs`` (cached per address tuple: the caching
-        allocator hands out the same blocks step after step; a miss costs one pinned copy).  Under
-        CUDA-graph capture the table is written by captured fills instead and not cached (see
-        :func:`_table_by_fills`)."""
-        t = self.out_tabs.get(ptrs)
-        if t is not None:
-            self.out_tabs.move_to_end(ptrs)
-            return t
+    def cached_table(self, key: tuple, device) -> Optional[torch.Tensor]:
+        """The table cached under ``key`` (output addresses, or a caller's alias of them) for the current
+        stream, or None (always None under CUDA-graph capture: a graph must not read a slot that a later
+        eager miss rewrites)."""
+        if device.type == "cuda" and _capturing():
+            return None
+        hit = self.out_tabs.get((_stream_key(device), key))
+        if hit is None:
+            return None
+        self.out_tabs.move_to_end((_stream_key(device), key))
+        return hit[2]
+
+    def out_table(self, ptrs: Tuple[int, ...], device, alias: Optional[tuple] = None) -> torch.Tensor:
+        """The device table of output addresses ``ptrs`` (int64 ``[2L+1]``), cached per address tuple and
+        stream, also under ``alias`` when given (a key the caller derives the addresses from).
+
+        A miss writes the addresses into a slot of a pool allocated once per plan and stream
+        (``_TAB_SLOTS`` rows; the least recently used slot is overwritten, with every key that named it):
+        one pinned, stream-ordered copy and no device allocation.  Allocating a fresh table per miss (as
+        before) kept a new block alive in the caching allocator after every miss, so the next step's
+        outputs got other addresses and missed again: on the H100 a training step's penalty copied its
+        table to the GPU at every step.  Under CUDA-graph capture the table is written by captured fills
+        instead, neither cached nor taken from the cache (see :func:`_table_by_fills`)."""
         if device.type == "cuda" and _capturing():
             return _table_by_fills(ptrs, device)
-        host = torch.tensor(ptrs, dtype=torch.int64)
-        if device.type == "cuda":
-            t = host.pin_memory().to(device, non_blocking=True)
+        skey = _stream_key(device)
+        hit = self.out_tabs.get((skey, ptrs))
+        if hit is not None:
+            self.out_tabs.move_to_end((skey, ptrs))
+            t = hit[2]
         else:
-            t = host
-        self.out_tabs[ptrs] = t
-        if len(self.out_tabs) > 8:
-            self.out_tabs.popitem(last=False)
+            pool = self._tab_pools.get(skey)
+            if pool is None:
+                pool = self._tab_pools[skey] = torch.zeros(_TAB_SLOTS, len(ptrs), dtype=torch.int64, device=device)
+            used = {v[1] for v in self.out_tabs.values() if v[0] == skey}
+            free = [i for i in range(_TAB_SLOTS) if i not in used]
+            if free:
+                slot = free[0]
+            else:               # the least recently used slot of this stream (by its most recently used key),
+                last = {}       # and every key that names it
+                for i, v in enumerate(self.out_tabs.values()):
+                    if v[0] == skey:
+                        last[v[1]] = i
+                slot = min(last, key=last.__getitem__)
+                for k in [k for k, v in self.out_tabs.items() if v[0] == skey and v[1] == slot]:
+                    del self.out_tabs[k]
+            host = torch.tensor(ptrs, dtype=torch.int64)
+            t = pool[slot]
+            if device.type == "cuda":
+                t.copy_(host.pin_memory(), non_blocking=True)
+            else:
+                t.copy_(host)
+            self.out_tabs[(skey, ptrs)] = (skey, slot, t)
+        if alias is not None:
+            self.out_tabs[(skey, alias)] = self.out_tabs[(skey, ptrs)]
         return t
+
+
+def _stream_key(device):
+    """The current stream's handle on a CUDA ``device``; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_TAB_SLOTS = 8
 
 
 def _table_by_fills(ptrs: Sequence[int], device) -> torch.Tensor:
@@ -984,15 +1035,13 @@ def grouped_forgetting_penalty_packed(
     dB_flat = [new(t.shape, dtype=f32, device=device) for t in flat_Bs]
     loss = torch.empty((), dtype=f32, device=device)
     outs = tuple(t.data_ptr() for t in dA_flat) + tuple(t.data_ptr() for t in dB_flat) + (loss.data_ptr(),)
-    out_tab = plan.out_tabs.get(("packed",) + outs)
+    out_tab = plan.cached_table(("packed",) + outs, device)
     if out_tab is None:
         ptrs: list = []
         for f, oa, ob in offs:
             ptrs += (dA_flat[f].data_ptr() + 4 * oa, dB_flat[f].data_ptr() + 4 * ob)
         ptrs.append(loss.data_ptr())
-        out_tab = plan.out_table(tuple(ptrs), device)
-        if not (device.type == "cuda" and _capturing()):      # a graph's table is never cached
-            plan.out_tabs[("packed",) + outs] = out_tab
+        out_tab = plan.out_table(tuple(ptrs), device, alias=("packed",) + outs)
     ws = _workspace(plan, device, deterministic, _poison())
     p_base = pasts[plan.base[0]]
     _launch_on(device, plan, p_base, flat_As[fa], flat_Bs[fa], ws, out_tab, precision, deterministic, interpret)

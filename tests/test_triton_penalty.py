@@ -691,6 +691,49 @@ def test_table_by_fills_holds_every_address():
     assert t.dtype == torch.int64 and t.tolist() == list(ptrs)
 
 
+def test_output_tables_live_in_one_pool_and_evict_with_their_aliases(device):
+    """Output-address tables: a miss writes a slot of one pool allocated once per plan and stream (no
+    device allocation per miss: a fresh table per miss moved the next step's outputs to other addresses,
+    so on the H100 every training step missed and copied its table); the least recently used slot is
+    overwritten, and every key naming it (the packed path's alias too) goes with it, so no key ever
+    returns a slot that now holds other addresses."""
+    fpk.clear_cache()
+    past, A, B = _make(9, 7, 2, F32, F32, device)
+    grouped_forgetting_penalty_forward([past, past[:5]], [A, A], [B, B[:5]], 1.0)
+    plan = next(reversed(fpk._PLANS.values()))
+    n = 2 * plan.n_layers + 1
+    plan.out_tabs.clear()
+    tabs = {}
+    for k in range(3 * fpk._TAB_SLOTS):
+        ptrs = tuple(1000 * k + j for j in range(n))
+        t = plan.out_table(ptrs, device, alias=("alias", k))
+        tabs[k] = t
+        assert t.tolist() == list(ptrs)
+        assert plan.cached_table(("alias", k), device) is t
+        assert plan.out_table(ptrs, device) is t                      # a hit: the same tensor
+        pool = next(iter(plan._tab_pools.values()))
+        assert len(plan._tab_pools) == 1 and pool.shape == (fpk._TAB_SLOTS, n)
+        assert t.untyped_storage().data_ptr() == pool.untyped_storage().data_ptr()
+        live = [v for kk, v in plan.out_tabs.items() if kk[1][0] != "alias"]
+        assert len(live) == min(k + 1, fpk._TAB_SLOTS)
+        assert len({v[1] for v in live}) == len(live)                 # no two address tuples share a slot
+        for j in range(max(0, k - fpk._TAB_SLOTS + 1), k + 1):        # the newest _TAB_SLOTS are all intact
+            assert plan.cached_table(("alias", j), device).tolist() == [1000 * j + i for i in range(n)]
+        for j in range(0, k - fpk._TAB_SLOTS + 1):                    # the older ones are gone, aliases too
+            assert plan.cached_table(("alias", j), device) is None
+    # a slot used through its alias only (the packed path's hits) is recent: a miss evicts another one
+    hot = 3 * fpk._TAB_SLOTS - fpk._TAB_SLOTS
+    for k in range(3 * fpk._TAB_SLOTS, 4 * fpk._TAB_SLOTS):
+        assert plan.cached_table(("alias", hot), device) is tabs[hot]
+        plan.out_table(tuple(1000 * k + j for j in range(n)), device, alias=("alias", k))
+    assert plan.cached_table(("alias", hot), device).tolist() == [1000 * hot + i for i in range(n)]
+    # a kernel launch reads the table it was given: the penalty is still right after the churn
+    got = grouped_forgetting_penalty_forward([past, past[:5]], [A, A], [B, B[:5]], 1.0)[0]
+    want = (reference.forgetting_penalty_grads(past, A, B, 1.0)[0]
+            + reference.forgetting_penalty_grads(past[:5], A, B[:5], 1.0)[0])
+    torch.testing.assert_close(got.cpu(), want.cpu().float(), rtol=_rtol(device, F32), atol=1e-6)
+
+
 @pytest.mark.parametrize("where", ["A", "B"])
 def test_inf_factor_gives_inf_loss_not_nan(where, device):
     """An inf in A or B on a tail tile (out/in not multiples of the tile): M at the padded positions was
