@@ -448,13 +448,25 @@ def _scales_tensor(scales: Tuple[float, ...], device) -> torch.Tensor:
                          lambda: torch.tensor(scales, dtype=torch.float32), device)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host ints (launch grids, split sizes).  Not ``triton.cdiv``: in newer Tritons that
+    is a ``constexpr_function`` (Triton 3.6 and 3.8 here; 3.3 a plain function), whose host call costs
+    microseconds: 40 calls per grouped K/V forward + backward, ~70 us of its ~1.1 ms host time on the dev CPU."""
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for n <= 1), for host ints; see :func:`_cdiv`."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def _pow2_clamp(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+    return max(lo, min(hi, _next_pow2(max(int(n), 1))))
 
 
 def _rank_pad(r: int) -> int:
     """Rank padded to a power of two >= 16 (tl.dot needs every dim >= 16)."""
-    return max(16, triton.next_power_of_2(r))
+    return max(16, _next_pow2(r))
 
 
 @functools.lru_cache(maxsize=None)
@@ -475,14 +487,14 @@ def _split_heuristic(programs: int, red_len: int, red_block: int, device: torch.
     if programs >= target:
         return 1
     max_split = max(1, red_len // (4 * red_block))
-    return max(1, min(triton.cdiv(target, max(programs, 1)), max_split, 64))
+    return max(1, min(_cdiv(target, max(programs, 1)), max_split, 64))
 
 
 def _split_chunks(red_len: int, splits: int, block: int) -> Tuple[int, int]:
     """Chunk (a multiple of ``block``) and the actual number of splits covering ``red_len``."""
-    splits = max(1, min(splits, triton.cdiv(max(red_len, 1), block)))
-    chunk = triton.cdiv(triton.cdiv(max(red_len, 1), splits), block) * block
-    return chunk, triton.cdiv(max(red_len, 1), chunk)
+    splits = max(1, min(splits, _cdiv(max(red_len, 1), block)))
+    chunk = _cdiv(_cdiv(max(red_len, 1), splits), block) * block
+    return chunk, _cdiv(max(red_len, 1), chunk)
 
 
 def _fwd_config(M: int, K: int, seg_sizes: Sequence[int], r_pad: int, elem_size: int,
@@ -634,7 +646,7 @@ def _forward(x, weight, lora_A, lora_B, seg_offsets, scales, bias):
     cfg = _fwd_config(M, K, seg_sizes, r_pad, x.element_size(), interpret, prec)
     tiles = _tile_table(seg_offsets, cfg["BLOCK_N"], dev)
     scale_t = _scales_tensor(scales, dev)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), tiles.shape[0])
+    grid = (_cdiv(M, cfg["BLOCK_M"]), tiles.shape[0])
     _seg_lora_fwd_kernel[grid](
         x, weight, lora_A, lora_B, bias if bias is not None else y, y, xa, tiles, scale_t,
         M, K, r,
@@ -652,7 +664,7 @@ def _finish_split(ws: torch.Tensor, out: torch.Tensor, interpret: bool) -> None:
     """Sum fp32 partials ``ws`` ``[S, *out.shape]`` into contiguous ``out``."""
     P = out.numel()
     block = 1024 if interpret else 512
-    _split_sum_kernel[(triton.cdiv(P, block),)](ws, out, ws.shape[0], P, BLOCK=block,
+    _split_sum_kernel[(_cdiv(P, block),)](ws, out, ws.shape[0], P, BLOCK=block,
                                                 INTERPRET=interpret, num_warps=4)
 
 
@@ -703,7 +715,7 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
         c = cfg["g"]
         g = _empty((M, LR), torch.float32, dev)
         offs_t = _offsets_tensor(seg_offsets, dev)
-        _seg_lora_bwd_g_kernel[(triton.cdiv(M, c["BLOCK_M"]), L)](
+        _seg_lora_bwd_g_kernel[(_cdiv(M, c["BLOCK_M"]), L)](
             grad_y, lora_B, g, offs_t, scale_t, M, r,
             grad_y.stride(0), grad_y.stride(1), lora_B.stride(0), lora_B.stride(1), g.stride(0), g.stride(1),
             BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], R_PAD=r_pad, INTERPRET=interpret, PREC=prec,
@@ -712,14 +724,14 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
 
     if need_dx:
         c = cfg["dx"]
-        programs = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"])
+        programs = _cdiv(M, c["BLOCK_M"]) * _cdiv(K, c["BLOCK_K"])
         splits = _split_heuristic(programs, N, c["BLOCK_N"], dev)
         n_chunk, splits = _split_chunks(N, splits, c["BLOCK_N"])
-        j_chunk = triton.cdiv(triton.cdiv(LR, splits), c["BLOCK_J"]) * c["BLOCK_J"]
+        j_chunk = _cdiv(_cdiv(LR, splits), c["BLOCK_J"]) * c["BLOCK_J"]
         out = dx if splits == 1 else _empty((splits, M, K), torch.float32, dev)
         os_ = 0 if splits == 1 else out.stride(0)
         om, ok = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
-        _seg_lora_bwd_dx_kernel[(triton.cdiv(M, c["BLOCK_M"]), triton.cdiv(K, c["BLOCK_K"]), splits)](
+        _seg_lora_bwd_dx_kernel[(_cdiv(M, c["BLOCK_M"]), _cdiv(K, c["BLOCK_K"]), splits)](
             grad_y, weight, g, lora_A, out, M, N, K, LR, n_chunk, j_chunk,
             grad_y.stride(0), grad_y.stride(1), weight.stride(0), weight.stride(1),
             g.stride(0), g.stride(1), lora_A.stride(0), lora_A.stride(1), os_, om, ok,
@@ -731,13 +743,13 @@ def _backward(grad_y, x, weight, lora_A, lora_B, xa, seg_offsets, scales, need_d
 
     if need_dA:
         c = cfg["da"]
-        programs = triton.cdiv(LR, c["BLOCK_J"]) * triton.cdiv(K, c["BLOCK_K"])
+        programs = _cdiv(LR, c["BLOCK_J"]) * _cdiv(K, c["BLOCK_K"])
         splits = _split_heuristic(programs, M, c["BLOCK_M"], dev)
         m_chunk, splits = _split_chunks(M, splits, c["BLOCK_M"])
         out = dA if splits == 1 else _empty((splits, LR, K), torch.float32, dev)
         os_ = 0 if splits == 1 else out.stride(0)
         oj, ok = (out.stride(0), out.stride(1)) if splits == 1 else (out.stride(1), out.stride(2))
-        _seg_lora_bwd_da_kernel[(triton.cdiv(LR, c["BLOCK_J"]), triton.cdiv(K, c["BLOCK_K"]), splits)](
+        _seg_lora_bwd_da_kernel[(_cdiv(LR, c["BLOCK_J"]), _cdiv(K, c["BLOCK_K"]), splits)](
             g, x, out, M, K, LR, m_chunk,
             g.stride(0), g.stride(1), x.stride(0), x.stride(1), os_, oj, ok,
             BLOCK_J=c["BLOCK_J"], BLOCK_K=c["BLOCK_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=interpret, PREC=prec,
