@@ -319,23 +319,22 @@ class _SegmentedLoRAFunction(torch.autograd.Function):
 
 
 class _SplitColumns(torch.autograd.Function):
-    """Column blocks of a 2-D ``y`` as separate outputs (views); backward concatenates their
-    gradients once.  Slicing ``y`` directly would make autograd zero-fill a full ``[M, N]``
-    gradient per slice and add them up (for the whole-UNet K/V: 32 fills, copies and adds of
+    """Column blocks of ``y`` (last dim) as separate outputs (views, one ``split_with_sizes``); backward
+    concatenates their gradients once.  Slicing ``y`` directly would make autograd zero-fill a full
+    ``y``-sized gradient per slice and add them up (for the whole-UNet K/V: 32 fills, copies and adds of
     ``[M, 25k]`` per backward)."""
 
     @staticmethod
-    def forward(ctx, y, offsets):
+    def forward(ctx, y, sizes):
         ctx.set_materialize_grads(False)
-        ctx.offsets, ctx.shape, ctx.dtype, ctx.device = offsets, y.shape, y.dtype, y.device
-        return tuple(y[:, a:b] for a, b in zip(offsets, offsets[1:]))
+        ctx.sizes, ctx.lead, ctx.dtype, ctx.device = sizes, y.shape[:-1], y.dtype, y.device
+        return y.split(sizes, -1)
 
     @staticmethod
     def backward(ctx, *grads):
-        o, (M, _) = ctx.offsets, ctx.shape
-        pieces = [g if g is not None else torch.zeros((M, b - a), dtype=ctx.dtype, device=ctx.device)
-                  for g, a, b in zip(grads, o, o[1:])]
-        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)), None
+        pieces = [g if g is not None else torch.zeros((*ctx.lead, n), dtype=ctx.dtype, device=ctx.device)
+                  for g, n in zip(grads, ctx.sizes)]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)), None
 
 
 def split_columns(y: Tensor, offsets: Sequence[int]) -> Tuple[Tensor, ...]:
@@ -344,11 +343,10 @@ def split_columns(y: Tensor, offsets: Sequence[int]) -> Tuple[Tensor, ...]:
     offsets = _int_offsets("offsets", offsets)
     if offsets[0] != 0 or offsets[-1] != y.shape[-1] or any(b <= a for a, b in zip(offsets, offsets[1:])):
         raise ValueError(f"offsets must increase strictly from 0 to y.shape[-1]={y.shape[-1]}, got {list(offsets)}")
-    lead = y.shape[:-1]
+    sizes = [b - a for a, b in zip(offsets, offsets[1:])]
     if not torch.is_grad_enabled() or not y.requires_grad or _compiling():
-        return tuple(y[..., a:b] for a, b in zip(offsets, offsets[1:]))
-    parts = _SplitColumns.apply(y.reshape(-1, y.shape[-1]), offsets)
-    return tuple(p.reshape(*lead, p.shape[-1]) for p in parts)
+        return tuple(y.split(sizes, -1))
+    return _SplitColumns.apply(y, sizes)
 
 
 class _PenaltyFunction(torch.autograd.Function):

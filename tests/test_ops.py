@@ -254,6 +254,26 @@ def test_split_outputs_match_slicing(device, strategy, merged_impl):
     assert torch.equal(g1, g2)
     with pytest.raises(ValueError, match="offsets must increase strictly from 0 to y.shape"):
         ops.split_columns(y, (0, 5, 5, 9))
+    # 3-D y, one output unused: the same gradients, and the split is ONE dispatcher call (split_with_sizes;
+    # it was a reshape, a slice and a reshape per segment: 64 host calls for the whole UNet's K/V)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+    y3 = torch.randn(2, 3, 9, dtype=torch.float64, device=device, requires_grad=True)
+    with Calls() as calls:
+        parts = ops.split_columns(y3, (0, 2, 5, 9))
+    assert calls.names == ["aten::split_with_sizes"], calls.names
+    assert [p.shape for p in parts] == [(2, 3, 2), (2, 3, 3), (2, 3, 4)]
+    g1, = torch.autograd.grad(parts[0].sin().sum() + parts[2].square().sum(), y3)
+    g2, = torch.autograd.grad(y3[..., 0:2].sin().sum() + y3[..., 5:9].square().sum(), y3)
+    assert torch.equal(g1, g2)
 
 
 def test_merged_strategy_gradcheck_layouts_and_choice(device, monkeypatch, merged_impl):
