@@ -954,9 +954,9 @@ def _install(ctrl, m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where:
                            f"replace_active=True")
     dev = ctrl._device()
     pasts = [None if p is None else p.to(dev) for p in pasts]
-    for c in concepts:
-        c.lora_A = [a.to(dev) for a in c.lora_A]
-        c.lora_B = [b.to(dev) for b in c.lora_B]
+    for c in concepts:                 # finished concepts' factors stay in host memory (see end_concept)
+        c.lora_A = [a.cpu() for a in c.lora_A]
+        c.lora_B = [b.cpu() for b in c.lora_B]
     if active_factors is not None:
         active_factors = ([a.to(dev) for a in active_factors[0]], [b.to(dev) for b in active_factors[1]])
     ctrl._set_state(pasts, concepts, [dict(x) for x in retired], m["next_idx"], active, active_factors)

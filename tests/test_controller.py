@@ -773,3 +773,50 @@ def test_a_concept_trained_without_the_penalty_is_warned_about(tmp_path):
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 c.end_concept()
+
+
+def test_finished_concepts_live_in_host_memory(device, tmp_path):
+    """Finished concepts' factors are kept in host memory (read only by remove_concept, export and save):
+    the model's device holds P and the active concept only, so its memory does not grow with the concepts
+    (checked on a GPU). P is folded on its own device from them, remove_concept refolds there, export, save
+    and load keep them on the host."""
+    sites = [Site(s.name, s.weight.to(device), None, s.group) for s in make_sites()]
+    ctrl = CLoRAController(sites, rank=3)
+    mem = []
+    for k in range(3):
+        ctrl.begin_concept()
+        randomize(ctrl, seed=10 + k)
+        ctrl.end_concept()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            mem.append(torch.cuda.memory_allocated(device))
+    if device.type == "cuda":     # P exists after the first concept; later ones add nothing on the GPU
+        assert mem[2] == mem[1], mem
+
+    def fold64(concepts, i):
+        return sum(c.scale * (c.lora_B[i].double() @ c.lora_A[i].double()) for c in concepts)
+    for c in ctrl.concepts:
+        assert all(t.device.type == "cpu" for t in c.lora_A + c.lora_B)
+    for i in range(ctrl.num_sites):
+        assert ctrl.past(i).device == device
+        torch.testing.assert_close(ctrl.past(i).cpu().double(), fold64(ctrl.concepts, i), rtol=1e-6, atol=1e-6)
+    ctrl.remove_concept(ctrl.concepts[1].idx)
+    for i in range(ctrl.num_sites):
+        assert ctrl.past(i).device == device
+        torch.testing.assert_close(ctrl.past(i).cpu().double(), fold64(ctrl.concepts, i), rtol=1e-6, atol=1e-6)
+    A, B = ctrl.export_factors("merged")[ctrl.sites[0].name]
+    assert A.device.type == "cpu" and torch.equal(A, torch.cat([c.lora_A[0] for c in ctrl.concepts]))
+    ctrl.save(tmp_path / "bank")
+    other = CLoRAController([Site(s.name, s.weight.to(device), None, s.group) for s in make_sites()], rank=3)
+    other.load_bank(tmp_path / "bank")
+    assert [c.idx for c in other.concepts] == [c.idx for c in ctrl.concepts]
+    for c, d in zip(ctrl.concepts, other.concepts):
+        assert all(t.device.type == "cpu" for t in d.lora_A + d.lora_B)
+        assert all(torch.equal(u, v) for u, v in zip(c.lora_A + c.lora_B, d.lora_A + d.lora_B))
+    for i in range(ctrl.num_sites):
+        assert other.past(i).device == device and torch.equal(other.past(i), ctrl.past(i))
+    state = ctrl.state_dict()                     # load_state_dict keeps them on the host too
+    third = CLoRAController([Site(s.name, s.weight.to(device), None, s.group) for s in make_sites()], rank=3)
+    third.load_state_dict(state)
+    assert all(t.device.type == "cpu" for c in third.concepts for t in c.lora_A + c.lora_B)
+    assert all(third.past(i).device == device for i in range(third.num_sites))
