@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One command for a lent GPU machine (device tool): GPU test suite, then the benchmarks, within DEADLINE_S
-# (default 570 s: one device call with timeout_s 600), everything written under $OUT in at most 5 files.
+# (default 470 s: under the 8 minutes issue 5 asks for; a device call with timeout_s 500 leaves time to
+# rerun), everything written under $OUT in at most 5 files.
 #
 #   device run (repo root):   bash benchmarks/gpu_check.sh            carry: [".whl"] (diffusers wheel, see below)
 #                             recommended: TUNE_S=60 TUNE_ARGS=--skip-projection bash benchmarks/gpu_check.sh
-#                             with timeout_s 600 (the defaults below are sized for that call)
+#                             with timeout_s 500 (the defaults below are sized for that call)
 #   here, to try the set-up:  bash benchmarks/gpu_check.sh --setup-only   (prints the PYTHONPATH it builds)
 #   here, a dry run (CPU):    SKIP_TESTS=1 BUILD_HOST=0 BENCH_ARGS=--quick PYTHON=/work/venv/bin/python \
 #                             OUT=/tmp/gc bash benchmarks/gpu_check.sh    (the whole pipeline on tiny shapes)
@@ -60,7 +61,7 @@ OUT=${OUT:-$REPO/benchmarks/out/gpu}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-DEADLINE_S=${DEADLINE_S:-570}
+DEADLINE_S=${DEADLINE_S:-470}
 TEST_TIMEOUT=${TEST_TIMEOUT:-130}
 GPU_TESTS="tests/test_ops.py tests/test_triton_penalty.py tests/test_triton_projection.py tests/test_diffusers.py
            tests/test_vit.py tests/test_controller.py tests/test_cuda_backend.py tests/test_selfcheck.py"
