@@ -1318,17 +1318,21 @@ def test_export_lora_file_names_never_collide(tmp_path, capsys):
     import clora_fast
     from clora_fast.builtin import build_pipeline
 
-    pipe = build_pipeline()
-    cl = clora_fast.patch(pipe, rank=2, backend="reference")
     g = torch.Generator().manual_seed(0)
-    for name in ("<c_1>", "<c*1>"):
-        cl.begin_concept(name)
+
+    def learn(ctrl, name):          # a concept with random (non-zero) factors, without training
+        ctrl.begin_concept(name)
         with torch.no_grad():
-            for p in cl.trainable_parameters():
+            for p in ctrl.trainable_parameters():
                 p.add_(0.1 * torch.randn(p.shape, generator=g))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cl.end_concept()
+            ctrl.end_concept()
+
+    pipe = build_pipeline()
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    for name in ("<c_1>", "<c*1>"):
+        learn(cl, name)
     cl.save(str(tmp_path / "bank"))
     out = tmp_path / "lora"
     assert cli.main(["export", "--bank", str(tmp_path / "bank"), "--out", str(out), "--format", "lora"]) == 0
@@ -1339,13 +1343,7 @@ def test_export_lora_file_names_never_collide(tmp_path, capsys):
     # a bank saved from a bare UNet has no token embeddings: the LoRA file only, "file": null in the listing
     unet_only = build_pipeline()
     cu = clora_fast.patch(unet_only.unet.requires_grad_(False), rank=2, backend="reference")
-    cu.begin_concept("<u>")
-    with torch.no_grad():
-        for p in cu.trainable_parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cu.end_concept()
+    learn(cu, "<u>")
     cu.save(str(tmp_path / "bare"))
     assert cli.main(["export", "--bank", str(tmp_path / "bare"), "--out", str(tmp_path / "bare_lora"),
                      "--format", "lora"]) == 0
