@@ -720,6 +720,8 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
     import torch
     from accelerate import Accelerator
 
+    from clora_fast.controller import DistributedGradientsWarning
+
     # ---- validate everything before any heavy work
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise CLIError(f"--lr must be a positive number, got {args.lr}")
@@ -872,8 +874,9 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         # seeded per concept, the same on every process, so that a resumed run starts each
         # concept exactly as an uninterrupted run with the same --seed does
         _seed_all(args.seed + 1000 * pos)
-        cl._warned_distributed = True      # its "call all_reduce_grads()" warning: train_concept does, every step
-        cl.begin_concept(token)
+        with warnings.catch_warnings():         # "call all_reduce_grads()": train_concept does, every step
+            warnings.filterwarnings("ignore", category=DistributedGradientsWarning)
+            cl.begin_concept(token)
         params = [p for p in cl.trainable_parameters() if p.requires_grad]
         bank_sig = _manifest_sig(out)
         resume = None
@@ -941,7 +944,7 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
 def _check_new_tokens(cl, pipe, folders, tokens, out_arg) -> None:
     """Every concept still to learn gets a token that is new to the pipeline's tokenizer(s) and was not used by a
     concept removed from the bank (begin_concept would refuse it, after the earlier concepts had trained)."""
-    retired = {r["name"]: r["idx"] for r in cl._retired}
+    retired = {r["name"]: r["idx"] for r in cl.retired_concepts}
     for folder, token in zip(folders, tokens):
         if token in retired:
             raise CLIError(f"concept folder {folder!r}: the token {token!r} belonged to concept {retired[token]}, which "
@@ -1208,11 +1211,7 @@ def _load_finished(pipe, args):
         raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
     unfinished = cl.active_name
     if unfinished is not None:
-        idx = cl.active_concept
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")            # "ends untrained" / "no penalty": it is dropped anyway
-            cl.end_concept()
-        cl.remove_concept(idx)
+        cl.discard_concept()                           # P and the finished concepts as they are: no fold, no refold
     return cl, unfinished
 
 
@@ -1245,7 +1244,7 @@ def _cmd_sample(args) -> int:
     # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>'); a
     # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
     added = tok.get_added_vocab()
-    removed = [r["name"] for r in cl._retired if r["name"] != unfinished]
+    removed = [r["name"] for r in cl.retired_concepts if r["name"] != unfinished]
     for name, why in [(n, "was removed from the bank") for n in removed] + \
                      ([(unfinished, "is unfinished in the bank (saved mid-training)")] if unfinished else []):
         tid = added.get(name)

@@ -105,6 +105,13 @@ class _Bundle:
         self.wcat_key = None
 
 
+class DistributedGradientsWarning(UserWarning):
+    """:meth:`CLoRAController.begin_concept` under ``torch.distributed`` with several processes: the controller's
+    parameters are not the model's, so DDP / accelerate leave their gradients unsynchronized; the training loop
+    must call :meth:`CLoRAController.all_reduce_grads`.  A loop that does can silence it by category:
+    ``warnings.filterwarnings("ignore", category=DistributedGradientsWarning)``."""
+
+
 def _cumsum(xs):
     t = 0
     for x in xs:
@@ -278,6 +285,12 @@ class CLoRAController(nn.Module):
     @property
     def has_past(self) -> bool:
         return any(p is not None for p in self._past)
+
+    @property
+    def retired_concepts(self) -> List[Dict[str, Any]]:
+        """The removed (or discarded) concepts, oldest first: ``{"idx": int, "name": str}`` each.  Their
+        names stay taken: :meth:`begin_concept` refuses them (a bank's history keeps one meaning per name)."""
+        return [dict(r) for r in self._retired]
 
     @property
     def pristine(self) -> bool:
@@ -544,8 +557,8 @@ class CLoRAController(nn.Module):
         """Called by the integration's ``unpatch()``: the model no longer calls this controller.  What only
         reads or saves the learned state (``save``, ``export_lora``, ``state_dict``, ``end_concept``) still
         works; what would act on the model or train (``begin_concept``, ``penalty``, ``merge``,
-        ``remove_concept``, ``load_bank``) raises instead of silently writing the unpatched model's weights
-        or training adapters the model never uses (zero gradients)."""
+        ``remove_concept``, ``discard_concept``, ``load_bank``) raises instead of silently writing the unpatched
+        model's weights or training adapters the model never uses (zero gradients)."""
         self._unpatched = True
 
     def _check_attached(self, what: str) -> None:
@@ -686,7 +699,8 @@ class CLoRAController(nn.Module):
             self._warned_distributed = True
             warnings.warn("clora_fast: torch.distributed runs several processes, but the controller's parameters are "
                           "not part of the model, so DDP / accelerate do not synchronize their gradients: call "
-                          "controller.all_reduce_grads() after backward() on every process", UserWarning, stacklevel=3)
+                          "controller.all_reduce_grads() after backward() on every process",
+                          DistributedGradientsWarning, stacklevel=3)
 
     def _warn_trainable_base(self) -> None:
         """The adapted projections compute with ``W0 + P`` built without autograd (W0 is frozen in C-LoRA):
@@ -782,6 +796,29 @@ class CLoRAController(nn.Module):
             hook(idx)
         self._bump()
         logger.debug("remove_concept %d (%s)", idx, c.name)
+
+    def discard_concept(self) -> int:
+        """Drop the active concept without folding it: P, the finished concepts and the base weights stay
+        exactly as they were (no refold), the concept's A / B (and the adapter's rows for it, e.g. its token
+        embedding) are released, and its name stays taken, as after :meth:`remove_concept`.  What
+        ``end_concept()`` then ``remove_concept(idx)`` would leave, without their cost (a fold, then a refold
+        of every finished concept) and without their checks of a concept that is thrown away (non-finite or
+        untrained factors).  Returns the concept's index."""
+        self._check_attached("discard_concept")
+        if self._active is None:
+            raise RuntimeError("no concept is active: discard_concept() drops the one begun by begin_concept()")
+        idx, name = self._active
+        self._active = None
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self._retired.append({"idx": idx, "name": name})
+        for hook_name in ("on_end_concept", "on_remove_concept"):    # the adapter protocol's two steps
+            hook = getattr(self.adapter, hook_name, None)
+            if hook is not None:
+                hook(idx)
+        self._bump()
+        logger.debug("discard_concept %d (%s)", idx, name)
+        return idx
 
     # ------------------------------------------------------------------ penalty
     def penalty(self) -> Tensor:

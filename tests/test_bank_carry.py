@@ -96,6 +96,52 @@ def test_bare_unet_remove_concept_then_resave(tmp_path, token_bank):
     assert not _manifest(tmp_path / "c")["adapter"]["tokens"]
 
 
+def test_discard_concept_saves_what_end_then_remove_would(tmp_path, token_bank):
+    """discard_concept() on a pipeline holding an active concept (<cd>, with its token): the bank it saves is the
+    one end_concept() + remove_concept() write, file for file (P and the finished concepts untouched: no fold,
+    no refold), the token retired on the model; the name stays taken."""
+    import warnings
+    src, rows = token_bank
+    pipes, banks = {}, {}
+    for how in ("discard", "end_remove"):
+        pipe = build_pipeline()
+        cl = clora_fast.load(pipe, src, backend="reference")
+        past = [cl.past(i).clone() for i in range(cl.num_sites)]
+        assert cl.active_name == "<cd>"
+        if how == "discard":
+            assert cl.discard_concept() == 3
+            for i in range(cl.num_sites):                 # untouched, not refolded
+                assert cl.past(i) is not None and torch.equal(cl.past(i), past[i])
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cl.end_concept()
+            cl.remove_concept(3)
+        assert cl.active_concept is None and cl.trainable_parameters() == []
+        assert cl.retired_concepts == [{"idx": 3, "name": "<cd>"}]
+        with pytest.raises(ValueError, match="already exists"):
+            cl.begin_concept("<cd>")
+        with pytest.raises(ValueError, match="retired"):
+            pipe.text_encoder(pipe.tokenizer(["a <cd>"], return_tensors="pt").input_ids)
+        cl.save(tmp_path / how)
+        pipes[how], banks[how] = pipe, _bank_files(tmp_path / how)
+    assert banks["discard"] == banks["end_remove"]
+    meta = banks["discard"][0]["adapter"]
+    assert meta["tokens"] == {"0": "<ca>", "1": "<cb>", "2": "<cc>"} and meta["retired_tokens"] == ["<cd>"]
+    _pipe, cl2, got = _pipeline_rows(tmp_path / "discard")
+    assert [c.name for c in cl2.concepts] == ["<ca>", "<cb>", "<cc>"] and cl2.active_concept is None
+    for idx in got:
+        assert torch.equal(got[idx], rows[idx]), idx
+    with pytest.raises(RuntimeError, match="no concept is active"):
+        cl2.discard_concept()
+    pipe3 = build_pipeline()
+    cl3 = clora_fast.load(pipe3, src, backend="reference")
+    clora_fast.unpatch(pipe3)                           # the model no longer calls it: refused, nothing changed
+    with pytest.raises(RuntimeError, match="unpatched"):
+        cl3.discard_concept()
+    assert cl3.active_name == "<cd>"
+
+
 def _bank_files(path):
     """{file name: bytes} of the bank's data files and its manifest (parsed)."""
     files = {p.name: p.read_bytes() for p in path.iterdir() if p.suffix == ".safetensors"}
