@@ -435,6 +435,7 @@ class CLoRAController(nn.Module):
                         self.sites[i].bias.detach() if self.sites[i].bias is not None
                         else torch.zeros(self.sites[i].out_features, dtype=w0.dtype, device=w0.device)
                         for i in bundle.site_ids])
+                    ops.mark_frozen_bias(bundle.bcat)     # never written: the merged path may keep its padding
                 else:
                     bundle.bcat = None
             bundle.wcat_key = key

@@ -31,6 +31,7 @@ import functools
 import importlib
 import numbers
 import os
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -429,13 +430,19 @@ class _PackedPenaltyFunction(torch.autograd.Function):
 #               dA    = [s_l (dy_l @ B_l)^T] @ x  (one GEMM for all segments)
 #               dB_l  = s_l dy_l^T @ xa_l
 #
-# costs the dense projection plus one more read of x and two of dy for the
-# rank-r gradients, in 11 library launches for a K/V pair (PEFT's unfused LoRA:
+# When x and A both need gradients and B is stacked (a controller's call), dy_l @ s_l B_l
+# rides along in the dx GEMMs the same way: the kept weight is [W_eff | Z] with
+# Z = blockdiag(s_l B_l) ([L*n, L*r], written in the forward by one elementwise
+# product), so sum_l dy_l @ [W_eff_l | Z_l] = [dx | (dy_l s_l B_l)_l] and dA is one
+# GEMM of its last L*r columns with x: the dy_l are read once each, by the dx GEMMs.
+#
+# For a controller's K/V pair that costs the dense projection plus one more read of x
+# and one of dy for the rank-r gradients, in 9 library launches (PEFT's unfused LoRA:
 # 25, the dense pair: 5; tests/test_ops.py::test_merged_kv_launch_counts) and
 # no Python-side kernel launch cost, which dominates the fused Triton path at
 # these sizes (benchmarks/RESULTS.md).  Precision: the products run in the
-# input dtype with fp32 accumulation, like torch's own LoRA; W_eff is rounded
-# once to the input dtype.  Used by the triton and cuda backends on CUDA
+# input dtype with fp32 accumulation, like torch's own LoRA; W_eff (and s_l B_l)
+# is rounded once to the input dtype.  Used by the triton and cuda backends on CUDA
 # tensors when all segments have one size ("auto"); the segmented Triton
 # kernels keep the grouped whole-UNet launch (unequal segments, weight >>
 # activations there).
@@ -463,20 +470,74 @@ def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return z
 
 
-def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> List[Tensor]:
-    """Write ``W_l + s_l B_l @ A_l`` into the row blocks ``out[l*n:(l+1)*n]`` and return the blocks:
-    one batched GEMM when W, A and B are each stacked and the scales equal (a controller's call),
-    else one GEMM per segment."""
+_WEAK_CACHE_MAX = 64
+
+
+def mark_frozen_bias(bias: Tensor) -> None:
+    """Declare ``bias`` a tensor nobody writes in place (a controller's folded bias, rebuilt as a new tensor
+    whenever the model's biases change): the merged strategy may then keep its zero-padded copy across calls.
+    Any other bias is padded at every call that needs it (a cache keyed on a user's tensor could not see
+    writes through ``.data``)."""
+    _FROZEN[id(bias)] = weakref.ref(bias)
+    if len(_FROZEN) > 4 * _WEAK_CACHE_MAX:          # drop the entries whose tensors are gone
+        for k in [k for k, ref in _FROZEN.items() if ref() is None]:
+            del _FROZEN[k]
+
+
+_FROZEN: dict = {}
+
+
+def _xa_bias(bias: Tensor, extra: int, per_segment_A: bool) -> Optional[Tensor]:
+    """The bias of the forward GEMM when the A rows ride along in it (``[bias; zeros(extra)]``), or None when
+    they should not: a bias marked frozen is padded once (cached with its version), another only when A comes
+    per segment (then the A rows save L GEMMs of backward, else one: not worth a concatenation per call)."""
+    ref = _FROZEN.get(id(bias))
+    if ref is None or ref() is not bias or bias.is_inference():
+        return torch.cat((bias, _zeros(extra, bias.dtype, bias.device))) if per_segment_A else None
+    key = (id(bias), extra)
+    hit = _PADDED.get(key)
+    if hit is not None and hit[0]() is bias and hit[1] == bias._version:
+        return hit[2]
+    if len(_PADDED) >= _WEAK_CACHE_MAX:
+        _PADDED.clear()
+    out = torch.cat((bias, _zeros(extra, bias.dtype, bias.device)))
+    _PADDED[key] = (weakref.ref(bias), bias._version, out)
+    return out
+
+
+_PADDED: dict = {}
+
+
+def _scale_diag(scales, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``diag(scales)`` shaped ``[L, 1, L, 1]`` (cached): ``B.view(L, n, 1, r) * it`` is ``blockdiag(s_l B_l)``
+    viewed ``[L, n, L, r]``.  In ``promote_types(dtype, float32)``, so that a bf16 / fp16 ``s_l B_l`` is computed in
+    fp32 and rounded once."""
+    key = (tuple(scales), dtype, device)
+    d = _DIAGS.get(key)
+    if d is None:
+        if len(_DIAGS) >= _WEAK_CACHE_MAX:
+            _DIAGS.clear()
+        L, dt = len(scales), torch.promote_types(dtype, torch.float32)
+        d = _DIAGS[key] = torch.diag(torch.tensor(list(scales), dtype=dt)).view(L, 1, L, 1).to(device)
+    return d
+
+
+_DIAGS: dict = {}
+
+
+def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> None:
+    """Write ``W_l + s_l B_l @ A_l`` into the row blocks ``out[l*n:(l+1)*n]`` (``out`` may be a column block
+    of a wider buffer): one batched GEMM when W, A and B are each stacked and the scales equal (a
+    controller's call), else one GEMM per segment."""
     L = len(scales)
     K = out.shape[1]
     if L > 1 and len(Wp) == len(Ap) == len(Bp) == 1 and all(sc == scales[0] for sc in scales):
-        w3 = out[:L * n].view(L, n, K)
         torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K), alpha=scales[0],
-                      out=w3)
-        return w3.unbind(0)
+                      out=out[:L * n].view(L, n, K))
+        return
     Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
-    return [torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
-            for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales))]
+    for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales)):
+        torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
 
 
 def _segments(parts, L: int, rows: int):
@@ -494,37 +555,53 @@ class _MergedLoRAFunction(torch.autograd.Function):
     Forward: ``W_eff = [W_l + s_l B_l @ A_l]`` (``[L*n, K]``), ``y = x @ W_eff^T (+ bias)``: L small
     GEMMs (or one batched) and one large one.  With ``split`` and B trainable, the rows of the A's
     ride along in the large GEMM, so ``xa_l = x @ A_l^T`` (which dB needs) comes out of it as extra
-    columns of the output's storage instead of a second read of x in backward.
-    ``W_eff`` is kept for dx (the size of the frozen weight) rather than folded again.
+    columns of the output's storage instead of a second read of x in backward (the bias, if any, padded
+    with zeros for them: cached per bias tensor).
+    ``W_eff`` is kept for dx (the size of the frozen weight) rather than folded again; when x and A need
+    gradients and B is stacked, it is kept as ``[W_eff | Z]`` with ``Z = blockdiag(s_l B_l)`` (``[L*n, L*r]``,
+    one elementwise product into the same buffer), so that the dx GEMMs also give ``G^T``.
 
     Backward, per live segment ``l`` (``dy_l [M, n]``): ``dx = sum_l dy_l @ W_eff_l``,
     ``dA = G @ x`` with ``G = [s_l (dy_l @ B_l)^T]`` stacked (``[L*r, M]``: x read once for all
-    segments), ``dB_l = s_l dy_l^T @ xa_l``, ``dW_l = dy_l^T @ x``, ``dbias_l = sum(dy_l)``."""
+    segments; with ``Z``, ``[dx | G^T] = sum_l dy_l @ [W_eff_l | Z_l]`` and dx is returned as that column
+    block, a strided view), ``dB_l = s_l dy_l^T @ xa_l``, ``dW_l = dy_l^T @ x``, ``dbias_l = sum(dy_l)``."""
 
     @staticmethod
     def forward(ctx, x, bias, scales, split, nW, nA, *tensors):
         ctx.set_materialize_grads(False)
         L = len(scales)
         Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
+        nB = len(Bp)
         n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
         r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
         need = ctx.needs_input_grad
         Ln, Lr = L * n, L * r
-        # x @ A^T rides along in the forward GEMM when that saves launches: it replaces L GEMMs of
-        # backward (one when A is stacked) at the cost of one copy of A (and one of the bias)
-        keep_xa = split and any(need[6 + nW + nA:]) and (bias is None or nA == L > 1)
-        w = Wp[0].new_empty((Ln + Lr if keep_xa else Ln, x.shape[-1]))
-        w_parts = _fold_into(w, Wp, Ap, Bp, scales, n, r)
+        # x @ A^T rides along in the forward GEMM: it replaces L GEMMs of backward (one when A is stacked),
+        # each a read of x, at the cost of one copy of A (and of the padded bias, see _xa_bias)
+        keep_xa = split and any(need[6 + nW + nA:])
+        xa_bias = _xa_bias(bias, Lr, nA == L > 1) if keep_xa and bias is not None else None
+        keep_xa = keep_xa and (bias is None or xa_bias is not None)
+        # dy_l @ s_l B_l rides along in the dx GEMMs (Z = blockdiag(s_l B_l) beside W_eff): it replaces L
+        # GEMMs of backward, each a read of dy_l, at the cost of one small elementwise product
+        ext = need[0] and any(need[6 + nW:6 + nW + nA]) and nB == 1
+        K = x.shape[-1]
+        w = Wp[0].new_empty((Ln + Lr if keep_xa else Ln, K + Lr if ext else K))
+        wk = w[:, :K] if ext else w
+        _fold_into(wk, Wp, Ap, Bp, scales, n, r)
+        if ext:
+            torch.mul(Bp[0].view(L, n, 1, r), _scale_diag(scales, Bp[0].dtype, Bp[0].device),
+                      out=w[:Ln, K:].view(L, n, L, r))
         if keep_xa:
             if nA == 1:
-                w[Ln:].copy_(Ap[0])
+                wk[Ln:].copy_(Ap[0])
             else:
-                torch.cat(Ap, out=w[Ln:])
+                torch.cat(Ap, out=wk[Ln:])
             if bias is not None:
-                bias = torch.cat((bias, _zeros(Lr, bias.dtype, bias.device)))
-        y = torch.nn.functional.linear(x, w, bias)                # [..., L*n (+ L*r)]: any leading dims
+                bias = xa_bias
+        y = torch.nn.functional.linear(x, wk, bias)               # [..., L*n (+ L*r)]: any leading dims
         ctx.save_for_backward(x, *tensors)
-        ctx.w_parts = w_parts if need[0] else None
+        ctx.w = w[:Ln] if need[0] else None                       # [L*n, K (+ L*r)]
+        ctx.ext = ext
         ctx.xa = y[..., Ln:] if keep_xa else None                 # columns no output exposes
         ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
         if not split:
@@ -550,22 +627,28 @@ class _MergedLoRAFunction(torch.autograd.Function):
             dys = [None if g is None else g.reshape(-1, n) for g in grads]
         else:
             dys = [None] * L if grads[0] is None else list(grads[0].reshape(-1, L * n).split(n, 1))
-        dx = dbias = None
+        dx = dbias = dA = None
         gW, gA, gB = [None] * nW, [None] * nA, [None] * nB
         if need[0]:
-            for dy, w in zip(dys, ctx.w_parts):
+            w = ctx.w
+            for l, dy in enumerate(dys):
                 if dy is not None:
-                    dx = dy @ w if dx is None else dx.addmm_(dy, w)
+                    wl = w[l * n:(l + 1) * n]
+                    dx = dy @ wl if dx is None else dx.addmm_(dy, wl)
+            if ctx.ext and dx is not None:                       # [dx | G^T]: G^T = [dy_l s_l B_l]_l  [M, L*r]
+                dA = dx[:, K:].t() @ x                                                 # [L*r, K]
+                dx = dx[:, :K]
             dx = x.new_zeros(x_shape) if dx is None else dx.view(x_shape)
         if any(need_a):
-            Bs = _segments(Bp, L, n)
-            G = x.new_empty((L * r, M))
-            for l in range(L):
-                if dys[l] is None:
-                    G[l * r:(l + 1) * r].zero_()
-                else:
-                    _mm(Bs[l].t(), dys[l].t(), scales[l], out=G[l * r:(l + 1) * r])   # s (dy B)^T  [r, M]
-            dA = G @ x                                                                 # [L*r, K]
+            if dA is None:
+                Bs = _segments(Bp, L, n)
+                G = x.new_empty((L * r, M))
+                for l in range(L):
+                    if dys[l] is None:
+                        G[l * r:(l + 1) * r].zero_()
+                    else:
+                        _mm(Bs[l].t(), dys[l].t(), scales[l], out=G[l * r:(l + 1) * r])   # s (dy B)^T  [r, M]
+                dA = G @ x                                                                 # [L*r, K]
             gA = [dA] if nA == 1 else [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
         if any(need_b):
             if ctx.xa is not None:
@@ -622,9 +705,15 @@ def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
         raise ValueError(f"clora_fast.ops.MERGED_IMPL must be 'auto', 'python' or 'cpp', got {MERGED_IMPL!r}")
     fn = _cpp_merged() if MERGED_IMPL != "python" else None
     if fn is not None:
-        pad = None if bias is None else _zeros(sum(a.shape[0] for a in lora_As), bias.dtype, bias.device)
-        outs = fn(x, list(weights), list(lora_As), list(lora_Bs), bias, pad, [float(v) for v in scales], split,
-                  torch.is_grad_enabled())
+        # the cached tensors the Function's ride-along columns need (it decides as the Python one does)
+        grad = torch.is_grad_enabled()
+        padded = diag = None                    # (no padded bias: no A rows in the forward GEMM)
+        if grad and split and bias is not None and any(b.requires_grad for b in lora_Bs):
+            padded = _xa_bias(bias, sum(a.shape[0] for a in lora_As), len(lora_As) == len(scales) > 1)
+        if grad and len(lora_Bs) == 1 and x.requires_grad and any(a.requires_grad for a in lora_As):
+            diag = _scale_diag(scales, lora_Bs[0].dtype, lora_Bs[0].device)
+        outs = fn(x, list(weights), list(lora_As), list(lora_Bs), bias, padded, diag, [float(v) for v in scales],
+                  split, grad)
         return tuple(outs) if split else outs[0]
     if MERGED_IMPL == "cpp":
         raise RuntimeError("clora_fast.ops.MERGED_IMPL='cpp' needs the C++ extension clora_fast._host, which is "

@@ -4,13 +4,17 @@
 // when it is missing).
 //
 // Math (L equal segments of n output rows; W_l [n, K], A_l [r, K], B_l [n, r], scale s_l):
-//   forward   W_eff = [W_l + s_l B_l @ A_l]  ([L*n, K]),  y = x @ [W_eff; A]^T (+ bias)
+//   forward   W_eff = [W_l + s_l B_l @ A_l]  ([L*n, K]),  y = x @ [W_eff; A]^T (+ [bias; 0])
 //             (the A rows only with split outputs and a trainable B: the extra columns are xa = x @ A^T)
 //   backward  dx = sum_l dy_l @ W_eff_l,  dA = [s_l (dy_l @ B_l)^T] @ x,  dB_l = s_l dy_l^T @ xa_l,
 //             dW_l = dy_l^T @ x,  dbias_l = sum_rows(dy_l)
+//   With x and A trainable and B stacked, the weight kept for dx is [W_eff | Z], Z = blockdiag(s_l B_l)
+//   ([L*n, L*r]), so that sum_l dy_l @ [W_eff_l | Z_l] = [dx | G^T] and dA = G @ x (dx: a column block).
 // Shapes: x [..., K]; Ws / As / Bs each one tensor per segment or one stacked tensor ([L*n, K], [L*r, K],
-// [L*n, r]); bias [L*n] or none.  Returns the L segment outputs [..., n] (views of one [..., L*n(+L*r)]
-// tensor) when split, else [y].
+// [L*n, r]); bias [L*n] or none; padded_bias [L*n + L*r] (the bias with zeros for the xa columns, or none:
+// then with a bias the A rows do not ride along); diag [L, 1, L, 1] = diag(s_l) (in promote(B's dtype,
+// float32)) when Z is built.  The Python caller decides and caches both (ops._xa_bias, ops._scale_diag).  Returns the L segment outputs [..., n] (views of
+// one [..., L*n(+L*r)] tensor) when split, else [y].
 //
 // Why C++: at the small shapes of SD cross-attention and ViT-B layers a GPU training step is bound by the
 // host, and the Python autograd Function around these ~11 ATen calls costs more host time than the calls
@@ -74,7 +78,8 @@ variable_list poison(variable_list grads, const variable_list& anchors) {
 
 struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList Ws, at::TensorList As,
-                               at::TensorList Bs, const std::optional<Tensor>& bias, const std::optional<Tensor>& pad,
+                               at::TensorList Bs, const std::optional<Tensor>& bias,
+                               const std::optional<Tensor>& padded_bias, const std::optional<Tensor>& diag,
                                std::vector<double> scales, bool split, bool grad_enabled) {
     ctx->set_materialize_grads(false);
     const int64_t L = static_cast<int64_t>(scales.size());
@@ -82,40 +87,45 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     const int64_t n = nW == L ? Ws[0].size(0) : Ws[0].size(0) / L;
     const int64_t r = nA == L ? As[0].size(0) : As[0].size(0) / L;
     const int64_t K = x.size(-1), Ln = L * n, Lr = L * r;
-    bool b_trains = false;
+    bool b_trains = false, a_trains = false;
     for (const auto& b : Bs) b_trains = b_trains || b.requires_grad();
+    for (const auto& a : As) a_trains = a_trains || a.requires_grad();
     const bool has_bias = bias.has_value() && bias->defined();
-    const bool keep_xa = split && grad_enabled && b_trains && (!has_bias || (nA == L && L > 1));
+    const bool has_padded = padded_bias.has_value() && padded_bias->defined();
+    const bool keep_xa = split && grad_enabled && b_trains && (!has_bias || has_padded);
+    const bool ext = grad_enabled && x.requires_grad() && a_trains && nB == 1;
+    TORCH_CHECK(!ext || (diag.has_value() && diag->defined()),
+                "merged_lora: diag is needed (x and A trainable, B stacked)");
 
-    Tensor w = at::empty({keep_xa ? Ln + Lr : Ln, K}, Ws[0].options());
-    std::vector<Tensor> w_parts;
+    Tensor w = at::empty({keep_xa ? Ln + Lr : Ln, ext ? K + Lr : K}, Ws[0].options());
+    Tensor wk = ext ? w.narrow(1, 0, K) : w;
     bool equal = true;
     for (double sc : scales) equal = equal && sc == scales[0];
     if (L > 1 && nW == 1 && nA == 1 && nB == 1 && equal) {
-      Tensor w3 = w.narrow(0, 0, Ln).view({L, n, K});
+      Tensor w3 = wk.narrow(0, 0, Ln).view({L, n, K});
       at::baddbmm_out(w3, Ws[0].reshape({L, n, K}), Bs[0].reshape({L, n, r}), As[0].reshape({L, r, K}), 1.0,
                       scales[0]);
-      w_parts = w3.unbind(0);
     } else {
       for (int64_t l = 0; l < L; ++l) {
-        Tensor out = w.narrow(0, l * n, n);
+        Tensor out = wk.narrow(0, l * n, n);
         at::addmm_out(out, segment(Ws, L, n, l), segment(Bs, L, n, l), segment(As, L, r, l), 1.0, scales[l]);
-        w_parts.push_back(out);
       }
+    }
+    if (ext) {        // Z = blockdiag(s_l B_l) beside W_eff
+      Tensor z = w.narrow(0, 0, Ln).narrow(1, K, Lr).view({L, n, L, r});
+      at::mul_out(z, Bs[0].view({L, n, 1, r}), *diag);
     }
     std::optional<Tensor> b = has_bias ? bias : std::nullopt;
     if (keep_xa) {
-      Tensor rows = w.narrow(0, Ln, Lr);
+      Tensor rows = wk.narrow(0, Ln, Lr);
       if (nA == 1) {
         rows.copy_(As[0]);
       } else {
         at::cat_out(rows, As, 0);
       }
-      if (has_bias) {   // the extra columns get no bias: `pad` is the caller's cached zero vector [L*r]
-        b = at::cat({*bias, pad.has_value() && pad->defined() ? *pad : at::zeros({Lr}, bias->options())});
-      }
+      if (has_bias) b = *padded_bias;                     // the extra columns get no bias
     }
-    Tensor y = at::linear(x, w, b);                       // [..., L*n (+ L*r)]
+    Tensor y = at::linear(x, wk, b);                      // [..., L*n (+ L*r)]
 
     variable_list to_save{x};
     to_save.insert(to_save.end(), Ws.begin(), Ws.end());
@@ -124,11 +134,11 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     ctx->save_for_backward(to_save);
     // W_eff (for dx) and xa (columns no output exposes) are kept as data: no version check, like the
     // Python Function's attributes
-    if (grad_enabled && x.requires_grad()) ctx->saved_data["w"] = w.narrow(0, 0, Ln);
+    if (grad_enabled && x.requires_grad()) ctx->saved_data["w"] = w.narrow(0, 0, Ln);   // [L*n, K (+ L*r)]
     if (keep_xa) ctx->saved_data["xa"] = y.narrow(-1, Ln, Lr);
     ctx->saved_data["scales"] = scales;
     ctx->saved_data["split"] = split;
-    ctx->saved_data["dims"] = std::vector<int64_t>{nW, nA, nB, n, r, has_bias ? 1 : 0};
+    ctx->saved_data["dims"] = std::vector<int64_t>{nW, nA, nB, n, r, has_bias ? 1 : 0, ext ? 1 : 0};
     if (!split) return {y};
     std::vector<int64_t> sizes(L, n);
     if (keep_xa) sizes.push_back(Lr);
@@ -155,7 +165,7 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     const bool split = ctx->saved_data["split"].toBool();
     const auto dims = ctx->saved_data["dims"].toIntVector();
     const int64_t nW = dims[0], nA = dims[1], nB = dims[2], n = dims[3], r = dims[4];
-    const bool has_bias = dims[5] != 0;
+    const bool has_bias = dims[5] != 0, ext = dims[6] != 0;
     const int64_t L = static_cast<int64_t>(scales.size()), Ln = L * n, Lr = L * r;
     Tensor x = saved[0];
     std::vector<Tensor> Ws(saved.begin() + 1, saved.begin() + 1 + nW);
@@ -181,7 +191,7 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
       for (int64_t l = 0; l < L; ++l) dys[l] = pieces[l];
     }
 
-    Tensor dx, dbias;
+    Tensor dx, dbias, dA;
     std::vector<Tensor> gW(nW), gA(nA), gB(nB);
     if (need(0)) {
       Tensor w = ctx->saved_data["w"].toTensor();
@@ -190,19 +200,25 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
         Tensor wl = w.narrow(0, l * n, n);
         dx = dx.defined() ? dx.addmm_(dys[l], wl) : at::mm(dys[l], wl);
       }
+      if (ext && dx.defined()) {                  // [dx | G^T]: G^T = [dy_l s_l B_l]_l  [M, L*r]
+        dA = at::mm(dx.narrow(1, K, Lr).t(), x);                                // [L*r, K]
+        dx = dx.narrow(1, 0, K);
+      }
       dx = dx.defined() ? dx.view(x_shape) : at::zeros(x_shape, x.options());
     }
     if (need_a) {
-      Tensor G = at::empty({Lr, M}, x.options());
-      for (int64_t l = 0; l < L; ++l) {
-        Tensor rows = G.narrow(0, l * r, r);
-        if (!dys[l].defined()) {
-          rows.zero_();
-        } else {
-          mm_scaled(segment(Bs, L, n, l).t(), dys[l].t(), scales[l], rows);   // s (dy B)^T  [r, M]
+      if (!dA.defined()) {
+        Tensor G = at::empty({Lr, M}, x.options());
+        for (int64_t l = 0; l < L; ++l) {
+          Tensor rows = G.narrow(0, l * r, r);
+          if (!dys[l].defined()) {
+            rows.zero_();
+          } else {
+            mm_scaled(segment(Bs, L, n, l).t(), dys[l].t(), scales[l], rows);   // s (dy B)^T  [r, M]
+          }
         }
+        dA = at::mm(G, x);                                                      // [L*r, K]
       }
-      Tensor dA = at::mm(G, x);                                                 // [L*r, K]
       if (nA == 1) {
         gA[0] = dA;
       } else {
@@ -249,13 +265,14 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
         sums.push_back(dys[l].defined() ? dys[l].sum({0}, false, acc) : at::zeros({n}, x.options().dtype(acc)));
       dbias = at::cat(sums).to(x.scalar_type());
     }
-    // one gradient per forward argument: x, each of Ws / As / Bs, bias, pad, scales, split, grad_enabled
+    // one gradient per forward argument: x, each of Ws / As / Bs, bias, padded_bias, diag, scales, split,
+    // grad_enabled
     variable_list out{dx};
     out.insert(out.end(), gW.begin(), gW.end());
     out.insert(out.end(), gA.begin(), gA.end());
     out.insert(out.end(), gB.begin(), gB.end());
     out.push_back(dbias);
-    for (int i = 0; i < 4; ++i) out.push_back(Tensor());
+    for (int i = 0; i < 5; ++i) out.push_back(Tensor());
     return out;
   }
 };
@@ -264,12 +281,12 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
 
 std::vector<Tensor> merged_lora(const Tensor& x, std::vector<Tensor> Ws, std::vector<Tensor> As,
                                 std::vector<Tensor> Bs, const std::optional<Tensor>& bias,
-                                const std::optional<Tensor>& pad, std::vector<double> scales, bool split,
-                                bool grad_enabled) {
+                                const std::optional<Tensor>& padded_bias, const std::optional<Tensor>& diag,
+                                std::vector<double> scales, bool split, bool grad_enabled) {
   TORCH_CHECK(!scales.empty() && !Ws.empty() && !As.empty() && !Bs.empty(),
               "merged_lora: scales, Ws, As and Bs must be non-empty (the Python caller checks the inputs)");
-  return MergedLoRA::apply(x, at::TensorList(Ws), at::TensorList(As), at::TensorList(Bs), bias, pad, scales,
-                           split, grad_enabled);
+  return MergedLoRA::apply(x, at::TensorList(Ws), at::TensorList(As), at::TensorList(Bs), bias, padded_bias, diag,
+                           scales, split, grad_enabled);
 }
 
 }  // namespace clora_fast
@@ -277,8 +294,9 @@ std::vector<Tensor> merged_lora(const Tensor& x, std::vector<Tensor> Ws, std::ve
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clora_fast host-side C++ (autograd Functions that save Python overhead per call)";
   m.def("merged_lora", &clora_fast::merged_lora,
-        "outs = merged_lora(x, Ws, As, Bs, bias, pad, scales, split, grad_enabled): the merged-weight LoRA "
-        "projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",
+        "outs = merged_lora(x, Ws, As, Bs, bias, padded_bias, diag, scales, split, grad_enabled): the merged-weight "
+        "LoRA projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",
         pybind11::arg("x"), pybind11::arg("Ws"), pybind11::arg("As"), pybind11::arg("Bs"), pybind11::arg("bias"),
-        pybind11::arg("pad"), pybind11::arg("scales"), pybind11::arg("split"), pybind11::arg("grad_enabled"));
+        pybind11::arg("padded_bias"), pybind11::arg("diag"), pybind11::arg("scales"), pybind11::arg("split"),
+        pybind11::arg("grad_enabled"));
 }
