@@ -13,9 +13,11 @@ around them.  This script measures both, on any machine:
             a CPU op costs less to launch than a CUDA one)
 
 Sections (each call = forward + backward with fixed output gradients):
-  kv_layer     one attention layer's K and V: dense (two F.linear), ours (lora_kv_projection; on a CPU
-               with strategy="merged", what "auto" takes on CUDA), fused (segmented Triton kernels; GPU, or
-               counts under --interpret), peft (peft LoRA layers), naive (W0 + P + s*B@A materialised per call)
+  kv_layer     one attention layer's K and V: dense (two F.linear), ours (the controller's call:
+               segmented_lora_projection on flat factors with split outputs; on a CPU with strategy="merged",
+               what "auto" takes on CUDA), kv_op (lora_kv_projection with per-projection factors and biases, as
+               a user holds them), fused (segmented Triton kernels; GPU, or counts under --interpret), peft (peft
+               LoRA layers), naive (W0 + P + s*B@A materialised per call)
                - "sd": no bias (SD attn2 to_k/to_v); "vit": with bias (ViT key/value)
   unet_kv_all  all 32 SD-1.5 cross-attention K/V projections (the config's output widths / 40, in 32):
                dense_cat (one F.linear), grouped (one segmented call: the controller's), per_layer
@@ -46,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 import _common as C  # noqa: E402
 from bench_ops import peft_module  # noqa: E402
 
-KV_METHODS = ["dense", "ours", "fused", "peft", "naive"]
+KV_METHODS = ["dense", "ours", "kv_op", "fused", "peft", "naive"]
 UNET_METHODS = ["dense_cat", "grouped", "per_layer", "peft"]
 PEN_METHODS = ["packed", "naive"]
 STEP_METHODS = ["none", "clora", "peft"]
@@ -73,11 +75,12 @@ def host_us(fns: dict, device: torch.device, rounds: int, calls: int) -> dict:
 
 
 def step_fn(outs_fn, grads, leaves):
+    """Forward + backward, the gradients of ``leaves`` handed back as ``torch.autograd.grad`` does (x stands for
+    an activation: its gradient is not copied into a leaf's ``.grad``; nothing accumulates between calls)."""
+    leaves = list(leaves)
+
     def fn():
-        for t in leaves:
-            t.grad = None
-        outs = outs_fn()
-        torch.autograd.backward(list(outs), list(grads))
+        torch.autograd.grad(list(outs_fn()), leaves, list(grads), allow_unused=True)
     return fn
 
 
@@ -165,16 +168,29 @@ class Bench:
             bk = (lambda i: None) if bias is None else (lambda i: bias[i])
             on_cuda = dev.type == "cuda"
 
-            def mk_ours(strategy):
+            # the factors and bias as a controller holds them (flat A and B, one bias marked frozen)
+            A_flat, B_flat = (torch.cat([t.detach() for t in ts]).requires_grad_() for ts in (A, B))
+            W_cat = torch.cat(W)
+            b_cat = None if bias is None else torch.cat(bias)
+            if b_cat is not None:
+                ops.mark_frozen_bias(b_cat)
+
+            def mk_ours(strategy, call="controller"):
                 def make():
-                    kw = dict(scale=s, biases=bias)
+                    kw = {}
                     if strategy == "fused":
                         if not self.triton:
                             raise RuntimeError("the Triton kernels need a GPU (or --interpret)")
                         kw.update(backend="triton", strategy="fused")
                     elif not on_cuda:
                         kw.update(strategy="merged")     # what backend "auto" takes on CUDA
-                    fn = step_fn(lambda: ops.lora_kv_projection(x, W, A, B, **kw), gy, leaves)
+                    if call == "controller":
+                        fn = step_fn(lambda: ops.segmented_lora_projection(x, W_cat, A_flat, B_flat, (0, n, 2 * n), s,
+                                                                           bias=b_cat, split=True, **kw),
+                                     gy, [x, A_flat, B_flat])
+                    else:
+                        fn = step_fn(lambda: ops.lora_kv_projection(x, W, A, B, scale=s, biases=bias, **kw), gy,
+                                     leaves)
                     return fn, strategy != "fused" or on_cuda
                 return make
 
@@ -194,7 +210,8 @@ class Bench:
 
             self.measure("kv_layer", case, {
                 "dense": lambda: (step_fn(lambda: [F.linear(x, W[i], bk(i)) for i in range(2)], gy, [x]), True),
-                "ours": mk_ours("auto"), "fused": mk_ours("fused"), "peft": mk_peft, "naive": mk_naive})
+                "ours": mk_ours("auto"), "kv_op": mk_ours("auto", "kv_op"), "fused": mk_ours("fused"),
+                "peft": mk_peft, "naive": mk_naive})
 
     # ------------------------------------------------------------ all 32 SD K/V projections
     def unet_kv_all(self):

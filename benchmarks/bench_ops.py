@@ -17,7 +17,10 @@ Compared, on the same tensors:
 
 Sections:
   kv_layer     one attention layer's K and V (SD-1.5 attn2: 77 tokens x batch, 768 -> 320/640/1280;
-               ViT-B/16: 197 tokens x batch, 768 -> 768)
+               ViT-B/16: 197 tokens x batch, 768 -> 768); clora[*] / fused[*] take the factors as a
+               controller holds them (one flat A and B for K and V, split outputs: the ViT integration's
+               call); every method hands its gradients back as torch.autograd.grad does (x stands for
+               an activation; nothing accumulates into .grad between timed calls)
   unet_kv_all  all 32 SD-1.5 cross-attention K/V projections of one UNet forward: the grouped launch
                (segmented_lora_projection) against 32 separate ones, PEFT, naive and dense
   penalty      forgetting penalty fwd+grad, single layers and grouped over all SD / ViT-B projections;
@@ -123,16 +126,20 @@ def peft_module(weights, loras, r, scale, names):
     return m, params
 
 
-def run_fn(outs_fn, grads, backward: bool):
-    """fn for the timer: forward (autograd recording) and, for fwd+bwd, backward with fixed output grads."""
+def run_fn(outs_fn, grads, backward: bool, inputs=()):
+    """``(fn, inputs)`` for the timer: fn runs the forward (autograd recording) and, for fwd+bwd, the backward
+    with fixed output grads, handing the gradients of ``inputs`` back as ``torch.autograd.grad`` does: x stands
+    for a model's activation, whose gradient goes on to the layer before (not copied into a leaf's ``.grad``,
+    which would have to match x's layout), and the parameters' gradients are taken as a training step with
+    ``zero_grad(set_to_none=True)`` takes them (no accumulation from one timed call into the next)."""
+    inputs = list(inputs)
     if backward:
         def fn():
-            outs = outs_fn()
-            torch.autograd.backward(list(outs), list(grads))
+            torch.autograd.grad(list(outs_fn()), inputs, list(grads), allow_unused=True)
     else:
         def fn():
             outs_fn()
-    return fn
+    return fn, inputs
 
 
 def proj_cost(M, K, Ns, r, es, backward, lora=True):
@@ -279,11 +286,15 @@ class Bench:
             gy = [torch.randn(M, N, generator=self.gen, device=dev).to(dtype) for _ in range(2)]
             ab = [p for f in fac for p in f[:2]]
             leaves = ([x] if bwd else []) + ab
+            # ours takes the factors as a controller holds them (one flat A and one flat B per group: the
+            # ViT integration's project_group, the SD per-layer project_pair) with the K/V outputs split
+            a_flat = torch.cat([fac[0][0].detach(), fac[1][0].detach()]).requires_grad_()
+            b_flat = torch.cat([fac[0][1].detach(), fac[1][1].detach()]).requires_grad_()
             fl_l, by_l = proj_cost(M, K, [N, N], r, C.ESIZE[dt], bwd)
             fl_d, by_d = proj_cost(M, K, [N, N], r, C.ESIZE[dt], bwd, lora=False)
 
             def mk_dense():
-                return run_fn(lambda: (F.linear(x, wf[0]), F.linear(x, wf[1])), gy, bwd), [x] if bwd else []
+                return run_fn(lambda: (F.linear(x, wf[0]), F.linear(x, wf[1])), gy, bwd, [x] if bwd else [])
 
             def mk_ours(backend, strategy="auto"):
                 def make():
@@ -291,21 +302,21 @@ class Bench:
                     if why:
                         raise RuntimeError(why)
                     if self.cl.ops is not None:
-                        op = self.cl.ops.lora_kv_projection
+                        op = self.cl.ops.segmented_lora_projection
                         kw = {} if strategy == "auto" else {"strategy": strategy}
-                        f = lambda: op(x, (wf[0], wf[1]), (fac[0][0], fac[1][0]), (fac[0][1], fac[1][1]),  # noqa
-                                       scale=s, backend=backend, **kw)
-                    else:
-                        ref = self.cl.reference.lora_projection
-                        f = lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s),  # noqa: E731
-                                     ref(x, wf[1], fac[1][0], fac[1][1], s))
-                    return run_fn(f, gy, bwd), leaves
+                        f = lambda: op(x, wkv, a_flat, b_flat, (0, N, 2 * N), s, backend=backend,  # noqa: E731
+                                       split=True, **kw)
+                        return run_fn(f, gy, bwd, ([x] if bwd else []) + [a_flat, b_flat])
+                    ref = self.cl.reference.lora_projection
+                    f = lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s),  # noqa: E731
+                                 ref(x, wf[1], fac[1][0], fac[1][1], s))
+                    return run_fn(f, gy, bwd, leaves)
                 return make
 
             def mk_eager():
                 ref = self.cl.reference.lora_projection
                 return run_fn(lambda: (ref(x, wf[0], fac[0][0], fac[0][1], s),
-                                       ref(x, wf[1], fac[1][0], fac[1][1], s)), gy, bwd), leaves
+                                       ref(x, wf[1], fac[1][0], fac[1][1], s)), gy, bwd, leaves)
 
             def mk_peft():
                 m, params = peft_module(w, [(fac[0][0].detach(), fac[0][1].detach()),
@@ -313,7 +324,7 @@ class Bench:
                 with torch.no_grad():  # base weights = the folded ones, same as the other methods
                     m.to_k.base_layer.weight.copy_(wf[0])
                     m.to_v.base_layer.weight.copy_(wf[1])
-                return run_fn(lambda: (m.to_k(x), m.to_v(x)), gy, bwd), ([x] if bwd else []) + params
+                return run_fn(lambda: (m.to_k(x), m.to_v(x)), gy, bwd, ([x] if bwd else []) + params)
 
             def mk_naive():
                 def f():
@@ -323,7 +334,7 @@ class Bench:
                         wt = w[i] + s * (bp @ ap) + s * (b @ a)
                         out.append(F.linear(x, wt))
                     return out
-                return run_fn(f, gy, bwd), leaves
+                return run_fn(f, gy, bwd, leaves)
 
             makers = {"dense": mk_dense, "clora[triton]": mk_ours("triton"),
                       "fused[triton]": mk_ours("triton", "fused"), "clora[cuda]": mk_ours("cuda"),
@@ -384,10 +395,10 @@ class Bench:
         scales = tuple([s] * L)
 
         def mk_dense():
-            return run_fn(lambda: [F.linear(x, wi) for wi in wf], gy, bwd), xs
+            return run_fn(lambda: [F.linear(x, wi) for wi in wf], gy, bwd, xs)
 
         def mk_dense_cat():
-            return run_fn(lambda: (F.linear(x, wcat),), (gycat,), bwd), xs
+            return run_fn(lambda: (F.linear(x, wcat),), (gycat,), bwd, xs)
 
         def mk_grouped(backend):
             def make():
@@ -400,7 +411,7 @@ class Bench:
                 else:
                     ref = self.cl.reference.segmented_lora_projection
                     f = lambda: (ref(x, wcat, acat, bcat, offs, scales),)  # noqa: E731
-                return run_fn(f, (gycat,), bwd), xs + [acat, bcat]
+                return run_fn(f, (gycat,), bwd, xs + [acat, bcat])
             return make
 
         def mk_separate(backend):
@@ -410,20 +421,20 @@ class Bench:
                     raise RuntimeError(why)
                 op = self.cl.ops.lora_projection
                 f = lambda: [op(x, wf[i], fac[i][0], fac[i][1], scale=s, backend=backend) for i in range(L)]  # noqa
-                return run_fn(f, gy, bwd), xs + ab
+                return run_fn(f, gy, bwd, xs + ab)
             return make
 
         def mk_peft():
             names = [f"p{i}" for i in range(L)]
             m, params = peft_module(wf, [(f[0].detach(), f[1].detach()) for f in fac], r, s, names)
             mods = [getattr(m, n) for n in names]
-            return run_fn(lambda: [mod(x) for mod in mods], gy, bwd), xs + params
+            return run_fn(lambda: [mod(x) for mod in mods], gy, bwd, xs + params)
 
         def mk_naive():
             def f():
                 return [F.linear(x, w[i] + s * (fac[i][3] @ fac[i][2]) + s * (fac[i][1] @ fac[i][0]))
                         for i in range(L)]
-            return run_fn(f, gy, bwd), xs + ab
+            return run_fn(f, gy, bwd, xs + ab)
 
         makers = {"dense": mk_dense, "dense_cat": mk_dense_cat,
                   "grouped[triton]": mk_grouped("triton"), "grouped[cuda]": mk_grouped("cuda"),

@@ -308,7 +308,9 @@ def test_bench_host_counts_launches(tmp_path, interpret):
             assert r["status"].startswith("counted only (") and r["host_us"] is None, r
     assert got[("kv_layer", "sd", "dense")]["launches"] == 5
     for c in ("sd", "vit"):
-        assert got[("kv_layer", c, "peft")]["launches"] >= 1.9 * got[("kv_layer", c, "ours")]["launches"]
+        ours = got[("kv_layer", c, "ours")]["launches"]          # the controller's call: 9 on torch 2.14
+        assert got[("kv_layer", c, "peft")]["launches"] >= 1.9 * ours
+        assert ours <= got[("kv_layer", c, "dense")]["launches"] + 4 and ours <= got[("kv_layer", c, "kv_op")]["launches"]
     if interpret and diffusers:
         # the adapted SD step launches about as many kernels as the no-adapter one (one grouped K/V call
         # replaces the dense to_k/to_v calls; the penalty and the optimizer add a few), PEFT many more
