@@ -103,6 +103,7 @@ class _Bundle:
         self.wcat: Optional[Tensor] = None     # [N, in] folded weights (weight dtype)
         self.bcat: Optional[Tensor] = None     # [N] biases (zeros where a site has none)
         self.wcat_key = None
+        self.wcast: Optional[tuple] = None     # (dtype, wcat it was cast from, wcat, bcat) under autocast
 
 
 class DistributedGradientsWarning(UserWarning):
@@ -419,8 +420,31 @@ class CLoRAController(nn.Module):
         acc = torch.promote_types(w0.dtype, torch.float32)   # fp32, or fp64 for an fp64 model
         return (w0.to(acc) + p.to(w0.device, acc)).to(w0.dtype)
 
-    def _bundle_weights(self, bundle: _Bundle) -> Tuple[Tensor, Optional[Tensor]]:
-        """Concatenated folded weights and biases of a bundle, rebuilt when P or W0 changed."""
+    def _bundle_weights(self, bundle: _Bundle, autocast: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
+        """Concatenated folded weights and biases of a bundle, rebuilt when P or W0 changed.  ``autocast``: the
+        dtype of an enabled torch.autocast region; the tensors come cast to it as autocast's rule for linear
+        layers would (floating, not float64), cast once per rebuild instead of at every call (autocast caches
+        only leaves that require grad: a frozen folded weight would be cast again at every forward)."""
+        wcat, bcat = self._bundle_folded(bundle)
+        if autocast is None or wcat.dtype in (autocast, torch.float64) or not wcat.is_floating_point():
+            return wcat, bcat
+        c = bundle.wcast
+        if c is None or c[0] != autocast or c[1] is not wcat:
+            with torch.inference_mode(False), torch.no_grad():
+                wc = wcat.to(autocast)
+                bc = None if bcat is None else bcat.to(autocast)
+            if bc is not None:
+                ops.mark_frozen_bias(bc)
+            c = bundle.wcast = (autocast, wcat, wc, bc)
+        return c[2], c[3]
+
+    def _autocast_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+        dev = x.device.type
+        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        return None
+
+    def _bundle_folded(self, bundle: _Bundle) -> Tuple[Tensor, Optional[Tensor]]:
         key = (self._version, tuple(_tensor_key(self.sites[i].weight) for i in bundle.site_ids),
                tuple(_tensor_key(self.sites[i].bias) for i in bundle.site_ids))
         if bundle.wcat is None or bundle.wcat_key != key:
@@ -439,13 +463,12 @@ class CLoRAController(nn.Module):
                 else:
                     bundle.bcat = None
             bundle.wcat_key = key
+            bundle.wcast = None                           # its autocast copy is stale (and freed) too
         return bundle.wcat, bundle.bcat
 
     def _compute_dtype(self, x: Tensor) -> torch.dtype:
-        dev = x.device.type
-        if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-            return torch.get_autocast_dtype(dev)
-        return x.dtype
+        ac = self._autocast_dtype(x)
+        return x.dtype if ac is None else ac
 
     def _check_input(self, x, in_features: int, method: str, *names) -> None:
         """``x`` is a tensor ``[..., in_features]``; errors name ``method(*names)``."""
@@ -493,9 +516,10 @@ class CLoRAController(nn.Module):
             # whole parameter in backward: two per layer here instead of four.
             bundle, r = self._bundles[b], self.rank
             lo, mid, hi = bundle.offsets[pk], bundle.offsets[pk + 1], bundle.offsets[pk + 2]
-            wcat, bcat = self._bundle_weights(bundle)
+            ac = self._autocast_dtype(x)
+            wcat, bcat = self._bundle_weights(bundle, ac)
             As, Bs = self._flat_factors()
-            dt = self._compute_dtype(x)
+            dt = x.dtype if ac is None else ac
             k, v = ops.segmented_lora_projection(
                 x, _rows(wcat, lo, hi), _rows(As[b], pk * r, (pk + 2) * r).to(dt), _rows(Bs[b], lo, hi).to(dt),
                 (0, mid - lo, hi - lo), self.scale, bias=None if bcat is None else _rows(bcat, lo, hi),
@@ -536,12 +560,13 @@ class CLoRAController(nn.Module):
         if self.pristine:
             return [nn.functional.linear(x, self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
         self._sync_bundle_device(b)
-        wcat, bcat = self._bundle_weights(bundle)
+        ac = self._autocast_dtype(x)
+        wcat, bcat = self._bundle_weights(bundle, ac)
         # split outputs: the sites' gradients are gathered with one concatenation (slicing one output
         # would make autograd zero-fill a full-width gradient per site)
         if self._active is None:
             return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), bundle.offsets))
-        dt = self._compute_dtype(x)
+        dt = x.dtype if ac is None else ac
         As, Bs = self._flat_factors()
         return list(ops.segmented_lora_projection(x, wcat, As[b].to(dt), Bs[b].to(dt),
                                                   bundle.offsets, self.scale, bias=bcat, backend=self.backend,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from clora_fast import ops
 from clora_fast import reference as R
 from clora_fast.controller import DEFAULT_PENALTY_WEIGHT, CLoRAController, Site
 
@@ -406,6 +407,71 @@ def test_no_grad_and_autocast_bf16():
         loss = sum(y.float().sum() for y in c.project_group("g", x))
     loss.backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in c.trainable_parameters())
+
+
+class _CastShapes(__import__("torch.utils._python_dispatch", fromlist=["TorchDispatchMode"]).TorchDispatchMode):
+    """The input shapes of every cast down from float32 (aten._to_copy) run inside the block."""
+
+    def __enter__(self):
+        self.shapes = set()
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 != out.dtype:
+            self.shapes.add(tuple(args[0].shape))
+        return out
+
+
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_autocast_casts_the_folded_weights_once(strategy, monkeypatch):
+    """Under autocast the folded weights and biases are cast to the autocast dtype once per state, not at every
+    call (autocast itself recasts a frozen weight at every forward): the same outputs and gradients as casting
+    them per call, no weight cast in a steady call, and a new cast after a state change or a weight write."""
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
+    sites = make_sites(bias=True)
+    c = CLoRAController(sites, rank=2, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.begin_concept()
+    randomize(c, seed=3)
+    x = torch.randn(2, 3, IN, requires_grad=True)
+    bf = torch.bfloat16
+
+    def run():
+        with torch.autocast("cpu", dtype=bf):
+            ys = c.project_group("g", x)
+        return ys, torch.autograd.grad([y.float().square().sum() for y in ys], [x] + c.trainable_parameters())
+
+    def want():          # the same call with the folded weights cast per call by the ops' own autocast rule
+        w = torch.cat([c.folded_weight(i) for i in range(c.num_sites)])
+        b = torch.cat([s.bias if s.bias is not None else torch.zeros(s.out_features) for s in sites])
+        A, B = c.lora_A[0], c.lora_B[0]
+        with torch.autocast("cpu", dtype=bf):
+            y = ops.segmented_lora_projection(x, w, A.to(bf), B.to(bf), c._bundles[0].offsets, c.scale, bias=b,
+                                              backend="reference", split=True)
+        return y, torch.autograd.grad([t.float().square().sum() for t in y], [x] + c.trainable_parameters())
+
+    for step in ("first", "steady", "new weight"):
+        if step == "new weight":
+            with torch.no_grad():
+                sites[0].weight.mul_(1.5)                 # a version bump: refolded, and cast again
+        (ys, gs), (yw, gw) = run(), want()
+        for a, b in zip(list(ys) + list(gs), list(yw) + list(gw)):
+            assert torch.equal(a, b), step
+        cast = c._bundles[0].wcast
+        assert cast is not None and cast[2].dtype == bf and cast[3].dtype == bf
+        with _CastShapes() as seen:
+            run()
+        n = c._bundles[0].n_out
+        assert seen.shapes and not {(n, IN), (n,)} & seen.shapes, (step, seen.shapes)    # never the weight or bias
+    c.end_concept()                                       # a new P: refolded and cast again at the next call
+    w = torch.cat([c.folded_weight(i) for i in range(c.num_sites)])
+    b = torch.cat([s.bias if s.bias is not None else torch.zeros(s.out_features) for s in sites])
+    with torch.no_grad(), torch.autocast("cpu", dtype=bf):
+        got, want = torch.cat(c.project_group("g", x), -1), torch.nn.functional.linear(x, w, b)
+    assert torch.equal(got, want) and c._bundles[0].wcast[1] is c._bundles[0].wcat
 
 
 def test_model_dtype_fp16_weights_cast_factors():
