@@ -447,7 +447,7 @@ def check_targets(bench: Bench, echo: bool = True) -> C.Targets:
     for section, what in (("sd_step", "SD UNet"), ("vit_step", "ViT")):
         case = next((c for (sec, c, _) in rows if sec == section), None)
         ln, lc, lp = (get(section, case, m, "launches") for m in STEP_METHODS)
-        if ln and lc and REF_NOTE not in get(section, case, "clora", "status"):
+        if ln and lc and lp and REF_NOTE not in get(section, case, "clora", "status"):
             hn, hc, hp = (get(section, case, m, "host_us") for m in STEP_METHODS)
             tg.check(f"{what} training step ({case}): clora launches vs no adapters and PEFT", lc < lp,
                      f"launches none {ln} / clora {lc} / PEFT {lp} (clora/none {lc / ln:.3f}x)"

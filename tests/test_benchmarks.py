@@ -277,6 +277,20 @@ def test_tune_triton_sweep_runs_and_checks_results(tmp_path):
     assert len(_md_rows(md, "tiny_kv")) == 2 and len(_md_rows(md, "tiny_pen")) == 4
 
 
+def test_bench_host_targets_with_a_method_not_measured():
+    """bench_host's target lines skip a training step whose PEFT run was not measured (budget, error) instead of
+    failing the whole report on a comparison with None."""
+    import types
+    mod = _load("bench_host")
+    rows = [dict(section="vit_step", case="vit_b16_img32", method=m, launches=n, status=st, host_us=None)
+            for m, n, st in (("none", 349, "ok"), ("clora", 439, "ok"), ("peft", None, "n/a (budget)"))]
+    tg = mod.check_targets(types.SimpleNamespace(rows=rows, device=__import__("torch").device("cpu")), echo=False)
+    assert "ViT training step" not in tg.md()
+    rows[2].update(launches=663, status="ok")
+    tg = mod.check_targets(types.SimpleNamespace(rows=rows, device=__import__("torch").device("cpu")), echo=False)
+    assert "ViT training step" in tg.md()
+
+
 @pytest.mark.parametrize("interpret", [False, True])
 def test_bench_host_counts_launches(tmp_path, interpret):
     """bench_host: every method of every case is counted (or reported n/a with the reason), timed where
