@@ -589,7 +589,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         wk = w[:, :K] if ext else w
         _fold_into(wk, Wp, Ap, Bp, scales, n, r)
         if ext:
-            torch.mul(Bp[0].view(L, n, 1, r), _scale_diag(scales, Bp[0].dtype, Bp[0].device),
+            torch.mul(Bp[0].reshape(L, n, 1, r), _scale_diag(scales, Bp[0].dtype, Bp[0].device),
                       out=w[:Ln, K:].view(L, n, L, r))
         if keep_xa:
             if nA == 1:

@@ -113,7 +113,7 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     }
     if (ext) {        // Z = blockdiag(s_l B_l) beside W_eff
       Tensor z = w.narrow(0, 0, Ln).narrow(1, K, Lr).view({L, n, L, r});
-      at::mul_out(z, Bs[0].view({L, n, 1, r}), *diag);
+      at::mul_out(z, Bs[0].reshape({L, n, 1, r}), *diag);
     }
     std::optional<Tensor> b = has_bias ? bias : std::nullopt;
     if (keep_xa) {

@@ -423,6 +423,24 @@ def test_merged_frozen_bias_padding_follows_the_bias(merged_impl):
         torch.testing.assert_close(torch.cat(outs, -1), want, msg=change)
 
 
+def test_merged_ride_along_with_a_strided_B(merged_impl):
+    """The merged strategy's blockdiag(s_l B_l) columns built from a stacked B that is not contiguous (a
+    transposed view): the same outputs and gradients as the float64 reference."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(14, 12, generator=g, dtype=torch.float64)
+    a = torch.randn(6, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 14, generator=g, dtype=torch.float64).t().requires_grad_()
+    assert not b.is_contiguous()
+    outs = ops.segmented_lora_projection(x, w, a, b, (0, 7, 14), 0.5, strategy="merged", split=True)
+    got = torch.autograd.grad([o.square().sum() for o in outs], [x, a, b])
+    y = R.segmented_lora_projection(x, w, a, b, (0, 7, 14), [0.5, 0.5])
+    want = torch.autograd.grad(y.square().sum(), [x, a, b])
+    torch.testing.assert_close(torch.cat(outs, -1), y)
+    for gt, wt in zip(got, want):
+        torch.testing.assert_close(gt, wt)
+
+
 def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):
     """lora_kv_projection's fast path (one run of comparisons for the common call) computes exactly what
     the fully checked path computes, and leaves every other call (autocast, unequal widths, fused, bad
