@@ -791,13 +791,15 @@ def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
 
 
 def remove_from_bank(path, concept) -> Dict[str, Any]:
-    """Forget one finished concept of the bank at ``path`` without loading the model: the same bank a
+    """Forget one concept of the bank at ``path`` without loading the model: the same bank a
     ``clora_fast.load(model, path)``, ``remove_concept(idx)``, ``save(path)`` writes (P refolded from the
     remaining concepts in order, the concept's name retired, its token, if any, retired with it), computed
-    from the bank alone.  ``concept``: its index (int) or name.  The bank is verified first (as by
-    ``inspect_bank(path, verify=True)``); an active (mid-training) concept stays active, and cannot itself be
-    removed.  A save by someone else between this read and this write is not overwritten: the removal is
-    redone on the new bank.  Returns the removed concept's ``{"idx", "name"}``."""
+    from the bank alone.  ``concept``: its index (int) or name.  The concept saved mid-training (active), if
+    any, stays active when another is removed; naming it drops it as ``discard_concept()`` + ``save(path)``
+    would (P untouched, its name and token retired).  The bank is verified first (as by
+    ``inspect_bank(path, verify=True)``).  A save by someone else between this read and this write is not
+    overwritten: the removal is redone on the new bank.  Returns the removed concept's ``{"idx", "name",
+    "unfinished"}`` (``unfinished``: it was the active one)."""
     for _ in range(_READ_TRIES):
         try:
             return _remove_from_bank_once(path, concept)
@@ -813,15 +815,15 @@ def _remove_from_bank_once(path, concept) -> Dict[str, Any]:
     finished = {c.idx: c.name for c in concepts}
     if isinstance(concept, str):
         idx = next((i for i, n in finished.items() if n == concept), None)
+        unfinished = active is not None and idx is None and concept == active[1]
     elif _is_int(concept):
         idx = concept if concept in finished else None
+        unfinished = active is not None and concept == active[0]
     else:
         raise TypeError(f"concept must be a concept index (int) or name (str), got {concept!r}")
-    if idx is None:
-        why = ("it is the concept being learned (saved mid-training): finish it first"
-               if active is not None and concept in active else
-               f"it holds {[f'{i} {n}' for i, n in finished.items()]}")
-        raise BankError(f"the bank at {where!r} has no finished concept {concept!r}: {why}")
+    if idx is None and not unfinished:
+        held = [f"{i} {n}" for i, n in finished.items()] + ([f"{active[0]} {active[1]} (unfinished)"] if active else [])
+        raise BankError(f"the bank at {where!r} has no concept {concept!r}: it holds {held}")
     ctrl = CLoRAController([Site(name, torch.zeros(out, inp), None, group) for name, out, inp, group in sites],
                            rank=m["rank"], alpha=float(m["alpha"]), penalty_weight=float(m["penalty_weight"]),
                            backend="reference")
@@ -829,9 +831,14 @@ def _remove_from_bank_once(path, concept) -> Dict[str, Any]:
     _remember_unloaded_extra(ctrl, m.get("adapter"), extras)       # the tokens: carried as by a bare model
     stored = m["identity"]
     ctrl._identity = lambda: stored          # the base model's identity: the bank's own (no model here)
-    ctrl.remove_concept(idx)
+    if unfinished:
+        idx, name = active
+        ctrl.discard_concept()
+    else:
+        name = finished[idx]
+        ctrl.remove_concept(idx)
     save_controller(ctrl, path, expect=m)
-    return {"idx": idx, "name": finished[idx]}
+    return {"idx": idx, "name": name, "unfinished": unfinished}
 
 
 def _check_compatible(ctrl, m: Dict[str, Any], where: str) -> None:

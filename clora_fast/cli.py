@@ -1457,11 +1457,13 @@ def _checkpoint_info(bank: Path) -> Optional[Dict[str, object]]:
 def _remove_parser(sub):
     p = sub.add_parser(
         "remove", help="forget one concept of a bank (no model needed)",
-        description="Forget one finished concept of a concept bank: the past P is refolded from the remaining "
+        description="Forget one concept of a concept bank: the past P is refolded from the remaining "
                     "concepts and the concept's name (and token) is retired, exactly as loading the bank onto its "
-                    "model, remove_concept() and save() would do, computed from the bank alone. The bank is "
-                    "verified first; refused while a clora-fast train runs on that folder. Exit status 1 when "
-                    "the bank has no such finished concept or fails the check (the bank is then unchanged).")
+                    "model, remove_concept() and save() would do, computed from the bank alone. A concept saved "
+                    "mid-training (unfinished) is dropped as discard_concept() would (P untouched), with its "
+                    "--checkpoint-every checkpoint. The bank is verified first; refused while a clora-fast train "
+                    "runs on that folder. Exit status 1 when the bank has no such concept or fails the check "
+                    "(the bank is then unchanged).")
     p.add_argument("bank", help="the bank folder")
     p.add_argument("concept", help="the concept's index (digits) or its name, e.g. '<digit5>'")
     return p
@@ -1475,7 +1477,10 @@ def cmd_remove(args) -> int:
         raise CLIError(f"no concept bank at {args.bank!r}: not a folder")
     with _train_lock(bank):
         gone = remove_from_bank(bank, concept)
-    print(f"removed concept {gone['idx']} {gone['name']!r} from {args.bank}")
+        if gone["unfinished"]:
+            (bank / RESUME_FILE).unlink(missing_ok=True)     # its mid-concept checkpoint goes with it
+    print(f"removed concept {gone['idx']} {gone['name']!r}{' (unfinished)' if gone['unfinished'] else ''} "
+          f"from {args.bank}")
     return 0
 
 

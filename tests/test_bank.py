@@ -715,7 +715,7 @@ def test_remove_from_bank_redoes_the_removal_when_the_bank_changed_meanwhile(tmp
         return out
 
     monkeypatch.setattr(bank, "_verify_tensors", verify)
-    assert bank.remove_from_bank(path, "<k1>") == {"idx": 1, "name": "<k1>"}
+    assert bank.remove_from_bank(path, "<k1>") == {"idx": 1, "name": "<k1>", "unfinished": False}
     assert len(calls) == 2
     assert read_manifest(path) == read_manifest(want)
     assert {p.name for p in path.iterdir()} == {p.name for p in want.iterdir()}

@@ -163,7 +163,7 @@ def test_remove_from_bank_without_the_model_writes_what_the_model_would(tmp_path
     _, cl, _ = _pipeline_rows(want)
     cl.remove_concept(1)
     cl.save(want)
-    assert remove_from_bank(free, "<cb>") == {"idx": 1, "name": "<cb>"}
+    assert remove_from_bank(free, "<cb>") == {"idx": 1, "name": "<cb>", "unfinished": False}
     assert _bank_files(free) == _bank_files(want)
     assert cli.main(["remove", str(by_cli), "1"]) == 0
     assert _bank_files(by_cli) == _bank_files(want)
@@ -181,12 +181,37 @@ def test_remove_from_bank_refusals_leave_the_bank_unchanged(tmp_path, token_bank
     path = tmp_path / "bank"
     shutil.copytree(token_bank[0], path)
     before = _bank_files(path)
-    with pytest.raises(BankError, match="being learned"):
-        remove_from_bank(path, "<cd>")
-    with pytest.raises(BankError, match=r"no finished concept 7: it holds \['0 <ca>', '1 <cb>', '2 <cc>'\]"):
+    with pytest.raises(BankError, match=r"no concept 7: it holds \['0 <ca>', '1 <cb>', '2 <cc>', '3 <cd> \(unfinished\)'\]"):
         remove_from_bank(path, 7)
     with pytest.raises(TypeError, match="index \\(int\\) or name"):
         remove_from_bank(path, 1.0)
     assert cli.main(["remove", str(path), "<zz>"]) == 1
-    assert "no finished concept '<zz>'" in capsys.readouterr().err
+    assert "no concept '<zz>'" in capsys.readouterr().err
     assert _bank_files(path) == before
+
+
+def test_remove_from_bank_drops_the_unfinished_concept(tmp_path, token_bank, capsys):
+    """The concept saved mid-training can be removed from the bank alone too: the bank that load(pipe) ->
+    discard_concept() -> save writes, file for file (P untouched, its name and token retired); 'clora-fast
+    remove' also deletes its mid-concept checkpoint."""
+    import shutil
+
+    from clora_fast import cli
+    from clora_fast.bank import remove_from_bank
+    src, rows = token_bank
+    want, free, by_cli = tmp_path / "want", tmp_path / "free", tmp_path / "cli"
+    for p in (want, free, by_cli):
+        shutil.copytree(src, p)
+    _, cl, _ = _pipeline_rows(want)
+    cl.discard_concept()
+    cl.save(want)
+    assert remove_from_bank(free, "<cd>") == {"idx": 3, "name": "<cd>", "unfinished": True}
+    assert _bank_files(free) == _bank_files(want)
+    (by_cli / cli.RESUME_FILE).write_bytes(b"a checkpoint of <cd>")
+    assert cli.main(["remove", str(by_cli), "3"]) == 0
+    assert "removed concept 3 '<cd>' (unfinished)" in capsys.readouterr().out
+    assert _bank_files(by_cli) == _bank_files(want) and not (by_cli / cli.RESUME_FILE).exists()
+    pipe, cl, got = _pipeline_rows(free)
+    assert [c.idx for c in cl.concepts] == [0, 1, 2] and cl.active_concept is None
+    assert sorted(got) == [0, 1, 2] and all(torch.equal(got[i], rows[i]) for i in got)
+    assert "<cd>" in _manifest(free)["adapter"]["retired_tokens"]
