@@ -667,7 +667,9 @@ def _ddp_worker(rank, world, init_file, out_dir):
         x = torch.randn(3, IN, generator=torch.Generator().manual_seed(10 + rank))   # each process its own data
         (sum(y.square().sum() for y in c.project_group("g", x)) + c.penalty()).backward()
         local = [p.grad.clone() for p in c.trainable_parameters()]
+        held = [p.grad for p in c.trainable_parameters()]
         c.all_reduce_grads()
+        assert len(held) > 1 and all(p.grad is g for p, g in zip(c.trainable_parameters(), held))   # in place
         torch.save({"local": local, "synced": [p.grad for p in c.trainable_parameters()],
                     "warned": [w.category.__name__ for w in caught if "all_reduce_grads" in str(w.message)]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
