@@ -518,7 +518,10 @@ def _scale_diag(scales, dtype: torch.dtype, device: torch.device) -> Tensor:
         if len(_DIAGS) >= _WEAK_CACHE_MAX:
             _DIAGS.clear()
         L, dt = len(scales), torch.promote_types(dtype, torch.float32)
-        d = _DIAGS[key] = torch.diag(torch.tensor(list(scales), dtype=dt)).view(L, 1, L, 1).to(device)
+        d = torch.zeros(L, L, dtype=dt, device=device)
+        for l, sc in enumerate(scales):           # scalar fills, no host-to-device copy: a first call inside a
+            d[l, l] = sc                           # CUDA graph capture may build it
+        d = _DIAGS[key] = d.view(L, 1, L, 1)
     return d
 
 

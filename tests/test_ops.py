@@ -441,6 +441,40 @@ def test_merged_ride_along_with_a_strided_B(merged_impl):
         torch.testing.assert_close(gt, wt)
 
 
+@pytest.mark.gpu
+def test_gpu_merged_call_first_made_inside_a_cuda_graph_capture(merged_impl):
+    """A merged K/V call with scales not seen before (its block-diagonal scale tensor not cached yet) made first
+    inside a CUDA graph capture: nothing is copied from the host during the capture (that would fail it), and
+    the replay gives the eager outputs."""
+    g = torch.Generator().manual_seed(2)
+    M, K, n, r, bf = 64, 96, 48, 8, torch.bfloat16
+    x = torch.randn(M, K, generator=g).to("cuda", bf).requires_grad_()
+    w = (torch.randn(2 * n, K, generator=g) / K ** 0.5).to("cuda", bf)
+    a = (torch.randn(2 * r, K, generator=g) / K ** 0.5).to("cuda", bf).requires_grad_()
+    b = (torch.randn(2 * n, r, generator=g) * 0.1).to("cuda", bf).requires_grad_()
+    bias = torch.randn(2 * n, generator=g).to("cuda", bf)
+    ops.mark_frozen_bias(bias)
+
+    def call(s):
+        return ops.segmented_lora_projection(x, w, a, b, (0, n, 2 * n), s, bias=bias, strategy="merged", split=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(0.5)                                        # warm-up (cuBLAS, the allocator) with other scales
+    torch.cuda.current_stream().wait_stream(side)
+    s_new = 0.3125
+    assert ((s_new, s_new), bf, b.device) not in ops._DIAGS
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = call(s_new)
+    graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(got, call(s_new)):
+        assert torch.equal(p, q)
+    ops._DIAGS.clear()                                   # the other implementation's run builds it again
+
+
 def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):
     """lora_kv_projection's fast path (one run of comparisons for the common call) computes exactly what
     the fully checked path computes, and leaves every other call (autocast, unequal widths, fused, bad
