@@ -520,7 +520,7 @@ def _scale_diag(scales, dtype: torch.dtype, device: torch.device) -> Tensor:
         L, dt = len(scales), torch.promote_types(dtype, torch.float32)
         d = torch.zeros(L, L, dtype=dt, device=device)
         for l, sc in enumerate(scales):           # scalar fills, no host-to-device copy: a first call inside a
-            d[l, l] = sc                           # CUDA graph capture may build it
+            d[l, l].fill_(sc)                      # CUDA graph capture may build it
         d = _DIAGS[key] = d.view(L, 1, L, 1)
     return d
 
