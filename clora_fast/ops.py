@@ -42,7 +42,8 @@ from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_d
                         check_scale, check_tensor, interpreting, layout_overlap, resolve_backend)
 
 __all__ = ["lora_projection", "lora_kv_projection", "segmented_lora_projection", "forgetting_penalty",
-           "grouped_forgetting_penalty", "packed_forgetting_penalty", "PackedForgettingPenalty", "split_columns"]
+           "grouped_forgetting_penalty", "packed_forgetting_penalty", "PackedForgettingPenalty", "split_columns",
+           "mark_frozen_bias"]
 
 
 # ---------------------------------------------------------------------------
