@@ -690,13 +690,24 @@ class _MergedLoRAFunction(torch.autograd.Function):
 # set the attribute.
 MERGED_IMPL = os.environ.get("CLORA_FAST_MERGED_IMPL", "auto")
 _CPP_MERGED: list = []          # [the extension's merged_lora or None], looked up on first use
+# the calling convention of _host.merged_lora this Python code speaks (csrc/merged_lora.cpp's MERGED_ABI)
+_MERGED_ABI = 2
 
 
 def _cpp_merged():
     if not _CPP_MERGED:
         try:
             from . import _host
-            _CPP_MERGED.append(_host.merged_lora)
+            fn = _host.merged_lora
+            if getattr(_host, "MERGED_ABI", 1) != _MERGED_ABI:    # an extension built from older sources
+                import warnings
+                warnings.warn(f"clora_fast: the C++ host extension clora_fast._host ({_host.__file__}) was built from "
+                              f"other sources than this Python code (calling convention "
+                              f"{getattr(_host, 'MERGED_ABI', 1)}, expected {_MERGED_ABI}): using the Python "
+                              f"Function; rebuild with `pip install --no-build-isolation -e .`", UserWarning,
+                              stacklevel=3)
+                fn = None
+            _CPP_MERGED.append(fn)
         except (ImportError, AttributeError):      # not built (optional), or built against another torch
             _CPP_MERGED.append(None)
     return _CPP_MERGED[0]

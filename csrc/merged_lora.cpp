@@ -293,6 +293,9 @@ std::vector<Tensor> merged_lora(const Tensor& x, std::vector<Tensor> Ws, std::ve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clora_fast host-side C++ (autograd Functions that save Python overhead per call)";
+  // merged_lora's calling convention; clora_fast.ops._MERGED_ABI must match (an extension built from older
+  // sources is then not called with arguments it does not take)
+  m.attr("MERGED_ABI") = 2;
   m.def("merged_lora", &clora_fast::merged_lora,
         "outs = merged_lora(x, Ws, As, Bs, bias, padded_bias, diag, scales, split, grad_enabled): the merged-weight "
         "LoRA projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",

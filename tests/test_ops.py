@@ -441,6 +441,28 @@ def test_merged_ride_along_with_a_strided_B(merged_impl):
         torch.testing.assert_close(gt, wt)
 
 
+def test_host_extension_built_from_other_sources_is_not_called(monkeypatch):
+    """A clora_fast._host built from older sources (another calling convention of merged_lora) is not called with
+    arguments it does not take: a warning says to rebuild, and the merged strategy runs the Python Function."""
+    import sys
+    import types
+
+    import clora_fast
+    stale = types.ModuleType("clora_fast._host")
+    stale.__file__ = "stale/_host.so"
+    stale.merged_lora = lambda *args: pytest.fail("the stale extension was called")
+    monkeypatch.setitem(sys.modules, "clora_fast._host", stale)
+    monkeypatch.setattr(clora_fast, "_host", stale, raising=False)
+    monkeypatch.setattr(ops, "_CPP_MERGED", [])
+    monkeypatch.setattr(ops, "MERGED_IMPL", "auto")
+    with pytest.warns(UserWarning, match="calling convention 1, expected 2"):
+        assert ops._cpp_merged() is None
+    x, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)
+    a, b = torch.randn(4, 8, requires_grad=True), torch.randn(10, 2, requires_grad=True)
+    outs = ops.segmented_lora_projection(x, w, a, b, (0, 5, 10), 0.5, strategy="merged", split=True)
+    torch.testing.assert_close(torch.cat(outs, -1), R.segmented_lora_projection(x, w, a, b, (0, 5, 10), [0.5, 0.5]))
+
+
 @pytest.mark.gpu
 def test_gpu_merged_call_first_made_inside_a_cuda_graph_capture(merged_impl):
     """A merged K/V call with scales not seen before (its block-diagonal scale tensor not cached yet) made first
