@@ -13,8 +13,8 @@
 // Shapes: x [..., K]; Ws / As / Bs each one tensor per segment or one stacked tensor ([L*n, K], [L*r, K],
 // [L*n, r]); bias [L*n] or none; padded_bias [L*n + L*r] (the bias with zeros for the xa columns, or none:
 // then with a bias the A rows do not ride along); diag [L, 1, L, 1] = diag(s_l) (in promote(B's dtype,
-// float32)) when Z is built.  The Python caller decides and caches both (ops._xa_bias, ops._scale_diag).  Returns the L segment outputs [..., n] (views of
-// one [..., L*n(+L*r)] tensor) when split, else [y].
+// float32)) when Z is built.  The Python caller decides and caches both (ops._xa_bias, ops._scale_diag).
+// Returns the L segment outputs [..., n] (views of one [..., L*n(+L*r)] tensor) when split, else [y].
 //
 // Why C++: at the small shapes of SD cross-attention and ViT-B layers a GPU training step is bound by the
 // host, and the Python autograd Function around these ~11 ATen calls costs more host time than the calls
