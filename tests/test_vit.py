@@ -505,6 +505,27 @@ def test_save_load_round_trip(fw, tmp_path):
     assert c3 is c2
 
 
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_discard_concept_restores_the_outputs(fw):
+    """discard_concept() on a patched ViT: the model computes exactly what it did before the concept began (P
+    untouched), gradients flow to the next concept's factors, and it is not among the concepts."""
+    m, x = make(fw)
+    ctrl = vit.patch(m, rank=4)
+    ctrl.begin_concept("task0")
+    randomize_factors(ctrl, seed=1)
+    ctrl.end_concept()
+    before = run(m, x).detach()
+    ctrl.begin_concept("task1")
+    randomize_factors(ctrl, seed=2)
+    assert not torch.equal(run(m, x).detach(), before)
+    assert ctrl.discard_concept() == 1
+    assert torch.equal(run(m, x).detach(), before) and [c.name for c in ctrl.concepts] == ["task0"]
+    ctrl.begin_concept("task2")
+    randomize_factors(ctrl, seed=3)
+    run(m, x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ctrl.trainable_parameters())
+
+
 def test_load_into_a_different_model_fails_cleanly(tmp_path):
     m = hf_model(layers=2)
     ctrl = vit.patch(m, rank=2)
