@@ -530,28 +530,38 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
             diff = F.mse_loss(pred.float(), target.float())
             pen = cl.penalty()
             loss = diff + pen
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(
-                f"clora_fast: non-finite loss at step {step} (diffusion {float(diff)}, penalty "
-                f"{float(pen)}): lower --lr or --penalty-weight"
-            )
+        values = torch.stack([diff.detach().float(), pen.detach().float(), loss.detach().float()])
+        several = accelerator is not None and accelerator.num_processes > 1
+        if several:         # checked before backward: a process that stops must not have joined the all-reduce
+            d, p, total = values.tolist()
+            _check_finite(step, d, p, total)
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:
             accelerator.backward(loss)
-            if accelerator.num_processes > 1:
+            if several:
                 # the controller's parameters are not the UNet's: average their gradients over the processes
                 # (every process takes part in every all-reduce, and processes out of step are an error)
                 cl.all_reduce_grads()
         else:
             loss.backward()
+        if not several:
+            # one read of the step's numbers, once backward is queued (the host does not wait for the forward
+            # before launching the backward), and before the optimizer step: a non-finite loss changes nothing
+            d, p, total = values.tolist()
+            _check_finite(step, d, p, total)
         optimizer.step()
-        d = float(diff.detach())
         ema = d if ema is None else 0.9 * ema + 0.1 * d
         if on_step is not None:
-            on_step(step, d, float(pen.detach()), ema)
+            on_step(step, d, p, ema)
         if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps and on_checkpoint is not None:
             on_checkpoint(step + 1, optimizer, ema)
     return float(ema)
+
+
+def _check_finite(step: int, diff: float, pen: float, loss: float) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"clora_fast: non-finite loss at step {step} (diffusion {diff}, penalty {pen}): lower "
+                            f"--lr or --penalty-weight")
 
 
 class _nullcontext:

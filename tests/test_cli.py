@@ -1024,6 +1024,20 @@ def test_gradient_checkpointing_same_training_recomputed(tmp_path, concepts, mod
     assert n == 2 * layers
 
 
+def test_non_finite_loss_stops_before_the_optimizer_step():
+    """A non-finite loss (here NaN latents) raises NonFiniteLoss naming the step and the terms, and the concept's
+    parameters are as they were: the check runs before the optimizer step (it reads the step's numbers once,
+    after backward is queued)."""
+    pipe, cl = _patched_builtin("builtin")
+    before = [p.detach().clone() for p in cl.trainable_parameters()]
+    seen = []
+    with pytest.raises(cli.NonFiniteLoss, match=r"non-finite loss at step 0 \(diffusion nan, penalty 0.0\)"):
+        cli.train_concept(pipe, cl, torch.full((2, 4, 8, 8), float("nan")), None, "a photo of <c1>", steps=2,
+                          lr=1e-3, batch_size=1, generator=torch.Generator().manual_seed(0),
+                          on_step=lambda *a: seen.append(a))
+    assert seen == [] and all(torch.equal(p, q) for p, q in zip(cl.trainable_parameters(), before))
+
+
 @pytest.mark.parametrize("pos, max_rows, want", [
     (2, 8, [0, 1, 2]), (7, 8, list(range(8))), (99, 8, [0, 14, 28, 42, 57, 71, 85, 99]), (99, 2, [0, 99]),
     (5, 1, [5]), (4, 0, [0, 1, 2, 3, 4]), (500, 0, list(range(501)))])
