@@ -424,15 +424,15 @@ def pretrain_backbone(backbone: nn.Module, task: Task, *, epochs: int = 30, lr: 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     feat.eval()
     for ep in range(epochs):
-        tot = 0.0
+        tot = torch.zeros((), dtype=torch.float64, device=device)    # summed on the device: no read per step
         for b in _batches(task.x_train.shape[0], batch_size, gen):
             loss = F.cross_entropy(head(feat(task.x_train[b].to(device))), y[b].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            tot += float(loss.detach()) * len(b)
+            tot += loss.detach().double() * len(b)
         if log and (ep == epochs - 1 or (ep + 1) % 10 == 0):
-            log(f"pretrain epoch {ep + 1}/{epochs}: loss {tot / task.x_train.shape[0]:.4f}")
+            log(f"pretrain epoch {ep + 1}/{epochs}: loss {float(tot) / task.x_train.shape[0]:.4f}")
     train_task = Task(task.classes, task.x_train, task.y_train, task.x_train, task.y_train)
     return {"train_acc": _evaluate(feat, head, train_task, device, 256),
             "test_acc": _evaluate(feat, head, task, device, 256)}
@@ -539,7 +539,9 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
         pen_val = 0.0
         loss_history.append([])
         for ep in range(epochs):
-            tot, n = 0.0, 0
+            # the loss summed on the device and read once per epoch (a read per step made the host wait for the
+            # forward pass before it could launch the backward)
+            tot, n, pen_last = torch.zeros((), dtype=torch.float64, device=device), 0, None
             for b in _batches(task.x_train.shape[0], batch_size, gen):
                 logits = head(feat(task.x_train[b].to(device)))
                 if n_past:  # mask past-class logits: CE over the current task's classes only
@@ -550,14 +552,16 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                 loss = F.cross_entropy(logits, target)
                 if ctrl is not None:
                     pen = ctrl.penalty()
-                    pen_val = float(pen.detach())
+                    pen_last = pen.detach()
                     loss = loss + pen
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tot += float(loss.detach()) * len(b)
+                tot += loss.detach().double() * len(b)
                 n += len(b)
-            loss_history[-1].append(tot / n)
+            if pen_last is not None:
+                pen_val = float(pen_last)
+            loss_history[-1].append(float(tot) / n)
             if log and (ep == epochs - 1):
                 log(f"[{method}] task {ti} ({task.classes}) epoch {ep + 1}/{epochs}: loss {tot / n:.4f}"
                     + (f", penalty {pen_val:.3e}" if ctrl is not None else ""))
