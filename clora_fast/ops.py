@@ -457,6 +457,16 @@ def _mm(a: Tensor, b: Tensor, s: float, out: Optional[Tensor] = None) -> Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s, out=out)
 
 
+_CACHE_MAX = 64                 # entries of each of the merged strategy's small caches (cleared when full)
+
+
+def _room(cache: dict) -> dict:
+    """``cache``, emptied first when it holds ``_CACHE_MAX`` entries."""
+    if len(cache) >= _CACHE_MAX:
+        cache.clear()
+    return cache
+
+
 _ZEROS: dict = {}
 
 
@@ -465,13 +475,9 @@ def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (n, dtype, device)
     z = _ZEROS.get(key)
     if z is None:
-        if len(_ZEROS) > 64:
-            _ZEROS.clear()
-        z = _ZEROS[key] = torch.zeros(n, dtype=dtype, device=device)
+        z = _room(_ZEROS)[key] = torch.zeros(n, dtype=dtype, device=device)
     return z
 
-
-_WEAK_CACHE_MAX = 64
 
 
 def mark_frozen_bias(bias: Tensor) -> None:
@@ -480,7 +486,7 @@ def mark_frozen_bias(bias: Tensor) -> None:
     Any other bias is padded at every call that needs it (a cache keyed on a user's tensor could not see
     writes through ``.data``)."""
     _FROZEN[id(bias)] = weakref.ref(bias)
-    if len(_FROZEN) > 4 * _WEAK_CACHE_MAX:          # drop the entries whose tensors are gone
+    if len(_FROZEN) > 4 * _CACHE_MAX:               # drop the entries whose tensors are gone
         for k in [k for k, ref in _FROZEN.items() if ref() is None]:
             del _FROZEN[k]
 
@@ -493,16 +499,16 @@ def _xa_bias(bias: Tensor, extra: int, per_segment_A: bool) -> Optional[Tensor]:
     they should not: a bias marked frozen is padded once (cached with its version), another only when A comes
     per segment (then the A rows save L GEMMs of backward, else one: not worth a concatenation per call)."""
     ref = _FROZEN.get(id(bias))
-    if ref is None or ref() is not bias or bias.is_inference():
-        return torch.cat((bias, _zeros(extra, bias.dtype, bias.device))) if per_segment_A else None
+    frozen = ref is not None and ref() is bias and not bias.is_inference()
     key = (id(bias), extra)
-    hit = _PADDED.get(key)
+    hit = _PADDED.get(key) if frozen else None
     if hit is not None and hit[0]() is bias and hit[1] == bias._version:
         return hit[2]
-    if len(_PADDED) >= _WEAK_CACHE_MAX:
-        _PADDED.clear()
+    if not (frozen or per_segment_A):
+        return None
     out = torch.cat((bias, _zeros(extra, bias.dtype, bias.device)))
-    _PADDED[key] = (weakref.ref(bias), bias._version, out)
+    if frozen:
+        _room(_PADDED)[key] = (weakref.ref(bias), bias._version, out)
     return out
 
 
@@ -516,13 +522,11 @@ def _scale_diag(scales, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (tuple(scales), dtype, device)
     d = _DIAGS.get(key)
     if d is None:
-        if len(_DIAGS) >= _WEAK_CACHE_MAX:
-            _DIAGS.clear()
         L, dt = len(scales), torch.promote_types(dtype, torch.float32)
         d = torch.zeros(L, L, dtype=dt, device=device)
         for l, sc in enumerate(scales):           # scalar fills, no host-to-device copy: a first call inside a
             d[l, l].fill_(sc)                      # CUDA graph capture may build it
-        d = _DIAGS[key] = d.view(L, 1, L, 1)
+        d = _room(_DIAGS)[key] = d.view(L, 1, L, 1)
     return d
 
 
@@ -571,30 +575,21 @@ class _MergedLoRAFunction(torch.autograd.Function):
     block, a strided view), ``dB_l = s_l dy_l^T @ xa_l``, ``dW_l = dy_l^T @ x``, ``dbias_l = sum(dy_l)``."""
 
     @staticmethod
-    def forward(ctx, x, bias, scales, split, nW, nA, *tensors):
+    def forward(ctx, x, bias, xa_bias, diag, scales, split, keep_xa, nW, nA, *tensors):
+        # keep_xa, xa_bias, diag: the extra columns, decided by _ride_along (as for the C++ Function)
         ctx.set_materialize_grads(False)
         L = len(scales)
         Wp, Ap, Bp = tensors[:nW], tensors[nW:nW + nA], tensors[nW + nA:]
-        nB = len(Bp)
         n = (Wp[0].shape[0] if nW == L else Wp[0].shape[0] // L)
         r = (Ap[0].shape[0] if nA == L else Ap[0].shape[0] // L)
-        need = ctx.needs_input_grad
         Ln, Lr = L * n, L * r
-        # x @ A^T rides along in the forward GEMM: it replaces L GEMMs of backward (one when A is stacked),
-        # each a read of x, at the cost of one copy of A (and of the padded bias, see _xa_bias)
-        keep_xa = split and any(need[6 + nW + nA:])
-        xa_bias = _xa_bias(bias, Lr, nA == L > 1) if keep_xa and bias is not None else None
-        keep_xa = keep_xa and (bias is None or xa_bias is not None)
-        # dy_l @ s_l B_l rides along in the dx GEMMs (Z = blockdiag(s_l B_l) beside W_eff): it replaces L
-        # GEMMs of backward, each a read of dy_l, at the cost of one small elementwise product
-        ext = need[0] and any(need[6 + nW:6 + nW + nA]) and nB == 1
+        ext = diag is not None
         K = x.shape[-1]
         w = Wp[0].new_empty((Ln + Lr if keep_xa else Ln, K + Lr if ext else K))
         wk = w[:, :K] if ext else w
         _fold_into(wk, Wp, Ap, Bp, scales, n, r)
         if ext:
-            torch.mul(Bp[0].reshape(L, n, 1, r), _scale_diag(scales, Bp[0].dtype, Bp[0].device),
-                      out=w[:Ln, K:].view(L, n, L, r))
+            torch.mul(Bp[0].reshape(L, n, 1, r), diag, out=w[:Ln, K:].view(L, n, L, r))
         if keep_xa:
             if nA == 1:
                 wk[Ln:].copy_(Ap[0])
@@ -604,7 +599,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
                 bias = xa_bias
         y = torch.nn.functional.linear(x, wk, bias)               # [..., L*n (+ L*r)]: any leading dims
         ctx.save_for_backward(x, *tensors)
-        ctx.w = w[:Ln] if need[0] else None                       # [L*n, K (+ L*r)]
+        ctx.w = w[:Ln] if ctx.needs_input_grad[0] else None       # [L*n, K (+ L*r)]
         ctx.ext = ext
         ctx.xa = y[..., Ln:] if keep_xa else None                 # columns no output exposes
         ctx.scales, ctx.split, ctx.nW, ctx.nA, ctx.n, ctx.r = scales, split, nW, nA, n, r
@@ -621,7 +616,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
         nB = len(tensors) - nW - nA
         Ap, Bp = tensors[nW:nW + nA], tensors[nW + nA:]
         need = ctx.needs_input_grad
-        need_w, need_a, need_b = need[6:6 + nW], need[6 + nW:6 + nW + nA], need[6 + nW + nA:]
+        need_w, need_a, need_b = need[9:9 + nW], need[9 + nW:9 + nW + nA], need[9 + nW + nA:]
         x_shape = x.shape
         K = x_shape[-1]
         if x.dim() != 2:                                          # leading dims: 2-D views, no autograd nodes
@@ -680,7 +675,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
             acc = torch.float32 if x.dtype != torch.float64 else torch.float64
             dbias = torch.cat([d.sum(0, dtype=acc) if d is not None else torch.zeros(n, dtype=acc, device=x.device)
                                for d in dys]).to(x.dtype)
-        return (dx, dbias, None, None, None, None, *gW, *gA, *gB)
+        return (dx, dbias, None, None, None, None, None, None, None, *gW, *gA, *gB)
 
 
 # Which autograd Function runs the merged strategy: "auto" = the C++ one of the host extension
@@ -713,28 +708,41 @@ def _cpp_merged():
     return _CPP_MERGED[0]
 
 
+def _ride_along(x, bias, lora_As, lora_Bs, scales, split):
+    """What the merged Function's GEMMs carry in extra columns, decided once for both implementations:
+    ``(keep_xa, padded bias or None, scale diagonal or None)``.
+
+    ``keep_xa``: x @ A^T rides along in the forward GEMM (split outputs, B trains): it replaces L GEMMs of
+    backward (one when A is stacked), each a read of x, at the cost of one copy of A and, with a bias, of its
+    zero-padded copy (:func:`_xa_bias`; no padding, no ride).  The diagonal (x and A train, B stacked):
+    dy_l @ s_l B_l rides along in the dx GEMMs (Z = blockdiag(s_l B_l) beside W_eff), which replaces L GEMMs of
+    backward, each a read of dy_l, at the cost of one small elementwise product."""
+    grad = torch.is_grad_enabled()
+    keep_xa, padded, diag = grad and split and any(b.requires_grad for b in lora_Bs), None, None
+    if keep_xa and bias is not None:
+        padded = _xa_bias(bias, sum(a.shape[0] for a in lora_As), len(lora_As) == len(scales) > 1)
+        keep_xa = padded is not None
+    if grad and len(lora_Bs) == 1 and x.requires_grad and any(a.requires_grad for a in lora_As):
+        diag = _scale_diag(scales, lora_Bs[0].dtype, lora_Bs[0].device)
+    return keep_xa, padded, diag
+
+
 def _merged(x, weights, lora_As, lora_Bs, bias, scales, split):
     """Run the merged-weight projection (x ``[..., K]``; each of weights / lora_As / lora_Bs a
     sequence of one stacked tensor or of one tensor per segment) through the Function MERGED_IMPL picks."""
     if MERGED_IMPL not in ("auto", "python", "cpp"):
         raise ValueError(f"clora_fast.ops.MERGED_IMPL must be 'auto', 'python' or 'cpp', got {MERGED_IMPL!r}")
     fn = _cpp_merged() if MERGED_IMPL != "python" else None
-    if fn is not None:
-        # the cached tensors the Function's ride-along columns need (it decides as the Python one does)
-        grad = torch.is_grad_enabled()
-        padded = diag = None                    # (no padded bias: no A rows in the forward GEMM)
-        if grad and split and bias is not None and any(b.requires_grad for b in lora_Bs):
-            padded = _xa_bias(bias, sum(a.shape[0] for a in lora_As), len(lora_As) == len(scales) > 1)
-        if grad and len(lora_Bs) == 1 and x.requires_grad and any(a.requires_grad for a in lora_As):
-            diag = _scale_diag(scales, lora_Bs[0].dtype, lora_Bs[0].device)
+    keep_xa, padded, diag = _ride_along(x, bias, lora_As, lora_Bs, scales, split)
+    if fn is not None:      # (it derives keep_xa from the same inputs: the same decision, tested bit for bit)
         outs = fn(x, list(weights), list(lora_As), list(lora_Bs), bias, padded, diag, [float(v) for v in scales],
-                  split, grad)
+                  split, torch.is_grad_enabled())
         return tuple(outs) if split else outs[0]
     if MERGED_IMPL == "cpp":
         raise RuntimeError("clora_fast.ops.MERGED_IMPL='cpp' needs the C++ extension clora_fast._host, which is "
                            "not built here: reinstall with `pip install --no-build-isolation -e .` (it builds by "
                            "default; CLORA_FAST_BUILD_HOST=1 makes a failed build an error)")
-    return _MergedLoRAFunction.apply(x, bias, tuple(scales), split, len(weights), len(lora_As),
+    return _MergedLoRAFunction.apply(x, bias, padded, diag, tuple(scales), split, keep_xa, len(weights), len(lora_As),
                                      *weights, *lora_As, *lora_Bs)
 
 
