@@ -572,25 +572,20 @@ class E2E:
         tg.check("SD-1.5 training step faster than PEFT LoRA", (ratio_p > 1.0) if ratio_p else None,
                  f"clora {C.fmt_ms(to)} ms vs peft {C.fmt_ms(tp)} ms "
                  f"(peft/clora {C.fmt_ratio(tp / to if to and tp else None)})" + spread_p)
-        um, mg = self.get("sd_unet", "infer", "unpatched"), self.get("sd_unet", "infer", "clora_merged")
-        tu, tm = (um or {}).get("time_ms"), (mg or {}).get("time_ms")
         tu_ = (self.get("sd_unet", "train", "clora_ungrouped") or {}).get("time_ms")
         tg.check("SD-1.5 training step: grouped K/V launch faster than per-projection launches (info)",
                  (to < tu_) if to and tu_ else None,
                  f"grouped {C.fmt_ms(to)} ms vs ungrouped {C.fmt_ms(tu_)} ms")
-        ratio_m, paired_m = C.paired_ratios(zip((um or {}).get("rounds_ms") or [], (mg or {}).get("rounds_ms") or []))
-        if ratio_m is None and tm and tu:
-            ratio_m = tm / tu
-        tg.check("merged inference within 3% of unpatched (zero overhead)", (ratio_m <= 1.03) if ratio_m else None,
-                 f"merged {C.fmt_ms(tm)} ms vs unpatched {C.fmt_ms(tu)} ms"
-                 + (f"; per-round ratios {', '.join(C.fmt_ratio(x) for x in paired_m)}" if paired_m else ""))
-        pu, pm = (self.get("sd_pipe", "infer", v) or {} for v in ("unpatched", "clora_merged"))
-        ratio_p, paired = C.paired_ratios(zip(pu.get("rounds_ms") or [], pm.get("rounds_ms") or []))
-        if ratio_p is None and pm.get("time_ms") and pu.get("time_ms"):
-            ratio_p = pm["time_ms"] / pu["time_ms"]
-        tg.check("pipe() with merged concepts within 3% of unpatched", (ratio_p <= 1.03) if ratio_p else None,
-                 f"merged {C.fmt_ms(pm.get('time_ms'))} ms vs unpatched {C.fmt_ms(pu.get('time_ms'))} ms per call"
-                 + (f"; per-round ratios {', '.join(C.fmt_ratio(x) for x in paired)}" if paired else ""))
+        for model, what, per_call in (("sd_unet", "merged inference within 3% of unpatched (zero overhead)", ""),
+                                      ("sd_pipe", "pipe() with merged concepts within 3% of unpatched", " per call")):
+            base, merged = (self.get(model, "infer", v) or {} for v in ("unpatched", "clora_merged"))
+            tb, tmg = base.get("time_ms"), merged.get("time_ms")
+            ratio, paired = C.paired_ratios(zip(base.get("rounds_ms") or [], merged.get("rounds_ms") or []))
+            if ratio is None and tb and tmg:
+                ratio = tmg / tb
+            tg.check(what, (ratio <= 1.03) if ratio else None,
+                     f"merged {C.fmt_ms(tmg)} ms vs unpatched {C.fmt_ms(tb)} ms{per_call}"
+                     + (f"; per-round ratios {', '.join(C.fmt_ratio(x) for x in paired)}" if paired else ""))
         vn, vp, vo = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none", "peft", "clora"))
         tg.check("ViT-B/16 training step: clora faster than PEFT (info)", (vo < vp) if vo and vp else None,
                  f"none {C.fmt_ms(vn)}, peft {C.fmt_ms(vp)}, clora {C.fmt_ms(vo)} ms")

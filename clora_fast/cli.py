@@ -533,8 +533,7 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
         values = torch.stack([diff.detach().float(), pen.detach().float(), loss.detach().float()])
         several = accelerator is not None and accelerator.num_processes > 1
         if several:         # checked before backward: a process that stops must not have joined the all-reduce
-            d, p, total = values.tolist()
-            _check_finite(step, d, p, total)
+            d, p = _finite_values(step, values)
         optimizer.zero_grad(set_to_none=True)
         if accelerator is not None:
             accelerator.backward(loss)
@@ -547,8 +546,7 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
         if not several:
             # one read of the step's numbers, once backward is queued (the host does not wait for the forward
             # before launching the backward), and before the optimizer step: a non-finite loss changes nothing
-            d, p, total = values.tolist()
-            _check_finite(step, d, p, total)
+            d, p = _finite_values(step, values)
         optimizer.step()
         ema = d if ema is None else 0.9 * ema + 0.1 * d
         if on_step is not None:
@@ -558,10 +556,14 @@ def _train_steps(pipe, cl, lat_mean, lat_std, ids, size, optimizer, sched, scali
     return float(ema)
 
 
-def _check_finite(step: int, diff: float, pen: float, loss: float) -> None:
+def _finite_values(step: int, values) -> Tuple[float, float]:
+    """(diffusion loss, penalty) of a step, read from the device tensor ``values`` = [diffusion, penalty,
+    loss]; NonFiniteLoss when the loss is not finite."""
+    diff, pen, loss = values.tolist()
     if not math.isfinite(loss):
         raise NonFiniteLoss(f"clora_fast: non-finite loss at step {step} (diffusion {diff}, penalty {pen}): lower "
                             f"--lr or --penalty-weight")
+    return diff, pen
 
 
 class _nullcontext:

@@ -727,12 +727,8 @@ class CLoRAController(nn.Module):
             dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
             flat.div_(world)
             if len(grads) > 1:
-                parts = [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)]
-                if hasattr(torch, "_foreach_copy_"):
-                    torch._foreach_copy_(grads, parts)
-                else:                              # pragma: no cover - torch builds without it
-                    for g, t in zip(grads, parts):
-                        g.copy_(t)
+                parts = flat.split([g.numel() for g in grads])
+                torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(parts, grads)])
 
     def _warn_distributed(self) -> None:
         if _world_size() > 1 and not getattr(self, "_warned_distributed", False):

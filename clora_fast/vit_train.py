@@ -563,7 +563,7 @@ def run_continual(backbone: nn.Module, tasks: Sequence[Task], *, method: str = "
                 pen_val = float(pen_last)
             loss_history[-1].append(float(tot) / n)
             if log and (ep == epochs - 1):
-                log(f"[{method}] task {ti} ({task.classes}) epoch {ep + 1}/{epochs}: loss {tot / n:.4f}"
+                log(f"[{method}] task {ti} ({task.classes}) epoch {ep + 1}/{epochs}: loss {loss_history[-1][-1]:.4f}"
                     + (f", penalty {pen_val:.3e}" if ctrl is not None else ""))
         if ctrl is not None:
             ctrl.end_concept()

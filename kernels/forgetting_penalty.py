@@ -647,11 +647,8 @@ class _Plan:
         if device.type == "cuda" and _capturing():
             return _table_by_fills(ptrs, device)
         skey = _stream_key(device)
-        hit = self.out_tabs.get((skey, ptrs))
-        if hit is not None:
-            self.out_tabs.move_to_end((skey, ptrs))
-            t = hit[2]
-        else:
+        t = self.cached_table(ptrs, device)
+        if t is None:
             pool = self._tab_pools.get(skey)
             if pool is None:
                 pool = self._tab_pools[skey] = torch.zeros(_TAB_SLOTS, len(ptrs), dtype=torch.int64, device=device)
