@@ -649,47 +649,6 @@ def test_invalidate_caches_after_writes_through_data():
     assert not torch.equal(c.project(0, x), y0)
 
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    import os
-    import warnings
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)                          # the same sites and the same A on every process
-        c = CLoRAController(make_sites(), rank=2, backend="reference")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            c.begin_concept()                         # warns once: DDP(model) would not sync these gradients
-        c.end_concept()
-        torch.manual_seed(1)
-        c.begin_concept()
-        randomize(c)
-        x = torch.randn(3, IN, generator=torch.Generator().manual_seed(10 + rank))   # each process its own data
-        (sum(y.square().sum() for y in c.project_group("g", x)) + c.penalty()).backward()
-        local = [p.grad.clone() for p in c.trainable_parameters()]
-        held = [p.grad for p in c.trainable_parameters()]
-        c.all_reduce_grads()
-        assert len(held) > 1 and all(p.grad is g for p, g in zip(c.trainable_parameters(), held))   # in place
-        torch.save({"local": local, "synced": [p.grad for p in c.trainable_parameters()],
-                    "warned": [w.category.__name__ for w in caught if "all_reduce_grads" in str(w.message)]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_all_reduce_grads_averages_over_processes(tmp_path):
-    """Two CPU processes (gloo): the controller's gradients after all_reduce_grads() are the mean of the
-    per-process gradients on both (DDP(model) would not touch them: they are not the model's parameters)."""
-    import torch.multiprocessing as mp
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["warned"] == r1["warned"] == ["DistributedGradientsWarning"]     # once, filterable by category
-    for l0, l1, s0, s1 in zip(r0["local"], r1["local"], r0["synced"], r1["synced"]):
-        assert not torch.equal(l0, l1)                # different data per process
-        torch.testing.assert_close(s0, (l0 + l1) / 2)
-        assert torch.equal(s0, s1)
-
-
 def test_replaced_factor_parameters_are_used():
     """load_state_dict(assign=True) (or `lora_B[0] = nn.Parameter(...)`) replaces the parameters inside the
     ParameterLists: the projections and the penalty must use (and give gradients to) the new ones."""

@@ -169,6 +169,49 @@ def test_all_reduce_grads_refuses_processes_out_of_step(tmp_path):
         assert torch.equal(a, b)
 
 
+def _average_worker(rank, world, tmp):
+    import warnings
+    _init(rank, world, tmp)
+    try:
+        torch.manual_seed(0)                          # the same sites and the same A on every process
+        c = CLoRAController(make_sites(), rank=2, backend="reference")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c.begin_concept()                         # warns once: DDP(model) would not sync these gradients
+        c.end_concept()
+        torch.manual_seed(1)
+        c.begin_concept()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in c.trainable_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        x = torch.randn(3, IN, generator=torch.Generator().manual_seed(10 + rank))   # each process its own data
+        (sum(y.square().sum() for y in c.project_group("g", x)) + c.penalty()).backward()
+        local = [p.grad.clone() for p in c.trainable_parameters()]
+        held = [p.grad for p in c.trainable_parameters()]
+        c.all_reduce_grads()
+        torch.save({"local": local, "synced": [p.grad for p in c.trainable_parameters()],
+                    "in_place": len(held) > 1 and all(p.grad is h for p, h in zip(c.trainable_parameters(), held)),
+                    "warned": [w.category.__name__ for w in caught if "all_reduce_grads" in str(w.message)]},
+                   os.path.join(tmp, f"average{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_grads_averages_over_processes(tmp_path):
+    """Two CPU processes (gloo): the controller's gradients after all_reduce_grads() are the mean of the
+    per-process gradients on both, written into the same tensors (DDP(model) would not touch them: they are
+    not the model's parameters)."""
+    _spawn(_average_worker, (2, str(tmp_path)), lambda k: tmp_path / f"average{k}.pt")
+    r0, r1 = (torch.load(tmp_path / f"average{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["warned"] == r1["warned"] == ["DistributedGradientsWarning"]     # once, filterable by category
+    assert r0["in_place"] and r1["in_place"]
+    for l0, l1, s0, s1 in zip(r0["local"], r1["local"], r0["synced"], r1["synced"]):
+        assert not torch.equal(l0, l1)                # different data per process
+        torch.testing.assert_close(s0, (l0 + l1) / 2)
+        assert torch.equal(s0, s1)
+
+
 # ---------------------------------------------------------------------------- banks and several processes
 def trained(n=2, active=False, seed=100):
     """A controller over make_sites() with ``n`` finished concepts (and an active one)."""
