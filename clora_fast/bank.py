@@ -709,8 +709,11 @@ def _read_bank(path, where: str, check=None):
     """(manifest, data) of one complete save of the bank at ``path`` (``check(manifest)`` runs before the
     files are read).  Loads take no lock: a save by another process may replace the manifest and remove the
     previous save's files while we read them; we then read the new save.  After :data:`_READ_TRIES` such races
-    in a row (saves back to back), we read under the save lock, which a writer releases between saves, so the
-    load cannot be starved (a bank folder we cannot create the lock file in: the race's error)."""
+    in a row (saves back to back), or when a file is missing but the manifest reads the same as before (either
+    the file is missing from the current save, or saves of banks A, B, A ran while we read: only a read that no
+    save can interleave tells which), we read under the save lock, which a writer releases between saves, so
+    the load cannot be starved and a truly missing file is reported (a bank folder we cannot create the lock
+    file in: the first error)."""
     for _ in range(_READ_TRIES):
         m = read_manifest(path)
         if check is not None:
@@ -718,9 +721,9 @@ def _read_bank(path, where: str, check=None):
         try:
             return m, read_files(path, m)
         except _BankFileMissing as e:
-            if read_manifest(path) == m:
-                raise                        # not a race: the file is missing from the current save
             missing = e
+            if read_manifest(path) == m:
+                break
     with _HELD_GUARD:
         saving_here = _HELD.get(os.path.realpath(path)) == threading.get_ident()
     if saving_here:                          # (this thread holds the lock: waiting for it would never end)

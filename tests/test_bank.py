@@ -659,6 +659,44 @@ def test_a_load_during_a_save_by_another_process_reads_the_new_bank(tmp_path, mo
         CLoRAController(sites(), rank=3, alpha=6.0, backend="reference").load_bank(path)
 
 
+def test_a_load_during_saves_of_banks_a_b_a_reads_under_the_lock(tmp_path, monkeypatch):
+    """Saves of bank A, then B, then A again between a reader's file read and its second manifest read: the
+    manifest reads the same as before although the file it missed exists again (the multi-process test of
+    loads during saves failed in CI when a load took that for a missing file). A missing file with an
+    unchanged manifest is settled by a read under the save lock: bank A here; a really missing file still
+    raises, and the lock file is gone afterwards either way."""
+    import clora_fast.bank as bank
+    path = tmp_path / "bank"
+    a, b = trained(n=1, active=False), trained(n=2, active=False)
+    a.save(path)
+    real = bank.read_files
+    calls = []
+
+    def read_files(p, m):
+        calls.append((p / bank.LOCK).exists())
+        if len(calls) == 1:
+            b.save(path)              # B removes A's files ...
+            try:
+                return real(p, m)     # ... so this read misses one
+            finally:
+                a.save(path)          # and A is saved again before the reader looks at the manifest again
+        return real(p, m)
+
+    monkeypatch.setattr(bank, "read_files", read_files)
+    c = CLoRAController(sites(), rank=3, alpha=6.0, backend="reference")
+    c.load_bank(path)
+    assert calls == [False, True] and [k.idx for k in c.concepts] == [0]
+    x = torch.randn(2, IN)
+    for got, want in zip(outputs(c, x), outputs(a, x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not (path / bank.LOCK).exists()
+    monkeypatch.setattr(bank, "read_files", real)
+    (path / read_manifest(path)["files"]["past"]["name"]).unlink()
+    with pytest.raises(BankError, match="is missing"):
+        CLoRAController(sites(), rank=3, alpha=6.0, backend="reference").load_bank(path)
+    assert not (path / bank.LOCK).exists()
+
+
 def test_inspect_bank_lists_the_concepts_and_verify_checks_what_a_load_checks(tmp_path):
     """inspect_bank reads what a bank holds without a model (finished, active and removed concepts, settings,
     file sizes); verify=True catches a damaged file and a past that is not the fold of its factors."""
