@@ -18,7 +18,9 @@ Sections (each call = forward + backward with fixed output gradients):
                what "auto" takes on CUDA), kv_op (lora_kv_projection with per-projection factors and biases, as
                a user holds them), fused (segmented Triton kernels; GPU, or counts under --interpret), peft (peft
                LoRA layers), naive (W0 + P + s*B@A materialised per call)
-               - "sd": no bias (SD attn2 to_k/to_v); "vit": with bias (ViT key/value)
+               - "sd": no bias (SD attn2 to_k/to_v); "vit": with bias (ViT key/value); "vit_bf16": a bf16
+               model's layer with the controller's float32 factors: ours (handed over as they are), cast
+               (cast to bf16 per call first, as before 2026-11-28), dense
   unet_kv_all  all 32 SD-1.5 cross-attention K/V projections (the config's output widths / 40, in 32):
                dense_cat (one F.linear), grouped (one segmented call: the controller's), per_layer
                (16 lora_kv_projection calls), peft (32 LoRA layers)
@@ -49,6 +51,7 @@ import _common as C  # noqa: E402
 from bench_ops import peft_module  # noqa: E402
 
 KV_METHODS = ["dense", "ours", "kv_op", "fused", "peft", "naive"]
+KV_BF16_METHODS = ["dense", "ours", "cast"]
 UNET_METHODS = ["dense_cat", "grouped", "per_layer", "peft"]
 PEN_METHODS = ["packed", "naive"]
 STEP_METHODS = ["none", "clora", "peft"]
@@ -212,6 +215,32 @@ class Bench:
                 "dense": lambda: (step_fn(lambda: [F.linear(x, W[i], bk(i)) for i in range(2)], gy, [x]), True),
                 "ours": mk_ours("auto"), "kv_op": mk_ours("auto", "kv_op"), "fused": mk_ours("fused"),
                 "peft": mk_peft, "naive": mk_naive})
+        self._kv_layer_bf16(M0, K, n, r, s)
+
+    def _kv_layer_bf16(self, M0, K, n, r, s):
+        """A bf16 model's K/V layer with the controller's float32 factors (mixed-precision masters): ours (the
+        factors handed over as they are) vs the same call with the factors cast to bf16 first (what the
+        controller did before 2026-11-28: four launches more) and the dense bf16 pair."""
+        ops, bf = self.ops, torch.bfloat16
+        x = self.randn(*M0, K).to(bf).requires_grad_()
+        W = [self.randn(n, K, scale=K ** -0.5).to(bf) for _ in range(2)]
+        bias = [self.randn(n).to(bf) for _ in range(2)]
+        W_cat, b_cat = torch.cat(W), torch.cat(bias)
+        ops.mark_frozen_bias(b_cat)
+        A_flat = self.randn(2 * r, K, scale=K ** -0.5).requires_grad_()
+        B_flat = self.randn(2 * n, r, scale=0.02).requires_grad_()
+        gy = [self.randn(*M0, n).to(bf) for _ in range(2)]
+        kw = {} if self.device.type == "cuda" else {"strategy": "merged"}     # what "auto" takes on CUDA
+
+        def mk(cast):
+            def outs():
+                A, B = (A_flat.to(bf), B_flat.to(bf)) if cast else (A_flat, B_flat)
+                return ops.segmented_lora_projection(x, W_cat, A, B, (0, n, 2 * n), s, bias=b_cat, split=True, **kw)
+            return lambda: (step_fn(outs, gy, [x, A_flat, B_flat]), True)
+
+        self.measure("kv_layer", "vit_bf16", {
+            "dense": lambda: (step_fn(lambda: [F.linear(x, W[i], bias[i]) for i in range(2)], gy, [x]), True),
+            "ours": mk(False), "cast": mk(True)})
 
     # ------------------------------------------------------------ all 32 SD K/V projections
     def unet_kv_all(self):

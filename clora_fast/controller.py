@@ -129,6 +129,13 @@ def _rows(t: Tensor, start: int, stop: int) -> Tensor:
     return t if start == 0 and stop == t.shape[0] else t[start:stop]
 
 
+def _factor(t: Tensor, dt: torch.dtype) -> Tensor:
+    """A factor for a projection computing in ``dt``: float32 factors of a float16 / bfloat16 call as they are (the
+    ops take float32 masters: the merged strategy rounds them where it writes them anyway, no separate cast
+    launches, and hands back float32 gradients), others cast to ``dt``."""
+    return t if t.dtype == torch.float32 and dt in (torch.float16, torch.bfloat16) else t.to(dt)
+
+
 def _world_size(group=None) -> int:
     """Processes in ``torch.distributed``'s (default) group; 1 without an initialized process group."""
     import torch.distributed as dist
@@ -494,7 +501,7 @@ class CLoRAController(nn.Module):
             return nn.functional.linear(x, wf, bias)
         A, B = self.current_factors(i)
         dt = self._compute_dtype(x)
-        return ops.lora_projection(x, wf, A.to(dt), B.to(dt), scale=self.scale, bias=bias,
+        return ops.lora_projection(x, wf, _factor(A, dt), _factor(B, dt), scale=self.scale, bias=bias,
                                    backend=self.backend)
 
     def project_pair(self, site_k: Union[int, str], site_v: Union[int, str], x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -521,7 +528,8 @@ class CLoRAController(nn.Module):
             As, Bs = self._flat_factors()
             dt = x.dtype if ac is None else ac
             k, v = ops.segmented_lora_projection(
-                x, _rows(wcat, lo, hi), _rows(As[b], pk * r, (pk + 2) * r).to(dt), _rows(Bs[b], lo, hi).to(dt),
+                x, _rows(wcat, lo, hi), _factor(_rows(As[b], pk * r, (pk + 2) * r), dt),
+                _factor(_rows(Bs[b], lo, hi), dt),
                 (0, mid - lo, hi - lo), self.scale, bias=None if bcat is None else _rows(bcat, lo, hi),
                 backend=self.backend, split=True)
             return k, v
@@ -534,7 +542,8 @@ class CLoRAController(nn.Module):
             biases = tuple(s.bias.detach() if s.bias is not None
                            else torch.zeros(s.out_features, dtype=wd, device=x.device) for s in (sk, sv))
         return ops.lora_kv_projection(x, (self.folded_weight(ik), self.folded_weight(iv)),
-                                      (ak.to(dt), av.to(dt)), (bk.to(dt), bv.to(dt)), scale=self.scale,
+                                      (_factor(ak, dt), _factor(av, dt)), (_factor(bk, dt), _factor(bv, dt)),
+                                      scale=self.scale,
                                       biases=biases, backend=self.backend)
 
     def group_sites(self, group: str) -> List[str]:
@@ -568,7 +577,7 @@ class CLoRAController(nn.Module):
             return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), bundle.offsets))
         dt = x.dtype if ac is None else ac
         As, Bs = self._flat_factors()
-        return list(ops.segmented_lora_projection(x, wcat, As[b].to(dt), Bs[b].to(dt),
+        return list(ops.segmented_lora_projection(x, wcat, _factor(As[b], dt), _factor(Bs[b], dt),
                                                   bundle.offsets, self.scale, bias=bcat, backend=self.backend,
                                                   split=True))
 

@@ -548,6 +548,20 @@ def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> None:
         torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
 
 
+def _fold_scaled(out: Tensor, Wp, Ac, Zb: Tensor, n: int, r: int) -> None:
+    """Write ``W_l + Z_l @ A_l`` into ``out[l*n:(l+1)*n]``, ``Zb [L, n, r]`` holding ``s_l B_l`` (the diagonal
+    blocks of the merged Function's ``Z``, in x's dtype) and ``Ac`` the A's in x's dtype (one stacked tensor or
+    one per segment): one batched GEMM when W and A are stacked, else one GEMM per segment."""
+    L = Zb.shape[0]
+    K = out.shape[1]
+    if L > 1 and len(Wp) == len(Ac) == 1:
+        torch.baddbmm(Wp[0].reshape(L, n, K), Zb, Ac[0].reshape(L, r, K), out=out[:L * n].view(L, n, K))
+        return
+    Ws, As = _segments(Wp, L, n), _segments(Ac, L, r)
+    for l in range(L):
+        torch.addmm(Ws[l], Zb[l], As[l], out=out[l * n:(l + 1) * n])
+
+
 def _segments(parts, L: int, rows: int):
     """Per-segment tensors from ``parts``: L tensors as they are, or the row blocks of one stacked one."""
     return list(parts) if len(parts) == L else [parts[0][l * rows:(l + 1) * rows] for l in range(L)]
@@ -568,6 +582,10 @@ class _MergedLoRAFunction(torch.autograd.Function):
     ``W_eff`` is kept for dx (the size of the frozen weight) rather than folded again; when x and A need
     gradients and B is stacked, it is kept as ``[W_eff | Z]`` with ``Z = blockdiag(s_l B_l)`` (``[L*n, L*r]``,
     one elementwise product into the same buffer), so that the dx GEMMs also give ``G^T``.
+    Float32 master factors of a half-precision call (mixed-precision training) are rounded to x's dtype by
+    the writes that place them in that buffer (the A rows' copy, Z's product), and the fold reads them
+    there (``W_l + Z_l @ A_l``): no separate casts; their gradients are computed in x's dtype and returned
+    in float32 (the casts autograd would make after a ``.to()``).
 
     Backward, per live segment ``l`` (``dy_l [M, n]``): ``dx = sum_l dy_l @ W_eff_l``,
     ``dA = G @ x`` with ``G = [s_l (dy_l @ B_l)^T]`` stacked (``[L*r, M]``: x read once for all
@@ -587,9 +605,6 @@ class _MergedLoRAFunction(torch.autograd.Function):
         K = x.shape[-1]
         w = Wp[0].new_empty((Ln + Lr if keep_xa else Ln, K + Lr if ext else K))
         wk = w[:, :K] if ext else w
-        _fold_into(wk, Wp, Ap, Bp, scales, n, r)
-        if ext:
-            torch.mul(Bp[0].reshape(L, n, 1, r), diag, out=w[:Ln, K:].view(L, n, L, r))
         if keep_xa:
             if nA == 1:
                 wk[Ln:].copy_(Ap[0])
@@ -597,6 +612,16 @@ class _MergedLoRAFunction(torch.autograd.Function):
                 torch.cat(Ap, out=wk[Ln:])
             if bias is not None:
                 bias = xa_bias
+        if ext:
+            torch.mul(Bp[0].reshape(L, n, 1, r), diag, out=w[:Ln, K:].view(L, n, L, r))
+        if Ap[0].dtype == x.dtype and Bp[0].dtype == x.dtype:
+            _fold_into(wk, Wp, Ap, Bp, scales, n, r)
+        else:                   # float32 master factors: rounded to x's dtype where the writes above put them
+            Ac = [wk[Ln:]] if keep_xa else [a.to(x.dtype) for a in Ap]
+            if ext:             # s_l B_l: the diagonal blocks of Z
+                _fold_scaled(wk, Wp, Ac, w[:Ln, K:].view(L, n, L, r).diagonal(0, 0, 2).permute(2, 0, 1), n, r)
+            else:
+                _fold_into(wk, Wp, Ac, [b.to(x.dtype) for b in Bp], scales, n, r)
         y = torch.nn.functional.linear(x, wk, bias)               # [..., L*n (+ L*r)]: any leading dims
         ctx.save_for_backward(x, *tensors)
         ctx.w = w[:Ln] if ctx.needs_input_grad[0] else None       # [L*n, K (+ L*r)]
@@ -640,7 +665,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
             dx = x.new_zeros(x_shape) if dx is None else dx.view(x_shape)
         if any(need_a):
             if dA is None:
-                Bs = _segments(Bp, L, n)
+                Bs = _segments([b.to(x.dtype) for b in Bp], L, n)
                 G = x.new_empty((L * r, M))
                 for l in range(L):
                     if dys[l] is None:
@@ -648,13 +673,14 @@ class _MergedLoRAFunction(torch.autograd.Function):
                     else:
                         _mm(Bs[l].t(), dys[l].t(), scales[l], out=G[l * r:(l + 1) * r])   # s (dy B)^T  [r, M]
                 dA = G @ x                                                                 # [L*r, K]
+            dA = dA.to(Ap[0].dtype)                               # (float32 master factors: their dtype)
             gA = [dA] if nA == 1 else [dA[l * r:(l + 1) * r] if need_a[l] else None for l in range(L)]
         if any(need_b):
             if ctx.xa is not None:
                 xa = ctx.xa.reshape(M, L * r)
             else:
-                xa = x @ Ap[0].t() if nA == 1 else None                                # [M, L*r]
-            dB = Bp[0].new_empty((L * n, r)) if nB == 1 else None
+                xa = x @ Ap[0].to(x.dtype).t() if nA == 1 else None                    # [M, L*r]
+            dB = x.new_empty((L * n, r)) if nB == 1 else None
             for l in range(L):
                 if nB == L and not need_b[l]:
                     continue
@@ -662,12 +688,12 @@ class _MergedLoRAFunction(torch.autograd.Function):
                 if dys[l] is None:
                     g = out.zero_() if out is not None else torch.zeros_like(Bp[l])
                 else:
-                    xa_l = xa[:, l * r:(l + 1) * r] if xa is not None else x @ Ap[l].t()
+                    xa_l = xa[:, l * r:(l + 1) * r] if xa is not None else x @ Ap[l].to(x.dtype).t()
                     g = _mm(dys[l].t(), xa_l, scales[l], out=out)                     # s dy^T (x A^T)  [n, r]
                 if dB is None:
-                    gB[l] = g
+                    gB[l] = g.to(Bp[l].dtype)
             if dB is not None:
-                gB[0] = dB
+                gB[0] = dB.to(Bp[0].dtype)
         if any(need_w):
             dWs = [dy.t() @ x if dy is not None else x.new_zeros((n, K)) for dy in dys]
             gW = [torch.cat(dWs)] if nW == 1 else dWs
@@ -686,7 +712,7 @@ class _MergedLoRAFunction(torch.autograd.Function):
 MERGED_IMPL = os.environ.get("CLORA_FAST_MERGED_IMPL", "auto")
 _CPP_MERGED: list = []          # [the extension's merged_lora or None], looked up on first use
 # the calling convention of _host.merged_lora this Python code speaks (csrc/merged_lora.cpp's MERGED_ABI)
-_MERGED_ABI = 2
+_MERGED_ABI = 3
 
 
 def _cpp_merged():
@@ -851,19 +877,30 @@ def _autocast(device: torch.device, *tensors):
                  for t in tensors)
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _master(name: str, t: Optional[Tensor], dt: torch.dtype) -> bool:
+    """Whether ``t`` is a LoRA factor kept in float32 for a half-precision call (``dt``: the dtype of x after
+    autocast): the mixed-precision training layout, computed in ``dt`` with float32 gradients."""
+    return t is not None and dt in _HALF and t.dtype == torch.float32 and name.startswith("lora_")
+
+
 def _prepare(named, backend: str):
     """The checks every projection entry shares, on ``named = [(name, tensor or None), ...]``
     (x first): one device, the concrete backend, torch.autocast's cast for linear layers, one
-    dtype, a dtype the backend supports.  Returns ``(backend, cast tensors)``."""
+    dtype (except float32 LoRA factors of a float16 / bfloat16 call, :func:`_master`: kept as they are,
+    autocast or not), a dtype the backend supports.  Returns ``(backend, cast tensors)``."""
     x = named[0][1]
     dev = x.device
     for _, t in named:
         if t is not None and t.device != dev:
             check_same_device(named)                        # raises, naming the tensors
-    tensors = _autocast(dev, *(t for _, t in named))
-    dt = tensors[0].dtype
-    for t in tensors:
-        if t is not None and t.dtype != dt:
+    cast = _autocast(dev, *(t for _, t in named))
+    dt = cast[0].dtype
+    tensors = tuple(t if _master(n, t, dt) else c for (n, t), c in zip(named, cast))
+    for (n, _), t in zip(named, tensors):
+        if t is not None and t.dtype != dt and not _master(n, t, dt):
             check_same_dtype([(n, t) for (n, _), t in zip(named, tensors)])     # raises
     backend = resolve_backend(backend, dev, dt)
     check_dtype_for_backend(named[0][0], tensors[0], backend)
@@ -891,6 +928,11 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     ``split=True`` returns one ``[..., n_l]`` output per segment (views) whose gradients are
     gathered without autograd's per-slice zero-filled ``[..., N]`` gradients (see
     :func:`split_columns`): use it when the segments feed different layers.
+
+    Dtypes: one of float32 / float16 / bfloat16 for all, except that ``lora_A`` / ``lora_B`` may be
+    float32 when x and the weight are float16 / bfloat16 (mixed-precision training's float32 masters;
+    autocast leaves them float32 too): the products run in x's dtype, the factors' gradients come back in
+    float32, and the merged strategy rounds the factors where it writes them anyway (no cast launches).
     """
     return _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split=split)
 
@@ -932,6 +974,8 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     compiling = _compiling()
     if strategy == "merged" and not compiling:
         return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
+    # float32 master factors: the kernels and the reference take one dtype
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if compiling:
@@ -998,10 +1042,30 @@ def _all_2d_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
     return True
 
 
+def _factors_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
+    """LoRA factors of a call computing in ``dt``: 2-D, on ``dev``, in ``dt`` or float32 masters (:func:`_master`)."""
+    for t in tensors:
+        if (not isinstance(t, Tensor) or t.dim() != 2 or t.device != dev
+                or (t.dtype != dt and not (t.dtype == torch.float32 and dt in _HALF))):
+            return False
+    return True
+
+
+def _fast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype a fast-path call computes in: x's, or under autocast the autocast dtype (x is then cast as
+    :func:`_autocast` would); None for the checked path (x of another dtype, or an autocast dtype it does not
+    know)."""
+    dev = x.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else None
+        return dt if dt in _FAST_DTYPES and x.dtype in _FAST_DTYPES else None
+    return x.dtype if x.dtype in _FAST_DTYPES else None
+
+
 def _merged_applies(dev: torch.device, backend: str, strategy: str, dtype: torch.dtype) -> bool:
-    """The call (equal segments) takes the merged strategy with no cast: no autocast, not compiling, and
-    :func:`_pick_strategy` picks "merged" (an unknown backend or strategy raises the checked path's error)."""
-    if (dev.type in ("cpu", "cuda") and torch.is_autocast_enabled(dev.type)) or _compiling():
+    """The call (equal segments) takes the merged strategy: not compiling, and :func:`_pick_strategy` picks
+    "merged" (an unknown backend or strategy raises the checked path's error)."""
+    if _compiling():
         return False
     return _pick_strategy(strategy, resolve_backend(backend, dev, dtype), dev, True) == "merged"
 
@@ -1010,8 +1074,10 @@ def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
     """:func:`lora_kv_projection` through the merged strategy when every check passes trivially, else None."""
     if (type(weights) not in (tuple, list) or type(lora_As) not in (tuple, list) or type(lora_Bs) not in (tuple, list)
             or len(weights) != 2 or len(lora_As) != 2 or len(lora_Bs) != 2 or type(scale) not in (float, int)
-            or not isinstance(x, Tensor) or x.dim() == 0 or x.dtype not in _FAST_DTYPES
-            or not _all_2d_like((*weights, *lora_As, *lora_Bs), x.dtype, x.device)):
+            or not isinstance(x, Tensor) or x.dim() == 0 or _fast_dtype(x) != x.dtype
+            or not _all_2d_like(weights, x.dtype, x.device)
+            or not _factors_like((*lora_As, *lora_Bs), x.dtype, x.device)
+            or lora_As[0].dtype != lora_As[1].dtype or lora_Bs[0].dtype != lora_Bs[1].dtype):
         return None
     (w_k, w_v), (a_k, a_v), (b_k, b_v) = weights, lora_As, lora_Bs
     n, r, K = w_k.shape[0], a_k.shape[0], x.shape[-1]
@@ -1034,8 +1100,11 @@ def _kv_fast(x, weights, lora_As, lora_Bs, scale, biases, backend, strategy):
 def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, strategy, split):
     """:func:`segmented_lora_projection` (a controller's call) through the merged strategy when every check
     passes trivially and ``seg_offsets`` was checked before (equal segments), else None."""
-    if (not isinstance(x, Tensor) or x.dim() == 0 or x.dtype not in _FAST_DTYPES or type(seg_offsets) is not tuple
-            or not _all_2d_like((weight, lora_A, lora_B), x.dtype, x.device)):
+    if not isinstance(x, Tensor) or x.dim() == 0 or type(seg_offsets) is not tuple:
+        return None
+    dt = _fast_dtype(x)               # under autocast: the weight and bias come cast (a controller's are)
+    if (dt is None or not _all_2d_like((weight,), dt, x.device)
+            or not _factors_like((lora_A, lora_B), dt, x.device)):
         return None
     N, K = weight.shape
     if not _known_offsets(seg_offsets, N):
@@ -1044,7 +1113,7 @@ def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backen
     r = lora_A.shape[0] // L
     if r < 1 or lora_A.shape != (L * r, K) or lora_B.shape != (N, r) or x.shape[-1] != K:
         return None
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,) or bias.dtype != x.dtype
+    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != (N,) or bias.dtype != dt
                              or bias.device != x.device):
         return None
     if type(scales) in (float, int):
@@ -1053,8 +1122,10 @@ def _segmented_fast(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backen
         scales = tuple(float(v) for v in scales)
     else:
         return None
-    if not _merged_applies(x.device, backend, strategy, x.dtype):
+    if not _merged_applies(x.device, backend, strategy, dt):
         return None
+    if x.dtype != dt:
+        x = x.to(dt)                  # autocast's cast of the input of a linear layer
     return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
 
 

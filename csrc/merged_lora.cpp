@@ -10,6 +10,9 @@
 //             dW_l = dy_l^T @ x,  dbias_l = sum_rows(dy_l)
 //   With x and A trainable and B stacked, the weight kept for dx is [W_eff | Z], Z = blockdiag(s_l B_l)
 //   ([L*n, L*r]), so that sum_l dy_l @ [W_eff_l | Z_l] = [dx | G^T] and dA = G @ x (dx: a column block).
+//   Float32 A / B of a half-precision x (master factors) are rounded to x's dtype by the writes that place them
+//   in that buffer (the A rows' copy, Z's product) and the fold reads them there (W_l + Z_l @ A_l); their
+//   gradients are computed in x's dtype and returned in float32.
 // Shapes: x [..., K]; Ws / As / Bs each one tensor per segment or one stacked tensor ([L*n, K], [L*r, K],
 // [L*n, r]); bias [L*n] or none; padded_bias [L*n + L*r] (the bias with zeros for the xa columns, or none:
 // then with a bias the A rows do not ride along); diag [L, 1, L, 1] = diag(s_l) (in promote(B's dtype,
@@ -76,6 +79,28 @@ variable_list poison(variable_list grads, const variable_list& anchors) {
   return grads;
 }
 
+// W_l + s_l B_l @ A_l into the row blocks of `out` (ops._fold_into): one batched GEMM when W, A and B are each
+// stacked and the scales equal, else one GEMM per segment.  `scaled`: Bs is one [L, n, r] tensor holding s_l B_l
+// (the diagonal blocks of Z; scales all 1) and W, A need not be stacked with it (ops._fold_scaled).
+void fold(const Tensor& out, at::TensorList Ws, at::TensorList As, at::TensorList Bs, const std::vector<double>& scales,
+          int64_t n, int64_t r, bool scaled) {
+  const int64_t L = static_cast<int64_t>(scales.size()), K = out.size(1);
+  bool equal = true;
+  for (double sc : scales) equal = equal && sc == scales[0];
+  const int64_t nW = Ws.size(), nA = As.size(), nB = scaled ? 1 : Bs.size();
+  if (L > 1 && nW == 1 && nA == 1 && nB == 1 && equal) {
+    Tensor w3 = out.narrow(0, 0, L * n).view({L, n, K});
+    Tensor b3 = scaled ? Bs[0] : Bs[0].reshape({L, n, r});
+    at::baddbmm_out(w3, Ws[0].reshape({L, n, K}), b3, As[0].reshape({L, r, K}), 1.0, scales[0]);
+    return;
+  }
+  for (int64_t l = 0; l < L; ++l) {
+    Tensor o = out.narrow(0, l * n, n);
+    Tensor bl = scaled ? Bs[0].select(0, l) : segment(Bs, L, n, l);
+    at::addmm_out(o, segment(Ws, L, n, l), bl, segment(As, L, r, l), 1.0, scales[l]);
+  }
+}
+
 struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, at::TensorList Ws, at::TensorList As,
                                at::TensorList Bs, const std::optional<Tensor>& bias,
@@ -99,22 +124,6 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
 
     Tensor w = at::empty({keep_xa ? Ln + Lr : Ln, ext ? K + Lr : K}, Ws[0].options());
     Tensor wk = ext ? w.narrow(1, 0, K) : w;
-    bool equal = true;
-    for (double sc : scales) equal = equal && sc == scales[0];
-    if (L > 1 && nW == 1 && nA == 1 && nB == 1 && equal) {
-      Tensor w3 = wk.narrow(0, 0, Ln).view({L, n, K});
-      at::baddbmm_out(w3, Ws[0].reshape({L, n, K}), Bs[0].reshape({L, n, r}), As[0].reshape({L, r, K}), 1.0,
-                      scales[0]);
-    } else {
-      for (int64_t l = 0; l < L; ++l) {
-        Tensor out = wk.narrow(0, l * n, n);
-        at::addmm_out(out, segment(Ws, L, n, l), segment(Bs, L, n, l), segment(As, L, r, l), 1.0, scales[l]);
-      }
-    }
-    if (ext) {        // Z = blockdiag(s_l B_l) beside W_eff
-      Tensor z = w.narrow(0, 0, Ln).narrow(1, K, Lr).view({L, n, L, r});
-      at::mul_out(z, Bs[0].reshape({L, n, 1, r}), *diag);
-    }
     std::optional<Tensor> b = has_bias ? bias : std::nullopt;
     if (keep_xa) {
       Tensor rows = wk.narrow(0, Ln, Lr);
@@ -124,6 +133,30 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
         at::cat_out(rows, As, 0);
       }
       if (has_bias) b = *padded_bias;                     // the extra columns get no bias
+    }
+    Tensor z;
+    if (ext) {        // Z = blockdiag(s_l B_l) beside W_eff
+      z = w.narrow(0, 0, Ln).narrow(1, K, Lr).view({L, n, L, r});
+      at::mul_out(z, Bs[0].reshape({L, n, 1, r}), *diag);
+    }
+    const auto dt = x.scalar_type();
+    if (As[0].scalar_type() == dt && Bs[0].scalar_type() == dt) {
+      fold(wk, Ws, As, Bs, scales, n, r, false);
+    } else {          // float32 master factors: rounded to x's dtype where the writes above put them
+      std::vector<Tensor> Ac;
+      if (keep_xa) {
+        Ac.push_back(wk.narrow(0, Ln, Lr));
+      } else {
+        for (const auto& a : As) Ac.push_back(a.to(dt));
+      }
+      if (ext) {      // s_l B_l: the diagonal blocks of Z
+        std::vector<Tensor> Zb{z.diagonal(0, 0, 2).permute({2, 0, 1})};
+        fold(wk, Ws, Ac, Zb, std::vector<double>(L, 1.0), n, r, true);
+      } else {
+        std::vector<Tensor> Bc;
+        for (const auto& t : Bs) Bc.push_back(t.to(dt));
+        fold(wk, Ws, Ac, Bc, scales, n, r, false);
+      }
     }
     Tensor y = at::linear(x, wk, b);                      // [..., L*n (+ L*r)]
 
@@ -209,16 +242,19 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     if (need_a) {
       if (!dA.defined()) {
         Tensor G = at::empty({Lr, M}, x.options());
+        std::vector<Tensor> Bc;                                // (float32 master factors: in x's dtype)
+        for (const auto& t : Bs) Bc.push_back(t.to(x.scalar_type()));
         for (int64_t l = 0; l < L; ++l) {
           Tensor rows = G.narrow(0, l * r, r);
           if (!dys[l].defined()) {
             rows.zero_();
           } else {
-            mm_scaled(segment(Bs, L, n, l).t(), dys[l].t(), scales[l], rows);   // s (dy B)^T  [r, M]
+            mm_scaled(segment(Bc, L, n, l).t(), dys[l].t(), scales[l], rows);   // s (dy B)^T  [r, M]
           }
         }
         dA = at::mm(G, x);                                                      // [L*r, K]
       }
+      dA = dA.to(As[0].scalar_type());                    // (float32 master factors: their dtype)
       if (nA == 1) {
         gA[0] = dA;
       } else {
@@ -231,9 +267,9 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
       if (ctx->saved_data.count("xa")) {
         xa = ctx->saved_data["xa"].toTensor().reshape({M, Lr});
       } else if (nA == 1) {
-        xa = at::mm(x, As[0].t());                                              // [M, L*r]
+        xa = at::mm(x, As[0].to(x.scalar_type()).t());                          // [M, L*r]
       }
-      Tensor dB = nB == 1 ? at::empty({Ln, r}, Bs[0].options()) : Tensor();
+      Tensor dB = nB == 1 ? at::empty({Ln, r}, x.options()) : Tensor();
       for (int64_t l = 0; l < L; ++l) {
         if (nB == L && !need(1 + nW + nA + l)) continue;
         Tensor out = dB.defined() ? dB.narrow(0, l * n, n) : Tensor();
@@ -241,12 +277,12 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
         if (!dys[l].defined()) {
           g = out.defined() ? out.zero_() : at::zeros_like(Bs[l]);
         } else {
-          Tensor xa_l = xa.defined() ? xa.narrow(1, l * r, r) : at::mm(x, As[l].t());
+          Tensor xa_l = xa.defined() ? xa.narrow(1, l * r, r) : at::mm(x, As[l].to(x.scalar_type()).t());
           g = mm_scaled(dys[l].t(), xa_l, scales[l], out);                     // s dy^T (x A^T)  [n, r]
         }
-        if (!dB.defined()) gB[l] = g;
+        if (!dB.defined()) gB[l] = g.to(Bs[l].scalar_type());
       }
-      if (dB.defined()) gB[0] = dB;
+      if (dB.defined()) gB[0] = dB.to(Bs[0].scalar_type());
     }
     if (need_w) {
       std::vector<Tensor> dWs;
@@ -295,7 +331,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "clora_fast host-side C++ (autograd Functions that save Python overhead per call)";
   // merged_lora's calling convention; clora_fast.ops._MERGED_ABI must match (an extension built from older
   // sources is then not called with arguments it does not take)
-  m.attr("MERGED_ABI") = 2;
+  m.attr("MERGED_ABI") = 3;
   m.def("merged_lora", &clora_fast::merged_lora,
         "outs = merged_lora(x, Ws, As, Bs, bias, padded_bias, diag, scales, split, grad_enabled): the merged-weight "
         "LoRA projection as a C++ autograd Function (any device; see csrc/merged_lora.cpp)",

@@ -306,6 +306,7 @@ def test_bench_host_counts_launches(tmp_path, interpret):
     md = (tmp_path / "host.md").read_text()
     got = {(r["section"], r["case"], r["method"]): r for r in rows}
     expected = {("kv_layer", c, m) for c in ("sd", "vit") for m in mod.KV_METHODS} | \
+        {("kv_layer", "vit_bf16", m) for m in mod.KV_BF16_METHODS} | \
         {("unet_kv_all", "sd32_k32", m) for m in mod.UNET_METHODS} | {("penalty", "sd32_k32", m) for m in mod.PEN_METHODS}
     diffusers = importlib.util.find_spec("diffusers") is not None
     expected |= {("sd_step", "tiny_unet", m) for m in mod.STEP_METHODS} | \
@@ -325,6 +326,9 @@ def test_bench_host_counts_launches(tmp_path, interpret):
         ours = got[("kv_layer", c, "ours")]["launches"]          # the controller's call: 9 on torch 2.14
         assert got[("kv_layer", c, "peft")]["launches"] >= 1.9 * ours
         assert ours <= got[("kv_layer", c, "dense")]["launches"] + 4 and ours <= got[("kv_layer", c, "kv_op")]["launches"]
+    # float32 master factors of a bf16 layer: the two gradient casts over the all-bf16 call, not four factor casts
+    ours, cast = (got[("kv_layer", "vit_bf16", m)]["launches"] for m in ("ours", "cast"))
+    assert ours == got[("kv_layer", "vit", "ours")]["launches"] + 2 and cast == ours + 2, (ours, cast)
     if interpret and diffusers:
         # the adapted SD step launches about as many kernels as the no-adapter one (one grouped K/V call
         # replaces the dense to_k/to_v calls; the penalty and the optimizer add a few), PEFT many more

@@ -1,5 +1,6 @@
 """CLoRAController on plain tensors (framework-free): projections, concepts, fold/remove,
 penalty against the reference, merge, export, validation."""
+import contextlib
 import math
 
 import pytest
@@ -589,6 +590,50 @@ def test_project_pair_launches_and_gradient_slices(monkeypatch, group):
     assert n <= n_dense + 7, (n, n_dense, ops_)          # 12 vs 5 on torch 2.14 (per-site parameters: 11)
     torch.testing.assert_close(k, c.project(2, x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v, c.project(3, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["bf16", "autocast"])
+def test_float32_factors_of_a_bf16_model_are_not_cast_per_call(monkeypatch, model):
+    """A bf16 model (or a float32 one under bf16 autocast) keeps its factors in float32: a K/V group's call hands
+    them to the merged strategy as they are (no cast launch per factor and per call; under autocast no checked
+    path either), with float32 gradients equal to those of the factors cast to bf16 first within bf16 rounding,
+    and the launches of the all-bf16 call plus the two gradient casts (plus x's casts under autocast)."""
+    from clora_fast._launches import count_launches
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", "merged")
+    bf = torch.bfloat16
+    g = torch.Generator().manual_seed(4)
+    wdt = bf if model == "bf16" else torch.float32
+    sites = [Site(f"l0.{kv}", torch.randn(16, IN, generator=g).to(wdt), torch.randn(16, generator=g).to(wdt), "g")
+             for kv in "kv"]
+    c = CLoRAController(sites, rank=4, backend="reference")
+    c.begin_concept()
+    randomize(c)
+    c.end_concept()
+    c.begin_concept()
+    randomize(c, seed=3)
+    assert all(p.dtype == torch.float32 for p in c.trainable_parameters())
+    x = torch.randn(2, 5, IN, generator=g).to(wdt).requires_grad_()
+    gy = [torch.randn(2, 5, 16, generator=g).to(bf) for _ in range(2)]
+
+    def step(cast_first=False):
+        ctx = torch.autocast("cpu", dtype=bf) if model == "autocast" else contextlib.nullcontext()
+        with ctx:
+            if cast_first:            # the previous behaviour: the factors cast to the compute dtype per call
+                w, b = c._bundle_weights(c._bundles[0], bf if model == "autocast" else None)
+                A, B = (t[0] for t in c._flat_factors())
+                ys = ops.segmented_lora_projection(x, w, A.to(bf), B.to(bf), c._bundles[0].offsets, c.scale, bias=b,
+                                                   split=True, backend="reference")
+            else:
+                ys = c.project_group("g", x)
+        return ys, torch.autograd.grad(ys, [x] + c.trainable_parameters(), gy)
+
+    (ys, gs), (yw, gw) = step(), step(cast_first=True)
+    assert all(y.dtype == bf for y in ys) and gs[0].dtype == wdt and all(t.dtype == torch.float32 for t in gs[1:])
+    for got, want in zip(list(ys) + list(gs), list(yw) + list(gw)):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    n_ours, n_cast = count_launches(step)[0], count_launches(lambda: step(cast_first=True))[0]
+    assert n_ours == n_cast - 2, (n_ours, n_cast)         # two factor casts in forward fewer
+    assert n_ours == (11 if model == "bf16" else 13), n_ours   # 9 + the 2 gradient casts (+ x's 2 under autocast)
 
 
 def test_fold_ignores_autocast_and_tf32_and_the_bank_reloads(tmp_path):

@@ -455,7 +455,7 @@ def test_host_extension_built_from_other_sources_is_not_called(monkeypatch):
     monkeypatch.setattr(clora_fast, "_host", stale, raising=False)
     monkeypatch.setattr(ops, "_CPP_MERGED", [])
     monkeypatch.setattr(ops, "MERGED_IMPL", "auto")
-    with pytest.warns(UserWarning, match="calling convention 1, expected 2"):
+    with pytest.warns(UserWarning, match=f"calling convention 1, expected {ops._MERGED_ABI}"):
         assert ops._cpp_merged() is None
     x, w = torch.randn(3, 8, requires_grad=True), torch.randn(10, 8)
     a, b = torch.randn(4, 8, requires_grad=True), torch.randn(10, 2, requires_grad=True)
@@ -604,6 +604,85 @@ def test_merged_kv_launch_counts(merged_impl):
         assert peft >= 1.9 * ours, (peft, ours)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_master_factors_of_a_half_precision_call(device, dtype, merged_impl):
+    """Float32 A / B with fp16 / bf16 x and weight (mixed-precision training keeps float32 masters): every path of
+    the merged strategy (the A rows riding along or not, Z or not, stacked or per-segment factors, equal or
+    per-segment scales) and the fused / reference ones take them as they are; outputs in x's dtype and
+    gradients in float32 within the tolerance idiom against float64 (PyTorch's error: the same op with the
+    factors cast to x's dtype), and the merged strategy makes no cast of a factor in forward."""
+    from clora_fast._launches import count_launches
+    g = torch.Generator().manual_seed(21)
+    M, K, n, r = 6, 24, 10, 3
+    x0 = torch.randn(2, M // 2, K, generator=g)
+    w0 = torch.randn(2 * n, K, generator=g) / K ** 0.5
+    a0 = torch.randn(2 * r, K, generator=g) / K ** 0.5
+    b0 = torch.randn(2 * n, r, generator=g) / r ** 0.5
+    bias0 = torch.randn(2 * n, generator=g)
+    gy = [torch.randn(2, M // 2, n, generator=g) for _ in range(2)]
+
+    def run(fdt, cdt, x_trains, a_trains, b_trains, split, per_segment, scales, strategy, backend="reference"):
+        x = x0.to(device, cdt, copy=True).requires_grad_(x_trains)
+        a, b = (t.to(device, fdt, copy=True).requires_grad_(tr) for t, tr in ((a0, a_trains), (b0, b_trains)))
+        w, bias = w0.to(device, cdt), bias0.to(device, cdt)
+        if per_segment:
+            y = ops.lora_kv_projection(x, (w[:n], w[n:]), (a[:r], a[r:]), (b[:n], b[n:]), scale=scales[0],
+                                       biases=(bias[:n], bias[n:]), backend=backend, strategy=strategy)
+        else:
+            y = ops.segmented_lora_projection(x, w, a, b, (0, n, 2 * n), scales, bias=bias, backend=backend,
+                                              strategy=strategy, split=split)
+            y = y if split else (y[..., :n], y[..., n:])
+        leaves = [t for t in (x, a, b) if t.requires_grad] if torch.is_grad_enabled() else []
+        grads = torch.autograd.grad(y, leaves, [t.to(device, cdt) for t in gy]) if leaves else ()
+        return [t.detach() for t in y], dict(zip([k for k, t in zip("xab", (x, a, b)) if t.requires_grad], grads))
+
+    cases = [dict(x_trains=True, a_trains=True, b_trains=True, split=True, per_segment=False, scales=[0.5, 0.5]),
+             dict(x_trains=True, a_trains=True, b_trains=True, split=True, per_segment=False, scales=[0.5, -2.0]),
+             dict(x_trains=True, a_trains=True, b_trains=True, split=False, per_segment=False, scales=[0.3, 0.3]),
+             dict(x_trains=True, a_trains=True, b_trains=True, split=True, per_segment=True, scales=[0.3, 0.3]),
+             dict(x_trains=False, a_trains=True, b_trains=True, split=True, per_segment=False, scales=[0.3, 0.3]),
+             dict(x_trains=True, a_trains=False, b_trains=True, split=True, per_segment=False, scales=[0.3, 0.3]),
+             dict(x_trains=True, a_trains=True, b_trains=False, split=True, per_segment=False, scales=[0.3, 0.3])]
+    for case in cases:
+        ys64, g64 = run(torch.float64, torch.float64, strategy="merged", **case)
+        ys_lo, g_lo = run(dtype, dtype, strategy="merged", **case)           # the factors cast to x's dtype
+        for strategy, backend in [("merged", "reference")] + [("fused", bk) for bk in backends_for(device)]:
+            ys, gs = run(torch.float32, dtype, strategy=strategy, backend=backend, **case)
+            what = f"{strategy} {backend} {case}"
+            for y, y64, ylo in zip(ys, ys64, ys_lo):
+                assert y.dtype == dtype, what
+                assert_close_idiom(y, y64, ylo, dtype, f"{what} y")
+            assert gs.keys() == g64.keys(), what
+            for k, gt in gs.items():
+                assert gt.dtype == (dtype if k == "x" else torch.float32), (what, k)
+                assert_close_idiom(gt, g64[k], g_lo[k], dtype, f"{what} d{k}")
+        with torch.no_grad():
+            ys, _ = run(torch.float32, dtype, strategy="merged", **case)
+        for y, y64, ylo in zip(ys, ys64, ys_lo):
+            assert_close_idiom(y, y64, ylo, dtype, f"no grad {case} y")
+
+    # the controller's call: float32 masters cost the two gradient casts only (a cast per factor and per call
+    # before: four launches more than the all-half call)
+    x = x0.to(device, dtype, copy=True).requires_grad_()
+    w, bias = w0.to(device, dtype), bias0.to(device, dtype)
+    ops.mark_frozen_bias(bias)
+    gys = [t.to(device, dtype) for t in gy]
+
+    def call(a, b, cast):
+        def fn():
+            A, B = (a.to(dtype), b.to(dtype)) if cast else (a, b)
+            ys = ops.segmented_lora_projection(x, w, A, B, (0, n, 2 * n), 0.5, bias=bias, strategy="merged",
+                                               split=True)
+            torch.autograd.grad(ys, [x, a, b], gys)
+        fn()
+        return count_launches(fn)[0]
+
+    a32, b32, a_h, b_h = (t.to(device, dt, copy=True).requires_grad_()
+                          for t, dt in ((a0, torch.float32), (b0, torch.float32), (a0, dtype), (b0, dtype)))
+    half, master, cast = call(a_h, b_h, False), call(a32, b32, False), call(a32, b32, True)
+    assert master == half + 2 and cast == half + 4, (half, master, cast)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_kv_projection_backends(device, dtype):
     M, K, r = 6, 40, 4
@@ -624,22 +703,25 @@ def test_lora_kv_projection_backends(device, dtype):
         assert_close_idiom(v, v64, vlo, dtype, f"{backend} v")
 
 
+@pytest.mark.parametrize("mixed", [False, True])
 @pytest.mark.parametrize("layout", ["per_segment", "stacked", "stacked_scales", "single"])
-def test_merged_cpp_equals_python_bit_for_bit(layout):
+def test_merged_cpp_equals_python_bit_for_bit(layout, mixed):
     """The C++ autograd Function of the merged strategy runs the Python one's ATen calls in the same order:
-    outputs and every gradient equal bit for bit (bias, trainable weight, an unused output, no-grad)."""
+    outputs and every gradient equal bit for bit (bias, trainable weight, an unused output, no-grad; float32
+    master factors of a bfloat16 call)."""
     if ops._cpp_merged() is None:
         pytest.skip("the C++ host extension clora_fast._host is not built here")
     g = torch.Generator().manual_seed(11)
     L = 1 if layout == "single" else 3
     K, n, r = 10, 6, 2
     scales = [0.5, 2.0, -1.0][:L] if layout != "stacked" else [0.5] * L
-    x0 = torch.randn(2, 4, K, generator=g)
-    w0 = torch.randn(L * n, K, generator=g)
+    dt = torch.bfloat16 if mixed else torch.float32
+    x0 = torch.randn(2, 4, K, generator=g).to(dt)
+    w0 = torch.randn(L * n, K, generator=g).to(dt)
     a0 = torch.randn(L * r, K, generator=g)
     b0 = torch.randn(L * n, r, generator=g)
-    bias0 = torch.randn(L * n, generator=g)
-    gys = [torch.randn(2, 4, n, generator=g) for _ in range(L)]
+    bias0 = torch.randn(L * n, generator=g).to(dt)
+    gys = [torch.randn(2, 4, n, generator=g).to(dt) for _ in range(L)]
 
     def run(impl, split, used, bias_on, w_trains):
         ops.MERGED_IMPL = impl
