@@ -32,6 +32,16 @@ def randomize(ctrl, std=0.2, seed=1):
             p.copy_((torch.randn(p.shape, generator=g) * std).to(p.device))
 
 
+def one_past_one_active(ctrl):
+    """One concept trained (random factors) and folded into P, a second one active with other random factors."""
+    ctrl.begin_concept()
+    randomize(ctrl)
+    ctrl.end_concept()
+    ctrl.begin_concept()
+    randomize(ctrl, seed=3)
+    return ctrl
+
+
 def expected(ctrl, i, x):
     """x @ (W0 + P + s B A)^T + b computed by the reference, in float64."""
     s = ctrl.sites[i]
@@ -432,11 +442,7 @@ def test_autocast_casts_the_folded_weights_once(strategy, monkeypatch):
     monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     sites = make_sites(bias=True)
     c = CLoRAController(sites, rank=2, backend="reference")
-    c.begin_concept()
-    randomize(c)
-    c.end_concept()
-    c.begin_concept()
-    randomize(c, seed=3)
+    one_past_one_active(c)
     x = torch.randn(2, 3, IN, requires_grad=True)
     bf = torch.bfloat16
 
@@ -561,11 +567,7 @@ def test_project_pair_launches_and_gradient_slices(monkeypatch, group):
     g = torch.Generator().manual_seed(0)
     sites = [Site(f"l{i // 2}.{'kv'[i % 2]}", torch.randn(16, IN, generator=g), None, group) for i in range(6)]
     c = CLoRAController(sites, rank=3, backend="reference")
-    c.begin_concept()
-    randomize(c)
-    c.end_concept()
-    c.begin_concept()
-    randomize(c, seed=3)
+    one_past_one_active(c)
     x = torch.randn(2, 5, IN, requires_grad=True)
     gy = torch.randn(2, 5, 16)
 
@@ -606,11 +608,7 @@ def test_float32_factors_of_a_bf16_model_are_not_cast_per_call(monkeypatch, mode
     sites = [Site(f"l0.{kv}", torch.randn(16, IN, generator=g).to(wdt), torch.randn(16, generator=g).to(wdt), "g")
              for kv in "kv"]
     c = CLoRAController(sites, rank=4, backend="reference")
-    c.begin_concept()
-    randomize(c)
-    c.end_concept()
-    c.begin_concept()
-    randomize(c, seed=3)
+    one_past_one_active(c)
     assert all(p.dtype == torch.float32 for p in c.trainable_parameters())
     x = torch.randn(2, 5, IN, generator=g).to(wdt).requires_grad_()
     gy = [torch.randn(2, 5, 16, generator=g).to(bf) for _ in range(2)]
