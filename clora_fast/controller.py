@@ -543,8 +543,7 @@ class CLoRAController(nn.Module):
                            else torch.zeros(s.out_features, dtype=wd, device=x.device) for s in (sk, sv))
         return ops.lora_kv_projection(x, (self.folded_weight(ik), self.folded_weight(iv)),
                                       (_factor(ak, dt), _factor(av, dt)), (_factor(bk, dt), _factor(bv, dt)),
-                                      scale=self.scale,
-                                      biases=biases, backend=self.backend)
+                                      scale=self.scale, biases=biases, backend=self.backend)
 
     def group_sites(self, group: str) -> List[str]:
         """Names of the sites of ``group``, in the order :meth:`project_group` returns them."""
