@@ -536,30 +536,18 @@ _DIAGS: dict = {}
 def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> None:
     """Write ``W_l + s_l B_l @ A_l`` into the row blocks ``out[l*n:(l+1)*n]`` (``out`` may be a column block
     of a wider buffer): one batched GEMM when W, A and B are each stacked and the scales equal (a
-    controller's call), else one GEMM per segment."""
+    controller's call), else one GEMM per segment.  ``Bp`` may also be one ``[L, n, r]`` tensor: the diagonal
+    blocks of the merged Function's ``Z`` (``s_l B_l`` already, with scales 1)."""
     L = len(scales)
     K = out.shape[1]
     if L > 1 and len(Wp) == len(Ap) == len(Bp) == 1 and all(sc == scales[0] for sc in scales):
         torch.baddbmm(Wp[0].reshape(L, n, K), Bp[0].reshape(L, n, r), Ap[0].reshape(L, r, K), alpha=scales[0],
                       out=out[:L * n].view(L, n, K))
         return
-    Ws, As, Bs = _segments(Wp, L, n), _segments(Ap, L, r), _segments(Bp, L, n)
+    Ws, As = _segments(Wp, L, n), _segments(Ap, L, r)
+    Bs = list(Bp[0]) if Bp[0].dim() == 3 else _segments(Bp, L, n)
     for l, (w, a, b, s) in enumerate(zip(Ws, As, Bs, scales)):
         torch.addmm(w, b, a, alpha=s, out=out[l * n:(l + 1) * n])
-
-
-def _fold_scaled(out: Tensor, Wp, Ac, Zb: Tensor, n: int, r: int) -> None:
-    """Write ``W_l + Z_l @ A_l`` into ``out[l*n:(l+1)*n]``, ``Zb [L, n, r]`` holding ``s_l B_l`` (the diagonal
-    blocks of the merged Function's ``Z``, in x's dtype) and ``Ac`` the A's in x's dtype (one stacked tensor or
-    one per segment): one batched GEMM when W and A are stacked, else one GEMM per segment."""
-    L = Zb.shape[0]
-    K = out.shape[1]
-    if L > 1 and len(Wp) == len(Ac) == 1:
-        torch.baddbmm(Wp[0].reshape(L, n, K), Zb, Ac[0].reshape(L, r, K), out=out[:L * n].view(L, n, K))
-        return
-    Ws, As = _segments(Wp, L, n), _segments(Ac, L, r)
-    for l in range(L):
-        torch.addmm(Ws[l], Zb[l], As[l], out=out[l * n:(l + 1) * n])
 
 
 def _segments(parts, L: int, rows: int):
@@ -619,7 +607,8 @@ class _MergedLoRAFunction(torch.autograd.Function):
         else:                   # float32 master factors: rounded to x's dtype where the writes above put them
             Ac = [wk[Ln:]] if keep_xa else [a.to(x.dtype) for a in Ap]
             if ext:             # s_l B_l: the diagonal blocks of Z
-                _fold_scaled(wk, Wp, Ac, w[:Ln, K:].view(L, n, L, r).diagonal(0, 0, 2).permute(2, 0, 1), n, r)
+                _fold_into(wk, Wp, Ac, [w[:Ln, K:].view(L, n, L, r).diagonal(0, 0, 2).permute(2, 0, 1)], (1.0,) * L,
+                           n, r)
             else:
                 _fold_into(wk, Wp, Ac, [b.to(x.dtype) for b in Bp], scales, n, r)
         y = torch.nn.functional.linear(x, wk, bias)               # [..., L*n (+ L*r)]: any leading dims
@@ -860,19 +849,24 @@ def _check_offsets(seg_offsets, n_rows: int) -> Tuple[Tuple[int, ...], bool]:
 # Public functions
 # ---------------------------------------------------------------------------
 
-def _autocast(device: torch.device, *tensors):
-    """Apply torch.autocast's rule for linear layers: cast float inputs to the autocast dtype."""
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts linear layers' inputs to on ``device``, or None when it is off there."""
     dev = device.type
     if dev not in ("cuda", "cpu"):
-        return tensors
+        return None
     if hasattr(torch, "get_autocast_dtype"):
-        if not torch.is_autocast_enabled(dev):
-            return tensors
-        dt = torch.get_autocast_dtype(dev)
+        return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     else:  # pragma: no cover - torch < 2.4
         if not (torch.is_autocast_enabled() if dev == "cuda" else torch.is_autocast_cpu_enabled()):
-            return tensors
-        dt = torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+            return None
+        return torch.get_autocast_gpu_dtype() if dev == "cuda" else torch.get_autocast_cpu_dtype()
+
+
+def _autocast(device: torch.device, *tensors):
+    """Apply torch.autocast's rule for linear layers: cast float inputs to the autocast dtype."""
+    dt = _autocast_dtype(device)
+    if dt is None:
+        return tensors
     return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
                  for t in tensors)
 
@@ -880,10 +874,16 @@ def _autocast(device: torch.device, *tensors):
 _HALF = (torch.float16, torch.bfloat16)
 
 
+def _master_dtypes(factor: torch.dtype, dt: torch.dtype) -> bool:
+    """A factor of dtype ``factor`` in a call computing in ``dt`` is a float32 master of a half-precision call:
+    the mixed-precision training layout, computed in ``dt`` with float32 gradients."""
+    return factor == torch.float32 and dt in _HALF
+
+
 def _master(name: str, t: Optional[Tensor], dt: torch.dtype) -> bool:
-    """Whether ``t`` is a LoRA factor kept in float32 for a half-precision call (``dt``: the dtype of x after
-    autocast): the mixed-precision training layout, computed in ``dt`` with float32 gradients."""
-    return t is not None and dt in _HALF and t.dtype == torch.float32 and name.startswith("lora_")
+    """Whether ``t`` is a LoRA factor that is a float32 master (:func:`_master_dtypes`) for a call computing in
+    ``dt`` (the dtype of x after autocast)."""
+    return t is not None and name.startswith("lora_") and _master_dtypes(t.dtype, dt)
 
 
 def _prepare(named, backend: str):
@@ -1046,7 +1046,7 @@ def _factors_like(tensors, dt: torch.dtype, dev: torch.device) -> bool:
     """LoRA factors of a call computing in ``dt``: 2-D, on ``dev``, in ``dt`` or float32 masters (:func:`_master`)."""
     for t in tensors:
         if (not isinstance(t, Tensor) or t.dim() != 2 or t.device != dev
-                or (t.dtype != dt and not (t.dtype == torch.float32 and dt in _HALF))):
+                or (t.dtype != dt and not _master_dtypes(t.dtype, dt))):
             return False
     return True
 
@@ -1055,11 +1055,12 @@ def _fast_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype a fast-path call computes in: x's, or under autocast the autocast dtype (x is then cast as
     :func:`_autocast` would); None for the checked path (x of another dtype, or an autocast dtype it does not
     know)."""
-    dev = x.device.type
-    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
-        dt = torch.get_autocast_dtype(dev) if hasattr(torch, "get_autocast_dtype") else None
-        return dt if dt in _FAST_DTYPES and x.dtype in _FAST_DTYPES else None
-    return x.dtype if x.dtype in _FAST_DTYPES else None
+    if x.dtype not in _FAST_DTYPES:
+        return None
+    dt = _autocast_dtype(x.device)
+    if dt is None:
+        return x.dtype
+    return dt if dt in _FAST_DTYPES else None
 
 
 def _merged_applies(dev: torch.device, backend: str, strategy: str, dtype: torch.dtype) -> bool:

@@ -80,23 +80,23 @@ variable_list poison(variable_list grads, const variable_list& anchors) {
 }
 
 // W_l + s_l B_l @ A_l into the row blocks of `out` (ops._fold_into): one batched GEMM when W, A and B are each
-// stacked and the scales equal, else one GEMM per segment.  `scaled`: Bs is one [L, n, r] tensor holding s_l B_l
-// (the diagonal blocks of Z; scales all 1) and W, A need not be stacked with it (ops._fold_scaled).
+// stacked and the scales equal, else one GEMM per segment.  Bs may also be one [L, n, r] tensor: the diagonal
+// blocks of Z (s_l B_l already, with scales 1).
 void fold(const Tensor& out, at::TensorList Ws, at::TensorList As, at::TensorList Bs, const std::vector<double>& scales,
-          int64_t n, int64_t r, bool scaled) {
+          int64_t n, int64_t r) {
   const int64_t L = static_cast<int64_t>(scales.size()), K = out.size(1);
   bool equal = true;
   for (double sc : scales) equal = equal && sc == scales[0];
-  const int64_t nW = Ws.size(), nA = As.size(), nB = scaled ? 1 : Bs.size();
+  const int64_t nW = Ws.size(), nA = As.size(), nB = Bs.size();
   if (L > 1 && nW == 1 && nA == 1 && nB == 1 && equal) {
     Tensor w3 = out.narrow(0, 0, L * n).view({L, n, K});
-    Tensor b3 = scaled ? Bs[0] : Bs[0].reshape({L, n, r});
-    at::baddbmm_out(w3, Ws[0].reshape({L, n, K}), b3, As[0].reshape({L, r, K}), 1.0, scales[0]);
+    at::baddbmm_out(w3, Ws[0].reshape({L, n, K}), Bs[0].reshape({L, n, r}), As[0].reshape({L, r, K}), 1.0,
+                    scales[0]);
     return;
   }
   for (int64_t l = 0; l < L; ++l) {
     Tensor o = out.narrow(0, l * n, n);
-    Tensor bl = scaled ? Bs[0].select(0, l) : segment(Bs, L, n, l);
+    Tensor bl = Bs[0].dim() == 3 ? Bs[0].select(0, l) : segment(Bs, L, n, l);
     at::addmm_out(o, segment(Ws, L, n, l), bl, segment(As, L, r, l), 1.0, scales[l]);
   }
 }
@@ -141,7 +141,7 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
     }
     const auto dt = x.scalar_type();
     if (As[0].scalar_type() == dt && Bs[0].scalar_type() == dt) {
-      fold(wk, Ws, As, Bs, scales, n, r, false);
+      fold(wk, Ws, As, Bs, scales, n, r);
     } else {          // float32 master factors: rounded to x's dtype where the writes above put them
       std::vector<Tensor> Ac;
       if (keep_xa) {
@@ -151,11 +151,11 @@ struct MergedLoRA : public torch::autograd::Function<MergedLoRA> {
       }
       if (ext) {      // s_l B_l: the diagonal blocks of Z
         std::vector<Tensor> Zb{z.diagonal(0, 0, 2).permute({2, 0, 1})};
-        fold(wk, Ws, Ac, Zb, std::vector<double>(L, 1.0), n, r, true);
+        fold(wk, Ws, Ac, Zb, std::vector<double>(L, 1.0), n, r);
       } else {
         std::vector<Tensor> Bc;
         for (const auto& t : Bs) Bc.push_back(t.to(dt));
-        fold(wk, Ws, Ac, Bc, scales, n, r, false);
+        fold(wk, Ws, Ac, Bc, scales, n, r);
       }
     }
     Tensor y = at::linear(x, wk, b);                      // [..., L*n (+ L*r)]
