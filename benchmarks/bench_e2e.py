@@ -406,6 +406,9 @@ class E2E:
                     make_step(model, head_params(model) + list(ctl.trainable_parameters()), ctl.penalty), rep)
                 self.record(variant="clora", time_ms=t, status=why or "ok", peak_mib=pk,
                             backend=resolved_backend(ctl, dev), **meta)
+                if self.args.compiled:
+                    self.time_compiled("clora_compiled", model, head_params(model) + list(ctl.trainable_parameters()),
+                                       make_step, rep, meta, ctl.penalty, backend=resolved_backend(ctl, dev))
                 self.cl.pkg.unpatch(model)
                 del ctl
             except Exception as e:  # noqa: BLE001
@@ -414,6 +417,8 @@ class E2E:
                 model, cfg = self.build_vit()  # fresh model for PEFT in case patch left it half-done
         else:
             self.record(variant="clora", time_ms=None, status=f"n/a ({why})", **meta)
+        if self.args.compiled:
+            self.time_compiled("none_compiled", model, head_params(model), make_step, rep, meta)
         t, why, pk = self.time_step(make_step(model, head_params(model)), rep)
         self.record(variant="none_repeat", time_ms=t, status=why or "ok", peak_mib=pk, **meta)
         try:
@@ -426,6 +431,19 @@ class E2E:
         del model
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+
+    def time_compiled(self, variant, model, params, make_step, rep, meta, extra_loss=None, **extra):
+        """Time ``variant``: the step with ``torch.compile(model, fullgraph=True)`` (inductor; mode
+        "reduce-overhead", i.e. CUDA graphs, on a GPU), the compilation in the warm-up."""
+        try:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            compiled = torch.compile(model, mode=mode, fullgraph=True)
+            t, why, pk = self.time_step(make_step(compiled, params, extra_loss), rep)
+        except Exception as e:  # noqa: BLE001
+            t, why, pk = None, f"n/a (torch.compile: {C.describe_exc(e)})", None
+        finally:
+            torch._dynamo.reset()
+        self.record(variant=variant, time_ms=t, status=why or "ok", peak_mib=pk, **extra, **meta)
 
     # --------------------------------------------------------- pipe() inference
     def build_pipe(self):
@@ -589,6 +607,12 @@ class E2E:
         vn, vp, vo = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none", "peft", "clora"))
         tg.check("ViT-B/16 training step: clora faster than PEFT (info)", (vo < vp) if vo and vp else None,
                  f"none {C.fmt_ms(vn)}, peft {C.fmt_ms(vp)}, clora {C.fmt_ms(vo)} ms")
+        vnc, voc = ((self.get("vit", "train", v) or {}).get("time_ms") for v in ("none_compiled", "clora_compiled"))
+        if self.args.compiled:
+            tg.check("ViT-B/16 training step compiled (fullgraph, CUDA graphs on a GPU): clora within 10% of none "
+                     "compiled (info)", (voc <= 1.10 * vnc) if voc and vnc else None,
+                     f"none {C.fmt_ms(vnc)}, clora {C.fmt_ms(voc)} ms compiled "
+                     f"({C.fmt_ratio(voc / vnc if voc and vnc else None)}); eager clora {C.fmt_ms(vo)} ms")
         md.append(tg.md())
         return "".join(md)
 
@@ -605,6 +629,9 @@ def _main(argv):
     p.add_argument("--dtype", default=None, help="bf16 / fp32 / fp16 (default by profile: GPU bf16, CPU fp32)")
     p.add_argument("--clora-backend", default="auto", help="backend of the clora_fast controller (auto, triton, "
                    "cuda, reference)")
+    p.add_argument("--compiled", action="store_true", help="also time the ViT steps with torch.compile(model, "
+                   "fullgraph=True) (mode reduce-overhead: CUDA graphs, on a GPU; compilation in the warm-up, about a "
+                   "minute each); variants none_compiled, clora_compiled")
     args = p.parse_args(argv)
     device = C.pick_device(args)
     C.configure_threads(args, device)

@@ -150,6 +150,19 @@ def _tensor_key(t: Optional[Tensor]):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+def _autocasts(w: Tensor, autocast: Optional[torch.dtype]) -> bool:
+    """Whether an enabled autocast region of dtype ``autocast`` casts ``w`` for a linear (floating, not float64)."""
+    return autocast is not None and w.dtype not in (autocast, torch.float64) and w.is_floating_point()
+
+
+@torch.compiler.disable
+def _sync_eagerly(ctrl: "CLoRAController") -> None:
+    """Re-point the sites and follow a moved model (run outside a torch.compile graph: identity and device
+    checks with side effects)."""
+    ctrl._refresh_sites()
+    ctrl._sync_device()
+
+
 class CLoRAController(nn.Module):
     """Continual LoRA over a fixed set of projections (:class:`Site`).
 
@@ -420,12 +433,9 @@ class CLoRAController(nn.Module):
         return self.sites[i].weight.detach()
 
     def _folded(self, i: int) -> Tensor:
-        w0 = self._base_weight(i)
         p = self._past[i]
-        if p is None:
-            return w0
-        acc = torch.promote_types(w0.dtype, torch.float32)   # fp32, or fp64 for an fp64 model
-        return (w0.to(acc) + p.to(w0.device, acc)).to(w0.dtype)
+        w0 = self._base_weight(i)
+        return w0 if p is None else self._merged_value(w0, p)
 
     def _bundle_weights(self, bundle: _Bundle, autocast: Optional[torch.dtype] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """Concatenated folded weights and biases of a bundle, rebuilt when P or W0 changed.  ``autocast``: the
@@ -433,7 +443,7 @@ class CLoRAController(nn.Module):
         layers would (floating, not float64), cast once per rebuild instead of at every call (autocast caches
         only leaves that require grad: a frozen folded weight would be cast again at every forward)."""
         wcat, bcat = self._bundle_folded(bundle)
-        if autocast is None or wcat.dtype in (autocast, torch.float64) or not wcat.is_floating_point():
+        if not _autocasts(wcat, autocast):
             return wcat, bcat
         c = bundle.wcast
         if c is None or c[0] != autocast or c[1] is not wcat:
@@ -570,15 +580,54 @@ class CLoRAController(nn.Module):
         self._sync_bundle_device(b)
         ac = self._autocast_dtype(x)
         wcat, bcat = self._bundle_weights(bundle, ac)
-        # split outputs: the sites' gradients are gathered with one concatenation (slicing one output
-        # would make autograd zero-fill a full-width gradient per site)
+        return self._group_outputs(b, x, wcat, bcat, ac)
+
+    def _group_outputs(self, b: int, x: Tensor, wcat: Tensor, bcat: Optional[Tensor], ac: Optional[torch.dtype]
+                       ) -> List[Tensor]:
+        """Bundle ``b``'s outputs for ``x`` from its folded weights ``wcat`` / biases ``bcat`` (in the compute
+        dtype), as split outputs: the sites' gradients are gathered with one concatenation (slicing one output
+        would make autograd zero-fill a full-width gradient per site)."""
+        offsets = self._bundles[b].offsets
         if self._active is None:
-            return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), bundle.offsets))
+            return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), offsets))
         dt = x.dtype if ac is None else ac
         As, Bs = self._flat_factors()
-        return list(ops.segmented_lora_projection(x, wcat, _factor(As[b], dt), _factor(Bs[b], dt),
-                                                  bundle.offsets, self.scale, bias=bcat, backend=self.backend,
-                                                  split=True))
+        return list(ops.segmented_lora_projection(x, wcat, _factor(As[b], dt), _factor(Bs[b], dt), offsets,
+                                                  self.scale, bias=bcat, backend=self.backend, split=True))
+
+    def _project_group_traced(self, group: str, x: Tensor,
+                              bases: Optional[Sequence[Tuple[Tensor, Optional[Tensor]]]] = None) -> List[Tensor]:
+        """:meth:`project_group` for a ``torch.compile`` trace (the adapter's call while dynamo traces): the folded
+        weights ``W0 + P`` are built in the graph from ``bases`` (the live ``(weight, bias)`` of each site of the
+        group, in group order, from an adapter whose sites may be stale views; default: the sites' own tensors)
+        instead of taken from the eager cache, whose validity checks (data pointers, version counters) dynamo
+        cannot trace.  Same values as :meth:`project_group` (the same fold, :meth:`_merged_value`); the fold costs
+        one elementwise pass over the group's weights per call, which a compiled graph fuses.  What dynamo guards
+        on (the concept state, the factors' and weights' identities, devices and dtypes) makes a change of state
+        recompile instead of reusing a stale graph."""
+        b = self._group_bundle.get(group)
+        if b is None:
+            raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
+        bundle = self._bundles[b]
+        self._check_input(x, bundle.in_features, "project_group", group)
+        if bases is None:
+            bases = [(self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
+        if self.pristine:
+            return [nn.functional.linear(x, w, bias) for w, bias in bases]
+        if self._dev_key is None or bases[0][0].device != self._dev_key[b]:
+            _sync_eagerly(self)          # the model moved since the last sync: once, outside the graph
+        ws = []                          # (not pristine, so not merged: the live weights are W0)
+        for i, (w, _) in zip(bundle.site_ids, bases):
+            p = self._past[i]
+            ws.append(w.detach() if p is None else self._merged_value(w.detach(), p))
+        wcat = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
+        bcat = None
+        if bundle.has_bias:
+            bcat = torch.cat([bias.detach() if bias is not None else wcat.new_zeros(w.shape[0]) for w, bias in bases])
+        ac = self._autocast_dtype(x)
+        if _autocasts(wcat, ac):
+            wcat, bcat = wcat.to(ac), None if bcat is None else bcat.to(ac)
+        return self._group_outputs(b, x, wcat, bcat, ac)
 
     def invalidate_caches(self) -> None:
         """Forget the cached folded weights (and an integration's cached K/V).  The caches follow every

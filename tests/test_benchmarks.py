@@ -181,6 +181,23 @@ def test_bench_e2e_quick(e2e_run):
     assert "### Targets" in md
 
 
+def test_bench_e2e_compiled_vit_steps(tmp_path_factory):
+    """--compiled: the ViT steps also timed through torch.compile(fullgraph=True) (inductor), with and without
+    the adapters, and an info line comparing them (torch >= the integrations' TRACED_MIN; below it the clora
+    variant's fullgraph compile fails and says so)."""
+    from clora_fast import integrations
+    mod, out = _quick_run(tmp_path_factory, "e2e", "--skip-sd", "--skip-pipe", "--compiled")
+    keys = {(r["model"], r["kind"], r["variant"]): r for r in _read_jsonl(out / "e2e.jsonl")}
+    _check_timed(keys[("vit", "train", "none_compiled")])
+    r = keys[("vit", "train", "clora_compiled")]
+    if integrations._TRACEABLE:
+        _check_timed(r)
+    else:
+        assert r["status"].startswith("n/a (torch.compile: "), r
+    line = next(x for x in (out / "e2e.md").read_text().splitlines() if "training step compiled" in x)
+    assert "none n/a" not in line
+
+
 def test_sd15_pipeline_configs_are_sd15(common):
     """The shipped SD-1.5 component configs build modules with SD-1.5's exact parameter counts (on the
     meta device: no memory, no weights); the scheduler config builds a DDIM scheduler."""

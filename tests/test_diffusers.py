@@ -22,6 +22,7 @@ import clora_fast  # noqa: E402
 from clora_fast import ops  # noqa: E402
 from clora_fast.bank import BankError  # noqa: E402
 from clora_fast.builtin import clip_tokenizer_from  # noqa: E402
+from clora_fast import integrations  # noqa: E402
 from clora_fast.integrations import diffusers as D  # noqa: E402
 
 WORDS = ["a", "photo", "of", "and", "dog", "cat", "the", "in", "on", "style", "painting", "person"]
@@ -1363,6 +1364,53 @@ def test_torch_compile_of_patched_unet():
         ref = run_unet(unet, inputs)
         got = run_unet(torch.compile(unet, backend="aot_eager"), inputs)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not integrations._TRACEABLE,
+                    reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
+@pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+@pytest.mark.parametrize("kind", ["sd1", "sdxl"])
+def test_torch_compile_fullgraph_of_patched_unet(kind):
+    """fullgraph=True: the grouped K/V pre-pass is traced into the UNet's graph (no graph break: CUDA graphs,
+    mode="reduce-overhead", can take the whole UNet call). The compiled UNet computes what the eager one does,
+    twice in a row (the second call reuses the graph), in every state reached after compiling: a concept active
+    over a folded past (outputs and factor gradients), under no_grad (a denoising loop's calls), its end (a new P),
+    merged, and a new concept."""
+    torch._dynamo.reset()
+    unet = tiny_unet(kind)
+    unet.requires_grad_(False)
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=2, backend="reference")
+    cl.begin_concept()
+    randomize(cl, seed=1)
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl, seed=2)
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+
+    def same(grads=True):
+        for _ in range(2):
+            res = []
+            for f in (unet, compiled):
+                y = run_unet(f, inputs)
+                g = torch.autograd.grad(y.square().sum(), cl.trainable_parameters()) if grads else ()
+                res.append((y.detach(), g))
+            (y, g), (yc, gc) = res
+            torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+            for a, b in zip(g, gc):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+    same()
+    with torch.no_grad():
+        same(grads=False)
+    cl.end_concept()
+    same(grads=False)
+    cl.merge()
+    same(grads=False)
+    cl.unmerge()
+    cl.begin_concept()
+    randomize(cl, seed=3)
+    same()
 
 
 def test_rollback_keeps_the_optimizers_parameters_token_row_included(tmp_path):

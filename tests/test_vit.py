@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 import clora_fast
 from clora_fast import reference
+from clora_fast import integrations
 from clora_fast.integrations import vit
 
 transformers = pytest.importorskip("transformers")
@@ -827,8 +828,7 @@ def test_bf16_model_and_cpu_autocast(fw):
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_torch_compile_patched_model(fw):
     """torch.compile (dynamo + aot_eager: no C compiler needed) of a patched model: same outputs
-    and A/B grads. (fullgraph=True is not claimed: the K/V projections run as eager islands,
-    because the controller's weight cache compares data pointers.)"""
+    and A/B grads, on every torch (below integrations.TRACED_MIN the K/V projections run as eager islands)."""
     m, x = make(fw, layers=1)
     ctrl = vit.patch(m, rank=2, backend="reference")
     ctrl.begin_concept()
@@ -846,6 +846,71 @@ def test_torch_compile_patched_model(fw):
     torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, ctrl.trainable_parameters()):
         torch.testing.assert_close(b.grad, a, rtol=1e-5, atol=1e-6)
+
+
+def _compiled_matches_eager(m, mc, x, ctrl, grads=True, tol=1e-5):
+    """Outputs (and the factors' gradients) of the compiled model ``mc`` equal the eager ``m``'s."""
+    res = []
+    for f in (m, mc):
+        y = run(f, x)
+        g = torch.autograd.grad(y.float().square().sum(), ctrl.trainable_parameters()) if grads else ()
+        res.append((y.detach(), g))
+    (y, g), (yc, gc) = res
+    torch.testing.assert_close(yc, y, rtol=tol, atol=tol)
+    for a, b in zip(g, gc):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+
+
+traced_kv = pytest.mark.skipif(not integrations._TRACEABLE,
+                               reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly")
+
+
+@traced_kv
+@pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_torch_compile_fullgraph_follows_the_concept_state(fw):
+    """fullgraph=True: the K/V projections are traced into the one graph (no graph break, so CUDA graphs -
+    mode="reduce-overhead" - can take the whole step), with the past folded in the graph from the live weights.
+    The compiled model computes what the eager one does in every state reached after compiling: a concept
+    active over a folded past (outputs and factor gradients), its end (a new P), merged (the plain linears),
+    unmerged with a new concept, the model converted to float64, and under bf16 autocast."""
+    torch._dynamo.reset()
+    m, x, ctrl = patched_with_a_past(fw, layers=2)
+    m.requires_grad_(False)
+    mc = torch.compile(m, backend="aot_eager", fullgraph=True)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    _compiled_matches_eager(m, mc, x, ctrl)
+    ctrl.end_concept()
+    _compiled_matches_eager(m, mc, x, ctrl, grads=False)
+    ctrl.merge()
+    _compiled_matches_eager(m, mc, x, ctrl, grads=False)
+    ctrl.unmerge()
+    ctrl.begin_concept("t2")
+    randomize_factors(ctrl, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _compiled_matches_eager(m, mc, x, ctrl, tol=2e-2)
+    m.to(torch.float64)
+    _compiled_matches_eager(m, mc, x.double(), ctrl)
+
+
+@traced_kv
+def test_torch_compile_inductor_of_a_patched_model():
+    """Inductor (real code generation, as mode="reduce-overhead" uses) of a patched timm ViT with fullgraph=True:
+    same outputs and factor gradients as eager, over two training steps (the factors change in between)."""
+    torch._dynamo.reset()
+    m, x, ctrl = patched_with_a_past("timm", layers=1)
+    m.requires_grad_(False)
+    mc = torch.compile(m, fullgraph=True)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    opt = torch.optim.SGD(ctrl.trainable_parameters(), lr=0.1)
+    for _ in range(2):
+        _compiled_matches_eager(m, mc, x, ctrl, tol=1e-4)
+        loss = run(mc, x).square().mean() + ctrl.penalty()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
 
 
 # ---------------------------------------------------------------- projections with their own forward
@@ -1019,6 +1084,40 @@ def test_gpu_vit_b16_kernels_vs_float64(fw, dtype):
         for a, b, c in zip(g, tg, g64):
             ek, et = (a - c).abs().max(), (b - c).abs().max()
             assert ek <= 2 * et + 1e-3 * c.abs().max(), (float(ek), float(et))
+
+
+@pytest.mark.gpu
+@traced_kv
+def test_gpu_compiled_training_steps_reduce_overhead():
+    """torch.compile(mode="reduce-overhead", fullgraph=True) of a patched bf16 ViT-B/16 (2 blocks) on CUDA: the K/V
+    projections and the penalty inside CUDA graphs; over three SGD steps the losses and the factors' gradients
+    match the eager steps' (bf16 model, float32 factors: relative error of bf16 products)."""
+    x = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        m = _gpu_models("timm", torch.bfloat16)
+        m.requires_grad_(False)
+        ctrl = vit.patch(m, rank=16)
+        ctrl.begin_concept("t0")
+        randomize_factors(ctrl, std=0.02, seed=1)
+        ctrl.end_concept()
+        ctrl.begin_concept("t1")
+        randomize_factors(ctrl, std=0.02, seed=2)
+        opt = torch.optim.SGD(ctrl.trainable_parameters(), lr=0.1)
+        f = torch.compile(m, mode="reduce-overhead", fullgraph=True) if compiled else m
+        steps = []
+        for _ in range(3):
+            loss = run(f, x).float().square().mean() + ctrl.penalty()
+            loss.backward()
+            steps.append((loss.detach().clone(), [p.grad.detach().clone() for p in ctrl.trainable_parameters()]))
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+        runs.append(steps)
+    for (le, ge), (lc, gc) in zip(*runs):
+        torch.testing.assert_close(lc, le, rtol=2e-2, atol=0)
+        for a, b in zip(ge, gc):
+            assert (b - a).norm() <= 3e-2 * a.norm(), (float((b - a).norm()), float(a.norm()))
 
 
 @needs_hf5

@@ -43,7 +43,6 @@ object, embedding module and processors: the pipeline is exactly as before.
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import re
 import warnings
@@ -54,7 +53,7 @@ from torch import Tensor, nn
 
 from ..controller import _tensor_key, CLoRAController, Site
 from ..ops import _compiling
-from . import install_save_warning, uninstall_save_warning
+from . import install_save_warning, trace_kv, uninstall_save_warning
 
 logger = logging.getLogger("clora_fast")
 
@@ -377,10 +376,10 @@ class _AttnProxy:
         object.__setattr__(self, "to_v", _ProjFn(call, 1, attn.to_v))
 
     def __getattr__(self, name):
-        return getattr(object.__getattribute__(self, "_attn"), name)
+        return getattr(self.__dict__["_attn"], name)
 
     def __setattr__(self, name, value):
-        setattr(object.__getattribute__(self, "_attn"), name, value)
+        setattr(self.__dict__["_attn"], name, value)
 
 
 class _LayerCall:
@@ -486,12 +485,12 @@ def _processor_class(inner_cls: type) -> type:
     ``Attention.forward`` forwards exactly the cross_attention_kwargs it did before."""
     cls = _PROCESSOR_CLASSES.get(inner_cls)
     if cls is None:
-        sig = inspect.signature(inner_cls.__call__)
-
         def __call__(self, attn, *args, **kwargs):
             return CLoRAAttnProcessor.__call__(self, attn, *args, **kwargs)
 
-        __call__.__signature__ = sig
+        # inspect.signature follows __wrapped__ to the replaced __call__ (a Signature built at each call: a stored
+        # __signature__ holds a mappingproxy, at which torch.compile breaks the graph)
+        __call__.__wrapped__ = inner_cls.__call__
         name = f"CLoRA_{inner_cls.__name__}"     # e.g. CLoRA_AttnProcessor2_0 (never the base class's name)
         base = _ModuleProcessor if issubclass(inner_cls, nn.Module) else CLoRAAttnProcessor   # IP-Adapter: weights
         # also a subclass of the replaced class (diffusers' isinstance checks); our methods come first in the MRO
@@ -867,6 +866,15 @@ class DiffusersAdapter:
             self._set_cache(None)
             return None
         grad = torch.is_grad_enabled()
+        if trace_kv():
+            # a torch.compile trace: every group's K/V folded and computed in the graph (no reuse across UNet calls:
+            # its checks read version counters, which dynamo cannot trace); the entry is never replayed by an eager
+            # checkpoint (done) and is taken only inside a trace (key None, see _cached)
+            outs = {group: ctrl._project_group_traced(group, x) for group in ctrl.groups
+                    if x.shape[-1] == ctrl.group_in_features(group)}
+            self._set_cache({"x": x, "key": None, "grad": grad, "outs": outs, "used": set(), "done": [True],
+                             "weights": None})
+            return None
         key = (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device)
         c = self._cache
         if (c is not None and not grad and not c["grad"] and c["x"] is x and key[0] is not None
@@ -925,7 +933,10 @@ class DiffusersAdapter:
                          "ran): per-layer K/V", layer.name)
             return None
         ctrl = self.controller
-        if c["key"] != (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device):
+        if c["key"] is None:                    # computed in a torch.compile trace: valid in that trace only
+            if not _compiling():
+                return None
+        elif c["key"] != (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device):
             logger.debug("clora_fast: grouped K/V are stale for %s (weights or input changed): per-layer K/V",
                          layer.name)
             return None

@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import install_save_warning, uninstall_save_warning
+from . import install_save_warning, trace_kv, uninstall_save_warning
 
 __all__ = ["can_patch", "patch", "unpatch", "load", "get_controller", "find_attention_blocks",
            "ViTAdapter", "AttentionBlock"]
@@ -259,9 +259,8 @@ def can_patch(obj) -> bool:
 # --------------------------------------------------------------------------------------------
 # the adapter (protocol of docs/ARCHITECTURE.md)
 # --------------------------------------------------------------------------------------------
-# Under torch.compile the K/V projection runs as an eager island (one graph break per block):
-# the controller's folded-weight cache compares data pointers, which dynamo cannot trace
-# (torch 2.14 breaks the graph there, torch 2.11 raises an internal error).
+# Under torch.compile the K/V projections are traced into the graph where the torch allows it (see
+# integrations.trace_kv), else they run as eager islands (one graph break per block).
 
 
 def _refresh_sites(call: "_GroupCall") -> None:
@@ -324,6 +323,8 @@ def _refuse_script():
 
 def _kv(call: "_GroupCall", x):
     """K and V (all outputs of the group) for ``x``, after making sure the sites are live."""
+    if trace_kv():
+        return call.controller._project_group_traced(call.group, x, call.live_bases())
     if torch.compiler.is_compiling():
         return _refresh_and_project_compiled(call, x)
     return _refresh_and_project_eager(call, x)
@@ -372,6 +373,15 @@ class _GroupCall:
         self._x = None
         self._outs = None
         self._pending = set()
+
+    def live_bases(self) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """(weight, bias) of each site of the group as the model holds them now (timm: rows of the live fused
+        ``qkv``): what a torch.compile trace folds the past into."""
+        if self.timm:
+            qkv, d = self.linears[0], self.d
+            w, b = qkv.weight, qkv.bias
+            return [(w[lo:lo + d], None if b is None else b[lo:lo + d]) for lo in (d, 2 * d)]
+        return [(lin.weight, lin.bias) for lin in self.linears]
 
 
 class _ProjForward:
