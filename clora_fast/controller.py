@@ -582,21 +582,29 @@ class CLoRAController(nn.Module):
         wcat, bcat = self._bundle_weights(bundle, ac)
         return self._group_outputs(b, x, wcat, bcat, ac)
 
-    def _group_outputs(self, b: int, x: Tensor, wcat: Tensor, bcat: Optional[Tensor], ac: Optional[torch.dtype]
-                       ) -> List[Tensor]:
+    def _group_outputs(self, b: int, x: Tensor, wcat: Tensor, bcat: Optional[Tensor], ac: Optional[torch.dtype],
+                       pos: Optional[int] = None) -> List[Tensor]:
         """Bundle ``b``'s outputs for ``x`` from its folded weights ``wcat`` / biases ``bcat`` (in the compute
         dtype), as split outputs: the sites' gradients are gathered with one concatenation (slicing one output
-        would make autograd zero-fill a full-width gradient per site)."""
+        would make autograd zero-fill a full-width gradient per site).  ``pos``: ``wcat`` / ``bcat`` hold only the
+        site at that position of the bundle, whose output alone is returned."""
         offsets = self._bundles[b].offsets
         if self._active is None:
-            return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), offsets))
+            return list(ops.split_columns(nn.functional.linear(x, wcat, bcat), offsets if pos is None else
+                                          (0, wcat.shape[0])))
         dt = x.dtype if ac is None else ac
         As, Bs = self._flat_factors()
-        return list(ops.segmented_lora_projection(x, wcat, _factor(As[b], dt), _factor(Bs[b], dt), offsets,
+        A, B = As[b], Bs[b]
+        if pos is not None:
+            r = self.rank
+            A, B = _rows(A, pos * r, (pos + 1) * r), _rows(B, offsets[pos], offsets[pos + 1])
+            offsets = (0, wcat.shape[0])
+        return list(ops.segmented_lora_projection(x, wcat, _factor(A, dt), _factor(B, dt), offsets,
                                                   self.scale, bias=bcat, backend=self.backend, split=True))
 
     def _project_group_traced(self, group: str, x: Tensor,
-                              bases: Optional[Sequence[Tuple[Tensor, Optional[Tensor]]]] = None) -> List[Tensor]:
+                              bases: Optional[Sequence[Tuple[Tensor, Optional[Tensor]]]] = None,
+                              pos: Optional[int] = None) -> List[Tensor]:
         """:meth:`project_group` for a ``torch.compile`` trace (the adapter's call while dynamo traces): the folded
         weights ``W0 + P`` are built in the graph from ``bases`` (the live ``(weight, bias)`` of each site of the
         group, in group order, from an adapter whose sites may be stale views; default: the sites' own tensors)
@@ -604,20 +612,36 @@ class CLoRAController(nn.Module):
         cannot trace.  Same values as :meth:`project_group` (the same fold, :meth:`_merged_value`); the fold costs
         one elementwise pass over the group's weights per call, which a compiled graph fuses.  What dynamo guards
         on (the concept state, the factors' and weights' identities, devices and dtypes) makes a change of state
-        recompile instead of reusing a stale graph."""
+        recompile instead of reusing a stale graph.  ``pos``: only the site at that position of the group (a
+        one-element list; ``bases`` all the same)."""
         b = self._group_bundle.get(group)
         if b is None:
             raise KeyError(f"unknown group {group!r}; known groups: {self.groups}")
+        self._check_input(x, self._bundles[b].in_features, "project_group", group)
+        return self._bundle_traced(b, x, bases, pos)
+
+    def _project_traced(self, site: Union[int, str], x: Tensor) -> Tensor:
+        """:meth:`project` of one site for a ``torch.compile`` trace (see :meth:`_project_group_traced`)."""
+        i = self.site_index(site)
+        self._check_input(x, self.sites[i].in_features, "project", self.sites[i].name)
+        b, pos = self._site_bundle[i]
+        return self._bundle_traced(b, x, None, pos)[0]
+
+    def _bundle_traced(self, b: int, x: Tensor, bases, pos: Optional[int]) -> List[Tensor]:
+        """Bundle ``b``'s outputs (or its site at ``pos``) for ``x``, folded in the graph: see
+        :meth:`_project_group_traced`."""
         bundle = self._bundles[b]
-        self._check_input(x, bundle.in_features, "project_group", group)
+        site_ids = bundle.site_ids
         if bases is None:
-            bases = [(self.sites[i].weight, self.sites[i].bias) for i in bundle.site_ids]
+            bases = [(self.sites[i].weight, self.sites[i].bias) for i in site_ids]
+        if pos is not None:
+            site_ids, bases = site_ids[pos:pos + 1], bases[pos:pos + 1]
         if self.pristine:
             return [nn.functional.linear(x, w, bias) for w, bias in bases]
         if self._dev_key is None or bases[0][0].device != self._dev_key[b]:
             _sync_eagerly(self)          # the model moved since the last sync: once, outside the graph
         ws = []                          # (not pristine, so not merged: the live weights are W0)
-        for i, (w, _) in zip(bundle.site_ids, bases):
+        for i, (w, _) in zip(site_ids, bases):
             p = self._past[i]
             ws.append(w.detach() if p is None else self._merged_value(w.detach(), p))
         wcat = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
@@ -627,7 +651,7 @@ class CLoRAController(nn.Module):
         ac = self._autocast_dtype(x)
         if _autocasts(wcat, ac):
             wcat, bcat = wcat.to(ac), None if bcat is None else bcat.to(ac)
-        return self._group_outputs(b, x, wcat, bcat, ac)
+        return self._group_outputs(b, x, wcat, bcat, ac, pos)
 
     def invalidate_caches(self) -> None:
         """Forget the cached folded weights (and an integration's cached K/V).  The caches follow every

@@ -839,9 +839,10 @@ def _check_offsets(seg_offsets, n_rows: int) -> Tuple[Tuple[int, ...], bool]:
         raise ValueError(f"seg_offsets must be strictly increasing from 0 to weight.shape[0]={n_rows}, "
                          f"got {list(offsets)}")
     equal = len({b - a for a, b in zip(offsets, offsets[1:])}) == 1
-    if len(_OFFSETS_OK) > 1024:
-        _OFFSETS_OK.clear()
-    _OFFSETS_OK[(offsets, n_rows)] = (equal, offsets)
+    if not _compiling():        # (in a trace a write would be a side effect: one a checkpoint region refuses)
+        if len(_OFFSETS_OK) > 1024:
+            _OFFSETS_OK.clear()
+        _OFFSETS_OK[(offsets, n_rows)] = (equal, offsets)
     return offsets, equal
 
 

@@ -1413,6 +1413,56 @@ def test_torch_compile_fullgraph_of_patched_unet(kind):
     same()
 
 
+@pytest.mark.skipif(not integrations._TRACEABLE,
+                    reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
+def test_torch_compile_fullgraph_of_per_layer_kv():
+    """fullgraph=True with grouped=False (each attn2 projects its own K and V): traced per projection, same
+    outputs and factor gradients as eager, twice in a row."""
+    torch._dynamo.reset()
+    unet = tiny_unet("sd1")
+    unet.requires_grad_(False)
+    inputs = unet_inputs(unet)
+    cl = D.patch(unet, rank=2, backend="reference", grouped=False)
+    cl.begin_concept()
+    randomize(cl, seed=1)
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl, seed=2)
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+    res = []
+    for f in (unet, compiled, compiled):
+        y = run_unet(f, inputs)
+        res.append((y.detach(), torch.autograd.grad(y.square().sum(), cl.trainable_parameters())))
+    for y, g in res[1:]:
+        torch.testing.assert_close(y, res[0][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(res[0][1], g):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not integrations._TRACEABLE,
+                    reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
+def test_torch_compile_fullgraph_of_a_checkpointed_unet():
+    """fullgraph=True with gradient checkpointing (training mode): the processors inside the checkpointed blocks
+    take the traced pre-pass's K/V without bookkeeping on outside state (which a checkpoint region refuses);
+    same outputs and factor gradients as eager, twice in a row."""
+    torch._dynamo.reset()
+    unet, inputs, cl = unet_with_a_past()
+    unet.requires_grad_(False)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    cl.begin_concept()
+    randomize(cl, seed=2)
+    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
+    res = []
+    for f in (unet, compiled, compiled):
+        y = run_unet(f, inputs)
+        res.append((y.detach(), torch.autograd.grad(y.square().sum(), cl.trainable_parameters())))
+    for y, g in res[1:]:
+        torch.testing.assert_close(y, res[0][0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(res[0][1], g):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_rollback_keeps_the_optimizers_parameters_token_row_included(tmp_path):
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=2, backend="reference")

@@ -895,6 +895,27 @@ def test_torch_compile_fullgraph_follows_the_concept_state(fw):
 
 
 @traced_kv
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_torch_compile_fullgraph_with_gradient_checkpointing(fw):
+    """fullgraph=True with the framework's gradient checkpointing on (a checkpoint region refuses side effects on
+    outside state: the traced K/V keep nothing on the adapter objects): same outputs and factor gradients as
+    eager, twice in a row."""
+    torch._dynamo.reset()
+    m, x, ctrl = patched_with_a_past(fw, layers=2)
+    m.requires_grad_(False)
+    if fw == "hf":
+        m.gradient_checkpointing_enable()
+    else:
+        m.set_grad_checkpointing(True)
+    m.train()
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    mc = torch.compile(m, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        _compiled_matches_eager(m, mc, x, ctrl)
+
+
+@traced_kv
 def test_torch_compile_inductor_of_a_patched_model():
     """Inductor (real code generation, as mode="reduce-overhead" uses) of a patched timm ViT with fullgraph=True:
     same outputs and factor gradients as eager, over two training steps (the factors change in between)."""

@@ -402,6 +402,8 @@ class _LayerCall:
         outs = self.adapter._cached(self.layer, x)
         if outs is not None:
             return outs[role]
+        if trace_kv():          # per layer in a torch.compile trace: each projection folded and computed in the graph
+            return self.adapter.controller._project_traced(self.layer.v_site if role else self.layer.k_site, x)
         if self._pair is None or x is not self._x:
             ctrl = self.adapter.controller
             self._pair = ctrl.project_pair(self.layer.k_site, self.layer.v_site, x)
@@ -933,14 +935,16 @@ class DiffusersAdapter:
                          "ran): per-layer K/V", layer.name)
             return None
         ctrl = self.controller
-        if c["key"] is None:                    # computed in a torch.compile trace: valid in that trace only
+        if c["key"] is None:
+            # computed in a torch.compile trace: valid in that trace only, and never replayed by an eager checkpoint
+            # (no "used" bookkeeping: inside a compiled checkpoint region that would be a side effect it refuses)
             if not _compiling():
                 return None
         elif c["key"] != (self._version(x), ctrl.state_key(), self._autocast_key(x), x.device):
             logger.debug("clora_fast: grouped K/V are stale for %s (weights or input changed): per-layer K/V",
                          layer.name)
             return None
-        if c["grad"] and torch.is_grad_enabled():
+        elif c["grad"] and torch.is_grad_enabled():
             c["used"].add(layer.name)
         outs = c["outs"][layer.group]
         return outs[layer.gpos[0]], outs[layer.gpos[1]]

@@ -355,6 +355,10 @@ class _GroupCall:
         if ctrl.pristine:  # no concept, nothing folded (or merged into W0): the plain linear
             lin = self.linears[slot]
             return F.linear(x, lin.weight, lin.bias)
+        if trace_kv():
+            # in a torch.compile trace: this projection alone, nothing kept on self (inside a compiled checkpoint
+            # region that would be a side effect dynamo refuses)
+            return ctrl._project_group_traced(self.group, x, self.live_bases(), pos=slot)[0]
         if self._outs is not None and x is self._x and slot in self._pending:
             out = self._outs[slot]
             self._pending.discard(slot)
@@ -414,15 +418,21 @@ class _QKVForward:
         return torch.cat([q, k.to(q.dtype), v.to(q.dtype)], dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
+_TIMM_REENTRANT: list = []      # [timm.layers.use_reentrant_ckpt or None], once looked up
+
+
 def _timm_use_reentrant_ckpt():
     """timm's ``use_reentrant_ckpt`` (whether its ``checkpoint``/``checkpoint_seq`` are reentrant, set by
     ``timm.layers.set_reentrant_ckpt`` or ``TIMM_REENTRANT_CKPT``), or ``None`` for a timm without it (timm
-    1.0.9 calls torch's checkpoint without ``use_reentrant``: torch's reentrant default)."""
-    try:
-        return getattr(importlib.import_module("timm.layers"), "use_reentrant_ckpt", None)
-    except Exception:  # noqa: BLE001 - timm missing or broken
-        return None
+    1.0.9 calls torch's checkpoint without ``use_reentrant``: torch's reentrant default).  Looked up once,
+    at install (dynamo cannot trace the import in a compiled forward)."""
+    if not _TIMM_REENTRANT:
+        try:
+            fn = getattr(importlib.import_module("timm.layers"), "use_reentrant_ckpt", None)
+        except Exception:  # noqa: BLE001 - timm missing or broken
+            fn = None
+        _TIMM_REENTRANT.append(fn)
+    return _TIMM_REENTRANT[0]
 
 
 def _reentrant_checkpointing(ckpt_modules: List[nn.Module]) -> bool:
@@ -564,6 +574,8 @@ class ViTAdapter:
         embeddings, self._ckpt_modules = _checkpointing_modules(self.model)
         if self._ckpt_modules:  # models that cannot checkpoint get no hook
             self._input_hooks = [e.register_forward_hook(_CheckpointInputRequiresGrad(self)) for e in embeddings]
+            if any(hasattr(m, "grad_checkpointing") for m in self._ckpt_modules):
+                _timm_use_reentrant_ckpt()                  # looked up now, not inside a torch.compile trace
 
     def uninstall(self) -> None:
         """Remove every override (unmerging first if merged): the model is then bit-identical
