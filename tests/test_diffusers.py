@@ -1446,6 +1446,15 @@ def test_torch_compile_fullgraph_of_a_checkpointed_unet():
     take the traced pre-pass's K/V without bookkeeping on outside state (which a checkpoint region refuses);
     same outputs and factor gradients as eager, twice in a row."""
     torch._dynamo.reset()
+    plain = tiny_unet("sd1")
+    plain.enable_gradient_checkpointing()
+    plain.train()
+    try:
+        run_unet(torch.compile(plain, backend="aot_eager", fullgraph=True), unet_inputs(plain))
+    except Exception as e:  # noqa: BLE001 - e.g. diffusers 0.34's version check inside checkpointing, torch 2.7
+        pytest.skip(f"this diffusers/torch cannot compile even the unpatched checkpointed UNet in one graph: "
+                    f"{type(e).__name__}")
+    torch._dynamo.reset()
     unet, inputs, cl = unet_with_a_past()
     unet.requires_grad_(False)
     unet.enable_gradient_checkpointing()

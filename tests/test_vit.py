@@ -902,17 +902,16 @@ def test_torch_compile_fullgraph_with_gradient_checkpointing(fw):
     eager, twice in a row."""
     torch._dynamo.reset()
     m, x, ctrl = patched_with_a_past(fw, layers=2)
-    m.requires_grad_(False)
-    if fw == "hf":
-        m.gradient_checkpointing_enable()
-    else:
-        m.set_grad_checkpointing(True)
-    m.train()
-    ctrl.begin_concept("t1")
-    randomize_factors(ctrl, seed=2)
-    mc = torch.compile(m, backend="aot_eager", fullgraph=True)
-    for _ in range(2):
-        _compiled_matches_eager(m, mc, x, ctrl)
+    m.train().requires_grad_(False)
+    undo = _enable_checkpointing(fw, m, reentrant=False)     # (a reentrant one does not serve autograd.grad)
+    try:
+        ctrl.begin_concept("t1")
+        randomize_factors(ctrl, seed=2)
+        mc = torch.compile(m, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            _compiled_matches_eager(m, mc, x, ctrl)
+    finally:
+        undo()
 
 
 @traced_kv
