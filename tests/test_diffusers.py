@@ -1366,6 +1366,21 @@ def test_torch_compile_of_patched_unet():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def _compiled_matches_eager(unet, compiled, inputs, cl, grads=True):
+    """The compiled UNet's outputs (and the factors' gradients) equal the eager one's, twice in a row (the second
+    call reuses the graph)."""
+    for _ in range(2):
+        res = []
+        for f in (unet, compiled):
+            y = run_unet(f, inputs)
+            g = torch.autograd.grad(y.square().sum(), cl.trainable_parameters()) if grads else ()
+            res.append((y.detach(), g))
+        (y, g), (yc, gc) = res
+        torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, gc):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not integrations._TRACEABLE,
                     reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
 @pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
@@ -1387,30 +1402,17 @@ def test_torch_compile_fullgraph_of_patched_unet(kind):
     cl.begin_concept()
     randomize(cl, seed=2)
     compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
-
-    def same(grads=True):
-        for _ in range(2):
-            res = []
-            for f in (unet, compiled):
-                y = run_unet(f, inputs)
-                g = torch.autograd.grad(y.square().sum(), cl.trainable_parameters()) if grads else ()
-                res.append((y.detach(), g))
-            (y, g), (yc, gc) = res
-            torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
-            for a, b in zip(g, gc):
-                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
-
-    same()
+    _compiled_matches_eager(unet, compiled, inputs, cl)
     with torch.no_grad():
-        same(grads=False)
+        _compiled_matches_eager(unet, compiled, inputs, cl, grads=False)
     cl.end_concept()
-    same(grads=False)
+    _compiled_matches_eager(unet, compiled, inputs, cl, grads=False)
     cl.merge()
-    same(grads=False)
+    _compiled_matches_eager(unet, compiled, inputs, cl, grads=False)
     cl.unmerge()
     cl.begin_concept()
     randomize(cl, seed=3)
-    same()
+    _compiled_matches_eager(unet, compiled, inputs, cl)
 
 
 @pytest.mark.skipif(not integrations._TRACEABLE,
@@ -1428,15 +1430,7 @@ def test_torch_compile_fullgraph_of_per_layer_kv():
     cl.end_concept()
     cl.begin_concept()
     randomize(cl, seed=2)
-    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
-    res = []
-    for f in (unet, compiled, compiled):
-        y = run_unet(f, inputs)
-        res.append((y.detach(), torch.autograd.grad(y.square().sum(), cl.trainable_parameters())))
-    for y, g in res[1:]:
-        torch.testing.assert_close(y, res[0][0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(res[0][1], g):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    _compiled_matches_eager(unet, torch.compile(unet, backend="aot_eager", fullgraph=True), inputs, cl)
 
 
 @pytest.mark.skipif(not integrations._TRACEABLE,
@@ -1461,15 +1455,7 @@ def test_torch_compile_fullgraph_of_a_checkpointed_unet():
     unet.train()
     cl.begin_concept()
     randomize(cl, seed=2)
-    compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
-    res = []
-    for f in (unet, compiled, compiled):
-        y = run_unet(f, inputs)
-        res.append((y.detach(), torch.autograd.grad(y.square().sum(), cl.trainable_parameters())))
-    for y, g in res[1:]:
-        torch.testing.assert_close(y, res[0][0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(res[0][1], g):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    _compiled_matches_eager(unet, torch.compile(unet, backend="aot_eager", fullgraph=True), inputs, cl)
 
 
 def test_rollback_keeps_the_optimizers_parameters_token_row_included(tmp_path):
