@@ -150,6 +150,35 @@ def _tensor_key(t: Optional[Tensor]):
     return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
 
 
+# Under torch.compile the adapted K/V projections (and the penalty) are traced into the graph (no graph break:
+# fullgraph=True and CUDA graphs, mode="reduce-overhead", work): the controller folds W0 + P in the graph from the live
+# base weights (_project_group_traced) instead of using its eager caches, whose checks compare data pointers and
+# version counters, which dynamo cannot trace.  The dynamo of torch older than TRACED_MIN cannot trace that path
+# (checked: 2.4 fails, 2.7, 2.11 and 2.14 pass): there they run as eager islands (graph breaks).
+TRACED_MIN = (2, 7)
+_TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= TRACED_MIN
+
+
+def trace_kv() -> bool:
+    """True inside a torch.compile trace (not torch.export's) on a torch whose dynamo traces the traced paths.
+    (``torch.compiler.is_exporting()`` reads True in any dynamo trace on torch 2.11; the flag behind it does not.)"""
+    return (_TRACEABLE and torch.compiler.is_compiling()
+            and not getattr(torch.compiler, "_is_exporting_flag", False))
+
+
+class _ZeroOf(torch.autograd.Function):
+    """A float32 0-dim zero that supports ``.backward()``: differentiable in ``t``, with a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.like = (t.shape, t.dtype)
+        return t.new_zeros((), dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.new_zeros(ctx.like[0], dtype=ctx.like[1])
+
+
 def _autocasts(w: Tensor, autocast: Optional[torch.dtype]) -> bool:
     """Whether an enabled autocast region of dtype ``autocast`` casts ``w`` for a linear (floating, not float64)."""
     return autocast is not None and w.dtype not in (autocast, torch.float64) and w.is_floating_point()
@@ -944,6 +973,8 @@ class CLoRAController(nn.Module):
         supports ``.backward()`` on its own, like the penalty of later concepts; no kernel runs)."""
         if self._unpatched:
             self._check_attached("penalty")
+        if trace_kv():
+            return self._penalty_traced()
         self._refresh_sites()
         dev = self._device()
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
@@ -967,6 +998,29 @@ class CLoRAController(nn.Module):
                                                                       backend=self.backend))
         As, Bs = self._flat_factors()
         return self.penalty_weight * self._penalty_layout[1](As, Bs)
+
+    def _penalty_traced(self) -> Tensor:
+        """:meth:`penalty` in a ``torch.compile`` trace: the same sum through the grouped penalty's custom op over
+        per-site row views of the flat factors (the eager path's packed launcher keeps tables keyed on data
+        pointers, which dynamo cannot trace); the views' gradients land in the flat parameters in the graph."""
+        As, Bs = self._flat_factors()
+        if self._active is None or not self.has_past or self.penalty_weight == 0.0:
+            if self._active is not None and torch.is_grad_enabled():
+                return _ZeroOf.apply(As[0])         # (a trace cannot create a leaf that requires grad)
+            return torch.zeros((), dtype=torch.float32, device=self.sites[0].weight.device)
+        self._penalized = True
+        r = self.rank
+        pasts, a_rows, b_rows = [], [], []
+        for i, p in enumerate(self._past):
+            if p is None:
+                continue
+            b, pos = self._site_bundle[i]
+            offsets = self._bundles[b].offsets
+            pasts.append(p)
+            a_rows.append(_rows(As[b], pos * r, (pos + 1) * r))
+            b_rows.append(_rows(Bs[b], offsets[pos], offsets[pos + 1]))
+        return self.penalty_weight * ops.grouped_forgetting_penalty(pasts, a_rows, b_rows, scales=self.scale,
+                                                                    backend=self.backend)
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:

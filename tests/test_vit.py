@@ -915,6 +915,36 @@ def test_torch_compile_fullgraph_with_gradient_checkpointing(fw):
 
 
 @traced_kv
+@pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+def test_torch_compile_fullgraph_of_a_loss_with_the_penalty():
+    """A compiled loss function (model output + controller.penalty()) in one graph: the penalty is traced too (the
+    grouped penalty's custom op over row views of the flat factors); loss and factor gradients equal eager, for
+    a first concept (nothing folded: a zero penalty) and a concept over a past."""
+    torch._dynamo.reset()
+    m, x = make("timm", layers=2)
+    m.requires_grad_(False)
+    ctrl = vit.patch(m, rank=2, backend="reference")
+
+    def loss_fn(inp):
+        return run(m, inp).square().mean() + ctrl.penalty()
+
+    compiled = torch.compile(loss_fn, backend="aot_eager", fullgraph=True)
+    for seed in (1, 2):
+        ctrl.begin_concept()
+        randomize_factors(ctrl, seed=seed)
+        for _ in range(2):
+            res = []
+            for f in (loss_fn, compiled):
+                loss = f(x)
+                res.append((loss.detach(), torch.autograd.grad(loss, ctrl.trainable_parameters())))
+            (le, ge), (lc, gc) = res
+            torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
+            for a, b in zip(ge, gc):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        ctrl.end_concept()
+
+
+@traced_kv
 def test_torch_compile_inductor_of_a_patched_model():
     """Inductor (real code generation, as mode="reduce-overhead" uses) of a patched timm ViT with fullgraph=True:
     same outputs and factor gradients as eager, over two training steps (the factors change in between)."""

@@ -3,22 +3,7 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
-# Under torch.compile the adapted K/V projections are traced into the graph (no graph break: fullgraph=True and CUDA
-# graphs, mode="reduce-overhead", work): the controller folds W0 + P in the graph from the live base weights
-# (CLoRAController._project_group_traced) instead of using its eager cache, whose checks compare data pointers and
-# version counters, which dynamo cannot trace.  The dynamo of torch older than TRACED_MIN cannot trace that path
-# (checked: 2.4 fails, 2.7, 2.11 and 2.14 pass): there the K/V projections run as eager islands (graph breaks).
-TRACED_MIN = (2, 7)
-_TRACEABLE = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= TRACED_MIN
-
-
-def trace_kv() -> bool:
-    """True inside a torch.compile trace (not torch.export's) on a torch whose dynamo traces the K/V path.
-    (``torch.compiler.is_exporting()`` reads True in any dynamo trace on torch 2.11; the flag behind it does not.)"""
-    return (_TRACEABLE and torch.compiler.is_compiling()
-            and not getattr(torch.compiler, "_is_exporting_flag", False))
+from ..controller import _TRACEABLE, TRACED_MIN, trace_kv  # noqa: F401 - the integrations' and tests' names
 
 
 class UnmergedSaveWarning:
