@@ -192,8 +192,8 @@ def test_bench_e2e_compiled_vit_steps(tmp_path_factory):
     r = keys[("vit", "train", "clora_compiled")]
     if integrations._TRACEABLE:
         _check_timed(r)
-    else:
-        assert r["status"].startswith("n/a (torch.compile: "), r
+    else:                                       # dynamo's own error, from the timing or from torch.compile
+        assert r["status"].startswith("n/a ("), r
     line = next(x for x in (out / "e2e.md").read_text().splitlines() if "training step compiled" in x)
     assert "none n/a" not in line
 
