@@ -98,6 +98,9 @@ def _sleeper(rank, world, tmp, write_first, abort=False):
     if write_first:
         open(os.path.join(tmp, f"done{rank}"), "w").close()
     if abort and rank == 1:
+        deadline = time.monotonic() + 60
+        while write_first and not os.path.exists(os.path.join(tmp, "done0")) and time.monotonic() < deadline:
+            time.sleep(0.05)            # abort once both wrote (torch's join kills the others when one dies)
         os.abort()
     time.sleep(600)
 
