@@ -625,8 +625,7 @@ class CLoRAController(nn.Module):
         As, Bs = self._flat_factors()
         A, B = As[b], Bs[b]
         if pos is not None:
-            r = self.rank
-            A, B = _rows(A, pos * r, (pos + 1) * r), _rows(B, offsets[pos], offsets[pos + 1])
+            A, B = self.current_factors(self._bundles[b].site_ids[pos])
             offsets = (0, wcat.shape[0])
         return list(ops.segmented_lora_projection(x, wcat, _factor(A, dt), _factor(B, dt), offsets,
                                                   self.scale, bias=bcat, backend=self.backend, split=True))
@@ -1003,24 +1002,15 @@ class CLoRAController(nn.Module):
         """:meth:`penalty` in a ``torch.compile`` trace: the same sum through the grouped penalty's custom op over
         per-site row views of the flat factors (the eager path's packed launcher keeps tables keyed on data
         pointers, which dynamo cannot trace); the views' gradients land in the flat parameters in the graph."""
-        As, Bs = self._flat_factors()
         if self._active is None or not self.has_past or self.penalty_weight == 0.0:
             if self._active is not None and torch.is_grad_enabled():
-                return _ZeroOf.apply(As[0])         # (a trace cannot create a leaf that requires grad)
+                return _ZeroOf.apply(self._flat_factors()[0][0])     # (a trace cannot create a leaf that requires grad)
             return torch.zeros((), dtype=torch.float32, device=self.sites[0].weight.device)
         self._penalized = True
-        r = self.rank
-        pasts, a_rows, b_rows = [], [], []
-        for i, p in enumerate(self._past):
-            if p is None:
-                continue
-            b, pos = self._site_bundle[i]
-            offsets = self._bundles[b].offsets
-            pasts.append(p)
-            a_rows.append(_rows(As[b], pos * r, (pos + 1) * r))
-            b_rows.append(_rows(Bs[b], offsets[pos], offsets[pos + 1]))
-        return self.penalty_weight * ops.grouped_forgetting_penalty(pasts, a_rows, b_rows, scales=self.scale,
-                                                                    backend=self.backend)
+        sites = [i for i, p in enumerate(self._past) if p is not None]
+        a_rows, b_rows = zip(*(self.current_factors(i) for i in sites))
+        return self.penalty_weight * ops.grouped_forgetting_penalty([self._past[i] for i in sites], a_rows, b_rows,
+                                                                    scales=self.scale, backend=self.backend)
 
     # ------------------------------------------------------------------ merge
     def merge(self) -> None:
