@@ -23,12 +23,15 @@ Math (shapes in the PyTorch/PEFT convention, ``weight [out, in]``,
 Two projection strategies (``strategy=``): "fused" runs the backend's segmented kernels;
 "merged" folds ``s*B@A`` into the weight per call and runs library GEMMs (one projection or a
 layer's K/V on CUDA by default: measured faster there, see benchmarks/RESULTS.md).  Eager calls
-go through plain autograd Functions; ``torch.compile`` always takes the custom ops.
+go through plain autograd Functions; ``torch.compile`` takes the custom ops, except the merged strategy
+(equal segments on CUDA from ``TRACED_MERGED_MIN_ROWS`` rows up, or asked for), which it traces as plain
+tensor ops (:class:`_TracedMergedLoRA`).
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import math
 import numbers
 import os
 import weakref
@@ -693,6 +696,91 @@ class _MergedLoRAFunction(torch.autograd.Function):
         return (dx, dbias, None, None, None, None, None, None, None, *gW, *gA, *gB)
 
 
+class _TracedMergedLoRA(torch.autograd.Function):
+    """The merged strategy of :class:`_MergedLoRAFunction` in plain tensor ops, for a ``torch.compile`` trace:
+    no caches, no ``out=`` writes, no host-side decisions beyond the constants passed in, so that dynamo traces
+    forward and backward into the graph (inductor fuses the fold, the casts and the padding; the GEMMs stay
+    library calls) and a CUDA graph replays it.  Stacked operands only (a controller's call, or K and V
+    concatenated): x ``[M, K]``, weight ``[L*n, K]``, lora_A ``[L*r, K]``, lora_B ``[L*n, r]``, bias ``[L*n]`` or
+    None; the factors may be float32 masters of a half-precision x.
+
+    Forward: ``Z_l = s_l B_l`` (rounded once to x's dtype), ``W_eff = [W_l + Z_l @ A_l]``,
+    ``y = x @ W_eff^T (+ bias)``; with ``keep_xa`` the A rows ride along in that GEMM (``xa = x @ A^T``, which dB
+    needs, as extra output columns); with ``grad_a`` (A trains) ``blockdiag(Z)`` is kept for ``G^T = [dy_l @ Z_l]``,
+    and with ``ext`` (x trains too) it sits beside ``W_eff`` in the backward weight ``[W_eff | blockdiag(Z)]``, so
+    that the dx GEMM also gives ``G^T``.  Backward: ``dx = dy @ W_eff``, ``dA = G @ x``,
+    ``dB_l = s_l dy_l^T @ xa_l``, ``dW = dy^T @ x``, ``dbias = sum(dy)`` (factor gradients in the factors'
+    dtype).  Returns ``[M, L*n]`` (a view when xa rides along); the caller splits it (views: returning one view
+    per segment from the Function gives zero gradients under torch 2.11's dynamo)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scales, keep_xa, grad_a, ext):
+        L, dt = len(scales), x.dtype
+        (Ln, K), Lr = weight.shape, lora_A.shape[0]
+        n, r = Ln // L, Lr // L
+        ac = lora_A.to(dt)
+        if len(set(scales)) == 1:                             # s_l B_l in fp32 (or fp64), rounded once
+            z = lora_B.to(torch.promote_types(lora_B.dtype, torch.float32)) * scales[0]
+        else:
+            z = torch.cat([lora_B[l * n:(l + 1) * n].to(torch.promote_types(lora_B.dtype, torch.float32)) * s
+                           for l, s in enumerate(scales)])
+        z = z.to(dt)
+        weff = torch.baddbmm(weight.reshape(L, n, K), z.view(L, n, r), ac.view(L, r, K)).view(Ln, K)
+        zb = torch.block_diag(*z.view(L, n, r).unbind(0)) if grad_a else None      # [L*n, L*r]
+        w = torch.cat((weff, zb), 1) if ext else weff        # [L*n, K (+ L*r)]: the backward weight
+        wf, bf = weff, bias
+        if keep_xa:
+            w = torch.cat((w, torch.nn.functional.pad(ac, (0, Lr)) if ext else ac), 0)
+            wf = w[:, :K]
+            if bias is not None:
+                bf = torch.cat((bias, bias.new_zeros(Lr)))
+        y = torch.nn.functional.linear(x, wf, bf)             # [M, L*n (+ L*r)]
+        ctx.save_for_backward(x, w[:Ln] if ctx.needs_input_grad[0] else None, zb,
+                              y[:, Ln:] if keep_xa else None)
+        ctx.scales, ctx.ext, ctx.n, ctx.r, ctx.dtypes = scales, ext, n, r, (lora_A.dtype, lora_B.dtype)
+        return y[:, :Ln] if keep_xa else y
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, dy):                                    # dy [M, L*n]
+        x, w, zb, xa = ctx.saved_tensors
+        scales, n, r, K = ctx.scales, ctx.n, ctx.r, x.shape[1]
+        L = len(scales)
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        dx = dW = dA = dB = dbias = gT = None
+        if need_x:
+            out = dy @ w                                      # [dx | G^T]  [M, K (+ L*r)]
+            dx = out[:, :K]
+            if ctx.ext:
+                gT = out[:, K:]
+        if need_a:
+            if gT is None:
+                gT = dy @ zb                                  # [M, L*r]
+            dA = (gT.t() @ x).to(ctx.dtypes[0])
+        if need_b:
+            dB = torch.cat([(dy[:, l * n:(l + 1) * n].t() @ xa[:, l * r:(l + 1) * r]) * scales[l]
+                            for l in range(L)]).to(ctx.dtypes[1])                  # [L*n, r]
+        if need_w:
+            dW = dy.t() @ x
+        if need_bias:
+            dbias = dy.sum(0, dtype=torch.float64 if dy.dtype == torch.float64 else torch.float32).to(dy.dtype)
+        return dx, dW, dA, dB, dbias, None, None, None, None
+
+
+def _traced_merged(x, weight, lora_A, lora_B, bias, offsets, scales, split):
+    """The merged strategy inside a ``torch.compile`` trace (:class:`_TracedMergedLoRA`): x ``[..., K]``,
+    stacked operands; ``[..., L*n]`` or (``split``) one ``[..., n]`` per segment."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    grad = torch.is_grad_enabled()
+    keep_xa = grad and lora_B.requires_grad
+    grad_a = grad and lora_A.requires_grad
+    y = _TracedMergedLoRA.apply(x.reshape(-1, K), weight, lora_A, lora_B, bias, tuple(scales), keep_xa, grad_a,
+                                grad_a and x.requires_grad).reshape(*lead, weight.shape[0])
+    if not split:
+        return y
+    return split_columns(y, offsets) if len(offsets) > 2 else (y,)
+
+
 # Which autograd Function runs the merged strategy: "auto" = the C++ one of the host extension
 # clora_fast._host when it is built (csrc/merged_lora.cpp: the same ATen calls in the same order, so the
 # same results bit for bit, without the Python Function's host time), else the Python one; "python" /
@@ -772,8 +860,19 @@ def _forced_strategy() -> str:
     return os.environ.get("CLORA_FAST_STRATEGY", "")
 
 
-def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: bool, offsets=None) -> str:
-    """The projection strategy for a call (``equal``: all segments have one size)."""
+# Inside a torch.compile trace "auto" takes the merged strategy only from this many rows of x (tokens x batch)
+# up.  A compiled graph (CUDA graphs with mode="reduce-overhead") removes the host time per launch that makes
+# "merged" the eager choice at every size, which leaves GPU time, and there the fused kernels win at few rows:
+# H100, bf16, r=16, one layer's K/V fwd+bwd (benchmarks/RESULTS.md, runs B and D), fused vs merged kernels
+# 0.036 vs 0.042 ms at 77 rows (out 320), 0.043 vs 0.047 at 154 (out 640), 0.040 vs 0.094 at 77 (out 1280),
+# but 0.084 vs 0.062 at 616 (out 1280) and 0.371 vs 0.192 / 0.714 vs 0.328 at 12608 / 25216 (ViT-B/16).
+TRACED_MERGED_MIN_ROWS = 384
+
+
+def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: bool, offsets=None,
+                   rows: Optional[int] = None) -> str:
+    """The projection strategy for a call (``equal``: all segments have one size; ``rows``: x's rows when
+    compiling, which "auto" then weighs by :data:`TRACED_MERGED_MIN_ROWS`, else None)."""
     if strategy not in _STRATEGIES:
         raise ValueError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
     if strategy == "merged" and not equal:
@@ -783,7 +882,8 @@ def _pick_strategy(strategy: str, backend: str, device: torch.device, equal: boo
     forced = _forced_strategy()
     if forced in ("fused", "merged"):           # tests and experiments: override "auto" process-wide
         return "merged" if forced == "merged" and equal else "fused"
-    if equal and backend != "reference" and device.type == "cuda":
+    if equal and backend != "reference" and device.type == "cuda" and (rows is None
+                                                                      or rows >= TRACED_MERGED_MIN_ROWS):
         return "merged"
     return "fused"
 
@@ -968,12 +1068,15 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     check_lora_shapes(x.shape[-1], weight, lora_A, lora_B, bias, rank=r)
     backend, (x, weight, lora_A, lora_B, bias) = _prepare(
         [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
-    strategy = _pick_strategy(strategy, backend, x.device, equal, offsets)
+    compiling = _compiling()
+    strategy = _pick_strategy(strategy, backend, x.device, equal, offsets,
+                              rows=math.prod(x.shape[:-1]) if compiling else None)
     if backend == "triton" and strategy == "fused" and r > _TRITON_MAX_RANK:
         raise ValueError(f"lora_A has rank {r}, above the {_TRITON_MAX_RANK} the fused Triton projection kernels "
                          f"support; use strategy='merged' (equal segments) or backend='reference'")
-    compiling = _compiling()
-    if strategy == "merged" and not compiling:
+    if strategy == "merged":
+        if compiling:
+            return _traced_merged(x, weight, lora_A, lora_B, bias, offsets, scales, split)
         return _merged(x, [weight], [lora_A], [lora_B], bias, scales, split)
     # float32 master factors: the kernels and the reference take one dtype
     lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)

@@ -1417,9 +1417,12 @@ def test_torch_compile_fullgraph_of_patched_unet(kind):
 
 @pytest.mark.skipif(not integrations._TRACEABLE,
                     reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
-def test_torch_compile_fullgraph_of_per_layer_kv():
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_torch_compile_fullgraph_of_per_layer_kv(strategy, monkeypatch):
     """fullgraph=True with grouped=False (each attn2 projects its own K and V): traced per projection, same
-    outputs and factor gradients as eager, twice in a row."""
+    outputs and factor gradients as eager, twice in a row, with either projection strategy (forced: a trace takes
+    "merged" on CUDA from ops.TRACED_MERGED_MIN_ROWS rows up)."""
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
     unet = tiny_unet("sd1")
     unet.requires_grad_(False)

@@ -143,8 +143,6 @@ def test_double_backward_raises_instead_of_wrong_values(merged_impl, custom_op, 
     g = torch.Generator().manual_seed(4)
     x0, a0, b0 = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((4, 6), (2, 6), (5, 2)))
     for name, f in _double_backward_cases("reference"):
-        if custom_op and name.startswith("merged"):
-            continue                                 # the merged strategy is eager only
         x, a, b = (t.clone().requires_grad_() for t in (x0, a0, b0))
         gx, ga, gb = torch.autograd.grad(f(x, a, b), (x, a, b), create_graph=True, allow_unused=True)
         x1, a1, b1 = (t.clone().requires_grad_() for t in (x0, a0, b0))
@@ -989,6 +987,117 @@ def test_torch_compile_fullgraph_matches_eager():
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     for got, exp in zip(run(compiled), run(f)):
         torch.testing.assert_close(got, exp)
+
+
+def _recording_aot_eager(codes):
+    """A torch.compile backend: aot_eager, recording the code of each graph dynamo hands it."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        codes.append(gm.code)
+        return aot_eager(gm, example_inputs)
+    return backend
+
+
+def _compiled_vs_eager(f, tensors, grads_of, backend):
+    """Outputs and the gradients (w.r.t. ``tensors[i]`` for i in ``grads_of``) of ``f`` eagerly and compiled with
+    ``fullgraph=True`` through ``backend``: ``(eager, compiled)`` lists."""
+    res = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+        args = [t.clone().requires_grad_(i in grads_of) for i, t in enumerate(tensors)]
+        out = fn(*args)
+        outs = out if isinstance(out, tuple) else (out,)
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+                   for o in outs)
+        res.append([o.detach() for o in outs] + list(torch.autograd.grad(loss, [args[i] for i in grads_of])))
+    torch._dynamo.reset()
+    return res
+
+
+@pytest.mark.parametrize("bias, split, scales, grads_of", [
+    (True, True, (0.5, 0.5), (0, 1, 2)),
+    (False, True, (0.5, 0.5), (0, 1, 2)),
+    (True, False, (0.5, 0.5), (0, 1, 2)),
+    (True, True, (0.7,), (0, 1, 2)),                   # one segment
+    (True, True, (0.5, 1.0, 2.0), (0, 1, 2)),         # three, scaled apiece
+    (True, True, (0.5, 0.5), (1, 2)),                  # x frozen: dA from dy @ blockdiag(s B)
+    (True, True, (0.5, 0.5), (0, 2)),                  # A frozen
+    (True, True, (0.5, 0.5), (0, 1)),                  # B frozen: no xa columns
+    (True, True, (0.5, 0.5), (0,)),
+])
+def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of):
+    """Inside a torch.compile trace the merged strategy runs as plain tensor ops (no custom op: the graph has no
+    clora_fast::segmented_lora call, so inductor and CUDA graphs see library GEMMs), and gives the eager merged
+    Function's outputs and gradients, float64, for every combination of what trains."""
+    L = len(scales)
+    x, w, a, b, bb = make_lora(2 * 7, 12, 5 * L, 3, torch.float64, torch.device("cpu"), bias=bias)
+    a = torch.cat([a.roll(l, 1) for l in range(L)])                    # [L*3, 12]
+    offsets = tuple(range(0, 5 * L + 1, 5))
+
+    def f(x, a, b):
+        out = ops.segmented_lora_projection(x.view(2, 7, 12), w, a, b, offsets, list(scales), bias=bb,
+                                            backend="reference", strategy="merged", split=split)
+        return tuple(out) if split else out
+
+    codes = []
+    eager, compiled = _compiled_vs_eager(f, (x, a, b), grads_of, _recording_aot_eager(codes))
+    assert codes and not any("segmented_lora" in c for c in codes)
+    assert len(eager) == len(compiled) == (L if split else 1) + len(grads_of)
+    for got, exp in zip(compiled, eager):
+        torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_merged_strategy_half_precision_error_bound():
+    """bf16 x / weight with float32 master factors through the traced merged strategy: its error against a float64
+    reference is within twice the eager merged Function's plus a floor (outputs and all gradients), and the
+    factors' gradients come back float32.  K and V through lora_kv_projection, which a trace takes through the
+    stacked call."""
+    x, w, a, b, bb = make_lora(24, 32, 20, 4, torch.float64, torch.device("cpu"), seed=3)
+    w2, a2, b2 = w.flip(0), a.flip(0), b.flip(0)
+
+    def f(x, a, b):
+        k, v = ops.lora_kv_projection(x, (w.to(x.dtype), w2.to(x.dtype)), (a, a2.to(a.dtype)), (b, b2.to(b.dtype)),
+                                      scale=0.5, biases=(bb.to(x.dtype), bb.to(x.dtype)), backend="reference",
+                                      strategy="merged")
+        return k, v
+
+    (ref, _), (eager, compiled) = (_compiled_vs_eager(f, (x, a, b), (0, 1, 2), "aot_eager"),
+                                   _compiled_vs_eager(f, (x.bfloat16(), a.float(), b.float()), (0, 1, 2), "aot_eager"))
+    assert [t.dtype for t in compiled[2:]] == [torch.bfloat16, torch.float32, torch.float32]
+    for name, r, e, c in zip(("k", "v", "dx", "dA", "dB"), ref, eager, compiled):
+        err_e, err_c = (e.double() - r).abs().max(), (c.double() - r).abs().max()
+        assert err_c <= 2 * err_e + 1e-2 * r.abs().max(), (name, float(err_c), float(err_e))
+
+
+def test_traced_strategy_weighs_the_rows():
+    """"auto" under torch.compile: merged on CUDA from TRACED_MERGED_MIN_ROWS rows of x up, the fused kernels
+    below (GPU time decides once CUDA graphs remove the host time); eager calls (rows None) keep merged at every
+    size; an explicit or environment-forced strategy is taken as it is."""
+    cuda, cpu, n = torch.device("cuda"), torch.device("cpu"), ops.TRACED_MERGED_MIN_ROWS
+    assert ops._pick_strategy("auto", "triton", cuda, True, rows=n) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, True, rows=n - 1) == "fused"
+    assert ops._pick_strategy("auto", "triton", cuda, True) == "merged"
+    assert ops._pick_strategy("auto", "triton", cuda, False, rows=10 * n) == "fused"
+    assert ops._pick_strategy("auto", "reference", cuda, True, rows=10 * n) == "fused"
+    assert ops._pick_strategy("auto", "triton", cpu, True, rows=10 * n) == "fused"
+    assert ops._pick_strategy("merged", "triton", cuda, True, rows=1) == "merged"
+
+
+def test_compiled_auto_strategy_follows_the_forced_one(monkeypatch):
+    """CLORA_FAST_STRATEGY=merged reaches a compiled call of "auto" (the traced merged ops, no custom op);
+    =fused keeps the segmented custom op."""
+    x, w, a, b, _ = make_lora(6, 8, 5, 2, torch.float64, torch.device("cpu"), bias=False)
+
+    def f(x, a, b):
+        return ops.lora_kv_projection(x, (w, w), (a, a), (b, b), scale=0.5, backend="reference")
+
+    for forced, custom_op in (("merged", False), ("fused", True)):
+        monkeypatch.setenv("CLORA_FAST_STRATEGY", forced)
+        codes = []
+        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), _recording_aot_eager(codes))
+        assert any("segmented_lora" in c for c in codes) == custom_op, forced
+        for got, exp in zip(compiled, eager):
+            torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 
 
 def test_available_backends():

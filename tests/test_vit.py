@@ -867,13 +867,16 @@ traced_kv = pytest.mark.skipif(not integrations._TRACEABLE,
 
 @traced_kv
 @pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
 @pytest.mark.parametrize("fw", ["hf", "timm"])
-def test_torch_compile_fullgraph_follows_the_concept_state(fw):
+def test_torch_compile_fullgraph_follows_the_concept_state(fw, strategy, monkeypatch):
     """fullgraph=True: the K/V projections are traced into the one graph (no graph break, so CUDA graphs -
     mode="reduce-overhead" - can take the whole step), with the past folded in the graph from the live weights.
     The compiled model computes what the eager one does in every state reached after compiling: a concept
     active over a folded past (outputs and factor gradients), its end (a new P), merged (the plain linears),
-    unmerged with a new concept, the model converted to float64, and under bf16 autocast."""
+    unmerged with a new concept, the model converted to float64, and under bf16 autocast.  Both projection
+    strategies (forced: a trace takes "merged" on CUDA from ops.TRACED_MERGED_MIN_ROWS rows up)."""
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
     m, x, ctrl = patched_with_a_past(fw, layers=2)
     m.requires_grad_(False)
@@ -895,11 +898,13 @@ def test_torch_compile_fullgraph_follows_the_concept_state(fw):
 
 
 @traced_kv
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
 @pytest.mark.parametrize("fw", ["hf", "timm"])
-def test_torch_compile_fullgraph_with_gradient_checkpointing(fw):
+def test_torch_compile_fullgraph_with_gradient_checkpointing(fw, strategy, monkeypatch):
     """fullgraph=True with the framework's gradient checkpointing on (a checkpoint region refuses side effects on
     outside state: the traced K/V keep nothing on the adapter objects): same outputs and factor gradients as
-    eager, twice in a row."""
+    eager, twice in a row, with either projection strategy."""
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
     m, x, ctrl = patched_with_a_past(fw, layers=2)
     m.train().requires_grad_(False)
@@ -945,9 +950,12 @@ def test_torch_compile_fullgraph_of_a_loss_with_the_penalty():
 
 
 @traced_kv
-def test_torch_compile_inductor_of_a_patched_model():
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+def test_torch_compile_inductor_of_a_patched_model(strategy, monkeypatch):
     """Inductor (real code generation, as mode="reduce-overhead" uses) of a patched timm ViT with fullgraph=True:
-    same outputs and factor gradients as eager, over two training steps (the factors change in between)."""
+    same outputs and factor gradients as eager, over two training steps (the factors change in between), with
+    either projection strategy (the merged one's fold, casts and padding fused by inductor)."""
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
     m, x, ctrl = patched_with_a_past("timm", layers=1)
     m.requires_grad_(False)
