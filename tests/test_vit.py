@@ -898,6 +898,36 @@ def test_torch_compile_fullgraph_follows_the_concept_state(fw, strategy, monkeyp
 
 
 @traced_kv
+@pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+@pytest.mark.parametrize("strategy", ["fused", "merged"])
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_torch_compile_dynamic_batch(fw, strategy, monkeypatch):
+    """torch.compile(dynamic=True, fullgraph=True) (what a smaller last batch leads to after a recompile): the
+    graphs compiled with a symbolic batch for a batch of 3 serve a batch of 4 (1 is dynamo's own specialization: a
+    recompile), with the eager outputs and factor gradients."""
+    from torch._dynamo.backends.debugging import aot_eager
+    monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
+    torch._dynamo.reset()
+    m, x, ctrl = patched_with_a_past(fw, layers=2)
+    m.requires_grad_(False)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    mc = torch.compile(m, backend=backend, fullgraph=True, dynamic=True)
+    g = torch.Generator().manual_seed(5)
+    counts = []
+    for b in (x.shape[0], x.shape[0] + 1, 1):
+        _compiled_matches_eager(m, mc, torch.randn(b, *x.shape[1:], generator=g), ctrl)
+        counts.append(len(graphs))
+    assert counts[0] == counts[1]                   # batch 4 reused batch 3's graphs
+
+
+@traced_kv
 @pytest.mark.parametrize("strategy", ["fused", "merged"])
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_torch_compile_fullgraph_with_gradient_checkpointing(fw, strategy, monkeypatch):
