@@ -45,3 +45,27 @@ def sm90_compiler():
         import triton
         pytest.skip(f"Triton {triton.__version__}'s ASTSource takes no constexprs= "
                     "(the sm_90 compile checks need a newer Triton)")
+
+
+@pytest.fixture
+def graph_tensor_inputs():
+    """``f(fn, *args)``: compile ``fn`` (fullgraph, aot_eager), run it once and return ``(name, static)`` for each
+    tensor input of its one graph: ``static`` when dynamo marked it a static address (parameters, module tensors),
+    which CUDA graphs (mode="reduce-overhead") read in place; every other input is copied into the graph's memory
+    at each replay."""
+    def inputs(fn, *args):
+        from torch._dynamo.backends.debugging import aot_eager
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append((gm, example_inputs))
+            return aot_eager(gm, example_inputs)
+
+        torch._dynamo.reset()
+        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+        assert len(graphs) == 1
+        gm, example = graphs[0]
+        places = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return [(n.name, n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type") is not None)
+                for n, t in zip(places, example) if isinstance(t, torch.Tensor)]
+    return inputs

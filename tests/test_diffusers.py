@@ -1417,6 +1417,27 @@ def test_torch_compile_fullgraph_of_patched_unet(kind):
 
 @pytest.mark.skipif(not integrations._TRACEABLE,
                     reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
+@pytest.mark.parametrize("grouped", [True, False])
+def test_torch_compile_reads_the_concept_state_in_place(grouped, graph_tensor_inputs):
+    """In a compiled training step of the UNet (output and penalty) every tensor the adapters read - P, the flat
+    factors, the base weights - is a static graph input, which a CUDA graph reads in place; only the step's own
+    inputs (sample, text states) are copied at each replay."""
+    unet = tiny_unet("sd1")
+    unet.requires_grad_(False)
+    cl = D.patch(unet, rank=2, backend="reference", grouped=grouped)
+    cl.begin_concept()
+    randomize(cl, seed=1)
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl, seed=2)
+    sample, ehs, _ = unet_inputs(unet)
+    inputs = graph_tensor_inputs(lambda s, e: run_unet(unet, (s, e, {})).square().mean() + cl.penalty(), sample, ehs)
+    assert len(inputs) > 10
+    assert sorted(name for name, static in inputs if not static) == ["l_e_", "l_s_"]
+
+
+@pytest.mark.skipif(not integrations._TRACEABLE,
+                    reason=f"dynamo of torch < {integrations.TRACED_MIN}: K/V run eagerly (graph breaks)")
 @pytest.mark.parametrize("strategy", ["fused", "merged"])
 def test_torch_compile_fullgraph_of_per_layer_kv(strategy, monkeypatch):
     """fullgraph=True with grouped=False (each attn2 projects its own K and V): traced per projection, same

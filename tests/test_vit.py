@@ -899,6 +899,22 @@ def test_torch_compile_fullgraph_follows_the_concept_state(fw, strategy, monkeyp
 
 @traced_kv
 @pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_torch_compile_reads_the_concept_state_in_place(fw, graph_tensor_inputs):
+    """In a compiled training step (model output and penalty) every tensor the adapters read - the past P, the
+    flat factors, the base weights - is a static graph input: a CUDA graph reads them in place instead of copying
+    them at every replay (P alone is the size of the adapted weights); only the batch is copied."""
+    m, x, ctrl = patched_with_a_past(fw, layers=2)
+    m.requires_grad_(False)
+    ctrl.begin_concept("t1")
+    randomize_factors(ctrl, seed=2)
+    inputs = graph_tensor_inputs(lambda inp: run(m, inp).square().mean() + ctrl.penalty(), x)
+    assert len(inputs) > 10
+    assert [name for name, static in inputs if not static] == [next(n for n, _ in inputs if "inp" in n)]
+
+
+@traced_kv
+@pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
 @pytest.mark.parametrize("strategy", ["fused", "merged"])
 @pytest.mark.parametrize("fw", ["hf", "timm"])
 def test_torch_compile_dynamic_batch(fw, strategy, monkeypatch):
