@@ -29,6 +29,7 @@ tensor ops (:class:`_TracedMergedLoRA`).
 """
 from __future__ import annotations
 
+import collections
 import functools
 import importlib
 import math
@@ -460,26 +461,49 @@ def _mm(a: Tensor, b: Tensor, s: float, out: Optional[Tensor] = None) -> Tensor:
     return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=s, out=out)
 
 
-_CACHE_MAX = 64                 # entries of each of the merged strategy's small caches (cleared when full)
+_CACHE_MAX = 64                 # entries of each of the merged strategy's small caches (least recently used out)
+# cached tensors a captured CUDA graph reads by address at every replay (id -> tensor): kept for the process, so
+# that no eviction frees one under a live graph
+_GRAPH_HELD: dict = {}
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
-def _room(cache: dict) -> dict:
-    """``cache``, emptied first when it holds ``_CACHE_MAX`` entries."""
+def _graph_capture(device: torch.device) -> bool:
+    """Whether the current stream of a CUDA ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and bool(_capturing())
+
+
+def _lru_put(cache: "collections.OrderedDict", key, value):
+    """``cache[key] = value``, evicting the least recently used entry when ``cache`` holds ``_CACHE_MAX``."""
     if len(cache) >= _CACHE_MAX:
-        cache.clear()
-    return cache
+        cache.popitem(last=False)
+    cache[key] = value
+    return value
 
 
-_ZEROS: dict = {}
+def _cached(cache: "collections.OrderedDict", key, device: torch.device, build):
+    """``cache[key]``, built by ``build()`` on a miss (an LRU of ``_CACHE_MAX`` entries).  Inside a CUDA-graph
+    capture a hit is kept for the process (the graph reads it by address at every replay) and a miss builds a
+    tensor the graph owns, left out of the cache: captured kernels write it only when the graph replays, and an
+    eager call must not read it before."""
+    v = cache.get(key)
+    if _graph_capture(device):
+        if v is None:
+            return build()
+        _GRAPH_HELD[id(v)] = v
+        return v
+    if v is None:
+        return _lru_put(cache, key, build())
+    cache.move_to_end(key)
+    return v
+
+
+_ZEROS: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _zeros(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A cached read-only zero vector (padding the bias of the forward GEMM's extra columns)."""
-    key = (n, dtype, device)
-    z = _ZEROS.get(key)
-    if z is None:
-        z = _room(_ZEROS)[key] = torch.zeros(n, dtype=dtype, device=device)
-    return z
+    return _cached(_ZEROS, (n, dtype, device), device, lambda: torch.zeros(n, dtype=dtype, device=device))
 
 
 
@@ -505,35 +529,38 @@ def _xa_bias(bias: Tensor, extra: int, per_segment_A: bool) -> Optional[Tensor]:
     frozen = ref is not None and ref() is bias and not bias.is_inference()
     key = (id(bias), extra)
     hit = _PADDED.get(key) if frozen else None
+    capture = _graph_capture(bias.device)
     if hit is not None and hit[0]() is bias and hit[1] == bias._version:
+        if capture:
+            _GRAPH_HELD[id(hit[2])] = hit[2]
+        else:
+            _PADDED.move_to_end(key)
         return hit[2]
     if not (frozen or per_segment_A):
         return None
     out = torch.cat((bias, _zeros(extra, bias.dtype, bias.device)))
-    if frozen:
-        _room(_PADDED)[key] = (weakref.ref(bias), bias._version, out)
+    if frozen and not capture:          # (see _cached: what a capture builds stays the graph's)
+        _lru_put(_PADDED, key, (weakref.ref(bias), bias._version, out))
     return out
 
 
-_PADDED: dict = {}
+_PADDED: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _scale_diag(scales, dtype: torch.dtype, device: torch.device) -> Tensor:
     """``diag(scales)`` shaped ``[L, 1, L, 1]`` (cached): ``B.view(L, n, 1, r) * it`` is ``blockdiag(s_l B_l)``
     viewed ``[L, n, L, r]``.  In ``promote_types(dtype, float32)``, so that a bf16 / fp16 ``s_l B_l`` is computed in
     fp32 and rounded once."""
-    key = (tuple(scales), dtype, device)
-    d = _DIAGS.get(key)
-    if d is None:
+    def build():
         L, dt = len(scales), torch.promote_types(dtype, torch.float32)
         d = torch.zeros(L, L, dtype=dt, device=device)
         for l, sc in enumerate(scales):           # scalar fills, no host-to-device copy: a first call inside a
             d[l, l].fill_(sc)                      # CUDA graph capture may build it
-        d = _room(_DIAGS)[key] = d.view(L, 1, L, 1)
-    return d
+        return d.view(L, 1, L, 1)
+    return _cached(_DIAGS, (tuple(scales), dtype, device), device, build)
 
 
-_DIAGS: dict = {}
+_DIAGS: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _fold_into(out: Tensor, Wp, Ap, Bp, scales, n: int, r: int) -> None:

@@ -612,6 +612,7 @@ class _Plan:
         buffer is shared between a graph and eager launches."""
         if device.type == "cuda":
             if _capturing():
+                _GRAPH_PLANS[id(self)] = self
                 return torch.zeros(self.n_layers + 1, dtype=torch.int32, device=device)
             key = _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
         else:
@@ -645,6 +646,7 @@ class _Plan:
         table to the GPU at every step.  Under CUDA-graph capture the table is written by captured fills
         instead, neither cached nor taken from the cache (see :func:`_table_by_fills`)."""
         if device.type == "cuda" and _capturing():
+            _GRAPH_PLANS[id(self)] = self
             return _table_by_fills(ptrs, device)
         skey = _stream_key(device)
         t = self.cached_table(ptrs, device)
@@ -706,6 +708,9 @@ def _align4(n: int) -> int:
 
 _PLANS: "collections.OrderedDict[tuple, _Plan]" = collections.OrderedDict()
 _MAX_PLANS = 32
+# plans a captured CUDA graph used (id -> plan): the graph reads their tables by address at every replay, so they
+# are kept for the process, whatever the caches above evict
+_GRAPH_PLANS: dict = {}
 
 
 def _layers_key(pasts, lora_As, lora_Bs) -> tuple:

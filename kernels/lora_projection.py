@@ -80,6 +80,7 @@ an unwritten entry shows up in tests).
 
 # No `from __future__ import annotations` here: Triton 3.0's interpreter recognises constexpr
 # parameters only by their evaluated annotation (a string "tl.constexpr" is taken for a tensor).
+import collections
 import contextlib
 import functools
 import os
@@ -403,19 +404,46 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return t
 
 
-_CONST_CACHE: dict = {}
+# small constant tables (tiles, offsets, scales) by (device, key), least recently used evicted first
+_CONST_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 _CONST_CACHE_MAX = 512
+# tables a captured CUDA graph reads by address at every replay: id -> (table, pinned staging copy or None), kept
+# for the process (a few hundred bytes each), so that no eviction can free one under a live graph
+_GRAPH_CONSTS: dict = {}
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def _device_const(key, build, device: torch.device) -> torch.Tensor:
-    """A small constant device tensor built once per (device, key)."""
+    """A small constant device tensor (``build()``'s host tensor, copied) cached per (device, key); constant: never
+    written after its copy.  Inside a CUDA-graph capture (torch.compile's mode="reduce-overhead", or a user's
+    ``torch.cuda.graph``) see :func:`_graph_const`."""
     full = (device.type, device.index, key)
+    if device.type == "cuda" and _capturing():
+        return _graph_const(full, build, device)
     t = _CONST_CACHE.get(full)
     if t is None:
         if len(_CONST_CACHE) >= _CONST_CACHE_MAX:
-            _CONST_CACHE.clear()
-        t = build().to(device)
-        _CONST_CACHE[full] = t
+            _CONST_CACHE.popitem(last=False)
+        t = _CONST_CACHE[full] = build().to(device)
+    else:
+        _CONST_CACHE.move_to_end(full)
+    return t
+
+
+def _graph_const(full, build, device: torch.device) -> torch.Tensor:
+    """:func:`_device_const` inside a CUDA-graph capture.  The cached table when there is one (the usual case: the
+    eager warm-up call built it), kept for the process from then on.  Else a new one, copied from pinned host
+    memory by a captured copy (a pageable copy cannot be captured; the graph re-reads the staging buffer at every
+    replay, so both are kept): it stays out of the eager cache, since it holds its values only once the graph
+    has replayed."""
+    t = _CONST_CACHE.get(full)
+    if t is not None:
+        _GRAPH_CONSTS[id(t)] = (t, None)
+        return t
+    host = build().pin_memory()
+    t = torch.empty(host.shape, dtype=host.dtype, device=device)
+    t.copy_(host, non_blocking=True)
+    _GRAPH_CONSTS[id(t)] = (t, host)
     return t
 
 

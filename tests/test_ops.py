@@ -488,11 +488,36 @@ def test_gpu_merged_call_first_made_inside_a_cuda_graph_capture(merged_impl):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = call(s_new)
+    # what the capture built stays the graph's: its captured fills run only at a replay
+    assert ((s_new, s_new), bf, b.device) not in ops._DIAGS
     graph.replay()
     torch.cuda.synchronize()
     for p, q in zip(got, call(s_new)):
         assert torch.equal(p, q)
     ops._DIAGS.clear()                                   # the other implementation's run builds it again
+
+
+def test_merged_caches_evict_least_recently_used(monkeypatch):
+    """The merged strategy's small caches (zero padding, scale diagonals, padded frozen biases) are LRUs: an entry
+    every call uses survives others passing through (a captured CUDA graph reads it by address), bounded."""
+    monkeypatch.setattr(ops, "_ZEROS", type(ops._ZEROS)())
+    cpu = torch.device("cpu")
+    hot = ops._zeros(3, torch.float32, cpu)
+    for n in range(4, 4 + 3 * ops._CACHE_MAX):
+        ops._zeros(n, torch.float32, cpu)
+        assert ops._zeros(3, torch.float32, cpu) is hot
+    assert len(ops._ZEROS) == ops._CACHE_MAX and (4, torch.float32, cpu) not in ops._ZEROS
+    monkeypatch.setattr(ops, "_PADDED", type(ops._PADDED)())
+    bias = torch.randn(5)
+    ops.mark_frozen_bias(bias)
+    padded = ops._xa_bias(bias, 2, False)
+    others = []
+    for _ in range(2 * ops._CACHE_MAX):
+        others.append(torch.randn(5))
+        ops.mark_frozen_bias(others[-1])
+        ops._xa_bias(others[-1], 2, False)
+        assert ops._xa_bias(bias, 2, False) is padded
+    assert torch.equal(padded, torch.cat((bias, torch.zeros(2)))) and len(ops._PADDED) == ops._CACHE_MAX
 
 
 def test_kv_fast_path_equals_checked_path(monkeypatch, merged_impl):

@@ -357,6 +357,51 @@ def test_gpu_vit_kv_large_m(dtype, r):
     _check_all(8 * 197, 768, (0, 768, 1536), r, dtype, device, (0.5, 0.5), bias=True)
 
 
+def test_constant_tables_evict_least_recently_used(monkeypatch):
+    """The launchers' constant tables (tiles, offsets, scales) are an LRU: a table every call uses survives any
+    number of others passing through (a full clear, as before, freed the tables a captured CUDA graph reads by
+    address), and the cache stays bounded."""
+    monkeypatch.setattr(lp, "_CONST_CACHE", type(lp._CONST_CACHE)())
+    cpu = torch.device("cpu")
+    hot = lp._device_const(("hot",), lambda: torch.arange(3), cpu)
+    for i in range(3 * lp._CONST_CACHE_MAX):
+        lp._device_const(("other", i), lambda: torch.zeros(1), cpu)
+        assert lp._device_const(("hot",), lambda: torch.arange(3), cpu) is hot
+    assert len(lp._CONST_CACHE) == lp._CONST_CACHE_MAX
+    assert ("cpu", None, ("other", 0)) not in lp._CONST_CACHE
+
+
+@pytest.mark.gpu
+def test_gpu_captured_projection_keeps_its_tables():
+    """A fused projection captured in a CUDA graph: a table first needed inside the capture (new scales) is copied
+    from pinned memory by the graph and stays out of the eager cache; the tables it took from the cache are kept
+    for the process.  Replays after the cache evicted everything still give the eager result."""
+    device = torch.device("cuda")
+    g = torch.Generator().manual_seed(0)
+    M, K, offs, r = 64, 96, (0, 40, 80), 8
+    x = torch.randn(M, K, generator=g).to(device)
+    w = torch.randn(80, K, generator=g).to(device) / K ** 0.5
+    a = torch.randn(2 * r, K, generator=g).to(device) / K ** 0.5
+    b = torch.randn(80, r, generator=g).to(device) * 0.1
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        segmented_lora_forward(x, w, a, b, offs, (0.5, 0.5))         # compiles; caches the tile table
+    torch.cuda.current_stream().wait_stream(side)
+    scales = (0.3125, 0.75)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got, _ = segmented_lora_forward(x, w, a, b, offs, scales)
+    assert ("cuda", x.device.index, ("scales", scales)) not in lp._CONST_CACHE
+    for i in range(2 * lp._CONST_CACHE_MAX):                        # evict every eager entry
+        lp._device_const(("filler", i), lambda: torch.zeros(1), device)
+    x.mul_(1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    exp, _ = segmented_lora_forward(x, w, a, b, offs, scales)
+    torch.testing.assert_close(got, exp, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU-side check of the GPU build: compile every kernel ahead of time for sm_90 (Triton ships
 # ptxas), with the launchers' block configs and the JIT's specialisation of unit strides and
