@@ -1096,8 +1096,9 @@ def _segmented(x, weight, lora_A, lora_B, seg_offsets, scales, bias, backend, st
     backend, (x, weight, lora_A, lora_B, bias) = _prepare(
         [("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)], backend)
     compiling = _compiling()
+    # (in a trace "auto" weighs x's rows, unless the rank is one only the merged strategy serves)
     strategy = _pick_strategy(strategy, backend, x.device, equal, offsets,
-                              rows=math.prod(x.shape[:-1]) if compiling else None)
+                              rows=math.prod(x.shape[:-1]) if compiling and r <= _TRITON_MAX_RANK else None)
     if backend == "triton" and strategy == "fused" and r > _TRITON_MAX_RANK:
         raise ValueError(f"lora_A has rank {r}, above the {_TRITON_MAX_RANK} the fused Triton projection kernels "
                          f"support; use strategy='merged' (equal segments) or backend='reference'")

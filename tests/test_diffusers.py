@@ -1366,6 +1366,19 @@ def test_torch_compile_of_patched_unet():
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def _unet_over_a_past(kind="sd1", grouped=True):
+    """(frozen tiny UNet, controller) with one finished concept folded into P and a second one active."""
+    unet = tiny_unet(kind)
+    unet.requires_grad_(False)
+    cl = D.patch(unet, rank=2, backend="reference", grouped=grouped)
+    cl.begin_concept()
+    randomize(cl, seed=1)
+    cl.end_concept()
+    cl.begin_concept()
+    randomize(cl, seed=2)
+    return unet, cl
+
+
 def _compiled_matches_eager(unet, compiled, inputs, cl, grads=True):
     """The compiled UNet's outputs (and the factors' gradients) equal the eager one's, twice in a row (the second
     call reuses the graph)."""
@@ -1392,15 +1405,8 @@ def test_torch_compile_fullgraph_of_patched_unet(kind):
     over a folded past (outputs and factor gradients), under no_grad (a denoising loop's calls), its end (a new P),
     merged, and a new concept."""
     torch._dynamo.reset()
-    unet = tiny_unet(kind)
-    unet.requires_grad_(False)
+    unet, cl = _unet_over_a_past(kind)
     inputs = unet_inputs(unet)
-    cl = D.patch(unet, rank=2, backend="reference")
-    cl.begin_concept()
-    randomize(cl, seed=1)
-    cl.end_concept()
-    cl.begin_concept()
-    randomize(cl, seed=2)
     compiled = torch.compile(unet, backend="aot_eager", fullgraph=True)
     _compiled_matches_eager(unet, compiled, inputs, cl)
     with torch.no_grad():
@@ -1422,14 +1428,7 @@ def test_torch_compile_reads_the_concept_state_in_place(grouped, graph_tensor_in
     """In a compiled training step of the UNet (output and penalty) every tensor the adapters read - P, the flat
     factors, the base weights - is a static graph input, which a CUDA graph reads in place; only the step's own
     inputs (sample, text states) are copied at each replay."""
-    unet = tiny_unet("sd1")
-    unet.requires_grad_(False)
-    cl = D.patch(unet, rank=2, backend="reference", grouped=grouped)
-    cl.begin_concept()
-    randomize(cl, seed=1)
-    cl.end_concept()
-    cl.begin_concept()
-    randomize(cl, seed=2)
+    unet, cl = _unet_over_a_past(grouped=grouped)
     sample, ehs, _ = unet_inputs(unet)
     inputs = graph_tensor_inputs(lambda s, e: run_unet(unet, (s, e, {})).square().mean() + cl.penalty(), sample, ehs)
     assert len(inputs) > 10
@@ -1445,16 +1444,8 @@ def test_torch_compile_fullgraph_of_per_layer_kv(strategy, monkeypatch):
     "merged" on CUDA from ops.TRACED_MERGED_MIN_ROWS rows up)."""
     monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
-    unet = tiny_unet("sd1")
-    unet.requires_grad_(False)
-    inputs = unet_inputs(unet)
-    cl = D.patch(unet, rank=2, backend="reference", grouped=False)
-    cl.begin_concept()
-    randomize(cl, seed=1)
-    cl.end_concept()
-    cl.begin_concept()
-    randomize(cl, seed=2)
-    _compiled_matches_eager(unet, torch.compile(unet, backend="aot_eager", fullgraph=True), inputs, cl)
+    unet, cl = _unet_over_a_past(grouped=False)
+    _compiled_matches_eager(unet, torch.compile(unet, backend="aot_eager", fullgraph=True), unet_inputs(unet), cl)
 
 
 @pytest.mark.skipif(not integrations._TRACEABLE,

@@ -1108,6 +1108,25 @@ def test_traced_strategy_weighs_the_rows():
     assert ops._pick_strategy("merged", "triton", cuda, True, rows=1) == "merged"
 
 
+@pytest.mark.gpu
+def test_gpu_compiled_auto_strategy_on_cuda():
+    """On CUDA a compiled "auto" call takes the traced merged ops from TRACED_MERGED_MIN_ROWS rows up and the fused
+    kernels' custom op below, except at a rank only the merged strategy serves (above the Triton kernels' 128);
+    each matches the eager call (fp32 products: TF32 tolerance)."""
+    dev = torch.device("cuda")
+    for rows, r, custom_op in ((ops.TRACED_MERGED_MIN_ROWS, 16, False), (8, 16, True), (8, 192, False)):
+        x, w, a, b, bias = make_lora(rows, 256, 64, r, torch.float32, dev)
+
+        def f(x, a, b):
+            return ops.lora_kv_projection(x, (w, w.flip(0)), (a, a), (b, b), scale=0.5, biases=(bias, bias))
+
+        codes = []
+        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), _recording_aot_eager(codes))
+        assert any("segmented_lora" in c for c in codes) == custom_op, (rows, r)
+        for got, exp in zip(compiled, eager):
+            torch.testing.assert_close(got, exp, rtol=2e-2, atol=2e-2 * exp.abs().max().item())
+
+
 def test_compiled_auto_strategy_follows_the_forced_one(monkeypatch):
     """CLORA_FAST_STRATEGY=merged reaches a compiled call of "auto" (the traced merged ops, no custom op);
     =fused keeps the segmented custom op."""
