@@ -198,6 +198,25 @@ def test_bench_e2e_compiled_vit_steps(tmp_path_factory):
     assert "none n/a" not in line
 
 
+def test_bench_e2e_compiled_sd_steps(tmp_path_factory):
+    """--compiled-sd: the UNet training steps also timed through torch.compile(fullgraph=True) (inductor), with and
+    without the adapters, and an info line comparing them (below the integrations' TRACED_MIN the clora variant's
+    fullgraph compile fails and says so)."""
+    pytest.importorskip("diffusers")
+    from clora_fast import integrations
+    mod, out = _quick_run(tmp_path_factory, "e2e", "--skip-vit", "--skip-pipe", "--compiled-sd")
+    keys = {(r["model"], r["kind"], r["variant"]): r for r in _read_jsonl(out / "e2e.jsonl")}
+    _check_timed(keys[("sd_unet", "train", "none_compiled")])
+    r = keys[("sd_unet", "train", "clora_compiled")]
+    if integrations._TRACEABLE:
+        _check_timed(r)
+        assert r["rank"] == 4 and r["backend"]
+    else:
+        assert r["status"].startswith("n/a ("), r
+    line = next(x for x in (out / "e2e.md").read_text().splitlines() if "SD-1.5 training step compiled" in x)
+    assert "none n/a" not in line and "within 3% of none compiled" in line
+
+
 def test_sd15_pipeline_configs_are_sd15(common):
     """The shipped SD-1.5 component configs build modules with SD-1.5's exact parameter counts (on the
     meta device: no memory, no weights); the scheduler config builds a DDIM scheduler."""
