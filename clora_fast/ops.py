@@ -752,7 +752,7 @@ class _TracedMergedLoRA(torch.autograd.Function):
             z = torch.cat([lora_B[l * n:(l + 1) * n].to(torch.promote_types(lora_B.dtype, torch.float32)) * s
                            for l, s in enumerate(scales)])
         z = z.to(dt)
-        weff = torch.baddbmm(weight.reshape(L, n, K), z.view(L, n, r), ac.view(L, r, K)).view(Ln, K)
+        weff = torch.baddbmm(weight.reshape(L, n, K), z.view(L, n, r), ac.reshape(L, r, K)).view(Ln, K)
         zb = torch.block_diag(*z.view(L, n, r).unbind(0)) if grad_a else None      # [L*n, L*r]
         w = torch.cat((weff, zb), 1) if ext else weff        # [L*n, K (+ L*r)]: the backward weight
         wf, bf = weff, bias

@@ -1049,6 +1049,7 @@ def _compiled_vs_eager(f, tensors, grads_of, backend):
     (True, True, (0.5, 0.5), (0, 2)),                  # A frozen
     (True, True, (0.5, 0.5), (0, 1)),                  # B frozen: no xa columns
     (True, True, (0.5, 0.5), (0,)),
+    (True, True, (0.5, 0.5), "A transposed"),         # a column-major lora_A (a view), everything trains
 ])
 def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of):
     """Inside a torch.compile trace the merged strategy runs as plain tensor ops (no custom op: the graph has no
@@ -1058,8 +1059,12 @@ def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of):
     x, w, a, b, bb = make_lora(2 * 7, 12, 5 * L, 3, torch.float64, torch.device("cpu"), bias=bias)
     a = torch.cat([a.roll(l, 1) for l in range(L)])                    # [L*3, 12]
     offsets = tuple(range(0, 5 * L + 1, 5))
+    transposed = grads_of == "A transposed"
+    if transposed:
+        grads_of, a = (0, 1, 2), a.t().contiguous()                     # [12, L*3]: lora_A is its transpose
 
     def f(x, a, b):
+        a = a.t() if transposed else a
         out = ops.segmented_lora_projection(x.view(2, 7, 12), w, a, b, offsets, list(scales), bias=bb,
                                             backend="reference", strategy="merged", split=split)
         return tuple(out) if split else out
