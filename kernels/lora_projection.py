@@ -407,8 +407,8 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 # small constant tables (tiles, offsets, scales) by (device, key), least recently used evicted first
 _CONST_CACHE: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
 _CONST_CACHE_MAX = 512
-# tables a captured CUDA graph reads by address at every replay: id -> (table, pinned staging copy or None), kept
-# for the process (a few hundred bytes each), so that no eviction can free one under a live graph
+# tables a captured CUDA graph reads by address at every replay (id -> table), kept for the process (a few hundred
+# bytes each), so that no eviction can free one under a live graph
 _GRAPH_CONSTS: dict = {}
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
@@ -431,19 +431,17 @@ def _device_const(key, build, device: torch.device) -> torch.Tensor:
 
 
 def _graph_const(full, build, device: torch.device) -> torch.Tensor:
-    """:func:`_device_const` inside a CUDA-graph capture.  The cached table when there is one (the usual case: the
-    eager warm-up call built it), kept for the process from then on.  Else a new one, copied from pinned host
-    memory by a captured copy (a pageable copy cannot be captured; the graph re-reads the staging buffer at every
-    replay, so both are kept): it stays out of the eager cache, since it holds its values only once the graph
-    has replayed."""
+    """:func:`_device_const` inside a CUDA-graph capture: the cached table (built by the eager warm-up call that a
+    capture needs anyway, and torch.compile's CUDA graphs make), kept for the process from then on.  A table not
+    built yet cannot be made inside the capture: a pageable copy cannot be captured, and a pinned one fails in
+    the default (global) capture mode, so a clear error says what to do instead of a CUDA error that
+    invalidates the capture."""
     t = _CONST_CACHE.get(full)
-    if t is not None:
-        _GRAPH_CONSTS[id(t)] = (t, None)
-        return t
-    host = build().pin_memory()
-    t = torch.empty(host.shape, dtype=host.dtype, device=device)
-    t.copy_(host, non_blocking=True)
-    _GRAPH_CONSTS[id(t)] = (t, host)
+    if t is None:
+        raise RuntimeError(f"clora_fast: the fused projection's launch table {full[2][0]} {full[2][1:]} is not built "
+                           f"yet, and a CUDA graph capture cannot copy it to the GPU: run the same call once outside "
+                           f"the capture first (the usual warm-up; torch.compile's CUDA graphs do it)")
+    _GRAPH_CONSTS[id(t)] = t
     return t
 
 

@@ -373,9 +373,9 @@ def test_constant_tables_evict_least_recently_used(monkeypatch):
 
 @pytest.mark.gpu
 def test_gpu_captured_projection_keeps_its_tables():
-    """A fused projection captured in a CUDA graph: a table first needed inside the capture (new scales) is copied
-    from pinned memory by the graph and stays out of the eager cache; the tables it took from the cache are kept
-    for the process.  Replays after the cache evicted everything still give the eager result."""
+    """A fused projection captured in a CUDA graph after a warm-up call: the tables it took from the cache are kept
+    for the process, so replays after the cache evicted everything still give the eager result.  A call whose
+    table was never built (new scales) raises a clear error inside a capture."""
     device = torch.device("cuda")
     g = torch.Generator().manual_seed(0)
     M, K, offs, r = 64, 96, (0, 40, 80), 8
@@ -388,11 +388,13 @@ def test_gpu_captured_projection_keeps_its_tables():
     with torch.cuda.stream(side):
         segmented_lora_forward(x, w, a, b, offs, (0.5, 0.5))         # compiles; caches the tile table
     torch.cuda.current_stream().wait_stream(side)
-    scales = (0.3125, 0.75)
+    with pytest.raises(RuntimeError, match=r"launch table scales \(\(0.3125, 0.75\),\) is not built yet.*outside"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            segmented_lora_forward(x, w, a, b, offs, (0.3125, 0.75))
+    scales = (0.5, 0.5)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got, _ = segmented_lora_forward(x, w, a, b, offs, scales)
-    assert ("cuda", x.device.index, ("scales", scales)) not in lp._CONST_CACHE
     for i in range(2 * lp._CONST_CACHE_MAX):                        # evict every eager entry
         lp._device_const(("filler", i), lambda: torch.zeros(1), device)
     x.mul_(1.5)
