@@ -1032,7 +1032,7 @@ def _compiled_vs_eager(f, tensors, grads_of, backend):
         args = [t.clone().requires_grad_(i in grads_of) for i, t in enumerate(tensors)]
         out = fn(*args)
         outs = out if isinstance(out, tuple) else (out,)
-        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64).view(o.shape)).sum()
+        loss = sum((o.double() * torch.linspace(-1, 1, o.numel(), dtype=torch.float64, device=o.device).view(o.shape)).sum()
                    for o in outs)
         res.append([o.detach() for o in outs] + list(torch.autograd.grad(loss, [args[i] for i in grads_of])))
     torch._dynamo.reset()
