@@ -1050,7 +1050,8 @@ def segmented_lora_projection(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B:
     ``"merged"`` folds ``s_l * B_l @ A_l`` into the weight for the call and runs the
     dense products as library GEMMs (equal segments only; any backend and device);
     ``"auto"`` (default) picks ``"merged"`` for the triton and cuda backends on CUDA
-    tensors when all segments have one size, else ``"fused"`` (the environment variable
+    tensors when all segments have one size, else ``"fused"``; inside a ``torch.compile`` trace
+    only from ``TRACED_MERGED_MIN_ROWS`` rows of x up (the environment variable
     ``CLORA_FAST_STRATEGY=fused|merged`` overrides "auto", e.g. to compare the two).
 
     ``split=True`` returns one ``[..., n_l]`` output per segment (views) whose gradients are
