@@ -181,40 +181,39 @@ def test_bench_e2e_quick(e2e_run):
     assert "### Targets" in md
 
 
-def test_bench_e2e_compiled_vit_steps(tmp_path_factory):
-    """--compiled: the ViT steps also timed through torch.compile(fullgraph=True) (inductor), with and without
-    the adapters, and an info line comparing them (torch >= the integrations' TRACED_MIN; below it the clora
-    variant's fullgraph compile fails and says so)."""
+def _compiled_rows(tmp_path_factory, model, title, *flags):
+    """Run bench_e2e's quick profile with ``flags``; check its none_compiled / clora_compiled rows of ``model``
+    (timed; below the integrations' TRACED_MIN the clora variant's fullgraph compile fails and says so) and return
+    (clora_compiled row, the report's "<title> training step compiled" info line)."""
     from clora_fast import integrations
-    mod, out = _quick_run(tmp_path_factory, "e2e", "--skip-sd", "--skip-pipe", "--compiled")
+    mod, out = _quick_run(tmp_path_factory, "e2e", "--skip-pipe", *flags)
     keys = {(r["model"], r["kind"], r["variant"]): r for r in _read_jsonl(out / "e2e.jsonl")}
-    _check_timed(keys[("vit", "train", "none_compiled")])
-    r = keys[("vit", "train", "clora_compiled")]
+    _check_timed(keys[(model, "train", "none_compiled")])
+    r = keys[(model, "train", "clora_compiled")]
     if integrations._TRACEABLE:
         _check_timed(r)
     else:                                       # dynamo's own error, from the timing or from torch.compile
         assert r["status"].startswith("n/a ("), r
-    line = next(x for x in (out / "e2e.md").read_text().splitlines() if "training step compiled" in x)
+    line = next(x for x in (out / "e2e.md").read_text().splitlines() if f"{title} training step compiled" in x)
     assert "none n/a" not in line
+    return r, line
+
+
+def test_bench_e2e_compiled_vit_steps(tmp_path_factory):
+    """--compiled: the ViT steps also timed through torch.compile(fullgraph=True) (inductor), with and without
+    the adapters, and an info line comparing them."""
+    _compiled_rows(tmp_path_factory, "vit", "ViT-B/16", "--skip-sd", "--compiled")
 
 
 def test_bench_e2e_compiled_sd_steps(tmp_path_factory):
     """--compiled-sd: the UNet training steps also timed through torch.compile(fullgraph=True) (inductor), with and
-    without the adapters, and an info line comparing them (below the integrations' TRACED_MIN the clora variant's
-    fullgraph compile fails and says so)."""
+    without the adapters, and an info line comparing them (bound: target 8's 3%)."""
     pytest.importorskip("diffusers")
     from clora_fast import integrations
-    mod, out = _quick_run(tmp_path_factory, "e2e", "--skip-vit", "--skip-pipe", "--compiled-sd")
-    keys = {(r["model"], r["kind"], r["variant"]): r for r in _read_jsonl(out / "e2e.jsonl")}
-    _check_timed(keys[("sd_unet", "train", "none_compiled")])
-    r = keys[("sd_unet", "train", "clora_compiled")]
+    r, line = _compiled_rows(tmp_path_factory, "sd_unet", "SD-1.5", "--skip-vit", "--compiled-sd")
+    assert "within 3% of none compiled" in line
     if integrations._TRACEABLE:
-        _check_timed(r)
         assert r["rank"] == 4 and r["backend"]
-    else:
-        assert r["status"].startswith("n/a ("), r
-    line = next(x for x in (out / "e2e.md").read_text().splitlines() if "SD-1.5 training step compiled" in x)
-    assert "none n/a" not in line and "within 3% of none compiled" in line
 
 
 def test_sd15_pipeline_configs_are_sd15(common):
