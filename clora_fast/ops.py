@@ -529,9 +529,8 @@ def _xa_bias(bias: Tensor, extra: int, per_segment_A: bool) -> Optional[Tensor]:
     frozen = ref is not None and ref() is bias and not bias.is_inference()
     key = (id(bias), extra)
     hit = _PADDED.get(key) if frozen else None
-    capture = _graph_capture(bias.device)
     if hit is not None and hit[0]() is bias and hit[1] == bias._version:
-        if capture:
+        if _graph_capture(bias.device):
             _GRAPH_HELD[id(hit[2])] = hit[2]
         else:
             _PADDED.move_to_end(key)
@@ -539,7 +538,7 @@ def _xa_bias(bias: Tensor, extra: int, per_segment_A: bool) -> Optional[Tensor]:
     if not (frozen or per_segment_A):
         return None
     out = torch.cat((bias, _zeros(extra, bias.dtype, bias.device)))
-    if frozen and not capture:          # (see _cached: what a capture builds stays the graph's)
+    if frozen and not _graph_capture(bias.device):      # (see _cached: what a capture builds stays the graph's)
         _lru_put(_PADDED, key, (weakref.ref(bias), bias._version, out))
     return out
 
