@@ -48,21 +48,29 @@ def sm90_compiler():
 
 
 @pytest.fixture
-def graph_tensor_inputs():
+def recording_aot_eager():
+    """``f(graphs)``: a torch.compile backend that appends ``(graph module, example inputs)`` of each graph dynamo
+    hands it to the list ``graphs``, then compiles it with aot_eager (no C compiler needed)."""
+    def make(graphs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        def backend(gm, example_inputs):
+            graphs.append((gm, example_inputs))
+            return aot_eager(gm, example_inputs)
+        return backend
+    return make
+
+
+@pytest.fixture
+def graph_tensor_inputs(recording_aot_eager):
     """``f(fn, *args)``: compile ``fn`` (fullgraph, aot_eager), run it once and return ``(name, static)`` for each
     tensor input of its one graph: ``static`` when dynamo marked it a static address (parameters, module tensors),
     which CUDA graphs (mode="reduce-overhead") read in place; every other input is copied into the graph's memory
     at each replay."""
     def inputs(fn, *args):
-        from torch._dynamo.backends.debugging import aot_eager
         graphs = []
-
-        def backend(gm, example_inputs):
-            graphs.append((gm, example_inputs))
-            return aot_eager(gm, example_inputs)
-
         torch._dynamo.reset()
-        torch.compile(fn, backend=backend, fullgraph=True)(*args)
+        torch.compile(fn, backend=recording_aot_eager(graphs), fullgraph=True)(*args)
         assert len(graphs) == 1
         gm, example = graphs[0]
         places = [n for n in gm.graph.nodes if n.op == "placeholder"]

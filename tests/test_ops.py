@@ -1014,16 +1014,6 @@ def test_torch_compile_fullgraph_matches_eager():
         torch.testing.assert_close(got, exp)
 
 
-def _recording_aot_eager(codes):
-    """A torch.compile backend: aot_eager, recording the code of each graph dynamo hands it."""
-    from torch._dynamo.backends.debugging import aot_eager
-
-    def backend(gm, example_inputs):
-        codes.append(gm.code)
-        return aot_eager(gm, example_inputs)
-    return backend
-
-
 def _compiled_vs_eager(f, tensors, grads_of, backend):
     """Outputs and the gradients (w.r.t. ``tensors[i]`` for i in ``grads_of``) of ``f`` eagerly and compiled with
     ``fullgraph=True`` through ``backend``: ``(eager, compiled)`` lists."""
@@ -1051,7 +1041,7 @@ def _compiled_vs_eager(f, tensors, grads_of, backend):
     (True, True, (0.5, 0.5), (0,)),
     (True, True, (0.5, 0.5), "A transposed"),         # a column-major lora_A (a view), everything trains
 ])
-def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of):
+def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of, recording_aot_eager):
     """Inside a torch.compile trace the merged strategy runs as plain tensor ops (no custom op: the graph has no
     clora_fast::segmented_lora call, so inductor and CUDA graphs see library GEMMs), and gives the eager merged
     Function's outputs and gradients, float64, for every combination of what trains."""
@@ -1069,9 +1059,9 @@ def test_compiled_merged_strategy_matches_eager(bias, split, scales, grads_of):
                                             backend="reference", strategy="merged", split=split)
         return tuple(out) if split else out
 
-    codes = []
-    eager, compiled = _compiled_vs_eager(f, (x, a, b), grads_of, _recording_aot_eager(codes))
-    assert codes and not any("segmented_lora" in c for c in codes)
+    graphs = []
+    eager, compiled = _compiled_vs_eager(f, (x, a, b), grads_of, recording_aot_eager(graphs))
+    assert graphs and not any("segmented_lora" in gm.code for gm, _ in graphs)
     assert len(eager) == len(compiled) == (L if split else 1) + len(grads_of)
     for got, exp in zip(compiled, eager):
         torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
@@ -1114,7 +1104,7 @@ def test_traced_strategy_weighs_the_rows():
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_auto_strategy_on_cuda():
+def test_gpu_compiled_auto_strategy_on_cuda(recording_aot_eager):
     """On CUDA a compiled "auto" call takes the traced merged ops from TRACED_MERGED_MIN_ROWS rows up and the fused
     kernels' custom op below, except at a rank only the merged strategy serves (above the Triton kernels' 128);
     each matches the eager call (fp32 products: TF32 tolerance)."""
@@ -1125,14 +1115,14 @@ def test_gpu_compiled_auto_strategy_on_cuda():
         def f(x, a, b):
             return ops.lora_kv_projection(x, (w, w.flip(0)), (a, a), (b, b), scale=0.5, biases=(bias, bias))
 
-        codes = []
-        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), _recording_aot_eager(codes))
-        assert any("segmented_lora" in c for c in codes) == custom_op, (rows, r)
+        graphs = []
+        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), recording_aot_eager(graphs))
+        assert any("segmented_lora" in gm.code for gm, _ in graphs) == custom_op, (rows, r)
         for got, exp in zip(compiled, eager):
             torch.testing.assert_close(got, exp, rtol=2e-2, atol=2e-2 * exp.abs().max().item())
 
 
-def test_compiled_auto_strategy_follows_the_forced_one(monkeypatch):
+def test_compiled_auto_strategy_follows_the_forced_one(monkeypatch, recording_aot_eager):
     """CLORA_FAST_STRATEGY=merged reaches a compiled call of "auto" (the traced merged ops, no custom op);
     =fused keeps the segmented custom op."""
     x, w, a, b, _ = make_lora(6, 8, 5, 2, torch.float64, torch.device("cpu"), bias=False)
@@ -1142,9 +1132,9 @@ def test_compiled_auto_strategy_follows_the_forced_one(monkeypatch):
 
     for forced, custom_op in (("merged", False), ("fused", True)):
         monkeypatch.setenv("CLORA_FAST_STRATEGY", forced)
-        codes = []
-        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), _recording_aot_eager(codes))
-        assert any("segmented_lora" in c for c in codes) == custom_op, forced
+        graphs = []
+        eager, compiled = _compiled_vs_eager(f, (x, a, b), (0, 1, 2), recording_aot_eager(graphs))
+        assert any("segmented_lora" in gm.code for gm, _ in graphs) == custom_op, forced
         for got, exp in zip(compiled, eager):
             torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
 

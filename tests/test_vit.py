@@ -917,11 +917,10 @@ def test_torch_compile_reads_the_concept_state_in_place(fw, graph_tensor_inputs)
 @pytest.mark.filterwarnings("ignore:.*without the forgetting penalty")
 @pytest.mark.parametrize("strategy", ["fused", "merged"])
 @pytest.mark.parametrize("fw", ["hf", "timm"])
-def test_torch_compile_dynamic_batch(fw, strategy, monkeypatch):
+def test_torch_compile_dynamic_batch(fw, strategy, monkeypatch, recording_aot_eager):
     """torch.compile(dynamic=True, fullgraph=True) (what a smaller last batch leads to after a recompile): the
     graphs compiled with a symbolic batch for a batch of 3 serve a batch of 4 (1 is dynamo's own specialization: a
     recompile), with the eager outputs and factor gradients."""
-    from torch._dynamo.backends.debugging import aot_eager
     monkeypatch.setenv("CLORA_FAST_STRATEGY", strategy)
     torch._dynamo.reset()
     m, x, ctrl = patched_with_a_past(fw, layers=2)
@@ -929,12 +928,7 @@ def test_torch_compile_dynamic_batch(fw, strategy, monkeypatch):
     ctrl.begin_concept("t1")
     randomize_factors(ctrl, seed=2)
     graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    mc = torch.compile(m, backend=backend, fullgraph=True, dynamic=True)
+    mc = torch.compile(m, backend=recording_aot_eager(graphs), fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(5)
     counts = []
     for b in (x.shape[0], x.shape[0] + 1, 1):
