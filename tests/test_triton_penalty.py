@@ -306,6 +306,41 @@ def test_fused_reduce_equals_separate_bitwise(device, cfg):
             torch.testing.assert_close(sep[0], fused[0], rtol=1e-6, atol=0)
 
 
+def test_partial_sums_add_in_order(device):
+    """The reduction of partial sums (the reduce kernel, and the fused tail through the same helper)
+    adds parts k = 0, 1, 2, ... in that order although it loads them four at a time: the result equals
+    a sequential float32 sum bit for bit, for every count of parts around the groups of four (0-9),
+    chunks with a ragged end, and the scalar (loss) form.  The parts' magnitudes differ by up to 2^24,
+    so another order would round differently."""
+    g = torch.Generator().manual_seed(11)
+    n, block, counts = 37, 16, range(10)
+    parts = []
+    for k in range(max(counts)):
+        scale = 2.0 ** int(torch.randint(-12, 13, (1,), generator=g))
+        parts.append(torch.randn(n, generator=g) * scale)
+    parts[1][:5] = -0.0
+    stack = torch.stack(parts)                                                  # [9, n] fp32
+    ws = stack.reshape(-1).to(device)
+    outs = [torch.full((n,), float("nan"), device=device) for _ in counts]
+    loss = torch.full((1,), float("nan"), device=device)
+    red = [[0, c, n, st, min(st + block, n), c, 0] for c in counts for st in range(0, n, block)]
+    red.append([0, 1, 0, 0, n, len(outs), 1])                                   # sum of part 0: the loss form
+    red_tab = torch.tensor(red, dtype=torch.int64, device=device)
+    out_tab = torch.tensor([t.data_ptr() for t in (*outs, loss)], dtype=torch.int64, device=device)
+    fpk._penalty_reduce_kernel[(len(red),)](red_tab, out_tab, ws, NRF=fpk._NRF, BLOCK=block, num_warps=1)
+    for c, got in zip(counts, outs):
+        want = torch.zeros(n)
+        for k in range(c):
+            want = want + stack[k]
+        assert torch.equal(got.cpu(), want), c
+        if c >= 3:              # the order is visible: reversed, the sum rounds differently somewhere
+            rev = torch.zeros(n)
+            for k in reversed(range(c)):
+                rev = rev + stack[k]
+            assert not torch.equal(rev, want)
+    assert abs(loss.item() - float(stack[0].double().sum())) <= 1e-6 * float(stack[0].abs().sum())
+
+
 def test_fused_reduce_packed_and_failed_launch(device, monkeypatch):
     """The packed entry reduces in its one launch too; a launch that fails part-way drops the
     arrival counters (it may have left counts), and the next call starts from fresh zeroed ones."""
