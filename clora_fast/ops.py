@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from . import reference as _reference
+from ._graphs import graph_capture as _graph_capture
 from ._validate import (check_dtype_for_backend, check_lora_shapes, check_same_device, check_same_dtype,
                         check_scale, check_tensor, interpreting, layout_overlap, resolve_backend)
 
@@ -465,12 +466,6 @@ _CACHE_MAX = 64                 # entries of each of the merged strategy's small
 # cached tensors a captured CUDA graph reads by address at every replay (id -> tensor): kept for the process, so
 # that no eviction frees one under a live graph
 _GRAPH_HELD: dict = {}
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
-
-
-def _graph_capture(device: torch.device) -> bool:
-    """Whether the current stream of a CUDA ``device`` is being captured into a CUDA graph."""
-    return device.type == "cuda" and bool(_capturing())
 
 
 def _lru_put(cache: "collections.OrderedDict", key, value):

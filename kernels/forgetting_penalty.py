@@ -136,6 +136,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._graphs import capturing as _capturing, graph_capture, raw_stream as _raw_stream
 from .._validate import layout_overlap
 from . import _triton_compat
 from ._precision import fp32_dot_precision
@@ -433,10 +434,6 @@ def _fused_reduce(requested: Optional[bool]) -> bool:
     return mode == "fused"
 
 
-# the current stream's handle and the capture state, as cheaply as Triton's own launcher gets them
-_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
-    (lambda index: torch.cuda.current_stream(index).cuda_stream)
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def _empty(shape, device, poison: bool) -> torch.Tensor:
@@ -644,7 +641,7 @@ class _Plan:
         """The table cached under ``key`` (output addresses, or a caller's alias of them) for the current
         stream, or None (always None under CUDA-graph capture: a graph must not read a slot that a later
         eager miss rewrites)."""
-        if device.type == "cuda" and _capturing():
+        if graph_capture(device):
             return None
         hit = self.out_tabs.get((_stream_key(device), key))
         if hit is None:
@@ -663,7 +660,7 @@ class _Plan:
         outputs got other addresses and missed again: on the H100 a training step's penalty copied its
         table to the GPU at every step.  Under CUDA-graph capture the table is written by captured fills
         instead, neither cached nor taken from the cache (see :func:`_table_by_fills`)."""
-        if device.type == "cuda" and _capturing():
+        if graph_capture(device):
             _GRAPH_PLANS[id(self)] = self
             return _table_by_fills(ptrs, device)
         skey = _stream_key(device)

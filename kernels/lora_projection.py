@@ -90,6 +90,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._graphs import graph_capture
 from . import _triton_compat
 from ._precision import fp32_dot_precision
 
@@ -410,7 +411,6 @@ _CONST_CACHE_MAX = 512
 # tables a captured CUDA graph reads by address at every replay (id -> table), kept for the process (a few hundred
 # bytes each), so that no eviction can free one under a live graph
 _GRAPH_CONSTS: dict = {}
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def _device_const(key, build, device: torch.device) -> torch.Tensor:
@@ -418,7 +418,7 @@ def _device_const(key, build, device: torch.device) -> torch.Tensor:
     written after its copy.  Inside a CUDA-graph capture (torch.compile's mode="reduce-overhead", or a user's
     ``torch.cuda.graph``) see :func:`_graph_const`."""
     full = (device.type, device.index, key)
-    if device.type == "cuda" and _capturing():
+    if graph_capture(device):
         return _graph_const(full, build, device)
     t = _CONST_CACHE.get(full)
     if t is None:
