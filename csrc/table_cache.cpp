@@ -6,6 +6,13 @@
 // current stream, so a hit always returns identical contents.  A miss stages the table in pinned
 // host memory and copies it with cudaMemcpyAsync on the current stream (no host sync; the
 // caching host allocator keeps the pinned block alive until the copy has run).
+//
+// Inside a CUDA graph capture (torch.cuda.graph, torch.compile's mode="reduce-overhead") a table is
+// taken from what an eager call uploaded on any stream of the device (the warm-up call that a capture
+// needs anyway; a capture runs on a side stream) and kept for the process from then on: the graph reads
+// it by address at every replay, so no eviction of the eager cache may free it.  A table that no eager
+// call uploaded raises a clear error: a pageable copy cannot be captured and a pinned one fails in the
+// default (global) capture mode (as clora_fast.kernels.lora_projection._graph_const does for Triton).
 #include "common.h"
 
 #include <ATen/ATen.h>
@@ -34,12 +41,16 @@ std::unordered_map<std::string, at::Tensor>& cache() {
   return *c;
 }
 
-// Tables uploaded while the stream is being captured into a CUDA graph: the graph's copy node reads the
-// pinned staging buffer at every replay, so staging and device copies are kept for the process (one pair
-// per distinct table per capture: a few hundred bytes each) and never enter the eager cache (an eager hit
-// before the first replay would read a table that was never copied).
-std::unordered_map<std::string, std::pair<at::Tensor, at::Tensor>>& captured() {
-  static auto* c = new std::unordered_map<std::string, std::pair<at::Tensor, at::Tensor>>();
+// The latest eager upload of each table per device, whatever the stream (key: bytes + device index): what a
+// capture takes.
+std::unordered_map<std::string, at::Tensor>& by_content() {
+  static auto* c = new std::unordered_map<std::string, at::Tensor>();
+  return *c;
+}
+
+// Tables a captured CUDA graph reads (by their device address), kept for the process: a few hundred bytes each.
+std::unordered_map<std::string, at::Tensor>& graph_held() {
+  static auto* c = new std::unordered_map<std::string, at::Tensor>();
   return *c;
 }
 
@@ -48,45 +59,48 @@ std::unordered_map<std::string, std::pair<at::Tensor, at::Tensor>>& captured() {
 at::Tensor device_table(const std::vector<int64_t>& host, const at::Device& device) {
   TORCH_CHECK(device.is_cuda(), "clora_fast._C: device_table needs a CUDA device, got ", device);
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
-  std::string key(reinterpret_cast<const char*>(host.data()), host.size() * sizeof(int64_t));
-  const int64_t tag[2] = {static_cast<int64_t>(device.index()), static_cast<int64_t>(stream.id())};
-  key.append(reinterpret_cast<const char*>(tag), sizeof(tag));
+  std::string content(reinterpret_cast<const char*>(host.data()), host.size() * sizeof(int64_t));
+  const int64_t dev_tag = static_cast<int64_t>(device.index());
+  content.append(reinterpret_cast<const char*>(&dev_tag), sizeof(dev_tag));
+  std::string key = content;
+  const int64_t stream_tag = static_cast<int64_t>(stream.id());
+  key.append(reinterpret_cast<const char*>(&stream_tag), sizeof(stream_tag));
 
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  unsigned long long capture_id = 0;
-  C10_CUDA_CHECK(cudaStreamGetCaptureInfo(stream.stream(), &status, &capture_id));
-  const bool capturing = status != cudaStreamCaptureStatusNone;
-  if (capturing) {   // per capture: one upload per distinct table within a graph, a fresh one for every graph
-    key.append(reinterpret_cast<const char*>(&capture_id), sizeof(capture_id));
-  }
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &status));
 
   std::lock_guard<std::mutex> lock(cache_mutex());
-  auto& c = cache();
-  if (capturing) {
-    auto it = captured().find(key);
-    if (it != captured().end()) return it->second.second;
-  } else {
-    auto it = c.find(key);
-    if (it != c.end()) return it->second;
+  if (status != cudaStreamCaptureStatusNone) {
+    auto it = by_content().find(content);
+    TORCH_CHECK(it != by_content().end(), "clora_fast._C: a launch table (", host.size(),
+                " int64 entries) for ", device, " is not uploaded yet, and a CUDA graph capture cannot copy it to "
+                "the GPU: run the same call once outside the capture first (the usual warm-up; torch.compile's "
+                "CUDA graphs do it)");
+    graph_held().emplace(content, it->second);
+    return it->second;
   }
+  auto& c = cache();
+  auto it = c.find(key);
+  if (it != c.end()) return it->second;
 
   const int64_t n = static_cast<int64_t>(host.size());
   at::Tensor staged = at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   if (n > 0) std::memcpy(staged.data_ptr<int64_t>(), host.data(), n * sizeof(int64_t));
   at::Tensor on_device = at::empty({n}, at::TensorOptions().dtype(at::kLong).device(device));
   on_device.copy_(staged, /*non_blocking=*/true);
-  if (capturing) {
-    captured().emplace(std::move(key), std::make_pair(staged, on_device));
-    return on_device;
+  if (c.size() >= kMaxEntries) {   // (a table a graph reads stays alive in graph_held)
+    c.clear();
+    by_content().clear();
   }
-  if (c.size() >= kMaxEntries) c.clear();
   c.emplace(std::move(key), on_device);
+  by_content()[content] = on_device;
   return on_device;
 }
 
-void clear_table_cache() {
+void clear_table_cache() {   // (the tables captured graphs read stay: graph_held)
   std::lock_guard<std::mutex> lock(cache_mutex());
   cache().clear();
+  by_content().clear();
 }
 
 int64_t table_cache_size() {
