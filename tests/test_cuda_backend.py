@@ -495,6 +495,33 @@ def test_grouped_forgetting_penalty_one_launch_mixed_layers():
 
 
 @pytest.mark.gpu
+def test_grouped_penalty_in_a_cuda_graph_uses_the_warm_up_table():
+    """Inside a CUDA graph capture (a side stream) the device table comes from the eager warm-up call and the
+    replays give the eager result; a table that no eager call uploaded is a clear error, not a CUDA error."""
+    _gpu_ext_or_skip()
+    pasts, As, Bs = [], [], []
+    for out, inn, r, seed in ((96, 80, 8, 1), (40, 64, 8, 2)):
+        p, a, b = _penalty_inputs(out, inn, r, torch.float32, seed)
+        pasts.append(p), As.append(a), Bs.append(b)
+    eager = _cuda.grouped_forgetting_penalty_forward(pasts, As, Bs, [1.0, 0.5])
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        captured = _cuda.grouped_forgetting_penalty_forward(pasts, As, Bs, [1.0, 0.5])
+    _cuda._load().clear_table_cache()       # the graph keeps what it reads
+    for _ in range(2):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured[0], eager[0])
+        for x, y in zip([*captured[1], *captured[2]], [*eager[1], *eager[2]]):
+            assert torch.equal(x, y)
+    p, a, b = _penalty_inputs(33, 48, 4, torch.float32, 7)
+    with pytest.raises(RuntimeError, match="not uploaded yet, and a CUDA graph capture cannot copy it"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            _cuda.grouped_forgetting_penalty_forward([p], [a], [b], [1.0])
+
+
+@pytest.mark.gpu
 def test_penalty_is_zero_for_zero_past():
     _gpu_ext_or_skip()
     past, a, b = _penalty_inputs(64, 64, 8, torch.float32, seed=3)
