@@ -12,7 +12,8 @@ from __future__ import annotations
 from . import ops
 
 __version__ = "0.1.0"
-__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "save_pipeline", "export_lora", "__version__"]
+__all__ = ["ops", "available_backends", "patch", "unpatch", "load", "save_pipeline", "export_lora", "import_lora",
+           "__version__"]
 
 
 def available_backends() -> list:
@@ -85,6 +86,24 @@ def export_lora(obj, path, which="merged", *, dtype=None) -> None:
     if ctrl is None:
         raise ValueError(f"export_lora: this {type(obj).__name__} is not patched by clora_fast")
     ctrl.export_lora(path, which, dtype=dtype)
+
+
+def import_lora(obj, path, name=None, **kwargs) -> int:
+    """Add a LoRA trained elsewhere (a safetensors file: diffusers / PEFT / kohya keys for a pipeline, PEFT's for a
+    ViT; what :func:`export_lora` writes) to a patched model as a finished concept, folded into the past so that
+    the concepts learned next are kept off it.  Returns its index.  Keyword arguments: ``scale``, ``strict``,
+    ``ignore_other_modules`` (:meth:`clora_fast.controller.CLoRAController.import_lora`) and, for a pipeline,
+    ``textual_inversion`` (:func:`clora_fast.integrations.diffusers.import_lora`)."""
+    from .controller import CLoRAController
+    if isinstance(obj, CLoRAController):
+        return obj.import_lora(path, name, **kwargs)
+    integ = _integration_for(obj)
+    if hasattr(integ, "import_lora"):
+        return integ.import_lora(obj, path, name, **kwargs)
+    ctrl = integ.get_controller(obj)
+    if ctrl is None:
+        raise ValueError(f"import_lora: this {type(obj).__name__} is not patched by clora_fast")
+    return ctrl.import_lora(path, name, **kwargs)
 
 
 def save_pipeline(pipe, path, **kwargs) -> None:

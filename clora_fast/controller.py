@@ -113,6 +113,47 @@ class DistributedGradientsWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=DistributedGradientsWarning)``."""
 
 
+def _read_lora_file(path) -> Dict[str, Tensor]:
+    """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused)."""
+    import os
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no LoRA file at {str(path)!r}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{str(path)!r} is not a safetensors file ({e}); clora_fast reads LoRA weights from "
+                         f"safetensors only (never pickle)") from None
+
+
+def _lora_factors_by_name(tensors: Dict[str, Tensor], sites: Sequence[str], prefix: str):
+    """``({site: (A, B)}, used keys)`` from PEFT / diffusers keys (``[prefix]<site>.lora_A.weight``, ``lora_B``) or
+    kohya's (``lora_unet_<site with _>.lora_down.weight``, ``lora_up``, ``alpha``: ``alpha / rank`` goes into B)."""
+    factors: Dict[str, Tuple[Tensor, Tensor]] = {}
+    used = set()
+    for site in sites:
+        for pre in dict.fromkeys((prefix, "")):
+            ka, kb = f"{pre}{site}.lora_A.weight", f"{pre}{site}.lora_B.weight"
+            if ka in tensors and kb in tensors:
+                factors[site] = (tensors[ka], tensors[kb])
+                used |= {ka, kb}
+                break
+        else:
+            k = "lora_unet_" + site.replace(".", "_")
+            kd, ku, kal = f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+            if kd in tensors and ku in tensors:
+                down, up = tensors[kd], tensors[ku]
+                if down.dim() == 4 and down.shape[2:] == (1, 1):        # 1x1 convolutions (kohya's conv form)
+                    down, up = down.flatten(1), up.flatten(1)
+                up = up.double()
+                if kal in tensors:
+                    up = up * (float(tensors[kal]) / down.shape[0])
+                factors[site] = (down, up)
+                used |= {kd, ku, kal}
+    return factors, used
+
+
 def _cumsum(xs):
     t = 0
     for x in xs:
@@ -715,10 +756,24 @@ class CLoRAController(nn.Module):
             names.add(self._active[1])
         return names
 
+    def _new_name(self, name: Optional[str], idx: int) -> str:
+        if name is None:        # "<c{idx+1}>", or the next free number after it (an imported concept took it)
+            taken, k = self._all_names(), idx + 1
+            while f"<c{k}>" in taken:
+                k += 1
+            name = f"<c{k}>"
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"name must be a non-empty str or None, got {name!r}")
+        if name in self._all_names():
+            raise ValueError(f"a concept named {name!r} already exists (or existed and was removed); "
+                             f"concept names are unique")
+        return name
+
     def begin_concept(self, name: Optional[str] = None) -> int:
         """Start learning a new concept: fresh trainable A (Kaiming-uniform), B (zeros) at
         every site. Returns the concept's index (stable; used by :meth:`remove_concept`).
-        Default name ``"<c{idx+1}>"``; integrations may add it as a personalized token."""
+        Default name ``"<c{idx+1}>"`` (the next free number when an imported concept has that name);
+        integrations may add it as a personalized token."""
         self._check_attached("begin_concept")
         if self._active is not None:
             raise RuntimeError(f"concept {self._active[0]} ({self._active[1]!r}) is still active: "
@@ -726,13 +781,7 @@ class CLoRAController(nn.Module):
         if self.merged:
             raise RuntimeError("the controller is merged: call unmerge() before begin_concept()")
         idx = self._next_idx
-        if name is None:
-            name = f"<c{idx + 1}>"
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"name must be a non-empty str or None, got {name!r}")
-        if name in self._all_names():
-            raise ValueError(f"a concept named {name!r} already exists (or existed and was removed); "
-                             f"concept names are unique")
+        name = self._new_name(name, idx)
         self._refresh_sites()
         self._sync_device()
         self._warn_trainable_base()
@@ -924,6 +973,129 @@ class CLoRAController(nn.Module):
         self._bump()
         logger.debug("end_concept %d (%s)", idx, name)
         return idx
+
+    def import_concept(self, factors: Dict[str, Tuple[Tensor, Tensor]], name: Optional[str] = None, *,
+                       scale: float = 1.0, strict: bool = True) -> int:
+        """Add a LoRA trained elsewhere as a finished concept: ``scale * B @ A`` of every site is folded into P, so
+        the concepts learned after it are kept off the weights it uses (the forgetting penalty), and it is saved,
+        exported, merged and removed like a concept learned here.  Returns its index.
+
+        ``factors``: ``{site name: (A [r', in], B [out, r'])}`` (``controller.site_names``; any floating dtype and
+        device).  Rank columns whose ``B`` column or ``A`` row is all zeros are dropped (a fused ``qkv`` LoRA's K
+        and V parts, or a concept exported with others), the rest must fit the controller's rank (zero-padded up
+        to it: the same ``B @ A``).  A site missing from ``factors`` is an error unless ``strict=False`` (it then
+        gets no change).  ``name`` as for :meth:`begin_concept` (for a pipeline it becomes the concept's token,
+        whose embedding the integration's ``import_lora`` can set).  Everything is checked before anything
+        changes; no concept may be active (``end_concept()`` or ``discard_concept()`` first) and the controller
+        must not be merged."""
+        self._check_attached("import_concept")
+        if self._active is not None:
+            raise RuntimeError(f"import_concept: concept {self._active[0]} ({self._active[1]!r}) is being learned: "
+                               f"call end_concept() or discard_concept() first (an import changes the past it is "
+                               f"penalized against)")
+        if self.merged:
+            raise RuntimeError("the controller is merged: call unmerge() before import_concept()")
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+                or scale <= 0):
+            raise ValueError(f"import_concept: scale must be a positive finite number, got {scale!r}")
+        if not isinstance(factors, dict):
+            raise TypeError(f"import_concept: factors must be a dict {{site name: (A, B)}}, got "
+                            f"{type(factors).__name__}")
+        unknown = sorted(k for k in factors if k not in self._index)
+        if unknown:
+            raise KeyError(f"import_concept: {len(unknown)} name(s) in factors are not sites of this controller: "
+                           f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (sites: controller.site_names)")
+        missing = [s.name for s in self.sites if s.name not in factors]
+        if missing and strict:
+            raise KeyError(f"import_concept: no factors for {len(missing)} of the {self.num_sites} sites: "
+                           f"{missing[:5]}{' ...' if len(missing) > 5 else ''} (strict=False imports the others "
+                           f"and leaves these unchanged)")
+        idx = self._next_idx
+        name = self._new_name(name, idx)
+        As, Bs = [], []
+        for i, site in enumerate(self.sites):
+            A = torch.zeros(self.rank, site.in_features)
+            B = torch.zeros(site.out_features, self.rank)
+            if site.name in factors:
+                a, b = self._import_factors(site, factors[site.name])
+                A[:a.shape[0]] = a
+                B[:, :b.shape[1]] = b
+            As.append(A)
+            Bs.append(B)
+        self._refresh_sites()
+        self._sync_device()
+        pasts = list(self._past)
+        self._fold_into(pasts, As, Bs, float(scale))
+        begin = getattr(self.adapter, "on_begin_concept", None)      # e.g. the concept's token
+        if begin is not None:
+            begin(name, idx)
+        end = getattr(self.adapter, "on_end_concept", None)
+        if end is not None:
+            try:
+                end(idx)
+            except BaseException:
+                remove = getattr(self.adapter, "on_remove_concept", None)
+                if remove is not None:
+                    remove(idx)
+                raise
+        self._past = pasts
+        self.concepts.append(Concept(idx, name, float(scale), As, Bs))
+        self._next_idx += 1
+        self._bump()
+        logger.debug("import_concept %d (%s)", idx, name)
+        return idx
+
+    def import_lora(self, path, name: Optional[str] = None, *, scale: float = 1.0, strict: bool = True,
+                    ignore_other_modules: bool = False) -> int:
+        """:meth:`import_concept` from a LoRA safetensors file (the inverse of :meth:`export_lora`; pickle files
+        are refused).  Keys understood: the adapter's own layout (``adapter.lora_factors``, e.g. PEFT's for a
+        ViT, with a fused ``qkv``'s K and V rows), else PEFT / diffusers ``<prefix><site>.lora_A.weight`` /
+        ``.lora_B.weight`` (``prefix`` the adapter's ``lora_key_prefix``, e.g. ``"unet."``; also without it) and
+        kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha``
+        (``alpha / rank`` goes into B).  ``scale`` multiplies ``B @ A`` (PEFT files carry no alpha: pass
+        ``lora_alpha / r``; files from :meth:`export_lora` have it in B).  A file that also adapts other modules
+        (attention Q / out, feed-forward, a text encoder) is refused, since only the sites' part can be folded
+        into P and protected, unless ``ignore_other_modules=True`` (then only the sites' part is imported)."""
+        tensors = _read_lora_file(path)
+        hook = getattr(self.adapter, "lora_factors", None)
+        if hook is not None:
+            factors, used, other = hook(tensors)
+        else:
+            prefix = getattr(self.adapter, "lora_key_prefix", "")
+            factors, used = _lora_factors_by_name(tensors, self.site_names, prefix)
+            other = []
+        other = sorted(set(other) | {k.removesuffix(".alpha").rsplit(".lora", 1)[0] for k in tensors
+                                      if k not in used and "lora" in k.lower()})
+        if not factors:
+            raise ValueError(f"import_lora: {str(path)!r} holds no LoRA factors for this model's sites (e.g. "
+                             f"{self.site_names[0]!r}); its keys start {sorted(tensors)[:3]}")
+        if other and not ignore_other_modules:
+            raise ValueError(f"import_lora: {str(path)!r} also adapts {len(other)} module(s) that are not C-LoRA sites "
+                             f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "
+                             f"Pass ignore_other_modules=True to import that part alone")
+        return self.import_concept(factors, name, scale=scale, strict=strict)
+
+    def _import_factors(self, site: Site, ab) -> Tuple[Tensor, Tensor]:
+        """One site's ``(A, B)`` for :meth:`import_concept`: checked, float32 on the CPU, zero rank columns dropped."""
+        where = f"import_concept: site {site.name!r}"
+        if not isinstance(ab, (tuple, list)) or len(ab) != 2 or not all(isinstance(t, Tensor) for t in ab):
+            raise TypeError(f"{where}: expected a pair of tensors (A, B), got {type(ab).__name__}")
+        a, b = ab
+        if a.dim() != 2 or b.dim() != 2 or not a.is_floating_point() or not b.is_floating_point():
+            raise ValueError(f"{where}: A and B must be 2-D floating tensors, got A {_fmt(a)}, B {_fmt(b)}")
+        if a.shape[1] != site.in_features or b.shape[0] != site.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{where}: expected A [r, {site.in_features}] and B [{site.out_features}, r], got "
+                             f"A {tuple(a.shape)}, B {tuple(b.shape)}")
+        a = a.detach().to("cpu", torch.float32)
+        b = b.detach().to("cpu", torch.float32)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise FloatingPointError(f"{where}: the factors are not finite (NaN/inf)")
+        keep = (b != 0).any(0) & (a != 0).any(1)
+        a, b = a[keep], b[:, keep]
+        if a.shape[0] > self.rank:
+            raise ValueError(f"{where}: the LoRA has rank {a.shape[0]} (nonzero columns of B), more than the "
+                             f"controller's rank {self.rank}; patch with rank >= {a.shape[0]} to import it")
+        return a, b
 
     def remove_concept(self, idx: int) -> None:
         """Forget a finished concept: P is refolded from the remaining concepts (in order)."""

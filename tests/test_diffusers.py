@@ -1794,3 +1794,119 @@ def test_controlnet_pipeline_adapts_the_unet_only():
     torch.testing.assert_close(gen("a photo of <c1> and <c2>"), active, rtol=1e-4, atol=1e-5)
     D.unpatch(pipe)
     assert torch.equal(gen("a photo of dog"), before)
+
+
+def _sd1_delta(c, i):
+    return c.scale * c.lora_B[i].double() @ c.lora_A[i].double()
+
+
+def test_import_lora_as_a_past_concept(tmp_path):
+    """A LoRA trained elsewhere becomes a finished concept: export_lora / export_textual_inversion of one pipeline's
+    concept, imported into another, gives the same past (the concept's s*B@A at every site), the same token
+    embedding (and name), saves and loads with the bank, and the penalty of the next concept acts on it."""
+    from safetensors.torch import save_file
+    src = tiny_pipe()
+    cl_src = D.patch(src, rank=4, backend="reference")
+    for t in range(2):
+        cl_src.begin_concept()
+        randomize(cl_src, seed=20 + t)
+        cl_src.end_concept()
+    lora, ti = tmp_path / "c2.safetensors", tmp_path / "c2_token.safetensors"
+    cl_src.export_lora(lora, 1)
+    D.export_textual_inversion(src, ti, 1)
+
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=4, backend="reference")
+    n_tok = len(pipe.tokenizer)
+    assert clora_fast.import_lora(pipe, lora, textual_inversion=ti) == 0
+    c = cl.concept(0)
+    assert c.name == "<c2>" and len(pipe.tokenizer) == n_tok + 1
+    for i in range(cl.num_sites):
+        want = _sd1_delta(cl_src.concept(1), i)
+        torch.testing.assert_close(cl.past(i).double(), want, rtol=0, atol=1e-6 * float(want.abs().max()))
+    assert torch.equal(D.get_adapter(pipe).token_embedding(0), D.get_adapter(src).token_embedding(1))
+    _, ehs_src = encode(src, "a photo of <c2>")
+    _, ehs = encode(pipe, "a photo of <c2>")
+    torch.testing.assert_close(ehs, ehs_src)
+
+    assert cl.begin_concept() == 1 and cl.active_name == "<c3>"    # "<c2>" is taken by the import
+    randomize(cl)
+    assert float(cl.penalty().detach()) > 0                        # the new concept is kept off the import
+    cl.end_concept()
+    cl.save(tmp_path / "bank")
+    again = clora_fast.load(tiny_pipe(), tmp_path / "bank", backend="reference")
+    assert [k.name for k in again.concepts] == ["<c2>", "<c3>"]
+    for i in range(cl.num_sites):
+        assert torch.equal(again.past(i), cl.past(i))
+
+
+def test_import_lora_key_formats_scale_and_refusals(tmp_path):
+    """kohya keys (lora_down / lora_up / alpha: alpha/rank into B) and PEFT keys without the "unet." prefix; scale;
+    rank columns that are zero are dropped before the rank check; every refusal changes nothing: a concept being
+    learned, a merged controller, modules that are not sites, a rank above the controller's, sites missing
+    (strict), unknown names, a pickle file."""
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    sites = [(s.name, s.in_features, s.out_features) for s in cl.sites]
+    g = torch.Generator().manual_seed(0)
+    kohya, peft, factors = {}, {}, {}
+    for name, n_in, n_out in sites:
+        down, up = torch.randn(3, n_in, generator=g), torch.randn(n_out, 3, generator=g)
+        up[:, 1] = 0                                                   # a rank column without effect
+        k = "lora_unet_" + name.replace(".", "_")
+        kohya.update({f"{k}.lora_down.weight": down.half(), f"{k}.lora_up.weight": up.half(),
+                      f"{k}.alpha": torch.tensor(6.0)})
+        peft.update({f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+        factors[name] = (down.half().double(), up.half().double())
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    extra = dict(peft)
+    extra["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"] = torch.zeros(2, 32)
+    extra["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"] = torch.zeros(32, 2)
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    save_file({k: v for k, v in peft.items() if sites[0][0] not in k}, str(tmp_path / "partial.safetensors"))
+    torch.save(peft, str(tmp_path / "peft.bin"))
+
+    def unchanged():
+        assert cl.concepts == [] and all(cl.past(i) is None or not cl.past(i).any() for i in range(cl.num_sites))
+        assert cl.active_concept is None and len(pipe.tokenizer) == n_tok
+
+    n_tok = len(pipe.tokenizer)
+    with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) that are not C-LoRA sites .*attn1.to_q"):
+        clora_fast.import_lora(pipe, tmp_path / "extra.safetensors")
+    with pytest.raises(KeyError, match=r"no factors for 1 of the .* sites: \['down_blocks.0.attentions.0"):
+        clora_fast.import_lora(pipe, tmp_path / "partial.safetensors")
+    with pytest.raises(ValueError, match="safetensors only"):
+        clora_fast.import_lora(pipe, tmp_path / "peft.bin")
+    with pytest.raises(KeyError, match="not sites of this controller"):
+        cl.import_concept({"nope": factors[sites[0][0]]})
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        cl.import_concept(factors, scale=0.0)
+    cl.begin_concept("<busy>")
+    with pytest.raises(RuntimeError, match="is being learned: call end_concept"):
+        clora_fast.import_lora(pipe, tmp_path / "kohya.safetensors")
+    cl.discard_concept()
+    n_tok = len(pipe.tokenizer)
+    unchanged()
+
+    small = D.patch(tiny_pipe(), rank=1, backend="reference")
+    with pytest.raises(ValueError, match=r"has rank 2 \(nonzero columns of B\), more than the controller's rank 1"):
+        small.import_lora(tmp_path / "kohya.safetensors")
+
+    assert clora_fast.import_lora(pipe, tmp_path / "kohya.safetensors", "<k>") == 1
+    for i, (name, _, _) in enumerate(sites):
+        down, up = factors[name]
+        want = (up * 2.0) @ down                                       # alpha 6 / rank 3
+        torch.testing.assert_close(cl.past(i).double(), want, rtol=0, atol=2e-6 * float(want.abs().max()))
+    assert cl.import_lora(tmp_path / "peft.safetensors", "<p>", scale=0.5) == 2
+    c = cl.concept(2)
+    for i, (name, _, _) in enumerate(sites):
+        torch.testing.assert_close((c.scale * c.lora_B[i].double() @ c.lora_A[i].double()),
+                                   0.5 * peft[f"{name}.lora_B.weight"].double() @ peft[f"{name}.lora_A.weight"].double())
+    assert clora_fast.import_lora(pipe, tmp_path / "extra.safetensors", ignore_other_modules=True) == 3
+    assert clora_fast.import_lora(pipe, tmp_path / "partial.safetensors", strict=False) == 4
+    assert not cl.concept(4).lora_B[0].any() and cl.concept(4).lora_B[1].any()
+    cl.merge()
+    with pytest.raises(RuntimeError, match="merged: call unmerge"):
+        cl.import_lora(tmp_path / "peft.safetensors")

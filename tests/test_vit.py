@@ -1612,3 +1612,47 @@ def test_transformers_unsupported_family_is_refused(family):
         assert type(target).__name__ in msg and what in msg and "supported" in msg, msg
         assert vit.get_controller(target) is None and not vit.can_patch(target)
     assert all("forward" not in mod.__dict__ for mod in m.modules())
+
+
+@pytest.mark.parametrize("fw", ["hf", "timm"])
+def test_import_lora_from_peft_reproduces_its_outputs(fw, tmp_path):
+    """A PEFT LoRA on the K/V projections (timm: on the fused qkv, its Q rows zero), saved with
+    get_peft_model_state_dict, imported as a past concept: the patched model computes what the PEFT model does.
+    A qkv LoRA that changes Q too is refused (Q is not a site) unless ignore_other_modules=True; clora_fast's own
+    export (timm: K and V side by side, rank 2r) imports back into a rank-r controller (zero columns dropped)."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    m, x = make(fw, layers=2)
+    target = ["qkv"] if fw == "timm" else (["k_proj", "v_proj"] if HF5 else ["key", "value"])
+    pm = peft.get_peft_model(copy.deepcopy(m), peft.LoraConfig(r=2, lora_alpha=4, target_modules=target))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                if fw == "timm":
+                    p[:p.shape[0] // 3] = 0             # no change to Q
+    sd = {k: v.contiguous() for k, v in peft.get_peft_model_state_dict(pm).items()}
+    save_file(sd, str(tmp_path / "peft.safetensors"))
+    ctrl = vit.patch(m, rank=2, backend="reference")
+    assert clora_fast.import_lora(m, tmp_path / "peft.safetensors", "imported", scale=2.0) == 0   # alpha / r
+    with torch.no_grad():
+        torch.testing.assert_close(run(m, x), run(pm, x), rtol=1e-5, atol=1e-5)
+
+    ctrl.export_lora(tmp_path / "ours.safetensors", 0)
+    m2, _ = make(fw, layers=2)
+    ctrl2 = vit.patch(m2, rank=2, backend="reference")
+    ctrl2.import_lora(tmp_path / "ours.safetensors")
+    for i in range(ctrl.num_sites):
+        torch.testing.assert_close(ctrl2.past(i), ctrl.past(i), rtol=1e-6, atol=1e-7)
+
+    if fw == "timm":
+        key = next(k for k in sd if k.endswith("qkv.lora_B.weight"))
+        sd[key] = sd[key].clone()
+        sd[key][0, 0] = 1.0
+        save_file(sd, str(tmp_path / "q.safetensors"))
+        with pytest.raises(ValueError, match=r"not C-LoRA sites \(e.g. \['blocks.0.attn.qkv \(its Q rows\)'\]"):
+            ctrl2.import_lora(tmp_path / "q.safetensors")
+        assert len(ctrl2.concepts) == 1
+        ctrl2.import_lora(tmp_path / "q.safetensors", ignore_other_modules=True)
+        assert len(ctrl2.concepts) == 2

@@ -1182,6 +1182,50 @@ def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = Non
     ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)
 
 
+def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None, scale: float = 1.0,
+                strict: bool = True, ignore_other_modules: bool = False) -> int:
+    """Add a LoRA trained elsewhere (diffusers / PEFT or kohya safetensors keys, e.g. :func:`export_lora`'s) to a
+    patched pipeline as a finished concept: its cross-attention K/V change is folded into the past, so the
+    concepts learned next are kept off it (see :meth:`CLoRAController.import_lora` for the keys, ``scale``,
+    ``strict`` and ``ignore_other_modules``).  ``name`` becomes the concept's token; ``textual_inversion``, a
+    safetensors file as :func:`export_textual_inversion` writes (``{token: [dim]}``, or SDXL's ``clip_l`` /
+    ``clip_g``), gives that token its learned embedding (and its name, when ``name`` is None).  Everything is
+    checked before anything changes.  Returns the concept's index."""
+    from ..controller import _read_lora_file
+    unet, _ = _resolve(obj)
+    ad = _adapter_of(unet)
+    if ad is None:
+        raise ValueError(f"import_lora: {type(obj).__name__} is not patched by clora_fast")
+    rows = None
+    if textual_inversion is not None:
+        if not ad.slots:
+            raise ValueError("import_lora: textual_inversion needs a patched pipeline (a bare UNet has no text encoder)")
+        emb = _read_lora_file(textual_inversion)
+        if len(ad.slots) == 2:
+            keys = ["clip_l", "clip_g"]
+        else:
+            keys = [k for k in emb if k not in ("clip_l", "clip_g")]
+            if len(keys) != 1:
+                raise ValueError(f"import_lora: {str(textual_inversion)!r} must hold one token embedding "
+                                 f"{{token: [dim]}}, got keys {sorted(emb)}")
+            if name is None:
+                name = keys[0]
+        rows = []
+        for key, slot in zip(keys, ad.slots):
+            t = emb.get(key)
+            if t is None or t.numel() != slot.dim or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"import_lora: {str(textual_inversion)!r} needs a finite [{slot.dim}] embedding "
+                                 f"under {key!r} for pipe.{slot.enc_attr}, got "
+                                 f"{None if t is None else tuple(t.shape)}")
+            rows.append(t.detach().reshape(slot.dim).float())
+    idx = ad.controller.import_lora(path, name, scale=scale, strict=strict, ignore_other_modules=ignore_other_modules)
+    if rows is not None:
+        with torch.no_grad():
+            for s, t in enumerate(rows):
+                ad.rows[s][idx].copy_(t)
+    return idx
+
+
 def export_textual_inversion(obj, path, which: int) -> None:
     """Write concept ``which``'s personalized token embedding(s) of a patched pipeline as a
     textual-inversion safetensors file (see :meth:`DiffusersAdapter.export_textual_inversion`).

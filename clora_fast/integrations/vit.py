@@ -637,6 +637,45 @@ class ViTAdapter:
                     out[f"{pre}{prefix}{attr}.lora_B.weight"] = B
         return out
 
+    def lora_factors(self, tensors: Dict[str, torch.Tensor]):
+        """The inverse of :meth:`lora_tensors` for ``controller.import_lora``: ``({site: (A, B)}, used keys, other
+        adapted modules)`` from
+        PEFT's layout (``[base_model.model.]<module>.lora_A.weight`` / ``.lora_B.weight``).  timm: a LoRA on the
+        fused ``qkv`` gives the K site its ``B`` rows ``[d:2d]`` and the V site ``[2d:3d]`` (with the whole ``A``;
+        the controller drops the rank columns a site does not use); ``B`` rows for Q that are not all zero are
+        reported as another module (``<module>.qkv[q]``), since Q is not a site."""
+        factors, used, other = {}, set(), []
+
+        def pair(module):
+            for pre in ("base_model.model.", ""):
+                ka, kb = f"{pre}{module}.lora_A.weight", f"{pre}{module}.lora_B.weight"
+                if ka in tensors and kb in tensors:
+                    used.update((ka, kb))
+                    return tensors[ka], tensors[kb]
+            return None
+
+        for blk in self.blocks:
+            prefix = f"{blk.name}." if blk.name else ""
+            if blk.layout == "timm":
+                ab = pair(f"{prefix}qkv")
+                if ab is None:
+                    continue
+                A, B = ab
+                d = B.shape[0] // 3
+                if B.dim() != 2 or B.shape[0] != 3 * d:
+                    raise ValueError(f"import_lora: {prefix}qkv.lora_B.weight must be [3 * dim, r], got "
+                                     f"{tuple(B.shape)}")
+                if bool(B[:d].any()):
+                    other.append(f"{prefix}qkv (its Q rows)")
+                factors[f"{prefix}qkv.k"] = (A, B[d:2 * d])
+                factors[f"{prefix}qkv.v"] = (A, B[2 * d:])
+            else:
+                for attr in (("k_proj", "v_proj") if blk.layout == "hf" else ("key", "value")):
+                    ab = pair(f"{prefix}{attr}")
+                    if ab is not None:
+                        factors[f"{prefix}{attr}"] = ab
+        return factors, used, other
+
     def refresh_sites(self) -> None:
         """Re-point every site at the live parameters (the controller calls this before merge,
         unmerge, begin_concept, remove_concept, penalty, save and load: not only the forward sees a converted model)."""
