@@ -520,7 +520,7 @@ def save_controller(ctrl, path, expect: Optional[Dict[str, Any]] = None) -> None
     extra_state = getattr(ctrl.adapter, "extra_state", None)
     carry = getattr(ctrl, _CARRY_ATTR, None)
     concepts = []
-    entries = [(c.idx, c.name, c.scale, c.lora_A, c.lora_B, False) for c in ctrl.concepts]
+    entries = [(c.idx, c.name, c.scale, c.lora_A, c.lora_B, False, c.source) for c in ctrl.concepts]
     if ctrl._active is not None:
         idx, name = ctrl._active
         As, Bs = [], []
@@ -528,8 +528,8 @@ def save_controller(ctrl, path, expect: Optional[Dict[str, Any]] = None) -> None
             A, B = ctrl.current_factors(i)
             As.append(A.detach().float())
             Bs.append(B.detach().float())
-        entries.append((idx, name, ctrl.scale, As, Bs, True))
-    for idx, name, scale, As, Bs, active in entries:
+        entries.append((idx, name, ctrl.scale, As, Bs, True, None))
+    for idx, name, scale, As, Bs, active, source in entries:
         t = {}
         for i, s in enumerate(ctrl.sites):
             t[f"{s.name}.lora_A"] = As[i]
@@ -543,7 +543,8 @@ def save_controller(ctrl, path, expect: Optional[Dict[str, Any]] = None) -> None
         files[stem] = t
         if not active:
             made_of[stem] = ((idx, name, scale, [s.name for s in ctrl.sites]), [*As, *Bs], _extra_bytes(extra))
-        concepts.append({"idx": idx, "name": name, "scale": scale, "active": active, "file": stem})
+        concepts.append({"idx": idx, "name": name, "scale": scale, "active": active, "file": stem,
+                         **({"source": source} if source else {})})
     from . import __version__
     extra_meta = getattr(ctrl.adapter, "extra_meta", None)
     adapter_meta = extra_meta() if extra_meta is not None else None
@@ -656,6 +657,8 @@ def _check_entries(m: Dict[str, Any], data: Dict[str, Any], where: str) -> None:
             raise bad(f"{f}.scale", c.get("scale"), "must be a positive finite number")
         if not isinstance(c.get("active"), bool):
             raise bad(f"{f}.active", c.get("active"), "must be true or false")
+        if "source" in c and (not isinstance(c["source"], str) or not c["source"] or c["active"]):
+            raise bad(f"{f}.source", c["source"], "must be a non-empty string (an imported, finished concept)")
         stem = c.get("file")
         if not isinstance(stem, str) or stem not in data:
             raise bad(f"{f}.file", stem, "must name a concept file listed in 'files'")
@@ -765,7 +768,7 @@ def _read_verified(path, where: str):
 def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
     """What the bank at ``path`` holds, read from its manifest without a model: ``rank``, ``alpha``,
     ``penalty_weight``, ``sites`` (the number of adapted projections), ``kind`` (the integration that wrote
-    it, or None), ``producer``, ``concepts`` [{"idx", "name", "scale", "active", "token", "bytes"}] in
+    it, or None), ``producer``, ``concepts`` [{"idx", "name", "scale", "active", "token", "bytes", "source"}] in
     training order, ``retired`` [{"idx", "name"}], ``next_idx``, ``files`` and ``bytes`` (the data files).
 
     ``verify=True`` also checks what a load checks that needs no model: every file's size and sha256, the
@@ -786,7 +789,8 @@ def inspect_bank(path, verify: bool = False) -> Dict[str, Any]:
         "path": where, "producer": m.get("producer"), "kind": ad.get("kind"),
         "rank": m["rank"], "alpha": m["alpha"], "penalty_weight": m["penalty_weight"], "sites": len(sites),
         "concepts": [{"idx": c["idx"], "name": c["name"], "scale": c["scale"], "active": c["active"],
-                      "token": tokens.get(str(c["idx"])), "bytes": sizes.get(c["file"])} for c in m["concepts"]],
+                      "token": tokens.get(str(c["idx"])), "bytes": sizes.get(c["file"]),
+                      "source": c.get("source")} for c in m["concepts"]],
         "retired": [{"idx": x["idx"], "name": x["name"]} for x in m["retired"]],
         "next_idx": m["next_idx"], "files": len(sizes),
         "bytes": sum(b for b in sizes.values() if _is_int(b)), "verified": verify,
@@ -935,7 +939,8 @@ def _verify_tensors(m: Dict[str, Any], data: Dict[str, Dict[str, Tensor]], where
             active = (c["idx"], c["name"])
             active_factors = (As, Bs)
         else:
-            concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs))
+            concepts.append(Concept(c["idx"], c["name"], float(c["scale"]), As, Bs,
+                                    {"source": c["source"]} if "source" in c else {}))
     # the stored past must be the fold of the stored factors
     for i, (name, *_) in enumerate(sites):
         if pasts[i] is None or not concepts:

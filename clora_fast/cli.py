@@ -647,7 +647,7 @@ def _read_bank_names(cl) -> List[str]:
     return [c.name for c in cl.concepts]
 
 
-def _bank_state(out: Path) -> str:
+def _bank_state(out: Path, flag: str = "--out") -> str:
     """'new' (nothing there, an empty folder, or only the data files of a first save killed before its
     manifest: that save never finished a bank), 'bank' (a bank folder) or raise."""
     from clora_fast.bank import only_data_files
@@ -659,9 +659,9 @@ def _bank_state(out: Path) -> str:
             return "bank"
         if only_data_files(out):
             return "new"
-        raise CLIError(f"--out {str(out)!r} is a folder that is not empty and holds no concept bank "
-                       f"(no manifest.json): choose another --out")
-    raise CLIError(f"--out {str(out)!r} exists and is not a folder (a concept bank is a folder)")
+        raise CLIError(f"{flag} {str(out)!r} is a folder that is not empty and holds no concept bank "
+                       f"(no manifest.json): choose another {flag}")
+    raise CLIError(f"{flag} {str(out)!r} exists and is not a folder (a concept bank is a folder)")
 
 
 def cmd_train(args) -> int:
@@ -816,7 +816,8 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
             raise CLIError(f"the bank {args.out!r} holds an unfinished concept {cl.active_name!r} "
                            f"(saved mid-training by another program); this CLI resumes only at concept "
                            f"boundaries: finish or drop it first")
-        done = _read_bank_names(cl)
+        done = [c.name for c in cl.concepts if c.source is None]      # (imported concepts: not in --concepts)
+        imported = [c.name for c in cl.concepts if c.source is not None]
         if done != tokens[: len(done)]:
             raise CLIError(
                 f"the bank {args.out!r} holds concepts {done}, which are not the first concepts of "
@@ -828,7 +829,8 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
             raise CLIError(f"the bank {args.out!r} was trained with --alpha {cl.alpha}, not {args.alpha}")
         if args.penalty_weight is not None:
             cl.penalty_weight = float(args.penalty_weight)
-        log(f"resuming from {args.out}: {len(done)} of {len(tokens)} concepts already learned {done}")
+        log(f"resuming from {args.out}: {len(done)} of {len(tokens)} concepts already learned {done}"
+            + (f" (and imported: {imported})" if imported else ""))
     else:
         kw = dict(rank=args.rank or 16, alpha=args.alpha, backend=args.backend)
         if args.penalty_weight is not None:
@@ -1434,7 +1436,8 @@ def cmd_info(args) -> int:
     if info["concepts"]:
         rows = [("idx", "name", "token", "scale", "size", "")] + [
             (str(c["idx"]), c["name"], c["token"] or "-", f"{c['scale']:g}", _size(c["bytes"]),
-             "active" if c["active"] else "") for c in info["concepts"]]
+             "active" if c["active"] else (f"imported from {c['source']}" if c.get("source") else ""))
+            for c in info["concepts"]]
         widths = [max(len(r[k]) for r in rows) for k in range(5)]
         for r in rows:
             print("  " + "  ".join(v.rjust(w) if k in (0, 3, 4) else v.ljust(w)
@@ -1496,15 +1499,107 @@ def cmd_remove(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- import
+
+
+def _import_parser(sub):
+    p = sub.add_parser(
+        "import", help="add a LoRA trained elsewhere to a bank as a past concept",
+        description="Add a LoRA trained with another tool to a concept bank as a finished concept: its "
+                    "cross-attention K/V change is folded into the past, so the concepts that clora-fast train "
+                    "learns next are kept off the weights it uses, and sample / export / remove treat it as any "
+                    "other concept. Keys read: diffusers / PEFT (unet.<module>.lora_A.weight, what "
+                    "save_lora_weights and export --format lora write) and kohya (lora_unet_<module>.lora_down."
+                    "weight with .alpha). A file that also adapts other modules (self-attention, Q, out, feed-"
+                    "forward, a text encoder) is refused unless --ignore-other-modules. The bank is created "
+                    "(--rank, --alpha) when it does not exist; refused while a clora-fast train runs on it. "
+                    "Safetensors files only.")
+    p.add_argument("bank", help="the bank folder (created when it does not exist)")
+    p.add_argument("lora", help="the LoRA file (.safetensors)")
+    p.add_argument("--name", default=None,
+                   help="the concept's name and token (default: the --textual-inversion file's token, else "
+                        "<the LoRA file's name>)")
+    p.add_argument("--textual-inversion", default=None, metavar="FILE",
+                   help="the token's embedding ({token: [dim]} safetensors, as export --format lora writes)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiplies the LoRA's B@A (PEFT files carry no alpha: lora_alpha / r; default 1)")
+    p.add_argument("--model", default="builtin", help="the model the bank is (or will be) trained on")
+    p.add_argument("--rank", type=_positive("--rank"), default=None,
+                   help="rank of a new bank (default 16; the LoRA's rank must not exceed it)")
+    p.add_argument("--alpha", type=float, default=None, help="alpha of a new bank (default: its rank)")
+    p.add_argument("--ignore-other-modules", action="store_true",
+                   help="import the K/V part of a LoRA that also adapts other modules")
+    p.add_argument("--partial", action="store_true",
+                   help="allow a LoRA that covers only some of the adapted projections (the others get no change)")
+    _threads_option(p)
+    return p
+
+
+def cmd_import(args) -> int:
+    import torch
+
+    import clora_fast
+
+    lora = Path(args.lora)
+    if not lora.is_file():
+        raise CLIError(f"no LoRA file at {args.lora!r}")
+    if args.textual_inversion is not None and not Path(args.textual_inversion).is_file():
+        raise CLIError(f"--textual-inversion {args.textual_inversion!r}: no such file")
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise CLIError(f"--scale must be a positive number, got {args.scale}")
+    bank = Path(os.path.abspath(args.bank))
+    _bank_state(bank, "bank")
+    _check_output_path("bank", bank, folder=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    patch, load, _unpatch = _api()
+    with _train_lock(bank):
+        state = _bank_state(bank, "bank")
+        pipe = _load_model(args.model, device)
+        if state == "bank":
+            try:
+                cl = load(pipe, str(bank))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                raise CLIError(f"cannot load the bank {args.bank!r} onto model {args.model!r}: {e}") from None
+            if cl.active_concept is not None:
+                raise CLIError(f"the bank {args.bank!r} holds an unfinished concept {cl.active_name!r} (saved "
+                               f"mid-training): finish it (rerun its clora-fast train) or remove it first")
+            for flag, want, have in (("--rank", args.rank, cl.rank), ("--alpha", args.alpha, cl.alpha)):
+                if want is not None and float(want) != float(have):
+                    raise CLIError(f"the bank {args.bank!r} has {flag} {have:g}, not {want:g} (a bank keeps its own)")
+        else:
+            try:
+                cl = patch(pipe, rank=args.rank or 16, alpha=args.alpha)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+        name = args.name
+        if name is None and args.textual_inversion is None:
+            name = f"<{_token_file_stem(lora.name.rsplit('.', 1)[0])}>"
+        try:
+            idx = clora_fast.import_lora(pipe, str(lora), name, textual_inversion=args.textual_inversion,
+                                         scale=args.scale, strict=not args.partial,
+                                         ignore_other_modules=args.ignore_other_modules)
+        except (ValueError, KeyError, FloatingPointError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            msg = msg.replace("Pass ignore_other_modules=True", "Pass --ignore-other-modules").replace(
+                "(strict=False imports", "(--partial imports")
+            raise CLIError(msg) from None
+        cl.save(str(bank))
+    c = cl.concept(idx)
+    print(f"imported {args.lora} into {args.bank} as concept {idx} {c.name!r} (scale {c.scale:g}); the bank holds "
+          f"{[k.name for k in cl.concepts]}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clora-fast", description="C-LoRA continual customization")
-    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,info,remove,train-vit}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,sample,export,import,info,remove,train-vit}")
     _train_parser(sub)
     _sample_parser(sub)
     _export_parser(sub)
+    _import_parser(sub)
     _info_parser(sub)
     _remove_parser(sub)
     sub.add_parser("train-vit", help="continual ViT classifier training (clora_fast.vit_train)", add_help=False)
@@ -1550,6 +1645,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_train(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "import":
+            return cmd_import(args)
         return cmd_sample(args)
     except (CLIError, BankError) as e:      # BankError: a corrupt / incompatible bank (a ValueError)
         print(f"clora-fast: error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -85,6 +86,11 @@ class Concept:
     lora_A: List[Tensor]            # per site [r, in]
     lora_B: List[Tensor]            # per site [out, r]
     meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def source(self) -> Optional[str]:
+        """Where an imported concept came from (:meth:`CLoRAController.import_concept`); None if learned here."""
+        return self.meta.get("source")
 
 
 class _Bundle:
@@ -975,7 +981,7 @@ class CLoRAController(nn.Module):
         return idx
 
     def import_concept(self, factors: Dict[str, Tuple[Tensor, Tensor]], name: Optional[str] = None, *,
-                       scale: float = 1.0, strict: bool = True) -> int:
+                       scale: float = 1.0, strict: bool = True, source: Optional[str] = None) -> int:
         """Add a LoRA trained elsewhere as a finished concept: ``scale * B @ A`` of every site is folded into P, so
         the concepts learned after it are kept off the weights it uses (the forgetting penalty), and it is saved,
         exported, merged and removed like a concept learned here.  Returns its index.
@@ -987,7 +993,8 @@ class CLoRAController(nn.Module):
         gets no change).  ``name`` as for :meth:`begin_concept` (for a pipeline it becomes the concept's token,
         whose embedding the integration's ``import_lora`` can set).  Everything is checked before anything
         changes; no concept may be active (``end_concept()`` or ``discard_concept()`` first) and the controller
-        must not be merged."""
+        must not be merged.  ``source`` (e.g. the file's name) is kept with the concept (``concept(idx).meta``,
+        the bank's manifest): it marks the concept as imported, which ``clora-fast train`` relies on."""
         self._check_attached("import_concept")
         if self._active is not None:
             raise RuntimeError(f"import_concept: concept {self._active[0]} ({self._active[1]!r}) is being learned: "
@@ -998,6 +1005,8 @@ class CLoRAController(nn.Module):
         if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
                 or scale <= 0):
             raise ValueError(f"import_concept: scale must be a positive finite number, got {scale!r}")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise ValueError(f"import_concept: source must be a non-empty str or None, got {source!r}")
         if not isinstance(factors, dict):
             raise TypeError(f"import_concept: factors must be a dict {{site name: (A, B)}}, got "
                             f"{type(factors).__name__}")
@@ -1039,7 +1048,7 @@ class CLoRAController(nn.Module):
                     remove(idx)
                 raise
         self._past = pasts
-        self.concepts.append(Concept(idx, name, float(scale), As, Bs))
+        self.concepts.append(Concept(idx, name, float(scale), As, Bs, {"source": source or "import_concept"}))
         self._next_idx += 1
         self._bump()
         logger.debug("import_concept %d (%s)", idx, name)
@@ -1073,7 +1082,7 @@ class CLoRAController(nn.Module):
             raise ValueError(f"import_lora: {str(path)!r} also adapts {len(other)} module(s) that are not C-LoRA sites "
                              f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "
                              f"Pass ignore_other_modules=True to import that part alone")
-        return self.import_concept(factors, name, scale=scale, strict=strict)
+        return self.import_concept(factors, name, scale=scale, strict=strict, source=os.path.basename(str(path)))
 
     def _import_factors(self, site: Site, ab) -> Tuple[Tensor, Tensor]:
         """One site's ``(A, B)`` for :meth:`import_concept`: checked, float32 on the CPU, zero rank columns dropped."""
@@ -1397,7 +1406,8 @@ class CLoRAController(nn.Module):
             "retired": [dict(r) for r in self._retired],
             "past": list(self._past),
             "concepts": [{"idx": c.idx, "name": c.name, "scale": c.scale, "lora_A": list(c.lora_A),
-                          "lora_B": list(c.lora_B)} for c in self.concepts],
+                          "lora_B": list(c.lora_B), **({"source": c.source} if c.source else {})}
+                         for c in self.concepts],
         }
 
     def set_extra_state(self, state) -> None:
@@ -1442,7 +1452,8 @@ class CLoRAController(nn.Module):
         for c in state["concepts"]:
             As = [check(a, (r, sh[1]), f"concept {c['idx']} lora_A", "cpu") for a, sh in zip(c["lora_A"], shapes)]
             Bs = [check(b, (sh[0], r), f"concept {c['idx']} lora_B", "cpu") for b, sh in zip(c["lora_B"], shapes)]
-            concepts.append(Concept(int(c["idx"]), str(c["name"]), float(c["scale"]), As, Bs))
+            meta = {"source": str(c["source"])} if c.get("source") else {}
+            concepts.append(Concept(int(c["idx"]), str(c["name"]), float(c["scale"]), As, Bs, meta))
         active, factors = None, None
         if state["active"] is not None:
             active = (int(state["active"][0]), str(state["active"][1]))

@@ -471,6 +471,8 @@ _MALFORMED = {
                            "'adapter.retired_tokens'"),
     "tokens_list": (lambda m: m.__setitem__("adapter", {"tokens": ["<k0>"]}), "'adapter.tokens'"),
     "adapter_list": (lambda m: m.__setitem__("adapter", []), "'adapter'"),
+    "source_empty": (lambda m: m["concepts"][0].__setitem__("source", ""), "'concepts[0].source'"),
+    "source_number": (lambda m: m["concepts"][0].__setitem__("source", 3), "'concepts[0].source'"),
 }
 
 
@@ -757,3 +759,32 @@ def test_remove_from_bank_redoes_the_removal_when_the_bank_changed_meanwhile(tmp
     assert len(calls) == 2
     assert read_manifest(path) == read_manifest(want)
     assert {p.name for p in path.iterdir()} == {p.name for p in want.iterdir()}
+
+
+def test_an_imported_concept_keeps_its_source_through_save_load_remove_and_state_dict(tmp_path):
+    """import_concept's source (what marks a concept as imported) is in the manifest, survives load_bank,
+    remove_from_bank of another concept and the controller's state_dict; learned concepts write no field
+    (their manifests are unchanged)."""
+    from clora_fast.bank import inspect_bank, remove_from_bank
+    c = trained(2, active=False)
+    g = torch.Generator().manual_seed(4)
+    factors = {s.name: (torch.randn(2, s.in_features, generator=g), torch.randn(s.out_features, 2, generator=g))
+               for s in c.sites}
+    idx = c.import_concept(factors, "<ext>", scale=0.25, source="ext.safetensors")
+    assert c.concept(idx).source == "ext.safetensors" and c.concept(0).source is None
+    c.save(tmp_path / "bank")
+    m = read_manifest(tmp_path / "bank")
+    assert [x.get("source") for x in m["concepts"]] == [None, None, "ext.safetensors"]
+    assert "source" not in m["concepts"][0]
+    assert [x["source"] for x in inspect_bank(tmp_path / "bank", verify=True)["concepts"]] == \
+        [None, None, "ext.safetensors"]
+    d = CLoRAController(sites(), rank=3, alpha=6.0, penalty_weight=7.0, backend="reference")
+    d.load_bank(tmp_path / "bank")
+    assert [k.source for k in d.concepts] == [None, None, "ext.safetensors"]
+    remove_from_bank(tmp_path / "bank", "<k0>")
+    assert [x.get("source") for x in read_manifest(tmp_path / "bank")["concepts"]] == [None, "ext.safetensors"]
+    e = CLoRAController(sites(), rank=3, alpha=6.0, penalty_weight=7.0, backend="reference")
+    e.load_state_dict(d.state_dict())
+    assert [k.source for k in e.concepts] == [None, None, "ext.safetensors"]
+    for i in range(e.num_sites):
+        assert torch.equal(e.past(i), d.past(i))

@@ -1365,3 +1365,53 @@ def test_export_lora_file_names_never_collide(tmp_path, capsys):
     assert listing == [{"token": "<u>", "file": None}]
     assert sorted(p.name for p in (tmp_path / "bare_lora").iterdir()) == ["concepts.json",
                                                                           "pytorch_lora_weights.safetensors"]
+
+
+def _builtin_sites():
+    from clora_fast.builtin import load_pipeline
+    from clora_fast.integrations import diffusers as D
+    cl = D.patch(load_pipeline("builtin", device="cpu"), rank=1, backend="reference")
+    return [(s.name, s.in_features, s.out_features) for s in cl.sites]
+
+
+def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):
+    """`import` adds a LoRA file to a new bank (created with --rank) as a finished, imported concept (info says
+    so); `train` on that bank learns its --concepts after it (the imported concept is not one of them) and its
+    rerun resumes; refusals (rank, other modules, pickle, busy bank) exit 2 and leave the bank as it was."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(0)
+    sites = _builtin_sites()
+    lora = {}
+    for name, n_in, n_out in sites:
+        lora[f"unet.{name}.lora_A.weight"] = torch.randn(2, n_in, generator=g) * 0.1
+        lora[f"unet.{name}.lora_B.weight"] = torch.randn(n_out, 2, generator=g) * 0.1
+    save_file(lora, str(tmp_path / "style.safetensors"))
+    extra = dict(lora, **{"text_encoder.x.lora_A.weight": torch.zeros(2, 4),
+                          "text_encoder.x.lora_B.weight": torch.zeros(4, 2)})
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    torch.save(lora, str(tmp_path / "style.pt"))
+    bank = tmp_path / "bank"
+
+    assert cli.main(["import", str(bank), str(tmp_path / "style.safetensors"), "--rank", "2", "--scale", "0.5"]) == 0
+    (c,) = _manifest(bank)["concepts"]
+    assert (c["name"], c["scale"], c["source"]) == ("<style>", 0.5, "style.safetensors")
+    assert cli.main(["info", str(bank), "--verify"]) == 0
+    assert "imported from style.safetensors" in capsys.readouterr().out
+
+    before = _manifest(bank)
+    for argv, msg in (([str(tmp_path / "extra.safetensors")], "Pass --ignore-other-modules"),
+                      ([str(tmp_path / "style.pt")], "safetensors only"),
+                      ([str(tmp_path / "style.safetensors"), "--rank", "4"], "has --rank 2, not 4"),
+                      ([str(tmp_path / "style.safetensors")], "'<style>' already exists")):
+        assert cli.main(["import", str(bank), *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert _manifest(bank) == before
+
+    argv = ["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2"]
+    assert cli.main(argv) == 0
+    assert _names(bank) == ["<style>", "<alpha>"]
+    assert cli.main(["info", str(bank), "--verify"]) == 0           # the stored past folds both
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "1 of 1 concepts already learned ['<alpha>'] (and imported: ['<style>'])" in capsys.readouterr().out
+    assert _names(bank) == ["<style>", "<alpha>"]
