@@ -121,7 +121,6 @@ class DistributedGradientsWarning(UserWarning):
 
 def _read_lora_file(path) -> Dict[str, Tensor]:
     """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused)."""
-    import os
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     if not os.path.isfile(path):

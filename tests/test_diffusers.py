@@ -1910,3 +1910,42 @@ def test_import_lora_key_formats_scale_and_refusals(tmp_path):
     cl.merge()
     with pytest.raises(RuntimeError, match="merged: call unmerge"):
         cl.import_lora(tmp_path / "peft.safetensors")
+
+
+def test_sdxl_import_lora_with_both_token_embeddings(tmp_path):
+    """SDXL: a concept exported as a LoRA and a two-encoder textual-inversion file (clip_l / clip_g) imports into
+    another SDXL pipeline with both token rows and the same past; a one-encoder file is refused for it, and a
+    two-encoder file for an SD-1 pipeline (nothing changes)."""
+    src = tiny_sdxl_pipe()
+    cl_src = clora_fast.patch(src, rank=2, backend="reference")
+    cl_src.begin_concept("<x>")
+    randomize(cl_src)
+    cl_src.end_concept()
+    cl_src.export_lora(tmp_path / "x.safetensors", 0)
+    D.export_textual_inversion(src, tmp_path / "x_token.safetensors", 0)
+
+    pipe = tiny_sdxl_pipe()
+    cl = clora_fast.patch(pipe, rank=2, backend="reference")
+    from safetensors.torch import save_file
+    save_file({"<x>": torch.zeros(32)}, str(tmp_path / "one.safetensors"))
+    with pytest.raises(ValueError, match="needs a finite \\[32\\] embedding under 'clip_l'"):
+        D.import_lora(pipe, tmp_path / "x.safetensors", "<x>", textual_inversion=tmp_path / "one.safetensors")
+    assert cl.concepts == [] and len(pipe.tokenizer_2) == len(src.tokenizer_2) - 1
+    assert D.import_lora(pipe, tmp_path / "x.safetensors", "<x>",
+                         textual_inversion=tmp_path / "x_token.safetensors") == 0
+    ad, ad_src = D.get_adapter(pipe), D.get_adapter(src)
+    for s in (0, 1):
+        assert torch.equal(ad.token_embedding(0, s), ad_src.token_embedding(0, s))
+    for i in range(cl.num_sites):
+        torch.testing.assert_close(cl.past(i), cl_src.past(i), rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        a = pipe.encode_prompt("a photo of <x>", do_classifier_free_guidance=False)[0]
+        b = src.encode_prompt("a photo of <x>", do_classifier_free_guidance=False)[0]
+    torch.testing.assert_close(a, b)
+
+    sd1 = tiny_pipe()
+    cl1 = D.patch(sd1, rank=2, backend="reference")
+    with pytest.raises(ValueError, match=r"must hold one token embedding \{token: \[dim\]\}, got keys \['clip_g'"):
+        D.import_lora(sd1, tmp_path / "x.safetensors", textual_inversion=tmp_path / "x_token.safetensors",
+                      strict=False)
+    assert cl1.concepts == []
