@@ -122,6 +122,17 @@ def randomize(ctrl, std=0.2, seed=1):
             p.add_((torch.randn(p.shape, generator=g) * std).to(p.device))
 
 
+def pipe_with_concepts(n=2, rank=4):
+    """(pipe, controller): a patched tiny SD pipeline with n finished concepts <c1>.. (random factors)."""
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=rank, backend="reference")
+    for t in range(n):
+        cl.begin_concept()
+        randomize(cl, seed=20 + t)
+        cl.end_concept()
+    return pipe, cl
+
+
 def unet_with_a_past(rank=2, kind="sd1"):
     """(unet, inputs, controller): a patched tiny UNet with one finished concept (random factors) in P."""
     unet = tiny_unet(kind)
@@ -669,12 +680,7 @@ def test_pipeline_save_load_roundtrip_and_refusals(tmp_path):
 
 def test_export_loads_in_diffusers_with_same_outputs(tmp_path):
     pytest.importorskip("peft")
-    pipe = tiny_pipe()
-    cl = D.patch(pipe, rank=4, backend="reference")
-    for t in range(2):
-        cl.begin_concept()
-        randomize(cl, seed=20 + t)
-        cl.end_concept()
+    pipe, cl = pipe_with_concepts()
     sample = torch.randn(2, 4, 8, 8)
     prompt = "a photo of <c1> and <c2>"
     cl.merge()
@@ -1804,13 +1810,7 @@ def test_import_lora_as_a_past_concept(tmp_path):
     """A LoRA trained elsewhere becomes a finished concept: export_lora / export_textual_inversion of one pipeline's
     concept, imported into another, gives the same past (the concept's s*B@A at every site), the same token
     embedding (and name), saves and loads with the bank, and the penalty of the next concept acts on it."""
-    from safetensors.torch import save_file
-    src = tiny_pipe()
-    cl_src = D.patch(src, rank=4, backend="reference")
-    for t in range(2):
-        cl_src.begin_concept()
-        randomize(cl_src, seed=20 + t)
-        cl_src.end_concept()
+    src, cl_src = pipe_with_concepts()
     lora, ti = tmp_path / "c2.safetensors", tmp_path / "c2_token.safetensors"
     cl_src.export_lora(lora, 1)
     D.export_textual_inversion(src, ti, 1)
