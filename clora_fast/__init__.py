@@ -91,7 +91,8 @@ def export_lora(obj, path, which="merged", *, dtype=None) -> None:
 def import_lora(obj, path, name=None, **kwargs) -> int:
     """Add a LoRA trained elsewhere (a safetensors file: diffusers / PEFT / kohya keys for a pipeline, PEFT's for a
     ViT; what :func:`export_lora` writes) to a patched model as a finished concept, folded into the past so that
-    the concepts learned next are kept off it.  Returns its index.  Keyword arguments: ``scale``, ``strict``,
+    the concepts learned next are kept off it.  Returns its index.  Keyword arguments: ``scale`` (a multiplier of
+    the file's own scale), ``strict``,
     ``ignore_other_modules`` (:meth:`clora_fast.controller.CLoRAController.import_lora`) and, for a pipeline,
     ``textual_inversion`` (:func:`clora_fast.integrations.diffusers.import_lora`)."""
     from .controller import CLoRAController

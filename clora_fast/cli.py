@@ -1522,7 +1522,8 @@ def _import_parser(sub):
     p.add_argument("--textual-inversion", default=None, metavar="FILE",
                    help="the token's embedding ({token: [dim]} safetensors, as export --format lora writes)")
     p.add_argument("--scale", type=float, default=1.0,
-                   help="multiplies the LoRA's B@A (PEFT files carry no alpha: lora_alpha / r; default 1)")
+                   help="multiplies the file's own scale (kohya's alphas, the LoRA config that diffusers stores in "
+                        "the header; a PEFT file without it carries no alpha: lora_alpha / r; default 1)")
     p.add_argument("--model", default="builtin", help="the model the bank is (or will be) trained on")
     p.add_argument("--rank", type=_positive("--rank"), default=None,
                    help="rank of a new bank (default 16; the LoRA's rank must not exceed it)")

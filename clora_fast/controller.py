@@ -119,17 +119,47 @@ class DistributedGradientsWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=DistributedGradientsWarning)``."""
 
 
-def _read_lora_file(path) -> Dict[str, Tensor]:
-    """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused)."""
-    from safetensors import SafetensorError
+def _read_lora_file(path, with_metadata: bool = False):
+    """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused); with
+    ``with_metadata``, ``(tensors, the header's metadata dict)``."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {str(path)!r}")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
+        if not with_metadata:
+            return tensors
+        with safe_open(str(path), framework="pt") as f:
+            return tensors, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a safetensors file ({e}); clora_fast reads LoRA weights from "
                          f"safetensors only (never pickle)") from None
+
+
+def _metadata_scale(metadata: Dict[str, str], prefix: str, where: str) -> float:
+    """``lora_alpha / r`` from diffusers' ``lora_adapter_metadata`` (the LoraConfig that ``save_lora_weights(...,
+    unet_lora_adapter_metadata=...)`` stores, keys ``<prefix>r``, ``<prefix>lora_alpha``), else 1."""
+    import json
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return 1.0
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        raise ValueError(f"{where}: its lora_adapter_metadata is not JSON") from None
+    for pre in dict.fromkeys((prefix, "")):
+        r, alpha = cfg.get(f"{pre}r"), cfg.get(f"{pre}lora_alpha")
+        if r is None or alpha is None:
+            continue
+        if cfg.get(f"{pre}rank_pattern") or cfg.get(f"{pre}alpha_pattern"):
+            raise ValueError(f"{where}: its LoRA config gives some modules their own rank or alpha (rank_pattern / "
+                             f"alpha_pattern), which import_lora does not apply: convert the file to one scale")
+        if not (isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0
+                and math.isfinite(alpha / r)):
+            raise ValueError(f"{where}: its lora_adapter_metadata has r = {r!r}, lora_alpha = {alpha!r}")
+        return float(alpha) / float(r)
+    return 1.0
 
 
 def _lora_factors_by_name(tensors: Dict[str, Tensor], sites: Sequence[str], prefix: str):
@@ -1060,16 +1090,19 @@ class CLoRAController(nn.Module):
         ViT, with a fused ``qkv``'s K and V rows), else PEFT / diffusers ``<prefix><site>.lora_A.weight`` /
         ``.lora_B.weight`` (``prefix`` the adapter's ``lora_key_prefix``, e.g. ``"unet."``; also without it) and
         kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha``
-        (``alpha / rank`` goes into B).  ``scale`` multiplies ``B @ A`` (PEFT files carry no alpha: pass
-        ``lora_alpha / r``; files from :meth:`export_lora` have it in B).  A file that also adapts other modules
+        (``alpha / rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r``
+        of the LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in
+        the header; ``scale`` multiplies it (the strength to import at; a PEFT file without that metadata carries
+        no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A file that also adapts other modules
         (attention Q / out, feed-forward, a text encoder) is refused, since only the sites' part can be folded
         into P and protected, unless ``ignore_other_modules=True`` (then only the sites' part is imported)."""
-        tensors = _read_lora_file(path)
+        tensors, metadata = _read_lora_file(path, with_metadata=True)
+        prefix = getattr(self.adapter, "lora_key_prefix", "")
+        file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}")
         hook = getattr(self.adapter, "lora_factors", None)
         if hook is not None:
             factors, used, other = hook(tensors)
         else:
-            prefix = getattr(self.adapter, "lora_key_prefix", "")
             factors, used = _lora_factors_by_name(tensors, self.site_names, prefix)
             other = []
         other = sorted(set(other) | {k.removesuffix(".alpha").rsplit(".lora", 1)[0] for k in tensors
@@ -1081,7 +1114,11 @@ class CLoRAController(nn.Module):
             raise ValueError(f"import_lora: {str(path)!r} also adapts {len(other)} module(s) that are not C-LoRA sites "
                              f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "
                              f"Pass ignore_other_modules=True to import that part alone")
-        return self.import_concept(factors, name, scale=scale, strict=strict, source=os.path.basename(str(path)))
+        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
+                or scale <= 0):
+            raise ValueError(f"import_lora: scale must be a positive finite number, got {scale!r}")
+        return self.import_concept(factors, name, scale=float(scale) * file_scale, strict=strict,
+                                   source=os.path.basename(str(path)))
 
     def _import_factors(self, site: Site, ab) -> Tuple[Tensor, Tensor]:
         """One site's ``(A, B)`` for :meth:`import_concept`: checked, float32 on the CPU, zero rank columns dropped."""

@@ -4,6 +4,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 import warnings
 
@@ -1949,3 +1950,61 @@ def test_sdxl_import_lora_with_both_token_embeddings(tmp_path):
         D.import_lora(sd1, tmp_path / "x.safetensors", textual_inversion=tmp_path / "x_token.safetensors",
                       strict=False)
     assert cl1.concepts == []
+
+
+def test_import_lora_saved_by_diffusers_with_its_config_matches_load_lora_weights(tmp_path):
+    """A LoRA saved by diffusers' own save_lora_weights with its LoRA config in the header (lora_alpha / r = 4):
+    imported, the patched UNet computes what a plain pipeline that pipe.load_lora_weights loaded it into does
+    (the file's scale is applied; scale= multiplies it)."""
+    pytest.importorskip("peft")
+    import inspect
+    from diffusers import StableDiffusionPipeline
+    if "unet_lora_adapter_metadata" not in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        pytest.skip("this diffusers' save_lora_weights stores no LoRA config")
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    g = torch.Generator().manual_seed(8)
+    layers = {}
+    for s in cl.sites:
+        layers[f"{s.name}.lora_A.weight"] = torch.randn(2, s.in_features, generator=g) * 0.2
+        layers[f"{s.name}.lora_B.weight"] = torch.randn(s.out_features, 2, generator=g) * 0.2
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path), unet_lora_layers=layers, weight_name="w.safetensors", safe_serialization=True,
+        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 8, "target_modules": ["to_k", "to_v"]})
+    assert clora_fast.import_lora(pipe, tmp_path / "w.safetensors", "<w>") == 0
+    assert cl.concept(0).scale == 4.0
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(tmp_path), weight_name="w.safetensors")
+    inputs = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), rtol=1e-4, atol=1e-5)
+    assert cl.import_lora(tmp_path / "w.safetensors", "<half>", scale=0.5) == 1 and cl.concept(1).scale == 2.0
+
+
+def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
+    """The header's LoRA config (diffusers' lora_adapter_metadata) sets the scale, lora_alpha / r; per-module
+    patterns or a malformed config are refused (nothing imported)."""
+    import json as _json
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    g = torch.Generator().manual_seed(9)
+    t = {}
+    for s in cl.sites:
+        t[f"unet.{s.name}.lora_A.weight"] = torch.randn(2, s.in_features, generator=g)
+        t[f"unet.{s.name}.lora_B.weight"] = torch.randn(s.out_features, 2, generator=g)
+    for fname, cfg, err in (("pattern", {"unet.r": 2, "unet.lora_alpha": 4, "unet.alpha_pattern": {"to_k": 8}},
+                             "rank_pattern / alpha_pattern"),
+                            ("zero_r", {"unet.r": 0, "unet.lora_alpha": 4}, "r = 0, lora_alpha = 4"),
+                            ("ok", {"unet.r": 2, "unet.lora_alpha": 3}, None)):
+        save_file(t, str(tmp_path / f"{fname}.safetensors"),
+                  metadata={"format": "pt", "lora_adapter_metadata": _json.dumps(cfg)})
+        if err is None:
+            assert cl.import_lora(tmp_path / f"{fname}.safetensors") == 0 and cl.concept(0).scale == 1.5
+        else:
+            with pytest.raises(ValueError, match=re.escape(err)):
+                cl.import_lora(tmp_path / f"{fname}.safetensors")
+            assert cl.concepts == []
+    save_file(t, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
+    with pytest.raises(ValueError, match="lora_adapter_metadata is not JSON"):
+        cl.import_lora(tmp_path / "bad.safetensors")
