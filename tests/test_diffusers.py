@@ -2008,3 +2008,28 @@ def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
     save_file(t, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
     with pytest.raises(ValueError, match="lora_adapter_metadata is not JSON"):
         cl.import_lora(tmp_path / "bad.safetensors")
+
+
+def test_import_kohya_lora_matches_load_lora_weights(tmp_path):
+    """A kohya-format LoRA (lora_unet_<module>.lora_down / lora_up / alpha = 2 x rank) imports to what diffusers'
+    own kohya loader makes of it: the same UNet outputs."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=3, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    t = {}
+    for s in cl.sites:
+        k = "lora_unet_" + s.name.replace(".", "_")
+        t[f"{k}.lora_down.weight"] = torch.randn(3, s.in_features, generator=g) * 0.2
+        t[f"{k}.lora_up.weight"] = torch.randn(s.out_features, 3, generator=g) * 0.2
+        t[f"{k}.alpha"] = torch.tensor(6.0)
+    save_file(t, str(tmp_path / "k.safetensors"))
+    clora_fast.import_lora(pipe, tmp_path / "k.safetensors", "<k>")
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
+    inputs = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        got, want, base = run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), run_unet(tiny_pipe().unet, inputs)
+    assert (want - base).abs().max() > 0.05
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
