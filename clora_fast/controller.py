@@ -137,28 +137,40 @@ def _read_lora_file(path, with_metadata: bool = False):
                          f"safetensors only (never pickle)") from None
 
 
-def _metadata_scale(metadata: Dict[str, str], prefix: str, where: str) -> float:
-    """``lora_alpha / r`` from diffusers' ``lora_adapter_metadata`` (the LoraConfig that ``save_lora_weights(...,
-    unet_lora_adapter_metadata=...)`` stores, keys ``<prefix>r``, ``<prefix>lora_alpha``), else 1."""
+def _metadata_scale(metadata: Dict[str, str], prefix: str, where: str, folder: str) -> float:
+    """The file's scale from its LoRA config: diffusers' ``lora_adapter_metadata`` in the header (the LoraConfig
+    that ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores, keys ``<prefix>r``,
+    ``<prefix>lora_alpha``), else the ``adapter_config.json`` beside the file (PEFT's ``save_pretrained``):
+    ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``); 1 without either."""
     import json
     raw = metadata.get("lora_adapter_metadata")
-    if not raw:
-        return 1.0
+    side = os.path.join(folder, "adapter_config.json")
     try:
-        cfg = json.loads(raw)
+        if raw:
+            cfg, what = json.loads(raw), "its lora_adapter_metadata"
+        elif os.path.isfile(side):
+            with open(side) as f:
+                cfg, what = json.load(f), "the adapter_config.json beside it"
+        else:
+            return 1.0
     except ValueError:
-        raise ValueError(f"{where}: its lora_adapter_metadata is not JSON") from None
+        label = "its lora_adapter_metadata" if raw else repr(side)
+        raise ValueError(f"{where}: {label} is not JSON") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: {what} is not a JSON object")
     for pre in dict.fromkeys((prefix, "")):
         r, alpha = cfg.get(f"{pre}r"), cfg.get(f"{pre}lora_alpha")
         if r is None or alpha is None:
             continue
         if cfg.get(f"{pre}rank_pattern") or cfg.get(f"{pre}alpha_pattern"):
-            raise ValueError(f"{where}: its LoRA config gives some modules their own rank or alpha (rank_pattern / "
+            raise ValueError(f"{where}: {what} gives some modules their own rank or alpha (rank_pattern / "
                              f"alpha_pattern), which import_lora does not apply: convert the file to one scale")
+        if cfg.get(f"{pre}use_dora"):
+            raise ValueError(f"{where}: {what} says DoRA (use_dora): its magnitude vectors are not a B @ A change")
         if not (isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r > 0
                 and math.isfinite(alpha / r)):
-            raise ValueError(f"{where}: its lora_adapter_metadata has r = {r!r}, lora_alpha = {alpha!r}")
-        return float(alpha) / float(r)
+            raise ValueError(f"{where}: {what} has r = {r!r}, lora_alpha = {alpha!r}")
+        return float(alpha) / (math.sqrt(r) if cfg.get(f"{pre}use_rslora") else float(r))
     return 1.0
 
 
@@ -1092,13 +1104,15 @@ class CLoRAController(nn.Module):
         kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha``
         (``alpha / rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r``
         of the LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in
-        the header; ``scale`` multiplies it (the strength to import at; a PEFT file without that metadata carries
-        no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A file that also adapts other modules
+        the header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
+        ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale`` multiplies it (the strength to import at; a file
+        with neither carries no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A file that also adapts other modules
         (attention Q / out, feed-forward, a text encoder) is refused, since only the sites' part can be folded
         into P and protected, unless ``ignore_other_modules=True`` (then only the sites' part is imported)."""
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
-        file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}")
+        file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
+                                     os.path.dirname(os.path.abspath(str(path))))
         hook = getattr(self.adapter, "lora_factors", None)
         if hook is not None:
             factors, used, other = hook(tensors)

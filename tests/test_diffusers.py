@@ -1982,8 +1982,9 @@ def test_import_lora_saved_by_diffusers_with_its_config_matches_load_lora_weight
 
 
 def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
-    """The header's LoRA config (diffusers' lora_adapter_metadata) sets the scale, lora_alpha / r; per-module
-    patterns or a malformed config are refused (nothing imported)."""
+    """The header's LoRA config (diffusers' lora_adapter_metadata), or PEFT's adapter_config.json beside the file,
+    sets the scale (lora_alpha / r, / sqrt(r) with use_rslora; scale= multiplies it); per-module patterns, DoRA or
+    a malformed config are refused (nothing imported)."""
     import json as _json
     from safetensors.torch import save_file
     pipe = tiny_pipe()
@@ -2008,6 +2009,14 @@ def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
     save_file(t, str(tmp_path / "bad.safetensors"), metadata={"lora_adapter_metadata": "{not json"})
     with pytest.raises(ValueError, match="lora_adapter_metadata is not JSON"):
         cl.import_lora(tmp_path / "bad.safetensors")
+    side = tmp_path / "peft_folder"             # PEFT's save_pretrained: the config beside the weights
+    side.mkdir()
+    save_file(t, str(side / "adapter_model.safetensors"))
+    (side / "adapter_config.json").write_text(_json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True}))
+    with pytest.raises(ValueError, match=r"adapter_config.json beside it says DoRA"):
+        cl.import_lora(side / "adapter_model.safetensors")
+    (side / "adapter_config.json").write_text(_json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True}))
+    assert cl.import_lora(side / "adapter_model.safetensors", scale=0.5) == 1 and cl.concept(1).scale == 2.0
 
 
 def test_import_kohya_lora_matches_load_lora_weights(tmp_path):

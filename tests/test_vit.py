@@ -1639,6 +1639,14 @@ def test_import_lora_from_peft_reproduces_its_outputs(fw, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(run(m, x), run(pm, x), rtol=1e-5, atol=1e-5)
 
+    pm.save_pretrained(str(tmp_path / "saved"))       # adapter_model.safetensors + adapter_config.json (alpha 4, r 2)
+    m3, _ = make(fw, layers=2)
+    ctrl3 = vit.patch(m3, rank=2, backend="reference")
+    ctrl3.import_lora(tmp_path / "saved" / "adapter_model.safetensors")
+    assert ctrl3.concept(0).scale == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(run(m3, x), run(pm, x), rtol=1e-5, atol=1e-5)
+
     ctrl.export_lora(tmp_path / "ours.safetensors", 0)
     m2, _ = make(fw, layers=2)
     ctrl2 = vit.patch(m2, rank=2, backend="reference")
