@@ -35,6 +35,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -174,30 +175,44 @@ def _metadata_scale(metadata: Dict[str, str], prefix: str, where: str, folder: s
     return 1.0
 
 
+# what follows a module's name in the LoRA keys of the layouts read here (to name the modules a file adapts)
+_LORA_SUFFIX = re.compile(r"(\.lora_[AB]\.weight|\.lora\.(down|up)\.weight|_lora\.(down|up)\.weight|"
+                          r"\.lora_(down|up)\.weight|\.alpha)$")
+
+
+def _lora_key_candidates(site: str, prefix: str):
+    """``(down / A key, up / B key, alpha key or None)`` of one site in the LoRA file layouts read here: PEFT /
+    diffusers (``<site>.lora_A.weight``), diffusers' older ``<site>.lora.down.weight`` (with ``.alpha``) and
+    attention-processor ``<attention>.processor.<proj>_lora.down.weight`` (each with or without ``prefix``), and
+    kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` (with ``.alpha``)."""
+    mod, _, proj = site.rpartition(".")
+    for pre in dict.fromkeys((prefix, "")):
+        yield f"{pre}{site}.lora_A.weight", f"{pre}{site}.lora_B.weight", None
+        yield f"{pre}{site}.lora.down.weight", f"{pre}{site}.lora.up.weight", f"{pre}{site}.alpha"
+        if mod:
+            yield f"{pre}{mod}.processor.{proj}_lora.down.weight", f"{pre}{mod}.processor.{proj}_lora.up.weight", None
+    k = "lora_unet_" + site.replace(".", "_")
+    yield f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+
+
 def _lora_factors_by_name(tensors: Dict[str, Tensor], sites: Sequence[str], prefix: str):
-    """``({site: (A, B)}, used keys)`` from PEFT / diffusers keys (``[prefix]<site>.lora_A.weight``, ``lora_B``) or
-    kohya's (``lora_unet_<site with _>.lora_down.weight``, ``lora_up``, ``alpha``: ``alpha / rank`` goes into B)."""
+    """``({site: (A, B)}, used keys)`` from the layouts of :func:`_lora_key_candidates` (an ``alpha``'s
+    ``alpha / rank`` goes into B; kohya's 1x1-convolution factors are flattened)."""
     factors: Dict[str, Tuple[Tensor, Tensor]] = {}
     used = set()
     for site in sites:
-        for pre in dict.fromkeys((prefix, "")):
-            ka, kb = f"{pre}{site}.lora_A.weight", f"{pre}{site}.lora_B.weight"
-            if ka in tensors and kb in tensors:
-                factors[site] = (tensors[ka], tensors[kb])
-                used |= {ka, kb}
-                break
-        else:
-            k = "lora_unet_" + site.replace(".", "_")
-            kd, ku, kal = f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
-            if kd in tensors and ku in tensors:
-                down, up = tensors[kd], tensors[ku]
-                if down.dim() == 4 and down.shape[2:] == (1, 1):        # 1x1 convolutions (kohya's conv form)
-                    down, up = down.flatten(1), up.flatten(1)
-                up = up.double()
-                if kal in tensors:
-                    up = up * (float(tensors[kal]) / down.shape[0])
-                factors[site] = (down, up)
-                used |= {kd, ku, kal}
+        for kd, ku, kal in _lora_key_candidates(site, prefix):
+            if kd not in tensors or ku not in tensors:
+                continue
+            down, up = tensors[kd], tensors[ku]
+            if down.dim() == 4 and down.shape[2:] == (1, 1):        # 1x1 convolutions (kohya's conv form)
+                down, up = down.flatten(1), up.flatten(1)
+            used |= {kd, ku}
+            if kal is not None and kal in tensors:
+                up = up.double() * (float(tensors[kal]) / down.shape[0])
+                used.add(kal)
+            factors[site] = (down, up)
+            break
     return factors, used
 
 
@@ -1100,9 +1115,10 @@ class CLoRAController(nn.Module):
         """:meth:`import_concept` from a LoRA safetensors file (the inverse of :meth:`export_lora`; pickle files
         are refused).  Keys understood: the adapter's own layout (``adapter.lora_factors``, e.g. PEFT's for a
         ViT, with a fused ``qkv``'s K and V rows), else PEFT / diffusers ``<prefix><site>.lora_A.weight`` /
-        ``.lora_B.weight`` (``prefix`` the adapter's ``lora_key_prefix``, e.g. ``"unet."``; also without it) and
-        kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha``
-        (``alpha / rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r``
+        ``.lora_B.weight`` (``prefix`` the adapter's ``lora_key_prefix``, e.g. ``"unet."``; also without it),
+        diffusers' older layouts (``<site>.lora.down.weight``; the attention processors'
+        ``<attention>.processor.to_k_lora.down.weight``) and kohya's ``lora_unet_<site, dots as _>.lora_down.weight``
+        / ``.lora_up.weight`` with its ``.alpha`` (``alpha / rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r``
         of the LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in
         the header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
         ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale`` multiplies it (the strength to import at; a file
@@ -1119,8 +1135,7 @@ class CLoRAController(nn.Module):
         else:
             factors, used = _lora_factors_by_name(tensors, self.site_names, prefix)
             other = []
-        other = sorted(set(other) | {k.removesuffix(".alpha").rsplit(".lora", 1)[0] for k in tensors
-                                      if k not in used and "lora" in k.lower()})
+        other = sorted(set(other) | {_LORA_SUFFIX.sub("", k) for k in tensors if k not in used and "lora" in k.lower()})
         if not factors:
             raise ValueError(f"import_lora: {str(path)!r} holds no LoRA factors for this model's sites (e.g. "
                              f"{self.site_names[0]!r}); its keys start {sorted(tensors)[:3]}")

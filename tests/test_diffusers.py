@@ -2042,3 +2042,42 @@ def test_import_kohya_lora_matches_load_lora_weights(tmp_path):
         got, want, base = run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), run_unet(tiny_pipe().unet, inputs)
     assert (want - base).abs().max() > 0.05
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["lora_down", "processor"])
+def test_import_older_diffusers_lora_layouts(tmp_path, layout):
+    """diffusers' older key layouts: `unet.<module>.lora.down.weight` imports to what pipe.load_lora_weights makes
+    of it; the attention processors' `<attention>.processor.to_k_lora.down.weight` (save_attn_procs) to up @ down
+    (diffusers 0.42 loads that one as no change at all)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    t, want = {}, []
+    for s in cl.sites:
+        mod, _, proj = s.name.rpartition(".")
+        down, up = torch.randn(2, s.in_features, generator=g) * 0.2, torch.randn(s.out_features, 2, generator=g) * 0.2
+        if layout == "processor":
+            t[f"{mod}.processor.{proj}_lora.down.weight"], t[f"{mod}.processor.{proj}_lora.up.weight"] = down, up
+        else:
+            t[f"unet.{s.name}.lora.down.weight"], t[f"unet.{s.name}.lora.up.weight"] = down, up
+        want.append(up.double() @ down.double())
+    save_file(t, str(tmp_path / "old.safetensors"))
+    clora_fast.import_lora(pipe, tmp_path / "old.safetensors", "<old>")
+    for i, w in enumerate(want):
+        torch.testing.assert_close(cl.past(i).double(), w, rtol=0, atol=1e-6)
+    if layout == "lora_down":
+        fresh = tiny_pipe()
+        fresh.load_lora_weights(str(tmp_path), weight_name="old.safetensors")
+        inputs = unet_inputs(pipe.unet)
+        with torch.no_grad():
+            torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), rtol=1e-4, atol=1e-5)
+    t2 = dict(t)
+    name = next(s.name for s in cl.sites).replace("attn2.to_k", "attn1.to_q")
+    mod, _, proj = name.rpartition(".")
+    t2[f"{mod}.processor.{proj}_lora.down.weight"] = torch.zeros(2, 32)
+    t2[f"{mod}.processor.{proj}_lora.up.weight"] = torch.zeros(32, 2)
+    save_file(t2, str(tmp_path / "more.safetensors"))
+    with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) .*attn1.processor.to_q'\]"):
+        clora_fast.import_lora(pipe, tmp_path / "more.safetensors", "<more>")
