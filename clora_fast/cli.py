@@ -959,7 +959,13 @@ def _check_new_tokens(cl, pipe, folders, tokens, out_arg) -> None:
     """Every concept still to learn gets a token that is new to the pipeline's tokenizer(s) and was not used by a
     concept removed from the bank (begin_concept would refuse it, after the earlier concepts had trained)."""
     retired = {r["name"]: r["idx"] for r in cl.retired_concepts}
+    held = {c.name: c for c in cl.concepts}
     for folder, token in zip(folders, tokens):
+        if token in held:       # (an imported concept: the learned ones are the first --concepts)
+            c = held[token]
+            src = f" (imported from {c.source})" if c.source else ""
+            raise CLIError(f"concept folder {folder!r}: the token {token!r} is the name of concept {c.idx} of the bank "
+                           f"{out_arg!r}{src}: rename the folder")
         if token in retired:
             raise CLIError(f"concept folder {folder!r}: the token {token!r} belonged to concept {retired[token]}, which "
                            f"was removed from the bank {out_arg!r} (a removed concept's token is retired for good): "

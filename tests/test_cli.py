@@ -1407,6 +1407,9 @@ def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):
         assert msg in capsys.readouterr().err
     assert _manifest(bank) == before
 
+    clash = _concept(tmp_path / "data", "style", seed=3)
+    assert cli.main(["train", "--concepts", clash, "--out", str(bank), *FAST, "--rank", "2"]) == 2
+    assert "the token '<style>' is the name of concept 0 of the bank" in capsys.readouterr().err
     argv = ["train", "--concepts", concepts[0], "--out", str(bank), *FAST, "--rank", "2"]
     assert cli.main(argv) == 0
     assert _names(bank) == ["<style>", "<alpha>"]
