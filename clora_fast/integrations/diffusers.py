@@ -1189,8 +1189,9 @@ def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None
     concepts learned next are kept off it (see :meth:`CLoRAController.import_lora` for the keys, ``scale``,
     ``strict`` and ``ignore_other_modules``).  ``name`` becomes the concept's token; ``textual_inversion``, a
     safetensors file as :func:`export_textual_inversion` writes (``{token: [dim]}``, or SDXL's ``clip_l`` /
-    ``clip_g``), gives that token its learned embedding (and its name, when ``name`` is None).  Everything is
-    checked before anything changes.  Returns the concept's index."""
+    ``clip_g``), gives that token its learned embedding (and, for one text encoder, its name when ``name`` is
+    None; SDXL's file holds no token: pass ``name``).  Everything is checked before anything changes.  Returns
+    the concept's index."""
     from ..controller import _read_lora_file
     unet, _ = _resolve(obj)
     ad = _adapter_of(unet)

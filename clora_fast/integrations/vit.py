@@ -639,11 +639,10 @@ class ViTAdapter:
 
     def lora_factors(self, tensors: Dict[str, torch.Tensor]):
         """The inverse of :meth:`lora_tensors` for ``controller.import_lora``: ``({site: (A, B)}, used keys, other
-        adapted modules)`` from
-        PEFT's layout (``[base_model.model.]<module>.lora_A.weight`` / ``.lora_B.weight``).  timm: a LoRA on the
-        fused ``qkv`` gives the K site its ``B`` rows ``[d:2d]`` and the V site ``[2d:3d]`` (with the whole ``A``;
-        the controller drops the rank columns a site does not use); ``B`` rows for Q that are not all zero are
-        reported as another module (``<module>.qkv[q]``), since Q is not a site."""
+        adapted modules)`` from PEFT's layout (``[base_model.model.]<module>.lora_A.weight`` / ``.lora_B.weight``).
+        timm: a LoRA on the fused ``qkv`` gives the K site its ``B`` rows ``[d:2d]`` and the V site ``[2d:3d]``
+        (with the whole ``A``; the controller drops the rank columns a site does not use); ``B`` rows for Q that
+        are not all zero are reported as another adapted module (``<block>.qkv (its Q rows)``): Q is not a site."""
         factors, used, other = {}, set(), []
 
         def pair(module):
