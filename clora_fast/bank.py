@@ -22,6 +22,9 @@ Loading reads the manifest, checks every file's size and sha256, parses the tens
 checks shapes, the base model identity (site names and shapes, a hash of the adapted
 base weights' bytes) and the rank, and only then changes the controller.
 
+A concept added by ``import_concept`` / ``import_lora`` (a LoRA trained elsewhere) carries ``"source"`` (the file's
+name) in its manifest entry; learned concepts have no such field.
+
 Extra state of the integration that a load finds but the adapter does not take up (token
 embeddings of a bank opened with a bare UNet or without an adapter) is kept with the
 controller and written back by the next save (see ``_remember_unloaded_extra``).
