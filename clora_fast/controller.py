@@ -120,19 +120,22 @@ class DistributedGradientsWarning(UserWarning):
     ``warnings.filterwarnings("ignore", category=DistributedGradientsWarning)``."""
 
 
+def _positive_scale(what: str, scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{what}: scale must be a positive finite number, got {scale!r}")
+    return float(scale)
+
+
 def _read_lora_file(path, with_metadata: bool = False):
     """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused); with
-    ``with_metadata``, ``(tensors, the header's metadata dict)``."""
+    ``with_metadata``, ``(tensors, the header's metadata dict)``.  The file is opened once."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no LoRA file at {str(path)!r}")
     try:
-        tensors = load_file(str(path))
-        if not with_metadata:
-            return tensors
         with safe_open(str(path), framework="pt") as f:
-            return tensors, dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            return (tensors, dict(f.metadata() or {})) if with_metadata else tensors
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{str(path)!r} is not a safetensors file ({e}); clora_fast reads LoRA weights from "
                          f"safetensors only (never pickle)") from None
@@ -1058,9 +1061,7 @@ class CLoRAController(nn.Module):
                                f"penalized against)")
         if self.merged:
             raise RuntimeError("the controller is merged: call unmerge() before import_concept()")
-        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-                or scale <= 0):
-            raise ValueError(f"import_concept: scale must be a positive finite number, got {scale!r}")
+        scale = _positive_scale("import_concept", scale)
         if source is not None and (not isinstance(source, str) or not source):
             raise ValueError(f"import_concept: source must be a non-empty str or None, got {source!r}")
         if not isinstance(factors, dict):
@@ -1090,7 +1091,7 @@ class CLoRAController(nn.Module):
         self._refresh_sites()
         self._sync_device()
         pasts = list(self._past)
-        self._fold_into(pasts, As, Bs, float(scale))
+        self._fold_into(pasts, As, Bs, scale)
         begin = getattr(self.adapter, "on_begin_concept", None)      # e.g. the concept's token
         if begin is not None:
             begin(name, idx)
@@ -1104,7 +1105,7 @@ class CLoRAController(nn.Module):
                     remove(idx)
                 raise
         self._past = pasts
-        self.concepts.append(Concept(idx, name, float(scale), As, Bs, {"source": source or "import_concept"}))
+        self.concepts.append(Concept(idx, name, scale, As, Bs, {"source": source or "import_concept"}))
         self._next_idx += 1
         self._bump()
         logger.debug("import_concept %d (%s)", idx, name)
@@ -1117,14 +1118,16 @@ class CLoRAController(nn.Module):
         ViT, with a fused ``qkv``'s K and V rows), else PEFT / diffusers ``<prefix><site>.lora_A.weight`` /
         ``.lora_B.weight`` (``prefix`` the adapter's ``lora_key_prefix``, e.g. ``"unet."``; also without it),
         diffusers' older layouts (``<site>.lora.down.weight``; the attention processors'
-        ``<attention>.processor.to_k_lora.down.weight``) and kohya's ``lora_unet_<site, dots as _>.lora_down.weight``
-        / ``.lora_up.weight`` with its ``.alpha`` (``alpha / rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r``
-        of the LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in
-        the header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
+        ``<attention>.processor.to_k_lora.down.weight``) and kohya's
+        ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha`` (``alpha /
+        rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r`` of the
+        LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in the
+        header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
         ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale`` multiplies it (the strength to import at; a file
-        with neither carries no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A file that also adapts other modules
-        (attention Q / out, feed-forward, a text encoder) is refused, since only the sites' part can be folded
-        into P and protected, unless ``ignore_other_modules=True`` (then only the sites' part is imported)."""
+        with neither carries no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A
+        file that also adapts other modules (attention Q / out, feed-forward, a text encoder) is refused, since
+        only the sites' part can be folded into P and protected, unless ``ignore_other_modules=True`` (then only
+        the sites' part is imported)."""
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
         file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
@@ -1143,11 +1146,8 @@ class CLoRAController(nn.Module):
             raise ValueError(f"import_lora: {str(path)!r} also adapts {len(other)} module(s) that are not C-LoRA sites "
                              f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "
                              f"Pass ignore_other_modules=True to import that part alone")
-        if (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)
-                or scale <= 0):
-            raise ValueError(f"import_lora: scale must be a positive finite number, got {scale!r}")
-        return self.import_concept(factors, name, scale=float(scale) * file_scale, strict=strict,
-                                   source=os.path.basename(str(path)))
+        scale = _positive_scale("import_lora", scale) * file_scale
+        return self.import_concept(factors, name, scale=scale, strict=strict, source=os.path.basename(str(path)))
 
     def _import_factors(self, site: Site, ab) -> Tuple[Tensor, Tensor]:
         """One site's ``(A, B)`` for :meth:`import_concept`: checked, float32 on the CPU, zero rank columns dropped."""

@@ -1807,6 +1807,29 @@ def _sd1_delta(c, i):
     return c.scale * c.lora_B[i].double() @ c.lora_A[i].double()
 
 
+def site_factors(cl, rank, seed, std=1.0):
+    """[(site, A [rank, in], B [out, rank])]: random factors for every site of ``cl`` (A then B, site by site)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in cl.sites:
+        A = torch.randn(rank, s.in_features, generator=g) * std
+        out.append((s, A, torch.randn(s.out_features, rank, generator=g) * std))
+    return out
+
+
+def diffusers_loaded_unet_matches(pipe, folder, weight_name):
+    """The patched pipe's UNet output equals that of a fresh pipeline that pipe.load_lora_weights loaded the file
+    into; returns (that output, the plain UNet's output) for further checks."""
+    fresh = tiny_pipe()
+    fresh.load_lora_weights(str(folder), weight_name=weight_name)
+    inputs = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        got, want = run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs)
+        base = run_unet(tiny_pipe().unet, inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return want, base
+
+
 def test_import_lora_as_a_past_concept(tmp_path):
     """A LoRA trained elsewhere becomes a finished concept: export_lora / export_textual_inversion of one pipeline's
     concept, imported into another, gives the same past (the concept's s*B@A at every site), the same token
@@ -1903,8 +1926,8 @@ def test_import_lora_key_formats_scale_and_refusals(tmp_path):
     assert cl.import_lora(tmp_path / "peft.safetensors", "<p>", scale=0.5) == 2
     c = cl.concept(2)
     for i, (name, _, _) in enumerate(sites):
-        torch.testing.assert_close((c.scale * c.lora_B[i].double() @ c.lora_A[i].double()),
-                                   0.5 * peft[f"{name}.lora_B.weight"].double() @ peft[f"{name}.lora_A.weight"].double())
+        want = 0.5 * peft[f"{name}.lora_B.weight"].double() @ peft[f"{name}.lora_A.weight"].double()
+        torch.testing.assert_close(_sd1_delta(c, i), want)
     assert clora_fast.import_lora(pipe, tmp_path / "extra.safetensors", ignore_other_modules=True) == 3
     assert clora_fast.import_lora(pipe, tmp_path / "partial.safetensors", strict=False) == 4
     assert not cl.concept(4).lora_B[0].any() and cl.concept(4).lora_B[1].any()
@@ -1963,21 +1986,15 @@ def test_import_lora_saved_by_diffusers_with_its_config_matches_load_lora_weight
         pytest.skip("this diffusers' save_lora_weights stores no LoRA config")
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=2, backend="reference")
-    g = torch.Generator().manual_seed(8)
     layers = {}
-    for s in cl.sites:
-        layers[f"{s.name}.lora_A.weight"] = torch.randn(2, s.in_features, generator=g) * 0.2
-        layers[f"{s.name}.lora_B.weight"] = torch.randn(s.out_features, 2, generator=g) * 0.2
+    for s, A, B in site_factors(cl, 2, seed=8, std=0.2):
+        layers[f"{s.name}.lora_A.weight"], layers[f"{s.name}.lora_B.weight"] = A, B
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path), unet_lora_layers=layers, weight_name="w.safetensors", safe_serialization=True,
         unet_lora_adapter_metadata={"r": 2, "lora_alpha": 8, "target_modules": ["to_k", "to_v"]})
     assert clora_fast.import_lora(pipe, tmp_path / "w.safetensors", "<w>") == 0
     assert cl.concept(0).scale == 4.0
-    fresh = tiny_pipe()
-    fresh.load_lora_weights(str(tmp_path), weight_name="w.safetensors")
-    inputs = unet_inputs(pipe.unet)
-    with torch.no_grad():
-        torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), rtol=1e-4, atol=1e-5)
+    diffusers_loaded_unet_matches(pipe, tmp_path, "w.safetensors")
     assert cl.import_lora(tmp_path / "w.safetensors", "<half>", scale=0.5) == 1 and cl.concept(1).scale == 2.0
 
 
@@ -1989,11 +2006,9 @@ def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
     from safetensors.torch import save_file
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=2, backend="reference")
-    g = torch.Generator().manual_seed(9)
     t = {}
-    for s in cl.sites:
-        t[f"unet.{s.name}.lora_A.weight"] = torch.randn(2, s.in_features, generator=g)
-        t[f"unet.{s.name}.lora_B.weight"] = torch.randn(s.out_features, 2, generator=g)
+    for s, A, B in site_factors(cl, 2, seed=9):
+        t[f"unet.{s.name}.lora_A.weight"], t[f"unet.{s.name}.lora_B.weight"] = A, B
     for fname, cfg, err in (("pattern", {"unet.r": 2, "unet.lora_alpha": 4, "unet.alpha_pattern": {"to_k": 8}},
                              "rank_pattern / alpha_pattern"),
                             ("zero_r", {"unet.r": 0, "unet.lora_alpha": 4}, "r = 0, lora_alpha = 4"),
@@ -2026,22 +2041,15 @@ def test_import_kohya_lora_matches_load_lora_weights(tmp_path):
     from safetensors.torch import save_file
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=3, backend="reference")
-    g = torch.Generator().manual_seed(1)
     t = {}
-    for s in cl.sites:
+    for s, down, up in site_factors(cl, 3, seed=1, std=0.2):
         k = "lora_unet_" + s.name.replace(".", "_")
-        t[f"{k}.lora_down.weight"] = torch.randn(3, s.in_features, generator=g) * 0.2
-        t[f"{k}.lora_up.weight"] = torch.randn(s.out_features, 3, generator=g) * 0.2
+        t[f"{k}.lora_down.weight"], t[f"{k}.lora_up.weight"] = down, up
         t[f"{k}.alpha"] = torch.tensor(6.0)
     save_file(t, str(tmp_path / "k.safetensors"))
     clora_fast.import_lora(pipe, tmp_path / "k.safetensors", "<k>")
-    fresh = tiny_pipe()
-    fresh.load_lora_weights(str(tmp_path), weight_name="k.safetensors")
-    inputs = unet_inputs(pipe.unet)
-    with torch.no_grad():
-        got, want, base = run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), run_unet(tiny_pipe().unet, inputs)
+    want, base = diffusers_loaded_unet_matches(pipe, tmp_path, "k.safetensors")
     assert (want - base).abs().max() > 0.05
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["lora_down", "processor"])
@@ -2053,11 +2061,9 @@ def test_import_older_diffusers_lora_layouts(tmp_path, layout):
     from safetensors.torch import save_file
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=2, backend="reference")
-    g = torch.Generator().manual_seed(1)
     t, want = {}, []
-    for s in cl.sites:
+    for s, down, up in site_factors(cl, 2, seed=1, std=0.2):
         mod, _, proj = s.name.rpartition(".")
-        down, up = torch.randn(2, s.in_features, generator=g) * 0.2, torch.randn(s.out_features, 2, generator=g) * 0.2
         if layout == "processor":
             t[f"{mod}.processor.{proj}_lora.down.weight"], t[f"{mod}.processor.{proj}_lora.up.weight"] = down, up
         else:
@@ -2068,11 +2074,7 @@ def test_import_older_diffusers_lora_layouts(tmp_path, layout):
     for i, w in enumerate(want):
         torch.testing.assert_close(cl.past(i).double(), w, rtol=0, atol=1e-6)
     if layout == "lora_down":
-        fresh = tiny_pipe()
-        fresh.load_lora_weights(str(tmp_path), weight_name="old.safetensors")
-        inputs = unet_inputs(pipe.unet)
-        with torch.no_grad():
-            torch.testing.assert_close(run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs), rtol=1e-4, atol=1e-5)
+        diffusers_loaded_unet_matches(pipe, tmp_path, "old.safetensors")
     t2 = dict(t)
     name = next(s.name for s in cl.sites).replace("attn2.to_k", "attn1.to_q")
     mod, _, proj = name.rpartition(".")
