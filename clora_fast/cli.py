@@ -1516,7 +1516,8 @@ def _import_parser(sub):
                     "learns next are kept off the weights it uses, and sample / export / remove treat it as any "
                     "other concept. Keys read: diffusers / PEFT (unet.<module>.lora_A.weight, what "
                     "save_lora_weights and export --format lora write) and kohya (lora_unet_<module>.lora_down."
-                    "weight with .alpha). A file that also adapts other modules (self-attention, Q, out, feed-"
+                    "weight with .alpha; modules named as in diffusers or as in the original Stable Diffusion "
+                    "code, as SDXL's files are: lora_unet_input_blocks_4_1_...). A file that also adapts other modules (self-attention, Q, out, feed-"
                     "forward, a text encoder) is refused unless --ignore-other-modules. The bank is created "
                     "(--rank, --alpha) when it does not exist; refused while a clora-fast train runs on it. "
                     "Safetensors files only.")

@@ -183,28 +183,33 @@ _LORA_SUFFIX = re.compile(r"(\.lora_[AB]\.weight|\.lora\.(down|up)\.weight|_lora
                           r"\.lora_(down|up)\.weight|\.alpha)$")
 
 
-def _lora_key_candidates(site: str, prefix: str):
+def _lora_key_candidates(site: str, prefix: str, aliases: Sequence[str] = ()):
     """``(down / A key, up / B key, alpha key or None)`` of one site in the LoRA file layouts read here: PEFT /
     diffusers (``<site>.lora_A.weight``), diffusers' older ``<site>.lora.down.weight`` (with ``.alpha``) and
     attention-processor ``<attention>.processor.<proj>_lora.down.weight`` (each with or without ``prefix``), and
-    kohya's ``lora_unet_<site, dots as _>.lora_down.weight`` (with ``.alpha``)."""
+    kohya's ``lora_unet_<name, dots as _>.lora_down.weight`` (with ``.alpha``), for the site's name and then for
+    each of ``aliases`` (other names of the same module, e.g. the original Stable Diffusion ones)."""
     mod, _, proj = site.rpartition(".")
     for pre in dict.fromkeys((prefix, "")):
         yield f"{pre}{site}.lora_A.weight", f"{pre}{site}.lora_B.weight", None
         yield f"{pre}{site}.lora.down.weight", f"{pre}{site}.lora.up.weight", f"{pre}{site}.alpha"
         if mod:
             yield f"{pre}{mod}.processor.{proj}_lora.down.weight", f"{pre}{mod}.processor.{proj}_lora.up.weight", None
-    k = "lora_unet_" + site.replace(".", "_")
-    yield f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
+    for name in (site, *aliases):
+        k = "lora_unet_" + name.replace(".", "_")
+        yield f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
 
 
-def _lora_factors_by_name(tensors: Dict[str, Tensor], sites: Sequence[str], prefix: str):
-    """``({site: (A, B)}, used keys)`` from the layouts of :func:`_lora_key_candidates` (an ``alpha``'s
-    ``alpha / rank`` goes into B; kohya's 1x1-convolution factors are flattened)."""
+def _lora_factors_by_name(tensors: Dict[str, Tensor], sites: Sequence[str], prefix: str,
+                          aliases: Optional[Dict[str, Sequence[str]]] = None):
+    """``({site: (A, B)}, used keys)`` from the layouts of :func:`_lora_key_candidates` (``aliases``: ``{site:
+    other names of its module}``; an ``alpha``'s ``alpha / rank`` goes into B; kohya's 1x1-convolution factors
+    are flattened)."""
     factors: Dict[str, Tuple[Tensor, Tensor]] = {}
     used = set()
+    aliases = aliases or {}
     for site in sites:
-        for kd, ku, kal in _lora_key_candidates(site, prefix):
+        for kd, ku, kal in _lora_key_candidates(site, prefix, aliases.get(site, ())):
             if kd not in tensors or ku not in tensors:
                 continue
             down, up = tensors[kd], tensors[ku]
@@ -1120,7 +1125,9 @@ class CLoRAController(nn.Module):
         diffusers' older layouts (``<site>.lora.down.weight``; the attention processors'
         ``<attention>.processor.to_k_lora.down.weight``) and kohya's
         ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha`` (``alpha /
-        rank`` goes into B).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r`` of the
+        rank`` goes into B), also under the other names of a site's module that ``adapter.lora_module_aliases()``
+        gives (``{site: names}``; a diffusers UNet's: the original Stable Diffusion ones, as in kohya's SDXL
+        files' ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r`` of the
         LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in the
         header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
         ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale`` multiplies it (the strength to import at; a file
@@ -1136,7 +1143,9 @@ class CLoRAController(nn.Module):
         if hook is not None:
             factors, used, other = hook(tensors)
         else:
-            factors, used = _lora_factors_by_name(tensors, self.site_names, prefix)
+            names = getattr(self.adapter, "lora_module_aliases", None)
+            factors, used = _lora_factors_by_name(tensors, self.site_names, prefix,
+                                                  names() if names is not None else None)
             other = []
         other = sorted(set(other) | {_LORA_SUFFIX.sub("", k) for k in tensors if k not in used and "lora" in k.lower()})
         if not factors:

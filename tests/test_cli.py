@@ -1374,6 +1374,44 @@ def _builtin_sites():
     return [(s.name, s.in_features, s.out_features) for s in cl.sites]
 
 
+def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank(tmp_path, capsys):
+    """`import --model builtin-xl` of a LoRA as kohya's SDXL files are written: UNet keys named after the original
+    Stable Diffusion modules (lora_unet_input_blocks_2_1_..., middle_block_1, output_blocks_N_1; fp16 with .alpha)
+    beside text-encoder keys (lora_te1_ / lora_te2_).  Refused, naming those modules, and no bank is written;
+    with --ignore-other-modules the bank's past is (alpha / rank) up @ down at every site."""
+    from safetensors.torch import save_file
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+    from clora_fast.integrations import diffusers as D
+
+    cl = clora_fast.patch(build_pipeline("builtin-xl"), rank=2, backend="reference")
+    aliases = D.get_adapter(cl.adapter.unet).lora_module_aliases()
+    g = torch.Generator().manual_seed(0)
+    lora, want = {}, {}
+    for site in cl.sites:
+        (alias,) = aliases[site.name]
+        k = "lora_unet_" + alias.replace(".", "_")
+        down = (torch.randn(2, site.in_features, generator=g) * 0.1).half()
+        up = (torch.randn(site.out_features, 2, generator=g) * 0.1).half()
+        lora.update({f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up, f"{k}.alpha": torch.tensor(1.0)})
+        want[site.name] = 0.5 * up.double() @ down.double()
+    assert any("input_blocks" in k for k in lora) and any("middle_block_1" in k for k in lora)
+    for te in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_te2_text_model_encoder_layers_0_mlp_fc1"):
+        lora.update({f"{te}.lora_down.weight": torch.zeros(2, 8), f"{te}.lora_up.weight": torch.zeros(8, 2)})
+    save_file(lora, str(tmp_path / "xl_style.safetensors"))
+    bank = tmp_path / "bank"
+    argv = ["import", str(bank), str(tmp_path / "xl_style.safetensors"), "--model", "builtin-xl", "--rank", "2"]
+    assert cli.main(argv) == 2
+    assert "also adapts 2 module(s) that are not C-LoRA sites (e.g. ['lora_te1_text_model" in capsys.readouterr().err
+    assert not bank.exists()
+    assert cli.main(argv + ["--ignore-other-modules"]) == 0
+    (c,) = _manifest(bank)["concepts"]
+    assert (c["name"], c["source"]) == ("<xl_style>", "xl_style.safetensors")
+    again = clora_fast.load(build_pipeline("builtin-xl"), bank, backend="reference")
+    for i, site in enumerate(again.sites):
+        torch.testing.assert_close(again.past(i).double(), want[site.name], rtol=0, atol=1e-6)
+
+
 def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):
     """`import` adds a LoRA file to a new bank (created with --rank) as a finished, imported concept (info says
     so); `train` on that bank learns its --concepts after it (the imported concept is not one of them) and its

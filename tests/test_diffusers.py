@@ -1817,11 +1817,11 @@ def site_factors(cl, rank, seed, std=1.0):
     return out
 
 
-def diffusers_loaded_unet_matches(pipe, folder, weight_name):
+def diffusers_loaded_unet_matches(pipe, folder, weight_name, **load_kwargs):
     """The patched pipe's UNet output equals that of a fresh pipeline that pipe.load_lora_weights loaded the file
-    into; returns (that output, the plain UNet's output) for further checks."""
+    into (with ``load_kwargs``); returns (that output, the plain UNet's output) for further checks."""
     fresh = tiny_pipe()
-    fresh.load_lora_weights(str(folder), weight_name=weight_name)
+    fresh.load_lora_weights(str(folder), weight_name=weight_name, **load_kwargs)
     inputs = unet_inputs(pipe.unet)
     with torch.no_grad():
         got, want = run_unet(pipe.unet, inputs), run_unet(fresh.unet, inputs)
@@ -2050,6 +2050,112 @@ def test_import_kohya_lora_matches_load_lora_weights(tmp_path):
     clora_fast.import_lora(pipe, tmp_path / "k.safetensors", "<k>")
     want, base = diffusers_loaded_unet_matches(pipe, tmp_path, "k.safetensors")
     assert (want - base).abs().max() > 0.05
+
+
+def test_import_ldm_named_kohya_lora_matches_load_lora_weights(tmp_path):
+    """kohya files named after the original Stable Diffusion modules (SDXL's lora_unet_input_blocks_4_1_...; here
+    on the tiny SD-1 UNet: input_blocks.1.1, middle_block.1, output_blocks.2.1 / 3.1) import to what diffusers'
+    loader makes of them; a text-encoder or attn1 key under those names is another module (refused, or left out
+    with ignore_other_modules); a site named both ways is refused (the other name is another module)."""
+    pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=3, backend="reference")
+    stems = {site: "lora_unet_" + alias.replace(".", "_")
+             for site, (alias,) in D.get_adapter(pipe).lora_module_aliases().items()}
+    assert len(stems) == cl.num_sites
+    assert stems["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"] == \
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k"
+    assert stems["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"] == \
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v"
+    assert stems["up_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"] == \
+        "lora_unet_output_blocks_3_1_transformer_blocks_0_attn2_to_k"
+    t = {}
+    for s, down, up in site_factors(cl, 3, seed=2, std=0.2):
+        k = stems[s.name]
+        t[f"{k}.lora_down.weight"], t[f"{k}.lora_up.weight"] = down, up
+        t[f"{k}.alpha"] = torch.tensor(1.5)
+    save_file(t, str(tmp_path / "ldm.safetensors"))
+    more = dict(t)
+    q = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    more.update({f"{q}.lora_down.weight": torch.randn(3, 32), f"{q}.lora_up.weight": torch.randn(32, 3),
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(3, 32),
+                 "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(32, 3)})
+    save_file(more, str(tmp_path / "more.safetensors"))
+    both = dict(t)
+    site = cl.sites[0].name
+    both.update({f"lora_unet_{site.replace('.', '_')}.{w}.weight": t[f"{stems[site]}.{w}.weight"]
+                 .clone() for w in ("lora_down", "lora_up")})
+    save_file(both, str(tmp_path / "both.safetensors"))
+
+    with pytest.raises(ValueError, match=r"also adapts 2 module\(s\) .*input_blocks_1_1_transformer_blocks_0_attn1_to_q"):
+        clora_fast.import_lora(pipe, tmp_path / "more.safetensors", "<more>")
+    with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) .*lora_unet_input_blocks_1_1_transformer_blocks_0_"
+                                         r"attn2_to_k'\]"):
+        clora_fast.import_lora(pipe, tmp_path / "both.safetensors", "<both>")
+    assert cl.concepts == []
+    assert clora_fast.import_lora(pipe, tmp_path / "more.safetensors", "<more>", ignore_other_modules=True) == 0
+    cl.remove_concept(0)
+    clora_fast.import_lora(pipe, tmp_path / "ldm.safetensors", "<ldm>")
+    for i, (s, down, up) in enumerate(site_factors(cl, 3, seed=2, std=0.2)):
+        torch.testing.assert_close(cl.past(i).double(), 0.5 * up.double() @ down.double(), rtol=0, atol=1e-6)
+    # diffusers maps these names from the UNet config it is given (SDXL's loader passes it; SD-1's does not)
+    want, base = diffusers_loaded_unet_matches(pipe, tmp_path, "ldm.safetensors", unet_config=pipe.unet.config)
+    assert (want - base).abs().max() > 0.05
+
+
+_SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd1", "sd2", "sdxl-tiny"])
+def test_ldm_block_names(kind):
+    """The original Stable Diffusion names of every cross-attention of SD-1.5's and SDXL's UNets (built on the meta
+    device from their published configs) and of the tiny test UNets: the well-known ones (SDXL's
+    input_blocks.4.1 is down_blocks.1.attentions.0, ...) and, for all, what diffusers' own kohya loader maps them
+    back to."""
+    if kind == "sd15":
+        import json
+        import os
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "configs",
+                               "sd15_unet.json")) as f:
+            cfg = json.load(f)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(cfg)
+    elif kind == "sdxl":
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**_SDXL_UNET)
+    else:
+        unet = tiny_unet(kind.replace("-tiny", ""))
+    names = D._ldm_block_names(unet)
+    known = {"sd15": {"down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.2.attentions.1": "input_blocks.8.1",
+                      "mid_block.attentions.0": "middle_block.1", "up_blocks.1.attentions.0": "output_blocks.3.1",
+                      "up_blocks.3.attentions.2": "output_blocks.11.1"},
+             "sdxl": {"down_blocks.1.attentions.0": "input_blocks.4.1", "down_blocks.2.attentions.1": "input_blocks.8.1",
+                      "mid_block.attentions.0": "middle_block.1", "up_blocks.0.attentions.0": "output_blocks.0.1",
+                      "up_blocks.1.attentions.2": "output_blocks.5.1"}}.get(kind, {})
+    assert known.items() <= names.items()
+    attn2 = [n for n, _ in unet.named_modules() if n.endswith(".attn2")]
+    assert len(attn2) == {"sd15": 16, "sdxl": 70}.get(kind, len(attn2))
+    heads = {n.partition(".transformer_blocks.")[0] for n in attn2}
+    assert set(names) == heads
+    try:
+        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers as sgm_to_diffusers
+    except ImportError:
+        return
+    kohya = {}
+    for n in attn2:
+        head, _, tail = n.partition(".transformer_blocks.")
+        kohya["lora_unet_" + f"{names[head]}.transformer_blocks.{tail}.to_k".replace(".", "_") + ".lora_down.weight"] = n
+    mapped = sgm_to_diffusers(dict(kohya), unet.config)   # to diffusers' block numbers, before its kohya renaming
+    assert len(mapped) == len(kohya)
+    for k, n in mapped.items():
+        k = k.replace("input_blocks", "down_blocks").replace("middle_block", "mid_block")
+        assert k.replace("output_blocks", "up_blocks") == "lora_unet_" + f"{n}.to_k".replace(".", "_") + ".lora_down.weight"
 
 
 @pytest.mark.parametrize("layout", ["lora_down", "processor"])

@@ -557,6 +557,35 @@ class _Layer:
 
 
 # ------------------------------------------------------------------------------------ adapter
+def _ldm_block_names(unet) -> Dict[str, str]:
+    """``{diffusers name: original name}`` of the attention blocks (``Transformer2DModel``) of a UNet laid out as
+    diffusers' ``UNet2DConditionModel``: the names of the original Stable Diffusion (LDM / SGM) code, which
+    kohya's SDXL LoRA files use (``lora_unet_input_blocks_4_1_...``).  The numbering follows the UNet's own
+    structure, as the original code builds it: ``input_blocks.0`` is ``conv_in``, then each down block's layers
+    (resnet ``.0``, attention ``.1``) one index each and its downsampler one more; ``middle_block.1`` is the mid
+    block's (single) attention; ``output_blocks`` count the up blocks' layers (their upsamplers share the last
+    layer's index).  ``down_blocks.1.attentions.0`` is ``input_blocks.4.1`` in SD 1.x and SDXL (two layers per
+    block); ``up_blocks.1.attentions.2`` is ``output_blocks.5.1``.  Empty for other layouts."""
+    names: Dict[str, str] = {}
+    down, mid, up = (getattr(unet, a, None) for a in ("down_blocks", "mid_block", "up_blocks"))
+    if not isinstance(down, nn.ModuleList) or not isinstance(up, nn.ModuleList):
+        return names
+    for side, blocks, first, sampler in (("down_blocks", down, 1, "downsamplers"), ("up_blocks", up, 0, None)):
+        i = first
+        for b, blk in enumerate(blocks):
+            attns = getattr(blk, "attentions", None) or ()
+            for layer in range(len(getattr(blk, "resnets", None) or ())):
+                if layer < len(attns):
+                    names[f"{side}.{b}.attentions.{layer}"] = \
+                        f"{'input_blocks' if first else 'output_blocks'}.{i}.1"
+                i += 1
+            if sampler is not None and getattr(blk, sampler, None) is not None:
+                i += 1
+    if mid is not None and len(getattr(mid, "attentions", None) or ()) == 1:
+        names["mid_block.attentions.0"] = "middle_block.1"
+    return names
+
+
 class DiffusersAdapter:
     """Finds the attn2 K/V projections of a UNet, installs the processors, the grouped pre-hook
     and the personalized tokens; implements the controller's adapter protocol."""
@@ -634,6 +663,18 @@ class DiffusersAdapter:
         state = self.__dict__.copy()
         state["_cache"], state["_pending"] = None, []
         return state
+
+    def lora_module_aliases(self) -> Dict[str, Tuple[str, ...]]:
+        """``{site: (its module's original Stable Diffusion name,)}`` for ``controller.import_lora`` (see
+        :func:`_ldm_block_names`): ``down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k`` is
+        ``input_blocks.4.1.transformer_blocks.0.attn2.to_k`` in SDXL."""
+        blocks = _ldm_block_names(self.unet)
+        out = {}
+        for s in self.sites:
+            head, _, tail = s.name.partition(".transformer_blocks.")
+            if tail and head in blocks:
+                out[s.name] = (f"{blocks[head]}.transformer_blocks.{tail}",)
+        return out
 
     # -- install ---------------------------------------------------------------------------
     def install(self, controller: CLoRAController) -> None:
@@ -1184,7 +1225,8 @@ def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = Non
 
 def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None, scale: float = 1.0,
                 strict: bool = True, ignore_other_modules: bool = False) -> int:
-    """Add a LoRA trained elsewhere (diffusers / PEFT or kohya safetensors keys, e.g. :func:`export_lora`'s) to a
+    """Add a LoRA trained elsewhere (diffusers / PEFT or kohya safetensors keys, e.g. :func:`export_lora`'s; kohya's
+    also with the original Stable Diffusion module names, as SDXL's files have them) to a
     patched pipeline as a finished concept: its cross-attention K/V change is folded into the past, so the
     concepts learned next are kept off it (see :meth:`CLoRAController.import_lora` for the keys, ``scale``,
     ``strict`` and ``ignore_other_modules``).  ``name`` becomes the concept's token; ``textual_inversion``, a
