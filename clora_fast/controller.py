@@ -180,7 +180,9 @@ def _metadata_scale(metadata: Dict[str, str], prefix: str, where: str, folder: s
 
 # what follows a module's name in the LoRA keys of the layouts read here (to name the modules a file adapts)
 _LORA_SUFFIX = re.compile(r"(\.lora_[AB]\.weight|\.lora\.(down|up)\.weight|_lora\.(down|up)\.weight|"
-                          r"\.lora_(down|up)\.weight|\.alpha)$")
+                          r"\.lora_(down|up)\.weight|\.alpha|\.lora_magnitude_vector(\.weight)?|\.dora_scale)$")
+# DoRA's magnitude vectors (PEFT's, kohya's): a module with one is not changed by B @ A alone
+_DORA_SUFFIX = re.compile(r"(\.lora_magnitude_vector(\.weight)?|\.dora_scale)$")
 
 
 def _lora_key_candidates(site: str, prefix: str, aliases: Sequence[str] = ()):
@@ -1134,7 +1136,8 @@ class CLoRAController(nn.Module):
         with neither carries no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A
         file that also adapts other modules (attention Q / out, feed-forward, a text encoder) is refused, since
         only the sites' part can be folded into P and protected, unless ``ignore_other_modules=True`` (then only
-        the sites' part is imported)."""
+        the sites' part is imported).  DoRA at a site (a ``lora_magnitude_vector`` / ``dora_scale`` key beside its
+        factors, or ``use_dora`` in the config) is refused: its change is not ``s * B @ A``."""
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
         file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
@@ -1147,6 +1150,12 @@ class CLoRAController(nn.Module):
             factors, used = _lora_factors_by_name(tensors, self.site_names, prefix,
                                                   names() if names is not None else None)
             other = []
+        modules = {_LORA_SUFFIX.sub("", k) for k in used}
+        dora = sorted(m for m in (_DORA_SUFFIX.sub("", k) for k in tensors if _DORA_SUFFIX.search(k)) if m in modules)
+        if dora:
+            raise ValueError(f"import_lora: {str(path)!r} is DoRA (weight-decomposed LoRA) at {len(dora)} of the "
+                             f"sites' module(s) (e.g. {dora[:2]}: a magnitude vector, lora_magnitude_vector / "
+                             f"dora_scale): its change is not s * B @ A and cannot be folded into the past")
         other = sorted(set(other) | {_LORA_SUFFIX.sub("", k) for k in tensors if k not in used and "lora" in k.lower()})
         if not factors:
             raise ValueError(f"import_lora: {str(path)!r} holds no LoRA factors for this model's sites (e.g. "

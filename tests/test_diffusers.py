@@ -2104,6 +2104,35 @@ def test_import_ldm_named_kohya_lora_matches_load_lora_weights(tmp_path):
     assert (want - base).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("layout", ["kohya", "peft"])
+def test_import_lora_refuses_dora(tmp_path, layout):
+    """A DoRA file (a magnitude vector beside a site's factors: kohya's .dora_scale, PEFT's .lora_magnitude_vector)
+    is refused even with ignore_other_modules (its change is not s * B @ A) and changes nothing; a DoRA module
+    that is not a site is another module (named without the suffix), which ignore_other_modules leaves out."""
+    from safetensors.torch import save_file
+    pipe = tiny_pipe()
+    cl = D.patch(pipe, rank=2, backend="reference")
+    t = {}
+    stem = (lambda n: "lora_unet_" + n.replace(".", "_")) if layout == "kohya" else (lambda n: f"unet.{n}")
+    down, up, mag = ("lora_down", "lora_up", "dora_scale") if layout == "kohya" else \
+        ("lora_A", "lora_B", "lora_magnitude_vector")
+    for s, a, b in site_factors(cl, 2, seed=3, std=0.2):
+        t[f"{stem(s.name)}.{down}.weight"], t[f"{stem(s.name)}.{up}.weight"] = a, b
+    other = cl.sites[0].name.replace("attn2.to_k", "attn1.to_q")
+    off = dict(t, **{f"{stem(other)}.{down}.weight": torch.randn(2, 32), f"{stem(other)}.{up}.weight": torch.randn(32, 2),
+                     f"{stem(other)}.{mag}": torch.ones(1, 32)})
+    save_file(off, str(tmp_path / "off.safetensors"))
+    on = dict(t, **{f"{stem(cl.sites[1].name)}.{mag}": torch.ones(1, 32)})
+    save_file(on, str(tmp_path / "on.safetensors"))
+    with pytest.raises(ValueError, match=r"is DoRA \(weight-decomposed LoRA\) at 1 of the sites' module\(s\) \(e.g. "
+                                         + re.escape(f"['{stem(cl.sites[1].name)}']")):
+        cl.import_lora(tmp_path / "on.safetensors", ignore_other_modules=True)
+    assert cl.concepts == [] and not cl.has_past
+    with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) .*" + re.escape(f"['{stem(other)}']")):
+        cl.import_lora(tmp_path / "off.safetensors")
+    assert cl.import_lora(tmp_path / "off.safetensors", ignore_other_modules=True) == 0
+
+
 _SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
                   down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                   up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

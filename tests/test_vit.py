@@ -1664,3 +1664,12 @@ def test_import_lora_from_peft_reproduces_its_outputs(fw, tmp_path):
         assert len(ctrl2.concepts) == 1
         ctrl2.import_lora(tmp_path / "q.safetensors", ignore_other_modules=True)
         assert len(ctrl2.concepts) == 2
+
+    dm = peft.get_peft_model(copy.deepcopy(m2), peft.LoraConfig(r=2, target_modules=target, use_dora=True))
+    save_file({k: v.contiguous() for k, v in peft.get_peft_model_state_dict(dm).items()},
+              str(tmp_path / "dora.safetensors"))                # no config beside it: the keys say DoRA
+    n = len(ctrl2.concepts)
+    with pytest.raises(ValueError, match=r"is DoRA \(weight-decomposed LoRA\) at \d+ of the sites' module\(s\) "
+                                         r"\(e.g. \['base_model.model."):
+        ctrl2.import_lora(tmp_path / "dora.safetensors", ignore_other_modules=True)
+    assert len(ctrl2.concepts) == n
