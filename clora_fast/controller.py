@@ -1137,7 +1137,8 @@ class CLoRAController(nn.Module):
         file that also adapts other modules (attention Q / out, feed-forward, a text encoder) is refused, since
         only the sites' part can be folded into P and protected, unless ``ignore_other_modules=True`` (then only
         the sites' part is imported).  DoRA at a site (a ``lora_magnitude_vector`` / ``dora_scale`` key beside its
-        factors, or ``use_dora`` in the config) is refused: its change is not ``s * B @ A``."""
+        factors, or ``use_dora`` in the config), and any other tensor of a site's module that is not read (e.g.
+        LyCORIS's ``lora_mid``), is refused: the change is not ``s * B @ A``."""
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
         file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
@@ -1150,16 +1151,27 @@ class CLoRAController(nn.Module):
             factors, used = _lora_factors_by_name(tensors, self.site_names, prefix,
                                                   names() if names is not None else None)
             other = []
+        # tensors of a site's module beside the factors read (DoRA's magnitude, LyCORIS's lora_mid, an alpha of a
+        # layout that has none): the module's change is not what was read, so nothing is imported
         modules = {_LORA_SUFFIX.sub("", k) for k in used}
-        dora = sorted(m for m in (_DORA_SUFFIX.sub("", k) for k in tensors if _DORA_SUFFIX.search(k)) if m in modules)
-        if dora:
+        extra = sorted(k for k in tensors if k not in used
+                       and any(k[:i] in modules for i, ch in enumerate(k) if ch == "."))
+        if any(_DORA_SUFFIX.search(k) for k in extra):
+            dora = sorted({_DORA_SUFFIX.sub("", k) for k in extra if _DORA_SUFFIX.search(k)})
             raise ValueError(f"import_lora: {str(path)!r} is DoRA (weight-decomposed LoRA) at {len(dora)} of the "
                              f"sites' module(s) (e.g. {dora[:2]}: a magnitude vector, lora_magnitude_vector / "
                              f"dora_scale): its change is not s * B @ A and cannot be folded into the past")
+        if extra:
+            raise ValueError(f"import_lora: {str(path)!r} holds {len(extra)} tensor(s) beside the LoRA factors of "
+                             f"the sites' modules that this import does not read (e.g. {extra[:3]}): the change "
+                             f"they make is not s * B @ A alone, so it cannot be folded into the past")
         other = sorted(set(other) | {_LORA_SUFFIX.sub("", k) for k in tensors if k not in used and "lora" in k.lower()})
         if not factors:
+            lyco = [k for k in tensors if re.search(r"\.(hada|lokr)_", k)]
             raise ValueError(f"import_lora: {str(path)!r} holds no LoRA factors for this model's sites (e.g. "
-                             f"{self.site_names[0]!r}); its keys start {sorted(tensors)[:3]}")
+                             f"{self.site_names[0]!r}); its keys start {sorted(tensors)[:3]}"
+                             + (f"; its {min(lyco).rpartition('.')[2]!r} keys are LyCORIS LoHa / LoKr factors, "
+                                f"whose change is not B @ A" if lyco else ""))
         if other and not ignore_other_modules:
             raise ValueError(f"import_lora: {str(path)!r} also adapts {len(other)} module(s) that are not C-LoRA sites "
                              f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "

@@ -2105,10 +2105,12 @@ def test_import_ldm_named_kohya_lora_matches_load_lora_weights(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["kohya", "peft"])
-def test_import_lora_refuses_dora(tmp_path, layout):
+def test_import_lora_refuses_changes_that_are_not_b_at_a(tmp_path, layout):
     """A DoRA file (a magnitude vector beside a site's factors: kohya's .dora_scale, PEFT's .lora_magnitude_vector)
-    is refused even with ignore_other_modules (its change is not s * B @ A) and changes nothing; a DoRA module
-    that is not a site is another module (named without the suffix), which ignore_other_modules leaves out."""
+    is refused even with ignore_other_modules (its change is not s * B @ A) and changes nothing; so is any other
+    tensor beside a site's factors that is not read (LyCORIS's lora_mid, an alpha where the layout has none); a
+    DoRA module that is not a site is another module (named without the suffix), which ignore_other_modules
+    leaves out; a file of LyCORIS LoHa factors says so."""
     from safetensors.torch import save_file
     pipe = tiny_pipe()
     cl = D.patch(pipe, rank=2, backend="reference")
@@ -2128,9 +2130,21 @@ def test_import_lora_refuses_dora(tmp_path, layout):
                                          + re.escape(f"['{stem(cl.sites[1].name)}']")):
         cl.import_lora(tmp_path / "on.safetensors", ignore_other_modules=True)
     assert cl.concepts == [] and not cl.has_past
+    unread = f"{stem(cl.sites[2].name)}." + ("lora_mid.weight" if layout == "kohya" else "alpha")
+    save_file(dict(t, **{unread: torch.ones(2, 2) if layout == "kohya" else torch.tensor(4.0)}),
+              str(tmp_path / "unread.safetensors"))
+    with pytest.raises(ValueError, match=r"holds 1 tensor\(s\) beside the LoRA factors of the sites' modules that "
+                                         r"this import does not read \(e.g. " + re.escape(f"['{unread}']")):
+        cl.import_lora(tmp_path / "unread.safetensors", ignore_other_modules=True)
+    assert cl.concepts == [] and not cl.has_past
     with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) .*" + re.escape(f"['{stem(other)}']")):
         cl.import_lora(tmp_path / "off.safetensors")
     assert cl.import_lora(tmp_path / "off.safetensors", ignore_other_modules=True) == 0
+    k = "lora_unet_" + cl.sites[0].name.replace(".", "_")
+    save_file({f"{k}.hada_w1_a": torch.zeros(2, 32), f"{k}.hada_w1_b": torch.zeros(2, 32), f"{k}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "loha.safetensors"))
+    with pytest.raises(ValueError, match=r"holds no LoRA factors .*its 'hada_w1_a' keys are LyCORIS LoHa / LoKr"):
+        cl.import_lora(tmp_path / "loha.safetensors")
 
 
 _SDXL_UNET = dict(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280), layers_per_block=2,
