@@ -76,16 +76,22 @@ def load(obj, path, **kwargs):
     return _integration_for(obj).load(obj, path, **kwargs)
 
 
-def export_lora(obj, path, which="merged", *, dtype=None) -> None:
+def export_lora(obj, path, which="merged", *, dtype=None, **kwargs) -> None:
     """Write the concepts of a patched model (or of a controller) as a plain LoRA safetensors file: diffusers'
-    format for a pipeline / UNet (``pipe.load_lora_weights``), PEFT's for a ViT (``set_peft_model_state_dict``).
+    format for a pipeline / UNet (``pipe.load_lora_weights``; ``layout="kohya"`` for kohya's keys, see
+    :func:`clora_fast.integrations.diffusers.export_lora`), PEFT's for a ViT (``set_peft_model_state_dict``).
     ``which``: a concept index, or ``"merged"`` (every finished concept, rank T*r).  See
     :meth:`clora_fast.controller.CLoRAController.export_lora`."""
     from .controller import CLoRAController
-    ctrl = obj if isinstance(obj, CLoRAController) else _integration_for(obj).get_controller(obj)
+    if isinstance(obj, CLoRAController):
+        return obj.export_lora(path, which, dtype=dtype, **kwargs)
+    integ = _integration_for(obj)
+    if hasattr(integ, "export_lora"):
+        return integ.export_lora(obj, path, which, dtype=dtype, **kwargs)
+    ctrl = integ.get_controller(obj)
     if ctrl is None:
         raise ValueError(f"export_lora: this {type(obj).__name__} is not patched by clora_fast")
-    ctrl.export_lora(path, which, dtype=dtype)
+    ctrl.export_lora(path, which, dtype=dtype, **kwargs)
 
 
 def import_lora(obj, path, name=None, **kwargs) -> int:

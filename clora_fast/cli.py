@@ -1310,11 +1310,13 @@ def _export_parser(sub):
                     "into its weights and their tokens in its tokenizer(s) and text encoder(s); --format lora "
                     "writes the merged concepts as one diffusers LoRA file (pytorch_lora_weights.safetensors, "
                     "rank T*r) and each concept's token embedding as a textual-inversion file, with "
-                    "concepts.json listing them. --out must be a new (or empty) folder; it is written whole or "
-                    "not at all.")
+                    "concepts.json listing them; --format kohya does the same with the LoRA in kohya's keys "
+                    "(kohya_lora.safetensors: lora_unet_<module>.lora_down / lora_up / alpha; SDXL's modules under "
+                    "their original Stable Diffusion names), which the Stable Diffusion web UIs and ComfyUI read. "
+                    "--out must be a new (or empty) folder; it is written whole or not at all.")
     _bank_options(p)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--format", choices=["pipeline", "lora"], default="pipeline")
+    p.add_argument("--format", choices=["pipeline", "lora", "kohya"], default="pipeline")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="dtype of the written weights (default: the model's, fp32 for the LoRA factors)")
     _threads_option(p)
@@ -1360,8 +1362,10 @@ def cmd_export(args) -> int:
             clora_fast.save_pipeline(pipe, tmp, safe_serialization=True)
             what = f"a diffusers pipeline ({type(pipe).__name__}.from_pretrained({str(out)!r}))"
         else:
-            clora_fast.export_lora(pipe, tmp / "pytorch_lora_weights.safetensors", "merged", dtype=dtype)
-            listing, taken = [], {"pytorch_lora_weights", "concepts"}
+            lora = "kohya_lora" if args.format == "kohya" else "pytorch_lora_weights"
+            clora_fast.export_lora(pipe, tmp / f"{lora}.safetensors", "merged", dtype=dtype,
+                                   layout="kohya" if args.format == "kohya" else "diffusers")
+            listing, taken = [], {lora, "concepts"}
             tokens = get_adapter(pipe.unet).tokens
             for c in cl.concepts:
                 f = None
@@ -1372,11 +1376,11 @@ def cmd_export(args) -> int:
                     f = f"{stem}.safetensors"
                     export_textual_inversion(pipe, tmp / f, c.idx)
                 listing.append({"token": c.name, "file": f})
-            listing = {"lora": "pytorch_lora_weights.safetensors", "scale": 1.0, "concepts": listing,
+            listing = {"lora": f"{lora}.safetensors", "scale": 1.0, "concepts": listing,
                        "text_encoders": 2 if _is_xl(pipe) else 1}
             (tmp / "concepts.json").write_text(json.dumps(listing, indent=1) + "\n")
-            what = ("pytorch_lora_weights.safetensors (pipe.load_lora_weights) and a textual-inversion file per "
-                    "concept (pipe.load_textual_inversion; listed in concepts.json)")
+            what = (f"{lora}.safetensors (pipe.load_lora_weights{', kohya keys' if args.format == 'kohya' else ''}) "
+                    f"and a textual-inversion file per concept (pipe.load_textual_inversion; listed in concepts.json)")
         from clora_fast.bank import _umask
 
         os.chmod(tmp, 0o777 & ~_umask())                       # mkdtemp's folder is private (0700)

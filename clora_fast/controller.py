@@ -1372,16 +1372,37 @@ class CLoRAController(nn.Module):
         return out
 
     def export_lora(self, path, which: Union[int, str] = "merged", *, prefix: Optional[str] = None,
-                    dtype: Optional[torch.dtype] = None) -> None:
-        """Write :meth:`export_factors` as a PEFT-style LoRA safetensors file: keys
-        ``<prefix><site>.lora_A.weight`` / ``.lora_B.weight`` (alpha = rank: the scale is in B).
-        ``prefix`` defaults to the adapter's ``lora_key_prefix`` (``"unet."`` for diffusers,
-        which ``pipe.load_lora_weights`` accepts). Written atomically."""
+                    dtype: Optional[torch.dtype] = None, layout: str = "peft",
+                    original_names: Optional[bool] = None) -> None:
+        """Write :meth:`export_factors` as a LoRA safetensors file, atomically.  ``layout="peft"``: keys
+        ``<prefix><site>.lora_A.weight`` / ``.lora_B.weight`` (alpha = rank: the scale is in B); ``prefix``
+        defaults to the adapter's ``lora_key_prefix`` (``"unet."`` for diffusers, which ``pipe.load_lora_weights``
+        accepts).  ``layout="kohya"`` (an adapter with ``kohya_names``, e.g. a diffusers UNet's): kohya's keys
+        ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = each site's rank, the scale in
+        ``lora_up``), the stems from ``adapter.kohya_names(original_names)`` (``original_names``: the original
+        Stable Diffusion module names, as kohya's SDXL files have them; None: the adapter's default)."""
         from safetensors.torch import save
         from .bank import atomic_write_bytes
+        if layout not in ("peft", "kohya"):
+            raise ValueError(f"export_lora: layout must be 'peft' or 'kohya', got {layout!r}")
+        if layout == "peft" and original_names is not None:
+            raise ValueError("export_lora: original_names is for layout='kohya' (kohya's key stems)")
+        names = getattr(self.adapter, "kohya_names", None)
+        if layout == "kohya" and names is None:
+            raise ValueError(f"export_lora: layout='kohya' writes kohya's lora_unet_ keys of a diffusers UNet; this "
+                             f"controller's adapter ({type(self.adapter).__name__}) has no kohya names")
+        if layout == "kohya" and prefix is not None:
+            raise ValueError("export_lora: prefix is for layout='peft' (kohya's keys start lora_unet_)")
         factors = self.export_factors(which)
         hook = getattr(self.adapter, "lora_tensors", None)
-        if prefix is None and hook is not None:     # the integration's own key layout (e.g. PEFT's for a ViT)
+        if layout == "kohya":
+            stems = names(original_names)
+            tensors = {}
+            for name, (A, B) in factors.items():
+                tensors[f"{stems[name]}.lora_down.weight"] = A
+                tensors[f"{stems[name]}.lora_up.weight"] = B
+                tensors[f"{stems[name]}.alpha"] = torch.tensor(float(A.shape[0]))
+        elif prefix is None and hook is not None:     # the integration's own key layout (e.g. PEFT's for a ViT)
             tensors = hook(factors)
         else:
             if prefix is None:

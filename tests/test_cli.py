@@ -1374,11 +1374,13 @@ def _builtin_sites():
     return [(s.name, s.in_features, s.out_features) for s in cl.sites]
 
 
-def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank(tmp_path, capsys):
+def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank_and_export_it(tmp_path, capsys):
     """`import --model builtin-xl` of a LoRA as kohya's SDXL files are written: UNet keys named after the original
     Stable Diffusion modules (lora_unet_input_blocks_2_1_..., middle_block_1, output_blocks_N_1; fp16 with .alpha)
     beside text-encoder keys (lora_te1_ / lora_te2_).  Refused, naming those modules, and no bank is written;
-    with --ignore-other-modules the bank's past is (alpha / rank) up @ down at every site."""
+    with --ignore-other-modules the bank's past is (alpha / rank) up @ down at every site.  `export --format kohya`
+    writes it back under the same key stems, and diffusers' SDXL pipeline loads that file to what the bank
+    denoises to."""
     from safetensors.torch import save_file
     import clora_fast
     from clora_fast.builtin import build_pipeline
@@ -1407,9 +1409,31 @@ def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank(tmp_path, capsys):
     assert cli.main(argv + ["--ignore-other-modules"]) == 0
     (c,) = _manifest(bank)["concepts"]
     assert (c["name"], c["source"]) == ("<xl_style>", "xl_style.safetensors")
-    again = clora_fast.load(build_pipeline("builtin-xl"), bank, backend="reference")
+    ref = build_pipeline("builtin-xl")
+    again = clora_fast.load(ref, bank, backend="reference")
     for i, site in enumerate(again.sites):
         torch.testing.assert_close(again.past(i).double(), want[site.name], rtol=0, atol=1e-6)
+
+    out = tmp_path / "out"
+    assert cli.main(["export", "--bank", str(bank), "--model", "builtin-xl", "--out", str(out), "--format", "kohya"]) == 0
+    printed = capsys.readouterr().out
+    assert "kohya_lora.safetensors (pipe.load_lora_weights, kohya keys)" in printed, printed
+    listing = json.loads((out / "concepts.json").read_text())
+    assert listing["lora"] == "kohya_lora.safetensors" and listing["text_encoders"] == 2
+    got = load_file(str(out / "kohya_lora.safetensors"))
+    assert sorted(got) == sorted(k for k in lora if k.startswith("lora_unet_"))
+    assert all(float(v) == 2.0 for k, v in got.items() if k.endswith(".alpha"))
+    for site in again.sites:
+        k = "lora_unet_" + aliases[site.name][0].replace(".", "_")
+        torch.testing.assert_close(got[f"{k}.lora_up.weight"].double() @ got[f"{k}.lora_down.weight"].double(),
+                                   want[site.name], rtol=0, atol=1e-6)
+    pytest.importorskip("peft")
+    again.merge()
+    fresh = build_pipeline("builtin-xl")
+    fresh.load_lora_weights(str(out), weight_name=listing["lora"])
+    denoised = _latents(ref, "a photo")
+    torch.testing.assert_close(_latents(fresh, "a photo"), denoised, rtol=1e-4, atol=1e-5)
+    assert (_latents(build_pipeline("builtin-xl"), "a photo") - denoised).abs().max() > 1e-3    # the LoRA counts
 
 
 def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):

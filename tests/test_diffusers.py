@@ -1803,6 +1803,50 @@ def test_controlnet_pipeline_adapts_the_unet_only():
     assert torch.equal(gen("a photo of dog"), before)
 
 
+def test_export_kohya_lora(tmp_path):
+    """export_lora(layout="kohya"): kohya's keys (lora_down / lora_up / alpha = rank), diffusers' module names for
+    SD 1.x by default and the original Stable Diffusion ones with original_names=True (the default for an SDXL
+    UNet); diffusers' loader makes of each what the patched pipeline computes, and import_lora reads each back
+    to the same past; bad arguments are refused before anything is written."""
+    from safetensors.torch import load_file
+    pipe, cl = pipe_with_concepts(n=2, rank=2)
+    clora_fast.export_lora(pipe, tmp_path / "k.safetensors", layout="kohya")
+    D.export_lora(pipe, tmp_path / "o.safetensors", layout="kohya", original_names=True)
+    k, o = load_file(str(tmp_path / "k.safetensors")), load_file(str(tmp_path / "o.safetensors"))
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert {f"{stem}.lora_down.weight", f"{stem}.lora_up.weight", f"{stem}.alpha"} <= set(k)
+    assert len(k) == len(o) == 3 * cl.num_sites and float(k[f"{stem}.alpha"]) == 4.0      # 2 concepts x rank 2
+    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.alpha" in o
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_v.lora_up.weight" in o
+    pytest.importorskip("peft")
+    diffusers_loaded_unet_matches(pipe, tmp_path, "k.safetensors")
+    diffusers_loaded_unet_matches(pipe, tmp_path, "o.safetensors", unet_config=pipe.unet.config)
+    for f in ("k", "o"):
+        other = tiny_pipe()
+        cl2 = D.patch(other, rank=4, backend="reference")
+        clora_fast.import_lora(other, tmp_path / f"{f}.safetensors", "<all>")
+        for i in range(cl.num_sites):
+            torch.testing.assert_close(cl2.past(i), cl.past(i), rtol=1e-5, atol=1e-6)
+
+    xl = D.patch(tiny_unet("sdxl"), rank=2, backend="reference")
+    xl.begin_concept()
+    randomize(xl)
+    xl.end_concept()
+    D.export_lora(xl, tmp_path / "xl.safetensors", layout="kohya")
+    assert all(key.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_"))
+               for key in load_file(str(tmp_path / "xl.safetensors")))
+    for kw, msg in ((dict(layout="kohya", original_names=1), r"original_names must be a bool or None, got 1"),
+                    (dict(layout="peft"), r"layout must be 'diffusers' or 'kohya', got 'peft'"),
+                    (dict(original_names=True), r"original_names is for layout='kohya'")):
+        with pytest.raises((TypeError, ValueError), match=msg):
+            D.export_lora(pipe, tmp_path / "bad.safetensors", **kw)
+    with pytest.raises(ValueError, match=r"prefix is for layout='peft'"):
+        cl.export_lora(tmp_path / "bad.safetensors", layout="kohya", prefix="unet.")
+    with pytest.raises(ValueError, match=r"layout must be 'peft' or 'kohya', got 'diffusers'"):
+        cl.export_lora(tmp_path / "bad.safetensors", layout="diffusers")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def _sd1_delta(c, i):
     return c.scale * c.lora_B[i].double() @ c.lora_A[i].double()
 

@@ -1260,6 +1260,9 @@ def test_export_lora_loads_into_peft(fw, tmp_path):
     assert not res.unexpected_keys
     with torch.no_grad():
         torch.testing.assert_close(run(pm, x), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"layout='kohya' writes kohya's lora_unet_ keys of a diffusers UNet"):
+        clora_fast.export_lora(m, tmp_path / "kohya.safetensors", layout="kohya")
+    assert not (tmp_path / "kohya.safetensors").exists()
 
 
 @pytest.mark.parametrize("fw", ["hf", "timm"])

@@ -676,6 +676,24 @@ class DiffusersAdapter:
                 out[s.name] = (f"{blocks[head]}.transformer_blocks.{tail}",)
         return out
 
+    def kohya_names(self, original: Optional[bool] = None) -> Dict[str, str]:
+        """``{site: kohya's key stem}`` for ``controller.export_lora(layout="kohya")``: ``lora_unet_`` and the
+        module's name with ``_`` for ``.``; the original Stable Diffusion name (:meth:`lora_module_aliases`) when
+        ``original``, else diffusers'.  ``None``: as kohya's trainer writes them, the original names for an SDXL
+        UNet (``addition_embed_type="text_time"``; also the names the web UIs map SDXL's keys by) and diffusers'
+        for SD 1.x / 2.x (the names diffusers' SD-1 loader reads)."""
+        if original is None:
+            original = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+        elif not isinstance(original, bool):
+            raise TypeError(f"original_names must be a bool or None, got {original!r}")
+        aliases = self.lora_module_aliases() if original else {}
+        missing = [s.name for s in self.sites if original and s.name not in aliases]
+        if missing:
+            raise ValueError(f"export_lora: {type(self.unet).__name__} has no original Stable Diffusion names for "
+                             f"{len(missing)} site(s) (e.g. {missing[0]!r}): pass original_names=False")
+        return {s.name: "lora_unet_" + (aliases[s.name][0] if original else s.name).replace(".", "_")
+                for s in self.sites}
+
     # -- install ---------------------------------------------------------------------------
     def install(self, controller: CLoRAController) -> None:
         self.controller = controller
@@ -1210,17 +1228,28 @@ def load(obj, path, *, backend: str = "auto", grouped: bool = True,
     return ctrl
 
 
-def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = None) -> None:
-    """Write a diffusers/PEFT-format LoRA safetensors file (keys
-    ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, scale baked into B so alpha = rank)
-    of one concept (``which`` = its index) or of all finished concepts (``"merged"``), which
-    ``pipe.load_lora_weights(folder, weight_name=file_name)`` accepts (older diffusers need the
-    ``weight_name`` form offline; newer ones also take the file's path).
+def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = None, layout: str = "diffusers",
+                original_names: Optional[bool] = None) -> None:
+    """Write a LoRA safetensors file of one concept (``which`` = its index) or of all finished concepts
+    (``"merged"``, rank T*r), which ``pipe.load_lora_weights(folder, weight_name=file_name)`` accepts (older
+    diffusers need the ``weight_name`` form offline; newer ones also take the file's path).
+    ``layout="diffusers"``: diffusers/PEFT keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (the scale
+    baked into B, so alpha = rank).  ``layout="kohya"``: kohya's ``lora_unet_<module>.lora_down.weight`` /
+    ``.lora_up.weight`` / ``.alpha``, which the Stable Diffusion web UIs and ComfyUI read; module names as kohya's
+    trainer writes them (SDXL: the original Stable Diffusion names, ``lora_unet_input_blocks_4_1_...``; SD 1.x /
+    2.x: diffusers'), or as ``original_names`` says (see :meth:`DiffusersAdapter.kohya_names`).
     ``obj``: a patched pipeline/UNet or its controller."""
     ctrl = obj if isinstance(obj, CLoRAController) else get_controller(obj)
     if ctrl is None:
         raise ValueError(f"export_lora: {type(obj).__name__} is not patched by clora_fast")
-    ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)
+    if layout not in ("diffusers", "kohya"):
+        raise ValueError(f"export_lora: layout must be 'diffusers' or 'kohya', got {layout!r}")
+    if layout == "kohya":
+        ctrl.export_lora(path, which, dtype=dtype, layout="kohya", original_names=original_names)
+    elif original_names is not None:
+        raise ValueError("export_lora: original_names is for layout='kohya' (kohya's key stems)")
+    else:
+        ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)
 
 
 def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None, scale: float = 1.0,
