@@ -819,7 +819,8 @@ class DiffusersAdapter:
                     f"{type(proj).__module__}.{type(proj).__name__}, e.g. by PEFT's add_adapter / load_lora_weights): "
                     f"it would be skipped. pipe.unload_lora_weights() (after pipe.fuse_lora() to keep that LoRA in the "
                     f"weights; not while merged) puts the plain module back; or call clora_fast.unpatch(...) first, "
-                    f"then add the other adapter and patch again")
+                    f"then add the other adapter and patch again; or, to make that LoRA a past concept that the "
+                    f"concepts learned next are kept off, unload it and clora_fast.import_lora(pipe, its_file)")
             for site_i, lin in ((layer.k_site, k), (layer.v_site, v)):
                 params = lin._parameters
                 w, b = params.get("weight"), params.get("bias")
