@@ -1364,7 +1364,7 @@ def cmd_export(args) -> int:
         else:
             lora = "kohya_lora" if args.format == "kohya" else "pytorch_lora_weights"
             clora_fast.export_lora(pipe, tmp / f"{lora}.safetensors", "merged", dtype=dtype,
-                                   layout="kohya" if args.format == "kohya" else "diffusers")
+                                   layout="kohya" if args.format == "kohya" else "peft")
             listing, taken = [], {lora, "concepts"}
             tokens = get_adapter(pipe.unet).tokens
             for c in cl.concepts:
@@ -1521,8 +1521,9 @@ def _import_parser(sub):
                     "other concept. Keys read: diffusers / PEFT (unet.<module>.lora_A.weight, what "
                     "save_lora_weights and export --format lora write) and kohya (lora_unet_<module>.lora_down."
                     "weight with .alpha; modules named as in diffusers or as in the original Stable Diffusion "
-                    "code, as SDXL's files are: lora_unet_input_blocks_4_1_...). A file that also adapts other modules (self-attention, Q, out, feed-"
-                    "forward, a text encoder) is refused unless --ignore-other-modules. The bank is created "
+                    "code, as SDXL's files are: lora_unet_input_blocks_4_1_...). A file that also adapts other "
+                    "modules (self-attention, Q, out, feed-forward, a text encoder) is refused unless "
+                    "--ignore-other-modules. The bank is created "
                     "(--rank, --alpha) when it does not exist; refused while a clora-fast train runs on it. "
                     "Safetensors files only.")
     p.add_argument("bank", help="the bank folder (created when it does not exist)")

@@ -1129,16 +1129,17 @@ class CLoRAController(nn.Module):
         ``lora_unet_<site, dots as _>.lora_down.weight`` / ``.lora_up.weight`` with its ``.alpha`` (``alpha /
         rank`` goes into B), also under the other names of a site's module that ``adapter.lora_module_aliases()``
         gives (``{site: names}``; a diffusers UNet's: the original Stable Diffusion ones, as in kohya's SDXL
-        files' ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``).  The file's own scale is applied: kohya's alphas, and ``lora_alpha / r`` of the
-        LoRA config that diffusers' ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` stores in the
-        header, or the ``adapter_config.json`` that PEFT's ``save_pretrained`` writes beside the file (with
-        ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale`` multiplies it (the strength to import at; a file
-        with neither carries no alpha: pass ``lora_alpha / r``; :meth:`export_lora`'s files have it in B).  A
-        file that also adapts other modules (attention Q / out, feed-forward, a text encoder) is refused, since
-        only the sites' part can be folded into P and protected, unless ``ignore_other_modules=True`` (then only
-        the sites' part is imported).  DoRA at a site (a ``lora_magnitude_vector`` / ``dora_scale`` key beside its
-        factors, or ``use_dora`` in the config), and any other tensor of a site's module that is not read (e.g.
-        LyCORIS's ``lora_mid``), is refused: the change is not ``s * B @ A``."""
+        files' ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k``).  The file's own scale is
+        applied: kohya's alphas, and ``lora_alpha / r`` of the LoRA config that diffusers' ``save_lora_weights(...,
+        unet_lora_adapter_metadata=...)`` stores in the header, or the ``adapter_config.json`` that PEFT's
+        ``save_pretrained`` writes beside the file (with ``use_rslora``: ``lora_alpha / sqrt(r)``); ``scale``
+        multiplies it (the strength to import at; a file with neither carries no alpha: pass ``lora_alpha / r``;
+        :meth:`export_lora`'s files have it in B).  A file that also adapts other modules (attention Q / out,
+        feed-forward, a text encoder) is refused, since only the sites' part can be folded into P and protected,
+        unless ``ignore_other_modules=True`` (then only the sites' part is imported).  DoRA at a site (a
+        ``lora_magnitude_vector`` / ``dora_scale`` key beside its factors, or ``use_dora`` in the config), and
+        any other tensor of a site's module that is not read (e.g. LyCORIS's ``lora_mid``), is refused: the
+        change is not ``s * B @ A``."""
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
         file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
@@ -1374,18 +1375,19 @@ class CLoRAController(nn.Module):
     def export_lora(self, path, which: Union[int, str] = "merged", *, prefix: Optional[str] = None,
                     dtype: Optional[torch.dtype] = None, layout: str = "peft",
                     original_names: Optional[bool] = None) -> None:
-        """Write :meth:`export_factors` as a LoRA safetensors file, atomically.  ``layout="peft"``: keys
-        ``<prefix><site>.lora_A.weight`` / ``.lora_B.weight`` (alpha = rank: the scale is in B); ``prefix``
-        defaults to the adapter's ``lora_key_prefix`` (``"unet."`` for diffusers, which ``pipe.load_lora_weights``
-        accepts).  ``layout="kohya"`` (an adapter with ``kohya_names``, e.g. a diffusers UNet's): kohya's keys
-        ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = each site's rank, the scale in
-        ``lora_up``), the stems from ``adapter.kohya_names(original_names)`` (``original_names``: the original
-        Stable Diffusion module names, as kohya's SDXL files have them; None: the adapter's default)."""
+        """Write :meth:`export_factors` as a LoRA safetensors file, atomically.  ``layout="peft"`` (or its other
+        name ``"diffusers"``): keys ``<prefix><site>.lora_A.weight`` / ``.lora_B.weight`` (alpha = rank: the scale
+        is in B); ``prefix`` defaults to the adapter's ``lora_key_prefix`` (``"unet."`` for diffusers, which
+        ``pipe.load_lora_weights`` accepts).  ``layout="kohya"`` (an adapter with ``kohya_names``, e.g. a diffusers
+        UNet's): kohya's keys ``<stem>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (alpha = each
+        site's rank, the scale in ``lora_up``), the stems from ``adapter.kohya_names(original_names)``
+        (``original_names``: the original Stable Diffusion module names, as kohya's SDXL files have them; None:
+        the adapter's default)."""
         from safetensors.torch import save
         from .bank import atomic_write_bytes
-        if layout not in ("peft", "kohya"):
-            raise ValueError(f"export_lora: layout must be 'peft' or 'kohya', got {layout!r}")
-        if layout == "peft" and original_names is not None:
+        if layout not in ("peft", "diffusers", "kohya"):
+            raise ValueError(f"export_lora: layout must be 'peft' (also called 'diffusers') or 'kohya', got {layout!r}")
+        if layout != "kohya" and original_names is not None:
             raise ValueError("export_lora: original_names is for layout='kohya' (kohya's key stems)")
         names = getattr(self.adapter, "kohya_names", None)
         if layout == "kohya" and names is None:

@@ -1415,7 +1415,8 @@ def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank_and_export_it(tmp_path
         torch.testing.assert_close(again.past(i).double(), want[site.name], rtol=0, atol=1e-6)
 
     out = tmp_path / "out"
-    assert cli.main(["export", "--bank", str(bank), "--model", "builtin-xl", "--out", str(out), "--format", "kohya"]) == 0
+    assert cli.main(["export", "--bank", str(bank), "--model", "builtin-xl", "--out", str(out),
+                     "--format", "kohya"]) == 0
     printed = capsys.readouterr().out
     assert "kohya_lora.safetensors (pipe.load_lora_weights, kohya keys)" in printed, printed
     listing = json.loads((out / "concepts.json").read_text())

@@ -1836,15 +1836,17 @@ def test_export_kohya_lora(tmp_path):
     assert all(key.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_1_", "lora_unet_output_blocks_"))
                for key in load_file(str(tmp_path / "xl.safetensors")))
     for kw, msg in ((dict(layout="kohya", original_names=1), r"original_names must be a bool or None, got 1"),
-                    (dict(layout="peft"), r"layout must be 'diffusers' or 'kohya', got 'peft'"),
+                    (dict(layout="lycoris"), r"layout must be 'peft' \(also called 'diffusers'\) or 'kohya', "
+                                             r"got 'lycoris'"),
                     (dict(original_names=True), r"original_names is for layout='kohya'")):
         with pytest.raises((TypeError, ValueError), match=msg):
             D.export_lora(pipe, tmp_path / "bad.safetensors", **kw)
     with pytest.raises(ValueError, match=r"prefix is for layout='peft'"):
         cl.export_lora(tmp_path / "bad.safetensors", layout="kohya", prefix="unet.")
-    with pytest.raises(ValueError, match=r"layout must be 'peft' or 'kohya', got 'diffusers'"):
-        cl.export_lora(tmp_path / "bad.safetensors", layout="diffusers")
     assert not (tmp_path / "bad.safetensors").exists()
+    D.export_lora(pipe, tmp_path / "d.safetensors", layout="diffusers")         # PEFT's keys, the default
+    cl.export_lora(tmp_path / "p.safetensors")
+    assert load_file(str(tmp_path / "d.safetensors")).keys() == load_file(str(tmp_path / "p.safetensors")).keys()
 
 
 def _sd1_delta(c, i):
@@ -2132,7 +2134,8 @@ def test_import_ldm_named_kohya_lora_matches_load_lora_weights(tmp_path):
                  .clone() for w in ("lora_down", "lora_up")})
     save_file(both, str(tmp_path / "both.safetensors"))
 
-    with pytest.raises(ValueError, match=r"also adapts 2 module\(s\) .*input_blocks_1_1_transformer_blocks_0_attn1_to_q"):
+    with pytest.raises(ValueError, match=r"also adapts 2 module\(s\) .*input_blocks_1_1_transformer_blocks_0_"
+                                         r"attn1_to_q"):
         clora_fast.import_lora(pipe, tmp_path / "more.safetensors", "<more>")
     with pytest.raises(ValueError, match=r"also adapts 1 module\(s\) .*lora_unet_input_blocks_1_1_transformer_blocks_0_"
                                          r"attn2_to_k'\]"):
@@ -2165,8 +2168,8 @@ def test_import_lora_refuses_changes_that_are_not_b_at_a(tmp_path, layout):
     for s, a, b in site_factors(cl, 2, seed=3, std=0.2):
         t[f"{stem(s.name)}.{down}.weight"], t[f"{stem(s.name)}.{up}.weight"] = a, b
     other = cl.sites[0].name.replace("attn2.to_k", "attn1.to_q")
-    off = dict(t, **{f"{stem(other)}.{down}.weight": torch.randn(2, 32), f"{stem(other)}.{up}.weight": torch.randn(32, 2),
-                     f"{stem(other)}.{mag}": torch.ones(1, 32)})
+    off = dict(t, **{f"{stem(other)}.{down}.weight": torch.randn(2, 32),
+                     f"{stem(other)}.{up}.weight": torch.randn(32, 2), f"{stem(other)}.{mag}": torch.ones(1, 32)})
     save_file(off, str(tmp_path / "off.safetensors"))
     on = dict(t, **{f"{stem(cl.sites[1].name)}.{mag}": torch.ones(1, 32)})
     save_file(on, str(tmp_path / "on.safetensors"))
@@ -2185,8 +2188,8 @@ def test_import_lora_refuses_changes_that_are_not_b_at_a(tmp_path, layout):
         cl.import_lora(tmp_path / "off.safetensors")
     assert cl.import_lora(tmp_path / "off.safetensors", ignore_other_modules=True) == 0
     k = "lora_unet_" + cl.sites[0].name.replace(".", "_")
-    save_file({f"{k}.hada_w1_a": torch.zeros(2, 32), f"{k}.hada_w1_b": torch.zeros(2, 32), f"{k}.alpha": torch.tensor(1.0)},
-              str(tmp_path / "loha.safetensors"))
+    save_file({f"{k}.hada_w1_a": torch.zeros(2, 32), f"{k}.hada_w1_b": torch.zeros(2, 32),
+               f"{k}.alpha": torch.tensor(1.0)}, str(tmp_path / "loha.safetensors"))
     with pytest.raises(ValueError, match=r"holds no LoRA factors .*its 'hada_w1_a' keys are LyCORIS LoHa / LoKr"):
         cl.import_lora(tmp_path / "loha.safetensors")
 
@@ -2219,12 +2222,14 @@ def test_ldm_block_names(kind):
     else:
         unet = tiny_unet(kind.replace("-tiny", ""))
     names = D._ldm_block_names(unet)
-    known = {"sd15": {"down_blocks.0.attentions.0": "input_blocks.1.1", "down_blocks.2.attentions.1": "input_blocks.8.1",
-                      "mid_block.attentions.0": "middle_block.1", "up_blocks.1.attentions.0": "output_blocks.3.1",
+    known = {"sd15": {"down_blocks.0.attentions.0": "input_blocks.1.1",
+                      "down_blocks.2.attentions.1": "input_blocks.8.1", "mid_block.attentions.0": "middle_block.1",
+                      "up_blocks.1.attentions.0": "output_blocks.3.1",
                       "up_blocks.3.attentions.2": "output_blocks.11.1"},
-             "sdxl": {"down_blocks.1.attentions.0": "input_blocks.4.1", "down_blocks.2.attentions.1": "input_blocks.8.1",
-                      "mid_block.attentions.0": "middle_block.1", "up_blocks.0.attentions.0": "output_blocks.0.1",
-                      "up_blocks.1.attentions.2": "output_blocks.5.1"}}.get(kind, {})
+             "sdxl": {"down_blocks.1.attentions.0": "input_blocks.4.1",
+                      "down_blocks.2.attentions.1": "input_blocks.8.1", "mid_block.attentions.0": "middle_block.1",
+                      "up_blocks.0.attentions.0": "output_blocks.0.1", "up_blocks.1.attentions.2": "output_blocks.5.1"}
+             }.get(kind, {})
     assert known.items() <= names.items()
     attn2 = [n for n, _ in unet.named_modules() if n.endswith(".attn2")]
     assert len(attn2) == {"sd15": 16, "sdxl": 70}.get(kind, len(attn2))
@@ -2234,15 +2239,18 @@ def test_ldm_block_names(kind):
         from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers as sgm_to_diffusers
     except ImportError:
         return
+    def kohya_key(name):
+        return "lora_unet_" + f"{name}.to_k".replace(".", "_") + ".lora_down.weight"
+
     kohya = {}
     for n in attn2:
         head, _, tail = n.partition(".transformer_blocks.")
-        kohya["lora_unet_" + f"{names[head]}.transformer_blocks.{tail}.to_k".replace(".", "_") + ".lora_down.weight"] = n
+        kohya[kohya_key(f"{names[head]}.transformer_blocks.{tail}")] = n
     mapped = sgm_to_diffusers(dict(kohya), unet.config)   # to diffusers' block numbers, before its kohya renaming
     assert len(mapped) == len(kohya)
     for k, n in mapped.items():
         k = k.replace("input_blocks", "down_blocks").replace("middle_block", "mid_block")
-        assert k.replace("output_blocks", "up_blocks") == "lora_unet_" + f"{n}.to_k".replace(".", "_") + ".lora_down.weight"
+        assert k.replace("output_blocks", "up_blocks") == kohya_key(n)
 
 
 @pytest.mark.parametrize("layout", ["lora_down", "processor"])

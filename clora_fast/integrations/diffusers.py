@@ -1229,13 +1229,13 @@ def load(obj, path, *, backend: str = "auto", grouped: bool = True,
     return ctrl
 
 
-def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = None, layout: str = "diffusers",
+def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = None, layout: str = "peft",
                 original_names: Optional[bool] = None) -> None:
     """Write a LoRA safetensors file of one concept (``which`` = its index) or of all finished concepts
     (``"merged"``, rank T*r), which ``pipe.load_lora_weights(folder, weight_name=file_name)`` accepts (older
     diffusers need the ``weight_name`` form offline; newer ones also take the file's path).
-    ``layout="diffusers"``: diffusers/PEFT keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (the scale
-    baked into B, so alpha = rank).  ``layout="kohya"``: kohya's ``lora_unet_<module>.lora_down.weight`` /
+    ``layout="peft"`` (or ``"diffusers"``): diffusers' PEFT keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight``
+    (the scale baked into B, so alpha = rank).  ``layout="kohya"``: kohya's ``lora_unet_<module>.lora_down.weight`` /
     ``.lora_up.weight`` / ``.alpha``, which the Stable Diffusion web UIs and ComfyUI read; module names as kohya's
     trainer writes them (SDXL: the original Stable Diffusion names, ``lora_unet_input_blocks_4_1_...``; SD 1.x /
     2.x: diffusers'), or as ``original_names`` says (see :meth:`DiffusersAdapter.kohya_names`).
@@ -1243,14 +1243,8 @@ def export_lora(obj, path, which="merged", *, dtype: Optional[torch.dtype] = Non
     ctrl = obj if isinstance(obj, CLoRAController) else get_controller(obj)
     if ctrl is None:
         raise ValueError(f"export_lora: {type(obj).__name__} is not patched by clora_fast")
-    if layout not in ("diffusers", "kohya"):
-        raise ValueError(f"export_lora: layout must be 'diffusers' or 'kohya', got {layout!r}")
-    if layout == "kohya":
-        ctrl.export_lora(path, which, dtype=dtype, layout="kohya", original_names=original_names)
-    elif original_names is not None:
-        raise ValueError("export_lora: original_names is for layout='kohya' (kohya's key stems)")
-    else:
-        ctrl.export_lora(path, which, prefix="unet.", dtype=dtype)
+    ctrl.export_lora(path, which, prefix=None if layout == "kohya" else "unet.", dtype=dtype, layout=layout,
+                     original_names=original_names)
 
 
 def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None, scale: float = 1.0,
