@@ -1527,7 +1527,8 @@ def _import_parser(sub):
                     "(--rank, --alpha) when it does not exist; refused while a clora-fast train runs on it. "
                     "Safetensors files only.")
     p.add_argument("bank", help="the bank folder (created when it does not exist)")
-    p.add_argument("lora", help="the LoRA file (.safetensors)")
+    p.add_argument("lora", help="the LoRA file (.safetensors), or the folder that diffusers' save_lora_weights / "
+                                "PEFT's save_pretrained wrote")
     p.add_argument("--name", default=None,
                    help="the concept's name and token (default: the --textual-inversion file's token, else "
                         "<the LoRA file's name>)")
@@ -1554,8 +1555,8 @@ def cmd_import(args) -> int:
     import clora_fast
 
     lora = Path(args.lora)
-    if not lora.is_file():
-        raise CLIError(f"no LoRA file at {args.lora!r}")
+    if not lora.exists():
+        raise CLIError(f"no LoRA file or folder at {args.lora!r}")
     if args.textual_inversion is not None and not Path(args.textual_inversion).is_file():
         raise CLIError(f"--textual-inversion {args.textual_inversion!r}: no such file")
     if not (math.isfinite(args.scale) and args.scale > 0):
@@ -1591,7 +1592,7 @@ def cmd_import(args) -> int:
             idx = clora_fast.import_lora(pipe, str(lora), name, textual_inversion=args.textual_inversion,
                                          scale=args.scale, strict=not args.partial,
                                          ignore_other_modules=args.ignore_other_modules)
-        except (ValueError, KeyError, FloatingPointError) as e:
+        except (ValueError, KeyError, FloatingPointError, FileNotFoundError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             msg = msg.replace("Pass ignore_other_modules=True", "Pass --ignore-other-modules").replace(
                 "(strict=False imports", "(--partial imports")

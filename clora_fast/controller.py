@@ -126,6 +126,30 @@ def _positive_scale(what: str, scale) -> float:
     return float(scale)
 
 
+# the LoRA file of a folder: diffusers' save_lora_weights, then PEFT's save_pretrained
+_LORA_FILE_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+
+
+def _lora_file(path) -> str:
+    """``path`` itself, or for a folder the LoRA file in it: :data:`_LORA_FILE_NAMES` in that order, else the
+    folder's only ``.safetensors`` file (several, or none: an error naming what is there)."""
+    p = str(path)
+    if not os.path.isdir(p):
+        return p
+    for n in _LORA_FILE_NAMES:
+        if os.path.isfile(os.path.join(p, n)):
+            return os.path.join(p, n)
+    found = sorted(f for f in os.listdir(p) if f.endswith(".safetensors") and os.path.isfile(os.path.join(p, f)))
+    if len(found) == 1:
+        return os.path.join(p, found[0])
+    pickles = sorted(f for f in os.listdir(p) if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+    raise FileNotFoundError(
+        f"{p!r} is a folder without {' or '.join(_LORA_FILE_NAMES)} and with "
+        + (f"{len(found)} other .safetensors files ({found[:4]}): pass the LoRA file's path" if found else
+           "no .safetensors file" + (f" (only {pickles[:3]}: clora_fast reads LoRA weights from safetensors "
+                                     f"only, never pickle)" if pickles else "")))
+
+
 def _read_lora_file(path, with_metadata: bool = False):
     """The tensors of a safetensors file (anything else, e.g. a pickled ``.bin`` / ``.pt``, is refused); with
     ``with_metadata``, ``(tensors, the header's metadata dict)``.  The file is opened once."""
@@ -1139,7 +1163,10 @@ class CLoRAController(nn.Module):
         unless ``ignore_other_modules=True`` (then only the sites' part is imported).  DoRA at a site (a
         ``lora_magnitude_vector`` / ``dora_scale`` key beside its factors, or ``use_dora`` in the config), and
         any other tensor of a site's module that is not read (e.g. LyCORIS's ``lora_mid``), is refused: the
-        change is not ``s * B @ A``."""
+        change is not ``s * B @ A``.  ``path`` may also be the folder that diffusers' ``save_lora_weights`` or
+        PEFT's ``save_pretrained`` wrote (see :func:`_lora_file`)."""
+        source = os.path.basename(os.path.normpath(str(path)))
+        path = _lora_file(path)
         tensors, metadata = _read_lora_file(path, with_metadata=True)
         prefix = getattr(self.adapter, "lora_key_prefix", "")
         file_scale = _metadata_scale(metadata, prefix, f"import_lora: {str(path)!r}",
@@ -1178,7 +1205,7 @@ class CLoRAController(nn.Module):
                              f"(e.g. {other[:3]}): only the sites' part can be folded into the past and protected. "
                              f"Pass ignore_other_modules=True to import that part alone")
         scale = _positive_scale("import_lora", scale) * file_scale
-        return self.import_concept(factors, name, scale=scale, strict=strict, source=os.path.basename(str(path)))
+        return self.import_concept(factors, name, scale=scale, strict=strict, source=source)
 
     def _import_factors(self, site: Site, ab) -> Tuple[Tensor, Tensor]:
         """One site's ``(A, B)`` for :meth:`import_concept`: checked, float32 on the CPU, zero rank columns dropped."""

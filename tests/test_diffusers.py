@@ -2078,6 +2078,27 @@ def test_import_lora_reads_the_scale_from_the_header_or_refuses_it(tmp_path):
         cl.import_lora(side / "adapter_model.safetensors")
     (side / "adapter_config.json").write_text(_json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": True}))
     assert cl.import_lora(side / "adapter_model.safetensors", scale=0.5) == 1 and cl.concept(1).scale == 2.0
+    # the folder itself (PEFT's save_pretrained writes adapter_model.safetensors; diffusers' save_lora_weights
+    # pytorch_lora_weights.safetensors, which comes first; else the folder's only .safetensors file)
+    assert cl.import_lora(side) == 2 and cl.concept(2).scale == 4.0 and cl.concept(2).source == "peft_folder"
+    save_file({k: v * 2 for k, v in t.items()}, str(side / "pytorch_lora_weights.safetensors"))
+    assert cl.import_lora(side, "<d>") == 3 and cl.concept(3).scale == 4.0       # the config beside it still
+    torch.testing.assert_close(cl.concept(3).lora_B[0], 2 * cl.concept(0).lora_B[0])
+    for files, err in (([], r"without pytorch_lora_weights.safetensors or adapter_model.safetensors and with no "
+                            r"\.safetensors file$"),
+                       (["adapter_model.bin"], r"no \.safetensors file \(only \['adapter_model.bin'\]: clora_fast "
+                                               r"reads LoRA weights from safetensors only, never pickle\)"),
+                       (["a.safetensors", "b.safetensors"], r"and with 2 other \.safetensors files "
+                                                            r"\(\['a.safetensors', 'b.safetensors'\]\): pass")):
+        folder = tmp_path / f"folder{len(files)}{files[:1]}"
+        folder.mkdir()
+        for f in files:
+            (folder / f).write_bytes(b"")
+        with pytest.raises(FileNotFoundError, match=err):
+            cl.import_lora(folder)
+    (tmp_path / "one").mkdir()
+    save_file(t, str(tmp_path / "one" / "x.safetensors"))
+    assert cl.import_lora(tmp_path / "one", "<one>") == 4 and cl.concept(4).source == "one"
 
 
 def test_import_kohya_lora_matches_load_lora_weights(tmp_path):

@@ -1645,7 +1645,7 @@ def test_import_lora_from_peft_reproduces_its_outputs(fw, tmp_path):
     pm.save_pretrained(str(tmp_path / "saved"))       # adapter_model.safetensors + adapter_config.json (alpha 4, r 2)
     m3, _ = make(fw, layers=2)
     ctrl3 = vit.patch(m3, rank=2, backend="reference")
-    ctrl3.import_lora(tmp_path / "saved" / "adapter_model.safetensors")
+    ctrl3.import_lora(tmp_path / "saved")                       # the folder: its adapter_model.safetensors
     assert ctrl3.concept(0).scale == 2.0
     with torch.no_grad():
         torch.testing.assert_close(run(m3, x), run(pm, x), rtol=1e-5, atol=1e-5)
