@@ -1596,6 +1596,11 @@ def cmd_import(args) -> int:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
             msg = msg.replace("Pass ignore_other_modules=True", "Pass --ignore-other-modules").replace(
                 "(strict=False imports", "(--partial imports")
+            too_big = re.search(r"; patch with rank >= (\d+) to import it$", msg)
+            if too_big:             # a bank's rank is fixed when it is created
+                msg = msg[:too_big.start()] + (
+                    f": import it into a new bank made with --rank {too_big.group(1)} or more"
+                    if state == "bank" else f"; create the bank with --rank {too_big.group(1)} or more")
             raise CLIError(msg) from None
         cl.save(str(bank))
     c = cl.concept(idx)

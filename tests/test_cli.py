@@ -1406,6 +1406,9 @@ def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank_and_export_it(tmp_path
     assert cli.main(argv) == 2
     assert "also adapts 2 module(s) that are not C-LoRA sites (e.g. ['lora_te1_text_model" in capsys.readouterr().err
     assert not bank.exists()
+    assert cli.main(argv[:-1] + ["1", "--ignore-other-modules"]) == 2
+    assert "more than the controller's rank 1; create the bank with --rank 2 or more" in capsys.readouterr().err
+    assert not bank.exists()
     assert cli.main(argv + ["--ignore-other-modules"]) == 0
     (c,) = _manifest(bank)["concepts"]
     assert (c["name"], c["source"]) == ("<xl_style>", "xl_style.safetensors")
@@ -1453,6 +1456,8 @@ def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):
                           "text_encoder.x.lora_B.weight": torch.zeros(4, 2)})
     save_file(extra, str(tmp_path / "extra.safetensors"))
     torch.save(lora, str(tmp_path / "style.pt"))
+    save_file({k: torch.cat([v, v], 0 if k.endswith("lora_A.weight") else 1) for k, v in lora.items()},
+              str(tmp_path / "rank4.safetensors"))
     bank = tmp_path / "bank"
 
     assert cli.main(["import", str(bank), str(tmp_path / "style.safetensors"), "--rank", "2", "--scale", "0.5"]) == 0
@@ -1465,6 +1470,8 @@ def test_import_a_lora_then_train_after_it(tmp_path, concepts, capsys):
     for argv, msg in (([str(tmp_path / "extra.safetensors")], "Pass --ignore-other-modules"),
                       ([str(tmp_path / "style.pt")], "safetensors only"),
                       ([str(tmp_path / "style.safetensors"), "--rank", "4"], "has --rank 2, not 4"),
+                      ([str(tmp_path / "rank4.safetensors")], "more than the controller's rank 2: import it into a "
+                                                              "new bank made with --rank 4 or more"),
                       ([str(tmp_path / "style.safetensors")], "'<style>' already exists")):
         assert cli.main(["import", str(bank), *argv]) == 2
         assert msg in capsys.readouterr().err
