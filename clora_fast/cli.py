@@ -1317,6 +1317,10 @@ def _export_parser(sub):
     _bank_options(p)
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
     p.add_argument("--format", choices=["pipeline", "lora", "kohya"], default="pipeline")
+    p.add_argument("--per-concept", action="store_true",
+                   help="with --format lora / kohya: also write each concept's own LoRA (loras/<token>.safetensors, "
+                        "listed in concepts.json), so that a pipeline can load them as separate adapters and weigh "
+                        "each concept (diffusers' set_adapters; their sum at weight 1 is the merged file)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="dtype of the written weights (default: the model's, fp32 for the LoRA factors)")
     _threads_option(p)
@@ -1339,6 +1343,8 @@ def cmd_export(args) -> int:
 
     if not Path(args.bank).exists():
         raise CLIError(f"--bank {args.bank!r} does not exist")
+    if args.per_concept and args.format == "pipeline":
+        raise CLIError("--per-concept writes LoRA files: use it with --format lora or kohya")
     out = Path(os.path.abspath(args.out))
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"--out {args.out!r} exists and is not an empty folder: export writes a new folder")
@@ -1365,22 +1371,30 @@ def cmd_export(args) -> int:
             lora = "kohya_lora" if args.format == "kohya" else "pytorch_lora_weights"
             clora_fast.export_lora(pipe, tmp / f"{lora}.safetensors", "merged", dtype=dtype,
                                    layout="kohya" if args.format == "kohya" else "peft")
-            listing, taken = [], {lora, "concepts"}
+            listing, taken = [], {lora, "concepts", "loras"}
             tokens = get_adapter(pipe.unet).tokens
+            if args.per_concept:
+                (tmp / "loras").mkdir()
             for c in cl.concepts:
-                f = None
+                stem = _token_file_stem(c.name)
+                stem = stem if stem not in taken else f"{stem}-{c.idx}"
+                taken.add(stem)
+                entry = {"token": c.name, "file": None}
                 if c.idx in tokens:                            # (a bank trained on a bare UNet has no tokens)
-                    stem = _token_file_stem(c.name)
-                    stem = stem if stem not in taken else f"{stem}-{c.idx}"
-                    taken.add(stem)
-                    f = f"{stem}.safetensors"
-                    export_textual_inversion(pipe, tmp / f, c.idx)
-                listing.append({"token": c.name, "file": f})
+                    entry["file"] = f"{stem}.safetensors"
+                    export_textual_inversion(pipe, tmp / entry["file"], c.idx)
+                if args.per_concept:
+                    entry["lora"] = f"loras/{stem}.safetensors"
+                    clora_fast.export_lora(pipe, tmp / entry["lora"], c.idx, dtype=dtype,
+                                           layout="kohya" if args.format == "kohya" else "peft")
+                listing.append(entry)
             listing = {"lora": f"{lora}.safetensors", "scale": 1.0, "concepts": listing,
                        "text_encoders": 2 if _is_xl(pipe) else 1}
             (tmp / "concepts.json").write_text(json.dumps(listing, indent=1) + "\n")
-            what = (f"{lora}.safetensors (pipe.load_lora_weights{', kohya keys' if args.format == 'kohya' else ''}) "
-                    f"and a textual-inversion file per concept (pipe.load_textual_inversion; listed in concepts.json)")
+            what = (f"{lora}.safetensors (pipe.load_lora_weights{', kohya keys' if args.format == 'kohya' else ''})"
+                    + (", each concept's own LoRA in loras/ (one adapter per concept)" if args.per_concept else "")
+                    + " and a textual-inversion file per concept (pipe.load_textual_inversion; listed in "
+                      "concepts.json)")
         from clora_fast.bank import _umask
 
         os.chmod(tmp, 0o777 & ~_umask())                       # mkdtemp's folder is private (0700)

@@ -1296,6 +1296,32 @@ def test_export_pipeline_and_lora_reproduce_the_bank(tmp_path, two_concept_bank,
     torch.testing.assert_close(_latents(fresh, prompt), want, rtol=1e-4, atol=1e-5)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
 
+    # --per-concept: each concept's LoRA as its own adapter; at weights 1 / 1 the merged model, at 1 / 0 the bank
+    # without <beta>
+    assert cli.main(["export", "--bank", str(two_concept_bank), "--out", str(tmp_path / "pipe2"),
+                     "--per-concept"]) == 2
+    assert "--per-concept writes LoRA files" in capsys.readouterr().err
+    out = tmp_path / "each"
+    assert cli.main(["export", "--bank", str(two_concept_bank), "--out", str(out), "--format", "lora",
+                     "--per-concept"]) == 0
+    listing = json.loads((out / "concepts.json").read_text())
+    assert [c["lora"] for c in listing["concepts"]] == ["loras/alpha.safetensors", "loras/beta.safetensors"]
+    each = build_pipeline()
+    for c in listing["concepts"]:
+        each.load_lora_weights(str(out / "loras"), weight_name=c["lora"].split("/")[1], adapter_name=c["file"][:-12])
+    each.load_textual_inversion([str(out / c["file"]) for c in listing["concepts"]])
+    each.set_adapters(["alpha", "beta"], adapter_weights=[1.0, 1.0])
+    torch.testing.assert_close(_latents(each, prompt), want, rtol=1e-4, atol=1e-5)
+    both = _latents(each, "a photo of <alpha>")
+    each.set_adapters(["alpha", "beta"], adapter_weights=[1.0, 0.0])
+    assert (_latents(each, "a photo of <alpha>") - both).abs().max() > 1e-4      # <beta>'s weights count
+    without = build_pipeline()
+    cl = clora_fast.load(without, str(two_concept_bank), backend="reference")
+    cl.remove_concept(1)
+    cl.merge()
+    torch.testing.assert_close(_latents(each, "a photo of <alpha>"), _latents(without, "a photo of <alpha>"),
+                               rtol=1e-4, atol=1e-5)
+
 
 def test_export_refusals_and_an_unfinished_concept(tmp_path, two_concept_bank, capsys):
     """An existing non-empty --out is refused before anything is loaded; a bank saved mid-concept exports its
