@@ -1445,13 +1445,16 @@ def test_import_an_sdxl_kohya_lora_into_a_builtin_xl_bank_and_export_it(tmp_path
 
     out = tmp_path / "out"
     assert cli.main(["export", "--bank", str(bank), "--model", "builtin-xl", "--out", str(out),
-                     "--format", "kohya"]) == 0
+                     "--format", "kohya", "--per-concept"]) == 0
     printed = capsys.readouterr().out
     assert "kohya_lora.safetensors (pipe.load_lora_weights, kohya keys)" in printed, printed
     listing = json.loads((out / "concepts.json").read_text())
     assert listing["lora"] == "kohya_lora.safetensors" and listing["text_encoders"] == 2
     got = load_file(str(out / "kohya_lora.safetensors"))
     assert sorted(got) == sorted(k for k in lora if k.startswith("lora_unet_"))
+    (c,) = listing["concepts"]
+    own = load_file(str(out / c["lora"]))                  # the one concept's own file: the same tensors
+    assert own.keys() == got.keys() and all(torch.equal(own[k], got[k]) for k in got)
     assert all(float(v) == 2.0 for k, v in got.items() if k.endswith(".alpha"))
     for site in again.sites:
         k = "lora_unet_" + aliases[site.name][0].replace(".", "_")
