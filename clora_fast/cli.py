@@ -349,8 +349,9 @@ def _check_output_path(flag: str, path: Path, *, folder: bool) -> None:
 
 
 def generate(pipe, prompts: Sequence[str], *, steps: int, seed: int, guidance_scale: float,
-             resolution: Optional[int] = None):
-    """PIL images for ``prompts`` (one each), deterministic in ``seed``."""
+             resolution: Optional[int] = None, negative_prompt: Optional[str] = None):
+    """PIL images for ``prompts`` (one each), deterministic in ``seed``; ``negative_prompt`` for every one (used
+    by classifier-free guidance, ``guidance_scale > 1``)."""
     import torch
 
     device = pipe.unet.device
@@ -358,6 +359,8 @@ def generate(pipe, prompts: Sequence[str], *, steps: int, seed: int, guidance_sc
     kw = {}
     if resolution is not None:
         kw = dict(height=resolution, width=resolution)
+    if negative_prompt is not None:
+        kw["negative_prompt"] = [negative_prompt] * len(prompts)
     # latents drawn on the CPU so the images do not depend on the device's RNG
     h = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     shape = (len(prompts), pipe.unet.config.in_channels, h // pipe.vae_scale_factor, h // pipe.vae_scale_factor)
@@ -1200,6 +1203,8 @@ def _sample_parser(sub):
                    help="seeds the initial noise (and any other randomness); 0 .. 2**32-1")
     p.add_argument("--num-images", type=_positive("--num-images"), default=1)
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0)
+    p.add_argument("--negative-prompt", default=None,
+                   help="what to guide away from (classifier-free guidance: needs --guidance-scale above 1)")
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="image size, a multiple of 8 and of the model's VAE factor (default: the model's "
                         "native size)")
@@ -1249,6 +1254,9 @@ def _cmd_sample(args) -> int:
     if not args.out.lower().endswith(".png"):
         raise CLIError(f"--out must be a .png file, got {args.out!r}")
     _check_output_path("--out", Path(args.out), folder=False)
+    if args.negative_prompt is not None and not args.guidance_scale > 1:
+        raise CLIError(f"--negative-prompt needs --guidance-scale above 1 (classifier-free guidance), got "
+                       f"{args.guidance_scale:g}: the pipeline would ignore it")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_backend(args.backend, device)
     pipe = _load_model(args.model, device)
@@ -1265,12 +1273,14 @@ def _cmd_sample(args) -> int:
     # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
     added = tok.get_added_vocab()
     removed = [r["name"] for r in cl.retired_concepts if r["name"] != unfinished]
+    negative = [] if args.negative_prompt is None else _prompt_token_ids(tok, args.negative_prompt)[1]
     for name, why in [(n, "was removed from the bank") for n in removed] + \
                      ([(unfinished, "is unfinished in the bank (saved mid-training)")] if unfinished else []):
         tid = added.get(name)
-        if tid is not None and tid in full:
-            raise CLIError(f"the prompt {args.prompt!r} uses the token {name!r} of a concept that {why}; "
-                           f"the bank's usable concepts are {names}")
+        for flag, text, ids in (("prompt", args.prompt, full), ("negative prompt", args.negative_prompt, negative)):
+            if tid is not None and tid in ids:
+                raise CLIError(f"the {flag} {text!r} uses the token {name!r} of a concept that {why}; "
+                               f"the bank's usable concepts are {names}")
     if unfinished is not None:
         print(f"clora-fast: note: the bank {args.bank!r} holds an unfinished concept {unfinished!r} (saved "
               f"mid-training): it is not used, sampling with the {len(names)} finished concept(s)",
@@ -1288,7 +1298,8 @@ def _cmd_sample(args) -> int:
               file=sys.stderr)
     cl.merge()
     ims = generate(pipe, [args.prompt] * args.num_images, steps=args.steps, seed=args.seed,
-                   guidance_scale=args.guidance_scale, resolution=args.resolution)
+                   guidance_scale=args.guidance_scale, resolution=args.resolution,
+                   negative_prompt=args.negative_prompt)
     out = Path(args.out)
     if len(ims) == 1:
         img = ims[0]

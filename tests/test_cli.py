@@ -203,6 +203,22 @@ def test_sample_writes_png(tmp_path, concepts, capsys):
     assert cli.main(["sample", "--bank", str(bank), "--prompt", "a photo of <gamma>", "--out", str(out2),
                      "--steps", "1", "--resolution", "16"]) == 0
     assert "['<gamma>'] are not in the bank" in capsys.readouterr().err
+    # --negative-prompt: what the pipeline makes of it (with guidance; refused without, before any model loads)
+    args = ["sample", "--bank", str(bank), "--prompt", "a photo of <alpha>", "--steps", "2", "--resolution", "16",
+            "--backend", "reference"]
+    assert cli.main(args + ["--out", str(out2), "--negative-prompt", "blurry"]) == 2
+    assert "--negative-prompt needs --guidance-scale above 1" in capsys.readouterr().err
+    for neg, f in ((None, "g.png"), ("blurry", "n.png")):
+        assert cli.main(args + ["--out", str(tmp_path / f), "--guidance-scale", "4"]
+                        + ([] if neg is None else ["--negative-prompt", neg])) == 0
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+    pipe = build_pipeline()
+    clora_fast.load(pipe, str(bank), backend="reference").merge()
+    (want,) = cli.generate(pipe, ["a photo of <alpha>"], steps=2, seed=0, guidance_scale=4.0, resolution=16,
+                           negative_prompt="blurry")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(want))
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(Image.open(tmp_path / "g.png")))
 
 
 def test_info_lists_a_bank_and_verifies_it(tmp_path, concepts, capsys):
@@ -589,6 +605,9 @@ def test_sample_removed_concept_token_and_bad_resolution(tmp_path, two_concept_b
     rc, out, err = _sample(capsys, tmp_path / "rm", "a photo of <alpha>", tmp_path / "a.png")
     assert rc == 2 and err.startswith("clora-fast: error:") and "'<alpha>'" in err and "removed" in err
     assert "Traceback" not in err and not (tmp_path / "a.png").exists()
+    rc, out, err = _sample(capsys, tmp_path / "rm", "a photo of <beta>", tmp_path / "a.png", "--negative-prompt",
+                           "<alpha>", "--guidance-scale", "2")
+    assert rc == 2 and "the negative prompt '<alpha>' uses the token '<alpha>'" in err and "removed" in err
     rc, out, err = _sample(capsys, tmp_path / "rm", "a photo of <beta>", tmp_path / "a.png")
     assert rc == 0 and "concepts used: ['<beta>']" in out
     for res in ("7", "12"):             # not a multiple of the VAE factor (2) / of the pipeline's 8
