@@ -1205,12 +1205,35 @@ def _sample_parser(sub):
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0)
     p.add_argument("--negative-prompt", default=None,
                    help="what to guide away from (classifier-free guidance: needs --guidance-scale above 1)")
+    p.add_argument("--scheduler", default="model", choices=sorted(_SAMPLERS),
+                   help="the denoising scheduler (default: the model's own), built from the model's scheduler "
+                        "config (its noise schedule and prediction type)")
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="image size, a multiple of 8 and of the model's VAE factor (default: the model's "
                         "native size)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
     _threads_option(p)
     return p
+
+
+# clora-fast sample --scheduler: diffusers scheduler classes by name ("model": the pipeline's own)
+_SAMPLERS = {"model": None, "ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerDiscreteScheduler",
+             "euler-ancestral": "EulerAncestralDiscreteScheduler", "dpm++2m": "DPMSolverMultistepScheduler",
+             "unipc": "UniPCMultistepScheduler", "lms": "LMSDiscreteScheduler", "heun": "HeunDiscreteScheduler"}
+
+
+def _set_sampler(pipe, name: str) -> None:
+    """``pipe.scheduler`` replaced by the :data:`_SAMPLERS` class ``name`` made from the model's scheduler config
+    (``"model"``: left as it is)."""
+    if _SAMPLERS[name] is None:
+        return
+    import diffusers
+    cls = getattr(diffusers, _SAMPLERS[name], None)
+    if cls is None:
+        raise CLIError(f"--scheduler {name}: this diffusers {diffusers.__version__} has no {_SAMPLERS[name]}")
+    # PNDM as Stable Diffusion's own configs set it up (its Runge-Kutta warm-up steps fail at a few steps)
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
 
 
 def _prompt_token_ids(tokenizer, prompt: str) -> Tuple[List[int], List[int]]:
@@ -1260,6 +1283,7 @@ def _cmd_sample(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _check_backend(args.backend, device)
     pipe = _load_model(args.model, device)
+    _set_sampler(pipe, args.scheduler)
     _check_denoising_steps("--steps", args.steps, pipe, args.model)
     if args.resolution is not None and args.resolution % _sample_multiple(pipe):
         raise CLIError(f"--resolution {args.resolution} must be a multiple of {_sample_multiple(pipe)} (the "

@@ -221,6 +221,29 @@ def test_sample_writes_png(tmp_path, concepts, capsys):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(Image.open(tmp_path / "g.png")))
 
 
+def test_sample_scheduler(tmp_path, two_concept_bank, capsys):
+    """sample --scheduler: every named diffusers scheduler, built from the model's scheduler config, denoises (an
+    image each); Euler's image is what the pipeline makes with that scheduler itself, and differs from the model's
+    own scheduler's (DDIM for the builtin model)."""
+    import clora_fast
+    from diffusers import EulerDiscreteScheduler
+    from clora_fast.builtin import build_pipeline
+
+    images = {}
+    for name in sorted(cli._SAMPLERS):
+        rc, out, err = _sample(capsys, two_concept_bank, "a photo of <alpha>", tmp_path / f"{name}.png",
+                               "--scheduler", name, "--steps", "3")
+        assert rc == 0, err
+        images[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    pipe = build_pipeline()
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    clora_fast.load(pipe, str(two_concept_bank), backend="reference").merge()
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    (want,) = cli.generate(pipe, ["a photo of <alpha>"], steps=3, seed=0, guidance_scale=1.0, resolution=16)
+    assert np.array_equal(images["euler"], np.asarray(want))
+    assert np.array_equal(images["model"], images["ddim"]) and not np.array_equal(images["euler"], images["ddim"])
+
+
 def test_info_lists_a_bank_and_verifies_it(tmp_path, concepts, capsys):
     """clora-fast info: the concepts with their tokens and sizes, no model loaded; --json; --verify, and
     exit status 1 for a damaged bank or a folder that is not one."""
