@@ -601,6 +601,9 @@ def _train_parser(sub):
     p.add_argument("--resolution", type=_positive("--resolution"), default=None,
                    help="training image size (default: the model's native size)")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=4)
+    p.add_argument("--random-flip", action="store_true",
+                   help="augmentation: each training sample is its image or the image's mirror (horizontal flip), "
+                        "with probability 1/2 (both encoded once per concept)")
     p.add_argument("--seed", type=_seed_arg, default=0,
                    help="seeds everything random (each concept's LoRA/token init, batches, noise, sample grids): "
                         "the same seed and settings give the same bank (0 .. 2**32-1)")
@@ -845,9 +848,12 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         done = []
 
     def settings(pos):
-        return {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
-                "resolution": resolution, "mixed_precision": args.mixed_precision,
-                "penalty_weight": cl.penalty_weight, "prompt": prompts[pos]}
+        values = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                  "resolution": resolution, "mixed_precision": args.mixed_precision,
+                  "penalty_weight": cl.penalty_weight, "prompt": prompts[pos]}
+        if args.random_flip:        # (absent when off: what banks and checkpoints from before the option hold)
+            values["random_flip"] = True
+        return values
 
     _check_new_tokens(cl, pipe, folders[len(done):], tokens[len(done):], args.out)
     for tokenizer in _tokenizers(pipe):
@@ -885,6 +891,8 @@ def _cmd_train(args, held: Optional[contextlib.ExitStack] = None) -> int:
         seed = args.seed + 1000 * pos + accelerator.process_index
         gen = torch.Generator(device="cpu").manual_seed(seed)
         images = load_images(files[folder], resolution)
+        if args.random_flip:        # drawing one of 2n uniformly = an image, then its mirror with probability 1/2
+            images = torch.cat([images, images.flip(-1)])
         lat_mean, lat_std = encode_images(pipe, images)
 
         # the new concept's random init (LoRA A, token embedding row) comes from the global RNG:
@@ -1096,7 +1104,10 @@ def _read_resume(out: Path, *, pos: int, token: str, settings: Dict[str, object]
 
 # settings that decide what a concept learns: a resumed run must use the same ones (--allow-new-settings)
 SETTINGS_FILE = "clora_fast_train.json"
-_SETTING_KEYS = ("steps", "lr", "batch_size", "seed", "resolution", "mixed_precision", "penalty_weight", "prompt")
+_SETTING_KEYS = ("steps", "lr", "batch_size", "seed", "resolution", "mixed_precision", "penalty_weight", "prompt",
+                 "random_flip")
+# the value of a setting that a record leaves out (one added after banks were written with records without it)
+_SETTING_DEFAULTS = {"random_flip": False}
 
 
 def _read_settings(out: Path) -> Dict[str, Dict[str, object]]:
@@ -1121,8 +1132,11 @@ def _check_settings(out: Path, tokens, done, settings, allow: bool) -> None:
               f"another program or an older version): not checked", file=sys.stderr)
         return
     now = settings(len(done))
-    changed = [f"{k} {recorded.get(k)!r} -> {now[k]!r}" for k in _SETTING_KEYS
-               if k != "prompt" and k in recorded and recorded[k] != now[k]]
+    def value(d, k):
+        return d.get(k, _SETTING_DEFAULTS.get(k))
+
+    changed = [f"{k} {value(recorded, k)!r} -> {value(now, k)!r}" for k in _SETTING_KEYS
+               if k != "prompt" and (k in recorded or k in _SETTING_DEFAULTS) and value(recorded, k) != value(now, k)]
     if changed and not allow:
         raise CLIError(f"the bank {str(out)!r} was trained with other settings than this run's ({'; '.join(changed)}):"
                        f" the same --seed and settings give the same bank only unchanged. Rerun with the bank's "

@@ -401,6 +401,38 @@ def test_prompts_file_json_and_lines(tmp_path, concepts, monkeypatch):
                      "--prompts", str(pl)]) == 2
 
 
+def test_random_flip(tmp_path, concepts, monkeypatch, capsys):
+    """--random-flip: the concept's latents are those of its images and of their mirrors (one of 2n drawn
+    uniformly), and the setting is part of what a resume must keep (recorded only when on; a bank trained
+    without it counts as off)."""
+    seen = []
+    real = cli.encode_images
+
+    def spy(pipe, images):
+        seen.append(images.clone())
+        return real(pipe, images)
+
+    monkeypatch.setattr(cli, "encode_images", spy)
+    base = ["train", "--out", str(tmp_path / "bank"), *FAST, "--rank", "2", "--samples-per-concept", "0"]
+    assert cli.main(base + ["--concepts", concepts[0], "--random-flip"]) == 0
+    (images,) = seen
+    n = images.shape[0] // 2
+    assert n >= 1 and images.shape[0] == 2 * n and torch.equal(images[n:], images[:n].flip(-1))
+    assert not torch.equal(images[n:], images[:n])
+    assert cli.main(base + ["--concepts", *concepts]) == 2
+    assert "(random_flip True -> False)" in capsys.readouterr().err
+    assert cli.main(base + ["--concepts", *concepts, "--random-flip"]) == 0 and len(seen) == 2
+    assert cli.main(["train", "--out", str(tmp_path / "plain"), *FAST, "--rank", "2", "--samples-per-concept", "0",
+                     "--concepts", concepts[0]]) == 0
+    assert seen[-1].shape[0] == n                   # without the option: the images alone
+    settings = json.loads((tmp_path / "plain" / cli.SETTINGS_FILE).read_text())
+    assert "random_flip" not in settings["<alpha>"]
+    capsys.readouterr()
+    assert cli.main(["train", "--out", str(tmp_path / "plain"), *FAST, "--rank", "2", "--samples-per-concept", "0",
+                     "--concepts", *concepts, "--random-flip"]) == 2
+    assert "(random_flip False -> True)" in capsys.readouterr().err
+
+
 def test_concept_token_names():
     assert cli.concept_token("/x/digit3") == "<digit3>"
     assert cli.concept_token("/x/My Dog!/") == "<my_dog>"
