@@ -1132,6 +1132,7 @@ def _check_settings(out: Path, tokens, done, settings, allow: bool) -> None:
               f"another program or an older version): not checked", file=sys.stderr)
         return
     now = settings(len(done))
+
     def value(d, k):
         return d.get(k, _SETTING_DEFAULTS.get(k))
 
