@@ -1909,6 +1909,14 @@ def test_import_lora_as_a_past_concept(tmp_path):
     for i in range(cl.num_sites):
         assert torch.equal(again.past(i), cl.past(i))
 
+    # the web UIs' safetensors embedding: {"emb_params": [1, dim]}, the token in the file's name
+    from safetensors.torch import save_file
+    row = D.get_adapter(src).token_embedding(0)
+    save_file({"emb_params": row.detach().reshape(1, -1).clone()}, str(tmp_path / "webui-style.safetensors"))
+    idx = clora_fast.import_lora(again.adapter.pipe, lora, textual_inversion=tmp_path / "webui-style.safetensors")
+    assert again.concept(idx).name == "<webui-style>"
+    assert torch.equal(again.adapter.token_embedding(idx), row)
+
 
 def test_import_lora_key_formats_scale_and_refusals(tmp_path):
     """kohya keys (lora_down / lora_up / alpha: alpha/rank into B) and PEFT keys without the "unet." prefix; scale;

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import re
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -1255,8 +1256,9 @@ def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None
     concepts learned next are kept off it (see :meth:`CLoRAController.import_lora` for the keys, ``scale``,
     ``strict`` and ``ignore_other_modules``).  ``name`` becomes the concept's token; ``textual_inversion``, a
     safetensors file as :func:`export_textual_inversion` writes (``{token: [dim]}``, or SDXL's ``clip_l`` /
-    ``clip_g``), gives that token its learned embedding (and, for one text encoder, its name when ``name`` is
-    None; SDXL's file holds no token: pass ``name``).  Everything is checked before anything changes.  Returns
+    ``clip_g``) or the web UIs do (``{"emb_params": [1, dim]}``, the token in the file's name), gives that token
+    its learned embedding (and, for one text encoder, its name when ``name`` is None; SDXL's file holds no
+    token: pass ``name``).  Everything is checked before anything changes.  Returns
     the concept's index."""
     from ..controller import _read_lora_file
     unet, _ = _resolve(obj)
@@ -1276,7 +1278,10 @@ def import_lora(obj, path, name: Optional[str] = None, *, textual_inversion=None
                 raise ValueError(f"import_lora: {str(textual_inversion)!r} must hold one token embedding "
                                  f"{{token: [dim]}}, got keys {sorted(emb)}")
             if name is None:
-                name = keys[0]
+                # the web UIs' safetensors embeddings keep the vector under "emb_params" and the token in the file
+                # name (the word a prompt uses)
+                name = keys[0] if keys[0] != "emb_params" else \
+                    f"<{os.path.basename(str(textual_inversion)).rsplit('.', 1)[0]}>"
         rows = []
         for key, slot in zip(keys, ad.slots):
             t = emb.get(key)
