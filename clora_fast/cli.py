@@ -1220,6 +1220,10 @@ def _sample_parser(sub):
     p.add_argument("--guidance-scale", type=_float_arg("--guidance-scale"), default=1.0)
     p.add_argument("--negative-prompt", default=None,
                    help="what to guide away from (classifier-free guidance: needs --guidance-scale above 1)")
+    p.add_argument("--after", default=None, metavar="TOKEN",
+                   help="sample the model as it was right after this concept was learned: the bank's concepts up "
+                        "to it (e.g. to see what a concept looked like then, and compare with the end of the "
+                        "sequence: forgetting)")
     p.add_argument("--scheduler", default="model", choices=sorted(_SAMPLERS),
                    help="the denoising scheduler (default: the model's own), built from the model's scheduler "
                         "config (its noise schedule and prediction type)")
@@ -1308,6 +1312,22 @@ def _cmd_sample(args) -> int:
     names = _read_bank_names(cl)
     tok = pipe.tokenizer
     kept, full = _prompt_token_ids(tok, args.prompt)
+    if args.after is not None:
+        lowered = [n.lower() for n in names]        # (the tokenizer lower-cases: '<Alpha>' is '<alpha>')
+        if args.after.lower() not in lowered:
+            raise CLIError(f"--after {args.after!r} is not a finished concept of the bank {args.bank!r} (it holds "
+                           f"{names})")
+        pos = lowered.index(args.after.lower())
+        later = cl.concepts[pos + 1:]
+        added = tok.get_added_vocab()
+        for c in later:
+            tid = added.get(c.name)
+            if tid is not None and (tid in full or (args.negative_prompt is not None and tid in
+                                                    _prompt_token_ids(tok, args.negative_prompt)[1])):
+                raise CLIError(f"the prompt uses {c.name!r}, which was learned after --after {names[pos]!r}: the "
+                               f"model then did not know it")
+        cl.remove_concepts([c.idx for c in later])          # in memory only: the bank on disk is not changed
+        names = names[:pos + 1]
     # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>'); a
     # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
     added = tok.get_added_vocab()

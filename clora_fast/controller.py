@@ -1232,19 +1232,30 @@ class CLoRAController(nn.Module):
     def remove_concept(self, idx: int) -> None:
         """Forget a finished concept: P is refolded from the remaining concepts (in order)."""
         self._check_attached("remove_concept")
+        self.remove_concepts([idx])
+
+    def remove_concepts(self, idxs: Sequence[int]) -> None:
+        """Forget several finished concepts at once (e.g. every one learned after a given one, to get the model
+        as it was then): P is refolded once from the remaining concepts (in order).  Every index is checked
+        first; on an error nothing changes."""
+        self._check_attached("remove_concepts")
         if self.merged:
             raise RuntimeError("the controller is merged: call unmerge() before remove_concept()")
-        c = self.concept(idx)
+        if isinstance(idxs, (int, str)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idxs):
+            raise TypeError(f"remove_concepts: idxs must be a sequence of concept indices (ints), got {idxs!r}")
+        gone = {self.concept(i).idx for i in idxs}        # (an unknown index raises here, before any change)
         self._refresh_sites()
-        remaining = [k for k in self.concepts if k.idx != idx]
+        remaining = [k for k in self.concepts if k.idx not in gone]
         self._past = self._refold(remaining)
+        removed = [k for k in self.concepts if k.idx in gone]
         self.concepts = remaining
-        self._retired.append({"idx": c.idx, "name": c.name})
         hook = getattr(self.adapter, "on_remove_concept", None)
-        if hook is not None:
-            hook(idx)
+        for c in removed:
+            self._retired.append({"idx": c.idx, "name": c.name})
+            if hook is not None:
+                hook(c.idx)
+            logger.debug("remove_concept %d (%s)", c.idx, c.name)
         self._bump()
-        logger.debug("remove_concept %d (%s)", idx, c.name)
 
     def discard_concept(self) -> int:
         """Drop the active concept without folding it: P, the finished concepts and the base weights stay

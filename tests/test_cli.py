@@ -221,6 +221,32 @@ def test_sample_writes_png(tmp_path, concepts, capsys):
     assert not np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), np.asarray(Image.open(tmp_path / "g.png")))
 
 
+def test_sample_after_a_concept(tmp_path, two_concept_bank, capsys):
+    """sample --after <alpha>: the model as it was right after <alpha> was learned (the bank's later concepts left
+    out in memory; the bank is not changed): what the pipeline makes with only <alpha> merged; a prompt with a
+    later concept's token, or an --after that is not in the bank, is an error."""
+    import clora_fast
+    from clora_fast.builtin import build_pipeline
+
+    before = _manifest(two_concept_bank)
+    rc, out, err = _sample(capsys, two_concept_bank, "a photo of <alpha>", tmp_path / "a.png", "--after", "<ALPHA>",
+                           "--steps", "2")
+    assert rc == 0 and "concepts used: ['<alpha>']" in out, err
+    pipe = build_pipeline()
+    cl = clora_fast.load(pipe, str(two_concept_bank), backend="reference")
+    cl.remove_concepts([1])
+    cl.merge()
+    (want,) = cli.generate(pipe, ["a photo of <alpha>"], steps=2, seed=0, guidance_scale=1.0, resolution=16)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(want))
+    rc, out, err = _sample(capsys, two_concept_bank, "a photo of <alpha>", tmp_path / "b.png", "--steps", "2")
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "b.png")), np.asarray(want))   # <beta> changes it
+    rc, out, err = _sample(capsys, two_concept_bank, "<alpha> and <beta>", tmp_path / "c.png", "--after", "<alpha>")
+    assert rc == 2 and "uses '<beta>', which was learned after --after '<alpha>'" in err
+    rc, out, err = _sample(capsys, two_concept_bank, "a photo", tmp_path / "c.png", "--after", "<gamma>")
+    assert rc == 2 and "--after '<gamma>' is not a finished concept" in err and not (tmp_path / "c.png").exists()
+    assert _manifest(two_concept_bank) == before
+
+
 def test_sample_scheduler(tmp_path, two_concept_bank, capsys):
     """sample --scheduler: every named diffusers scheduler, built from the model's scheduler config, denoises (an
     image each); Euler's image is what the pipeline makes with that scheduler itself, and differs from the model's

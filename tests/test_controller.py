@@ -252,8 +252,13 @@ def test_fold_and_remove_arithmetic():
         c.remove_concept(1)
     with pytest.raises(ValueError, match="already exists"):
         c.begin_concept("<t1>")                  # names stay unique, even removed ones
-    c.remove_concept(0)
-    c.remove_concept(2)
+    # several at once: checked first (an unknown or removed index changes nothing), one refold
+    for bad, err in (([0, 1], KeyError), ([0, 7], KeyError), (0, TypeError), ([True], TypeError)):
+        with pytest.raises(err):
+            c.remove_concepts(bad)
+        assert [k.idx for k in c.concepts] == [0, 2] and torch.equal(c.past(0), c2.past(0))
+    c.remove_concepts([2, 0])
+    assert [r["idx"] for r in c.retired_concepts] == [1, 0, 2]
     assert not c.has_past and c.pristine     # back to the base model exactly
     x = torch.randn(3, IN)
     assert torch.equal(c.project(0, x), x @ sites[0].weight.T)
