@@ -1188,7 +1188,8 @@ class CLoRAController(nn.Module):
             dora = sorted({_DORA_SUFFIX.sub("", k) for k in extra if _DORA_SUFFIX.search(k)})
             raise ValueError(f"import_lora: {str(path)!r} is DoRA (weight-decomposed LoRA) at {len(dora)} of the "
                              f"sites' module(s) (e.g. {dora[:2]}: a magnitude vector, lora_magnitude_vector / "
-                             f"dora_scale): its change is not s * B @ A and cannot be folded into the past")
+                             f"dora_scale): its change is not s * B @ A and cannot be folded into the past (diffusers "
+                             f"drops kohya's dora_scale and loads B @ A alone; to import that, remove those keys)")
         if extra:
             raise ValueError(f"import_lora: {str(path)!r} holds {len(extra)} tensor(s) beside the LoRA factors of "
                              f"the sites' modules that this import does not read (e.g. {extra[:3]}): the change "
