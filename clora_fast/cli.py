@@ -1312,6 +1312,10 @@ def _cmd_sample(args) -> int:
     names = _read_bank_names(cl)
     tok = pipe.tokenizer
     kept, full = _prompt_token_ids(tok, args.prompt)
+    negative = [] if args.negative_prompt is None else _prompt_token_ids(tok, args.negative_prompt)[1]
+    # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>'); a
+    # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
+    added = tok.get_added_vocab()
     if args.after is not None:
         lowered = [n.lower() for n in names]        # (the tokenizer lower-cases: '<Alpha>' is '<alpha>')
         if args.after.lower() not in lowered:
@@ -1319,20 +1323,14 @@ def _cmd_sample(args) -> int:
                            f"{names})")
         pos = lowered.index(args.after.lower())
         later = cl.concepts[pos + 1:]
-        added = tok.get_added_vocab()
         for c in later:
             tid = added.get(c.name)
-            if tid is not None and (tid in full or (args.negative_prompt is not None and tid in
-                                                    _prompt_token_ids(tok, args.negative_prompt)[1])):
+            if tid is not None and (tid in full or tid in negative):
                 raise CLIError(f"the prompt uses {c.name!r}, which was learned after --after {names[pos]!r}: the "
                                f"model then did not know it")
         cl.remove_concepts([c.idx for c in later])          # in memory only: the bank on disk is not changed
         names = names[:pos + 1]
-    # compare token ids, not strings: the tokenizer lower-cases ('<Digit3>' is '<digit3>'); a
-    # concept is in a prompt through its personalized token (one the adapter added to the tokenizer)
-    added = tok.get_added_vocab()
     removed = [r["name"] for r in cl.retired_concepts if r["name"] != unfinished]
-    negative = [] if args.negative_prompt is None else _prompt_token_ids(tok, args.negative_prompt)[1]
     for name, why in [(n, "was removed from the bank") for n in removed] + \
                      ([(unfinished, "is unfinished in the bank (saved mid-training)")] if unfinished else []):
         tid = added.get(name)
@@ -1438,9 +1436,8 @@ def cmd_export(args) -> int:
             clora_fast.save_pipeline(pipe, tmp, safe_serialization=True)
             what = f"a diffusers pipeline ({type(pipe).__name__}.from_pretrained({str(out)!r}))"
         else:
-            lora = "kohya_lora" if args.format == "kohya" else "pytorch_lora_weights"
-            clora_fast.export_lora(pipe, tmp / f"{lora}.safetensors", "merged", dtype=dtype,
-                                   layout="kohya" if args.format == "kohya" else "peft")
+            lora, layout = ("kohya_lora", "kohya") if args.format == "kohya" else ("pytorch_lora_weights", "peft")
+            clora_fast.export_lora(pipe, tmp / f"{lora}.safetensors", "merged", dtype=dtype, layout=layout)
             listing, taken = [], {lora, "concepts", "loras"}
             tokens = get_adapter(pipe.unet).tokens
             if args.per_concept:
@@ -1455,8 +1452,7 @@ def cmd_export(args) -> int:
                     export_textual_inversion(pipe, tmp / entry["file"], c.idx)
                 if args.per_concept:
                     entry["lora"] = f"loras/{stem}.safetensors"
-                    clora_fast.export_lora(pipe, tmp / entry["lora"], c.idx, dtype=dtype,
-                                           layout="kohya" if args.format == "kohya" else "peft")
+                    clora_fast.export_lora(pipe, tmp / entry["lora"], c.idx, dtype=dtype, layout=layout)
                 listing.append(entry)
             listing = {"lora": f"{lora}.safetensors", "scale": 1.0, "concepts": listing,
                        "text_encoders": 2 if _is_xl(pipe) else 1}

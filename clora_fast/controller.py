@@ -209,6 +209,11 @@ _LORA_SUFFIX = re.compile(r"(\.lora_[AB]\.weight|\.lora\.(down|up)\.weight|_lora
 _DORA_SUFFIX = re.compile(r"(\.lora_magnitude_vector(\.weight)?|\.dora_scale)$")
 
 
+def _kohya_stem(module: str) -> str:
+    """kohya's key stem of a UNet module: ``lora_unet_`` and the module's dotted name with ``_`` for ``.``."""
+    return "lora_unet_" + module.replace(".", "_")
+
+
 def _lora_key_candidates(site: str, prefix: str, aliases: Sequence[str] = ()):
     """``(down / A key, up / B key, alpha key or None)`` of one site in the LoRA file layouts read here: PEFT /
     diffusers (``<site>.lora_A.weight``), diffusers' older ``<site>.lora.down.weight`` (with ``.alpha``) and
@@ -222,7 +227,7 @@ def _lora_key_candidates(site: str, prefix: str, aliases: Sequence[str] = ()):
         if mod:
             yield f"{pre}{mod}.processor.{proj}_lora.down.weight", f"{pre}{mod}.processor.{proj}_lora.up.weight", None
     for name in (site, *aliases):
-        k = "lora_unet_" + name.replace(".", "_")
+        k = _kohya_stem(name)
         yield f"{k}.lora_down.weight", f"{k}.lora_up.weight", f"{k}.alpha"
 
 

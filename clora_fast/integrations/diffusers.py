@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..controller import _tensor_key, CLoRAController, Site
+from ..controller import _kohya_stem, _tensor_key, CLoRAController, Site
 from ..ops import _compiling
 from . import install_save_warning, trace_kv, uninstall_save_warning
 
@@ -692,8 +692,7 @@ class DiffusersAdapter:
         if missing:
             raise ValueError(f"export_lora: {type(self.unet).__name__} has no original Stable Diffusion names for "
                              f"{len(missing)} site(s) (e.g. {missing[0]!r}): pass original_names=False")
-        return {s.name: "lora_unet_" + (aliases[s.name][0] if original else s.name).replace(".", "_")
-                for s in self.sites}
+        return {s.name: _kohya_stem(aliases[s.name][0] if original else s.name) for s in self.sites}
 
     # -- install ---------------------------------------------------------------------------
     def install(self, controller: CLoRAController) -> None:
